@@ -1,0 +1,42 @@
+# Two commands: `make demo` runs the main job, `make test` runs every test tier.
+# Each sets up .venv by itself the first time (and again only when requirements/ change).
+# DEVICE=cuda installs the CUDA wheels (fbgemm-gpu, faiss-gpu) instead of the CPU ones.
+
+DEVICE ?= cpu
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(DEVICE)
+DATASET ?= ml-100k
+
+.PHONY: demo test test-fast baseline bench setup clean-venv
+
+$(STAMP): requirements/base.txt requirements/$(DEVICE).txt requirements/torchrec.txt scripts/install.sh
+	PYTHON=$(PYTHON) bash scripts/install.sh $(DEVICE) $(VENV)
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+setup: $(STAMP)
+
+# The integration demo is the main job once it exists; until then, prepare the data set
+# and print its statistics.
+demo: $(STAMP)
+	$(PY) -m common.prepare_data --dataset $(DATASET)
+
+# Every tier: fast unit tests, then the multi-process (gloo) tests.
+test: $(STAMP)
+	$(PY) -m pytest
+
+# The fast tier only: no multi-process runs.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not multiprocess"
+
+# Popularity baseline under the shared evaluation protocol.
+baseline: $(STAMP)
+	$(PY) -m common.baselines --dataset $(DATASET)
+
+bench: $(STAMP)
+	$(PY) -m bench.run_all
+
+clean-venv:
+	rm -rf $(VENV)

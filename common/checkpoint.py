@@ -1,0 +1,124 @@
+"""Distributed checkpoints (torch.distributed.checkpoint, "DCP") that survive a crash.
+
+Layout under a run's checkpoint directory::
+
+    ckpt/
+      step_00000100/        one DCP checkpoint (every rank's shards + .metadata)
+        meta.json           written last, by rank 0: marks the checkpoint complete
+      step_00000200/
+      .step_00000300.partial/   a save in progress (or killed mid-way); never loaded
+
+A save writes into a ``.partial`` directory; only when every rank has finished does rank 0 add
+``meta.json`` and rename the directory into place, so a run killed at any point leaves either the
+previous checkpoints or a complete new one. DCP stores sharded tensors with their global layout,
+so a checkpoint saved by 2 ranks loads into 1 process (or any other world size) unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from common.runtime import get_rank, write_json_atomic
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def checkpoint_dirs(root: str | Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and (child / "meta.json").is_file():
+            found.append((int(m.group(1)), child))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``root``, or None."""
+    dirs = checkpoint_dirs(root)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(root: str | Path, step: int, state: dict[str, Any],
+                    meta: dict[str, Any] | None = None, keep_last: int = 2) -> Path:
+    """Save ``state`` (modules, optimizers, or plain state dicts) as checkpoint ``step``.
+
+    Every rank must call this. ``meta`` (JSON-able: step counters, epoch, config) is written by
+    rank 0 and returned by :func:`load_checkpoint`. Older complete checkpoints beyond
+    ``keep_last`` are removed after the new one is in place.
+    """
+    root = Path(root)
+    final = root / f"step_{step:08d}"
+    partial = root / f".step_{step:08d}.partial"
+    if get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # leftovers of a killed save
+        partial.mkdir()
+    _barrier()
+    dcp.save(_state_dicts(state), checkpoint_id=str(partial))
+    _barrier()
+    if get_rank() == 0:
+        info = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                **(meta or {})}
+        write_json_atomic(partial / "meta.json", info)
+        if final.exists():  # a re-save of the same step (e.g. after resuming) replaces it
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        for old in checkpoint_dirs(root)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
+    """Load checkpoint ``path`` into ``state`` in place (same keys as saved; any world size).
+
+    Returns the checkpoint's ``meta`` dict. Modules and optimizers in ``state`` get their
+    ``load_state_dict`` called with the loaded values.
+    """
+    path = Path(path)
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no meta.json); "
+                                f"pick one from checkpoint_dirs({path.parent})")
+    plain = _state_dicts(state)
+    dcp.load(plain, checkpoint_id=str(path))
+    for key, obj in state.items():
+        if hasattr(obj, "load_state_dict") and not isinstance(obj, dict):
+            obj.load_state_dict(plain[key])
+    return json.loads(meta_file.read_text())
+
+
+def resume_if_possible(root: str | Path, state: dict[str, Any]) -> dict[str, Any] | None:
+    """Load the latest complete checkpoint under ``root`` into ``state``; None if there is none.
+
+    Rank 0 decides which checkpoint to use and every rank follows, so ranks never disagree.
+    """
+    latest = latest_checkpoint(root) if get_rank() == 0 else None
+    name = [latest.name if latest else ""]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(name, src=0)
+    if not name[0]:
+        return None
+    return load_checkpoint(Path(root) / name[0], state)
+
+
+def _state_dicts(state: dict[str, Any]) -> dict[str, Any]:
+    return {key: (obj.state_dict() if hasattr(obj, "state_dict") and not isinstance(obj, dict) else obj)
+            for key, obj in state.items()}

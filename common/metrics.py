@@ -1,0 +1,201 @@
+"""Metrics shared by every stage, implemented once.
+
+Ranking (retrieval, sequential models, the full pipeline) uses the protocol of
+:mod:`common.data.split`: full ranking over all items, the user's history excluded, one held-out
+target per user, so HR@K = Recall@K and NDCG@K = 1 / log2(rank + 2) for a hit at 0-based rank.
+Means come with a percentile bootstrap confidence interval over users (ml-100k has only 943 test
+users, so differences under about 0.01 HR@10 are noise). In a distributed run every rank scores
+a slice of the users and the per-user results are gathered, so each user counts exactly once.
+
+Binary classification (the ranker) reports AUC and normalized entropy (NE, He et al. 2014) using
+TorchRec's own metric functions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchrec.metrics.auc import compute_auc
+from torchrec.metrics.ne import compute_logloss, compute_ne, get_ne_states
+
+from common.data.split import Split
+
+# The project's reported ranking metrics: (name, kind, K).
+RANKING_METRICS: tuple[tuple[str, str, int], ...] = (
+    ("HR@10", "hr", 10), ("NDCG@10", "ndcg", 10), ("Recall@50", "hr", 50), ("Recall@100", "hr", 100),
+)
+MAX_K = max(k for _, _, k in RANKING_METRICS)
+
+
+@dataclass
+class RankingReport:
+    """Per-user results and their means with bootstrap CIs."""
+
+    stage: str
+    users: np.ndarray                       # dense user indices, sorted
+    ranks: np.ndarray                       # 0-based rank of the target, MAX_K where not in top MAX_K
+    means: dict[str, float] = field(default_factory=dict)
+    ci95: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def num_users(self) -> int:
+        return len(self.users)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"stage": self.stage, "num_users": self.num_users, **self.means,
+                **{f"{k}_ci95": list(v) for k, v in self.ci95.items()}}
+
+    def line(self) -> str:
+        return " | ".join(f"{k} {v:.4f}" for k, v in self.means.items())
+
+
+def per_user_metrics(ranks: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-user values of :data:`RANKING_METRICS` from 0-based target ranks."""
+    ranks = np.asarray(ranks)
+    out = {}
+    for name, kind, k in RANKING_METRICS:
+        hit = ranks < k
+        out[name] = hit.astype(np.float64) if kind == "hr" else np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)
+    return out
+
+
+def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of ``values`` (resampling users)."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    chunk = max(1, 2_000_000 // len(values))  # bound memory on large user sets
+    for start in range(0, n_boot, chunk):
+        stop = min(n_boot, start + chunk)
+        idx = rng.integers(0, len(values), size=(stop - start, len(values)))
+        means[start:stop] = values[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def report_from_ranks(stage: str, users: np.ndarray, ranks: np.ndarray, n_boot: int = 1000) -> RankingReport:
+    order = np.argsort(users, kind="stable")
+    users, ranks = np.asarray(users)[order], np.asarray(ranks)[order]
+    values = per_user_metrics(ranks)
+    rep = RankingReport(stage=stage, users=users, ranks=ranks)
+    for name, v in values.items():
+        rep.means[name] = float(v.mean()) if len(v) else math.nan
+        rep.ci95[name] = bootstrap_ci(v, n_boot=n_boot)
+    return rep
+
+
+def target_ranks(topk: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """0-based position of ``target[u]`` in ``topk[u]``; ``topk.shape[1]`` where absent."""
+    hit = topk == target.view(-1, 1)
+    pos = torch.where(hit.any(dim=1), hit.float().argmax(dim=1), torch.full_like(target, topk.shape[1]))
+    return pos.to(torch.int64)
+
+
+def _gather(local: np.ndarray) -> np.ndarray:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return local
+    parts: list[np.ndarray | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return np.concatenate([p for p in parts if p is not None])
+
+
+def _my_users(users: np.ndarray) -> np.ndarray:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        return users[dist.get_rank()::dist.get_world_size()]
+    return users
+
+
+def evaluate_scores(score_fn: Callable[[torch.Tensor], torch.Tensor], split: Split, stage: str,
+                    batch_size: int = 512, device: torch.device | str = "cpu",
+                    n_boot: int = 1000) -> RankingReport:
+    """Full-ranking evaluation of a model that scores every item for a batch of users.
+
+    ``score_fn(users)`` gets a 1-D tensor of dense user indices and returns scores of shape
+    ``[len(users), num_items]`` (higher is better). Items in the user's history for ``stage``
+    are excluded; ties are broken by item index (lower first), so results are deterministic.
+    Collective in a distributed run: every rank must call it.
+    """
+    users_all, targets_all = split.targets(stage)
+    indptr, hist = split.history(stage)
+    target_of = dict(zip(users_all.tolist(), targets_all.tolist()))
+    mine = _my_users(users_all)
+    ranks = np.empty(len(mine), dtype=np.int64)
+    k = min(MAX_K, split.num_items)
+    for start in range(0, len(mine), batch_size):
+        batch = mine[start:start + batch_size]
+        with torch.no_grad():
+            scores = score_fn(torch.as_tensor(batch, device=device)).float()
+        if scores.shape != (len(batch), split.num_items):
+            raise ValueError(f"score_fn returned shape {tuple(scores.shape)}, expected "
+                             f"({len(batch)}, {split.num_items}) = (users in batch, num_items)")
+        rows = np.repeat(np.arange(len(batch)), indptr[batch + 1] - indptr[batch])
+        cols = np.concatenate([hist[indptr[u]:indptr[u + 1]] for u in batch]) if len(batch) else hist[:0]
+        scores[torch.as_tensor(rows, device=scores.device), torch.as_tensor(cols, device=scores.device)] = -math.inf
+        topk = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+        target = torch.as_tensor([target_of[u] for u in batch.tolist()], device=topk.device)
+        ranks[start:start + len(batch)] = target_ranks(topk, target).cpu().numpy()
+    ranks = np.where(ranks >= k, MAX_K, ranks)
+    return report_from_ranks(stage, _gather(mine), _gather(ranks), n_boot=n_boot)
+
+
+def evaluate_topk(topk_fn: Callable[[np.ndarray], np.ndarray], split: Split, stage: str,
+                  batch_size: int = 512, n_boot: int = 1000) -> RankingReport:
+    """Evaluation of a model that returns ranked item lists (e.g. a FAISS index).
+
+    ``topk_fn(users)`` returns an int array ``[len(users), >= 100]`` of item indices, best first,
+    already excluding the user's history for ``stage`` (use :meth:`Split.history`). Collective.
+    """
+    users_all, targets_all = split.targets(stage)
+    target_of = dict(zip(users_all.tolist(), targets_all.tolist()))
+    mine = _my_users(users_all)
+    ranks = np.empty(len(mine), dtype=np.int64)
+    for start in range(0, len(mine), batch_size):
+        batch = mine[start:start + batch_size]
+        topk = torch.as_tensor(np.asarray(topk_fn(batch))[:, :MAX_K])
+        target = torch.as_tensor([target_of[u] for u in batch.tolist()])
+        ranks[start:start + len(batch)] = target_ranks(topk, target).numpy()
+    ranks = np.where(ranks >= MAX_K, MAX_K, ranks)
+    return report_from_ranks(stage, _gather(mine), _gather(ranks), n_boot=n_boot)
+
+
+class BinaryMetrics:
+    """Accumulates (probability, label) pairs; ``compute()`` returns AUC, NE and log loss over
+    every rank's examples, using TorchRec's metric functions."""
+
+    def __init__(self) -> None:
+        self._preds: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+
+    def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        if probs.shape != labels.shape:
+            raise ValueError(f"probs {tuple(probs.shape)} and labels {tuple(labels.shape)} differ in shape")
+        self._preds.append(probs.detach().reshape(-1).double().cpu())
+        self._labels.append(labels.detach().reshape(-1).double().cpu())
+
+    def compute(self) -> dict[str, float]:
+        preds = torch.as_tensor(_gather(torch.cat(self._preds).numpy() if self._preds else np.zeros(0)))
+        labels = torch.as_tensor(_gather(torch.cat(self._labels).numpy() if self._labels else np.zeros(0)))
+        if preds.numel() == 0:
+            raise ValueError("BinaryMetrics.compute() called before any update()")
+        weights = torch.ones_like(preds)
+        auc = compute_auc(1, [preds.view(1, -1)], [labels.view(1, -1)], [weights.view(1, -1)])
+        states = get_ne_states(labels, preds, weights, eta=1e-12)
+        ne = compute_ne(states["cross_entropy_sum"], states["weighted_num_samples"],
+                        states["pos_labels"], states["neg_labels"], eta=1e-12)
+        logloss = compute_logloss(states["cross_entropy_sum"], states["pos_labels"],
+                                  states["neg_labels"], eta=1e-12)
+        return {"auc": float(auc.item()), "ne": float(ne.item()),
+                "logloss": float(logloss.item()) * math.log(2),  # torchrec uses log2; report nats
+                "num_examples": int(preds.numel()), "positive_rate": float(labels.mean().item())}
+
+    def reset(self) -> None:
+        self._preds.clear()
+        self._labels.clear()

@@ -1,0 +1,133 @@
+"""Process group, device, seeding and rank-0 output: the setup every script repeats.
+
+Works the same for ``python -m ...`` (one process) and ``torchrun --nproc_per_node=N -m ...``:
+torchrun exports RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT and we read them;
+a plain run gets a one-process group backed by an in-memory store, because TorchRec's
+``DistributedModelParallel`` needs a process group even on one device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process sits: ``rank`` is global (use it for "am I rank 0"), ``local_rank``
+    picks the device on this host."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+
+def autodetect_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` picks ``cuda:<local_rank>`` when CUDA is available, else ``cpu``."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for but torch.cuda.is_available() is False; "
+                               "use --device cpu (or auto), or install the CUDA build: make setup DEVICE=cuda")
+        return torch.device("cuda", local_rank)
+    if requested == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"device must be one of auto, cpu, cuda; got {requested!r}")
+
+
+def backend_for(device: torch.device) -> str:
+    """nccl for CUDA devices, gloo for CPU (the only TorchRec-capable CPU backend)."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value is None or value == "" else int(value)
+
+
+def init_runtime(device: str = "auto") -> Runtime:
+    """Initialize the default process group (if not yet) and return this process's place in it."""
+    rank = _env_int("RANK", 0)
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    dev = autodetect_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = backend_for(dev)
+    if not dist.is_initialized():
+        if world_size == 1 and "MASTER_ADDR" not in os.environ:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend, rank=rank, world_size=world_size)
+    return Runtime(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(),
+                   device=dev, backend=backend)
+
+
+def shutdown() -> None:
+    """Tear down the default process group, if any."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices). Give every rank the same seed so that model
+    initialization agrees; data order is derived from the seed explicitly by each loader."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else _env_int("RANK", 0)
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """print() on global rank 0 only."""
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> Path:
+    """Write JSON to ``path`` via a temporary file and rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_results(out_dir: str | Path, results: dict[str, Any], name: str = "results.json") -> Path | None:
+    """Rank 0 writes ``out_dir/results.json``; other ranks write nothing and get None."""
+    if get_rank() != 0:
+        return None
+    return write_json_atomic(Path(out_dir) / name, results)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
