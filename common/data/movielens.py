@@ -213,7 +213,8 @@ def fetch_recbole_ml100k(root: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Parsers: each returns the canonical MovieLens.
 
-_YEAR_SUFFIX = re.compile(r"\s*\((\d{4})(?:[–-]\d{0,4})?\)\s*$")
+# "Title (1995)", also "Title (1995) (V)" (video releases in ml-100k) and "Title (2007-2013)".
+_YEAR_SUFFIX = re.compile(r"\s*\((\d{4})(?:[–-]\d{0,4})?\)(?:\s*\(V\))?\s*$")
 
 
 def _split_title(title: str) -> tuple[str, int]:
@@ -292,9 +293,10 @@ def _parse_recbole_ml100k(folder: Path) -> MovieLens:
     genre_index = {g: k for k, g in enumerate(ML100K_GENRES)}
     items = pd.DataFrame({
         "item": item.item.astype(np.int64),
-        # recbole spells item 267's title "unkonwn"; GroupLens says "unknown".
-        "title": item.title.replace({"unkonwn": "unknown"}),
-        "year": [int(y) if y.isdigit() else 0 for y in item.year],
+        # recbole spells item 267's title "unkonwn" (GroupLens: "unknown"), and for item 1412,
+        # "... (1995) (V)", it left the year in the title and put "V" in the year column.
+        "title": [_split_title(t)[0] for t in item.title.replace({"unkonwn": "unknown"})],
+        "year": [int(y) if y.isdigit() else _split_title(t)[1] for t, y in zip(item.title, item.year)],
         # recbole joins genres with spaces; no genre name contains one.
         "genres": [sorted(genre_index[g] for g in gs.split()) for gs in item.genres],
     })

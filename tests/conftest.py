@@ -1,0 +1,44 @@
+"""Shared fixtures. The real ml-100k comes from the data cache ($RECSYS_DATA_DIR or
+~/.cache/recsys-examples), fetched once by `pip download` of the recbole wheel if needed."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+
+from common.data.movielens import MovieLens, load_movielens
+from common.data.split import Split, leave_last_out
+
+
+@pytest.fixture(scope="session")
+def ml100k() -> MovieLens:
+    return load_movielens("ml-100k")
+
+
+@pytest.fixture(scope="session")
+def ml100k_split(ml100k: MovieLens) -> Split:
+    return leave_last_out(ml100k.user, ml100k.item, ml100k.timestamp, ml100k.num_users, ml100k.num_items)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_dir(tmp_path: Path):
+    """A directory served over HTTP on 127.0.0.1; yields (directory, base_url)."""
+    root = tmp_path / "served"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,207 @@
+"""MovieLens: real ml-100k statistics, every official format, verified downloads."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.data import movielens as ml
+from common.data.download import DataIntegrityError, extract_zip
+from common.data.movielens import Archive, MovieLens, load_movielens
+
+
+def test_ml100k_statistics(ml100k: MovieLens) -> None:
+    assert (ml100k.num_users, ml100k.num_items, ml100k.num_interactions) == (943, 1682, 100_000)
+    assert ml100k.item_title[0] == "Toy Story" and ml100k.item_year[0] == 1995
+    assert [ml100k.genre_vocab[g] for g in ml100k.item_genres[0]] == ["Animation", "Children's", "Comedy"]
+    assert ml100k.user_age[0] == 24 and ml100k.user_gender[0] == 1 and ml100k.user_zip[0] == "85711"
+    assert ml100k.occupation_vocab[ml100k.user_occupation[0]] == "technician"
+    assert len(ml100k.occupation_vocab) == 21 and len(ml100k.genre_vocab) == 19
+    # Canonical order: per user by time, ties by item.
+    u, t, i = ml100k.user, ml100k.timestamp, ml100k.item
+    same = u[1:] == u[:-1]
+    assert (np.diff(u) >= 0).all()
+    assert (t[1:][same] >= t[:-1][same]).all()
+    tie = same & (t[1:] == t[:-1])
+    assert (i[1:][tie] > i[:-1][tie]).all()
+    assert set(ml100k.age_bucket()) <= set(range(7))
+
+
+def _write_official_ml100k_zip(ds: MovieLens, path: Path) -> None:
+    """ml-100k.zip in GroupLens's own layout, built from the parsed data."""
+    u_data = "".join(f"{ds.user_raw_ids[u]}\t{ds.item_raw_ids[i]}\t{int(r)}\t{t}\n"
+                     for u, i, r, t in zip(ds.user, ds.item, ds.rating, ds.timestamp))
+    items = []
+    for k, raw in enumerate(ds.item_raw_ids):
+        year = ds.item_year[k]
+        title = f"{ds.item_title[k]} ({year})" if year else ds.item_title[k]
+        flags = ["1" if g in ds.item_genres[k] else "0" for g in range(19)]
+        date = f"01-Jan-{year}" if year else ""
+        items.append("|".join([str(raw), title, date, "", "http://example.invalid/", *flags]))
+    users = [f"{raw}|{ds.user_age[k]}|{'M' if ds.user_gender[k] else 'F'}|"
+             f"{ds.occupation_vocab[ds.user_occupation[k]]}|{ds.user_zip[k]}" for k, raw in enumerate(ds.user_raw_ids)]
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("ml-100k/u.data", u_data)
+        zf.writestr("ml-100k/u.item", ("\n".join(items) + "\n").encode("latin-1"))
+        zf.writestr("ml-100k/u.user", "\n".join(users) + "\n")
+
+
+def _publish(monkeypatch: pytest.MonkeyPatch, name: str, path: Path, size: int | None = None) -> None:
+    """Make ``path`` the published archive for ``name`` (its md5 and size)."""
+    md5 = hashlib.md5(path.read_bytes()).hexdigest()
+    monkeypatch.setitem(ml.ARCHIVES, name, Archive(path.name, md5, size or path.stat().st_size))
+
+
+def test_grouplens_format_matches_recbole(ml100k: MovieLens, http_dir, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    served, url = http_dir
+    _write_official_ml100k_zip(ml100k, served / "ml-100k.zip")
+    _publish(monkeypatch, "ml-100k", served / "ml-100k.zip")
+    monkeypatch.setenv("RECSYS_MOVIELENS_BASE_URL", url)
+    got = load_movielens("ml-100k", tmp_path / "cache", source="grouplens")
+    assert got.source == "grouplens"
+    assert got.fingerprint == ml100k.fingerprint
+    assert got.item_title == ml100k.item_title and got.item_genres == ml100k.item_genres
+    assert (got.item_year == ml100k.item_year).all() and got.user_zip == ml100k.user_zip
+    assert got.occupation_vocab == ml100k.occupation_vocab
+    # Cached now: no server needed the second time.
+    monkeypatch.setenv("RECSYS_MOVIELENS_BASE_URL", "http://127.0.0.1:9")
+    assert load_movielens("ml-100k", tmp_path / "cache", source="grouplens").fingerprint == ml100k.fingerprint
+
+
+def test_truncated_download_is_detected_and_never_used(ml100k: MovieLens, http_dir, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    served, url = http_dir
+    good = tmp_path / "ml-100k.zip"
+    _write_official_ml100k_zip(ml100k, good)
+    _publish(monkeypatch, "ml-100k", good)
+    (served / "ml-100k.zip").write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # cut mid-transfer
+    monkeypatch.setenv("RECSYS_MOVIELENS_BASE_URL", url)
+    cache = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match="expected .* bytes"):
+        load_movielens("ml-100k", cache, source="grouplens")
+    assert not any(cache.glob("ml-100k.zip*")), "a partial download was left in the cache"
+    assert not (cache / "ml-100k").exists()
+
+
+def test_corrupt_download_with_right_size_is_rejected(ml100k: MovieLens, http_dir, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    served, url = http_dir
+    good = tmp_path / "ml-100k.zip"
+    _write_official_ml100k_zip(ml100k, good)
+    _publish(monkeypatch, "ml-100k", good)
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    (served / "ml-100k.zip").write_bytes(bytes(data))
+    monkeypatch.setenv("RECSYS_MOVIELENS_BASE_URL", url)
+    with pytest.raises(RuntimeError, match="md5 is"):
+        load_movielens("ml-100k", tmp_path / "cache", source="grouplens")
+    # auto falls back to the verified recbole copy rather than using the corrupt file.
+    fallback = load_movielens("ml-100k", tmp_path / "cache", source="auto")
+    assert fallback.source == "recbole" and fallback.fingerprint == ml100k.fingerprint
+
+
+def test_corrupt_cached_archive_is_moved_aside_and_refetched(ml100k: MovieLens, http_dir, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    served, url = http_dir
+    _write_official_ml100k_zip(ml100k, served / "ml-100k.zip")
+    _publish(monkeypatch, "ml-100k", served / "ml-100k.zip")
+    monkeypatch.setenv("RECSYS_MOVIELENS_BASE_URL", url)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "ml-100k.zip").write_bytes(b"not a zip")
+    got = load_movielens("ml-100k", cache, source="grouplens")
+    assert got.fingerprint == ml100k.fingerprint
+    assert (cache / "ml-100k.zip.corrupt").read_bytes() == b"not a zip"
+
+
+def test_interrupted_extraction_is_redone(tmp_path: Path) -> None:
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("x/data.txt", "payload")
+    dest = tmp_path / "out"
+    (dest / "x").mkdir(parents=True)
+    (dest / "x" / "data.txt").write_text("half")  # no .complete marker: a killed extraction
+    extract_zip(archive, dest, marker="m1")
+    assert (dest / "x" / "data.txt").read_text() == "payload" and (dest / ".complete").read_text() == "m1"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_ml1m_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    buf = tmp_path / "ml-1m.zip"
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("ml-1m/ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n"
+                                         "2::3408::2::978300000\n")
+        zf.writestr("ml-1m/movies.dat", "1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n"
+                                        "661::James and the Giant Peach (1996)::Animation|Children's|Musical\n"
+                                        "3408::Erin Brockovich (2000)::Drama\n9999::Never Rated (1990)::Comedy\n"
+                                        .encode("latin-1"))
+        zf.writestr("ml-1m/users.dat", "1::F::1::10::48067\n2::M::56::16::70072\n")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.replace(buf, cache / "ml-1m.zip")
+    _publish(monkeypatch, "ml-1m", cache / "ml-1m.zip")
+    ds = load_movielens("ml-1m", cache, source="grouplens")
+    assert (ds.num_users, ds.num_items, ds.num_interactions) == (2, 3, 4)  # the catalog is rated items
+    assert ds.item_title == ["James and the Giant Peach", "One Flew Over the Cuckoo's Nest", "Erin Brockovich"]
+    assert list(ds.item_year) == [1996, 1975, 2000]
+    assert [ds.genre_vocab[g] for g in ds.item_genres[0]] == ["Animation", "Children's", "Musical"]
+    assert ds.occupation_vocab[ds.user_occupation[0]] == "K-12 student"
+    assert list(ds.age_bucket()) == [0, 6] and list(ds.user_gender) == [0, 1]
+    # User 1's items by time: 1193 (978300760) after 661 (978302109)? No: 1193 is earlier.
+    assert [ds.item_raw_ids[i] for i in ds.item[ds.user == 0]] == [1193, 661]
+
+
+def test_ml25m_csv_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("ml-25m/ratings.csv", "userId,movieId,rating,timestamp\n1,296,5.0,1147880044\n"
+                                          "1,306,3.5,1147868817\n3,296,0.5,1147880000\n")
+        zf.writestr("ml-25m/movies.csv", 'movieId,title,genres\n296,Pulp Fiction (1994),Comedy|Crime|Drama|Thriller\n'
+                                         '306,"Three Colors: Red (Trois couleurs: Rouge) (1994)",Drama\n'
+                                         '307,"Big, Hairy (2001)",(no genres listed)\n')
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "ml-25m.zip").write_bytes(buf.getvalue())
+    _publish(monkeypatch, "ml-25m", cache / "ml-25m.zip")
+    ds = load_movielens("ml-25m", cache, source="grouplens")
+    assert (ds.num_users, ds.num_items, ds.num_interactions) == (2, 2, 3)
+    assert ds.item_title == ["Pulp Fiction", "Three Colors: Red (Trois couleurs: Rouge)"]
+    assert not ds.has_user_features and ds.rating.min() == 0.5
+    with pytest.raises(ValueError, match="no user features"):
+        ds.age_bucket()
+
+
+def test_bad_arguments_name_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown dataset 'ml-2k'"):
+        load_movielens("ml-2k", tmp_path)
+    with pytest.raises(ValueError, match="only ships ml-100k"):
+        load_movielens("ml-1m", tmp_path, source="recbole")
+
+
+def test_unreachable_grouplens_says_how_to_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECSYS_MOVIELENS_BASE_URL", "http://127.0.0.1:9")  # nothing listens on port 9
+    with pytest.raises(RuntimeError, match="RECSYS_MOVIELENS_BASE_URL"):
+        load_movielens("ml-1m", tmp_path)
+
+
+def test_recbole_files_are_verified(tmp_path: Path, ml100k: MovieLens) -> None:
+    folder = ml.fetch_recbole_ml100k(tmp_path)
+    inter = folder / "ml-100k.inter"
+    inter.write_bytes(inter.read_bytes()[:-100])  # damaged after extraction
+    (folder / ".complete").unlink()               # ... and the marker gone: re-extracted from the wheel
+    assert load_movielens("ml-100k", tmp_path, source="recbole").fingerprint == ml100k.fingerprint
+
+
+def test_extract_zip_rejects_missing_member(tmp_path: Path) -> None:
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("x.txt", "1")
+    with pytest.raises(DataIntegrityError, match="no member 'y.txt'"):
+        extract_zip(archive, tmp_path / "out", members={"y.txt": "y.txt"})
