@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
@@ -97,6 +98,9 @@ def load_checkpoint(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
     if not meta_file.is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no meta.json); "
                                 f"pick one from checkpoint_dirs({path.parent})")
+    for obj in state.values():
+        if isinstance(obj, torch.optim.Optimizer):
+            _materialize_optimizer_state(obj)
     plain = _state_dicts(state)
     dcp.load(plain, checkpoint_id=str(path))
     for key, obj in state.items():
@@ -122,3 +126,26 @@ def resume_if_possible(root: str | Path, state: dict[str, Any]) -> dict[str, Any
 def _state_dicts(state: dict[str, Any]) -> dict[str, Any]:
     return {key: (obj.state_dict() if hasattr(obj, "state_dict") and not isinstance(obj, dict) else obj)
             for key, obj in state.items()}
+
+
+def _materialize_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Optimizers create their state on the first step, but DCP loads in place into the tensors a
+    state dict already has. So take one step with zero gradients and zero learning rate first:
+    the state exists, and no parameter moves. (TorchRec's fused optimizers are already full.)"""
+    if opt.state:
+        return
+    params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
+    if any(p.grad is not None for p in params):
+        return
+    saved_lrs = [group.get("lr") for group in opt.param_groups]
+    for group in opt.param_groups:
+        if "lr" in group:
+            group["lr"] = torch.zeros_like(group["lr"]) if isinstance(group["lr"], torch.Tensor) else 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for group, lr in zip(opt.param_groups, saved_lrs):
+        if lr is not None:
+            group["lr"] = lr
+    for p in params:
+        p.grad = None

@@ -205,3 +205,13 @@ def test_extract_zip_rejects_missing_member(tmp_path: Path) -> None:
         zf.writestr("x.txt", "1")
     with pytest.raises(DataIntegrityError, match="no member 'y.txt'"):
         extract_zip(archive, tmp_path / "out", members={"y.txt": "y.txt"})
+
+
+def test_prepare_data_cli_prints_and_writes_statistics(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from common.prepare_data import main
+
+    stats = main(["--out", str(tmp_path)])
+    assert (stats["users"], stats["items"], stats["interactions"]) == (943, 1682, 100_000)
+    assert stats["train_interactions"] == 98_114 and stats["test_users"] == 943
+    assert "943 users, 1682 items, 100000 interactions" in capsys.readouterr().out
+    assert (tmp_path / "results.json").is_file()

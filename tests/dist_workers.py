@@ -1,0 +1,105 @@
+"""Worker functions for the multi-process tests, launched in-process with ``elastic_launch``
+on gloo (as torchrec_dlrm's tests do). Module-level so that spawned workers can import them."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+
+def launch(fn: Callable[..., Any], nproc: int, *args: Any) -> dict[int, Any]:
+    """Run ``fn(*args)`` in ``nproc`` gloo processes; returns {rank: return value}."""
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
+                          monitor_interval=0.1, start_method="spawn")
+    return elastic_launch(config, entrypoint=fn)(*args)
+
+
+def build_sharded_ebc(runtime, sharding: dict[str, str]):
+    """A 3-table EBC under DMP with the given per-table sharding types and a fused
+    RowWiseAdagrad applied in backward (TorchRec's sparse-optimizer pattern)."""
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.planner.types import ParameterConstraints
+    from torchrec.distributed.sharding_plan import get_default_sharders
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    torch.manual_seed(0)
+    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=40 + 10 * i,
+                                 feature_names=[f"f{i}"]) for i in range(3)]
+    ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+    apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": 0.1})
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=runtime.world_size, compute_device=runtime.device.type),
+        constraints={t: ParameterConstraints(sharding_types=[st]) for t, st in sharding.items()})
+    plan = planner.collective_plan(ebc, get_default_sharders(), torch.distributed.GroupMember.WORLD)
+    return DistributedModelParallel(ebc, device=runtime.device, plan=plan)
+
+
+def full_tables(model) -> dict[str, torch.Tensor]:
+    """Every table's full weight, gathered from its shards (collective)."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    out = {}
+    for key, value in model.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            full = torch.empty(value.size()) if torch.distributed.get_rank() == 0 else None
+            value.gather(dst=0, out=full)
+            out[key] = full
+        else:
+            out[key] = value.detach().clone()
+    return out
+
+
+def train_and_save(ckpt_dir: str, out_file: str) -> None:
+    """2 ranks: train 3 steps on rank-specific data, checkpoint, write the gathered weights."""
+    from torchrec import KeyedJaggedTensor
+
+    from common.checkpoint import save_checkpoint
+    from common.runtime import init_runtime, shutdown
+
+    rt = init_runtime("cpu")
+    model = build_sharded_ebc(rt, {"t0": "table_wise", "t1": "column_wise", "t2": "data_parallel"})
+    g = torch.Generator().manual_seed(100 + rt.rank)
+    for _ in range(3):
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f0", "f1", "f2"], values=torch.randint(0, 40, (24,), generator=g),
+                                                  lengths=torch.ones(24, dtype=torch.int32))
+        loss = sum(v.pow(2).sum() for v in model(kjt).to_dict().values())
+        loss.backward()
+    save_checkpoint(ckpt_dir, 3, {"model": model, "sparse_opt": model.fused_optimizer}, meta={"epoch": 0})
+    tables = full_tables(model)
+    if rt.rank == 0:
+        torch.save({"plan": str(model.plan), "tables": tables}, out_file)
+    shutdown()
+
+
+def evaluate_popularity_distributed(out_file: str) -> None:
+    """2 ranks: the popularity baseline through the distributed evaluation path."""
+    from common.baselines import popularity_report
+    from common.data.movielens import load_movielens
+    from common.data.split import leave_last_out
+    from common.runtime import init_runtime, shutdown
+
+    rt = init_runtime("cpu")
+    ds = load_movielens("ml-100k")
+    rep = popularity_report(leave_last_out(ds.user, ds.item, ds.timestamp), "test", n_boot=50)
+    if rt.rank == 0:
+        torch.save({"users": rep.users, "ranks": rep.ranks, "means": rep.means}, out_file)
+    shutdown()
+
+
+def ranks_of_this_process(path: str) -> None:
+    """Writes this process's view of the runtime, to check rank/world/backend detection."""
+    from common.runtime import init_runtime, print0, shutdown, write_results
+
+    rt = init_runtime("auto")
+    Path(path, f"rank{rt.rank}.txt").write_text(f"{rt.rank} {rt.world_size} {rt.local_rank} {rt.backend} {rt.device}")
+    write_results(path, {"written_by": rt.rank})
+    print0("hello from rank 0")
+    shutdown()

@@ -1,0 +1,122 @@
+"""Shared runtime and DCP checkpoints, in one process and across 2 gloo processes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, resume_if_possible, save_checkpoint
+from common.runtime import autodetect_device, backend_for, init_runtime, seed_everything, shutdown, write_results
+from tests import dist_workers
+
+
+@pytest.fixture
+def runtime():
+    rt = init_runtime("cpu")
+    yield rt
+    shutdown()
+
+
+def test_device_and_backend_detection() -> None:
+    assert autodetect_device("cpu") == torch.device("cpu")
+    assert backend_for(torch.device("cpu")) == "gloo" and backend_for(torch.device("cuda", 1)) == "nccl"
+    if not torch.cuda.is_available():
+        assert autodetect_device("auto") == torch.device("cpu")
+        with pytest.raises(RuntimeError, match="--device cpu"):
+            autodetect_device("cuda")
+    with pytest.raises(ValueError, match="auto, cpu, cuda"):
+        autodetect_device("tpu")
+
+
+def test_single_process_runtime(runtime) -> None:
+    assert (runtime.rank, runtime.world_size, runtime.backend, runtime.is_rank0) == (0, 1, "gloo", True)
+    assert torch.distributed.is_initialized()
+
+
+def test_seed_everything_is_deterministic() -> None:
+    seed_everything(3)
+    a = (torch.rand(3), np.random.rand(3))
+    seed_everything(3)
+    b = (torch.rand(3), np.random.rand(3))
+    assert torch.equal(a[0], b[0]) and (a[1] == b[1]).all()
+
+
+def test_write_results_is_atomic_json(tmp_path: Path) -> None:
+    path = write_results(tmp_path / "run", {"auc": np.float32(0.75), "n": np.int64(3), "v": torch.tensor([1, 2])})
+    assert json.loads(path.read_text()) == {"auc": 0.75, "n": 3, "v": [1, 2]}
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]
+
+
+def test_checkpoint_save_load_prune_and_ignore_partial(runtime, tmp_path: Path) -> None:
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    for step in (10, 20, 30):
+        save_checkpoint(tmp_path, step, {"model": model, "opt": opt}, meta={"epoch": step // 10}, keep_last=2)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_00000020", "step_00000030"]
+    # A save killed half-way leaves a .partial directory: never picked.
+    (tmp_path / ".step_00000040.partial").mkdir()
+    (tmp_path / "step_00000050").mkdir()  # no meta.json: incomplete
+    assert latest_checkpoint(tmp_path).name == "step_00000030"
+    fresh = torch.nn.Linear(4, 2)
+    fresh_opt = torch.optim.Adam(fresh.parameters())
+    meta = resume_if_possible(tmp_path, {"model": fresh, "opt": fresh_opt})
+    assert meta["step"] == 30 and meta["epoch"] == 3
+    assert torch.equal(fresh.weight, model.weight)
+    assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert resume_if_possible(tmp_path / "none", {"model": fresh}) is None
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        load_checkpoint(tmp_path / "step_00000050", {"model": fresh})
+
+
+@pytest.mark.multiprocess
+def test_torchrun_style_environment(tmp_path: Path) -> None:
+    dist_workers.launch(dist_workers.ranks_of_this_process, 2, str(tmp_path))
+    assert (tmp_path / "rank0.txt").read_text() == "0 2 0 gloo cpu"
+    assert (tmp_path / "rank1.txt").read_text() == "1 2 1 gloo cpu"
+    assert json.loads((tmp_path / "results.json").read_text()) == {"written_by": 0}
+
+
+@pytest.mark.multiprocess
+def test_checkpoint_from_two_ranks_loads_into_one_process(tmp_path: Path) -> None:
+    ckpt, expected_file = tmp_path / "ckpt", tmp_path / "expected.pt"
+    dist_workers.launch(dist_workers.train_and_save, 2, str(ckpt), str(expected_file))
+    expected = torch.load(expected_file)
+    assert "table_wise" in expected["plan"] and "column_wise" in expected["plan"]
+    rt = init_runtime("cpu")
+    try:
+        # Saved as t0 table-wise, t1 column-wise, t2 data-parallel over 2 ranks; loaded with t0 and
+        # t1 swapped. (A data-parallel table keeps its in-backward optimizer state outside
+        # model.fused_optimizer, so it must stay data-parallel to find its checkpoint keys.)
+        model = dist_workers.build_sharded_ebc(rt, {"t0": "column_wise", "t1": "table_wise", "t2": "data_parallel"})
+        before = dist_workers.full_tables(model)
+        meta = resume_if_possible(ckpt, {"model": model, "sparse_opt": model.fused_optimizer})
+        assert meta == {"step": 3, "world_size": 2, "epoch": 0}
+        after = dist_workers.full_tables(model)
+        for key, weight in expected["tables"].items():
+            assert not torch.equal(before[key], weight), f"{key} was not trained"
+            assert torch.equal(after[key], weight), f"{key} differs after loading"
+        # The fused optimizer's row-wise Adagrad state came back too: nonzero for trained rows.
+        state = model.fused_optimizer.state_dict()["state"]
+        momentum = [t for v in state.values() for t in v.values() if hasattr(t, "local_shards")]
+        assert momentum and all(sum(s.tensor.sum() for s in m.local_shards()) > 0 for m in momentum)
+    finally:
+        shutdown()
+
+
+@pytest.mark.multiprocess
+def test_distributed_evaluation_counts_every_user_once(tmp_path: Path, ml100k_split) -> None:
+    from common.baselines import popularity_report
+
+    out = tmp_path / "eval.pt"
+    dist_workers.launch(dist_workers.evaluate_popularity_distributed, 2, str(out))
+    got = torch.load(out, weights_only=False)
+    single = popularity_report(ml100k_split, "test", n_boot=50)
+    assert len(got["users"]) == 943 and (got["users"] == np.arange(943)).all()
+    assert (got["ranks"] == single.ranks).all() and got["means"] == single.means
