@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.data.movielens import ARCHIVES, load_movielens
+from common.data.movielens import add_dataset_args, load_movielens
 from common.data.split import Split, leave_last_out
 from common.metrics import RankingReport, evaluate_scores
 from common.runtime import write_results
@@ -33,10 +33,7 @@ class Config:
 
 def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = p.add_argument_group("data")
-    data.add_argument("--dataset", default="ml-100k", choices=sorted(ARCHIVES), help="MovieLens variant (default: ml-100k)")
-    data.add_argument("--data-dir", default=None, help="cache directory (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)")
-    data.add_argument("--source", default="auto", choices=["auto", "grouplens", "recbole"], help="where to get the data (default: auto)")
+    add_dataset_args(p.add_argument_group("data"))
     out = p.add_argument_group("output")
     out.add_argument("--out", default=None, help="directory for results.json (default: print only)")
     out.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CI (default: 1000)")

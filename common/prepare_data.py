@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.data.movielens import ARCHIVES, load_movielens
+from common.data.movielens import add_dataset_args, load_movielens
 from common.data.split import leave_last_out
 from common.runtime import write_results
 
@@ -29,10 +29,7 @@ class Config:
 
 def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="ml-100k", choices=sorted(ARCHIVES), help="MovieLens variant (default: ml-100k)")
-    p.add_argument("--data-dir", default=None, help="cache directory (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)")
-    p.add_argument("--source", default="auto", choices=["auto", "grouplens", "recbole"],
-                   help="auto: cache, then GroupLens, then (ml-100k) the recbole wheel from PyPI (default: auto)")
+    add_dataset_args(p)
     p.add_argument("--out", default=None, help="directory for results.json with the statistics (default: print only)")
     a = p.parse_args(argv)
     return Config(dataset=a.dataset, data_dir=a.data_dir, source=a.source, out=a.out)

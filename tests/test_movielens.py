@@ -58,12 +58,18 @@ def _publish(monkeypatch: pytest.MonkeyPatch, name: str, path: Path, size: int |
     monkeypatch.setitem(ml.ARCHIVES, name, Archive(path.name, md5, size or path.stat().st_size))
 
 
-def test_grouplens_format_matches_recbole(ml100k: MovieLens, http_dir, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def served_ml100k(ml100k: MovieLens, http_dir, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The official-format ml-100k.zip, published (checksums patched) and served on loopback."""
     served, url = http_dir
     _write_official_ml100k_zip(ml100k, served / "ml-100k.zip")
     _publish(monkeypatch, "ml-100k", served / "ml-100k.zip")
     monkeypatch.setenv("RECSYS_MOVIELENS_BASE_URL", url)
+    return served / "ml-100k.zip"
+
+
+def test_grouplens_format_matches_recbole(ml100k: MovieLens, served_ml100k: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     got = load_movielens("ml-100k", tmp_path / "cache", source="grouplens")
     assert got.source == "grouplens"
     assert got.fingerprint == ml100k.fingerprint
@@ -107,12 +113,8 @@ def test_corrupt_download_with_right_size_is_rejected(ml100k: MovieLens, http_di
     assert fallback.source == "recbole" and fallback.fingerprint == ml100k.fingerprint
 
 
-def test_corrupt_cached_archive_is_moved_aside_and_refetched(ml100k: MovieLens, http_dir, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    served, url = http_dir
-    _write_official_ml100k_zip(ml100k, served / "ml-100k.zip")
-    _publish(monkeypatch, "ml-100k", served / "ml-100k.zip")
-    monkeypatch.setenv("RECSYS_MOVIELENS_BASE_URL", url)
+def test_corrupt_cached_archive_is_moved_aside_and_refetched(ml100k: MovieLens, served_ml100k: Path,
+                                                             tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "ml-100k.zip").write_bytes(b"not a zip")

@@ -14,6 +14,7 @@ Sources:
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import os
@@ -147,6 +148,16 @@ class MovieLens:
 
 # ---------------------------------------------------------------------------------------------
 # Loading
+
+
+def add_dataset_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The data flags every script shares: --dataset, --data-dir, --source."""
+    parser.add_argument("--dataset", default="ml-100k", choices=sorted(ARCHIVES),
+                        help="MovieLens variant (default: ml-100k)")
+    parser.add_argument("--data-dir", default=None,
+                        help="cache directory (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)")
+    parser.add_argument("--source", default="auto", choices=["auto", "grouplens", "recbole"],
+                        help="auto: cache, then GroupLens, then (ml-100k) the recbole wheel from PyPI (default: auto)")
 
 
 def load_movielens(name: str = "ml-100k", data_dir: str | Path | None = None,
