@@ -1,0 +1,1 @@
+"""Stage 1: two-tower retrieval. See retrieval/README.md."""

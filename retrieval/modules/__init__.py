@@ -1,0 +1,1 @@
+"""Building blocks of the two-tower retriever: features, towers, FAISS indexes."""

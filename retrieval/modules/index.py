@@ -1,0 +1,86 @@
+"""FAISS indexes over the candidate tower's item embeddings (inner product on unit vectors).
+
+Types: ``flat`` (exact), ``ivf_flat`` (inverted lists, exact vectors), ``ivf_pq`` (inverted
+lists, product-quantized vectors), ``hnsw`` (graph). ``auto`` picks by catalog size: exact
+search up to 100k items (at 64 dims a brute-force scan of 100k items is still well under a
+millisecond per query batch row), IVF-Flat above. bench/faiss_indexes.py measures the choice on
+a 1M-item catalog.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import faiss
+import numpy as np
+
+INDEX_TYPES = ("auto", "flat", "ivf_flat", "ivf_pq", "hnsw")
+
+
+def default_index_type(num_items: int) -> str:
+    return "flat" if num_items <= 100_000 else "ivf_flat"
+
+
+def default_params(kind: str, num_items: int, dim: int) -> dict[str, Any]:
+    """Sensible parameters by catalog size: nlist ~ 4 sqrt(N), nprobe covering ~1/32 of the lists."""
+    nlist = max(1, min(num_items // 39, int(4 * math.sqrt(num_items))))  # FAISS wants >= 39 points per list
+    if kind == "flat":
+        return {}
+    if kind == "ivf_flat":
+        return {"nlist": nlist, "nprobe": min(nlist, max(8, nlist // 32))}
+    if kind == "ivf_pq":
+        m = next(m for m in (dim // 2, dim // 4, 16, 8, 4, 2, 1) if m >= 1 and dim % m == 0)
+        return {"nlist": nlist, "nprobe": min(nlist, max(8, nlist // 32)), "m": m, "nbits": 8}
+    if kind == "hnsw":
+        return {"M": 32, "ef_construction": 200, "ef_search": 128}
+    raise ValueError(f"index type must be one of {INDEX_TYPES}, got {kind!r}")
+
+
+def build_index(kind: str, embeddings: np.ndarray, params: dict[str, Any] | None = None, seed: int = 0
+                ) -> tuple[faiss.Index, str, dict[str, Any]]:
+    """Build an inner-product index over ``embeddings``; returns (index, type, parameters used)."""
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    n, d = x.shape
+    if kind == "auto":
+        kind = default_index_type(n)
+    p = {**default_params(kind, n, d), **(params or {})}
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind in ("ivf_flat", "ivf_pq"):
+        quantizer = faiss.IndexFlatIP(d)
+        if kind == "ivf_flat":
+            index = faiss.IndexIVFFlat(quantizer, d, p["nlist"], faiss.METRIC_INNER_PRODUCT)
+        else:
+            index = faiss.IndexIVFPQ(quantizer, d, p["nlist"], p["m"], p["nbits"], faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        index.train(x)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, p["M"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = p["ef_construction"]
+    else:
+        raise ValueError(f"index type must be one of {INDEX_TYPES}, got {kind!r}")
+    index.add(x)
+    set_search_params(index, p)
+    return index, kind, p
+
+
+def set_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
+    if "nprobe" in params and hasattr(index, "nprobe"):
+        index.nprobe = params["nprobe"]
+    if "ef_search" in params and hasattr(index, "hnsw"):
+        index.hnsw.efSearch = params["ef_search"]
+
+
+def to_gpu_if_available(index: faiss.Index) -> faiss.Index:
+    """Move the index to GPU 0 when faiss-gpu and a GPU are present; otherwise return it as is."""
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    return index
+
+
+def recall_against_exact(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Mean share of the exact top-K that the approximate top-K found."""
+    k = exact_ids.shape[1]
+    hits = [len(set(a[:k].tolist()) & set(e.tolist()) - {-1}) for a, e in zip(approx_ids, exact_ids)]
+    return float(np.mean(hits) / k)

@@ -1,0 +1,370 @@
+"""Train the two-tower retriever on MovieLens, evaluate it, and export it for serving.
+
+    python -m retrieval.two_tower_train                                  # ml-100k, 1 CPU process
+    torchrun --nproc_per_node=2 -m retrieval.two_tower_train             # 2 processes (gloo on CPU, nccl on GPUs)
+    python -m retrieval.two_tower_train --epochs 1 --limit-batches 20    # quick smoke run
+
+The query tower sees the user ID, age bucket, gender, occupation, zip region and the user's last
+50 items; the candidate tower sees the item ID, genres and year. Embeddings live in TorchRec
+EmbeddingBagCollections sharded by DistributedModelParallel, updated by a fused RowWiseAdagrad
+applied in backward; the MLPs use Adam. TrainPipelineSparseDist overlaps batch loading and the
+sparse-feature all-to-all with compute. Loss: in-batch sampled softmax with logQ correction and
+accidental hits masked (Yi et al., RecSys 2019; see retrieval/modules/two_tower.py).
+
+Each epoch ends with validation under the shared protocol (common/metrics.py); the run ends with
+test, printed beside the popularity baseline and written to <out>/results.json. DCP checkpoints
+(<out>/checkpoints) let a killed run resume exactly: rerun the same command. The export
+(<out>/export) holds the unsharded weights, the catalog's item embeddings, a FAISS index and a
+manifest, which retrieval/two_tower_retrieval.py serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.sharding_plan import get_default_sharders
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+from tqdm import tqdm
+
+from common.baselines import popularity_report
+from common.checkpoint import resume_if_possible, save_checkpoint
+from common.data.movielens import add_dataset_args, load_movielens
+from common.data.split import Split, leave_last_out
+from common.metrics import RankingReport, evaluate_scores
+from common.runtime import Runtime, init_runtime, print0, seed_everything, shutdown, write_json_atomic, write_results
+from retrieval.modules.feature_processor import MovieLensFeatures, last_n
+from retrieval.modules.index import INDEX_TYPES, build_index
+from retrieval.modules.two_tower import TwoTower, TwoTowerBatch
+
+SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise")
+
+
+@dataclass(frozen=True)
+class Config:
+    dataset: str = "ml-100k"
+    data_dir: str | None = None
+    source: str = "auto"
+    history_len: int = 50
+    embedding_dim: int = 64
+    layer_sizes: tuple[int, ...] = (128, 64)
+    temperature: float = 0.05
+    epochs: int = 10
+    batch_size: int = 512
+    sparse_lr: float = 0.05
+    dense_lr: float = 1e-3
+    seed: int = 0
+    limit_batches: int | None = None
+    device: str = "auto"
+    sharding_type: str = "table_wise"
+    out: str = "runs/retrieval"
+    checkpoint_every: int = 100
+    log_every: int = 50
+    eval_batch_size: int = 1024
+    index_type: str = "auto"
+    n_boot: int = 1000
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    d = Config()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data")
+    add_dataset_args(data)
+    data.add_argument("--history-len", type=int, default=d.history_len, help=f"items of history the query tower sees (default: {d.history_len})")
+    model = p.add_argument_group("model")
+    model.add_argument("--embedding-dim", type=int, default=d.embedding_dim, help=f"embedding table dimension (default: {d.embedding_dim})")
+    model.add_argument("--layer-sizes", type=int, nargs="+", default=list(d.layer_sizes), help="tower MLP sizes; the last is the output dimension (default: 128 64)")
+    model.add_argument("--temperature", type=float, default=d.temperature, help=f"softmax temperature on cosine scores (default: {d.temperature})")
+    train = p.add_argument_group("training")
+    train.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training interactions (default: {d.epochs})")
+    train.add_argument("--batch-size", type=int, default=d.batch_size, help=f"examples per rank per step; also the in-batch negatives (default: {d.batch_size})")
+    train.add_argument("--sparse-lr", type=float, default=d.sparse_lr, help=f"RowWiseAdagrad learning rate for embeddings (default: {d.sparse_lr})")
+    train.add_argument("--dense-lr", type=float, default=d.dense_lr, help=f"Adam learning rate for the MLPs (default: {d.dense_lr})")
+    train.add_argument("--seed", type=int, default=d.seed, help=f"seed for initialization and data order (default: {d.seed})")
+    train.add_argument("--limit-batches", type=int, default=None, help="stop each epoch after this many steps (quick runs; default: all)")
+    train.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help=f"steps between DCP checkpoints; 0 = epoch ends only (default: {d.checkpoint_every})")
+    train.add_argument("--log-every", type=int, default=d.log_every, help=f"steps between log lines (default: {d.log_every})")
+    dist = p.add_argument_group("distributed")
+    dist.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="auto: cuda if available (default: auto)")
+    dist.add_argument("--sharding-type", default=d.sharding_type, choices=SHARDING_TYPES, help="how embedding tables are sharded; row-wise kinds need CUDA (default: table_wise)")
+    out = p.add_argument_group("evaluation and export")
+    out.add_argument("--out", default=d.out, help=f"run directory: checkpoints/, export/, results.json (default: {d.out})")
+    out.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help=f"users per scoring batch (default: {d.eval_batch_size})")
+    out.add_argument("--index-type", default=d.index_type, choices=INDEX_TYPES, help="FAISS index for serving; auto picks by catalog size (default: auto)")
+    out.add_argument("--n-boot", type=int, default=d.n_boot, help=f"bootstrap resamples for CIs (default: {d.n_boot})")
+    a = vars(p.parse_args(argv))
+    a["layer_sizes"] = tuple(a["layer_sizes"])
+    return Config(**a)
+
+
+# ------------------------------------------------------------------------------------------
+# Data: training examples are (user, next item) pairs with the user's earlier items as history.
+
+
+class TrainExamples:
+    """Every training interaction as an example; this rank's batches for one epoch.
+
+    The order is a permutation seeded by (seed, epoch), so a resumed run sees the same batches.
+    Each step consumes ``batch_size * world_size`` examples; rank r takes its slice. The last
+    partial step is dropped so that every rank runs the same number of steps.
+    """
+
+    def __init__(self, features: MovieLensFeatures, split: Split, batch_size: int, rank: int, world_size: int,
+                 seed: int) -> None:
+        self.features, self.split = features, split
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        user = split.train_user
+        self.user_start = np.searchsorted(user, np.arange(split.num_users))   # train rows are sorted by user
+        self.num_examples = len(user)
+        self.steps_per_epoch = self.num_examples // (batch_size * world_size)
+        counts = np.bincount(split.train_item, minlength=split.num_items)
+        self.item_counts = counts
+
+    def batches(self, epoch: int, start_step: int = 0, limit: int | None = None):
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+        steps = self.steps_per_epoch if limit is None else min(limit, self.steps_per_epoch)
+        for step in range(start_step, steps):
+            lo = (step * self.world_size + self.rank) * self.batch_size
+            yield self.batch(perm[lo:lo + self.batch_size])
+
+    def batch(self, rows: np.ndarray) -> TwoTowerBatch:
+        s = self.split
+        users, items = s.train_user[rows], s.train_item[rows]
+        history = last_n(s.train_item, self.user_start[users], rows, self.features.history_len)
+        query = self.features.query_batch(users, history)
+        candidate = self.features.candidate_batch(items)
+        return TwoTowerBatch(query.sparse, candidate.sparse, torch.from_numpy(items))
+
+
+def query_histories(split: Split, stage: str, users: np.ndarray, history_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The last ``history_len`` items each user had before ``stage``'s target."""
+    indptr, items = split.history(stage)
+    return last_n(items, indptr[users], indptr[users + 1], history_len)
+
+
+# ------------------------------------------------------------------------------------------
+# Model
+
+
+def build_model(cfg: Config, features: MovieLensFeatures, item_counts: np.ndarray, rt: Runtime
+                ) -> tuple[DistributedModelParallel, CombinedOptimizer]:
+    model = TwoTower(features.query_schema, features.candidate_schema, cfg.embedding_dim, list(cfg.layer_sizes),
+                     item_counts, cfg.temperature, device=torch.device("meta"))
+    # Tables are built on "meta" and materialized by DMP on the rank that owns each shard; the
+    # small MLPs are built on the CPU from the seeded global RNG and moved to the device by DMP.
+    sparse_params = list(model.query_tower.ebc.parameters()) + list(model.candidate_tower.ebc.parameters())
+    apply_optimizer_in_backward(RowWiseAdagrad, sparse_params, {"lr": cfg.sparse_lr})
+    tables = [c.name for tower in (model.query_tower, model.candidate_tower) for c in tower.ebc.embedding_bag_configs()]
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=rt.world_size, compute_device=rt.device.type),
+        constraints={t: ParameterConstraints(sharding_types=[cfg.sharding_type]) for t in tables})
+    plan = planner.collective_plan(model, get_default_sharders(), torch.distributed.GroupMember.WORLD)
+    dmp = DistributedModelParallel(model, device=rt.device, plan=plan)
+    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
+                                  lambda params: torch.optim.Adam(params, lr=cfg.dense_lr))
+    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense])
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation: every rank embeds every user and item (sharded towers need all ranks in each
+# forward), then the shared protocol scores its slice of users and gathers.
+
+
+@torch.no_grad()
+def embed_items(model: torch.nn.Module, features: MovieLensFeatures, device: torch.device,
+                batch_size: int = 4096) -> torch.Tensor:
+    tower = _unwrap(model).candidate_tower
+    out = [tower(features.candidate_batch(np.arange(lo, min(lo + batch_size, features.num_items))).sparse.to(device))
+           for lo in range(0, features.num_items, batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_queries(model: torch.nn.Module, features: MovieLensFeatures, split: Split, stage: str,
+                  device: torch.device, batch_size: int = 4096) -> torch.Tensor:
+    """Query embeddings of all users (row = dense user index) with their history before ``stage``."""
+    tower = _unwrap(model).query_tower
+    out = []
+    for lo in range(0, features.num_users, batch_size):
+        users = np.arange(lo, min(lo + batch_size, features.num_users))
+        batch = features.query_batch(users, query_histories(split, stage, users, features.history_len))
+        out.append(tower(batch.sparse.to(device)))
+    return torch.cat(out)
+
+
+def evaluate(model: torch.nn.Module, features: MovieLensFeatures, split: Split, stage: str, device: torch.device,
+             cfg: Config) -> tuple[RankingReport, torch.Tensor, torch.Tensor]:
+    model.eval()
+    items = embed_items(model, features, device)
+    queries = embed_queries(model, features, split, stage, device)
+    report = evaluate_scores(lambda users: queries[users.to(queries.device)] @ items.T, split, stage,
+                             batch_size=cfg.eval_batch_size, device=device, n_boot=cfg.n_boot)
+    model.train()
+    return report, queries, items
+
+
+def _unwrap(model: torch.nn.Module) -> TwoTower:
+    return model.module if isinstance(model, DistributedModelParallel) else model
+
+
+# ------------------------------------------------------------------------------------------
+# Export
+
+
+def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded weights, assembled on rank 0 (collective; other ranks get an empty dict)."""
+    rank0 = torch.distributed.get_rank() == 0
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            full = torch.empty(value.size(), dtype=value.dtype) if rank0 else None
+            value.gather(dst=0, out=full)
+            value = full
+        if rank0:
+            out[key] = value.detach().cpu().clone()
+    return out
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export(out_dir: Path, cfg: Config, model: torch.nn.Module, features: MovieLensFeatures, ds_name: str,
+           fingerprint: str, user_raw_ids: np.ndarray, item_raw_ids: np.ndarray, item_emb: torch.Tensor,
+           split: Split) -> Path | None:
+    """Write the serving artifacts (rank 0): weights.pt, item_embeddings.npy, index.faiss,
+    features.json (feature tables, ID maps, histories, popularity) and manifest.json last."""
+    weights = gathered_state_dict(model)  # collective
+    if torch.distributed.get_rank() != 0:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    query_w = {k.removeprefix("query_tower."): v for k, v in weights.items() if k.startswith("query_tower.")}
+    cand_w = {k.removeprefix("candidate_tower."): v for k, v in weights.items() if k.startswith("candidate_tower.")}
+    torch.save({"query_tower": query_w, "candidate_tower": cand_w}, out_dir / "weights.pt")
+    emb = item_emb.detach().cpu().numpy().astype(np.float32)
+    np.save(out_dir / "item_embeddings.npy", emb)
+    index, kind, params = build_index(cfg.index_type, emb, seed=cfg.seed)
+    faiss.write_index(index, str(out_dir / "index.faiss"))
+    # Serving by user ID needs each known user's history: everything before test (train + valid).
+    indptr, hist = split.history("test")
+    serving = {"features": features.to_dict(), "user_raw_ids": user_raw_ids.tolist(),
+               "item_raw_ids": item_raw_ids.tolist(), "history_indptr": indptr.tolist(),
+               "history_items": hist.tolist(), "item_counts": split.item_counts("test").tolist()}
+    (out_dir / "features.json").write_text(json.dumps(serving))
+    files = ["weights.pt", "item_embeddings.npy", "index.faiss", "features.json"]
+    manifest = {
+        "format": "two_tower_retrieval/1", "dataset": ds_name, "data_fingerprint": fingerprint,
+        "query_schema": features.query_schema.to_dict(), "candidate_schema": features.candidate_schema.to_dict(),
+        "embedding_dim": cfg.embedding_dim, "layer_sizes": list(cfg.layer_sizes), "output_dim": cfg.layer_sizes[-1],
+        "num_users": features.num_users, "num_items": features.num_items,
+        "index": {"type": kind, "params": params, "ntotal": int(index.ntotal), "metric": "inner_product"},
+        "item_embeddings_sha256": _sha256(out_dir / "item_embeddings.npy"),
+        "files": {f: _sha256(out_dir / f) for f in files}, "config": asdict(cfg),
+        "versions": {"torch": torch.__version__, "faiss": faiss.__version__},
+    }
+    write_json_atomic(out_dir / "manifest.json", manifest)
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    cfg = parse_args(argv)
+    rt = init_runtime(cfg.device)
+    seed_everything(cfg.seed)
+    out = Path(cfg.out)
+
+    ds = load_movielens(cfg.dataset, cfg.data_dir, cfg.source)
+    split = leave_last_out(ds.user, ds.item, ds.timestamp, ds.num_users, ds.num_items)
+    features = MovieLensFeatures.from_dataset(ds, cfg.history_len)
+    examples = TrainExamples(features, split, cfg.batch_size, rt.rank, rt.world_size, cfg.seed)
+    if examples.steps_per_epoch == 0:
+        raise ValueError(f"batch size {cfg.batch_size} x {rt.world_size} ranks exceeds the {examples.num_examples} "
+                         f"training examples; lower --batch-size")
+    model, optimizer = build_model(cfg, features, examples.item_counts, rt)
+    print0(f"{ds.name}: {ds.num_users} users, {ds.num_items} items, {examples.num_examples} training examples; "
+           f"{rt.world_size} x {rt.device.type} ({rt.backend}); {examples.steps_per_epoch} steps/epoch")
+    print0(str(model.plan))
+
+    state = {"model": model, "optimizer": optimizer}
+    meta = resume_if_possible(out / "checkpoints", state) or {"epoch": 0, "step": 0, "global_step": 0, "valid": []}
+    if meta["global_step"]:
+        print0(f"resumed from step {meta['global_step']} (epoch {meta['epoch']}, step {meta['step']})")
+    epoch, start_step, global_step, history = meta["epoch"], meta["step"], meta["global_step"], meta["valid"]
+    steps_this_epoch = examples.steps_per_epoch if cfg.limit_batches is None else min(cfg.limit_batches, examples.steps_per_epoch)
+
+    def checkpoint(epoch_: int, step_: int) -> None:
+        save_checkpoint(out / "checkpoints", global_step, state,
+                        meta={"epoch": epoch_, "step": step_, "global_step": global_step, "valid": history})
+
+    train_start = time.perf_counter()
+    for epoch in range(epoch, cfg.epochs):
+        pipeline = TrainPipelineSparseDist(model, optimizer, rt.device, execute_all_batches=True)
+        batches = examples.batches(epoch, start_step, cfg.limit_batches)
+        bar = tqdm(total=steps_this_epoch, initial=start_step, desc=f"epoch {epoch}", disable=not rt.is_rank0 or None,
+                   leave=False)
+        t0, n0 = time.perf_counter(), 0
+        step = start_step
+        while True:
+            try:
+                loss, acc = pipeline.progress(batches)
+            except StopIteration:
+                break
+            step += 1
+            global_step += 1
+            n0 += cfg.batch_size * rt.world_size
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == steps_this_epoch:
+                rate = n0 / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                print0(f"epoch {epoch} | step {step}/{steps_this_epoch} | loss {loss.item():.4f} | "
+                       f"in-batch acc {acc.item():.3f} | {rate / 1000:.1f}k ex/s")
+                t0, n0 = time.perf_counter(), 0
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps_this_epoch:
+                checkpoint(epoch, step)
+        bar.close()
+        pipeline.detach()
+        report, _, _ = evaluate(model, features, split, "valid", rt.device, cfg)
+        history.append({"epoch": epoch, **report.means})
+        print0(f"epoch {epoch} | valid | {report.line()}")
+        start_step = 0
+        checkpoint(epoch + 1, 0)
+    train_seconds = time.perf_counter() - train_start
+
+    test, _, item_emb = evaluate(model, features, split, "test", rt.device, cfg)
+    pop = popularity_report(split, "test", n_boot=cfg.n_boot)
+    print0(f"{'model':<12} | " + " | ".join(f"{k:>10}" for k in test.means))
+    for name, rep in (("popularity", pop), ("two-tower", test)):
+        print0(f"{name:<12} | " + " | ".join(f"{v:>10.4f}" for v in rep.means.values()))
+    export_dir = export(out / "export", cfg, model, features, ds.name, ds.fingerprint, ds.user_raw_ids,
+                        ds.item_raw_ids, item_emb, split)
+    results = {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "world_size": rt.world_size,
+               "device": rt.device.type, "config": asdict(cfg), "valid_per_epoch": history,
+               "test": test.to_dict(), "popularity_test": pop.to_dict(), "train_seconds": train_seconds,
+               "export": str(export_dir) if export_dir else None}
+    write_results(out, results)
+    if export_dir:
+        print0(f"wrote {out / 'results.json'} and {export_dir}")
+    shutdown()
+    return results
+
+
+if __name__ == "__main__":
+    main()
