@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torchrec.optim.keyed import CombinedOptimizer
 
 from common.runtime import get_rank, write_json_atomic
 
@@ -131,7 +132,12 @@ def _state_dicts(state: dict[str, Any]) -> dict[str, Any]:
 def _materialize_optimizer_state(opt: torch.optim.Optimizer) -> None:
     """Optimizers create their state on the first step, but DCP loads in place into the tensors a
     state dict already has. So take one step with zero gradients and zero learning rate first:
-    the state exists, and no parameter moves. (TorchRec's fused optimizers are already full.)"""
+    the state exists, and no parameter moves. TorchRec's fused optimizers are already full; a
+    CombinedOptimizer is handled one part at a time, since its fused part makes it look full."""
+    if isinstance(opt, CombinedOptimizer):
+        for _, part in opt.optimizers:
+            _materialize_optimizer_state(part)
+        return
     if opt.state:
         return
     params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]

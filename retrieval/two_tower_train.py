@@ -305,7 +305,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     state = {"model": model, "optimizer": optimizer}
     meta = resume_if_possible(out / "checkpoints", state) or {"epoch": 0, "step": 0, "global_step": 0, "valid": []}
-    if meta["global_step"]:
+    resumed_from = meta["global_step"]
+    if resumed_from:
         print0(f"resumed from step {meta['global_step']} (epoch {meta['epoch']}, step {meta['step']})")
     epoch, start_step, global_step, history = meta["epoch"], meta["step"], meta["global_step"], meta["valid"]
     steps_this_epoch = examples.steps_per_epoch if cfg.limit_batches is None else min(cfg.limit_batches, examples.steps_per_epoch)
@@ -358,6 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     results = {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "world_size": rt.world_size,
                "device": rt.device.type, "config": asdict(cfg), "valid_per_epoch": history,
                "test": test.to_dict(), "popularity_test": pop.to_dict(), "train_seconds": train_seconds,
+               "resumed_from_step": resumed_from, "steps": global_step,
                "export": str(export_dir) if export_dir else None}
     write_results(out, results)
     if export_dir:

@@ -1,0 +1,156 @@
+"""Two-tower retrieval on real ml-100k: quality thresholds, exact resume, export and serving."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from retrieval.two_tower_retrieval import ArtifactError, Retriever, main as retrieval_main, write_candidates
+from retrieval.two_tower_train import main as train_main
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ["--epochs", "2", "--n-boot", "20", "--log-every", "1000"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("retrieval")
+    return train_main(QUICK + ["--out", str(out)]), out
+
+
+def test_two_epochs_beat_the_thresholds_and_popularity(trained) -> None:
+    results, out = trained
+    test, pop = results["test"], results["popularity_test"]
+    assert test["num_users"] == 943
+    # Thresholds from the issue: about what a tuned matrix factorization reaches on this split.
+    assert test["Recall@100"] >= 0.45 and test["HR@10"] >= 0.08
+    assert test["Recall@100"] > pop["Recall@100"] + 0.15
+    assert len(results["valid_per_epoch"]) == 2
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["test"]["Recall@100"] == test["Recall@100"]
+
+
+def test_served_model_reproduces_training_metrics_and_int8_is_close(trained) -> None:
+    results, out = trained
+    served = retrieval_main(["--export", str(out / "export"), "--write-candidates", str(out / "cands.jsonl")])
+    assert served["test_fp32"]["Recall@100"] == pytest.approx(results["test"]["Recall@100"], abs=1e-9)
+    assert abs(served["test_int8"]["Recall@100"] - served["test_fp32"]["Recall@100"]) <= 0.01
+    assert served["int8_table_compression"] >= 3.5
+    assert served["index_recall_vs_exact"] == 1.0  # a 1682-item catalog gets the exact index
+    lines = (out / "cands.jsonl").read_text().splitlines()
+    assert len(lines) == 943
+    first = json.loads(lines[0])
+    assert first["user_id"] == 1 and len(first["item_ids"]) == 100 and first["scores"] == sorted(first["scores"], reverse=True)
+
+
+def test_recommend_excludes_seen_and_handles_cold_start(trained, ml100k) -> None:
+    _, out = trained
+    r = Retriever(out / "export", k=20)
+    recs = r.recommend([1, 99_999, 2])
+    assert [x.user_id for x in recs] == [1, 99_999, 2]
+    seen = set(ml100k.item_raw_ids[r.history_of(0)].tolist())
+    assert len(recs[0].item_ids) == 20 and not seen & set(recs[0].item_ids) and not recs[0].cold_start
+    assert recs[1].cold_start and recs[1].item_ids[0] == 50  # Star Wars: the most popular movie
+    # New interactions change the next answer: the watched item leaves the list.
+    after = r.recommend([1], extra_history={1: [recs[0].item_ids[0]]})[0]
+    assert recs[0].item_ids[0] not in after.item_ids
+    with_seen = r.recommend([1], exclude_seen=False)[0]
+    assert seen & set(with_seen.item_ids)
+
+
+def _copy_export(out: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "export"
+    shutil.copytree(out / "export", dst)
+    return dst
+
+
+def _edit_manifest(export: Path, edit) -> None:
+    m = json.loads((export / "manifest.json").read_text())
+    edit(m)
+    (export / "manifest.json").write_text(json.dumps(m))
+
+
+def test_mismatched_artifacts_fail_at_load_time(trained, tmp_path: Path) -> None:
+    _, out = trained
+    wrong_dim = _copy_export(out, tmp_path / "a")
+    _edit_manifest(wrong_dim, lambda m: m.update(embedding_dim=32))
+    with pytest.raises(ArtifactError, match="(?s)weights don't fit .*size mismatch"):
+        Retriever(wrong_dim)
+
+    missing_key = _copy_export(out, tmp_path / "b")
+    _edit_manifest(missing_key, lambda m: m["query_schema"]["sparse"].pop(1))  # drop age_bucket
+    with pytest.raises(ArtifactError, match="query schema and features.json disagree"):
+        Retriever(missing_key)
+
+    other_index = _copy_export(out, tmp_path / "c")
+    faiss.write_index(faiss.IndexFlatIP(64), str(other_index / "index.faiss"))
+    with pytest.raises(ArtifactError, match="index.faiss does not match the manifest's checksum"):
+        Retriever(other_index)
+
+    # Even with a manifest that vouches for it, an index of the wrong shape is refused.
+    import hashlib
+    idx = faiss.IndexFlatIP(32)
+    idx.add(np.random.default_rng(0).standard_normal((1682, 32)).astype(np.float32))
+    faiss.write_index(idx, str(other_index / "index.faiss"))
+    sha = hashlib.sha256((other_index / "index.faiss").read_bytes()).hexdigest()
+    _edit_manifest(other_index, lambda m: m["files"].update({"index.faiss": sha}))
+    with pytest.raises(ArtifactError, match="dimension 32, .* from another model"):
+        Retriever(other_index)
+
+    extra_weight = _copy_export(out, tmp_path / "d")
+    w = torch.load(extra_weight / "weights.pt")
+    w["query_tower"]["mlp.9.weight"] = torch.zeros(1)
+    torch.save(w, extra_weight / "weights.pt")
+    sha = hashlib.sha256((extra_weight / "weights.pt").read_bytes()).hexdigest()
+    _edit_manifest(extra_weight, lambda m: m["files"].update({"weights.pt": sha}))
+    with pytest.raises(ArtifactError, match="(?s)Unexpected key.*mlp.9.weight"):
+        Retriever(extra_weight)
+
+    with pytest.raises(ArtifactError, match="train first"):
+        Retriever(tmp_path / "nothing")
+
+
+def test_killed_run_resumes_to_the_same_metrics(tmp_path: Path) -> None:
+    args = ["--epochs", "2", "--checkpoint-every", "40", "--n-boot", "20", "--log-every", "1000",
+            "--embedding-dim", "32", "--layer-sizes", "64", "32"]
+    reference = train_main(args + ["--out", str(tmp_path / "ref")])
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "retrieval.two_tower_train", *args, "--out", str(killed)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((killed / "checkpoints").glob("step_*/meta.json")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    metas = [json.loads(p.read_text()) for p in (killed / "checkpoints").glob("step_*/meta.json")]
+    assert metas and not (killed / "results.json").exists(), "the run finished before it could be killed"
+    resumed = train_main(args + ["--out", str(killed)])
+    assert resumed["resumed_from_step"] == max(m["global_step"] for m in metas) > 0
+    assert resumed["steps"] == reference["steps"]
+    assert resumed["test"] == reference["test"]
+    assert resumed["valid_per_epoch"] == reference["valid_per_epoch"]
+
+
+@pytest.mark.multiprocess
+def test_torchrun_two_processes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "-m", "retrieval.two_tower_train", "--epochs", "1", "--limit-batches", "40", "--batch-size", "256",
+                    "--n-boot", "20", "--out", str(out)], cwd=REPO, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    res = json.loads((out / "results.json").read_text())
+    assert res["world_size"] == 2 and res["test"]["num_users"] == 943
+    assert res["test"]["Recall@100"] > res["popularity_test"]["Recall@100"]
+    assert Retriever(out / "export").recommend([1])[0].item_ids
