@@ -36,7 +36,7 @@ from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
 from common.data.movielens import load_movielens
 from common.data.split import leave_last_out
-from common.features import FeatureSchema
+from common.features import FeatureError, FeatureSchema
 from common.metrics import evaluate_topk
 from common.runtime import autodetect_device, write_json_atomic
 from retrieval.modules.feature_processor import MovieLensFeatures, last_n
@@ -144,11 +144,13 @@ class Retriever:
 
     @torch.no_grad()
     def top_k_indices(self, users: np.ndarray, k: int | None = None, exclude_seen: bool = True,
-                      histories: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      histories: list[np.ndarray] | None = None,
+                      user_columns: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Dense item indices and scores ``[B, k]`` for dense user indices, best first.
 
         ``histories`` (dense item indices per user) replaces the stored histories, e.g. with
-        interactions that arrived after the export.
+        interactions that arrived after the export; a user index of -1 (a new user) needs
+        ``user_columns``, the user features from :meth:`MovieLensFeatures.raw_user_columns`.
         """
         k = k or self.k
         users = np.asarray(users, dtype=np.int64)
@@ -157,7 +159,7 @@ class Retriever:
         values = np.concatenate(hists).astype(np.int64) if len(hists) else np.zeros(0, np.int64)
         ends = np.cumsum(lengths)
         history = last_n(values, ends - lengths, ends, self.features.history_len)
-        batch = self.features.query_batch(users, history)
+        batch = self.features.query_batch(users, history, user_columns)
         extra = int(lengths.max()) if exclude_seen and len(lengths) else 0
         scores, items = self.model(batch.sparse, min(k + extra, self.features.num_items))
         scores, items = scores.numpy(), items.numpy()
@@ -194,6 +196,41 @@ class Retriever:
                 out[pos] = Recommendation(int(u), self.item_raw_ids[top].tolist(),
                                           self.popularity[top].astype(float).tolist(), cold_start=True)
         return out  # type: ignore[return-value]
+
+
+    def recommend_features(self, records: list[dict], k: int | None = None, exclude_seen: bool = True
+                           ) -> list[Recommendation]:
+        """Top-K for users described by raw features:
+        ``{"user_id": raw ID or None, "age": years, "gender": "M"|"F", "occupation": name,
+        "zip": code, "history": [raw item IDs, oldest first]}``.
+
+        A known ``user_id`` uses its ID embedding; an unknown or missing one is served from the
+        features and history alone. A user with no ID, no known ID and an empty history gets
+        the popular items (``cold_start=True``). Unknown item IDs in a history are an error.
+        """
+        k = k or self.k
+        item_index = {int(i): n for n, i in enumerate(self.item_raw_ids)}
+        users, hists = [], []
+        for r, rec in enumerate(records):
+            bad = [i for i in rec.get("history", []) if int(i) not in item_index]
+            if bad:
+                raise FeatureError(f"record {r}: history has item IDs not in the catalog: {bad[:5]}")
+            users.append(self.user_index.get(int(rec["user_id"]), -1) if rec.get("user_id") is not None else -1)
+            hists.append(np.array([item_index[int(i)] for i in rec.get("history", [])], dtype=np.int64))
+        cols = self.features.raw_user_columns(records)
+        serve = [n for n, (u, h) in enumerate(zip(users, hists)) if u >= 0 or len(h)]
+        out: list[Recommendation | None] = [None] * len(records)
+        if serve:
+            items, scores = self.top_k_indices(np.array(users)[serve], k, exclude_seen, [hists[n] for n in serve],
+                                               {name: col[serve] for name, col in cols.items()})
+            for n, row_i, row_s in zip(serve, items, scores):
+                valid = row_i >= 0
+                out[n] = Recommendation(records[n].get("user_id") or -1, self.item_raw_ids[row_i[valid]].tolist(),
+                                        row_s[valid].astype(float).tolist())
+        top = self.popular[:k]
+        return [o if o is not None else Recommendation(records[n].get("user_id") or -1, self.item_raw_ids[top].tolist(),
+                                                       self.popularity[top].astype(float).tolist(), cold_start=True)
+                for n, o in enumerate(out)]
 
 
 def write_candidates(retriever: Retriever, path: str | Path, k: int, batch_size: int = 256) -> int:

@@ -65,6 +65,7 @@ class Config:
     embedding_dim: int = 64
     layer_sizes: tuple[int, ...] = (128, 64)
     temperature: float = 0.05
+    user_id_dropout: float = 0.0
     epochs: int = 10
     batch_size: int = 512
     sparse_lr: float = 0.05
@@ -91,6 +92,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     model.add_argument("--embedding-dim", type=int, default=d.embedding_dim, help=f"embedding table dimension (default: {d.embedding_dim})")
     model.add_argument("--layer-sizes", type=int, nargs="+", default=list(d.layer_sizes), help="tower MLP sizes; the last is the output dimension (default: 128 64)")
     model.add_argument("--temperature", type=float, default=d.temperature, help=f"softmax temperature on cosine scores (default: {d.temperature})")
+    model.add_argument("--user-id-dropout", type=float, default=d.user_id_dropout, help=f"share of training examples whose user ID is hidden, so the tower also serves new users from features and history (default: {d.user_id_dropout})")
     train = p.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training interactions (default: {d.epochs})")
     train.add_argument("--batch-size", type=int, default=d.batch_size, help=f"examples per rank per step; also the in-batch negatives (default: {d.batch_size})")
@@ -126,9 +128,10 @@ class TrainExamples:
     """
 
     def __init__(self, features: MovieLensFeatures, split: Split, batch_size: int, rank: int, world_size: int,
-                 seed: int) -> None:
+                 seed: int, user_id_dropout: float = 0.0) -> None:
         self.features, self.split = features, split
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.user_id_dropout = user_id_dropout
         user = split.train_user
         self.user_start = np.searchsorted(user, np.arange(split.num_users))   # train rows are sorted by user
         self.num_examples = len(user)
@@ -141,13 +144,16 @@ class TrainExamples:
         steps = self.steps_per_epoch if limit is None else min(limit, self.steps_per_epoch)
         for step in range(start_step, steps):
             lo = (step * self.world_size + self.rank) * self.batch_size
-            yield self.batch(perm[lo:lo + self.batch_size])
+            drop = np.random.default_rng([self.seed, epoch, step, self.rank]).random(self.batch_size) < self.user_id_dropout
+            yield self.batch(perm[lo:lo + self.batch_size], drop)
 
-    def batch(self, rows: np.ndarray) -> TwoTowerBatch:
-        s = self.split
+    def batch(self, rows: np.ndarray, drop_user_id: np.ndarray | None = None) -> TwoTowerBatch:
+        s, f = self.split, self.features
         users, items = s.train_user[rows], s.train_item[rows]
-        history = last_n(s.train_item, self.user_start[users], rows, self.features.history_len)
-        query = self.features.query_batch(users, history)
+        history = last_n(s.train_item, self.user_start[users], rows, f.history_len)
+        user_cols = {name: col[users] for name, col in f.user_columns.items()}
+        ids = users if drop_user_id is None else np.where(drop_user_id, -1, users)
+        query = f.query_batch(ids, history, user_cols)
         candidate = self.features.candidate_batch(items)
         return TwoTowerBatch(query.sparse, candidate.sparse, torch.from_numpy(items))
 
@@ -197,22 +203,25 @@ def embed_items(model: torch.nn.Module, features: MovieLensFeatures, device: tor
 
 @torch.no_grad()
 def embed_queries(model: torch.nn.Module, features: MovieLensFeatures, split: Split, stage: str,
-                  device: torch.device, batch_size: int = 4096) -> torch.Tensor:
-    """Query embeddings of all users (row = dense user index) with their history before ``stage``."""
+                  device: torch.device, batch_size: int = 4096, hide_user_id: bool = False) -> torch.Tensor:
+    """Query embeddings of all users (row = dense user index) with their history before ``stage``;
+    ``hide_user_id`` treats every user as new (features and history only)."""
     tower = _unwrap(model).query_tower
     out = []
     for lo in range(0, features.num_users, batch_size):
         users = np.arange(lo, min(lo + batch_size, features.num_users))
-        batch = features.query_batch(users, query_histories(split, stage, users, features.history_len))
+        cols = {name: col[users] for name, col in features.user_columns.items()}
+        batch = features.query_batch(np.full_like(users, -1) if hide_user_id else users,
+                                     query_histories(split, stage, users, features.history_len), cols)
         out.append(tower(batch.sparse.to(device)))
     return torch.cat(out)
 
 
 def evaluate(model: torch.nn.Module, features: MovieLensFeatures, split: Split, stage: str, device: torch.device,
-             cfg: Config) -> tuple[RankingReport, torch.Tensor, torch.Tensor]:
+             cfg: Config, hide_user_id: bool = False) -> tuple[RankingReport, torch.Tensor, torch.Tensor]:
     model.eval()
     items = embed_items(model, features, device)
-    queries = embed_queries(model, features, split, stage, device)
+    queries = embed_queries(model, features, split, stage, device, hide_user_id=hide_user_id)
     report = evaluate_scores(lambda users: queries[users.to(queries.device)] @ items.T, split, stage,
                              batch_size=cfg.eval_batch_size, device=device, n_boot=cfg.n_boot)
     model.train()
@@ -294,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ds = load_movielens(cfg.dataset, cfg.data_dir, cfg.source)
     split = leave_last_out(ds.user, ds.item, ds.timestamp, ds.num_users, ds.num_items)
     features = MovieLensFeatures.from_dataset(ds, cfg.history_len)
-    examples = TrainExamples(features, split, cfg.batch_size, rt.rank, rt.world_size, cfg.seed)
+    examples = TrainExamples(features, split, cfg.batch_size, rt.rank, rt.world_size, cfg.seed, cfg.user_id_dropout)
     if examples.steps_per_epoch == 0:
         raise ValueError(f"batch size {cfg.batch_size} x {rt.world_size} ranks exceeds the {examples.num_examples} "
                          f"training examples; lower --batch-size")
@@ -350,15 +359,16 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     train_seconds = time.perf_counter() - train_start
 
     test, _, item_emb = evaluate(model, features, split, "test", rt.device, cfg)
+    new_users, _, _ = evaluate(model, features, split, "test", rt.device, cfg, hide_user_id=True)
     pop = popularity_report(split, "test", n_boot=cfg.n_boot)
-    print0(f"{'model':<12} | " + " | ".join(f"{k:>10}" for k in test.means))
-    for name, rep in (("popularity", pop), ("two-tower", test)):
-        print0(f"{name:<12} | " + " | ".join(f"{v:>10.4f}" for v in rep.means.values()))
+    print0(f"{'test':<22} | " + " | ".join(f"{k:>10}" for k in test.means))
+    for name, rep in (("popularity", pop), ("two-tower", test), ("two-tower, no user ID", new_users)):
+        print0(f"{name:<22} | " + " | ".join(f"{v:>10.4f}" for v in rep.means.values()))
     export_dir = export(out / "export", cfg, model, features, ds.name, ds.fingerprint, ds.user_raw_ids,
                         ds.item_raw_ids, item_emb, split)
     results = {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "world_size": rt.world_size,
                "device": rt.device.type, "config": asdict(cfg), "valid_per_epoch": history,
-               "test": test.to_dict(), "popularity_test": pop.to_dict(), "train_seconds": train_seconds,
+               "test": test.to_dict(), "popularity_test": pop.to_dict(), "test_without_user_id": new_users.to_dict(), "train_seconds": train_seconds,
                "resumed_from_step": resumed_from, "steps": global_step,
                "export": str(export_dir) if export_dir else None}
     write_results(out, results)

@@ -69,6 +69,26 @@ def test_recommend_excludes_seen_and_handles_cold_start(trained, ml100k) -> None
     assert seen & set(with_seen.item_ids)
 
 
+def test_recommend_from_raw_features(trained, ml100k) -> None:
+    _, out = trained
+    r = Retriever(out / "export", k=10)
+    history = [50, 181, 172]  # Star Wars, Return of the Jedi, The Empire Strikes Back
+    new = {"user_id": None, "age": 30, "gender": "F", "occupation": "engineer", "zip": "94043", "history": history}
+    known = {"user_id": 1, "age": 24, "gender": "M", "occupation": "technician", "zip": "85711", "history": history}
+    nothing = {"user_id": 123_456, "age": 30, "gender": "M", "occupation": "writer", "zip": "10001", "history": []}
+    recs = r.recommend_features([new, known, nothing])
+    assert not recs[0].cold_start and len(recs[0].item_ids) == 10 and not set(history) & set(recs[0].item_ids)
+    assert not recs[1].cold_start and recs[1].item_ids != recs[0].item_ids  # the ID embedding counts
+    assert recs[2].cold_start and recs[2].item_ids == r.recommend([123_456], k=10)[0].item_ids
+    from common.features import FeatureError
+    with pytest.raises(FeatureError, match="record 0: unknown occupation 'astronaut'"):
+        r.recommend_features([{**new, "occupation": "astronaut"}])
+    with pytest.raises(FeatureError, match=r"record 0: missing user field\(s\) \['zip'\]"):
+        r.recommend_features([{k: v for k, v in new.items() if k != "zip"}])
+    with pytest.raises(FeatureError, match="not in the catalog: \\[99999\\]"):
+        r.recommend_features([{**new, "history": [99_999]}])
+
+
 def _copy_export(out: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "export"
     shutil.copytree(out / "export", dst)

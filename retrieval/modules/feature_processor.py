@@ -2,7 +2,9 @@
 
 Query (user) tower: ``user_id``, and where the data set has them ``age_bucket``, ``gender``,
 ``occupation``, ``zip_region`` (first zip digit); plus ``history``, the user's last
-``history_len`` items in time order (jagged, mean-pooled).
+``history_len`` items in time order (jagged, mean-pooled). ``user_id`` holds zero IDs for a user
+the model has no embedding for (a new user described by features and history), which sum-pools
+to a zero vector; training can drop IDs at random so the tower learns to work without them.
 Candidate (item) tower: ``item_id``, ``genres`` (jagged, mean-pooled) and ``year_bucket``.
 
 The same code builds training examples, evaluation queries and serving requests, so the towers
@@ -11,13 +13,13 @@ always see features made the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from common.data.movielens import AGE_BUCKETS, MovieLens
-from common.features import FeatureBatch, FeatureSchema, SparseFeature
+from common.features import FeatureBatch, FeatureError, FeatureSchema, SparseFeature
 
 YEAR_BUCKET_START, YEAR_BUCKET_WIDTH, NUM_YEAR_BUCKETS = 1920, 5, 24  # 0 = unknown, then 5-year bins
 
@@ -56,6 +58,7 @@ class MovieLensFeatures:
     item_genre_lengths: np.ndarray
     num_genres: int
     item_year_bucket: np.ndarray          # int64 [num_items]
+    occupation_vocab: list[str] = field(default_factory=list)
 
     @classmethod
     def from_dataset(cls, ds: MovieLens, history_len: int = 50) -> MovieLensFeatures:
@@ -71,14 +74,14 @@ class MovieLensFeatures:
         return cls(num_users=ds.num_users, num_items=ds.num_items, history_len=history_len,
                    user_columns=columns, user_cardinality=cardinality, item_genre_values=values,
                    item_genre_lengths=lengths, num_genres=max(1, len(ds.genre_vocab)),
-                   item_year_bucket=year_bucket(ds.item_year))
+                   item_year_bucket=year_bucket(ds.item_year), occupation_vocab=list(ds.occupation_vocab))
 
     # -- schemas ---------------------------------------------------------------------------
 
     @property
     def query_schema(self) -> FeatureSchema:
         user = tuple(SparseFeature(name, self.user_cardinality[name]) for name in self.user_columns)
-        return FeatureSchema(sparse=(SparseFeature("user_id", self.num_users), *user,
+        return FeatureSchema(sparse=(SparseFeature("user_id", self.num_users, max_length=None), *user,
                                      SparseFeature("history", self.num_items, pooling="mean",
                                                    max_length=self.history_len)))
 
@@ -90,12 +93,46 @@ class MovieLensFeatures:
 
     # -- batches ---------------------------------------------------------------------------
 
-    def query_batch(self, users: np.ndarray, history: tuple[np.ndarray, np.ndarray]) -> FeatureBatch:
-        """Query features for dense user indices with their (values, lengths) histories."""
+    def query_batch(self, users: np.ndarray, history: tuple[np.ndarray, np.ndarray],
+                    user_columns: dict[str, np.ndarray] | None = None) -> FeatureBatch:
+        """Query features for dense user indices with their (values, lengths) histories.
+
+        A user index of -1 means "no ID embedding" (a new user). User features come from the
+        tables unless ``user_columns`` gives them (e.g. from a request's raw features).
+        """
         users = np.asarray(users, dtype=np.int64)
-        cols: dict[str, Any] = {"user_id": users, "history": history}
-        cols.update({name: col[users] for name, col in self.user_columns.items()})
+        known = users >= 0
+        cols: dict[str, Any] = {"user_id": (users[known], known.astype(np.int64)), "history": history}
+        if user_columns is None:
+            if not known.all():
+                raise ValueError("users without an ID (-1) need their features in user_columns")
+            user_columns = {name: col[users] for name, col in self.user_columns.items()}
+        cols.update(user_columns)
         return self.query_schema.from_columns(cols, batch_size=len(users))
+
+    def raw_user_columns(self, records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        """Feature columns from raw user records ``{"age": years, "gender": "M"|"F",
+        "occupation": name, "zip": code}``; errors name the record and field."""
+        if not self.user_columns:
+            return {}
+        occupation = {o: k for k, o in enumerate(self.occupation_vocab)}
+        cols: dict[str, list[int]] = {"age_bucket": [], "gender": [], "occupation": [], "zip_region": []}
+        for r, rec in enumerate(records):
+            missing = [f for f in ("age", "gender", "occupation", "zip") if f not in rec]
+            if missing:
+                raise FeatureError(f"record {r}: missing user field(s) {missing}; a new user needs age, gender, "
+                                   f"occupation and zip")
+            if rec["gender"] not in ("M", "F"):
+                raise FeatureError(f"record {r}: gender must be 'M' or 'F', got {rec['gender']!r}")
+            if rec["occupation"] not in occupation:
+                raise FeatureError(f"record {r}: unknown occupation {rec['occupation']!r}; one of {self.occupation_vocab}")
+            if not isinstance(rec["age"], (int, np.integer)) or not 0 < rec["age"] < 130:
+                raise FeatureError(f"record {r}: age must be a whole number of years, got {rec['age']!r}")
+            cols["age_bucket"].append(int(np.searchsorted(np.array(AGE_BUCKETS), rec["age"], side="right") - 1))
+            cols["gender"].append(int(rec["gender"] == "M"))
+            cols["occupation"].append(occupation[rec["occupation"]])
+            cols["zip_region"].append(int(zip_region([str(rec["zip"])])[0]))
+        return {k: np.asarray(v, dtype=np.int64) for k, v in cols.items()}
 
     def candidate_batch(self, items: np.ndarray) -> FeatureBatch:
         items = np.asarray(items, dtype=np.int64)
@@ -110,7 +147,7 @@ class MovieLensFeatures:
                 "user_columns": {k: v.tolist() for k, v in self.user_columns.items()},
                 "user_cardinality": self.user_cardinality, "item_genre_values": self.item_genre_values.tolist(),
                 "item_genre_lengths": self.item_genre_lengths.tolist(), "num_genres": self.num_genres,
-                "item_year_bucket": self.item_year_bucket.tolist()}
+                "item_year_bucket": self.item_year_bucket.tolist(), "occupation_vocab": self.occupation_vocab}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MovieLensFeatures:
@@ -119,4 +156,5 @@ class MovieLensFeatures:
                    user_cardinality=dict(d["user_cardinality"]),
                    item_genre_values=np.asarray(d["item_genre_values"], dtype=np.int64),
                    item_genre_lengths=np.asarray(d["item_genre_lengths"], dtype=np.int64),
-                   num_genres=d["num_genres"], item_year_bucket=np.asarray(d["item_year_bucket"], dtype=np.int64))
+                   num_genres=d["num_genres"], item_year_bucket=np.asarray(d["item_year_bucket"], dtype=np.int64),
+                   occupation_vocab=list(d.get("occupation_vocab", [])))

@@ -54,6 +54,7 @@ def build_index(kind: str, embeddings: np.ndarray, params: dict[str, Any] | None
         else:
             index = faiss.IndexIVFPQ(quantizer, d, p["nlist"], p["m"], p["nbits"], faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed
+        index.cp.max_points_per_centroid = 64  # k-means on a 64-per-list sample: 4x faster, same lists in practice
         index.train(x)
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, p["M"], faiss.METRIC_INNER_PRODUCT)
