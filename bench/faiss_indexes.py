@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     sweep = sorted({max(1, nlist // f) for f in (64, 32, 16, 8)})
     default_nprobe = default_params("ivf_flat", a.items, a.dim)["nprobe"]
     configs = [("flat", {}), ("ivf_flat", {})] + [("ivf_flat", {"nprobe": n}) for n in sweep if n != default_nprobe] + [
-        ("ivf_pq", {}), ("ivf_pq", {"m": 16}), ("hnsw", {}), ("hnsw", {"ef_search": 256})]
+        ("ivf_pq", {}), ("ivf_pq", {"m": 16}), ("hnsw", {}), ("hnsw", {"ef_search": 512}), ("hnsw", {"ef_search": 1024})]
     if a.skip_hnsw:
         configs = [c for c in configs if c[0] != "hnsw"]
     rows, exact_ids, built = [], None, {}

@@ -180,9 +180,14 @@ class BinaryMetrics:
         self._preds.append(probs.detach().reshape(-1).double().cpu())
         self._labels.append(labels.detach().reshape(-1).double().cpu())
 
-    def compute(self) -> dict[str, float]:
-        preds = torch.as_tensor(_gather(torch.cat(self._preds).numpy() if self._preds else np.zeros(0)))
-        labels = torch.as_tensor(_gather(torch.cat(self._labels).numpy() if self._labels else np.zeros(0)))
+    def compute(self, gather: bool = True) -> dict[str, float]:
+        """Metrics over every rank's examples; ``gather=False`` when each rank already holds all
+        of them (e.g. every rank scored the same rows)."""
+        preds = torch.cat(self._preds).numpy() if self._preds else np.zeros(0)
+        labels = torch.cat(self._labels).numpy() if self._labels else np.zeros(0)
+        if gather:
+            preds, labels = _gather(preds), _gather(labels)
+        preds, labels = torch.as_tensor(preds), torch.as_tensor(labels)
         if preds.numel() == 0:
             raise ValueError("BinaryMetrics.compute() called before any update()")
         weights = torch.ones_like(preds)

@@ -39,7 +39,8 @@ from common.data.split import leave_last_out
 from common.features import FeatureError, FeatureSchema
 from common.metrics import evaluate_topk
 from common.runtime import autodetect_device, write_json_atomic
-from retrieval.modules.feature_processor import MovieLensFeatures, last_n
+from common.data.movielens_features import last_n
+from retrieval.modules.feature_processor import TwoTowerFeatures
 from retrieval.modules.index import recall_against_exact, to_gpu_if_available
 from retrieval.modules.two_tower import Tower, TwoTowerRetrieval
 
@@ -111,7 +112,7 @@ class Retriever:
         self.manifest = m = read_manifest(self.export_dir)
         self.device = autodetect_device(device)
         serving = json.loads((self.export_dir / "features.json").read_text())
-        self.features = MovieLensFeatures.from_dict(serving["features"])
+        self.features = TwoTowerFeatures.from_dict(serving["features"])
         self.user_raw_ids = np.asarray(serving["user_raw_ids"], dtype=np.int64)
         self.item_raw_ids = np.asarray(serving["item_raw_ids"], dtype=np.int64)
         self.user_index = {int(u): k for k, u in enumerate(self.user_raw_ids)}
@@ -150,7 +151,7 @@ class Retriever:
 
         ``histories`` (dense item indices per user) replaces the stored histories, e.g. with
         interactions that arrived after the export; a user index of -1 (a new user) needs
-        ``user_columns``, the user features from :meth:`MovieLensFeatures.raw_user_columns`.
+        ``user_columns``, the user features from :meth:`TwoTowerFeatures.raw_user_columns`.
         """
         k = k or self.k
         users = np.asarray(users, dtype=np.int64)

@@ -49,7 +49,8 @@ from common.data.movielens import add_dataset_args, load_movielens
 from common.data.split import Split, leave_last_out
 from common.metrics import RankingReport, evaluate_scores
 from common.runtime import Runtime, init_runtime, print0, seed_everything, shutdown, write_json_atomic, write_results
-from retrieval.modules.feature_processor import MovieLensFeatures, last_n
+from common.data.movielens_features import last_n
+from retrieval.modules.feature_processor import TwoTowerFeatures
 from retrieval.modules.index import INDEX_TYPES, build_index
 from retrieval.modules.two_tower import TwoTower, TwoTowerBatch
 
@@ -127,7 +128,7 @@ class TrainExamples:
     partial step is dropped so that every rank runs the same number of steps.
     """
 
-    def __init__(self, features: MovieLensFeatures, split: Split, batch_size: int, rank: int, world_size: int,
+    def __init__(self, features: TwoTowerFeatures, split: Split, batch_size: int, rank: int, world_size: int,
                  seed: int, user_id_dropout: float = 0.0) -> None:
         self.features, self.split = features, split
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
@@ -168,7 +169,7 @@ def query_histories(split: Split, stage: str, users: np.ndarray, history_len: in
 # Model
 
 
-def build_model(cfg: Config, features: MovieLensFeatures, item_counts: np.ndarray, rt: Runtime
+def build_model(cfg: Config, features: TwoTowerFeatures, item_counts: np.ndarray, rt: Runtime
                 ) -> tuple[DistributedModelParallel, CombinedOptimizer]:
     model = TwoTower(features.query_schema, features.candidate_schema, cfg.embedding_dim, list(cfg.layer_sizes),
                      item_counts, cfg.temperature, device=torch.device("meta"))
@@ -193,7 +194,7 @@ def build_model(cfg: Config, features: MovieLensFeatures, item_counts: np.ndarra
 
 
 @torch.no_grad()
-def embed_items(model: torch.nn.Module, features: MovieLensFeatures, device: torch.device,
+def embed_items(model: torch.nn.Module, features: TwoTowerFeatures, device: torch.device,
                 batch_size: int = 4096) -> torch.Tensor:
     tower = _unwrap(model).candidate_tower
     out = [tower(features.candidate_batch(np.arange(lo, min(lo + batch_size, features.num_items))).sparse.to(device))
@@ -202,7 +203,7 @@ def embed_items(model: torch.nn.Module, features: MovieLensFeatures, device: tor
 
 
 @torch.no_grad()
-def embed_queries(model: torch.nn.Module, features: MovieLensFeatures, split: Split, stage: str,
+def embed_queries(model: torch.nn.Module, features: TwoTowerFeatures, split: Split, stage: str,
                   device: torch.device, batch_size: int = 4096, hide_user_id: bool = False) -> torch.Tensor:
     """Query embeddings of all users (row = dense user index) with their history before ``stage``;
     ``hide_user_id`` treats every user as new (features and history only)."""
@@ -217,7 +218,7 @@ def embed_queries(model: torch.nn.Module, features: MovieLensFeatures, split: Sp
     return torch.cat(out)
 
 
-def evaluate(model: torch.nn.Module, features: MovieLensFeatures, split: Split, stage: str, device: torch.device,
+def evaluate(model: torch.nn.Module, features: TwoTowerFeatures, split: Split, stage: str, device: torch.device,
              cfg: Config, hide_user_id: bool = False) -> tuple[RankingReport, torch.Tensor, torch.Tensor]:
     model.eval()
     items = embed_items(model, features, device)
@@ -254,7 +255,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def export(out_dir: Path, cfg: Config, model: torch.nn.Module, features: MovieLensFeatures, ds_name: str,
+def export(out_dir: Path, cfg: Config, model: torch.nn.Module, features: TwoTowerFeatures, ds_name: str,
            fingerprint: str, user_raw_ids: np.ndarray, item_raw_ids: np.ndarray, item_emb: torch.Tensor,
            split: Split) -> Path | None:
     """Write the serving artifacts (rank 0): weights.pt, item_embeddings.npy, index.faiss,
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     ds = load_movielens(cfg.dataset, cfg.data_dir, cfg.source)
     split = leave_last_out(ds.user, ds.item, ds.timestamp, ds.num_users, ds.num_items)
-    features = MovieLensFeatures.from_dataset(ds, cfg.history_len)
+    features = TwoTowerFeatures.from_dataset(ds, history_len=cfg.history_len)
     examples = TrainExamples(features, split, cfg.batch_size, rt.rank, rt.world_size, cfg.seed, cfg.user_id_dropout)
     if examples.steps_per_epoch == 0:
         raise ValueError(f"batch size {cfg.batch_size} x {rt.world_size} ranks exceeds the {examples.num_examples} "

@@ -24,6 +24,15 @@ def ml100k_split(ml100k: MovieLens) -> Split:
     return leave_last_out(ml100k.user, ml100k.item, ml100k.timestamp, ml100k.num_users, ml100k.num_items)
 
 
+@pytest.fixture(scope="session")
+def retrieval_run(tmp_path_factory) -> tuple[dict, Path]:
+    """A seeded 2-epoch two-tower run on ml-100k (about 12 s): (results, run directory)."""
+    from retrieval.two_tower_train import main as train_main
+
+    out = tmp_path_factory.mktemp("retrieval")
+    return train_main(["--epochs", "2", "--n-boot", "20", "--log-every", "1000", "--out", str(out)]), out
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass

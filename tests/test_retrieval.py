@@ -20,13 +20,11 @@ from retrieval.two_tower_retrieval import ArtifactError, Retriever, main as retr
 from retrieval.two_tower_train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = ["--epochs", "2", "--n-boot", "20", "--log-every", "1000"]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[dict, Path]:
-    out = tmp_path_factory.mktemp("retrieval")
-    return train_main(QUICK + ["--out", str(out)]), out
+@pytest.fixture
+def trained(retrieval_run) -> tuple[dict, Path]:
+    return retrieval_run
 
 
 def test_two_epochs_beat_the_thresholds_and_popularity(trained) -> None:

@@ -1,0 +1,1 @@
+"""Stage 2 training: DLRM ranking. See golden_training/README.md."""
