@@ -21,7 +21,12 @@ import faiss
 import numpy as np
 
 from common.runtime import write_json_atomic
-from retrieval.modules.index import build_index, default_index_type, default_params, recall_against_exact
+from retrieval.modules.index import (
+    build_index,
+    default_index_type,
+    default_params,
+    recall_against_exact,
+)
 
 
 def synthetic_catalog(n: int, dim: int, topics: int, spread: float, seed: int) -> np.ndarray:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from common.data.movielens import add_dataset_args, load_movielens

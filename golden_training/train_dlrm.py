@@ -33,15 +33,8 @@ from torch import nn
 from torchrec import EmbeddingBagCollection
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
-from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from tqdm import tqdm
 
 from common.checkpoint import resume_if_possible, save_checkpoint
@@ -49,10 +42,21 @@ from common.data.movielens import add_dataset_args, load_movielens
 from common.data.split import Split, leave_last_out
 from common.features import FeatureSchema
 from common.metrics import MAX_K, BinaryMetrics, RankingReport, report_from_ranks
-from common.runtime import Runtime, init_runtime, print0, seed_everything, shutdown, write_results
-from golden_training.ranking_data import Examples, RankingFeatures, concat, popularity_sampler
-
-SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise")
+from common.runtime import (
+    Runtime,
+    init_runtime,
+    print0,
+    seed_everything,
+    shutdown,
+    write_results,
+)
+from common.sharding import SHARDING_TYPES, shard_model
+from golden_training.ranking_data import (
+    Examples,
+    RankingFeatures,
+    concat,
+    popularity_sampler,
+)
 
 
 @dataclass(frozen=True)
@@ -133,8 +137,8 @@ class RetrievalScorer:
     """Query embeddings from the exported query tower (fp32) and the catalog's item embeddings."""
 
     def __init__(self, export_dir: str, fingerprint: str, features: RankingFeatures) -> None:
-        from retrieval.two_tower_retrieval import load_query_tower, read_manifest
         from retrieval.modules.feature_processor import TwoTowerFeatures
+        from retrieval.two_tower_retrieval import load_query_tower, read_manifest
 
         manifest = read_manifest(export_dir)
         if manifest["data_fingerprint"] != fingerprint:
@@ -263,7 +267,7 @@ class LogisticRegression(nn.Module):
         return sum(pooled[f].sum(dim=1, keepdim=True) for f in self.feature_names) + self.dense(dense_features)
 
 
-def build(kind: str, cfg: Config, schema: FeatureSchema, rt: Runtime) -> tuple[DistributedModelParallel, CombinedOptimizer]:
+def build(kind: str, cfg: Config, schema: FeatureSchema, rt: Runtime) -> tuple[DistributedModelParallel, torch.optim.Optimizer]:
     meta = torch.device("meta")
     if kind == "lr":
         net: nn.Module = LogisticRegression(schema, meta)
@@ -273,17 +277,7 @@ def build(kind: str, cfg: Config, schema: FeatureSchema, rt: Runtime) -> tuple[D
         common = dict(embedding_bag_collection=ebc, dense_in_features=len(schema.dense),
                       dense_arch_layer_sizes=list(cfg.dense_arch), over_arch_layer_sizes=list(cfg.over_arch))
         net = DLRM_DCN(**common, dcn_num_layers=2, dcn_low_rank_dim=16) if cfg.interaction == "dcn" else DLRM(**common)
-    model = DLRMTrain(net)
-    apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": cfg.sparse_lr})
-    tables = [c.name for c in ebc.embedding_bag_configs()]
-    planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=rt.world_size, compute_device=rt.device.type),
-        constraints={t: ParameterConstraints(sharding_types=[cfg.sharding_type]) for t in tables})
-    plan = planner.collective_plan(model, get_default_sharders(), torch.distributed.GroupMember.WORLD)
-    dmp = DistributedModelParallel(model, device=rt.device, plan=plan)
-    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
-                                  lambda params: torch.optim.Adam(params, lr=cfg.dense_lr))
-    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense])
+    return shard_model(DLRMTrain(net), [ebc], rt, cfg.sharding_type, cfg.sparse_lr, cfg.dense_lr)
 
 
 # ------------------------------------------------------------------------------------------
@@ -300,10 +294,10 @@ def train(kind: str, cfg: Config, rt: Runtime, features: RankingFeatures, exampl
     state = {"model": model, "optimizer": optimizer}
     ckpt = out / "checkpoints" / kind
     meta = resume_if_possible(ckpt, state) or {"epoch": 0, "step": 0, "global_step": 0, "valid": []}
-    epoch, start_step, global_step, history = meta["epoch"], meta["step"], meta["global_step"], meta["valid"]
+    first_epoch, start_step, global_step, history = meta["epoch"], meta["step"], meta["global_step"], meta["valid"]
     resumed_from, last_loss = global_step, float("nan")
     if resumed_from:
-        print0(f"{kind}: resumed from step {global_step} (epoch {epoch}, step {start_step})")
+        print0(f"{kind}: resumed from step {global_step} (epoch {first_epoch}, step {start_step})")
     per_step = cfg.batch_size * rt.world_size
     steps = len(examples) // per_step
     if steps == 0:
@@ -320,7 +314,7 @@ def train(kind: str, cfg: Config, rt: Runtime, features: RankingFeatures, exampl
         save_checkpoint(ckpt, global_step, state, meta={"epoch": ep, "step": st, "global_step": global_step,
                                                         "valid": history})
 
-    for epoch in range(epoch, cfg.epochs):
+    for epoch in range(first_epoch, cfg.epochs):
         pipeline = TrainPipelineSparseDist(model, optimizer, rt.device, execute_all_batches=True)
         it = batches(epoch, start_step)
         bar = tqdm(total=steps, initial=start_step, desc=f"{kind} epoch {epoch}", leave=False,

@@ -19,7 +19,6 @@ can write the top-K of every user as JSON lines:
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import statistics
@@ -35,11 +34,11 @@ from torchrec.inference.modules import quantize_embeddings
 from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
 from common.data.movielens import load_movielens
+from common.data.movielens_features import last_n
 from common.data.split import leave_last_out
 from common.features import FeatureError, FeatureSchema
 from common.metrics import evaluate_topk
 from common.runtime import autodetect_device, write_json_atomic
-from common.data.movielens_features import last_n
 from retrieval.modules.feature_processor import TwoTowerFeatures
 from retrieval.modules.index import recall_against_exact, to_gpu_if_available
 from retrieval.modules.two_tower import Tower, TwoTowerRetrieval
@@ -274,7 +273,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     for mode in ("none", "int8"):
         r = Retriever(a.export, quantize=mode, device=a.device, k=a.k)
         retrievers[mode] = r
-        rep = evaluate_topk(lambda users: r.top_k_indices(users, max(a.k, 100))[0], split, "test", batch_size=a.batch_size)
+        rep = evaluate_topk(lambda users, r=r: r.top_k_indices(users, max(a.k, 100))[0], split, "test",
+                            batch_size=a.batch_size)
         results[f"test_{'fp32' if mode == 'none' else mode}"] = rep.to_dict()
         results[f"table_bytes_{'fp32' if mode == 'none' else mode}"] = embedding_table_bytes(r.tower)
     fp32, int8 = results["test_fp32"], results["test_int8"]

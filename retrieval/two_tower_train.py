@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,28 +32,28 @@ import numpy as np
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
-from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from tqdm import tqdm
 
 from common.baselines import popularity_report
 from common.checkpoint import resume_if_possible, save_checkpoint
 from common.data.movielens import add_dataset_args, load_movielens
+from common.data.movielens_features import last_n
 from common.data.split import Split, leave_last_out
 from common.metrics import RankingReport, evaluate_scores
-from common.runtime import Runtime, init_runtime, print0, seed_everything, shutdown, write_json_atomic, write_results
-from common.data.movielens_features import last_n
+from common.runtime import (
+    Runtime,
+    init_runtime,
+    print0,
+    seed_everything,
+    shutdown,
+    write_json_atomic,
+    write_results,
+)
+from common.sharding import SHARDING_TYPES, shard_model
 from retrieval.modules.feature_processor import TwoTowerFeatures
 from retrieval.modules.index import INDEX_TYPES, build_index
 from retrieval.modules.two_tower import TwoTower, TwoTowerBatch
-
-SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise")
 
 
 @dataclass(frozen=True)
@@ -170,22 +169,13 @@ def query_histories(split: Split, stage: str, users: np.ndarray, history_len: in
 
 
 def build_model(cfg: Config, features: TwoTowerFeatures, item_counts: np.ndarray, rt: Runtime
-                ) -> tuple[DistributedModelParallel, CombinedOptimizer]:
+                ) -> tuple[DistributedModelParallel, torch.optim.Optimizer]:
     model = TwoTower(features.query_schema, features.candidate_schema, cfg.embedding_dim, list(cfg.layer_sizes),
                      item_counts, cfg.temperature, device=torch.device("meta"))
     # Tables are built on "meta" and materialized by DMP on the rank that owns each shard; the
     # small MLPs are built on the CPU from the seeded global RNG and moved to the device by DMP.
-    sparse_params = list(model.query_tower.ebc.parameters()) + list(model.candidate_tower.ebc.parameters())
-    apply_optimizer_in_backward(RowWiseAdagrad, sparse_params, {"lr": cfg.sparse_lr})
-    tables = [c.name for tower in (model.query_tower, model.candidate_tower) for c in tower.ebc.embedding_bag_configs()]
-    planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=rt.world_size, compute_device=rt.device.type),
-        constraints={t: ParameterConstraints(sharding_types=[cfg.sharding_type]) for t in tables})
-    plan = planner.collective_plan(model, get_default_sharders(), torch.distributed.GroupMember.WORLD)
-    dmp = DistributedModelParallel(model, device=rt.device, plan=plan)
-    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
-                                  lambda params: torch.optim.Adam(params, lr=cfg.dense_lr))
-    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense])
+    return shard_model(model, [model.query_tower.ebc, model.candidate_tower.ebc], rt, cfg.sharding_type,
+                       cfg.sparse_lr, cfg.dense_lr)
 
 
 # ------------------------------------------------------------------------------------------
@@ -315,10 +305,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     state = {"model": model, "optimizer": optimizer}
     meta = resume_if_possible(out / "checkpoints", state) or {"epoch": 0, "step": 0, "global_step": 0, "valid": []}
-    resumed_from = meta["global_step"]
+    first_epoch, start_step, global_step, history = meta["epoch"], meta["step"], meta["global_step"], meta["valid"]
+    resumed_from = global_step
     if resumed_from:
-        print0(f"resumed from step {meta['global_step']} (epoch {meta['epoch']}, step {meta['step']})")
-    epoch, start_step, global_step, history = meta["epoch"], meta["step"], meta["global_step"], meta["valid"]
+        print0(f"resumed from step {global_step} (epoch {first_epoch}, step {start_step})")
     steps_this_epoch = examples.steps_per_epoch if cfg.limit_batches is None else min(cfg.limit_batches, examples.steps_per_epoch)
 
     def checkpoint(epoch_: int, step_: int) -> None:
@@ -326,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                         meta={"epoch": epoch_, "step": step_, "global_step": global_step, "valid": history})
 
     train_start = time.perf_counter()
-    for epoch in range(epoch, cfg.epochs):
+    for epoch in range(first_epoch, cfg.epochs):
         pipeline = TrainPipelineSparseDist(model, optimizer, rt.device, execute_all_batches=True)
         batches = examples.batches(epoch, start_step, cfg.limit_batches)
         bar = tqdm(total=steps_this_epoch, initial=start_step, desc=f"epoch {epoch}", disable=not rt.is_rank0 or None,

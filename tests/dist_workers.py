@@ -4,8 +4,9 @@ on gloo (as torchrec_dlrm's tests do). Module-level so that spawned workers can 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch

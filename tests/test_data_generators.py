@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from common.data.criteo import NUM_DENSE, NUM_SPARSE, generate_criteo_tsv, read_criteo_npy, read_criteo_tsv
+from common.data.criteo import (
+    NUM_DENSE,
+    NUM_SPARSE,
+    generate_criteo_tsv,
+    read_criteo_npy,
+    read_criteo_tsv,
+)
 from common.data.split import leave_last_out
 from common.data.synthetic import generate_interactions, oracle_scores
 from common.metrics import BinaryMetrics, evaluate_scores

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.two_tower_retrieval import ArtifactError, Retriever, main as retrieval_main, write_candidates
+from retrieval.two_tower_retrieval import ArtifactError, Retriever
+from retrieval.two_tower_retrieval import main as retrieval_main
 from retrieval.two_tower_train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from common.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, resume_if_possible, save_checkpoint
-from common.runtime import autodetect_device, backend_for, init_runtime, seed_everything, shutdown, write_results
+from common.checkpoint import (
+    checkpoint_dirs,
+    latest_checkpoint,
+    load_checkpoint,
+    resume_if_possible,
+    save_checkpoint,
+)
+from common.runtime import (
+    autodetect_device,
+    backend_for,
+    init_runtime,
+    seed_everything,
+    shutdown,
+    write_results,
+)
 from tests import dist_workers
 
 

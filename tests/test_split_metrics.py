@@ -12,7 +12,13 @@ import torch
 from common.baselines import main as baselines_main
 from common.baselines import popularity_report
 from common.data.split import leave_last_out
-from common.metrics import BinaryMetrics, bootstrap_ci, evaluate_scores, evaluate_topk, per_user_metrics
+from common.metrics import (
+    BinaryMetrics,
+    bootstrap_ci,
+    evaluate_scores,
+    evaluate_topk,
+    per_user_metrics,
+)
 
 
 def test_leave_last_out_orders_by_time_then_item() -> None:

@@ -119,7 +119,7 @@ def read_criteo_npy(directory: str | Path, day: int, num_embeddings: int | Seque
     """Read TorchRec's preprocessed arrays for one day; sparse hashes are taken modulo table sizes."""
     directory = Path(directory)
     paths = {k: directory / f"day_{day}_{k}.npy" for k in ("dense", "sparse", "labels")}
-    for k, p in paths.items():
+    for p in paths.values():
         if not p.is_file():
             raise FileNotFoundError(f"{p} not found: TorchRec's format has day_{day}_dense.npy, "
                                     f"day_{day}_sparse.npy and day_{day}_labels.npy in one directory")
