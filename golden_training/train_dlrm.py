@@ -66,6 +66,8 @@ class Config:
     source: str = "auto"
     history_len: int = 50
     retrieval_export: str | None = None
+    train_retrieval_export: str | None = None
+    train_last: int = 0
     negatives: int = 4
     hard_negatives: int = 4
     embedding_dim: int = 64
@@ -95,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     add_dataset_args(data)
     data.add_argument("--history-len", type=int, default=d.history_len, help=f"items of history per example (default: {d.history_len})")
     data.add_argument("--retrieval-export", default=None, help="two-tower export: adds the retrieval score feature, hard negatives and retrieval's candidates for re-ranking (default: none)")
+    data.add_argument("--train-retrieval-export", default=None, help="two-tower export used for the training examples' retrieval scores and hard negatives, e.g. one trained with --holdout-last N so it has not seen the ranker's positives (default: --retrieval-export)")
+    data.add_argument("--train-last", type=int, default=d.train_last, help="train on each user's last N training interactions only (0 = all) (default: 0)")
     data.add_argument("--negatives", type=int, default=d.negatives, help=f"popularity-sampled negatives per positive (default: {d.negatives})")
     data.add_argument("--hard-negatives", type=int, default=d.hard_negatives, help=f"negatives per positive from retrieval's candidates; needs --retrieval-export (default: {d.hard_negatives})")
     model = p.add_argument_group("model")
@@ -174,12 +178,18 @@ class RetrievalScorer:
 
 def train_examples(split: Split, features: RankingFeatures, cfg: Config, retr: RetrievalScorer | None
                    ) -> tuple[Examples, np.ndarray | None]:
-    """Positives (every training interaction) and their negatives; the retrieval queries per row."""
-    n = len(split.train_user)
+    """Positives (training interactions; with --train-last N only each user's last N) and their
+    negatives, with the retrieval query of each positive (its user and history at that time)."""
+    n_all = len(split.train_user)
     user_start = np.searchsorted(split.train_user, np.arange(split.num_users))
-    rows = np.arange(n)
-    pos = Examples(split.train_user, split.train_item, np.ones(n, np.float32), user_start[split.train_user], rows,
-                   rows, split.train_item)
+    user_end = np.r_[user_start[1:], n_all]
+    rows = np.arange(n_all)
+    if cfg.train_last:
+        rows = rows[rows >= user_end[split.train_user] - cfg.train_last]
+    n = len(rows)
+    users = split.train_user[rows]
+    pos = Examples(users, split.train_item[rows], np.ones(n, np.float32), user_start[users], rows,
+                   np.arange(n), split.train_item)
     sample = popularity_sampler(features.item_counts, [cfg.seed, 1])
     parts = [pos]
     for _ in range(cfg.negatives):
@@ -189,15 +199,16 @@ def train_examples(split: Split, features: RankingFeatures, cfg: Config, retr: R
     if retr is not None:
         queries = retr.queries(pos.user, pos.hist_items, pos.hist_start, pos.hist_end)
         if cfg.hard_negatives:
-            # Each user's candidates as of the end of training, minus what they saw.
-            users = np.arange(split.num_users)
-            indptr, hist = split.history("valid")
-            q = retr.queries(users, hist, indptr[:-1], indptr[1:])
-            cands = retr.top_k(q, [hist[indptr[u]:indptr[u + 1]] for u in users])
+            # Retrieval's candidates for each positive's query, as of that time, minus the history.
             rng = np.random.default_rng([cfg.seed, 2])
-            for _ in range(cfg.hard_negatives):
-                pick = cands[pos.user, rng.integers(0, cands.shape[1], size=n)]
-                parts.append(Examples(pos.user, pick, np.zeros(n, np.float32), pos.hist_start, pos.hist_end,
+            picks = np.empty((n, cfg.hard_negatives), dtype=np.int64)
+            for lo in range(0, n, 4096):
+                sl = slice(lo, min(lo + 4096, n))
+                seen = [pos.hist_items[a:b] for a, b in zip(pos.hist_start[sl], pos.hist_end[sl])]
+                cands = retr.top_k(queries[sl], seen)
+                picks[sl] = np.take_along_axis(cands, rng.integers(0, cands.shape[1], size=(len(seen), cfg.hard_negatives)), 1)
+            for j in range(cfg.hard_negatives):
+                parts.append(Examples(pos.user, picks[:, j], np.zeros(n, np.float32), pos.hist_start, pos.hist_end,
                                       pos.query, pos.hist_items))
     return concat(parts), queries
 
@@ -285,7 +296,8 @@ def build(kind: str, cfg: Config, schema: FeatureSchema, rt: Runtime) -> tuple[D
 
 
 def train(kind: str, cfg: Config, rt: Runtime, features: RankingFeatures, examples: Examples,
-          queries: np.ndarray | None, retr: RetrievalScorer | None, valid: EvalSet, out: Path
+          queries: np.ndarray | None, retr_train: RetrievalScorer | None, retr: RetrievalScorer | None,
+          valid: EvalSet, out: Path
           ) -> tuple[DistributedModelParallel, list[dict[str, float]], dict[str, int]]:
     """Train one model ("dlrm" or "lr") with checkpoints under ``out/checkpoints/<kind>``."""
     model, optimizer = build(kind, cfg, features.schema, rt)
@@ -308,7 +320,7 @@ def train(kind: str, cfg: Config, rt: Runtime, features: RankingFeatures, exampl
         perm = np.random.default_rng([cfg.seed, 10, ep]).permutation(len(examples))
         for step in range(first, steps):
             lo = step * per_step + rt.rank * cfg.batch_size
-            yield make_batch(features, examples.take(perm[lo:lo + cfg.batch_size]), queries, retr, cfg.history_len)
+            yield make_batch(features, examples.take(perm[lo:lo + cfg.batch_size]), queries, retr_train, cfg.history_len)
 
     def checkpoint(ep: int, st: int) -> None:
         save_checkpoint(ckpt, global_step, state, meta={"epoch": ep, "step": st, "global_step": global_step,
@@ -393,7 +405,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     retr = RetrievalScorer(cfg.retrieval_export, ds.fingerprint, features) if cfg.retrieval_export else None
     if retr is None and cfg.hard_negatives:
         print0("note: no --retrieval-export, so no hard negatives and no retrieval score; candidates come from popularity")
-    examples, queries = train_examples(split, features, cfg, retr)
+    retr_train = (RetrievalScorer(cfg.train_retrieval_export, ds.fingerprint, features)
+                  if cfg.train_retrieval_export else retr)
+    examples, queries = train_examples(split, features, cfg, retr_train)
     valid, test = (eval_set(split, features, s, cfg, retr) for s in ("valid", "test"))
     print0(f"{ds.name}: {len(examples)} training examples ({examples.label.mean():.3f} positive), "
            f"{rt.world_size} x {rt.device.type} ({rt.backend}); candidates from {test.candidate_source}")
@@ -407,17 +421,17 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print0(f"valid | {valid.candidate_source} order | NDCG@10 {valid_original.means['NDCG@10']:.4f} | "
            f"HR@10 {valid_original.means['HR@10']:.4f} (what re-ranking must beat)")
     for kind in (["dlrm", "lr"] if cfg.baseline else ["dlrm"]):
-        model, history, info = train(kind, cfg, rt, features, examples, queries, retr, valid, out)
+        model, history, info = train(kind, cfg, rt, features, examples, queries, retr_train, retr, valid, out)
         metrics = evaluate(model, features, test, retr, cfg)
         results[kind] = {"valid_per_epoch": history, "test": metrics["binary"],
                          "test_reranked": metrics["rerank"].to_dict(), **info}
-    print0(f"{'test':<26} | {'AUC':>7} | {'NE':>7} | {'NDCG@10':>8} | {'HR@10':>7}")
-    print0(f"{test.candidate_source + ' order':<26} | {'':>7} | {'':>7} | {original.means['NDCG@10']:>8.4f} | "
+    print0(f"{'test':<30} | {'AUC':>7} | {'NE':>7} | {'NDCG@10':>8} | {'HR@10':>7}")
+    print0(f"{test.candidate_source + ' order':<30} | {'':>7} | {'':>7} | {original.means['NDCG@10']:>8.4f} | "
            f"{original.means['HR@10']:>7.4f}")
     for kind, name in (("lr", "logistic regression"), ("dlrm", f"DLRM ({cfg.interaction})")):
         if kind in results:
             r = results[kind]
-            print0(f"{name + ' re-ranked':<26} | {r['test']['auc']:>7.4f} | {r['test']['ne']:>7.4f} | "
+            print0(f"{name + ' re-ranked':<30} | {r['test']['auc']:>7.4f} | {r['test']['ne']:>7.4f} | "
                    f"{r['test_reranked']['NDCG@10']:>8.4f} | {r['test_reranked']['HR@10']:>7.4f}")
     write_results(out, results)
     shutdown()

@@ -66,6 +66,7 @@ class Config:
     layer_sizes: tuple[int, ...] = (128, 64)
     temperature: float = 0.05
     user_id_dropout: float = 0.0
+    holdout_last: int = 0
     epochs: int = 10
     batch_size: int = 512
     sparse_lr: float = 0.05
@@ -93,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     model.add_argument("--layer-sizes", type=int, nargs="+", default=list(d.layer_sizes), help="tower MLP sizes; the last is the output dimension (default: 128 64)")
     model.add_argument("--temperature", type=float, default=d.temperature, help=f"softmax temperature on cosine scores (default: {d.temperature})")
     model.add_argument("--user-id-dropout", type=float, default=d.user_id_dropout, help=f"share of training examples whose user ID is hidden, so the tower also serves new users from features and history (default: {d.user_id_dropout})")
+    data.add_argument("--holdout-last", type=int, default=d.holdout_last, help=f"leave each user's last N training interactions out of training, for a ranker to learn from (default: {d.holdout_last})")
     train = p.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training interactions (default: {d.epochs})")
     train.add_argument("--batch-size", type=int, default=d.batch_size, help=f"examples per rank per step; also the in-batch negatives (default: {d.batch_size})")
@@ -128,19 +130,22 @@ class TrainExamples:
     """
 
     def __init__(self, features: TwoTowerFeatures, split: Split, batch_size: int, rank: int, world_size: int,
-                 seed: int, user_id_dropout: float = 0.0) -> None:
+                 seed: int, user_id_dropout: float = 0.0, holdout_last: int = 0) -> None:
         self.features, self.split = features, split
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.user_id_dropout = user_id_dropout
         user = split.train_user
         self.user_start = np.searchsorted(user, np.arange(split.num_users))   # train rows are sorted by user
-        self.num_examples = len(user)
+        # --holdout-last N: each user's last N training interactions are not trained on (a
+        # ranker can then learn from interactions this model has not seen).
+        user_end = np.r_[self.user_start[1:], len(user)]
+        self.rows = np.where(np.arange(len(user)) < user_end[user] - holdout_last)[0]
+        self.num_examples = len(self.rows)
         self.steps_per_epoch = self.num_examples // (batch_size * world_size)
-        counts = np.bincount(split.train_item, minlength=split.num_items)
-        self.item_counts = counts
+        self.item_counts = np.bincount(split.train_item[self.rows], minlength=split.num_items)
 
     def batches(self, epoch: int, start_step: int = 0, limit: int | None = None):
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+        perm = self.rows[np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)]
         steps = self.steps_per_epoch if limit is None else min(limit, self.steps_per_epoch)
         for step in range(start_step, steps):
             lo = (step * self.world_size + self.rank) * self.batch_size
@@ -294,7 +299,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ds = load_movielens(cfg.dataset, cfg.data_dir, cfg.source)
     split = leave_last_out(ds.user, ds.item, ds.timestamp, ds.num_users, ds.num_items)
     features = TwoTowerFeatures.from_dataset(ds, history_len=cfg.history_len)
-    examples = TrainExamples(features, split, cfg.batch_size, rt.rank, rt.world_size, cfg.seed, cfg.user_id_dropout)
+    examples = TrainExamples(features, split, cfg.batch_size, rt.rank, rt.world_size, cfg.seed, cfg.user_id_dropout,
+                             cfg.holdout_last)
     if examples.steps_per_epoch == 0:
         raise ValueError(f"batch size {cfg.batch_size} x {rt.world_size} ranks exceeds the {examples.num_examples} "
                          f"training examples; lower --batch-size")

@@ -173,3 +173,17 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     assert res["world_size"] == 2 and res["test"]["num_users"] == 943
     assert res["test"]["Recall@100"] > res["popularity_test"]["Recall@100"]
     assert Retriever(out / "export").recommend([1])[0].item_ids
+
+
+def test_holdout_last_leaves_each_users_latest_interactions_out(ml100k, ml100k_split) -> None:
+    from retrieval.modules.feature_processor import TwoTowerFeatures
+    from retrieval.two_tower_train import TrainExamples
+
+    feats = TwoTowerFeatures.from_dataset(ml100k)
+    full = TrainExamples(feats, ml100k_split, 512, 0, 1, seed=0)
+    held = TrainExamples(feats, ml100k_split, 512, 0, 1, seed=0, holdout_last=2)
+    assert full.num_examples - held.num_examples == 2 * 943
+    last_row = np.r_[np.flatnonzero(np.diff(ml100k_split.train_user)), len(ml100k_split.train_user) - 1]
+    assert not set(last_row.tolist()) & set(held.rows.tolist())
+    rows = np.concatenate([b.item_ids.numpy() for b in held.batches(epoch=0, limit=3)])
+    assert len(rows) == 3 * 512
