@@ -110,10 +110,14 @@ def load_checkpoint(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
     return json.loads(meta_file.read_text())
 
 
-def resume_if_possible(root: str | Path, state: dict[str, Any]) -> dict[str, Any] | None:
+def resume_if_possible(root: str | Path, state: dict[str, Any],
+                       run_config: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Load the latest complete checkpoint under ``root`` into ``state``; None if there is none.
 
     Rank 0 decides which checkpoint to use and every rank follows, so ranks never disagree.
+    ``run_config`` (the settings that define the run) is compared with the ``"run_config"`` saved
+    in the checkpoint's meta: resuming a run with other settings would silently mix two runs, so a
+    difference is an error that names the settings and the way out.
     """
     latest = latest_checkpoint(root) if get_rank() == 0 else None
     name = [latest.name if latest else ""]
@@ -121,7 +125,17 @@ def resume_if_possible(root: str | Path, state: dict[str, Any]) -> dict[str, Any
         dist.broadcast_object_list(name, src=0)
     if not name[0]:
         return None
-    return load_checkpoint(Path(root) / name[0], state)
+    path = Path(root) / name[0]
+    if run_config is not None:
+        saved = json.loads((path / "meta.json").read_text()).get("run_config")
+        if saved is not None:
+            now = json.loads(json.dumps(run_config))  # tuples -> lists, as saved
+            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            if diff:
+                detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff)
+                raise ValueError(f"{root} holds checkpoints of a run with other settings ({detail}); resume with "
+                                 f"the same settings, or use another --out (or delete {root}) to start over")
+    return load_checkpoint(path, state)
 
 
 def _state_dicts(state: dict[str, Any]) -> dict[str, Any]:

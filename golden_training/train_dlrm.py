@@ -90,6 +90,16 @@ class Config:
     n_boot: int = 1000
 
 
+# Settings that may change between a run and its resumption (more epochs, other output paths...).
+RESUMABLE_CHANGES = {"out", "epochs", "log_every", "checkpoint_every", "n_boot", "eval_batch_size", "device",
+                     "data_dir", "source", "index_type"}
+
+
+def run_config(cfg: Config, fingerprint: str) -> dict[str, object]:
+    """What defines a run, for refusing to resume checkpoints written with other settings."""
+    return {**{k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}, "data_fingerprint": fingerprint}
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     d = Config()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -297,7 +307,7 @@ def build(kind: str, cfg: Config, schema: FeatureSchema, rt: Runtime) -> tuple[D
 
 def train(kind: str, cfg: Config, rt: Runtime, features: RankingFeatures, examples: Examples,
           queries: np.ndarray | None, retr_train: RetrievalScorer | None, retr: RetrievalScorer | None,
-          valid: EvalSet, out: Path
+          valid: EvalSet, out: Path, fingerprint: str
           ) -> tuple[DistributedModelParallel, list[dict[str, float]], dict[str, int]]:
     """Train one model ("dlrm" or "lr") with checkpoints under ``out/checkpoints/<kind>``."""
     model, optimizer = build(kind, cfg, features.schema, rt)
@@ -305,7 +315,8 @@ def train(kind: str, cfg: Config, rt: Runtime, features: RankingFeatures, exampl
         print0(str(model.plan))
     state = {"model": model, "optimizer": optimizer}
     ckpt = out / "checkpoints" / kind
-    meta = resume_if_possible(ckpt, state) or {"epoch": 0, "step": 0, "global_step": 0, "valid": []}
+    meta = (resume_if_possible(ckpt, state, run_config(cfg, fingerprint))
+            or {"epoch": 0, "step": 0, "global_step": 0, "valid": []})
     first_epoch, start_step, global_step, history = meta["epoch"], meta["step"], meta["global_step"], meta["valid"]
     resumed_from, last_loss = global_step, float("nan")
     if resumed_from:
@@ -324,7 +335,7 @@ def train(kind: str, cfg: Config, rt: Runtime, features: RankingFeatures, exampl
 
     def checkpoint(ep: int, st: int) -> None:
         save_checkpoint(ckpt, global_step, state, meta={"epoch": ep, "step": st, "global_step": global_step,
-                                                        "valid": history})
+                                                        "valid": history, "run_config": run_config(cfg, fingerprint)})
 
     for epoch in range(first_epoch, cfg.epochs):
         pipeline = TrainPipelineSparseDist(model, optimizer, rt.device, execute_all_batches=True)
@@ -421,7 +432,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print0(f"valid | {valid.candidate_source} order | NDCG@10 {valid_original.means['NDCG@10']:.4f} | "
            f"HR@10 {valid_original.means['HR@10']:.4f} (what re-ranking must beat)")
     for kind in (["dlrm", "lr"] if cfg.baseline else ["dlrm"]):
-        model, history, info = train(kind, cfg, rt, features, examples, queries, retr_train, retr, valid, out)
+        model, history, info = train(kind, cfg, rt, features, examples, queries, retr_train, retr, valid, out,
+                                     ds.fingerprint)
         metrics = evaluate(model, features, test, retr, cfg)
         results[kind] = {"valid_per_epoch": history, "test": metrics["binary"],
                          "test_reranked": metrics["rerank"].to_dict(), **info}

@@ -83,6 +83,16 @@ class Config:
     n_boot: int = 1000
 
 
+# Settings that may change between a run and its resumption (more epochs, other output paths...).
+RESUMABLE_CHANGES = {"out", "epochs", "log_every", "checkpoint_every", "n_boot", "eval_batch_size", "device",
+                     "data_dir", "source", "index_type"}
+
+
+def run_config(cfg: Config, fingerprint: str) -> dict[str, object]:
+    """What defines a run, for refusing to resume checkpoints written with other settings."""
+    return {**{k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}, "data_fingerprint": fingerprint}
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     d = Config()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -310,7 +320,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print0(str(model.plan))
 
     state = {"model": model, "optimizer": optimizer}
-    meta = resume_if_possible(out / "checkpoints", state) or {"epoch": 0, "step": 0, "global_step": 0, "valid": []}
+    meta = (resume_if_possible(out / "checkpoints", state, run_config(cfg, ds.fingerprint))
+            or {"epoch": 0, "step": 0, "global_step": 0, "valid": []})
     first_epoch, start_step, global_step, history = meta["epoch"], meta["step"], meta["global_step"], meta["valid"]
     resumed_from = global_step
     if resumed_from:
@@ -319,7 +330,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     def checkpoint(epoch_: int, step_: int) -> None:
         save_checkpoint(out / "checkpoints", global_step, state,
-                        meta={"epoch": epoch_, "step": step_, "global_step": global_step, "valid": history})
+                        meta={"epoch": epoch_, "step": step_, "global_step": global_step, "valid": history,
+                              "run_config": run_config(cfg, ds.fingerprint)})
 
     train_start = time.perf_counter()
     for epoch in range(first_epoch, cfg.epochs):

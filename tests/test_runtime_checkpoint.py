@@ -132,3 +132,11 @@ def test_distributed_evaluation_counts_every_user_once(tmp_path: Path, ml100k_sp
     single = popularity_report(ml100k_split, "test", n_boot=50)
     assert len(got["users"]) == 943 and (got["users"] == np.arange(943)).all()
     assert (got["ranks"] == single.ranks).all() and got["means"] == single.means
+
+
+def test_resume_refuses_checkpoints_of_other_settings(runtime, tmp_path: Path) -> None:
+    model = torch.nn.Linear(2, 2)
+    save_checkpoint(tmp_path, 5, {"model": model}, meta={"run_config": {"lr": 0.1, "dims": [4, 2]}})
+    assert resume_if_possible(tmp_path, {"model": model}, {"lr": 0.1, "dims": (4, 2)})["step"] == 5
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0.1 -> 0.2\).*another --out"):
+        resume_if_possible(tmp_path, {"model": model}, {"lr": 0.2, "dims": (4, 2)})
