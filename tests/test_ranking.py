@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from golden_training.train_dlrm import main as train_dlrm
 
-# Loss after 20 steps of the TINY run, seed 0, 1 process on the project's x86-64 CPU machine.
+# Loss after 20 steps of the TINY run, seed 0, on the project's x86-64 CPU machine (rank 0's
+# batch loss for 2 processes, each with its own 512 examples per step).
 GOLDEN_LOSS_1PROC = 0.5079519152641296
+GOLDEN_LOSS_2PROC = 0.5078620910644531
+REPO = Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "1", "--limit-batches", "20", "--n-boot", "10", "--log-every", "1000", "--no-baseline",
         "--eval-negatives", "20"]
 
@@ -40,3 +49,46 @@ def test_dlrm_beats_logistic_regression_and_reranks_retrieval(retrieval_run, tmp
     assert reranked["HR@10"] > 0.08
     assert json.loads((tmp_path / "results.json").read_text())["dlrm"]["test"]["auc"] == dlrm["auc"]
 
+
+
+def _torchrun(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "golden_training.train_dlrm", *args]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.multiprocess
+def test_golden_loss_two_processes(tmp_path) -> None:
+    subprocess.run(_torchrun(TINY + ["--out", str(tmp_path)]), cwd=REPO, env=ENV, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["world_size"] == 2 and res["dlrm"]["steps"] == 20
+    assert res["dlrm"]["final_loss"] == pytest.approx(GOLDEN_LOSS_2PROC, rel=1e-4)
+
+
+@pytest.mark.multiprocess
+def test_killed_two_process_run_resumes_to_the_same_metrics(tmp_path) -> None:
+    args = ["--epochs", "2", "--limit-batches", "30", "--checkpoint-every", "10", "--no-baseline",
+            "--eval-negatives", "20", "--n-boot", "10", "--log-every", "1000"]
+    subprocess.run(_torchrun(args + ["--out", str(tmp_path / "ref")]), cwd=REPO, env=ENV, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    reference = json.loads((tmp_path / "ref" / "results.json").read_text())
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_torchrun(args + ["--out", str(killed)]), cwd=REPO, env=ENV, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list((killed / "checkpoints" / "dlrm").glob("step_*/meta.json")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, mid-training
+    proc.wait()
+    assert not (killed / "results.json").exists(), "the run finished before it could be killed"
+    subprocess.run(_torchrun(args + ["--out", str(killed)]), cwd=REPO, env=ENV, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    resumed = json.loads((killed / "results.json").read_text())
+    assert resumed["dlrm"]["resumed_from_step"] > 0
+    assert resumed["dlrm"]["steps"] == reference["dlrm"]["steps"] == 60
+    assert resumed["dlrm"]["test"] == reference["dlrm"]["test"]
+    assert resumed["dlrm"]["valid_per_epoch"] == reference["dlrm"]["valid_per_epoch"]
