@@ -1,0 +1,1 @@
+"""Stage 2 inference: batched DLRM scoring. See prediction/README.md."""
