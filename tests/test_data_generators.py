@@ -37,7 +37,7 @@ def test_criteo_tsv_parsing_hashing_and_missing_values(tmp_path) -> None:
 def test_criteo_malformed_lines_are_named(tmp_path) -> None:
     short = tmp_path / "short.tsv"
     short.write_text("1\t2\t3\n")
-    with pytest.raises(ValueError, match="line 1 has 3 fields, expected 40"):
+    with pytest.raises(ValueError, match="line 1: has 3 fields, expected 40"):
         read_criteo_tsv(short, 10)
     bad_label = tmp_path / "label.tsv"
     bad_label.write_text("\t".join(["2"] + ["1"] * 13 + ["a"] * 26) + "\n")
@@ -108,8 +108,16 @@ def test_synthetic_scales_to_a_million_items() -> None:
     assert d.num_items == 1_000_000 and d.item.max() < 1_000_000 and d.num_interactions > 900_000
 
 
-def test_criteo_non_integer_dense_value_is_reported(tmp_path) -> None:
+def test_criteo_bad_lines_are_named_or_skipped_and_counted(tmp_path) -> None:
+    good = ["1"] + ["3"] * 13 + ["0a"] * 26
+    rows = [good, ["1", "abc"] + ["1"] * 12 + ["a"] * 26, good[:-1] + ["xyz"], good[:5], ["0"] + ["2"] * 13 + ["b"] * 26]
     p = tmp_path / "x.tsv"
-    p.write_text("\t".join(["1", "abc"] + ["1"] * 12 + ["a"] * 26) + "\n")
-    with pytest.raises(ValueError, match="integer features must be integers"):
+    p.write_text("".join("\t".join(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"x.tsv: line 2: int_0 must be an integer, got 'abc'.*on_bad_line='skip'"):
         read_criteo_tsv(p, 10)
+    from collections import Counter
+    skipped: Counter[str] = Counter()
+    a = read_criteo_tsv(p, 10, on_bad_line="skip", skipped=skipped)
+    assert a.labels.tolist() == [1.0, 0.0]  # lines 1 and 5
+    assert sum(skipped.values()) == 3 and len(skipped) == 3
+    assert any("cat_25 must be a hex hash" in k for k in skipped)

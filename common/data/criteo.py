@@ -5,7 +5,9 @@ TSV rows are ``label, I1..I13, C1..C26`` separated by tabs: 13 integer counts (m
 or missing) and 26 categorical values as 8-hex-digit hashes (may be missing). Missing values
 become 0 (as in TorchRec's ``tsv_to_npys``). Dense features get DLRM's transform
 ``log(1 + max(x, 0))`` (facebookresearch/dlrm ``data_utils.py``); categorical hashes are taken
-modulo each feature's table size.
+modulo each feature's table size. A malformed line is an error naming the file and line, or,
+with ``on_bad_line="skip"``, dropped and counted, never silently. Negative counts (int_1 has
+them in the real logs) are clamped to 0 by the transform, as DLRM's reference preprocessing does.
 
 TorchRec's preprocessed format has three arrays per day: ``day_{d}_dense.npy`` (float32
 ``[N, 13]``, already log-transformed by TorchRec's own preprocessing), ``day_{d}_sparse.npy``
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import io
 import itertools
+import sys
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,16 +56,47 @@ def dense_transform(raw: np.ndarray) -> np.ndarray:
     return np.log1p(np.maximum(np.nan_to_num(raw, nan=0.0), 0)).astype(np.float32)
 
 
+def _line_problem(line: str, ncols: int, has_label: bool) -> str | None:
+    """Why one TSV line is malformed, or None if it is fine."""
+    fields = line.rstrip("\n").split("\t")
+    if len(fields) != ncols:
+        return (f"has {len(fields)} fields, expected {ncols} ({'label, ' if has_label else ''}13 integers, "
+                f"26 hex categories, tab-separated)")
+    if has_label and fields[0] not in ("0", "1"):
+        return f"label must be 0 or 1, got {fields[0]!r}"
+    offset = int(has_label)
+    for j, value in enumerate(fields[offset:offset + NUM_DENSE]):
+        if value:
+            try:
+                int(value)
+            except ValueError:
+                return f"{DENSE_NAMES[j]} must be an integer, got {value!r}"
+    for j, value in enumerate(fields[offset + NUM_DENSE:]):
+        if value:
+            try:
+                int(value, 16)
+            except ValueError:
+                return f"{SPARSE_NAMES[j]} must be a hex hash, got {value!r}"
+    return None
+
+
 def iter_criteo_tsv(path: str | Path, num_embeddings: int | Sequence[int], chunk_rows: int = 1 << 18,
-                    has_label: bool = True, max_rows: int | None = None) -> Iterator[CriteoArrays]:
-    """Read a Criteo TSV file in chunks of ``chunk_rows`` rows.
+                    has_label: bool = True, max_rows: int | None = None, on_bad_line: str = "error",
+                    skipped: Counter[str] | None = None) -> Iterator[CriteoArrays]:
+    """Read a Criteo TSV file in chunks of ``chunk_rows`` lines.
 
     ``has_label=False`` reads the Kaggle test file, which has no label column (labels are -1).
-    Raises ``ValueError`` naming the line for rows with the wrong number of fields.
+    A malformed line (wrong number of fields, a label other than 0/1, a non-integer count, a
+    non-hex category) raises ``ValueError`` naming the file, the line and the problem; with
+    ``on_bad_line="skip"`` it is dropped instead, counted by problem in ``skipped``, and the
+    count is reported on stderr at the end.
     """
+    if on_bad_line not in ("error", "skip"):
+        raise ValueError(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
     sizes = table_sizes(num_embeddings)
     ncols = NUM_DENSE + NUM_SPARSE + int(has_label)
     names = (["label"] if has_label else []) + DENSE_NAMES + SPARSE_NAMES
+    counts: Counter[str] = skipped if skipped is not None else Counter()
     line = 0
     with open(path) as f:
         while max_rows is None or line < max_rows:
@@ -69,44 +104,65 @@ def iter_criteo_tsv(path: str | Path, num_embeddings: int | Sequence[int], chunk
             lines = list(itertools.islice(f, want))
             if not lines:
                 break
-            # pandas pads short rows with "" (indistinguishable from missing values), so count fields.
-            fields = np.array([x.count("\t") + 1 for x in lines])
-            bad = fields != ncols
-            if bad.any():
-                i = int(np.argmax(bad))
-                raise ValueError(f"{path}: line {line + i + 1} has {fields[i]} fields, expected {ncols} "
-                                 f"({'label, ' if has_label else ''}13 integers, 26 hex categories, tab-separated)")
             try:
-                chunk = pd.read_csv(io.StringIO("".join(lines)), sep="\t", header=None, names=names,
-                                    dtype={**{n: str for n in names}, **{n: np.float64 for n in DENSE_NAMES}},
-                                    keep_default_na=False, na_values={n: [""] for n in DENSE_NAMES})
-            except ValueError as err:
-                raise ValueError(f"{path}: integer features must be integers (lines {line + 1}-"
-                                 f"{line + len(lines)}): {err}") from err
-            labels = np.full(len(chunk), -1, np.float32)
-            if has_label:
-                ok = chunk["label"].isin(["0", "1"]).to_numpy()
-                if not ok.all():
-                    i = int(np.argmax(~ok))
-                    raise ValueError(f"{path}: line {line + i + 1}: label must be 0 or 1, got {chunk['label'].iloc[i]!r}")
-                labels = chunk["label"].to_numpy(np.float32)
-            dense = chunk[DENSE_NAMES].to_numpy(np.float64)
-            sparse = np.empty((len(chunk), NUM_SPARSE), dtype=np.int64)
-            for j, name in enumerate(SPARSE_NAMES):
-                codes, uniques = pd.factorize(chunk[name].to_numpy())  # hashes repeat: parse each once
-                try:
-                    parsed = np.array([int(u, 16) if u else 0 for u in uniques], dtype=np.int64)
-                except ValueError as err:
-                    raise ValueError(f"{path}: {name} must hold hex hashes (near line {line + 1}): {err}") from err
-                sparse[:, j] = parsed[codes] % sizes[j]
-            yield CriteoArrays(dense=dense_transform(dense), sparse=sparse, labels=labels)
-            line += len(chunk)
+                yield _parse_chunk(lines, names, ncols, has_label, sizes)
+            except _MalformedChunk:
+                # Slow path, only for chunks with a bad line: check every line, then parse the good ones.
+                problems = [_line_problem(x, ncols, has_label) for x in lines]
+                bad = [i for i, p in enumerate(problems) if p is not None]
+                if on_bad_line == "error":
+                    raise ValueError(f"{path}: line {line + bad[0] + 1}: {problems[bad[0]]}; fix the file or "
+                                     f"pass on_bad_line='skip' to drop and count such lines") from None
+                for i in bad:
+                    counts[problems[i].split(",")[0].split(" got ")[0]] += 1
+                good = [x for x, p in zip(lines, problems) if p is None]
+                if good:
+                    yield _parse_chunk(good, names, ncols, has_label, sizes)
+            line += len(lines)
+    if counts and skipped is None:
+        print(f"warning: {path}: skipped {sum(counts.values())} malformed lines: {dict(counts)}", file=sys.stderr)
+
+
+class _MalformedChunk(Exception):
+    pass
+
+
+def _parse_chunk(lines: list[str], names: list[str], ncols: int, has_label: bool, sizes: np.ndarray) -> CriteoArrays:
+    """Vectorized parse of well-formed lines; raises _MalformedChunk at the first sign of a bad one."""
+    # pandas pads short rows with "" (indistinguishable from missing values), so count fields.
+    if any(x.count("\t") + 1 != ncols for x in lines):
+        raise _MalformedChunk
+    try:
+        chunk = pd.read_csv(io.StringIO("".join(lines)), sep="\t", header=None, names=names,
+                            dtype={**{n: str for n in names}, **{n: np.float64 for n in DENSE_NAMES}},
+                            keep_default_na=False, na_values={n: [""] for n in DENSE_NAMES})
+    except ValueError:
+        raise _MalformedChunk from None
+    labels = np.full(len(chunk), -1, np.float32)
+    if has_label:
+        if not chunk["label"].isin(["0", "1"]).all():
+            raise _MalformedChunk
+        labels = chunk["label"].to_numpy(np.float32)
+    dense = chunk[DENSE_NAMES].to_numpy(np.float64)
+    if (np.nan_to_num(dense) != np.round(np.nan_to_num(dense))).any():
+        raise _MalformedChunk  # e.g. "1.5": counts are integers
+    sparse = np.empty((len(chunk), NUM_SPARSE), dtype=np.int64)
+    for j, name in enumerate(SPARSE_NAMES):
+        codes, uniques = pd.factorize(chunk[name].to_numpy())  # hashes repeat: parse each once
+        try:
+            parsed = np.array([int(u, 16) if u else 0 for u in uniques], dtype=np.int64)
+        except ValueError:
+            raise _MalformedChunk from None
+        sparse[:, j] = parsed[codes] % sizes[j]
+    return CriteoArrays(dense=dense_transform(dense), sparse=sparse, labels=labels)
 
 
 def read_criteo_tsv(path: str | Path, num_embeddings: int | Sequence[int], has_label: bool = True,
-                    max_rows: int | None = None) -> CriteoArrays:
-    """The whole file (or its first ``max_rows``) as one :class:`CriteoArrays`."""
-    parts = list(iter_criteo_tsv(path, num_embeddings, has_label=has_label, max_rows=max_rows))
+                    max_rows: int | None = None, on_bad_line: str = "error",
+                    skipped: Counter[str] | None = None) -> CriteoArrays:
+    """The whole file (or its first ``max_rows`` lines) as one :class:`CriteoArrays`."""
+    parts = list(iter_criteo_tsv(path, num_embeddings, has_label=has_label, max_rows=max_rows,
+                                 on_bad_line=on_bad_line, skipped=skipped))
     if not parts:
         raise ValueError(f"{path}: no rows")
     return CriteoArrays(dense=np.concatenate([p.dense for p in parts]),
