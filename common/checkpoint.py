@@ -16,6 +16,7 @@ so a checkpoint saved by 2 ranks loads into 1 process (or any other world size) 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -108,6 +109,18 @@ def load_checkpoint(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
         if hasattr(obj, "load_state_dict") and not isinstance(obj, dict):
             obj.load_state_dict(plain[key])
     return json.loads(meta_file.read_text())
+
+
+# Script settings that may change between a run and its resumption (more epochs, other paths...).
+RESUMABLE_CHANGES = frozenset({"out", "epochs", "log_every", "checkpoint_every", "n_boot", "eval_batch_size",
+                               "device", "data_dir", "source", "index_type"})
+
+
+def run_config(cfg: Any, fingerprint: str) -> dict[str, Any]:
+    """What defines a run (a script's config dataclass minus :data:`RESUMABLE_CHANGES`, plus the
+    data fingerprint), for :func:`resume_if_possible` to refuse checkpoints of other settings."""
+    return {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES},
+            "data_fingerprint": fingerprint}
 
 
 def resume_if_possible(root: str | Path, state: dict[str, Any],

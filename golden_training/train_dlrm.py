@@ -37,7 +37,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 from tqdm import tqdm
 
-from common.checkpoint import resume_if_possible, save_checkpoint
+from common.checkpoint import resume_if_possible, run_config, save_checkpoint
 from common.data.movielens import add_dataset_args, load_movielens
 from common.data.split import Split, leave_last_out
 from common.features import FeatureSchema
@@ -88,16 +88,6 @@ class Config:
     eval_negatives: int = 100
     baseline: bool = True
     n_boot: int = 1000
-
-
-# Settings that may change between a run and its resumption (more epochs, other output paths...).
-RESUMABLE_CHANGES = {"out", "epochs", "log_every", "checkpoint_every", "n_boot", "eval_batch_size", "device",
-                     "data_dir", "source", "index_type"}
-
-
-def run_config(cfg: Config, fingerprint: str) -> dict[str, object]:
-    """What defines a run, for refusing to resume checkpoints written with other settings."""
-    return {**{k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}, "data_fingerprint": fingerprint}
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
