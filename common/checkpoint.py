@@ -112,7 +112,7 @@ def load_checkpoint(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
 
 
 # Script settings that may change between a run and its resumption (more epochs, other paths...).
-RESUMABLE_CHANGES = frozenset({"out", "epochs", "log_every", "checkpoint_every", "n_boot", "eval_batch_size",
+RESUMABLE_CHANGES = frozenset({"resume", "out", "epochs", "log_every", "checkpoint_every", "n_boot", "eval_batch_size",
                                "device", "data_dir", "source", "index_type"})
 
 
@@ -124,8 +124,11 @@ def run_config(cfg: Any, fingerprint: str) -> dict[str, Any]:
 
 
 def resume_if_possible(root: str | Path, state: dict[str, Any],
-                       run_config: dict[str, Any] | None = None) -> dict[str, Any] | None:
+                       run_config: dict[str, Any] | None = None, resume: bool = True) -> dict[str, Any] | None:
     """Load the latest complete checkpoint under ``root`` into ``state``; None if there is none.
+
+    With ``resume=False`` (a script run without ``--resume``) an existing checkpoint is an error
+    instead, so that a new run never continues an old one by accident, nor overwrites it.
 
     Rank 0 decides which checkpoint to use and every rank follows, so ranks never disagree.
     ``run_config`` (the settings that define the run) is compared with the ``"run_config"`` saved
@@ -139,6 +142,9 @@ def resume_if_possible(root: str | Path, state: dict[str, Any],
     if not name[0]:
         return None
     path = Path(root) / name[0]
+    if not resume:
+        raise FileExistsError(f"{path} is a checkpoint of an earlier run; pass --resume to continue it, or use "
+                              f"another --out (or delete {root}) to start over")
     if run_config is not None:
         saved = json.loads((path / "meta.json").read_text()).get("run_config")
         if saved is not None:

@@ -10,7 +10,11 @@ Features:
   (jagged), and where the set has them ``age_bucket``, ``gender``, ``occupation``, ``zip_region``;
 - dense: ``user_activity`` (log1p of items seen so far), ``item_popularity`` (log1p of training
   interactions), ``item_year`` (scaled), ``user_age`` (scaled), ``retrieval_score`` (the
-  two-tower dot product for this user and item, 0 without a retrieval export).
+  two-tower dot product for this user and item, 0 without a retrieval export), and two kinds of
+  sequence statistics from ``SequenceStats``: ``after_last_1..3`` (how often the candidate came
+  right after the user's last, second-to-last and third-to-last item, in other users' training
+  sequences) and ``item_trend`` (the candidate's training interactions in the days before the
+  user's last interaction).
 """
 
 from __future__ import annotations
@@ -24,9 +28,13 @@ from torchrec.datasets.utils import Batch
 
 from common.data.movielens import MovieLens
 from common.data.movielens_features import MovieLensTables, last_n
+from common.data.split import Split
 from common.features import DenseFeature, FeatureSchema, SparseFeature
 
-DENSE_FEATURES = ("user_activity", "item_popularity", "item_year", "user_age", "retrieval_score")
+TRANSITION_LAGS = 3
+DENSE_FEATURES = ("user_activity", "item_popularity", "item_year", "user_age", "retrieval_score",
+                  *(f"after_last_{k}" for k in range(1, TRANSITION_LAGS + 1)), "item_trend")
+DAY = 86_400
 
 
 @dataclass
@@ -37,12 +45,16 @@ class RankingFeatures(MovieLensTables):
     item_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # training interactions
     item_year: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     user_age: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    sequence: SequenceStats | None = None  # None: the sequence features are zeros
 
     @classmethod
-    def build(cls, ds: MovieLens, item_counts: np.ndarray, history_len: int = 50) -> RankingFeatures:
+    def build(cls, ds: MovieLens, split: Split, history_len: int = 50, sequence: bool = True,
+              trend_days: float = 30.0) -> RankingFeatures:
+        """Features for ``ds``, with popularity and sequence statistics from ``split``'s training part."""
         ages = ds.user_age if ds.user_age is not None else np.zeros(ds.num_users, dtype=np.int64)
-        return cls.from_dataset(ds, history_len=history_len, item_counts=np.asarray(item_counts, dtype=np.int64),
-                                item_year=ds.item_year.astype(np.int64), user_age=ages.astype(np.int64))
+        return cls.from_dataset(ds, history_len=history_len, item_counts=split.item_counts("valid"),
+                                item_year=ds.item_year.astype(np.int64), user_age=ages.astype(np.int64),
+                                sequence=SequenceStats.build(split, trend_days) if sequence else None)
 
     @property
     def schema(self) -> FeatureSchema:
@@ -55,8 +67,10 @@ class RankingFeatures(MovieLensTables):
             dense=tuple(DenseFeature(n) for n in DENSE_FEATURES))
 
     def batch(self, users: np.ndarray, items: np.ndarray, history: tuple[np.ndarray, np.ndarray],
-              retrieval_score: np.ndarray | None = None, labels: np.ndarray | None = None) -> Batch:
-        """A TorchRec ``Batch`` (dense, KJT, labels) for (user, item) pairs with their histories."""
+              retrieval_score: np.ndarray | None = None, labels: np.ndarray | None = None,
+              sequence: dict[str, np.ndarray] | None = None) -> Batch:
+        """A TorchRec ``Batch`` (dense, KJT, labels) for (user, item) pairs with their histories;
+        ``sequence`` holds ``SequenceStats.features`` for the rows (zeros without it)."""
         users, items = np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64)
         n = len(users)
         year = self.item_year[items]
@@ -69,6 +83,8 @@ class RankingFeatures(MovieLensTables):
             "user_age": (self.user_age[users] / 50.0).astype(np.float32),
             "retrieval_score": (np.zeros(n, np.float32) if retrieval_score is None
                                 else np.asarray(retrieval_score, dtype=np.float32)),
+            **{name: (np.zeros(n, np.float32) if sequence is None else sequence[name])
+               for name in DENSE_FEATURES if name.startswith(("after_last_", "item_trend"))},
         }
         fb = self.schema.from_columns(cols, batch_size=n)
         lab = torch.zeros(n) if labels is None else torch.as_tensor(labels, dtype=torch.float32)
@@ -78,7 +94,10 @@ class RankingFeatures(MovieLensTables):
 @dataclass
 class Examples:
     """(user, item, label) rows; each row's history is ``hist_items[hist_start:hist_end]``
-    (the last ``history_len`` of it) and ``query`` indexes its retrieval query embedding."""
+    (the last ``history_len`` of it), ``query`` indexes its retrieval query embedding, and
+    ``time`` is the row's "now": the time of the user's last interaction before it. ``own``
+    marks rows whose history is the user's own training sequence (``hist_items`` is the
+    training split's items), whose transitions ``SequenceStats`` must leave out."""
 
     user: np.ndarray
     item: np.ndarray
@@ -86,17 +105,32 @@ class Examples:
     hist_start: np.ndarray
     hist_end: np.ndarray
     query: np.ndarray
+    time: np.ndarray
     hist_items: np.ndarray
+    own: bool = False
 
     def __len__(self) -> int:
         return len(self.user)
 
     def take(self, rows: np.ndarray) -> Examples:
         return Examples(self.user[rows], self.item[rows], self.label[rows], self.hist_start[rows],
-                        self.hist_end[rows], self.query[rows], self.hist_items)
+                        self.hist_end[rows], self.query[rows], self.time[rows], self.hist_items, self.own)
 
     def history(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         return last_n(self.hist_items, self.hist_start, self.hist_end, n)
+
+
+def reference_time(split: Split, stage: str, users: np.ndarray) -> np.ndarray:
+    """Each user's "now" when predicting ``stage``: the time of their last interaction before it
+    (the last training one for validation; the validation one, where there is one, for test)."""
+    users = np.asarray(users, dtype=np.int64)
+    ends = np.searchsorted(split.train_user, users, side="right")
+    has = ends > np.searchsorted(split.train_user, users, side="left")
+    t = np.where(has, split.train_time[np.maximum(ends - 1, 0)] if len(split.train_time) else 0, 0)
+    if stage == "test" and len(split.valid_user):
+        at = np.minimum(np.searchsorted(split.valid_user, users), len(split.valid_user) - 1)
+        t = np.where(split.valid_user[at] == users, np.maximum(t, split.valid_time[at]), t)
+    return t.astype(np.int64)
 
 
 def popularity_sampler(item_counts: np.ndarray, seed: Any):
@@ -110,4 +144,71 @@ def popularity_sampler(item_counts: np.ndarray, seed: Any):
 def concat(parts: list[Examples]) -> Examples:
     first = parts[0]
     return Examples(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                      ("user", "item", "label", "hist_start", "hist_end", "query")), hist_items=first.hist_items)
+                      ("user", "item", "label", "hist_start", "hist_end", "query", "time")),
+                    hist_items=first.hist_items, own=first.own)
+
+
+@dataclass
+class SequenceStats:
+    """What the order of interactions says about a candidate, counted on the training split only.
+
+    - ``after_last_k``: P(candidate | the user's k-th most recent item) over consecutive pairs
+      in all users' training sequences, count / (transitions out of that item + 1).
+    - ``item_trend``: log1p of the candidate's training interactions in the ``trend_days``
+      before the row's time.
+
+    Rows built from the user's own training sequence (``Examples.own``) leave that user's own
+    transition out of each history item: otherwise a training positive would find its own
+    (previous item -> positive) pair in the counts, which a validation or test target never does.
+    """
+
+    num_items: int
+    pair_keys: np.ndarray      # sorted prev * num_items + next
+    pair_counts: np.ndarray
+    out_counts: np.ndarray     # [num_items] transitions leaving each item
+    train_item: np.ndarray     # the training split, sorted by (user, time)
+    same_user_next: np.ndarray  # [n_train] bool: row i + 1 is the same user's next interaction
+    item_time: np.ndarray      # sorted item * span + (time - t0)
+    t0: int
+    span: int
+    trend_days: float = 30.0
+
+    @classmethod
+    def build(cls, split, trend_days: float = 30.0) -> SequenceStats:
+        u, i, t = split.train_user, split.train_item, split.train_time
+        n_items = split.num_items
+        same = np.r_[u[1:] == u[:-1], False]
+        keys, counts = np.unique(i[:-1][same[:-1]] * n_items + i[1:][same[:-1]], return_counts=True)
+        t0 = int(t.min()) if len(t) else 0
+        span = int(t.max()) - t0 + 2 if len(t) else 2
+        return cls(n_items, keys, counts, np.bincount(i[same], minlength=n_items), i, same,
+                   np.sort(i * span + (t - t0)), t0, span, trend_days)
+
+    def _pair_count(self, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+        if not len(self.pair_keys):
+            return np.zeros(len(prev), np.int64)
+        keys = prev * self.num_items + nxt
+        at = np.minimum(np.searchsorted(self.pair_keys, keys), len(self.pair_keys) - 1)
+        return np.where(self.pair_keys[at] == keys, self.pair_counts[at], 0)
+
+    def features(self, ex: Examples) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for k in range(1, TRANSITION_LAGS + 1):
+            at = ex.hist_end - k
+            has = at >= ex.hist_start
+            at = np.where(has, at, 0)
+            prev = ex.hist_items[at] if len(ex.hist_items) else np.zeros(len(ex), np.int64)
+            num = self._pair_count(prev, ex.item).astype(np.float64)
+            den = self.out_counts[prev].astype(np.float64)
+            if ex.own:
+                own = has & self.same_user_next[at]
+                num -= own & (self.train_item[np.minimum(at + 1, len(self.train_item) - 1)] == ex.item)
+                den -= own
+            out[f"after_last_{k}"] = np.where(has, num / (den + 1.0), 0.0).astype(np.float32)
+        lo_t = ex.time - self.t0 - int(self.trend_days * DAY)
+        hi_t = ex.time - self.t0
+        base = ex.item * self.span
+        count = (np.searchsorted(self.item_time, base + np.clip(hi_t, 0, self.span - 1)) -
+                 np.searchsorted(self.item_time, base + np.clip(lo_t, 0, self.span - 1)))
+        out["item_trend"] = np.log1p(count).astype(np.float32)
+        return out

@@ -17,7 +17,7 @@ Measured on validation each epoch and on test at the end (shared split):
 - re-ranking: each user's 100 candidates (retrieval's, given an export; else the popularity
   top 100), re-ordered by the ranker; NDCG@10 and HR@10 of the re-ordered list against the
   candidates' own order. A target outside the candidates counts as a miss for both.
-Results go to <out>/results.json; DCP checkpoints to <out>/checkpoints (rerun to resume).
+Results go to <out>/results.json; DCP checkpoints to <out>/checkpoints (rerun with --resume to continue).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from common.checkpoint import resume_if_possible, run_config, save_checkpoint
 from common.data.movielens import add_dataset_args, load_movielens
 from common.data.split import Split, leave_last_out
 from common.features import FeatureSchema
-from common.metrics import MAX_K, BinaryMetrics, RankingReport, report_from_ranks
+from common.metrics import MAX_K, BinaryMetrics, RankingReport, paired_difference, report_from_ranks
 from common.runtime import (
     Runtime,
     init_runtime,
@@ -56,6 +56,7 @@ from golden_training.ranking_data import (
     RankingFeatures,
     concat,
     popularity_sampler,
+    reference_time,
 )
 
 
@@ -70,6 +71,8 @@ class Config:
     train_last: int = 0
     negatives: int = 4
     hard_negatives: int = 4
+    sequence_features: bool = True
+    trend_days: float = 30.0
     embedding_dim: int = 64
     dense_arch: tuple[int, ...] = (64, 64)
     over_arch: tuple[int, ...] = (128, 64, 1)
@@ -84,6 +87,7 @@ class Config:
     sharding_type: str = "table_wise"
     out: str = "runs/ranking"
     checkpoint_every: int = 200
+    resume: bool = False
     log_every: int = 100
     eval_negatives: int = 100
     baseline: bool = True
@@ -101,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     data.add_argument("--train-last", type=int, default=d.train_last, help="train on each user's last N training interactions only (0 = all) (default: 0)")
     data.add_argument("--negatives", type=int, default=d.negatives, help=f"popularity-sampled negatives per positive (default: {d.negatives})")
     data.add_argument("--hard-negatives", type=int, default=d.hard_negatives, help=f"negatives per positive from retrieval's candidates; needs --retrieval-export (default: {d.hard_negatives})")
+    data.add_argument("--no-sequence-features", dest="sequence_features", action="store_false", help="set the after_last_k and item_trend features to zero (an ablation)")
+    data.add_argument("--trend-days", type=float, default=d.trend_days, help=f"window of the item_trend feature, in days (default: {d.trend_days:g})")
     model = p.add_argument_group("model")
     model.add_argument("--embedding-dim", type=int, default=d.embedding_dim, help=f"dimension of every table (DLRM needs one) (default: {d.embedding_dim})")
     model.add_argument("--dense-arch", type=int, nargs="+", default=list(d.dense_arch), help="dense MLP sizes; the last must equal --embedding-dim (default: 64 64)")
@@ -114,6 +120,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     train.add_argument("--seed", type=int, default=d.seed, help=f"seed for initialization, negatives and data order (default: {d.seed})")
     train.add_argument("--limit-batches", type=int, default=None, help="stop each epoch after this many steps (default: all)")
     train.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help=f"steps between DCP checkpoints; 0 = epoch ends only (default: {d.checkpoint_every})")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --out, if there is one, exactly where it stopped (without it, an --out holding checkpoints is refused)")
     train.add_argument("--log-every", type=int, default=d.log_every, help=f"steps between log lines (default: {d.log_every})")
     train.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the logistic-regression baseline")
     dist = p.add_argument_group("distributed")
@@ -188,13 +195,15 @@ def train_examples(split: Split, features: RankingFeatures, cfg: Config, retr: R
         rows = rows[rows >= user_end[split.train_user] - cfg.train_last]
     n = len(rows)
     users = split.train_user[rows]
+    # "now" for a training positive: the time of the user's previous interaction (its own if first)
+    now = split.train_time[np.where(rows > user_start[users], rows - 1, rows)]
     pos = Examples(users, split.train_item[rows], np.ones(n, np.float32), user_start[users], rows,
-                   np.arange(n), split.train_item)
+                   np.arange(n), now, split.train_item, own=True)
     sample = popularity_sampler(features.item_counts, [cfg.seed, 1])
     parts = [pos]
     for _ in range(cfg.negatives):
         parts.append(Examples(pos.user, sample(n), np.zeros(n, np.float32), pos.hist_start, pos.hist_end, pos.query,
-                              pos.hist_items))
+                              pos.time, pos.hist_items, own=True))
     queries = None
     if retr is not None:
         queries = retr.queries(pos.user, pos.hist_items, pos.hist_start, pos.hist_end)
@@ -209,7 +218,7 @@ def train_examples(split: Split, features: RankingFeatures, cfg: Config, retr: R
                 picks[sl] = np.take_along_axis(cands, rng.integers(0, cands.shape[1], size=(len(seen), cfg.hard_negatives)), 1)
             for j in range(cfg.hard_negatives):
                 parts.append(Examples(pos.user, picks[:, j], np.zeros(n, np.float32), pos.hist_start, pos.hist_end,
-                                      pos.query, pos.hist_items))
+                                      pos.query, pos.time, pos.hist_items, own=True))
     return concat(parts), queries
 
 
@@ -226,6 +235,7 @@ class EvalSet:
     queries: np.ndarray | None      # retrieval query embedding per user
     hist_start: np.ndarray          # per user: history is auc.hist_items[hist_start:hist_end]
     hist_end: np.ndarray
+    time: np.ndarray                # per user: "now" (ranking_data.reference_time)
 
 
 def eval_set(split: Split, features: RankingFeatures, stage: str, cfg: Config, retr: RetrievalScorer | None) -> EvalSet:
@@ -239,7 +249,9 @@ def eval_set(split: Split, features: RankingFeatures, stage: str, cfg: Config, r
     items = np.concatenate([targets[:, None], negs], axis=1).reshape(-1)
     labels = np.tile(np.r_[1.0, np.zeros(cfg.eval_negatives)], len(users)).astype(np.float32)
     qidx = np.repeat(np.arange(len(users)), m)
-    auc = Examples(np.repeat(users, m), items, labels, np.repeat(starts, m), np.repeat(ends, m), qidx, hist)
+    now = reference_time(split, stage, users)
+    auc = Examples(np.repeat(users, m), items, labels, np.repeat(starts, m), np.repeat(ends, m), qidx,
+                   np.repeat(now, m), hist)
     bad = (auc.label == 0) & (auc.item == np.repeat(targets, m))  # a negative that is the target: drop it
     auc = auc.take(np.where(~bad)[0])
     queries = None
@@ -250,13 +262,14 @@ def eval_set(split: Split, features: RankingFeatures, stage: str, cfg: Config, r
         order = np.argsort(-features.item_counts, kind="stable")
         cands = np.stack([order[~np.isin(order, s)][:MAX_K] for s in seen])
         source = "popularity"
-    return EvalSet(stage, users, targets, auc, cands, source, queries, starts, ends)
+    return EvalSet(stage, users, targets, auc, cands, source, queries, starts, ends, now)
 
 
 def make_batch(features: RankingFeatures, ex: Examples, queries: np.ndarray | None, retr: RetrievalScorer | None,
                history_len: int) -> Batch:
     score = None if retr is None else np.einsum("nd,nd->n", queries[ex.query], retr.items[ex.item])
-    return features.batch(ex.user, ex.item, ex.history(history_len), score, ex.label)
+    seq = None if features.sequence is None else features.sequence.features(ex)
+    return features.batch(ex.user, ex.item, ex.history(history_len), score, ex.label, seq)
 
 
 # ------------------------------------------------------------------------------------------
@@ -305,7 +318,7 @@ def train(kind: str, cfg: Config, rt: Runtime, features: RankingFeatures, exampl
         print0(str(model.plan))
     state = {"model": model, "optimizer": optimizer}
     ckpt = out / "checkpoints" / kind
-    meta = (resume_if_possible(ckpt, state, run_config(cfg, fingerprint))
+    meta = (resume_if_possible(ckpt, state, run_config(cfg, fingerprint), cfg.resume)
             or {"epoch": 0, "step": 0, "global_step": 0, "valid": []})
     first_epoch, start_step, global_step, history = meta["epoch"], meta["step"], meta["global_step"], meta["valid"]
     resumed_from, last_loss = global_step, float("nan")
@@ -382,7 +395,7 @@ def evaluate(model: nn.Module, features: RankingFeatures, ev: EvalSet, retr: Ret
     k = ev.candidates.shape[1]
     flat = Examples(np.repeat(ev.users, k), ev.candidates.reshape(-1), np.zeros(ev.candidates.size, np.float32),
                     np.repeat(ev.hist_start, k), np.repeat(ev.hist_end, k),
-                    np.repeat(np.arange(len(ev.users)), k), ev.auc.hist_items)
+                    np.repeat(np.arange(len(ev.users)), k), np.repeat(ev.time, k), ev.auc.hist_items)
     cand_scores = scores(model, features, flat, ev.queries, retr, cfg, device).reshape(len(ev.users), k)
     reranked = np.take_along_axis(ev.candidates, np.argsort(-cand_scores, axis=1, kind="stable"), axis=1)
     # Every rank scored every row, so the rows are already global: no gathering.
@@ -402,7 +415,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     out = Path(cfg.out)
     ds = load_movielens(cfg.dataset, cfg.data_dir, cfg.source)
     split = leave_last_out(ds.user, ds.item, ds.timestamp, ds.num_users, ds.num_items)
-    features = RankingFeatures.build(ds, split.item_counts("valid"), cfg.history_len)
+    features = RankingFeatures.build(ds, split, cfg.history_len, cfg.sequence_features, cfg.trend_days)
     retr = RetrievalScorer(cfg.retrieval_export, ds.fingerprint, features) if cfg.retrieval_export else None
     if retr is None and cfg.hard_negatives:
         print0("note: no --retrieval-export, so no hard negatives and no retrieval score; candidates come from popularity")
@@ -426,7 +439,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                                      ds.fingerprint)
         metrics = evaluate(model, features, test, retr, cfg)
         results[kind] = {"valid_per_epoch": history, "test": metrics["binary"],
-                         "test_reranked": metrics["rerank"].to_dict(), **info}
+                         "test_reranked": metrics["rerank"].to_dict(),
+                         "test_gain_over_candidates_order": paired_difference(metrics["rerank"], original, cfg.n_boot),
+                         **info}
     print0(f"{'test':<30} | {'AUC':>7} | {'NE':>7} | {'NDCG@10':>8} | {'HR@10':>7}")
     print0(f"{test.candidate_source + ' order':<30} | {'':>7} | {'':>7} | {original.means['NDCG@10']:>8.4f} | "
            f"{original.means['HR@10']:>7.4f}")
@@ -435,6 +450,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             r = results[kind]
             print0(f"{name + ' re-ranked':<30} | {r['test']['auc']:>7.4f} | {r['test']['ne']:>7.4f} | "
                    f"{r['test_reranked']['NDCG@10']:>8.4f} | {r['test_reranked']['HR@10']:>7.4f}")
+    gain = results["dlrm"]["test_gain_over_candidates_order"]
+    lo, hi = gain["NDCG@10_ci95"]
+    print0(f"DLRM re-ranking minus {test.candidate_source} order, test NDCG@10: {gain['NDCG@10']:+.4f} "
+           f"(95% CI over users [{lo:+.4f}, {hi:+.4f}])")
     write_results(out, results)
     shutdown()
     return results

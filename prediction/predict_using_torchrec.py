@@ -29,7 +29,7 @@ from common.data.movielens import load_movielens
 from common.data.split import leave_last_out
 from common.features import FeatureError, FeatureSchema
 from common.runtime import write_json_atomic
-from golden_training.ranking_data import Examples, RankingFeatures
+from golden_training.ranking_data import Examples, RankingFeatures, reference_time
 from golden_training.train_dlrm import Config, RetrievalScorer, eval_set, evaluate, make_batch
 
 
@@ -82,7 +82,8 @@ class Ranker:
             raise ValueError(f"{path} was trained on data with fingerprint {run['data_fingerprint'][:16]}, "
                              f"but {ds.name} here has {ds.fingerprint[:16]}")
         self.dataset, self.split = ds, leave_last_out(ds.user, ds.item, ds.timestamp, ds.num_users, ds.num_items)
-        self.features = RankingFeatures.build(ds, self.split.item_counts("valid"), self.cfg.history_len)
+        self.features = RankingFeatures.build(ds, self.split, self.cfg.history_len, self.cfg.sequence_features,
+                                              self.cfg.trend_days)
         self.retr = (RetrievalScorer(self.cfg.retrieval_export, ds.fingerprint, self.features)
                      if self.cfg.retrieval_export else None)
         dlrm = TorchRecDLRM(self.features.schema, self.cfg.embedding_dim, list(self.cfg.dense_arch),
@@ -113,7 +114,7 @@ class Ranker:
         indptr, hist = self.split.history("test")
         queries = None if self.retr is None else self.retr.queries(users, hist, indptr[users], indptr[users + 1])
         ex = Examples(users, items, np.zeros(len(users), np.float32), indptr[users], indptr[users + 1],
-                      np.arange(len(users)), hist)
+                      np.arange(len(users)), reference_time(self.split, "test", users), hist)
         out = []
         for lo in range(0, len(ex), batch_size):
             b = make_batch(self.features, ex.take(np.arange(lo, min(lo + batch_size, len(ex)))), queries, self.retr,

@@ -13,7 +13,7 @@ accidental hits masked (Yi et al., RecSys 2019; see retrieval/modules/two_tower.
 
 Each epoch ends with validation under the shared protocol (common/metrics.py); the run ends with
 test, printed beside the popularity baseline and written to <out>/results.json. DCP checkpoints
-(<out>/checkpoints) let a killed run resume exactly: rerun the same command. The export
+(<out>/checkpoints) let a killed run resume exactly: rerun the same command with --resume. The export
 (<out>/export) holds the unsharded weights, the catalog's item embeddings, a FAISS index and a
 manifest, which retrieval/two_tower_retrieval.py serves.
 """
@@ -77,6 +77,7 @@ class Config:
     sharding_type: str = "table_wise"
     out: str = "runs/retrieval"
     checkpoint_every: int = 100
+    resume: bool = False
     log_every: int = 50
     eval_batch_size: int = 1024
     index_type: str = "auto"
@@ -103,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     train.add_argument("--seed", type=int, default=d.seed, help=f"seed for initialization and data order (default: {d.seed})")
     train.add_argument("--limit-batches", type=int, default=None, help="stop each epoch after this many steps (quick runs; default: all)")
     train.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help=f"steps between DCP checkpoints; 0 = epoch ends only (default: {d.checkpoint_every})")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --out, if there is one, exactly where it stopped (without it, an --out holding checkpoints is refused)")
     train.add_argument("--log-every", type=int, default=d.log_every, help=f"steps between log lines (default: {d.log_every})")
     dist = p.add_argument_group("distributed")
     dist.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="auto: cuda if available (default: auto)")
@@ -310,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print0(str(model.plan))
 
     state = {"model": model, "optimizer": optimizer}
-    meta = (resume_if_possible(out / "checkpoints", state, run_config(cfg, ds.fingerprint))
+    meta = (resume_if_possible(out / "checkpoints", state, run_config(cfg, ds.fingerprint), cfg.resume)
             or {"epoch": 0, "step": 0, "global_step": 0, "valid": []})
     first_epoch, start_step, global_step, history = meta["epoch"], meta["step"], meta["global_step"], meta["valid"]
     resumed_from = global_step

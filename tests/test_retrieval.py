@@ -154,7 +154,9 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path: Path) -> None:
     proc.wait()
     metas = [json.loads(p.read_text()) for p in (killed / "checkpoints").glob("step_*/meta.json")]
     assert metas and not (killed / "results.json").exists(), "the run finished before it could be killed"
-    resumed = train_main(args + ["--out", str(killed)])
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_main(args + ["--out", str(killed)])  # a new run must not take over the killed one's checkpoints
+    resumed = train_main(args + ["--out", str(killed), "--resume"])
     assert resumed["resumed_from_step"] == max(m["global_step"] for m in metas) > 0
     assert resumed["steps"] == reference["steps"]
     assert resumed["test"] == reference["test"]
