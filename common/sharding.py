@@ -13,6 +13,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
@@ -28,10 +30,18 @@ SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "row_wise", 
 CUDA_ONLY = ("row_wise", "table_row_wise")
 
 
+def qcomms_precisions(device: torch.device) -> tuple[CommType, CommType]:
+    """(forward, backward) precision of quantized communication: FP16 forward and BF16 backward,
+    except that gloo (CPU) has no BF16 collectives, so TorchRec falls back to FP16 there."""
+    return CommType.FP16, (CommType.BF16 if device.type == "cuda" else CommType.FP16)
+
+
 def shard_model(model: nn.Module, ebcs: Iterable[EmbeddingBagCollection], rt: Runtime, sharding_type: str,
-                sparse_lr: float, dense_lr: float) -> tuple[DistributedModelParallel, CombinedOptimizer]:
+                sparse_lr: float, dense_lr: float, qcomms: bool = False
+                ) -> tuple[DistributedModelParallel, CombinedOptimizer]:
     """Shard ``model``'s tables (those of ``ebcs``, built on the meta device) with one sharding
     type, updating them with a fused RowWiseAdagrad applied in backward; Adam for everything else.
+    ``qcomms`` quantizes the embeddings' all-to-all and reduce-scatter (``qcomms_precisions``).
 
     Returns the DMP-wrapped model and a ``CombinedOptimizer`` (fused part + Adam) for
     ``TrainPipelineSparseDist`` and checkpoints.
@@ -47,8 +57,15 @@ def shard_model(model: nn.Module, ebcs: Iterable[EmbeddingBagCollection], rt: Ru
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=rt.world_size, compute_device=rt.device.type),
         constraints={t: ParameterConstraints(sharding_types=[sharding_type]) for t in tables})
-    plan = planner.collective_plan(model, get_default_sharders(), torch.distributed.GroupMember.WORLD)
-    dmp = DistributedModelParallel(model, device=rt.device, plan=plan)
+    sharders = get_default_sharders()
+    if qcomms:
+        forward, backward = qcomms_precisions(rt.device)
+        registry = get_qcomm_codecs_registry(QCommsConfig(forward_precision=forward, backward_precision=backward),
+                                             device=rt.device)
+        sharders = [EmbeddingBagCollectionSharder(qcomm_codecs_registry=registry)] + [
+            s for s in sharders if type(s) is not EmbeddingBagCollectionSharder]
+    plan = planner.collective_plan(model, sharders, torch.distributed.GroupMember.WORLD)
+    dmp = DistributedModelParallel(model, device=rt.device, plan=plan, sharders=sharders)
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
                                   lambda params: torch.optim.Adam(params, lr=dense_lr))
     return dmp, CombinedOptimizer([dmp.fused_optimizer, dense])

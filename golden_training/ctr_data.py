@@ -4,7 +4,8 @@ into TorchRec ``Batch``es in order, as Criteo's days are in time order.
 
 - ``criteo`` with a ``.tsv`` / ``.txt`` file: the Kaggle / Terabyte format, read by
   ``common.data.criteo`` (bad lines are an error naming file and line, or skipped and counted
-  with ``--on-bad-line skip``). The first 80% of rows train, the next 10% validate, the last 10%
+  with ``--on-bad-line skip``; negative counts are clamped to 0 and counted, or with
+  ``--negative-counts bad_line`` treated as bad lines). The first 80% of rows train, the next 10% validate, the last 10%
   test.
 - ``criteo`` with a directory: TorchRec's preprocessed ``day_{d}_{dense,sparse,labels}.npy``.
   Every day but the last trains; the last day's first half validates and its second half tests,
@@ -52,16 +53,18 @@ class CTRData:
     valid: CriteoArrays
     test: CriteoArrays
     skipped: dict[str, int]  # malformed lines skipped under --on-bad-line skip, by problem
+    clamped: dict[str, int]  # negative counts set to 0, by column (--negative-counts clamp)
 
 
 def load_ctr(dataset: str, path: str | None, num_embeddings: int | list[int], seed: int = 0,
-             random_rows: int = 100_000, max_rows: int | None = None, on_bad_line: str = "error") -> CTRData:
+             random_rows: int = 100_000, max_rows: int | None = None, on_bad_line: str = "error",
+             negatives: str = "clamp") -> CTRData:
     if dataset == "random":
         n_eval = max(random_rows // 10, 1)
         sizes = table_sizes(num_embeddings)
         parts = [random_ctr(n, sizes, [seed, k]) for k, n in enumerate((random_rows, n_eval, n_eval))]
         return CTRData("random", f"random-{seed}-{random_rows}-{hashlib.sha256(sizes.tobytes()).hexdigest()[:16]}",
-                       *parts, {})
+                       *parts, {}, {})
     if dataset != "criteo":
         raise ValueError(f"unknown click-log data set {dataset!r}; use 'criteo' or 'random'")
     if not path:
@@ -78,17 +81,19 @@ def load_ctr(dataset: str, path: str | None, num_embeddings: int | list[int], se
         half = len(last) // 2
         train = train_days[0] if len(train_days) == 1 else _concat(train_days)
         return CTRData(f"criteo-npy({p.name})", _fingerprint(sorted(p.glob("day_*.npy"))), train,
-                       _rows(last, slice(0, half)), _rows(last, slice(half, len(last))), {})
+                       _rows(last, slice(0, half)), _rows(last, slice(half, len(last))), {}, {})
     if not p.is_file():
         raise FileNotFoundError(f"--criteo-path {p} does not exist")
     skipped: Counter[str] = Counter()
-    data = read_criteo_tsv(p, num_embeddings, max_rows=max_rows, on_bad_line=on_bad_line, skipped=skipped)
+    clamped: Counter[str] = Counter()
+    data = read_criteo_tsv(p, num_embeddings, max_rows=max_rows, on_bad_line=on_bad_line, skipped=skipped,
+                           negatives=negatives, clamped=clamped)
     n = len(data)
     a, b = int(n * 0.8), int(n * 0.9)
     if a == 0 or b == a or b == n:
         raise ValueError(f"{p}: {n} rows are too few to split 80/10/10 into train, valid and test")
     return CTRData(f"criteo-tsv({p.name})", _fingerprint([p]), _rows(data, slice(0, a)), _rows(data, slice(a, b)),
-                   _rows(data, slice(b, n)), dict(skipped))
+                   _rows(data, slice(b, n)), dict(skipped), dict(clamped))
 
 
 def random_ctr(n: int, sizes: np.ndarray, seed: object) -> CriteoArrays:

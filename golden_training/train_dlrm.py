@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,12 +33,14 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection
 from torchrec.datasets.utils import Batch
+from torchrec.distributed.fbgemm_qcomm_codec import CommType
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 from tqdm import tqdm
 
 from common.checkpoint import resume_if_possible, run_config, save_checkpoint
+from common.data.criteo import CriteoArrays
 from common.data.movielens import add_dataset_args, load_movielens
 from common.data.split import Split, leave_last_out
 from common.features import FeatureSchema
@@ -50,7 +53,9 @@ from common.runtime import (
     shutdown,
     write_results,
 )
-from common.sharding import SHARDING_TYPES, shard_model
+from common.sharding import SHARDING_TYPES, qcomms_precisions, shard_model
+from golden_training.ctr_data import criteo_schema, load_ctr
+from golden_training.ctr_data import make_batch as ctr_batch
 from golden_training.ranking_data import (
     Examples,
     RankingFeatures,
@@ -58,6 +63,8 @@ from golden_training.ranking_data import (
     popularity_sampler,
     reference_time,
 )
+
+CLICK_LOGS = ("criteo", "random")
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,13 @@ class Config:
     hard_negatives: int = 4
     sequence_features: bool = True
     trend_days: float = 30.0
+    criteo_path: str | None = None
+    num_embeddings: int = 100_000
+    num_embeddings_per_feature: tuple[int, ...] | None = None
+    random_rows: int = 100_000
+    max_rows: int | None = None
+    on_bad_line: str = "error"
+    negative_counts: str = "clamp"
     embedding_dim: int = 64
     dense_arch: tuple[int, ...] = (64, 64)
     over_arch: tuple[int, ...] = (128, 64, 1)
@@ -83,8 +97,10 @@ class Config:
     dense_lr: float = 1e-3
     seed: int = 0
     limit_batches: int | None = None
+    limit_eval_batches: int | None = None
     device: str = "auto"
     sharding_type: str = "table_wise"
+    qcomms: bool = False
     out: str = "runs/ranking"
     checkpoint_every: int = 200
     resume: bool = False
@@ -98,7 +114,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     d = Config()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
-    add_dataset_args(data)
+    add_dataset_args(data, CLICK_LOGS, "; or criteo (--criteo-path) or random, click logs with 13 dense and 26 "
+                     "categorical features")
     data.add_argument("--history-len", type=int, default=d.history_len, help=f"items of history per example (default: {d.history_len})")
     data.add_argument("--retrieval-export", default=None, help="two-tower export: adds the retrieval score feature, hard negatives and retrieval's candidates for re-ranking (default: none)")
     data.add_argument("--train-retrieval-export", default=None, help="two-tower export used for the training examples' retrieval scores and hard negatives, e.g. one trained with --holdout-last N so it has not seen the ranker's positives (default: --retrieval-export)")
@@ -107,6 +124,14 @@ def parse_args(argv: list[str] | None = None) -> Config:
     data.add_argument("--hard-negatives", type=int, default=d.hard_negatives, help=f"negatives per positive from retrieval's candidates; needs --retrieval-export (default: {d.hard_negatives})")
     data.add_argument("--no-sequence-features", dest="sequence_features", action="store_false", help="set the after_last_k and item_trend features to zero (an ablation)")
     data.add_argument("--trend-days", type=float, default=d.trend_days, help=f"window of the item_trend feature, in days (default: {d.trend_days:g})")
+    logs = p.add_argument_group("click logs (--dataset criteo or random)")
+    logs.add_argument("--criteo-path", default=None, help="a Criteo TSV file (split 80/10/10 in order) or a directory of TorchRec's day_{d}_{dense,sparse,labels}.npy (last day: valid and test)")
+    logs.add_argument("--num-embeddings", type=int, default=d.num_embeddings, help=f"rows of every categorical table; IDs are hashed modulo it (default: {d.num_embeddings})")
+    logs.add_argument("--num-embeddings-per-feature", type=int, nargs=26, default=None, help="26 table sizes instead of one --num-embeddings")
+    logs.add_argument("--random-rows", type=int, default=d.random_rows, help=f"training rows of --dataset random (valid and test get a tenth each) (default: {d.random_rows})")
+    logs.add_argument("--max-rows", type=int, default=None, help="read only the first N lines of a Criteo TSV file (default: all)")
+    logs.add_argument("--negative-counts", default=d.negative_counts, choices=["clamp", "bad_line"], help="negative Criteo counts (int_1 has them in the real logs): set to 0 and counted, as DLRM's preprocessing does, or treated as a malformed line (default: clamp)")
+    logs.add_argument("--on-bad-line", default=d.on_bad_line, choices=["error", "skip"], help="a malformed Criteo line is an error naming file and line, or skipped and counted (default: error)")
     model = p.add_argument_group("model")
     model.add_argument("--embedding-dim", type=int, default=d.embedding_dim, help=f"dimension of every table (DLRM needs one) (default: {d.embedding_dim})")
     model.add_argument("--dense-arch", type=int, nargs="+", default=list(d.dense_arch), help="dense MLP sizes; the last must equal --embedding-dim (default: 64 64)")
@@ -119,12 +144,14 @@ def parse_args(argv: list[str] | None = None) -> Config:
     train.add_argument("--dense-lr", type=float, default=d.dense_lr, help=f"Adam learning rate (default: {d.dense_lr})")
     train.add_argument("--seed", type=int, default=d.seed, help=f"seed for initialization, negatives and data order (default: {d.seed})")
     train.add_argument("--limit-batches", type=int, default=None, help="stop each epoch after this many steps (default: all)")
+    train.add_argument("--limit-eval-batches", type=int, default=None, help="click logs: evaluate on the first N batches of 8192 rows of valid and test (default: all)")
     train.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help=f"steps between DCP checkpoints; 0 = epoch ends only (default: {d.checkpoint_every})")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --out, if there is one, exactly where it stopped (without it, an --out holding checkpoints is refused)")
     train.add_argument("--log-every", type=int, default=d.log_every, help=f"steps between log lines (default: {d.log_every})")
     train.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the logistic-regression baseline")
     dist = p.add_argument_group("distributed")
     dist.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="auto: cuda if available (default: auto)")
+    dist.add_argument("--qcomms", action="store_true", help="quantized embedding communication (QCommsConfig): FP16 forward, BF16 backward; gloo has no BF16, so on CPU the backward is FP16 (TorchRec's fallback)")
     dist.add_argument("--sharding-type", default=d.sharding_type, choices=SHARDING_TYPES, help="embedding sharding; row-wise kinds need CUDA (default: table_wise)")
     out = p.add_argument_group("evaluation and output")
     out.add_argument("--out", default=d.out, help=f"run directory (default: {d.out})")
@@ -132,6 +159,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     out.add_argument("--n-boot", type=int, default=d.n_boot, help=f"bootstrap resamples for CIs (default: {d.n_boot})")
     a = vars(p.parse_args(argv))
     a["dense_arch"], a["over_arch"] = tuple(a["dense_arch"]), tuple(a["over_arch"])
+    if a["num_embeddings_per_feature"] is not None:
+        a["num_embeddings_per_feature"] = tuple(a["num_embeddings_per_feature"])
     cfg = Config(**a)
     if cfg.dense_arch[-1] != cfg.embedding_dim:
         p.error(f"--dense-arch must end in --embedding-dim ({cfg.embedding_dim}), got {cfg.dense_arch[-1]}")
@@ -301,19 +330,29 @@ def build(kind: str, cfg: Config, schema: FeatureSchema, rt: Runtime) -> tuple[D
         common = dict(embedding_bag_collection=ebc, dense_in_features=len(schema.dense),
                       dense_arch_layer_sizes=list(cfg.dense_arch), over_arch_layer_sizes=list(cfg.over_arch))
         net = DLRM_DCN(**common, dcn_num_layers=2, dcn_low_rank_dim=16) if cfg.interaction == "dcn" else DLRM(**common)
-    return shard_model(DLRMTrain(net), [ebc], rt, cfg.sharding_type, cfg.sparse_lr, cfg.dense_lr)
+    return shard_model(DLRMTrain(net), [ebc], rt, cfg.sharding_type, cfg.sparse_lr, cfg.dense_lr, cfg.qcomms)
 
 
 # ------------------------------------------------------------------------------------------
 # Training and evaluation
 
 
-def train(kind: str, cfg: Config, rt: Runtime, features: RankingFeatures, examples: Examples,
-          queries: np.ndarray | None, retr_train: RetrievalScorer | None, retr: RetrievalScorer | None,
-          valid: EvalSet, out: Path, fingerprint: str
-          ) -> tuple[DistributedModelParallel, list[dict[str, float]], dict[str, int]]:
-    """Train one model ("dlrm" or "lr") with checkpoints under ``out/checkpoints/<kind>``."""
-    model, optimizer = build(kind, cfg, features.schema, rt)
+def steps_per_epoch(num_examples: int, cfg: Config, rt: Runtime) -> int:
+    steps = num_examples // (cfg.batch_size * rt.world_size)
+    if steps == 0:
+        raise ValueError(f"batch size {cfg.batch_size} x {rt.world_size} ranks exceeds the {num_examples} "
+                         f"training examples; lower --batch-size")
+    return steps if cfg.limit_batches is None else min(steps, cfg.limit_batches)
+
+
+def train(kind: str, cfg: Config, rt: Runtime, schema: FeatureSchema, steps: int,
+          batches: Callable[[int, int], Iterator[Batch]], validate: Callable[[nn.Module], dict[str, float]],
+          out: Path, fingerprint: str) -> tuple[DistributedModelParallel, list[dict[str, float]], dict[str, int]]:
+    """Train one model ("dlrm" or "lr") for ``cfg.epochs`` epochs of ``steps`` steps, with DCP
+    checkpoints under ``out/checkpoints/<kind>``. ``batches(epoch, first_step)`` yields this
+    rank's batches from ``first_step`` on (so a resumed run sees the same ones); ``validate``
+    runs after each epoch."""
+    model, optimizer = build(kind, cfg, schema, rt)
     if kind == "dlrm":
         print0(str(model.plan))
     state = {"model": model, "optimizer": optimizer}
@@ -325,16 +364,6 @@ def train(kind: str, cfg: Config, rt: Runtime, features: RankingFeatures, exampl
     if resumed_from:
         print0(f"{kind}: resumed from step {global_step} (epoch {first_epoch}, step {start_step})")
     per_step = cfg.batch_size * rt.world_size
-    steps = len(examples) // per_step
-    if steps == 0:
-        raise ValueError(f"batch size {cfg.batch_size} x {rt.world_size} ranks exceeds {len(examples)} examples")
-    steps = steps if cfg.limit_batches is None else min(steps, cfg.limit_batches)
-
-    def batches(ep: int, first: int):
-        perm = np.random.default_rng([cfg.seed, 10, ep]).permutation(len(examples))
-        for step in range(first, steps):
-            lo = step * per_step + rt.rank * cfg.batch_size
-            yield make_batch(features, examples.take(perm[lo:lo + cfg.batch_size]), queries, retr_train, cfg.history_len)
 
     def checkpoint(ep: int, st: int) -> None:
         save_checkpoint(ckpt, global_step, state, meta={"epoch": ep, "step": st, "global_step": global_step,
@@ -362,10 +391,10 @@ def train(kind: str, cfg: Config, rt: Runtime, features: RankingFeatures, exampl
                 checkpoint(epoch, step)
         bar.close()
         pipeline.detach()
-        metrics = evaluate(model, features, valid, retr, cfg)
-        history.append({"epoch": epoch, **metrics["binary"], "rerank_NDCG@10": metrics["rerank"].means["NDCG@10"]})
-        print0(f"{kind} | epoch {epoch} | valid | auc {metrics['binary']['auc']:.4f} | ne {metrics['binary']['ne']:.4f} | "
-               f"re-ranked NDCG@10 {metrics['rerank'].means['NDCG@10']:.4f}")
+        metrics = validate(model)
+        history.append({"epoch": epoch, **metrics})
+        print0(f"{kind} | epoch {epoch} | valid | " + " | ".join(
+            f"{k} {v:.4f}" for k, v in metrics.items() if k in ("auc", "ne", "logloss", "rerank_NDCG@10")))
         start_step = 0
         checkpoint(epoch + 1, 0)
     return model, history, {"resumed_from_step": resumed_from, "steps": global_step, "final_loss": last_loss}
@@ -408,10 +437,7 @@ def _report(ev: EvalSet, lists: np.ndarray, cfg: Config) -> RankingReport:
     return report_from_ranks(ev.stage, ev.users, ranks, n_boot=cfg.n_boot)
 
 
-def main(argv: list[str] | None = None) -> dict[str, object]:
-    cfg = parse_args(argv)
-    rt = init_runtime(cfg.device)
-    seed_everything(cfg.seed)
+def train_movielens(cfg: Config, rt: Runtime) -> dict[str, object]:
     out = Path(cfg.out)
     ds = load_movielens(cfg.dataset, cfg.data_dir, cfg.source)
     split = leave_last_out(ds.user, ds.item, ds.timestamp, ds.num_users, ds.num_items)
@@ -427,16 +453,29 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
            f"{rt.world_size} x {rt.device.type} ({rt.backend}); candidates from {test.candidate_source}")
 
     results: dict[str, object] = {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "world_size": rt.world_size,
-                                  "config": asdict(cfg), "candidate_source": test.candidate_source}
+                                  "config": asdict(cfg), "qcomms": _qcomms(cfg, rt),
+                                  "candidate_source": test.candidate_source}
     original = _report(test, test.candidates, cfg)
     valid_original = _report(valid, valid.candidates, cfg)
     results["test_candidates_order"] = original.to_dict()
     results["valid_candidates_order"] = valid_original.to_dict()
     print0(f"valid | {valid.candidate_source} order | NDCG@10 {valid_original.means['NDCG@10']:.4f} | "
            f"HR@10 {valid_original.means['HR@10']:.4f} (what re-ranking must beat)")
+    steps = steps_per_epoch(len(examples), cfg, rt)
+
+    def batches(epoch: int, first: int) -> Iterator[Batch]:
+        perm = np.random.default_rng([cfg.seed, 10, epoch]).permutation(len(examples))
+        for step in range(first, steps):
+            lo = step * cfg.batch_size * rt.world_size + rt.rank * cfg.batch_size
+            yield make_batch(features, examples.take(perm[lo:lo + cfg.batch_size]), queries, retr_train,
+                             cfg.history_len)
+
+    def validate(model: nn.Module) -> dict[str, float]:
+        m = evaluate(model, features, valid, retr, cfg)
+        return {**m["binary"], "rerank_NDCG@10": m["rerank"].means["NDCG@10"]}
+
     for kind in (["dlrm", "lr"] if cfg.baseline else ["dlrm"]):
-        model, history, info = train(kind, cfg, rt, features, examples, queries, retr_train, retr, valid, out,
-                                     ds.fingerprint)
+        model, history, info = train(kind, cfg, rt, features.schema, steps, batches, validate, out, ds.fingerprint)
         metrics = evaluate(model, features, test, retr, cfg)
         results[kind] = {"valid_per_epoch": history, "test": metrics["binary"],
                          "test_reranked": metrics["rerank"].to_dict(),
@@ -455,6 +494,76 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print0(f"DLRM re-ranking minus {test.candidate_source} order, test NDCG@10: {gain['NDCG@10']:+.4f} "
            f"(95% CI over users [{lo:+.4f}, {hi:+.4f}])")
     write_results(out, results)
+    return results
+
+
+# ------------------------------------------------------------------------------------------
+# Click logs: Criteo and random data (golden_training/ctr_data.py)
+
+
+@torch.no_grad()
+def evaluate_click_logs(model: nn.Module, schema: FeatureSchema, data: CriteoArrays, cfg: Config) -> dict[str, float]:
+    """AUC / NE / log loss on ``data`` in file order. Every rank scores the same rows."""
+    net = (model.module if isinstance(model, DistributedModelParallel) else model).model
+    device = next(iter(model.parameters())).device
+    n = len(data) if cfg.limit_eval_batches is None else min(len(data), cfg.limit_eval_batches * 8192)
+    model.eval()
+    bm = BinaryMetrics()
+    for lo in range(0, n, 8192):
+        b = ctr_batch(schema, data, slice(lo, min(lo + 8192, n)))
+        logits = net(b.dense_features.to(device), b.sparse_features.to(device)).reshape(-1)
+        bm.update(torch.sigmoid(logits).cpu(), b.labels)
+    model.train()
+    return bm.compute(gather=False)
+
+
+def train_click_logs(cfg: Config, rt: Runtime) -> dict[str, object]:
+    sizes = list(cfg.num_embeddings_per_feature) if cfg.num_embeddings_per_feature else cfg.num_embeddings
+    data = load_ctr(cfg.dataset, cfg.criteo_path, sizes, cfg.seed, cfg.random_rows, cfg.max_rows, cfg.on_bad_line,
+                    cfg.negative_counts)
+    schema = criteo_schema(sizes)
+    steps = steps_per_epoch(len(data.train), cfg, rt)
+    print0(f"{data.name}: {len(data.train)} training rows ({data.train.labels.mean():.3f} clicks), "
+           f"{len(data.valid)} valid, {len(data.test)} test; {rt.world_size} x {rt.device.type} ({rt.backend})"
+           + (f"; skipped malformed lines: {data.skipped}" if data.skipped else "")
+           + (f"; negative counts set to 0: {data.clamped}" if data.clamped else ""))
+
+    def batches(epoch: int, first: int) -> Iterator[Batch]:
+        for step in range(first, steps):  # in order: Criteo's rows are in time order
+            lo = step * cfg.batch_size * rt.world_size + rt.rank * cfg.batch_size
+            yield ctr_batch(schema, data.train, slice(lo, lo + cfg.batch_size))
+
+    results: dict[str, object] = {"dataset": data.name, "data_fingerprint": data.fingerprint,
+                                  "world_size": rt.world_size, "config": asdict(cfg), "qcomms": _qcomms(cfg, rt),
+                                  "skipped_lines": data.skipped,
+                                  "clamped_negative_counts": data.clamped}
+    for kind in (["dlrm", "lr"] if cfg.baseline else ["dlrm"]):
+        model, history, info = train(kind, cfg, rt, schema, steps, batches,
+                                     lambda m: evaluate_click_logs(m, schema, data.valid, cfg), Path(cfg.out),
+                                     data.fingerprint)
+        results[kind] = {"valid_per_epoch": history, "test": evaluate_click_logs(model, schema, data.test, cfg), **info}
+    print0(f"{'test':<22} | {'AUC':>7} | {'NE':>7} | {'log loss':>8}")
+    for kind, name in (("lr", "logistic regression"), ("dlrm", f"DLRM ({cfg.interaction})")):
+        if kind in results:
+            t = results[kind]["test"]
+            print0(f"{name:<22} | {t['auc']:>7.4f} | {t['ne']:>7.4f} | {t['logloss']:>8.4f}")
+    write_results(Path(cfg.out), results)
+    return results
+
+
+def _qcomms(cfg: Config, rt: Runtime) -> dict[str, str] | None:
+    return dict(zip(("forward", "backward"), (p.name for p in qcomms_precisions(rt.device)))) if cfg.qcomms else None
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    cfg = parse_args(argv)
+    rt = init_runtime(cfg.device)
+    seed_everything(cfg.seed)
+    if cfg.qcomms:
+        fwd, bwd = qcomms_precisions(rt.device)
+        print0(f"quantized communication: {fwd.name} forward, {bwd.name} backward"
+               + ("" if bwd == CommType.BF16 else " (BF16 asked for, but gloo has no BF16: TorchRec falls back to FP16)"))
+    results = train_click_logs(cfg, rt) if cfg.dataset in CLICK_LOGS else train_movielens(cfg, rt)
     shutdown()
     return results
 

@@ -29,6 +29,9 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 "${pip[@]}" install --quiet -r "requirements/$device.txt"
 "${pip[@]}" install --quiet -r requirements/base.txt
 "${pip[@]}" install --quiet --no-deps -r requirements/torchrec.txt
+# Put the repository on the venv's path (what an editable install does), so that scripts run by
+# file path, as torchx's dist.ddp --script does, still import common/, retrieval/ and the rest.
+"$venv/bin/python" -c 'import pathlib, site, sys; pathlib.Path(site.getsitepackages()[0], "torchrec_recsys_examples.pth").write_text(sys.argv[1] + "\n")' "$PWD"
 "$venv/bin/python" - <<PY
 import torch, torchrec, faiss, fbgemm_gpu  # noqa: F401  fail here, not in the first test
 print(f"environment ready: torch {torch.__version__}, torchrec {torchrec.__version__}, "

@@ -121,3 +121,19 @@ def test_criteo_bad_lines_are_named_or_skipped_and_counted(tmp_path) -> None:
     assert a.labels.tolist() == [1.0, 0.0]  # lines 1 and 5
     assert sum(skipped.values()) == 3 and len(skipped) == 3
     assert any("cat_25 must be a hex hash" in k for k in skipped)
+
+
+def test_criteo_negative_counts_are_clamped_and_counted_or_rejected(tmp_path) -> None:
+    from collections import Counter
+    good = ["1"] + ["3"] * 13 + ["0a"] * 26
+    negative = ["0", "5", "-2"] + ["1"] * 11 + ["0b"] * 26
+    p = tmp_path / "neg.tsv"
+    p.write_text("".join("\t".join(r) + "\n" for r in (good, negative, good)))
+    clamped: Counter[str] = Counter()
+    a = read_criteo_tsv(p, 10, clamped=clamped)  # default: clamp, as DLRM's preprocessing does, but count
+    assert len(a) == 3 and a.dense[1, 1] == 0.0 and clamped == Counter({"int_1": 1})
+    with pytest.raises(ValueError, match=r"neg.tsv: line 2: int_1 is a negative count, got '-2'"):
+        read_criteo_tsv(p, 10, negatives="bad_line")
+    skipped: Counter[str] = Counter()
+    b = read_criteo_tsv(p, 10, negatives="bad_line", on_bad_line="skip", skipped=skipped)
+    assert len(b) == 2 and sum(skipped.values()) == 1

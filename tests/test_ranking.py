@@ -94,3 +94,39 @@ def test_killed_two_process_run_resumes_to_the_same_metrics(tmp_path) -> None:
     assert resumed["dlrm"]["steps"] == reference["dlrm"]["steps"] == 60
     assert resumed["dlrm"]["test"] == reference["dlrm"]["test"]
     assert resumed["dlrm"]["valid_per_epoch"] == reference["dlrm"]["valid_per_epoch"]
+
+
+def test_sequence_features_leave_the_rows_own_transition_out() -> None:
+    """after_last_k counts other users' (previous -> candidate) pairs; a training positive must not
+    find its own pair in the counts, since a test target never does."""
+    import numpy as np
+
+    from common.data.split import leave_last_out
+    from golden_training.ranking_data import Examples, SequenceStats, reference_time
+
+    # user 0: 0 -> 1 -> 2 -> 3 -> 4; user 1: 0 -> 1 -> 3 -> 5 -> 6 (times in days)
+    user = np.array([0] * 5 + [1] * 5)
+    item = np.array([0, 1, 2, 3, 4, 0, 1, 3, 5, 6])
+    day = np.array([1, 2, 3, 4, 5, 1, 2, 40, 41, 42]) * 86_400
+    split = leave_last_out(user, item, day, 2, 7)  # train: user 0 items 0,1,2; user 1 items 0,1,3
+    stats = SequenceStats.build(split, trend_days=30)
+    # training positive: user 0's item 2 after item 1; the only 1 -> 2 pair is its own
+    own = Examples(np.array([0, 0]), np.array([2, 3]), np.array([1.0, 0.0]), np.array([0, 0]), np.array([2, 2]),
+                   np.zeros(2, np.int64), np.array([2, 2]) * 86_400, split.train_item, own=True)
+    f = stats.features(own)
+    # 1 -> 2 (own, left out): 0; 1 -> 3 (user 1's): 1 / (2 transitions out of item 1 - own + 1)
+    assert f["after_last_1"].tolist() == [0.0, 0.5]
+    assert f["after_last_2"].tolist() == [0.0, 0.0]  # 0 -> 2 and 0 -> 3 are never consecutive
+    # At test time the same counts are used in full: user 1's history ends 1 -> 3 -> 5.
+    indptr, hist = split.history("test")
+    now = reference_time(split, "test", np.array([0, 1]))
+    assert now.tolist() == [4 * 86_400, 41 * 86_400]
+    ev = Examples(np.array([0, 0]), np.array([2, 3]), np.zeros(2), indptr[[0, 0]], indptr[[1, 1]],
+                  np.zeros(2, np.int64), now[[0, 0]], hist)
+    f = stats.features(ev)  # user 0's test history: 0, 1, 2 (train), 3 (valid)
+    assert f["after_last_2"].tolist() == [0.0, 0.0]  # nothing follows item 2 in training
+    # Item 1 is followed by 2 (user 0) and 3 (user 1); at test time every training pair counts.
+    assert f["after_last_3"].tolist() == pytest.approx([1 / 3, 1 / 3])
+    # item_trend: training interactions in the 30 days before "now" (day 4): items 0,1,2 of user 0
+    # (days 1-3), items 0 and 1 of user 1 (days 1, 2); item 3 of user 1 is on day 40.
+    assert np.expm1(f["item_trend"]).round().tolist() == [1.0, 0.0]

@@ -6,8 +6,11 @@ or missing) and 26 categorical values as 8-hex-digit hashes (may be missing). Mi
 become 0 (as in TorchRec's ``tsv_to_npys``). Dense features get DLRM's transform
 ``log(1 + max(x, 0))`` (facebookresearch/dlrm ``data_utils.py``); categorical hashes are taken
 modulo each feature's table size. A malformed line is an error naming the file and line, or,
-with ``on_bad_line="skip"``, dropped and counted, never silently. Negative counts (int_1 has
-them in the real logs) are clamped to 0 by the transform, as DLRM's reference preprocessing does.
+with ``on_bad_line="skip"``, dropped and counted, never silently. Negative counts are a real
+feature of the logs (int_1 holds -1, -2 and -3 in the Kaggle and Terabyte files), so by default
+(``negatives="clamp"``) they are set to 0 as DLRM's reference preprocessing does, and counted
+per column; ``negatives="bad_line"`` treats a line with one as malformed instead (an error, or
+skipped and counted under ``on_bad_line="skip"``).
 
 TorchRec's preprocessed format has three arrays per day: ``day_{d}_dense.npy`` (float32
 ``[N, 13]``, already log-transformed by TorchRec's own preprocessing), ``day_{d}_sparse.npy``
@@ -56,7 +59,7 @@ def dense_transform(raw: np.ndarray) -> np.ndarray:
     return np.log1p(np.maximum(np.nan_to_num(raw, nan=0.0), 0)).astype(np.float32)
 
 
-def _line_problem(line: str, ncols: int, has_label: bool) -> str | None:
+def _line_problem(line: str, ncols: int, has_label: bool, negative_is_bad: bool = False) -> str | None:
     """Why one TSV line is malformed, or None if it is fine."""
     fields = line.rstrip("\n").split("\t")
     if len(fields) != ncols:
@@ -68,9 +71,11 @@ def _line_problem(line: str, ncols: int, has_label: bool) -> str | None:
     for j, value in enumerate(fields[offset:offset + NUM_DENSE]):
         if value:
             try:
-                int(value)
+                number = int(value)
             except ValueError:
                 return f"{DENSE_NAMES[j]} must be an integer, got {value!r}"
+            if negative_is_bad and number < 0:
+                return f"{DENSE_NAMES[j]} is a negative count, got {value!r}"
     for j, value in enumerate(fields[offset + NUM_DENSE:]):
         if value:
             try:
@@ -82,17 +87,24 @@ def _line_problem(line: str, ncols: int, has_label: bool) -> str | None:
 
 def iter_criteo_tsv(path: str | Path, num_embeddings: int | Sequence[int], chunk_rows: int = 1 << 18,
                     has_label: bool = True, max_rows: int | None = None, on_bad_line: str = "error",
-                    skipped: Counter[str] | None = None) -> Iterator[CriteoArrays]:
+                    skipped: Counter[str] | None = None, negatives: str = "clamp",
+                    clamped: Counter[str] | None = None) -> Iterator[CriteoArrays]:
     """Read a Criteo TSV file in chunks of ``chunk_rows`` lines.
 
     ``has_label=False`` reads the Kaggle test file, which has no label column (labels are -1).
     A malformed line (wrong number of fields, a label other than 0/1, a non-integer count, a
     non-hex category) raises ``ValueError`` naming the file, the line and the problem; with
     ``on_bad_line="skip"`` it is dropped instead, counted by problem in ``skipped``, and the
-    count is reported on stderr at the end.
+    count is reported on stderr at the end. Negative counts are clamped to 0 and counted per
+    column in ``clamped`` (``negatives="clamp"``), or make the line malformed
+    (``negatives="bad_line"``).
     """
     if on_bad_line not in ("error", "skip"):
         raise ValueError(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
+    if negatives not in ("clamp", "bad_line"):
+        raise ValueError(f"negatives must be 'clamp' or 'bad_line', got {negatives!r}")
+    bad_negative = negatives == "bad_line"
+    n_clamped: Counter[str] = clamped if clamped is not None else Counter()
     sizes = table_sizes(num_embeddings)
     ncols = NUM_DENSE + NUM_SPARSE + int(has_label)
     names = (["label"] if has_label else []) + DENSE_NAMES + SPARSE_NAMES
@@ -105,10 +117,10 @@ def iter_criteo_tsv(path: str | Path, num_embeddings: int | Sequence[int], chunk
             if not lines:
                 break
             try:
-                yield _parse_chunk(lines, names, ncols, has_label, sizes)
+                yield _parse_chunk(lines, names, ncols, has_label, sizes, bad_negative, n_clamped)
             except _MalformedChunk:
                 # Slow path, only for chunks with a bad line: check every line, then parse the good ones.
-                problems = [_line_problem(x, ncols, has_label) for x in lines]
+                problems = [_line_problem(x, ncols, has_label, bad_negative) for x in lines]
                 bad = [i for i, p in enumerate(problems) if p is not None]
                 if on_bad_line == "error":
                     raise ValueError(f"{path}: line {line + bad[0] + 1}: {problems[bad[0]]}; fix the file or "
@@ -117,17 +129,20 @@ def iter_criteo_tsv(path: str | Path, num_embeddings: int | Sequence[int], chunk
                     counts[problems[i].split(",")[0].split(" got ")[0]] += 1
                 good = [x for x, p in zip(lines, problems) if p is None]
                 if good:
-                    yield _parse_chunk(good, names, ncols, has_label, sizes)
+                    yield _parse_chunk(good, names, ncols, has_label, sizes, bad_negative, n_clamped)
             line += len(lines)
     if counts and skipped is None:
         print(f"warning: {path}: skipped {sum(counts.values())} malformed lines: {dict(counts)}", file=sys.stderr)
+    if n_clamped and clamped is None:
+        print(f"note: {path}: clamped negative counts to 0: {dict(n_clamped)}", file=sys.stderr)
 
 
 class _MalformedChunk(Exception):
     pass
 
 
-def _parse_chunk(lines: list[str], names: list[str], ncols: int, has_label: bool, sizes: np.ndarray) -> CriteoArrays:
+def _parse_chunk(lines: list[str], names: list[str], ncols: int, has_label: bool, sizes: np.ndarray,
+                 bad_negative: bool, clamped: Counter[str]) -> CriteoArrays:
     """Vectorized parse of well-formed lines; raises _MalformedChunk at the first sign of a bad one."""
     # pandas pads short rows with "" (indistinguishable from missing values), so count fields.
     if any(x.count("\t") + 1 != ncols for x in lines):
@@ -146,6 +161,12 @@ def _parse_chunk(lines: list[str], names: list[str], ncols: int, has_label: bool
     dense = chunk[DENSE_NAMES].to_numpy(np.float64)
     if (np.nan_to_num(dense) != np.round(np.nan_to_num(dense))).any():
         raise _MalformedChunk  # e.g. "1.5": counts are integers
+    negative = np.nan_to_num(dense) < 0
+    if negative.any():
+        if bad_negative:
+            raise _MalformedChunk
+        for j in np.flatnonzero(negative.any(axis=0)):
+            clamped[DENSE_NAMES[j]] += int(negative[:, j].sum())
     sparse = np.empty((len(chunk), NUM_SPARSE), dtype=np.int64)
     for j, name in enumerate(SPARSE_NAMES):
         codes, uniques = pd.factorize(chunk[name].to_numpy())  # hashes repeat: parse each once
@@ -159,10 +180,11 @@ def _parse_chunk(lines: list[str], names: list[str], ncols: int, has_label: bool
 
 def read_criteo_tsv(path: str | Path, num_embeddings: int | Sequence[int], has_label: bool = True,
                     max_rows: int | None = None, on_bad_line: str = "error",
-                    skipped: Counter[str] | None = None) -> CriteoArrays:
+                    skipped: Counter[str] | None = None, negatives: str = "clamp",
+                    clamped: Counter[str] | None = None) -> CriteoArrays:
     """The whole file (or its first ``max_rows`` lines) as one :class:`CriteoArrays`."""
     parts = list(iter_criteo_tsv(path, num_embeddings, has_label=has_label, max_rows=max_rows,
-                                 on_bad_line=on_bad_line, skipped=skipped))
+                                 on_bad_line=on_bad_line, skipped=skipped, negatives=negatives, clamped=clamped))
     if not parts:
         raise ValueError(f"{path}: no rows")
     return CriteoArrays(dense=np.concatenate([p.dense for p in parts]),

@@ -150,10 +150,12 @@ class MovieLens:
 # Loading
 
 
-def add_dataset_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """The data flags every script shares: --dataset, --data-dir, --source."""
-    parser.add_argument("--dataset", default="ml-100k", choices=sorted(ARCHIVES),
-                        help="MovieLens variant (default: ml-100k)")
+def add_dataset_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+                     others: tuple[str, ...] = (), others_help: str = "") -> None:
+    """The data flags every script shares: --dataset, --data-dir, --source. ``others`` are
+    extra --dataset choices a script supports besides MovieLens."""
+    parser.add_argument("--dataset", default="ml-100k", choices=sorted(ARCHIVES) + list(others),
+                        help=f"MovieLens variant{others_help} (default: ml-100k)")
     parser.add_argument("--data-dir", default=None,
                         help="cache directory (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)")
     parser.add_argument("--source", default="auto", choices=["auto", "grouplens", "recbole"],
