@@ -221,6 +221,33 @@ class FeatureSchema:
         )
         return FeatureBatch(dense=dense, sparse=kjt)
 
+    def from_arrays(self, ids: np.ndarray, dense: np.ndarray) -> FeatureBatch:
+        """The fast path for schemas of single-valued sparse features (click logs): ``ids`` is
+        ``[batch, sparse features]`` and ``dense`` ``[batch, dense features]``, in schema order.
+        The same checks as :meth:`from_columns`, vectorized; a failing batch goes through
+        ``from_columns`` for the error that names the feature and the example."""
+        ids, dense = np.asarray(ids), np.asarray(dense)
+        n, k = ids.shape if ids.ndim == 2 else (len(ids), -1)
+        if not all(f.single_valued for f in self.sparse):
+            raise FeatureError("from_arrays needs single-valued sparse features; use from_columns for lists")
+        if k != len(self.sparse) or dense.shape != (n, len(self.dense)):
+            raise FeatureError(f"from_arrays expects ids [batch, {len(self.sparse)}] and dense [batch, "
+                               f"{len(self.dense)}], got {ids.shape} and {dense.shape}")
+        sizes = np.array([f.cardinality for f in self.sparse], dtype=np.int64)
+        if (not np.issubdtype(ids.dtype, np.integer) or ((ids < 0) | (ids >= sizes)).any()
+                or not np.isfinite(dense).all()):
+            cols = {f.name: ids[:, j] for j, f in enumerate(self.sparse)}
+            cols.update({f.name: dense[:, j] for j, f in enumerate(self.dense)})
+            self.from_columns(cols, batch_size=n)  # raises with the details
+        total = n * k
+        # One ID per example and feature, so lengths, offsets and per-key sizes are known up front
+        # (KeyedJaggedTensor would otherwise compute them, with a sync, at first use).
+        kjt = KeyedJaggedTensor(keys=self.sparse_names,
+                                values=torch.from_numpy(np.ascontiguousarray(ids.T, dtype=np.int64).reshape(-1)),
+                                lengths=torch.ones(total, dtype=torch.int32), offsets=torch.arange(total + 1),
+                                stride=n, length_per_key=[n] * k, offset_per_key=list(range(0, total + 1, n)))
+        return FeatureBatch(dense=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)), sparse=kjt)
+
     def _sparse_column(self, f: SparseFeature, col: Any) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(col, tuple) and len(col) == 2:
             vals, lens = _int_array(f, col[0], "values"), _int_array(f, col[1], "lengths")

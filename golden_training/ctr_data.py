@@ -109,11 +109,7 @@ def random_ctr(n: int, sizes: np.ndarray, seed: object) -> CriteoArrays:
 
 def make_batch(schema: FeatureSchema, data: CriteoArrays, rows: slice) -> Batch:
     """Rows ``rows`` of ``data`` as a TorchRec ``Batch``; IDs are checked against the table sizes."""
-    sparse = np.asarray(data.sparse[rows])
-    dense = np.asarray(data.dense[rows], dtype=np.float32)
-    cols: dict[str, np.ndarray] = {n: sparse[:, j] for j, n in enumerate(SPARSE_NAMES)}
-    cols.update({n: dense[:, j] for j, n in enumerate(DENSE_NAMES)})
-    fb = schema.from_columns(cols, batch_size=len(sparse))
+    fb = schema.from_arrays(data.sparse[rows], data.dense[rows])
     return Batch(dense_features=fb.dense, sparse_features=fb.sparse,
                  labels=torch.from_numpy(np.asarray(data.labels[rows], dtype=np.float32)))
 
