@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.optim.keyed import CombinedOptimizer
 
 from common.runtime import get_rank, write_json_atomic
@@ -155,6 +156,20 @@ def resume_if_possible(root: str | Path, state: dict[str, Any],
                 raise ValueError(f"{root} holds checkpoints of a run with other settings ({detail}); resume with "
                                  f"the same settings, or use another --out (or delete {root}) to start over")
     return load_checkpoint(path, state)
+
+
+def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded weights, assembled on rank 0 (collective; other ranks get an empty dict)."""
+    rank0 = torch.distributed.get_rank() == 0
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            full = torch.empty(value.size(), dtype=value.dtype) if rank0 else None
+            value.gather(dst=0, out=full)
+            value = full
+        if rank0:
+            out[key] = value.detach().cpu().clone()
+    return out
 
 
 def _state_dicts(state: dict[str, Any]) -> dict[str, Any]:

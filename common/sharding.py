@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection
+from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -36,10 +36,12 @@ def qcomms_precisions(device: torch.device) -> tuple[CommType, CommType]:
     return CommType.FP16, (CommType.BF16 if device.type == "cuda" else CommType.FP16)
 
 
-def shard_model(model: nn.Module, ebcs: Iterable[EmbeddingBagCollection], rt: Runtime, sharding_type: str,
+def shard_model(model: nn.Module, ebcs: Iterable[EmbeddingBagCollection | EmbeddingCollection], rt: Runtime,
+                sharding_type: str,
                 sparse_lr: float, dense_lr: float, qcomms: bool = False
                 ) -> tuple[DistributedModelParallel, CombinedOptimizer]:
-    """Shard ``model``'s tables (those of ``ebcs``, built on the meta device) with one sharding
+    """Shard ``model``'s tables (those of ``ebcs``, embedding bag or sequence embedding
+    collections built on the meta device) with one sharding
     type, updating them with a fused RowWiseAdagrad applied in backward; Adam for everything else.
     ``qcomms`` quantizes the embeddings' all-to-all and reduce-scatter (``qcomms_precisions``).
 
@@ -53,7 +55,8 @@ def shard_model(model: nn.Module, ebcs: Iterable[EmbeddingBagCollection], rt: Ru
                          f"or table_column_wise")
     ebcs = list(ebcs)
     apply_optimizer_in_backward(RowWiseAdagrad, [p for ebc in ebcs for p in ebc.parameters()], {"lr": sparse_lr})
-    tables = [c.name for ebc in ebcs for c in ebc.embedding_bag_configs()]
+    tables = [c.name for ebc in ebcs for c in (ebc.embedding_bag_configs() if isinstance(ebc, EmbeddingBagCollection)
+                                                else ebc.embedding_configs())]
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=rt.world_size, compute_device=rt.device.type),
         constraints={t: ParameterConstraints(sharding_types=[sharding_type]) for t in tables})

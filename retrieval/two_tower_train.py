@@ -30,13 +30,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
 from common.baselines import popularity_report
-from common.checkpoint import resume_if_possible, run_config, save_checkpoint
+from common.checkpoint import gathered_state_dict, resume_if_possible, run_config, save_checkpoint
 from common.data.movielens import add_dataset_args, load_movielens
 from common.data.movielens_features import last_n
 from common.data.split import Split, leave_last_out
@@ -232,20 +231,6 @@ def _unwrap(model: torch.nn.Module) -> TwoTower:
 
 # ------------------------------------------------------------------------------------------
 # Export
-
-
-def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded weights, assembled on rank 0 (collective; other ranks get an empty dict)."""
-    rank0 = torch.distributed.get_rank() == 0
-    out: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
-        if isinstance(value, ShardedTensor):
-            full = torch.empty(value.size(), dtype=value.dtype) if rank0 else None
-            value.gather(dst=0, out=full)
-            value = full
-        if rank0:
-            out[key] = value.detach().cpu().clone()
-    return out
 
 
 def _sha256(path: Path) -> str:

@@ -3,6 +3,7 @@ on gloo (as torchrec_dlrm's tests do). Module-level so that spawned workers can 
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -104,3 +105,22 @@ def ranks_of_this_process(path: str) -> None:
     write_results(path, {"written_by": rt.rank})
     print0("hello from rank 0")
     shutdown()
+
+
+def bert4rec_evaluate(run_dir: str) -> dict[str, dict[str, float]]:
+    """Load a BERT4Rec run's best checkpoint into this world size's sharding and evaluate test."""
+    from bert4rec.bert4rec_main import Config, build, evaluate
+    from common.checkpoint import latest_checkpoint, load_checkpoint
+    from common.data.movielens import load_movielens
+    from common.data.split import leave_last_out
+    from common.runtime import init_runtime
+
+    rt = init_runtime("cpu")
+    torch.set_num_threads(1)  # the same arithmetic in every process count
+    saved = json.loads((Path(run_dir) / "results.json").read_text())["config"]
+    cfg = Config(**saved)
+    ds = load_movielens(cfg.dataset)
+    split = leave_last_out(ds.user, ds.item, ds.timestamp, ds.num_users, ds.num_items)
+    model, _ = build(cfg, ds.num_items, rt)
+    load_checkpoint(latest_checkpoint(Path(run_dir) / "best"), {"model": model})
+    return {k: r.means for k, r in evaluate(model.module.model, split, "test", n_boot=10).items()}

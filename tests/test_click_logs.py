@@ -65,8 +65,8 @@ def test_criteo_npy_layout_and_an_id_beyond_the_table(tmp_path) -> None:
     assert res["dlrm"]["steps"] == 6000 // 256 and res["dlrm"]["test"]["num_examples"] == 3000
     assert res["dlrm"]["test"]["auc"] > 0.55  # the label is a function of cat_0: learnable
     # IDs are hashed modulo the table size, so no ID can overflow; the schema still guards the kernel.
-    from golden_training.ctr_data import criteo_schema, load_ctr, make_batch
     from common.features import FeatureError
+    from golden_training.ctr_data import criteo_schema, load_ctr, make_batch
     data = load_ctr("criteo", str(tmp_path), 5000)
     data.train.sparse[3, 7] = 5000
     with pytest.raises(FeatureError, match=r"'cat_7'.*ID 5000 in example 3 is out of range \[0, 5000\)"):
