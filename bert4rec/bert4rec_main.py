@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         meta["valid_before_training"] = evaluate(net, split, "valid", n_boot=10, sampled=False)["full"].means
     start = time.perf_counter()
     bar = tqdm(total=cfg.epochs, initial=first_epoch, desc="epochs", disable=not rt.is_rank0 or None)
-    epoch = first_epoch
+    epochs_done = first_epoch
     for epoch in range(first_epoch, cfg.epochs):
         if stale >= cfg.patience:
             break
@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             optimizer.step()
             total += float(loss.item())
         bar.update(1)
+        epochs_done = epoch + 1
         if (epoch + 1) % cfg.eval_every and epoch + 1 < cfg.epochs:
             continue
         rep = evaluate(net, split, "valid", n_boot=50, sampled=False)["full"]
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     test = evaluate(net, split, "test", cfg.n_boot)
     pop = popularity_report(split, "test", n_boot=cfg.n_boot)
     results = {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "world_size": rt.world_size,
-               "config": asdict(cfg), "valid_before_training": meta["valid_before_training"], "best_epoch": best_epoch, "epochs_run": epoch + 1, "train_seconds": train_s,
+               "config": asdict(cfg), "valid_before_training": meta["valid_before_training"], "best_epoch": best_epoch, "epochs_run": epochs_done, "train_seconds": train_s,
                "valid_per_eval": history, "valid": {k: r.to_dict() for k, r in valid.items()},
                "test": {k: r.to_dict() for k, r in test.items()}, "test_popularity": pop.to_dict()}
     print0(f"{'test (best epoch ' + str(best_epoch) + ')':<26} | {'HR@10':>7} | {'NDCG@10':>7} | {'Recall@100':>10}")

@@ -37,12 +37,11 @@ def qcomms_precisions(device: torch.device) -> tuple[CommType, CommType]:
 
 
 def shard_model(model: nn.Module, ebcs: Iterable[EmbeddingBagCollection | EmbeddingCollection], rt: Runtime,
-                sharding_type: str,
-                sparse_lr: float, dense_lr: float, qcomms: bool = False
+                sharding_type: str, sparse_lr: float, dense_lr: float, qcomms: bool = False
                 ) -> tuple[DistributedModelParallel, CombinedOptimizer]:
-    """Shard ``model``'s tables (those of ``ebcs``, embedding bag or sequence embedding
-    collections built on the meta device) with one sharding
-    type, updating them with a fused RowWiseAdagrad applied in backward; Adam for everything else.
+    """Shard ``model``'s tables (those of ``ebcs``, pooled or sequence embedding collections
+    built on the meta device) with one sharding type, updating them with a fused RowWiseAdagrad
+    applied in backward; Adam for everything else.
     ``qcomms`` quantizes the embeddings' all-to-all and reduce-scatter (``qcomms_precisions``).
 
     Returns the DMP-wrapped model and a ``CombinedOptimizer`` (fused part + Adam) for

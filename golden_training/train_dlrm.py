@@ -1,8 +1,11 @@
-"""Train the DLRM ranker on MovieLens and measure what it adds on top of retrieval.
+"""Train the DLRM ranker on MovieLens and measure what it adds on top of retrieval; or train
+DLRM on click logs (Criteo, random data: golden_training/ctr_data.py).
 
     python -m golden_training.train_dlrm --retrieval-export runs/retrieval/export   # ranker for the pipeline
     python -m golden_training.train_dlrm                                            # popularity negatives only
     torchrun --nproc_per_node=2 -m golden_training.train_dlrm --retrieval-export runs/retrieval/export
+    torchx run -s local_cwd dist.ddp -j 1x2 --script golden_training/train_dlrm.py -- --dataset random
+    python -m golden_training.train_dlrm --dataset criteo --criteo-path train.txt --max-rows 1000000
     python -m golden_training.train_dlrm --epochs 1 --limit-batches 20              # smoke run
 
 The task (golden_training/ranking_data.py): given a user, their history and a candidate item,
@@ -17,7 +20,8 @@ Measured on validation each epoch and on test at the end (shared split):
 - re-ranking: each user's 100 candidates (retrieval's, given an export; else the popularity
   top 100), re-ordered by the ranker; NDCG@10 and HR@10 of the re-ordered list against the
   candidates' own order. A target outside the candidates counts as a miss for both.
-Results go to <out>/results.json; DCP checkpoints to <out>/checkpoints (rerun with --resume to continue).
+Click logs are measured by AUC, NE and log loss on their valid and test rows. Results go to
+<out>/results.json; DCP checkpoints to <out>/checkpoints (rerun with --resume to continue).
 """
 
 from __future__ import annotations
