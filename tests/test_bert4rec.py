@@ -35,7 +35,7 @@ def test_a_seeded_tiny_run_learns(tiny_run) -> None:
     assert pop_sampled["HR@10"] > full["HR@10"] and res["test"]["sampled_uniform"]["HR@10"] > pop_sampled["HR@10"]
 
 
-def test_export_scores_awkward_histories(tiny_run) -> None:
+def test_export_scores_awkward_histories(tiny_run, ml100k, ml100k_split) -> None:
     from bert4rec.scorer import NextItemScorer
 
     _, out = tiny_run
@@ -48,6 +48,11 @@ def test_export_scores_awkward_histories(tiny_run) -> None:
     # unknown IDs are dropped: the same as the history without them; all-unknown = empty
     assert np.allclose(scored.scores[3], scorer.score([[known[0], known[1]]]).scores[0], atol=1e-4)
     assert np.allclose(scored.scores[4], scored.scores[0], atol=1e-4)
+    # An item in the catalog but in no training sequence (5 on ml-100k) keeps its initial
+    # embedding: it is a known ID, scored like any other.
+    never_trained = int(ml100k.item_raw_ids[np.flatnonzero(ml100k_split.item_counts("valid") == 0)[0]])
+    cold = scorer.score([[never_trained], known[:1] + [never_trained]])
+    assert cold.unknown == [[], []] and np.isfinite(cold.scores).all()
     top = scorer.recommend(known, k=10)
     assert len(top) == 10 and not set(known) & {i for i, _ in top}
     with pytest.raises(TypeError, match="list of raw item IDs"):
