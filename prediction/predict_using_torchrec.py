@@ -30,7 +30,7 @@ from common.data.split import leave_last_out
 from common.features import FeatureError, FeatureSchema
 from common.runtime import write_json_atomic
 from golden_training.ranking_data import Examples, RankingFeatures, reference_time
-from golden_training.train_dlrm import Config, RetrievalScorer, eval_set, evaluate, make_batch
+from golden_training.train_dlrm import CLICK_LOGS, Config, RetrievalScorer, eval_set, evaluate, make_batch
 
 
 class TorchRecDLRM(nn.Module):
@@ -77,6 +77,9 @@ class Ranker:
             raise ValueError(f"{path} has no run_config in meta.json; it was not written by golden_training.train_dlrm")
         self.cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in run.items()
                              if k in Config.__dataclass_fields__})
+        if self.cfg.dataset in CLICK_LOGS:
+            raise ValueError(f"{path} is a DLRM trained on {self.cfg.dataset} click logs; the Ranker scores MovieLens "
+                             f"(user, item) pairs. Evaluate click-log models with golden_training.train_dlrm's results.json")
         ds = load_movielens(self.cfg.dataset, data_dir)
         if ds.fingerprint != run["data_fingerprint"]:
             raise ValueError(f"{path} was trained on data with fingerprint {run['data_fingerprint'][:16]}, "

@@ -76,6 +76,9 @@ def test_criteo_npy_layout_and_an_id_beyond_the_table(tmp_path) -> None:
 def test_random_data_has_a_learnable_signal(tmp_path) -> None:
     res = train_dlrm(RANDOM + ["--out", str(tmp_path)])
     assert res["dataset"] == "random" and res["dlrm"]["test"]["auc"] > 0.65
+    from prediction.predict_using_torchrec import Ranker
+    with pytest.raises(ValueError, match="trained on random click logs; the Ranker scores MovieLens"):
+        Ranker(tmp_path / "checkpoints" / "dlrm")
 
 
 def _env() -> dict[str, str]:
