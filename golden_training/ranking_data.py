@@ -32,8 +32,8 @@ from common.data.split import Split
 from common.features import DenseFeature, FeatureSchema, SparseFeature
 
 TRANSITION_LAGS = 3
-DENSE_FEATURES = ("user_activity", "item_popularity", "item_year", "user_age", "retrieval_score",
-                  *(f"after_last_{k}" for k in range(1, TRANSITION_LAGS + 1)), "item_trend")
+SEQUENCE_FEATURES = (*(f"after_last_{k}" for k in range(1, TRANSITION_LAGS + 1)), "item_trend")  # SequenceStats
+DENSE_FEATURES = ("user_activity", "item_popularity", "item_year", "user_age", "retrieval_score", *SEQUENCE_FEATURES)
 DAY = 86_400
 
 
@@ -84,7 +84,7 @@ class RankingFeatures(MovieLensTables):
             "retrieval_score": (np.zeros(n, np.float32) if retrieval_score is None
                                 else np.asarray(retrieval_score, dtype=np.float32)),
             **{name: (np.zeros(n, np.float32) if sequence is None else sequence[name])
-               for name in DENSE_FEATURES if name.startswith(("after_last_", "item_trend"))},
+               for name in SEQUENCE_FEATURES},
         }
         fb = self.schema.from_columns(cols, batch_size=n)
         lab = torch.zeros(n) if labels is None else torch.as_tensor(labels, dtype=torch.float32)
@@ -126,7 +126,8 @@ def reference_time(split: Split, stage: str, users: np.ndarray) -> np.ndarray:
     users = np.asarray(users, dtype=np.int64)
     ends = np.searchsorted(split.train_user, users, side="right")
     has = ends > np.searchsorted(split.train_user, users, side="left")
-    t = np.where(has, split.train_time[np.maximum(ends - 1, 0)] if len(split.train_time) else 0, 0)
+    t = np.zeros(len(users), dtype=np.int64)
+    t[has] = split.train_time[ends[has] - 1]
     if stage == "test" and len(split.valid_user):
         at = np.minimum(np.searchsorted(split.valid_user, users), len(split.valid_user) - 1)
         t = np.where(split.valid_user[at] == users, np.maximum(t, split.valid_time[at]), t)
