@@ -40,7 +40,8 @@ class NextItemScorer:
         self.index_of = {int(r): i for i, r in enumerate(self.item_raw_ids.tolist())}
         self.model = BERT4Rec(self.manifest["num_items"], cfg["max_len"], cfg["embedding_dim"], cfg["num_layers"],
                               cfg["num_heads"], dropout=0.0, device=torch.device("cpu"))
-        self.model.load_state_dict(torch.load(export_dir / "weights.pt", map_location="cpu"), strict=True)
+        self.model.load_state_dict(torch.load(export_dir / "weights.pt", map_location="cpu", weights_only=True),
+                                   strict=True)
         self.model.eval()
 
     @property

@@ -165,6 +165,10 @@ class FeatureSchema:
                                    f"{self.sparse_names + self.dense_names}")
         columns: dict[str, Any] = {}
         for f in self.sparse:
+            col = [rec[f.name] for rec in records]
+            if all(type(v) is list or type(v) is int for v in col):  # the common case, as JSON decodes
+                columns[f.name] = col
+                continue
             lists = []
             for r, rec in enumerate(records):
                 v = rec[f.name]
@@ -177,6 +181,22 @@ class FeatureSchema:
         for f in self.dense:
             columns[f.name] = [rec[f.name] for rec in records]
         return self.from_columns(columns, batch_size=len(records))
+
+    def to_records(self, batch: FeatureBatch) -> list[dict[str, Any]]:
+        """The inverse of :meth:`from_records`: one dict per example (an int for a
+        single-valued feature, a list of ints otherwise, a float for a dense one)."""
+        n = batch.batch_size
+        rows: list[dict[str, Any]] = [{} for _ in range(n)]
+        for name, jt in batch.sparse.to_dict().items():
+            single = self.sparse[self.sparse_names.index(name)].single_valued
+            offsets, values = jt.offsets().tolist(), jt.values().tolist()
+            for i in range(n):
+                ids = values[offsets[i]:offsets[i + 1]]
+                rows[i][name] = ids[0] if single else ids
+        for j, name in enumerate(self.dense_names):
+            for i, v in enumerate(batch.dense[:, j].tolist()):
+                rows[i][name] = v
+        return rows
 
     # -- columns ---------------------------------------------------------------------------
 
@@ -257,9 +277,11 @@ class FeatureSchema:
                 raise FeatureError(f"sparse feature {f.name!r}: lengths sum to {int(lens.sum())} but "
                                    f"{len(vals)} values were given; lengths[i] must count example i's IDs")
         elif isinstance(col, (list, tuple)) and any(not _is_scalar(x) for x in col):
-            lists = [_int_array(f, [x] if _is_scalar(x) else x, f"example {i}") for i, x in enumerate(col)]
-            lens = np.array([len(x) for x in lists], dtype=np.int64)
-            vals = np.concatenate(lists) if lists else np.zeros(0, dtype=np.int64)
+            vals, lens = _flatten_int_lists(col)
+            if vals is None:  # something other than lists of ints: check example by example, to name it
+                lists = [_int_array(f, [x] if _is_scalar(x) else x, f"example {i}") for i, x in enumerate(col)]
+                lens = np.array([len(x) for x in lists], dtype=np.int64)
+                vals = np.concatenate(lists) if lists else np.zeros(0, dtype=np.int64)
         else:
             vals = _int_array(f, col, "values")
             lens = np.ones(len(vals), dtype=np.int64)
@@ -309,6 +331,29 @@ def _int_array(f: SparseFeature, x: Any, what: str) -> np.ndarray:
     if arr.ndim != 1:
         raise FeatureError(f"sparse feature {f.name!r} ({what}): expected a 1-D array, got shape {arr.shape}")
     return arr.astype(np.int64)
+
+
+def _flatten_int_lists(col: Sequence[Any]) -> tuple[np.ndarray | None, np.ndarray]:
+    """(values, lengths) for a column of Python int lists (and bare ints) in one pass, or
+    ``(None, ...)`` when it holds anything else."""
+    lens = np.fromiter((len(x) if isinstance(x, list) else 1 for x in col), dtype=np.int64, count=len(col))
+    flat: list[Any] = []
+    for x in col:
+        if isinstance(x, list):
+            flat += x
+        elif isinstance(x, int) and not isinstance(x, bool):
+            flat.append(x)
+        else:
+            return None, lens
+    if not flat:
+        return np.zeros(0, dtype=np.int64), lens
+    try:
+        arr = np.array(flat)
+    except (OverflowError, ValueError):
+        return None, lens
+    if arr.dtype.kind != "i" or arr.ndim != 1:  # floats, bools, strings, nested lists, IDs >= 2**63
+        return None, lens
+    return arr.astype(np.int64), lens
 
 
 def _keep_last(vals: np.ndarray, lens: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

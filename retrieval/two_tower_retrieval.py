@@ -86,7 +86,7 @@ def load_query_tower(export_dir: str | Path, manifest: dict, quantize: str = "in
     device = device or torch.device("cpu")
     schema = FeatureSchema.from_dict(manifest["query_schema"])
     tower = Tower(schema, manifest["embedding_dim"], manifest["layer_sizes"])
-    weights = torch.load(Path(export_dir) / "weights.pt", map_location="cpu")["query_tower"]
+    weights = torch.load(Path(export_dir) / "weights.pt", map_location="cpu", weights_only=True)["query_tower"]
     try:
         tower.load_state_dict(weights, strict=True)
     except RuntimeError as err:

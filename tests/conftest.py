@@ -33,6 +33,17 @@ def retrieval_run(tmp_path_factory) -> tuple[dict, Path]:
     return train_main(["--epochs", "2", "--n-boot", "20", "--log-every", "1000", "--out", str(out)]), out
 
 
+@pytest.fixture(scope="session")
+def ranking_run(tmp_path_factory) -> tuple[dict, Path]:
+    """A seeded 200-step DLRM run on ml-100k without a retrieval export (about 20 s):
+    (results, run directory; checkpoints under checkpoints/dlrm)."""
+    from golden_training.train_dlrm import main as train_dlrm
+
+    out = tmp_path_factory.mktemp("ranking")
+    return train_dlrm(["--epochs", "1", "--limit-batches", "200", "--n-boot", "10", "--log-every", "1000",
+                       "--no-baseline", "--eval-negatives", "20", "--out", str(out)]), out
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass

@@ -42,6 +42,17 @@ def test_max_length_keeps_most_recent() -> None:
     assert b.sparse["history"].values().tolist() == [3, 4, 5]
 
 
+def test_records_round_trip_and_list_ids_take_the_fast_path_or_the_named_error() -> None:
+    rows = [rec(), rec(user_id=2, history=[1, 2, 3, 4], genres=[], age=1.0), rec(genres=[4, 1, 3])]
+    back = SCHEMA.to_records(SCHEMA.from_records(rows))
+    assert back[1]["history"] == [2, 3, 4] and back[1]["genres"] == [] and back[2]["genres"] == [4, 1, 3]
+    assert back[0] == rows[0] and back[2] == rows[2]
+    with pytest.raises(FeatureError, match=r"'genres' \(example 1\): expected integer IDs, got dtype float64"):
+        SCHEMA.from_records([rec(), rec(genres=[1, 2.5])])
+    with pytest.raises(FeatureError, match=r"'history': ID 99 in example 1 is out of range"):
+        SCHEMA.from_records([rec(), rec(history=[1, 99])])
+
+
 def test_columns_forms_agree_with_records() -> None:
     from_records = SCHEMA.from_records([rec(), rec(user_id=3, history=[9], genres=[4])])
     from_cols = SCHEMA.from_columns({

@@ -10,21 +10,13 @@ import numpy as np
 import pytest
 
 from common.features import FeatureError
-from golden_training.train_dlrm import main as train_dlrm
 from prediction.predict_using_torchrec import Ranker
 from prediction.predict_using_torchrec import main as predict_main
 from tests.test_ranking import ENV, REPO, TINY, _torchrun
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ranking")
-    return train_dlrm(["--epochs", "1", "--limit-batches", "200", "--n-boot", "10", "--log-every", "1000",
-                       "--no-baseline", "--eval-negatives", "20", "--out", str(out)]), out
-
-
-def test_reload_reproduces_training_auc_and_int8_is_close_and_smaller(tiny_run, tmp_path) -> None:
-    res, out = tiny_run
+def test_reload_reproduces_training_auc_and_int8_is_close_and_smaller(ranking_run, tmp_path) -> None:
+    res, out = ranking_run
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"user_id": 1, "item_id": 50}\n{"user_id": 2, "item_id": 1}\n')
     got = predict_main(["--checkpoints", str(out / "checkpoints" / "dlrm"), "--input", str(pairs),
@@ -38,8 +30,8 @@ def test_reload_reproduces_training_auc_and_int8_is_close_and_smaller(tiny_run, 
     assert [x["user_id"] for x in lines] == [1, 2] and all(0 < x["score"] < 1 for x in lines)
 
 
-def test_score_from_python_and_bad_input(tiny_run) -> None:
-    _, out = tiny_run
+def test_score_from_python_and_bad_input(ranking_run) -> None:
+    _, out = ranking_run
     r = Ranker(out / "checkpoints" / "dlrm")
     p = r.score([1, 1, 2], [50, 172, 1])
     assert p.shape == (3,) and np.all((p > 0) & (p < 1))

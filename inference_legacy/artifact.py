@@ -1,0 +1,203 @@
+"""Self-contained model artifacts: a ``torch.export`` program, its feature schema and a manifest.
+
+An artifact is a directory:
+
+    manifest.json    format, versions, dims, quantization, file sizes and SHA-256, verification
+    model.pt2        the exported program (torch.export.save), inputs (dense, values, lengths)
+    schema.json      the FeatureSchema that turns requests into those inputs
+    heldout.jsonl    held-out request rows with the eager fp32 model's probabilities
+
+Loading needs torch, fbgemm_gpu (its ops run the quantized tables) and ``common.features``;
+never the training code. Before anything is deserialized the loader checks the format version,
+the torch / fbgemm versions, every file's size and checksum, and that ``model.pt2`` holds only
+JSON and raw tensor bytes: ``torch.export.load`` unpickles some payload kinds (custom objects,
+legacy weight files, sample inputs), and an artifact carrying any of them is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import zipfile
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.features import FeatureSchema
+
+FORMAT = "recsys-examples-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PROGRAM = "model.pt2"
+SCHEMA = "schema.json"
+HELDOUT = "heldout.jsonl"
+
+
+class ArtifactError(ValueError):
+    """The artifact is incomplete, altered, from another version or unsafe; the message says which."""
+
+
+def versions() -> dict[str, str]:
+    """Versions that must match between packaging and serving."""
+    out = {"torch": torch.__version__}
+    for dist in ("fbgemm-gpu-cpu", "fbgemm-gpu", "torchrec"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    out["fbgemm"] = out.pop("fbgemm-gpu-cpu", out.pop("fbgemm-gpu", "absent"))
+    return out
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_program(module: torch.nn.Module, example_args: tuple[torch.Tensor, ...],
+                   dynamic_shapes: dict[str, Any]) -> torch.export.ExportedProgram:
+    """``torch.export`` with size-oblivious symbolic shapes, so a batch of 1 takes the same graph
+    as a batch of 1000 (otherwise export specializes on 0/1 and guards out B == 1)."""
+    import torch.fx.experimental._config as fx_config
+
+    with fx_config.patch(backed_size_oblivious=True), torch.no_grad():
+        program = torch.export.export(module.eval(), example_args, dynamic_shapes=dynamic_shapes, strict=False)
+    program.example_inputs = None  # would be pickled into the archive
+    return program
+
+
+def write_artifact(out: str | Path, program: torch.export.ExportedProgram, schema: FeatureSchema,
+                   manifest: dict[str, Any], heldout: list[dict[str, Any]], overwrite: bool = False,
+                   verify: Callable[[Path], dict[str, Any]] | None = None) -> Path:
+    """Write the artifact to a temporary directory, check it, then move it into place: a crash
+    never leaves a half-written artifact at ``out``. ``verify(tmp_dir)`` runs on the written files
+    before the move; what it returns is merged into the manifest (which is not in its own
+    checksum list)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.export.save(program, tmp / PROGRAM)
+    (tmp / SCHEMA).write_text(json.dumps(schema.to_dict(), indent=2) + "\n")
+    (tmp / HELDOUT).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in heldout))
+    files = {name: {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+             for name in (PROGRAM, SCHEMA, HELDOUT)}
+    full = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), **manifest, "files": files}
+    (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+    check_pickle_free(tmp / PROGRAM)
+    if verify is not None:
+        full.update(verify(tmp))
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+    if out.exists():
+        old = out.with_name(f".{out.name}.old{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    return out
+
+
+def read_manifest(artifact: str | Path) -> dict[str, Any]:
+    """The manifest, after checking format, versions, and every file's size and checksum."""
+    artifact = Path(artifact)
+    path = artifact / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{path} not found: package a model first (python -m inference_legacy.dlrm_packager) "
+                            f"or point at the directory it wrote")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path} is not valid JSON ({err}); the artifact is damaged: package it again") from err
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
+                            f"this loader reads {FORMAT!r} version {FORMAT_VERSION}: package the model again with "
+                            f"this checkout")
+    here = versions()
+    for lib in ("torch", "fbgemm"):
+        if manifest.get("versions", {}).get(lib) != here[lib]:
+            raise ArtifactError(f"{path}: packaged with {lib} {manifest.get('versions', {}).get(lib)}, this "
+                                f"environment has {here[lib]}; exported programs and FBGEMM's quantized tables are "
+                                f"tied to the version that wrote them: package again here, or install that version")
+    for name, want in manifest.get("files", {}).items():
+        f = artifact / name
+        if not f.is_file():
+            raise ArtifactError(f"{f} is missing from the artifact")
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            raise ArtifactError(f"{f} is {size} bytes, the manifest says {want['bytes']}: a truncated or partial "
+                                f"copy; copy the artifact again")
+        if sha256(f) != want["sha256"]:
+            raise ArtifactError(f"{f} does not match the manifest's SHA-256: it was altered or comes from another "
+                                f"artifact; copy the artifact again or package it again")
+    missing = {PROGRAM, SCHEMA} - set(manifest.get("files", {}))
+    if missing:
+        raise ArtifactError(f"{path} lists no {sorted(missing)}; the artifact is incomplete")
+    return manifest
+
+
+# Entries of a .pt2 archive that hold JSON or raw tensor bytes (torch.export.save's layout).
+_SAFE_FILES = ("archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id")
+
+
+def check_pickle_free(pt2: str | Path) -> None:
+    """Refuse a .pt2 archive that holds anything ``torch.export.load`` would unpickle."""
+    try:
+        z = zipfile.ZipFile(pt2)
+    except zipfile.BadZipFile as err:
+        raise ArtifactError(f"{pt2} is not a torch.export archive ({err}); package the model again") from err
+    with z:
+        for info in z.infolist():
+            name = info.filename.split("/", 1)[1] if "/" in info.filename else info.filename
+            if name in _SAFE_FILES or name.startswith("models/") and name.endswith(".json"):
+                continue
+            if name.startswith("data/sample_inputs/") and info.file_size == 0:
+                continue
+            if name.startswith(("data/weights/weight_", "data/constants/tensor_")):
+                continue
+            if name.startswith(("data/weights/", "data/constants/")) and name.endswith("_config.json"):
+                config = json.loads(z.read(info))
+                pickled = [k for k, v in config.get("config", {}).items() if v.get("use_pickle")]
+                if pickled:
+                    raise ArtifactError(f"{pt2}: {name} stores {pickled[:3]} as pickles; refusing to load code-"
+                                        f"carrying payloads. Export plain tensors only")
+                continue
+            raise ArtifactError(f"{pt2}: unexpected entry {info.filename!r}; this loader accepts only JSON graphs "
+                                f"and raw tensor bytes (pickled objects can run code when loaded)")
+
+
+def load_program(artifact: str | Path, manifest: dict[str, Any]) -> torch.nn.Module:
+    """The exported program as a callable module (checked pickle-free first)."""
+    import fbgemm_gpu  # noqa: F401  registers the fbgemm ops the quantized tables call
+
+    path = Path(artifact) / PROGRAM
+    check_pickle_free(path)
+    # torch.export.load warns once per unbacked symbol that has no use after deserialization.
+    logging.getLogger("torch._export.serde.serialize").setLevel(logging.ERROR)
+    try:
+        program = torch.export.load(path)
+    except Exception as err:  # a damaged graph surfaces as many exception types
+        raise ArtifactError(f"{path} could not be deserialized ({type(err).__name__}: {err}); package it again "
+                            f"with this environment") from err
+    return program.module()
+
+
+def load_schema(artifact: str | Path) -> FeatureSchema:
+    return FeatureSchema.from_dict(json.loads((Path(artifact) / SCHEMA).read_text()))
+
+
+def read_heldout(artifact: str | Path) -> list[dict[str, Any]]:
+    path = Path(artifact) / HELDOUT
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

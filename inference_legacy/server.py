@@ -1,0 +1,337 @@
+"""Serving machinery shared by every HTTP model service in this repo.
+
+- :class:`DynamicBatcher`: concurrent requests wait in a queue; one worker thread merges them
+  into a single model call of up to ``max_batch_rows`` rows, or whatever arrived within
+  ``max_wait_ms`` of the first. ``enabled=False`` runs each request on its own (the baseline a
+  benchmark compares against).
+- :func:`create_app`: a FastAPI app with ``/health`` (liveness), ``/ready`` (503 until the model is
+  loaded and has passed its self-check), ``/metrics`` (Prometheus text: request counts by
+  endpoint and status, latency histogram, batch sizes), a request-size limit (413), and errors
+  that are always JSON: 4xx for bad input naming the field, 500 only for bugs.
+- :func:`serve`: uvicorn on 127.0.0.1 by default; ``port=0`` takes a free port and prints it.
+- :func:`spawn`: start such a service in a subprocess and wait for ``/ready`` (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import http.client
+import json
+import logging
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = logging.getLogger("inference_legacy.server")
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+class BadRequest(ValueError):
+    """Raised by a model function for input it cannot score; becomes a 422 naming the field."""
+
+
+class Metrics:
+    """The service's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self) -> None:
+        disable_created_metrics()  # the *_created series only add noise here
+        self.registry = CollectorRegistry()
+        self.requests = Counter("requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("request_latency_seconds", "HTTP request latency by endpoint", ["endpoint"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_rows = Histogram("batch_rows", "rows per model call", buckets=SIZE_BUCKETS, registry=self.registry)
+        self.batch_requests = Histogram("batch_requests", "requests merged into one model call",
+                                        buckets=SIZE_BUCKETS, registry=self.registry)
+        self.rows = Counter("rows_scored", "rows scored", registry=self.registry)
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class DynamicBatcher:
+    """Merges concurrent requests into one call of ``fn(list of requests) -> list of results``.
+
+    Each request is a list of rows; ``fn`` gets the requests of a batch and returns one result
+    per request, in order. A request larger than ``max_batch_rows`` runs alone.
+    """
+
+    def __init__(self, fn: Callable[[list[Any]], Sequence[Any]], max_batch_rows: int = 1024,
+                 max_wait_ms: float = 2.0, enabled: bool = True, metrics: Metrics | None = None) -> None:
+        if max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
+        self.fn, self.max_rows, self.max_wait = fn, max_batch_rows, max_wait_ms / 1000.0
+        self.enabled, self.metrics = enabled, metrics
+        self._queue: queue.Queue[tuple[list[Any], Future] | None] = queue.Queue()
+        self._pending: tuple[list[Any], Future] | None = None  # taken from the queue, next batch's first
+        self._thread = threading.Thread(target=self._run, name="dynamic-batcher", daemon=True)
+        self._thread.start()
+
+    async def submit(self, rows: list[Any]) -> Any:
+        fut: Future = Future()
+        self._queue.put((rows, fut))
+        return await asyncio.wrap_future(fut)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    def _collect(self, first: tuple[list[Any], Future]) -> list[tuple[list[Any], Future]]:
+        batch, rows = [first], len(first[0])
+        if not self.enabled:
+            return batch
+        deadline = time.perf_counter() + self.max_wait
+        while rows < self.max_rows:
+            try:  # take what is already queued without waiting, then wait out the window
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                try:
+                    item = self._queue.get(timeout=left)
+                except queue.Empty:
+                    break
+            if item is None:
+                self._queue.put(None)
+                break
+            if rows + len(item[0]) > self.max_rows:
+                self._pending = item
+                break
+            batch.append(item)
+            rows += len(item[0])
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            first = self._pending or self._queue.get()
+            self._pending = None
+            if first is None:
+                return
+            batch = self._collect(first)
+            try:
+                results = self.fn([rows for rows, _ in batch])
+            except Exception as err:
+                if len(batch) > 1:  # one request's bad rows must not fail the others: run each alone
+                    for item in batch:
+                        self._run_alone(item)
+                else:
+                    batch[0][1].set_exception(err)
+                continue
+            if self.metrics is not None:
+                n = sum(len(rows) for rows, _ in batch)
+                self.metrics.batch_rows.observe(n)
+                self.metrics.batch_requests.observe(len(batch))
+                self.metrics.rows.inc(n)
+            for (_, fut), res in zip(batch, results):
+                fut.set_result(res)
+
+
+    def _run_alone(self, item: tuple[list[Any], Future]) -> None:
+        rows, fut = item
+        try:
+            fut.set_result(self.fn([rows])[0])
+        except Exception as err:  # the waiting request turns it into its response
+            fut.set_exception(err)
+
+
+class _LimitAndMeasure:
+    """ASGI middleware: refuses bodies over ``max_bytes`` with 413 before the app parses them,
+    and records every request's latency and status."""
+
+    def __init__(self, app: Any, max_bytes: int, metrics: Metrics, routes: Callable[[], set[str]]) -> None:
+        self.app, self.max_bytes, self.metrics, self.routes = app, max_bytes, metrics, routes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        endpoint = scope["path"] if scope["path"] in self.routes() else "other"
+        status = {"code": 500}
+
+        async def send_and_record(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            declared = dict(scope.get("headers") or []).get(b"content-length")
+            if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+                return await self._too_large(send_and_record, declared.decode("latin-1"))
+            body, more = [], True
+            size = 0
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_bytes:
+                    return await self._too_large(send_and_record, f"more than {self.max_bytes}")
+                body.append(chunk)
+                more = message.get("more_body", False)
+            payload = b"".join(body)
+            sent = False
+
+            async def replay() -> dict:
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": payload, "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, send_and_record)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+    async def _too_large(self, send: Callable, size: str) -> None:
+        body = json.dumps({"detail": f"request body is {size} bytes; the limit is {self.max_bytes} "
+                                     f"(--max-request-bytes): send fewer rows per request"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class Readiness:
+    """Set once the model has loaded and passed its self-check; ``error`` says why it never will."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.error: str | None = None
+        self.info: dict[str, Any] = {}
+
+
+def create_app(title: str, version: str, description: str, metrics: Metrics, readiness: Readiness,
+               max_request_bytes: int = 1_000_000) -> FastAPI:
+    """The app with its operational endpoints; the caller adds the model's routes."""
+    app = FastAPI(title=title, version=version, description=description)
+
+    @app.get("/health", summary="Liveness: the process is up")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "ready": readiness.event.is_set(), **readiness.info}
+
+    @app.get("/ready", summary="Readiness: 200 once the model is loaded and verified, 503 before",
+             responses={503: {"description": "still loading, or failed its self-check"}})
+    async def ready() -> JSONResponse:
+        if readiness.event.is_set():
+            return JSONResponse({"status": "ready", **readiness.info})
+        return JSONResponse({"status": "failed" if readiness.error else "loading", "error": readiness.error},
+                            status_code=503)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes each bad input back, which fails on non-finite numbers
+        # (1e999 parses to inf) and can be large; name the fields instead.
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in err.errors()]
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        return JSONResponse({"detail": errors, "error": f"{_field(first['loc'])}: {first['msg']}"}, status_code=422)
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(_: Request, err: BadRequest) -> JSONResponse:
+        return JSONResponse({"detail": str(err)}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, err: Exception) -> JSONResponse:
+        log.exception("unhandled error: a bug in the service", exc_info=err)
+        return JSONResponse({"detail": f"internal error ({type(err).__name__}); this is a bug, please report it"},
+                            status_code=500)
+
+    paths: set[str] = set()
+
+    def routes() -> set[str]:  # read once the caller has added its routes (label values stay bounded)
+        if not paths:
+            paths.update(r.path for r in app.routes)
+        return paths
+
+    app.add_middleware(_LimitAndMeasure, max_bytes=max_request_bytes, metrics=metrics, routes=routes)
+    return app
+
+
+def _field(loc: list[Any]) -> str:
+    """``["body", "rows", 0, "item_id"]`` -> ``rows[0].item_id``."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out or "body"
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8080, on_bind: Callable[[str], None] | None = None,
+          ) -> None:
+    """Run uvicorn until interrupted. The socket is bound here so that ``port=0`` works: the
+    address actually bound goes to ``on_bind`` (default: printed)."""
+    import uvicorn
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # else small responses wait on delayed ACKs
+    sock.bind((host, port))
+    bound = sock.getsockname()
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{bound[1]}"
+    (on_bind or (lambda u: print(f"listening on {u}", flush=True)))(url)
+    # Everything loaded so far (torch, the model, FastAPI) lives as long as the process: freezing it
+    # keeps the garbage collector's full passes from walking it, which otherwise stall requests.
+    gc.collect()
+    gc.freeze()
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def spawn(args: list[str], timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """Start ``python <args> --port 0`` (a service whose main calls :func:`serve`) and return the
+    process and its URL once ``/ready`` answers 200; raises with the service's output if it dies."""
+    proc = subprocess.Popen([sys.executable, *args, "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline, url, lines = time.monotonic() + timeout, None, []
+    while url is None:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"service exited with {proc.wait()}:\n" + "".join(lines[-20:]))
+        lines.append(line)
+        if line.startswith("listening on "):
+            url = line.split()[-1]
+        elif time.monotonic() > deadline:
+            proc.kill()
+            raise TimeoutError("service did not start:\n" + "".join(lines[-20:]))
+    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # keep draining its output
+    host, port = url.rsplit("/", 1)[1].rsplit(":", 1)
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=5)
+            conn.request("GET", "/ready")
+            r = conn.getresponse()
+            body = r.read()
+            if r.status == 200:
+                return proc, url
+            if json.loads(body or b"{}").get("status") == "failed":
+                proc.kill()
+                raise RuntimeError(f"{url} failed its self-check: {json.loads(body)['error']}")
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"service exited with {proc.returncode}:\n" + "".join(lines[-20:]))
+        time.sleep(0.1)
+    proc.kill()
+    raise TimeoutError(f"{url} never became ready")

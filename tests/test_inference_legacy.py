@@ -1,0 +1,357 @@
+"""Serving: the packaged artifact, the HTTP service and its client.
+
+A tiny trained DLRM is packaged once (INT8); the tests check what the packager measured, a
+round trip through a server subprocess against the eager model, loading without training code,
+damaged and unsafe artifacts, every kind of bad request, readiness, dynamic batching, and a
+schemathesis fuzz of the OpenAPI schema."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from starlette.testclient import TestClient
+
+from inference_legacy import artifact as art
+from inference_legacy import dlrm_packager
+from inference_legacy.dlrm_client import DLRMClient, ServiceError
+from inference_legacy.dlrm_predict import DLRMPredictor, create_dlrm_app
+from inference_legacy.dlrm_predict import main as serve_main
+from inference_legacy.server import BadRequest, DynamicBatcher, spawn
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def packaged(ranking_run, tmp_path_factory) -> tuple[dict, Path, Path]:
+    """(manifest, artifact dir, checkpoints) for the session's tiny DLRM, INT8."""
+    _, run = ranking_run
+    out = tmp_path_factory.mktemp("serving") / "dlrm-int8"
+    manifest = dlrm_packager.main(["--checkpoints", str(run / "checkpoints" / "dlrm"), "--out", str(out)])
+    return manifest, out, run / "checkpoints" / "dlrm"
+
+
+def _eager_fp32(checkpoints: Path, rows: list[dict]) -> np.ndarray:
+    """The trained model, unquantized and not exported, on the same feature rows."""
+    from prediction.predict_using_torchrec import Ranker
+
+    ranker = Ranker(checkpoints, quantize="none")
+    fb = ranker.features.schema.from_records(rows)
+    with torch.no_grad():
+        return ranker.model(fb.dense, fb.sparse).numpy()
+
+
+def test_packager_measures_size_auc_and_tolerance(packaged) -> None:
+    manifest, out, _ = packaged
+    v, s = manifest["verification"], manifest["sizes"]
+    assert s["table_reduction"] >= 3.5, s                      # INT8 tables vs the fp32 checkpoint's
+    assert abs(v["auc_change"]) <= 0.002, v                    # on every held-out test row
+    assert v["rows"] > 1000 and 0 < v["tolerance"] < 0.01
+    assert manifest["quantization"]["embeddings"] == "int8" and manifest["exporter"] == "torch.export"
+    assert set(manifest["files"]) == {"model.pt2", "schema.json", "heldout.jsonl"}
+    assert len(art.read_heldout(out)) == 1000
+    art.check_pickle_free(out / "model.pt2")
+
+
+def test_round_trip_through_a_server_subprocess(packaged) -> None:
+    manifest, out, checkpoints = packaged
+    rows = [r["features"] for r in art.read_heldout(out)]
+    proc, url = spawn(["-m", "inference_legacy.dlrm_predict", "--artifact", str(out)])
+    try:
+        with DLRMClient(url) as client:
+            assert client.health()["ready"] is True
+            served = np.array(client.predict(rows))
+            metrics = client.metrics()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    eager = _eager_fp32(checkpoints, rows)
+    assert served.shape == (1000,)
+    assert np.abs(served - eager).max() <= manifest["verification"]["tolerance"] + 1e-6
+    assert 'requests_total{endpoint="/predict",status="200"} 2.0' in metrics
+    assert "batch_rows_count" in metrics and "request_latency_seconds_bucket" in metrics
+
+
+def test_artifact_loads_in_a_process_without_training_code(packaged) -> None:
+    _, out, _ = packaged
+    code = ("import sys; from inference_legacy.dlrm_predict import DLRMPredictor; p = DLRMPredictor(sys.argv[1]); "
+            "print(p.self_check()['heldout_rows']); print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'golden_training', 'prediction', 'retrieval', 'bert4rec'}))")
+    r = subprocess.run([sys.executable, "-c", code, str(out)], cwd=REPO, capture_output=True, text=True, check=True)
+    assert r.stdout.split("\n")[:2] == ["1000", "[]"], r.stdout
+
+
+def _copy(out: Path, tmp_path: Path, name: str) -> Path:
+    dst = tmp_path / name
+    shutil.copytree(out, dst)
+    return dst
+
+
+def _rewrite_manifest(path: Path, **changes) -> None:
+    m = json.loads((path / "manifest.json").read_text())
+    for key, value in changes.items():
+        m[key] = value(m[key]) if callable(value) else value
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def test_damaged_or_foreign_artifacts_fail_with_a_clear_message(packaged, tmp_path) -> None:
+    _, out, _ = packaged
+    truncated = _copy(out, tmp_path, "truncated")
+    data = (truncated / "model.pt2").read_bytes()
+    (truncated / "model.pt2").write_bytes(data[: len(data) // 2])
+    with pytest.raises(art.ArtifactError, match=r"model.pt2 is \d+ bytes, the manifest says \d+: a truncated"):
+        DLRMPredictor(truncated)
+
+    altered = _copy(out, tmp_path, "altered")
+    schema = (altered / "schema.json").read_text()
+    (altered / "schema.json").write_text(schema.replace('"sum"', '"Sum"', 1))
+    with pytest.raises(art.ArtifactError, match="does not match the manifest's SHA-256"):
+        DLRMPredictor(altered)
+
+    newer = _copy(out, tmp_path, "newer")
+    _rewrite_manifest(newer, format_version=2)
+    with pytest.raises(art.ArtifactError, match="version 2; this loader reads .* version 1"):
+        DLRMPredictor(newer)
+
+    other_torch = _copy(out, tmp_path, "other-torch")
+    _rewrite_manifest(other_torch, versions=lambda v: {**v, "torch": "2.0.0"})
+    with pytest.raises(art.ArtifactError, match="packaged with torch 2.0.0, this environment has"):
+        DLRMPredictor(other_torch)
+
+    with pytest.raises(art.ArtifactError, match="package a model first"):
+        DLRMPredictor(tmp_path / "nowhere")
+    with pytest.raises(SystemExit, match="cannot serve .*truncated"):
+        serve_main(["--artifact", str(truncated)])
+
+
+def _repack(src: Path, dst: Path, extra: dict[str, bytes] | None = None, edit=None) -> None:
+    """Copy a .pt2 archive, adding entries or editing JSON ones (``edit(name, dict)``)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        root = zin.namelist()[0].split("/")[0]
+        for info in zin.infolist():
+            data = zin.read(info)
+            if edit and info.filename.endswith("_config.json"):
+                data = json.dumps(edit(info.filename, json.loads(data))).encode()
+            zout.writestr(info, data)
+        for name, data in (extra or {}).items():
+            zout.writestr(f"{root}/{name}", data)
+
+
+def test_archives_that_would_unpickle_are_refused(packaged, tmp_path) -> None:
+    _, out, _ = packaged
+    with_object = tmp_path / "object.pt2"
+    _repack(out / "model.pt2", with_object, extra={"data/constants/custom_obj_0": b"\x80\x04K\x01."})
+    with pytest.raises(art.ArtifactError, match="unexpected entry .*custom_obj_0"):
+        art.check_pickle_free(with_object)
+
+    def pickle_first(name: str, config: dict) -> dict:
+        if "weights" in name:
+            first = next(iter(config["config"]))
+            config["config"][first]["use_pickle"] = True
+        return config
+
+    pickled = tmp_path / "pickled.pt2"
+    _repack(out / "model.pt2", pickled, edit=pickle_first)
+    with pytest.raises(art.ArtifactError, match="as pickles; refusing"):
+        art.check_pickle_free(pickled)
+    # The check runs on load, after the checksums: a re-checksummed copy is still refused.
+    bad = _copy(out, tmp_path, "re-checksummed")
+    shutil.copy(pickled, bad / "model.pt2")
+    _rewrite_manifest(bad, files=lambda f: {**f, "model.pt2": {"sha256": art.sha256(bad / "model.pt2"),
+                                                                "bytes": (bad / "model.pt2").stat().st_size}})
+    with pytest.raises(art.ArtifactError, match="as pickles; refusing"):
+        DLRMPredictor(bad)
+
+
+@pytest.fixture(scope="module")
+def client(packaged):
+    _, out, _ = packaged
+    app, _, batcher = create_dlrm_app(out, max_request_bytes=20_000, max_rows=8)
+    with TestClient(app) as c:
+        deadline = time.monotonic() + 30
+        while c.get("/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield c
+    batcher.close()
+
+
+@pytest.fixture(scope="module")
+def good_row(packaged) -> dict:
+    return art.read_heldout(packaged[1])[0]["features"]
+
+
+def test_bad_requests_get_4xx_naming_the_field(client, good_row) -> None:
+    def post(rows=None, body=None):
+        if body is not None:
+            return client.post("/predict", content=body, headers={"content-type": "application/json"})
+        return client.post("/predict", json={"rows": rows})
+
+    assert post([good_row]).status_code == 200
+    cases = [
+        ([{k: v for k, v in good_row.items() if k != "item_id"}], "rows[0].item_id: Field required"),
+        ([{**good_row, "bogus": 1}], "rows[0].bogus: Extra inputs are not permitted"),
+        ([good_row, {**good_row, "item_id": 1682}], "rows[1].item_id: Input should be less than or equal to 1681"),
+        ([{**good_row, "item_id": -1}], "rows[0].item_id: Input should be greater than or equal to 0"),
+        ([{**good_row, "item_id": "50"}], "rows[0].item_id: Value error, expected an integer ID, got str"),
+        ([{**good_row, "item_id": 3.5}], "rows[0].item_id: Value error, expected an integer ID, got 3.5"),
+        ([{**good_row, "history": [1, 2, True]}], "rows[0].history[2]: Value error, expected an integer ID"),
+        ([{**good_row, "user_activity": "high"}], "rows[0].user_activity: Input should be a valid number"),
+        ([{**good_row, "user_activity": 1e7}], "rows[0].user_activity: Input should be less than or equal to"),
+        ([], "rows: List should have at least 1 item"),
+        ([good_row] * 9, "rows: List should have at most 8 items"),
+    ]
+    for rows, message in cases:
+        r = post(rows)
+        assert r.status_code == 422 and r.json()["error"].startswith(message), (message, r.text)
+    nan = json.dumps({"rows": [{**good_row, "user_activity": 0.5}]}).replace("0.5", "NaN", 1)
+    assert "NaN" in nan
+    r = post(body=nan)
+    assert r.status_code == 422 and "finite number" in r.json()["error"]
+    r = post(body="{not json")
+    assert r.status_code == 422 and "JSON" in r.json()["error"]
+    r = post(body=json.dumps({"rows": [good_row] * 8}) + " " * 20_000)
+    assert r.status_code == 413 and "limit is 20000" in r.json()["detail"]
+    assert client.get("/predict").status_code == 405
+    assert client.get("/nowhere").status_code == 404
+    metrics = client.get("/metrics").text
+    assert 'requests_total{endpoint="/predict",status="422"}' in metrics
+    assert 'requests_total{endpoint="/predict",status="413"} 1.0' in metrics
+    assert 'requests_total{endpoint="other",status="404"} 1.0' in metrics
+
+
+def test_not_ready_until_the_self_check_passes(packaged, monkeypatch) -> None:
+    _, out, _ = packaged
+
+    def fails(self):
+        raise art.ArtifactError("held-out rows differ from the fp32 model")
+
+    monkeypatch.setattr(DLRMPredictor, "self_check", fails)
+    app, _, batcher = create_dlrm_app(out)
+    with TestClient(app) as c:
+        time.sleep(0.2)
+        assert c.get("/health").json()["ready"] is False
+        r = c.get("/ready")
+        assert r.status_code == 503 and r.json() == {"status": "failed", "error": "held-out rows differ from the fp32 model"}
+        r = c.post("/predict", json={"rows": [art.read_heldout(out)[0]["features"]]})
+        assert r.status_code == 503 and "held-out rows differ" in r.json()["detail"]
+    batcher.close()
+
+
+def _batcher_calls(enabled: bool, max_rows: int, requests: list[list[str]]) -> tuple[list[int], list]:
+    """Submit ``requests`` together while the first model call is still running."""
+    calls: list[int] = []
+    started = threading.Event()
+
+    def fn(batch: list[list[str]]) -> list:
+        calls.append(sum(len(r) for r in batch))
+        started.set()
+        time.sleep(0.05)
+        if any("bad" in rows for rows in batch):
+            raise BadRequest("a bad row")
+        return [[f"ok:{x}" for x in rows] for rows in batch]
+
+    batcher = DynamicBatcher(fn, max_batch_rows=max_rows, max_wait_ms=0, enabled=enabled)
+
+    async def go() -> list:
+        first = asyncio.ensure_future(batcher.submit(requests[0]))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait)
+        rest = [batcher.submit(r) for r in requests[1:]]
+        return await asyncio.gather(first, *rest, return_exceptions=True)
+
+    try:
+        return calls, asyncio.run(go())
+    finally:
+        batcher.close()
+
+
+def test_dynamic_batching_merges_waiting_requests_within_the_limit() -> None:
+    reqs = [[f"r{i}"] for i in range(10)]
+    calls, results = _batcher_calls(True, 1024, reqs)
+    assert calls == [1, 9] and results == [[f"ok:r{i}"] for i in range(10)]
+    calls, _ = _batcher_calls(True, 4, reqs)
+    assert calls == [1, 4, 4, 1]
+    calls, _ = _batcher_calls(False, 1024, reqs)
+    assert calls == [1] * 10
+    # A request that fails inside a merged batch fails alone; its batch-mates are scored.
+    calls, results = _batcher_calls(True, 1024, [["a"], ["b"], ["bad"], ["c"]])
+    assert isinstance(results[2], BadRequest) and results[3] == ["ok:c"] and results[1] == ["ok:b"]
+
+
+def test_fuzzing_the_openapi_schema_finds_no_server_error(client) -> None:
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
+
+    def fuzz(strategy, seen: list[int]):
+        @settings(max_examples=60, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=strategy)
+        def run(case) -> None:
+            r = case.call()
+            seen.append(r.status_code)
+            assert r.status_code < 500, f"{case.method} {case.path} -> {r.status_code}: {r.text[:300]}"
+
+        return run
+
+    schema = schemathesis.openapi.from_asgi("/openapi.json", client.app)
+    statuses: dict[tuple[str, str], list[int]] = {}
+    for result in schema.get_all_operations():
+        op = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            seen = statuses.setdefault((op.label, mode.value), [])
+            try:
+                fuzz(op.as_strategy(generation_mode=mode), seen)()
+            except Unsatisfiable:  # GET endpoints without parameters have no invalid form
+                assert mode is GenerationMode.NEGATIVE
+    predict_ok = statuses[("POST /predict", "positive")]
+    predict_bad = statuses[("POST /predict", "negative")]
+    assert len(predict_ok) >= 30 and predict_ok.count(200) / len(predict_ok) >= 0.9   # valid bodies are scored
+    assert len(predict_bad) >= 30 and all(400 <= s < 500 for s in predict_bad)        # invalid ones refused
+
+
+def test_load_benchmark_quick(packaged, tmp_path) -> None:
+    from bench import serving_load
+
+    _, out, _ = packaged
+    res = serving_load.main(["--quick", "--artifact", str(out), "--concurrency", "1,4", "--out",
+                             str(tmp_path / "load.json")])
+    levels = res["batching"] + res["no_batching"]
+    assert [r["concurrency"] for r in levels] == [1, 4, 4]
+    assert all(r["errors"] == 0 and r["requests"] > 0 for r in levels)
+    assert json.loads((tmp_path / "load.json").read_text())["quick"] is True
+
+
+def test_client_cli_scores_a_file_and_reports_refusals(packaged, tmp_path) -> None:
+    _, out, _ = packaged
+    rows = [r["features"] for r in art.read_heldout(out)[:3]]
+    good, bad = tmp_path / "rows.jsonl", tmp_path / "bad.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bad.write_text(json.dumps({**rows[0], "item_id": 10**9}) + "\n")
+    proc, url = spawn(["-m", "inference_legacy.dlrm_predict", "--artifact", str(out)])
+    try:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        r = subprocess.run([sys.executable, "-m", "inference_legacy.dlrm_client", "--url", url, "--input", str(good)],
+                           cwd=REPO, env=env, capture_output=True, text=True, check=True)
+        assert f"scored 3 rows from {good}" in r.stdout
+        scores = [json.loads(x)["score"] for x in (tmp_path / "rows.jsonl.scores.jsonl").read_text().splitlines()]
+        assert len(scores) == 3 and all(0 < s < 1 for s in scores)
+        r = subprocess.run([sys.executable, "-m", "inference_legacy.dlrm_client", "--url", url, "--input", str(bad)],
+                           cwd=REPO, env=env, capture_output=True, text=True)
+        assert r.returncode != 0 and "HTTP 422" in r.stderr and "item_id" in r.stderr
+        with DLRMClient(url) as c, pytest.raises(ServiceError, match="rows\\[0\\].item_id"):
+            c.predict([{**rows[0], "item_id": 10**9}])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
