@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(DEVICE)
 DATASET ?= ml-100k
 
-.PHONY: demo test test-fast baseline bench setup clean-venv
+.PHONY: demo data test test-fast baseline bench setup clean-venv
 
 $(STAMP): requirements/base.txt requirements/$(DEVICE).txt requirements/torchrec.txt scripts/install.sh
 	PYTHON=$(PYTHON) bash scripts/install.sh $(DEVICE) $(VENV)
@@ -18,9 +18,13 @@ $(STAMP): requirements/base.txt requirements/$(DEVICE).txt requirements/torchrec
 
 setup: $(STAMP)
 
-# The integration demo is the main job once it exists; until then, prepare the data set
-# and print its statistics.
+# The main job: train what is missing (a few minutes the first time), then recommend movies to
+# MovieLens users and print the offline evaluation of every stage.
 demo: $(STAMP)
+	$(PY) -m integration.demo
+
+# Fetch and verify a data set and print its statistics.
+data: $(STAMP)
 	$(PY) -m common.prepare_data --dataset $(DATASET)
 
 # Every tier: fast unit tests, then the multi-process (gloo) tests.

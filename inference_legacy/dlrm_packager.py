@@ -144,7 +144,12 @@ def package(ranker: Ranker, out: str | Path, precision: str = "int8", heldout_ro
         "model": "dlrm",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": {"checkpoint": str(ranker.checkpoint), "dataset": cfg.dataset,
-                   "data_fingerprint": ranker.dataset.fingerprint, "retrieval_export": cfg.retrieval_export},
+                   "data_fingerprint": ranker.dataset.fingerprint, "retrieval_export": cfg.retrieval_export,
+                   # which retrieval model produced the retrieval_score feature (its files' checksums)
+                   "retrieval_files": _export_files(cfg.retrieval_export)},
+        # how the feature rows were built, for whoever builds them at serving time
+        "features": {"history_len": cfg.history_len, "sequence_features": cfg.sequence_features,
+                     "trend_days": cfg.trend_days},
         "quantization": {"embeddings": precision, "kernel": "FBGEMM IntNBitTableBatchedEmbeddingBagsCodegen"
                          if precision != "none" else "fp32 nn.EmbeddingBag", "row_alignment_bytes": 4},
         "exporter": "torch.export",
@@ -175,6 +180,12 @@ def package(ranker: Ranker, out: str | Path, precision: str = "int8", heldout_ro
     path = art.write_artifact(out, program, schema, manifest, rows, overwrite=overwrite, verify=verify)
     manifest = json.loads((path / art.MANIFEST).read_text())
     return manifest
+
+
+def _export_files(export: str | None) -> dict[str, str] | None:
+    if not export:
+        return None
+    return json.loads((Path(export) / "manifest.json").read_text())["files"]
 
 
 def _select(kjt: KeyedJaggedTensor, rows: np.ndarray) -> KeyedJaggedTensor:

@@ -69,7 +69,8 @@ class DynamicBatcher:
     """Merges concurrent requests into one call of ``fn(list of requests) -> list of results``.
 
     Each request is a list of rows; ``fn`` gets the requests of a batch and returns one result
-    per request, in order. A request larger than ``max_batch_rows`` runs alone.
+    per request, in order (an exception instance as a request's result fails that request
+    alone). A request larger than ``max_batch_rows`` runs alone.
     """
 
     def __init__(self, fn: Callable[[list[Any]], Sequence[Any]], max_batch_rows: int = 1024,
@@ -140,15 +141,23 @@ class DynamicBatcher:
                 self.metrics.batch_requests.observe(len(batch))
                 self.metrics.rows.inc(n)
             for (_, fut), res in zip(batch, results):
-                fut.set_result(res)
+                _deliver(fut, res)
 
 
     def _run_alone(self, item: tuple[list[Any], Future]) -> None:
         rows, fut = item
         try:
-            fut.set_result(self.fn([rows])[0])
+            _deliver(fut, self.fn([rows])[0])
         except Exception as err:  # the waiting request turns it into its response
             fut.set_exception(err)
+
+
+def _deliver(fut: Future, result: Any) -> None:
+    """A result, or an exception ``fn`` returned for that one request."""
+    if isinstance(result, BaseException):
+        fut.set_exception(result)
+    else:
+        fut.set_result(result)
 
 
 class _LimitAndMeasure:

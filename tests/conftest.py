@@ -44,6 +44,18 @@ def ranking_run(tmp_path_factory) -> tuple[dict, Path]:
                        "--no-baseline", "--eval-negatives", "20", "--out", str(out)]), out
 
 
+@pytest.fixture(scope="session")
+def reranking_run(retrieval_run, tmp_path_factory) -> tuple[dict, Path]:
+    """The default DLRM trained on the seeded 2-epoch retrieval run's candidates (about 60 s):
+    (results, run directory)."""
+    from golden_training.train_dlrm import main as train_dlrm
+
+    _, retrieval_dir = retrieval_run
+    out = tmp_path_factory.mktemp("reranking")
+    return train_dlrm(["--retrieval-export", str(retrieval_dir / "export"), "--n-boot", "20", "--log-every", "10000",
+                       "--out", str(out)]), out
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass

@@ -35,10 +35,8 @@ def test_golden_loss_of_a_seeded_tiny_run(tmp_path) -> None:
     assert again["dlrm"]["final_loss"] == res["dlrm"]["final_loss"]
 
 
-def test_dlrm_beats_logistic_regression_and_reranks_retrieval(retrieval_run, tmp_path) -> None:
-    _, retrieval_dir = retrieval_run
-    res = train_dlrm(["--retrieval-export", str(retrieval_dir / "export"), "--n-boot", "20", "--log-every", "10000",
-                      "--out", str(tmp_path)])
+def test_dlrm_beats_logistic_regression_and_reranks_retrieval(reranking_run) -> None:
+    res, out = reranking_run
     dlrm, lr = res["dlrm"]["test"], res["lr"]["test"]
     assert res["candidate_source"] == "retrieval"
     assert dlrm["auc"] > 0.70 and dlrm["auc"] > lr["auc"] + 0.05
@@ -50,7 +48,7 @@ def test_dlrm_beats_logistic_regression_and_reranks_retrieval(retrieval_run, tmp
     # The two-stage claim: re-ranking retrieval's candidates beats retrieval's own order, beyond noise.
     gain = res["dlrm"]["test_gain_over_candidates_order"]
     assert reranked["NDCG@10"] > original["NDCG@10"] and gain["NDCG@10_ci95"][0] > 0, gain
-    assert json.loads((tmp_path / "results.json").read_text())["dlrm"]["test"]["auc"] == dlrm["auc"]
+    assert json.loads((out / "results.json").read_text())["dlrm"]["test"]["auc"] == dlrm["auc"]
 
 
 def _torchrun(args: list[str]) -> list[str]:

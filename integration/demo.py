@@ -1,0 +1,162 @@
+"""The project's main job: a two-stage recommender on real MovieLens, end to end.
+
+    python -m integration.demo                    # (make demo) trains what is missing, then recommends
+    python -m integration.demo --users 1,405,655  # other users (raw MovieLens IDs)
+    python -m integration.demo --artifacts DIR    # another run directory
+
+If the artifacts are missing it trains them first, each stage a subprocess with a progress bar
+(about 3 minutes on 2 CPU cores; logs in <artifacts>/demo-logs/): the two-tower retrieval model
+and its FAISS index, the DLRM ranker on retrieval's candidates, and the ranker's INT8 serving
+artifact. An interrupted run resumes from its checkpoints. Then it:
+
+- builds the pipeline (``integration.pipeline.create_pipeline``, which checks the stages fit);
+- prints, for a few users, their most recent movies and their top 10 with scores;
+- prints the offline evaluation on the test split under the shared protocol (943 users, full
+  ranking, seen items excluded) with 95% bootstrap intervals: popularity, retrieval alone,
+  retrieval + ranking, and BERT4Rec when ``<artifacts>/bert4rec/export`` exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from common.baselines import popularity_report
+from common.metrics import RankingReport, paired_difference
+from common.runtime import write_json_atomic
+
+METRICS = ("HR@10", "NDCG@10", "Recall@100")
+
+
+def stages(root: Path) -> list[tuple[str, Path, list[str]]]:
+    """(name, what it produces, command) for each stage, in order."""
+    return [
+        ("retrieval: two-tower + FAISS", root / "retrieval" / "export" / "manifest.json",
+         ["-m", "retrieval.two_tower_train", "--out", str(root / "retrieval"), "--resume"]),
+        ("ranking: DLRM on retrieval's candidates", root / "ranking" / "results.json",
+         ["-m", "golden_training.train_dlrm", "--retrieval-export", str(root / "retrieval" / "export"),
+          "--out", str(root / "ranking"), "--no-baseline", "--resume"]),
+        ("serving: INT8 ranking artifact", root / "serving" / "dlrm-int8" / "manifest.json",
+         ["-m", "inference_legacy.dlrm_packager", "--checkpoints", str(root / "ranking" / "checkpoints" / "dlrm"),
+          "--out", str(root / "serving" / "dlrm-int8"), "--overwrite"]),
+    ]
+
+
+def train_missing(root: Path) -> list[str]:
+    """Run every stage whose output is missing (and every later one); returns their names."""
+    todo = stages(root)
+    first = next((n for n, (_, out, _) in enumerate(todo) if not out.is_file()), len(todo))
+    ran = []
+    for n, (name, _, cmd) in enumerate(todo[first:], first + 1):
+        log = root / "demo-logs" / f"{n}-{cmd[1].split('.')[0]}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(log, "w") as f, tqdm(desc=f"[{n}/{len(todo)}] {name}", bar_format="{desc} | {elapsed} | {postfix}",
+                                       postfix="starting") as bar:
+            proc = subprocess.Popen([sys.executable, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, env=env)
+            for line in proc.stdout:
+                f.write(line)
+                if line.strip() and "Warning" not in line and not line.startswith((" ", "W1", "  ")):
+                    bar.set_postfix_str(line.strip()[:90])
+            if proc.wait() != 0:
+                raise SystemExit(f"stage '{name}' failed (exit {proc.returncode}); its output is in {log}")
+            bar.set_postfix_str("done")
+        ran.append(name)
+    return ran
+
+
+def show_user(pipeline, rec, recent: int = 5) -> None:
+    ds = pipeline.dataset
+    hist = pipeline.store.history(pipeline.user_index[rec.user_id])[-recent:]
+    print(f"\nuser {rec.user_id}: {len(pipeline.store.history(pipeline.user_index[rec.user_id]))} movies seen; "
+          f"most recent:")
+    for i in hist[::-1]:
+        print(f"    {ds.item_title[i]} ({ds.item_year[i]})")
+    print(f"  top {len(rec.item_ids)} ({rec.stage}, re-ranked from {rec.candidates} candidates):")
+    for n, (t, i, s) in enumerate(zip(rec.titles, rec.item_ids, rec.scores), 1):
+        year = ds.item_year[pipeline.item_index[i]]
+        print(f"    {n:2d}. {t} ({year})  {s:.3f}")
+
+
+def bert4rec_report(export: Path, pipeline, n_boot: int) -> RankingReport | None:
+    if not (export / "manifest.json").is_file():
+        return None
+    from bert4rec.scorer import NextItemScorer
+    from common.metrics import evaluate_scores
+
+    scorer = NextItemScorer(export)
+    if scorer.data_fingerprint != pipeline.dataset.fingerprint:
+        print(f"(skipping BERT4Rec: {export} was trained on other data)")
+        return None
+    import torch
+
+    raw = pipeline.dataset.item_raw_ids
+    indptr, hist = pipeline.split.history("test")
+    order = [scorer.index_of[int(i)] for i in raw]  # the scorer's item order -> the data set's
+
+    def score(users: torch.Tensor) -> torch.Tensor:
+        s = scorer.score([raw[hist[indptr[u]:indptr[u + 1]]].tolist() for u in users.tolist()]).scores
+        return torch.from_numpy(s[:, order])
+
+    return evaluate_scores(score, pipeline.split, "test", batch_size=256, n_boot=n_boot)
+
+
+def cell(rep: RankingReport, m: str) -> str:
+    lo, hi = rep.ci95[m]
+    return f"{rep.means[m]:.4f} [{lo:.3f}, {hi:.3f}]"
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifacts", default="runs", help="run directory holding every stage (default: %(default)s)")
+    p.add_argument("--users", default="196,186,22", help="raw MovieLens user IDs to show (default: %(default)s)")
+    p.add_argument("--data-dir", default=None, help="MovieLens cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals (default: %(default)s)")
+    p.add_argument("--write-topk", default=None, help="also write every user's top 10 as JSON lines to this file")
+    a = p.parse_args(argv)
+    from integration.pipeline import create_pipeline  # after argparse: --help stays fast
+
+    root = Path(a.artifacts)
+    t0 = time.perf_counter()
+    trained = train_missing(root)
+    pipeline = create_pipeline(root, data_dir=a.data_dir)
+    users = [int(u) for u in a.users.split(",") if u.strip()]
+    for rec in pipeline.recommend(users):
+        if rec.stage == "popular":
+            print(f"\nuser {rec.user_id} is not in {pipeline.dataset.name}; the most popular movies: "
+                  + "; ".join(rec.titles))
+        else:
+            show_user(pipeline, rec)
+
+    reports = {"popularity": popularity_report(pipeline.split, "test", n_boot=a.n_boot),
+               **pipeline.evaluate(n_boot=a.n_boot)}
+    b4r = bert4rec_report(root / "bert4rec" / "export", pipeline, a.n_boot)
+    if b4r is not None:
+        reports["BERT4Rec (alone)"] = b4r
+    gain = paired_difference(reports["retrieval + ranking"], reports["retrieval"], n_boot=a.n_boot)
+    print(f"\n{pipeline.dataset.name} test, {reports['retrieval'].num_users} users, full ranking, seen items "
+          f"excluded (95% CI over users):")
+    print(f"{'':22s} | " + " | ".join(f"{m:>23s}" for m in METRICS))
+    for name, rep in reports.items():
+        print(f"{name:22s} | " + " | ".join(f"{cell(rep, m):>23s}" for m in METRICS))
+    lo, hi = gain["NDCG@10_ci95"]
+    print(f"ranking's gain over retrieval order, NDCG@10: {gain['NDCG@10']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+    results = {"trained": trained, "users": [r.to_dict() for r in pipeline.recommend(users)],
+               "test": {name: rep.to_dict() for name, rep in reports.items()}, "gain_ndcg10": gain,
+               "seconds": time.perf_counter() - t0}
+    if a.write_topk:
+        n = pipeline.write_topk(a.write_topk)
+        print(f"wrote the top 10 of {n} users to {a.write_topk}")
+    write_json_atomic(root / "demo_results.json", results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

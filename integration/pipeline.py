@@ -1,0 +1,280 @@
+"""The two-stage recommender, wired: retrieval's candidates become the ranker's input.
+
+    pipeline = create_pipeline("runs")          # runs/retrieval/export + runs/serving/dlrm-int8
+    pipeline.recommend([196, 186])             # raw MovieLens user IDs -> top 10 each, with titles
+
+For each user, ``RecommendationPipeline``:
+
+1. reads the user's features and history (time-ordered item IDs) from the :class:`FeatureStore`;
+2. runs the two-tower query tower and the FAISS index: the top 100 items the user has not seen;
+3. enriches each candidate with its real item features (genres, year, popularity, trend), the
+   user's (demographics, activity, history) and the user x item ones: the retrieval score and
+   the transition probabilities from the user's last items;
+4. scores the 100 rows with the packaged DLRM (``inference_legacy`` artifact);
+5. returns the top 10.
+
+It does one user or a batch (the batch path also writes every user's top K as JSON lines).
+``create_pipeline`` loads the exported stages and checks that they fit together before serving
+anything: data fingerprints, feature keys and cardinalities, ID maps, embedding dims, the
+retrieval model the ranker's ``retrieval_score`` feature came from, and devices. Each mismatch
+is an :class:`ArtifactMismatch` that says what to fix.
+
+The feature store is built in memory from the data set the artifacts were trained on (found by
+name, checked by fingerprint): per-item and per-user tables, transition counts and each user's
+history up to the test interaction. ``add_interaction`` appends to a user's history, which
+changes their next candidates and ranking features.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.data.movielens import MovieLens, load_movielens
+from common.data.split import Split, leave_last_out
+from common.metrics import RankingReport, evaluate_topk
+from golden_training.ranking_data import Examples, RankingFeatures, reference_time
+from inference_legacy.dlrm_predict import DLRMPredictor
+from retrieval.two_tower_retrieval import Retriever
+from retrieval.two_tower_retrieval import read_manifest as read_retrieval_manifest
+
+CANDIDATES = 100
+
+
+class ArtifactMismatch(ValueError):
+    """The exported stages don't fit together; the message says which part and what to do."""
+
+
+@dataclass
+class Recommendation:
+    user_id: int                      # raw MovieLens user ID (-1: described by features only)
+    item_ids: list[int]               # raw MovieLens item IDs, best first
+    scores: list[float]               # ranker probabilities (retrieval scores when stage == "retrieval")
+    titles: list[str]
+    stage: str = "ranked"             # "ranked", "retrieval" (no ranker for this user) or "popular" (cold start)
+    candidates: int = 0               # how many candidates the ranker re-ordered
+
+    def to_dict(self) -> dict[str, object]:
+        return {"user_id": self.user_id, "stage": self.stage, "candidates": self.candidates,
+                "items": [{"item_id": i, "title": t, "score": round(s, 6)}
+                          for i, t, s in zip(self.item_ids, self.titles, self.scores)]}
+
+
+@dataclass
+class FeatureStore:
+    """The ranker's feature tables and every user's history, in memory; histories grow online."""
+
+    features: RankingFeatures
+    histories: list[list[int]]        # dense item indices per dense user, oldest first
+    last_time: np.ndarray             # per user: time of the latest interaction ("now" for features)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def build(cls, ds: MovieLens, split: Split, history_len: int, sequence: bool, trend_days: float) -> FeatureStore:
+        indptr, hist = split.history("test")
+        users = np.arange(ds.num_users)
+        return cls(RankingFeatures.build(ds, split, history_len, sequence, trend_days),
+                   [hist[indptr[u]:indptr[u + 1]].tolist() for u in users],
+                   reference_time(split, "test", users).astype(np.int64))
+
+    def history(self, user: int) -> np.ndarray:
+        return np.asarray(self.histories[user], dtype=np.int64)
+
+    def add_interaction(self, user: int, item: int, timestamp: int | None = None) -> int:
+        """Append an interaction; returns the user's history length."""
+        with self.lock:
+            self.histories[user].append(int(item))
+            if timestamp is not None:
+                self.last_time[user] = max(int(self.last_time[user]), int(timestamp))
+            return len(self.histories[user])
+
+    def ranking_inputs(self, users: np.ndarray, items: np.ndarray, retrieval_scores: np.ndarray
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dense, values, lengths) for the DLRM: one row per (user, candidate); ``items`` and
+        ``retrieval_scores`` are ``[len(users), K]``."""
+        k = items.shape[1]
+        hists = [self.history(u) for u in users]
+        lens = np.array([len(h) for h in hists], dtype=np.int64)
+        ends = np.cumsum(lens)
+        hist_items = np.concatenate(hists) if len(hists) else np.zeros(0, np.int64)
+        rows = np.repeat(np.arange(len(users)), k)
+        ex = Examples(np.repeat(users, k), items.reshape(-1), np.zeros(rows.size, np.float32),
+                      (ends - lens)[rows], ends[rows], rows, self.last_time[users][rows], hist_items)
+        f = self.features
+        seq = None if f.sequence is None else f.sequence.features(ex)
+        b = f.batch(ex.user, ex.item, ex.history(f.history_len), retrieval_scores.reshape(-1), None, seq)
+        return b.dense_features, b.sparse_features.values().long(), b.sparse_features.lengths().long()
+
+
+class RecommendationPipeline:
+    """Retrieval -> enrichment -> DLRM -> top K, for raw MovieLens user IDs."""
+
+    def __init__(self, retriever: Retriever, rankers: dict[str, DLRMPredictor], store: FeatureStore,
+                 dataset: MovieLens, split: Split) -> None:
+        self.retriever, self.rankers, self.store = retriever, rankers, store
+        self.dataset, self.split = dataset, split
+        self.user_index = {int(u): n for n, u in enumerate(dataset.user_raw_ids)}
+        self.item_index = {int(i): n for n, i in enumerate(dataset.item_raw_ids)}
+        self.default_arm = next(iter(rankers))
+
+    # -- the stages, on dense indices ---------------------------------------------------------
+
+    def candidates(self, users: np.ndarray, k: int = CANDIDATES) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` unseen items per user from the query tower and the index: ``[B, k]`` each."""
+        return self.retriever.top_k_indices(users, k, exclude_seen=True,
+                                            histories=[self.store.history(u) for u in users])
+
+    @torch.inference_mode()
+    def rank(self, users: np.ndarray, items: np.ndarray, scores: np.ndarray, arm: str | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """The candidates re-ordered by the ranker: items and probabilities ``[B, K]``. Padding
+        (-1, when fewer than K unseen items exist) stays last."""
+        ranker = self.rankers[arm or self.default_arm]
+        valid = items >= 0
+        safe = np.where(valid, items, 0)
+        probs = ranker.model(*self.store.ranking_inputs(users, safe, np.where(valid, scores, 0.0))).numpy()
+        probs = np.where(valid.reshape(-1), probs, -np.inf).reshape(items.shape)
+        order = np.argsort(-probs, axis=1, kind="stable")
+        return np.take_along_axis(items, order, 1), np.take_along_axis(probs, order, 1)
+
+    # -- raw IDs in, recommendations out ---------------------------------------------------------
+
+    def recommend(self, user_ids: list[int], k: int = 10, arm: str | None = None) -> list[Recommendation]:
+        """Top ``k`` per raw user ID. An unknown user gets the most popular items (``stage="popular"``)."""
+        known = [(n, self.user_index[int(u)]) for n, u in enumerate(user_ids) if int(u) in self.user_index]
+        out: list[Recommendation | None] = [None] * len(user_ids)
+        if known:
+            users = np.array([u for _, u in known], dtype=np.int64)
+            items, scores = self.rank(users, *self.candidates(users), arm=arm)
+            for (n, _), row_i, row_s in zip(known, items, scores):
+                keep = row_i[:k] >= 0
+                out[n] = self._rec(int(user_ids[n]), row_i[:k][keep], row_s[:k][keep], "ranked", int((row_i >= 0).sum()))
+        for n, u in enumerate(user_ids):
+            if out[n] is None:
+                top = self.retriever.popular[:k]
+                out[n] = self._rec(int(u), top, self.retriever.popularity[top], "popular", 0)
+        return out  # type: ignore[return-value]
+
+    def recommend_features(self, record: dict, k: int = 10) -> Recommendation:
+        """Top ``k`` for a user described by raw features (``age``, ``gender``, ``occupation``,
+        ``zip``, ``history`` of raw item IDs): retrieval from those features alone; the ranker
+        needs a known user (its user-ID table has no row for a new one), so these lists stay in
+        retrieval order (``stage="retrieval"``), or popular items with no history."""
+        (rec,) = self.retriever.recommend_features([record], k)
+        idx = np.array([self.item_index[int(i)] for i in rec.item_ids], dtype=np.int64)
+        return self._rec(-1, idx, np.asarray(rec.scores), "popular" if rec.cold_start else "retrieval", 0)
+
+    def add_interaction(self, user_id: int, item_id: int, timestamp: int | None = None) -> int:
+        return self.store.add_interaction(self.user_index[int(user_id)], self.item_index[int(item_id)], timestamp)
+
+    def write_topk(self, path: str | Path, k: int = 10, batch_size: int = 256) -> int:
+        """Every known user's top ``k`` as JSON lines: ``{"user_id", "item_ids", "scores"}`` (raw IDs)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        raw = self.dataset.user_raw_ids.tolist()
+        with open(tmp, "w") as f:
+            for lo in range(0, len(raw), batch_size):
+                for r in self.recommend(raw[lo:lo + batch_size], k):
+                    f.write(json.dumps({"user_id": r.user_id, "item_ids": r.item_ids,
+                                        "scores": [round(s, 6) for s in r.scores]}) + "\n")
+        tmp.replace(path)
+        return len(raw)
+
+    def _rec(self, user_id: int, items: np.ndarray, scores: np.ndarray, stage: str, candidates: int) -> Recommendation:
+        titles = self.dataset.item_title
+        return Recommendation(user_id, self.dataset.item_raw_ids[items].tolist(), [float(s) for s in scores],
+                              [titles[i] for i in items.tolist()], stage, candidates)
+
+    # -- offline evaluation -------------------------------------------------------------------
+
+    def evaluate(self, stage: str = "test", n_boot: int = 1000, batch_size: int = 256) -> dict[str, RankingReport]:
+        """Retrieval order and retrieval + ranking under the shared protocol (full ranking, seen
+        items excluded), with the store's histories as the split has them for ``stage``."""
+        if stage != "test":
+            raise ValueError("the feature store holds histories up to the test interaction; evaluate stage='test'")
+        cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+        def retrieval(users: np.ndarray) -> np.ndarray:
+            items, scores = self.candidates(users)
+            cache[int(users[0])] = (items, scores)
+            return items
+
+        def ranked(users: np.ndarray) -> np.ndarray:
+            return self.rank(users, *cache.pop(int(users[0])))[0]
+
+        first = evaluate_topk(retrieval, self.split, stage, batch_size=batch_size, n_boot=n_boot)
+        return {"retrieval": first, "retrieval + ranking": evaluate_topk(ranked, self.split, stage,
+                                                                           batch_size=batch_size, n_boot=n_boot)}
+
+
+def create_pipeline(artifacts_dir: str | Path = "runs", retrieval: str = "retrieval/export",
+                    ranking: str | dict[str, str] = "serving/dlrm-int8", data_dir: str | None = None,
+                    device: str = "auto") -> RecommendationPipeline:
+    """Load the exported stages from ``artifacts_dir`` and check that they fit together.
+
+    ``ranking`` is one artifact or ``{arm: artifact}`` for A/B tests (paths relative to
+    ``artifacts_dir``). The ranking artifacts run on CPU; ``device`` must agree ("auto" does).
+    """
+    root = Path(artifacts_dir)
+    arms = {"A": ranking} if isinstance(ranking, str) else dict(ranking)
+    if device not in ("auto", "cpu"):
+        raise ArtifactMismatch(f"device {device!r}: the packaged rankers run on CPU (FBGEMM's CPU kernels), so the "
+                               f"pipeline's stages must too; pass device='cpu' or 'auto'")
+    r_dir = root / retrieval
+    r_manifest = read_retrieval_manifest(r_dir)
+    rankers = {arm: DLRMPredictor(root / path) for arm, path in arms.items()}
+    ds = load_movielens(r_manifest["dataset"], data_dir)
+    fingerprints = {f"retrieval export {r_dir}": r_manifest["data_fingerprint"],
+                    **{f"ranking artifact {root / arms[a]}": p.manifest["source"]["data_fingerprint"]
+                       for a, p in rankers.items()}}
+    for what, fp in fingerprints.items():
+        if fp != ds.fingerprint:
+            raise ArtifactMismatch(f"{what} was trained on data with fingerprint {fp[:16]}, but {ds.name} here has "
+                                   f"{ds.fingerprint[:16]}: retrain it on this data, or point --data-dir at the data "
+                                   f"it was trained on")
+    for arm, p in rankers.items():
+        used = p.manifest["source"].get("retrieval_files")
+        if used is None:
+            raise ArtifactMismatch(f"ranking artifact {root / arms[arm]} was trained without a retrieval export (its "
+                                   f"retrieval_score feature was always 0); train it with "
+                                   f"python -m golden_training.train_dlrm --retrieval-export {r_dir}")
+        if used != r_manifest["files"]:
+            raise ArtifactMismatch(f"ranking artifact {root / arms[arm]} learned its retrieval_score feature from "
+                                   f"another retrieval model ({p.manifest['source']['retrieval_export']}), not {r_dir}: "
+                                   f"serve the export it was trained with, or retrain the ranker with "
+                                   f"--retrieval-export {r_dir}")
+    split = leave_last_out(ds.user, ds.item, ds.timestamp, ds.num_users, ds.num_items)
+    feats = {json.dumps(p.manifest["features"], sort_keys=True) for p in rankers.values()}
+    if len(feats) > 1:
+        raise ArtifactMismatch(f"the A/B arms' rankers build their features differently ({sorted(feats)}); "
+                               f"arms must share one feature store")
+    cfg = next(iter(rankers.values())).manifest["features"]
+    store = FeatureStore.build(ds, split, cfg["history_len"], cfg["sequence_features"], cfg["trend_days"])
+    for arm, p in rankers.items():
+        if p.schema != store.features.schema:
+            raise ArtifactMismatch(f"ranking artifact {root / arms[arm]} expects features "
+                                   f"{_describe(p.schema)}, but the feature store builds {_describe(store.features.schema)}: "
+                                   f"repackage the ranker with this checkout")
+        dims = {t["dim"] for t in p.manifest["dims"]["tables"].values()}
+        if dims != {p.manifest["dims"]["embedding_dim"]}:
+            raise ArtifactMismatch(f"ranking artifact {root / arms[arm]}: table dims {sorted(dims)} differ from its "
+                                   f"embedding_dim {p.manifest['dims']['embedding_dim']}; DLRM needs one dim")
+    retriever = Retriever(r_dir, device="cpu", k=CANDIDATES)
+    if (not np.array_equal(retriever.user_raw_ids, ds.user_raw_ids)
+            or not np.array_equal(retriever.item_raw_ids, ds.item_raw_ids)):
+        raise ArtifactMismatch(f"retrieval export {r_dir} maps raw IDs to indices differently from {ds.name}: its "
+                               f"features.json is from another data set; export it again")
+    return RecommendationPipeline(retriever, rankers, store, ds, split)
+
+
+def _describe(schema) -> str:
+    return ", ".join(f"{f.name}[{f.cardinality}]" for f in schema.sparse) + " + " + ", ".join(schema.dense_names)
+
+
+__all__ = ["ArtifactMismatch", "FeatureStore", "Recommendation", "RecommendationPipeline", "create_pipeline"]

@@ -1,0 +1,314 @@
+"""The online path: the two-stage pipeline behind an HTTP API.
+
+    python -m integration.service                                   # runs/, http://127.0.0.1:8000
+    python -m integration.service --redis-url redis://127.0.0.1:6379/0
+    python -m integration.service --arm A=serving/dlrm-int8:0.9 --arm B=serving/dlrm-fp16:0.1
+
+Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``):
+
+- ``POST /recommend`` ``{"user_id": 196, "k": 10}``, or ``{"features": {"age": 25, "gender": "F",
+  "occupation": "student", "zip": "55414", "history": [50, 172]}}`` for a user the artifacts
+  don't know. An unknown ``user_id`` gets the most popular movies (``"stage": "popular"``).
+- ``POST /events`` ``{"user_id": 196, "item_id": 50}``: the user interacted with a movie. It joins
+  their history (so their next candidates and ranking features change) and drops their cached
+  candidates.
+- ``GET /health``, ``GET /ready``, ``GET /metrics`` (Prometheus; with per-arm request counts and
+  latency).
+
+Candidates (retrieval's top 100) are cached per user, in process with a TTL by default, in Redis
+when ``--redis-url`` is given; an event invalidates the user's entry. Ranking can be split
+between A/B arms: a stable hash of the user ID picks the arm, so a user always lands in the same
+one. Concurrent requests are batched (``inference_legacy.server.DynamicBatcher``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import JSONResponse
+from prometheus_client import Counter, Histogram
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from common.features import FeatureError
+from inference_legacy.dlrm_predict import _integer
+from inference_legacy.server import LATENCY_BUCKETS, BadRequest, DynamicBatcher, Metrics, Readiness, create_app, serve
+
+RawID = Annotated[int, Field(ge=0, le=2**31 - 1), BeforeValidator(_integer)]
+
+
+class UserFeatures(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    age: int = Field(ge=1, le=129, description="years")
+    gender: Literal["M", "F"]
+    occupation: str = Field(max_length=64, description="a MovieLens occupation, e.g. 'student'")
+    zip: str = Field(max_length=16, description="US zip code (its first digit is the feature)")
+    history: list[RawID] = Field(default_factory=list, max_length=1000,
+                                 description="raw MovieLens item IDs, oldest first")
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: RawID | None = Field(None, description="a raw MovieLens user ID")
+    features: UserFeatures | None = Field(None, description="for a user without a known ID")
+    k: int = Field(10, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def one_of(self) -> RecommendRequest:
+        if (self.user_id is None) == (self.features is None):
+            raise ValueError("give exactly one of user_id and features")
+        return self
+
+
+class Item(BaseModel):
+    item_id: int
+    title: str
+    score: float
+
+
+class RecommendResponse(BaseModel):
+    user_id: int
+    stage: str = Field(description="ranked | retrieval (described by features) | popular (cold start)")
+    arm: str | None = Field(description="the A/B arm that ranked the list")
+    cached: bool = Field(description="whether the candidates came from the cache")
+    items: list[Item]
+
+
+class EventRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: RawID
+    item_id: RawID
+    timestamp: int | None = Field(None, ge=0, le=2**40, description=(
+        "unix seconds (default: the user's latest interaction: the ranker's trend features count the 30 days "
+        "before it, so a MovieLens user must stay on MovieLens's clock)"))
+
+
+class EventResponse(BaseModel):
+    user_id: int
+    history_length: int
+
+
+# -- candidate cache ----------------------------------------------------------------------------
+
+def _pack(items: np.ndarray, scores: np.ndarray) -> bytes:
+    return items.astype("<i4").tobytes() + scores.astype("<f4").tobytes()
+
+
+def _unpack(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
+    n = len(blob) // 8
+    return (np.frombuffer(blob[:4 * n], "<i4").astype(np.int64), np.frombuffer(blob[4 * n:], "<f4").astype(np.float32))
+
+
+class MemoryCache:
+    """Candidates per user in this process, each for ``ttl`` seconds; at most ``max_entries``
+    (the oldest entries go first)."""
+
+    def __init__(self, ttl: float = 300.0, max_entries: int = 100_000) -> None:
+        self.ttl, self.max_entries = ttl, max_entries
+        self._data: dict[int, tuple[float, bytes]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, user: int) -> tuple[np.ndarray, np.ndarray] | None:
+        with self._lock:
+            hit = self._data.get(user)
+            if hit is None or hit[0] < time.monotonic():
+                self._data.pop(user, None)
+                return None
+        return _unpack(hit[1])
+
+    def set(self, user: int, items: np.ndarray, scores: np.ndarray) -> None:
+        with self._lock:
+            if len(self._data) >= self.max_entries:
+                for key in list(self._data)[: max(1, self.max_entries // 10)]:
+                    del self._data[key]
+            self._data[user] = (time.monotonic() + self.ttl, _pack(items, scores))
+
+    def invalidate(self, user: int) -> None:
+        with self._lock:
+            self._data.pop(user, None)
+
+
+class RedisCache:
+    """The same, in Redis (``redis://host:port/db``), shared by every replica of the service."""
+
+    def __init__(self, url: str, ttl: float = 300.0, prefix: str = "recsys:candidates:") -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(url, socket_timeout=2.0)
+        self.client.ping()  # fail at start-up, not on the first request
+        self.ttl, self.prefix = ttl, prefix
+
+    def get(self, user: int) -> tuple[np.ndarray, np.ndarray] | None:
+        blob = self.client.get(f"{self.prefix}{user}")
+        return None if blob is None else _unpack(blob)
+
+    def set(self, user: int, items: np.ndarray, scores: np.ndarray) -> None:
+        self.client.set(f"{self.prefix}{user}", _pack(items, scores), px=int(self.ttl * 1000))
+
+    def invalidate(self, user: int) -> None:
+        self.client.delete(f"{self.prefix}{user}")
+
+
+# -- A/B routing ---------------------------------------------------------------------------------
+
+class ABRouter:
+    """A stable assignment of users to arms by traffic share: SHA-256 of ``salt:user`` mapped to
+    [0, 1), then the arms' cumulative shares. The same user always gets the same arm, and
+    changing the salt reshuffles everyone."""
+
+    def __init__(self, shares: dict[str, float], salt: str = "ab-1") -> None:
+        if not shares or any(s < 0 for s in shares.values()) or abs(sum(shares.values()) - 1.0) > 1e-6:
+            raise ValueError(f"A/B shares must be >= 0 and sum to 1, got {shares}")
+        self.shares, self.salt = dict(shares), salt
+        self._edges = np.cumsum(list(shares.values()))
+        self._arms = list(shares)
+
+    def arm(self, user_id: int) -> str:
+        h = int.from_bytes(hashlib.sha256(f"{self.salt}:{user_id}".encode()).digest()[:8], "big") / 2.0**64
+        return self._arms[min(int(np.searchsorted(self._edges, h, side="right")), len(self._arms) - 1)]
+
+
+# -- the app -------------------------------------------------------------------------------------
+
+def create_service(pipeline, cache: MemoryCache | RedisCache | None = None, router: ABRouter | None = None,
+                   max_request_bytes: int = 100_000) -> tuple[FastAPI, DynamicBatcher]:
+    """The FastAPI app over a ``RecommendationPipeline`` (see ``integration.pipeline``)."""
+    cache = cache if cache is not None else MemoryCache()
+    router = router or ABRouter({arm: 1.0 / len(pipeline.rankers) for arm in pipeline.rankers})
+    if set(router.shares) != set(pipeline.rankers):
+        raise ValueError(f"A/B arms {sorted(router.shares)} and the pipeline's rankers {sorted(pipeline.rankers)} differ")
+    metrics, readiness = Metrics(), Readiness()
+    arm_requests = Counter("ab_requests", "ranked requests per A/B arm", ["arm"], registry=metrics.registry)
+    arm_latency = Histogram("ab_request_latency_seconds", "recommend latency per A/B arm", ["arm"],
+                            buckets=LATENCY_BUCKETS, registry=metrics.registry)
+    cache_hits = Counter("candidate_cache", "candidate cache lookups", ["result"], registry=metrics.registry)
+    readiness.info = {"arms": router.shares, "cache": type(cache).__name__, "dataset": pipeline.dataset.name}
+    app = create_app("Two-stage recommender", "1", __doc__.split("\n\n")[0], metrics, readiness, max_request_bytes)
+    dataset = pipeline.dataset
+
+    def run(batch: list[list[RecommendRequest]]) -> list[Any]:
+        reqs = [r for (r,) in batch]
+        out: list[Any] = [None] * len(reqs)
+        known: dict[str, list[tuple[int, int, tuple | None]]] = {}
+        for n, r in enumerate(reqs):
+            if r.features is not None:
+                try:
+                    rec = pipeline.recommend_features(r.features.model_dump(), r.k)
+                except (FeatureError, KeyError, ValueError) as err:
+                    out[n] = BadRequest(f"features: {err}")
+                    continue
+                out[n] = (rec, None, False)
+            elif r.user_id in pipeline.user_index:
+                user = pipeline.user_index[r.user_id]
+                known.setdefault(router.arm(r.user_id), []).append((n, user, cache.get(user)))
+            else:
+                out[n] = (pipeline.recommend([r.user_id], r.k)[0], None, False)
+        for arm, rows in known.items():
+            misses = [user for _, user, hit in rows if hit is None]
+            fresh = dict(zip(misses, zip(*pipeline.candidates(np.array(misses))))) if misses else {}
+            for user, (items, scores) in fresh.items():
+                cache.set(user, items, scores)
+            users = np.array([user for _, user, _ in rows])
+            cands = [hit if hit is not None else fresh[user] for _, user, hit in rows]
+            width = max(len(c[0]) for c in cands)
+            items = np.stack([np.pad(c[0], (0, width - len(c[0])), constant_values=-1) for c in cands])
+            scores = np.stack([np.pad(c[1], (0, width - len(c[1]))) for c in cands])
+            ranked, probs = pipeline.rank(users, items, scores, arm=arm)
+            for (n, _, hit), row_i, row_p in zip(rows, ranked, probs):
+                keep = row_i[:reqs[n].k] >= 0
+                rec = pipeline._rec(reqs[n].user_id, row_i[:reqs[n].k][keep], row_p[:reqs[n].k][keep], "ranked",
+                                    int((row_i >= 0).sum()))
+                out[n] = (rec, arm, hit is not None)
+                cache_hits.labels("hit" if hit is not None else "miss").inc()
+        return out
+
+    batcher = DynamicBatcher(run, max_batch_rows=256, max_wait_ms=0.0, enabled=True, metrics=metrics)
+
+    @app.post("/recommend", response_model=RecommendResponse, summary="Top K movies for a user",
+              responses={413: {"description": "body over the size limit"}, 503: {"description": "not ready"}})
+    async def recommend(req: RecommendRequest) -> JSONResponse:
+        if not readiness.event.is_set():
+            raise HTTPException(503, "not ready; poll /ready")
+        start = time.perf_counter()
+        rec, arm, cached = await batcher.submit([req])
+        if arm is not None:
+            arm_requests.labels(arm).inc()
+            arm_latency.labels(arm).observe(time.perf_counter() - start)
+        return JSONResponse({"user_id": rec.user_id, "stage": rec.stage, "arm": arm, "cached": cached,
+                             "items": rec.to_dict()["items"]})
+
+    @app.post("/events", response_model=EventResponse, summary="Record an interaction",
+              responses={404: {"description": "unknown user"}, 422: {"description": "unknown item or bad body"}})
+    async def events(ev: EventRequest) -> EventResponse:
+        if ev.user_id not in pipeline.user_index:
+            raise HTTPException(404, f"user_id {ev.user_id} is not a known user of {dataset.name}; recommendations for "
+                                     f"new users take their features and history in POST /recommend")
+        if ev.item_id not in pipeline.item_index:
+            raise BadRequest(f"item_id: {ev.item_id} is not a movie in {dataset.name}'s catalog")
+        n = pipeline.add_interaction(ev.user_id, ev.item_id, ev.timestamp)
+        cache.invalidate(pipeline.user_index[ev.user_id])
+        return EventResponse(user_id=ev.user_id, history_length=n)
+
+    def warm_up() -> None:
+        try:
+            pipeline.recommend([int(dataset.user_raw_ids[0])])
+            readiness.event.set()
+        except Exception as err:  # reported by /ready
+            readiness.error = f"warm-up failed: {err}"
+
+    threading.Thread(target=warm_up, daemon=True).start()
+    return app, batcher
+
+
+def parse_arm(spec: str) -> tuple[str, str, float]:
+    """``NAME=PATH:SHARE`` -> (name, path, share)."""
+    try:
+        name, rest = spec.split("=", 1)
+        path, share = rest.rsplit(":", 1)
+        return name, path, float(share)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--arm expects NAME=PATH:SHARE (e.g. A=serving/dlrm-int8:0.5), "
+                                         f"got {spec!r}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifacts", default="runs", help="run directory holding the stages (default: %(default)s)")
+    p.add_argument("--arm", action="append", type=parse_arm, default=[],
+                   help="an A/B arm NAME=PATH:SHARE, PATH relative to --artifacts; repeat for more "
+                        "(default: one arm, serving/dlrm-int8)")
+    p.add_argument("--ab-salt", default="ab-1", help="changing it reassigns users to arms (default: %(default)s)")
+    p.add_argument("--redis-url", default=None, help="cache candidates in Redis, e.g. redis://127.0.0.1:6379/0 "
+                                                     "(default: in process)")
+    p.add_argument("--cache-ttl", type=float, default=300.0, help="seconds a user's candidates stay cached (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="(default: %(default)s, loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")
+    p.add_argument("--data-dir", default=None, help="MovieLens cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)")
+    a = p.parse_args(argv)
+    import torch
+
+    from integration.pipeline import ArtifactMismatch, create_pipeline
+
+    torch.set_num_threads(1)
+    arms = a.arm or [("A", "serving/dlrm-int8", 1.0)]
+    try:
+        pipeline = create_pipeline(a.artifacts, ranking={name: path for name, path, _ in arms}, data_dir=a.data_dir)
+        router = ABRouter({name: share for name, _, share in arms}, a.ab_salt)
+        cache = RedisCache(a.redis_url, a.cache_ttl) if a.redis_url else MemoryCache(a.cache_ttl)
+    except (ArtifactMismatch, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"cannot serve {Path(a.artifacts)}: {err}") from None
+    except Exception as err:  # redis.ConnectionError and friends
+        raise SystemExit(f"cannot serve: {type(err).__name__}: {err}") from None
+    app, _ = create_service(pipeline, cache, router)
+    print(f"serving {pipeline.dataset.name}: arms {router.shares}, cache {type(cache).__name__}", flush=True)
+    serve(app, a.host, a.port)
+
+
+if __name__ == "__main__":
+    main()

