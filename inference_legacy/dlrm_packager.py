@@ -35,9 +35,9 @@ from torchrec.inference.modules import quantize_embeddings
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
-from common.features import FeatureBatch
+from common.features import FeatureBatch, FeatureSchema
 from common.metrics import BinaryMetrics
-from golden_training.train_dlrm import eval_set, make_batch
+from golden_training.train_dlrm import Config, eval_set, make_batch
 from inference_legacy import artifact as art
 from prediction.predict_using_torchrec import Ranker, TorchRecDLRM
 
@@ -106,12 +106,9 @@ def _auc(probs: np.ndarray, labels: np.ndarray) -> float:
 
 def package(ranker: Ranker, out: str | Path, precision: str = "int8", heldout_rows: int = 1000, seed: int = 0,
             overwrite: bool = False) -> dict[str, object]:
-    """Quantize, export, write, reload and verify; returns the manifest."""
-    cfg, features, schema = ranker.cfg, ranker.features, ranker.features.schema
-    fp32 = DLRMServing(ranker.model.model, schema.sparse_names).eval()
-    served = DLRMServing(quantize(ranker.model.model, precision), schema.sparse_names).eval()
-
-    # Held-out rows: every test user's next item plus the evaluation's sampled negatives.
+    """Quantize, export, write, reload and verify a trained ranker; returns the manifest. The
+    held-out rows are every test user's next item plus the evaluation's sampled negatives."""
+    cfg, features = ranker.cfg, ranker.features
     ev = eval_set(ranker.split, features, "test", cfg, ranker.retr)
     batches, labels = [], []
     for lo in range(0, len(ev.auc), 8192):
@@ -119,8 +116,19 @@ def package(ranker: Ranker, out: str | Path, precision: str = "int8", heldout_ro
                        cfg.history_len)
         batches.append(FeatureBatch(b.dense_features, b.sparse_features))
         labels.append(b.labels.numpy())
-    labels_np = np.concatenate(labels)
+    source = {"checkpoint": str(ranker.checkpoint), "dataset": cfg.dataset,
+              "data_fingerprint": ranker.dataset.fingerprint}
+    return package_model(ranker.model.model, features.schema, cfg, source, batches, np.concatenate(labels), out,
+                         precision, heldout_rows, seed, overwrite)
 
+
+def package_model(dlrm: TorchRecDLRM, schema: FeatureSchema, cfg: Config, source: dict[str, object],
+                  batches: list[FeatureBatch], labels_np: np.ndarray, out: str | Path, precision: str = "int8",
+                  heldout_rows: int = 1000, seed: int = 0, overwrite: bool = False) -> dict[str, object]:
+    """Package any fp32 ``TorchRecDLRM`` built by ``cfg`` (train_dlrm's settings) for ``schema``,
+    verified on ``batches`` (with their ``labels_np``, for AUC)."""
+    fp32 = DLRMServing(dlrm, schema.sparse_names).eval()
+    served = DLRMServing(quantize(dlrm, precision), schema.sparse_names).eval()
     t0 = time.perf_counter()
     example = batches[0]
     batch = Dim("batch", min=1, max=1 << 20)
@@ -143,8 +151,7 @@ def package(ranker: Ranker, out: str | Path, precision: str = "int8", heldout_ro
     manifest: dict[str, object] = {
         "model": "dlrm",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": {"checkpoint": str(ranker.checkpoint), "dataset": cfg.dataset,
-                   "data_fingerprint": ranker.dataset.fingerprint, "retrieval_export": cfg.retrieval_export,
+        "source": {**source, "retrieval_export": cfg.retrieval_export,
                    # which retrieval model produced the retrieval_score feature (its files' checksums)
                    "retrieval_files": _export_files(cfg.retrieval_export)},
         # how the feature rows were built, for whoever builds them at serving time
@@ -171,7 +178,7 @@ def package(ranker: Ranker, out: str | Path, precision: str = "int8", heldout_ro
         diff = np.abs(p_art - p_fp32)
         auc_fp32, auc_art = _auc(p_fp32, labels_np), _auc(p_art, labels_np)
         return {"verification": {
-            "rows": int(len(diff)), "split": "test", "max_abs_diff": float(diff.max()),
+            "rows": int(len(diff)), "split": source.get("split", "test"), "max_abs_diff": float(diff.max()),
             "p99_abs_diff": float(np.quantile(diff, 0.99)), "tolerance": float(diff.max()),
             "auc_fp32": auc_fp32, "auc_artifact": auc_art, "auc_change": auc_art - auc_fp32,
             "export_seconds": export_s},

@@ -34,40 +34,45 @@ from common.runtime import write_json_atomic
 METRICS = ("HR@10", "NDCG@10", "Recall@100")
 
 
-def stages(root: Path) -> list[tuple[str, Path, list[str]]]:
-    """(name, what it produces, command) for each stage, in order."""
+QUICK = {"retrieval": ["--epochs", "1", "--limit-batches", "30", "--n-boot", "10"],
+         "ranking": ["--limit-batches", "30", "--eval-negatives", "20", "--n-boot", "10"]}
+
+
+def stages(root: Path, quick: bool = False) -> list[tuple[str, Path, list[str]]]:
+    """(name, what it produces, command) for each stage, in order; ``quick``: tiny runs."""
+    extra = QUICK if quick else {"retrieval": [], "ranking": []}
     return [
         ("retrieval: two-tower + FAISS", root / "retrieval" / "export" / "manifest.json",
-         ["-m", "retrieval.two_tower_train", "--out", str(root / "retrieval"), "--resume"]),
+         ["-m", "retrieval.two_tower_train", "--out", str(root / "retrieval"), "--resume", *extra["retrieval"]]),
         ("ranking: DLRM on retrieval's candidates", root / "ranking" / "results.json",
          ["-m", "golden_training.train_dlrm", "--retrieval-export", str(root / "retrieval" / "export"),
-          "--out", str(root / "ranking"), "--no-baseline", "--resume"]),
+          "--out", str(root / "ranking"), "--no-baseline", "--resume", *extra["ranking"]]),
         ("serving: INT8 ranking artifact", root / "serving" / "dlrm-int8" / "manifest.json",
          ["-m", "inference_legacy.dlrm_packager", "--checkpoints", str(root / "ranking" / "checkpoints" / "dlrm"),
           "--out", str(root / "serving" / "dlrm-int8"), "--overwrite"]),
     ]
 
 
-def train_missing(root: Path) -> list[str]:
+def train_missing(root: Path, quick: bool = False) -> list[str]:
     """Run every stage whose output is missing (and every later one); returns their names."""
-    todo = stages(root)
+    todo = stages(root, quick)
     first = next((n for n, (_, out, _) in enumerate(todo) if not out.is_file()), len(todo))
     ran = []
     for n, (name, _, cmd) in enumerate(todo[first:], first + 1):
         log = root / "demo-logs" / f"{n}-{cmd[1].split('.')[0]}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(log, "w") as f, tqdm(desc=f"[{n}/{len(todo)}] {name}", bar_format="{desc} | {elapsed} | {postfix}",
-                                       postfix="starting") as bar:
+        head = f"[{n}/{len(todo)}] {name}"
+        with open(log, "w") as f, tqdm(desc=f"{head}: starting", bar_format="{desc} | {elapsed}") as bar:
             proc = subprocess.Popen([sys.executable, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, env=env)
             for line in proc.stdout:
                 f.write(line)
                 if line.strip() and "Warning" not in line and not line.startswith((" ", "W1", "  ")):
-                    bar.set_postfix_str(line.strip()[:90])
+                    bar.set_description_str(f"{head}: {line.strip()[:90]}")
             if proc.wait() != 0:
                 raise SystemExit(f"stage '{name}' failed (exit {proc.returncode}); its output is in {log}")
-            bar.set_postfix_str("done")
+            bar.set_description_str(f"{head}: done")
         ran.append(name)
     return ran
 
@@ -120,12 +125,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--data-dir", default=None, help="MovieLens cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals (default: %(default)s)")
     p.add_argument("--write-topk", default=None, help="also write every user's top 10 as JSON lines to this file")
+    p.add_argument("--quick", action="store_true", help="train tiny models if any are missing (a smoke run: its "
+                                                        "numbers are not the README's)")
     a = p.parse_args(argv)
     from integration.pipeline import create_pipeline  # after argparse: --help stays fast
 
     root = Path(a.artifacts)
     t0 = time.perf_counter()
-    trained = train_missing(root)
+    trained = train_missing(root, a.quick)
     pipeline = create_pipeline(root, data_dir=a.data_dir)
     users = [int(u) for u in a.users.split(",") if u.strip()]
     for rec in pipeline.recommend(users):

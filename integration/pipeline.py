@@ -215,11 +215,12 @@ class RecommendationPipeline:
 
 def create_pipeline(artifacts_dir: str | Path = "runs", retrieval: str = "retrieval/export",
                     ranking: str | dict[str, str] = "serving/dlrm-int8", data_dir: str | None = None,
-                    device: str = "auto") -> RecommendationPipeline:
+                    device: str = "auto", dataset: MovieLens | None = None) -> RecommendationPipeline:
     """Load the exported stages from ``artifacts_dir`` and check that they fit together.
 
     ``ranking`` is one artifact or ``{arm: artifact}`` for A/B tests (paths relative to
     ``artifacts_dir``). The ranking artifacts run on CPU; ``device`` must agree ("auto" does).
+    ``dataset`` passes a data set in memory (e.g. a synthetic one) instead of loading it by name.
     """
     root = Path(artifacts_dir)
     arms = {"A": ranking} if isinstance(ranking, str) else dict(ranking)
@@ -229,7 +230,7 @@ def create_pipeline(artifacts_dir: str | Path = "runs", retrieval: str = "retrie
     r_dir = root / retrieval
     r_manifest = read_retrieval_manifest(r_dir)
     rankers = {arm: DLRMPredictor(root / path) for arm, path in arms.items()}
-    ds = load_movielens(r_manifest["dataset"], data_dir)
+    ds = dataset if dataset is not None else load_movielens(r_manifest["dataset"], data_dir)
     fingerprints = {f"retrieval export {r_dir}": r_manifest["data_fingerprint"],
                     **{f"ranking artifact {root / arms[a]}": p.manifest["source"]["data_fingerprint"]
                        for a, p in rankers.items()}}

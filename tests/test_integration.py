@@ -253,3 +253,23 @@ def test_demo_prints_recommendations_and_the_evaluation_table(artifacts, capsys)
     test = res["test"]
     assert test["retrieval + ranking"]["NDCG@10"] > test["retrieval"]["NDCG@10"] > test["popularity"]["NDCG@10"]
     assert (artifacts / "demo_results.json").is_file()
+
+
+def test_demo_trains_missing_stages_then_recommends(tmp_path, capsys) -> None:
+    from integration.demo import main as demo
+
+    res = demo(["--artifacts", str(tmp_path), "--quick", "--users", "1", "--n-boot", "10"])
+    assert len(res["trained"]) == 3 and "user 1:" in capsys.readouterr().out
+    for made in ("retrieval/export/manifest.json", "ranking/results.json", "serving/dlrm-int8/manifest.json"):
+        assert (tmp_path / made).is_file()
+    assert sorted(p.name for p in (tmp_path / "demo-logs").iterdir()) == [
+        "1-retrieval.log", "2-golden_training.log", "3-inference_legacy.log"]
+    assert demo(["--artifacts", str(tmp_path), "--users", "1", "--n-boot", "10"])["trained"] == []
+
+
+def test_pipeline_benchmark_quick(artifacts, tmp_path) -> None:
+    from bench import pipeline_latency
+
+    res = pipeline_latency.main(["--quick", "--artifacts", str(artifacts), "--out", str(tmp_path / "p.json")])
+    assert res["single_user"]["n"] == 100 and res["batched"]["users_per_s"] > 0
+    assert all(r["errors"] == 0 and r["requests"] > 0 for r in res["http"].values())
