@@ -4,16 +4,22 @@
     python -m integration.demo --users 1,405,655  # other users (raw MovieLens IDs)
     python -m integration.demo --artifacts DIR    # another run directory
 
-If the artifacts are missing it trains them first, each stage a subprocess with a progress bar
-(about 3 minutes on 2 CPU cores; logs in <artifacts>/demo-logs/): the two-tower retrieval model
+    python -m integration.demo --with-bert4rec    # also BERT4Rec, the second candidate source
+
+If the artifacts are missing it trains them first, each stage a subprocess with a progress line
+(under 2 minutes on 2 CPU cores; logs in <artifacts>/demo-logs/): the two-tower retrieval model
 and its FAISS index, the DLRM ranker on retrieval's candidates, and the ranker's INT8 serving
-artifact. An interrupted run resumes from its checkpoints. Then it:
+artifact; with ``--with-bert4rec`` also BERT4Rec (about 10 minutes). An interrupted run resumes
+from its checkpoints. Then it:
 
 - builds the pipeline (``integration.pipeline.create_pipeline``, which checks the stages fit);
+  when ``<artifacts>/bert4rec/export`` exists the ranker re-orders BERT4Rec's candidates (the
+  best choice on validation), else the two-tower's;
 - prints, for a few users, their most recent movies and their top 10 with scores;
 - prints the offline evaluation on the test split under the shared protocol (943 users, full
-  ranking, seen items excluded) with 95% bootstrap intervals: popularity, retrieval alone,
-  retrieval + ranking, and BERT4Rec when ``<artifacts>/bert4rec/export`` exists.
+  ranking, seen items excluded) with 95% bootstrap intervals: popularity, each candidate source
+  alone and re-ranked, and with two sources their union alone and re-ranked; and the served
+  system's paired gain over each source alone.
 """
 
 from __future__ import annotations
@@ -35,12 +41,15 @@ METRICS = ("HR@10", "NDCG@10", "Recall@100")
 
 
 QUICK = {"retrieval": ["--epochs", "1", "--limit-batches", "30", "--n-boot", "10"],
-         "ranking": ["--limit-batches", "30", "--eval-negatives", "20", "--n-boot", "10"]}
+         "ranking": ["--limit-batches", "30", "--eval-negatives", "20", "--n-boot", "10"],
+         "bert4rec": ["--epochs", "2", "--eval-every", "2", "--window-step", "50", "--n-boot", "10"]}
 
 
-def stages(root: Path, quick: bool = False) -> list[tuple[str, Path, list[str]]]:
+def stages(root: Path, quick: bool = False, bert4rec: bool = False) -> list[tuple[str, Path, list[str]]]:
     """(name, what it produces, command) for each stage, in order; ``quick``: tiny runs."""
-    extra = QUICK if quick else {"retrieval": [], "ranking": []}
+    extra = QUICK if quick else {"retrieval": [], "ranking": [], "bert4rec": []}
+    b4r = [("BERT4Rec: sequential candidates", root / "bert4rec" / "export" / "manifest.json",
+            ["-m", "bert4rec.bert4rec_main", "--out", str(root / "bert4rec"), "--resume", *extra["bert4rec"]])]
     return [
         ("retrieval: two-tower + FAISS", root / "retrieval" / "export" / "manifest.json",
          ["-m", "retrieval.two_tower_train", "--out", str(root / "retrieval"), "--resume", *extra["retrieval"]]),
@@ -50,15 +59,17 @@ def stages(root: Path, quick: bool = False) -> list[tuple[str, Path, list[str]]]
         ("serving: INT8 ranking artifact", root / "serving" / "dlrm-int8" / "manifest.json",
          ["-m", "inference_legacy.dlrm_packager", "--checkpoints", str(root / "ranking" / "checkpoints" / "dlrm"),
           "--out", str(root / "serving" / "dlrm-int8"), "--overwrite"]),
-    ]
+    ] + (b4r if bert4rec else [])
 
 
-def train_missing(root: Path, quick: bool = False) -> list[str]:
-    """Run every stage whose output is missing (and every later one); returns their names."""
-    todo = stages(root, quick)
-    first = next((n for n, (_, out, _) in enumerate(todo) if not out.is_file()), len(todo))
+def train_missing(root: Path, quick: bool = False, bert4rec: bool = False) -> list[str]:
+    """Run every stage whose output is missing (and every later one of the chain); returns their names."""
+    todo = stages(root, quick, bert4rec)
+    chain = 3  # retrieval -> ranking (on retrieval's candidates) -> its artifact: a missing link redoes the rest
+    first = next((n for n, (_, out, _) in enumerate(todo[:chain]) if not out.is_file()), chain)
+    run = list(range(first, chain)) + [n for n in range(chain, len(todo)) if not todo[n][1].is_file()]
     ran = []
-    for n, (name, _, cmd) in enumerate(todo[first:], first + 1):
+    for n, (name, _, cmd) in [(n + 1, todo[n]) for n in run]:
         log = root / "demo-logs" / f"{n}-{cmd[1].split('.')[0]}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -90,29 +101,6 @@ def show_user(pipeline, rec, recent: int = 5) -> None:
         print(f"    {n:2d}. {t} ({year})  {s:.3f}")
 
 
-def bert4rec_report(export: Path, pipeline, n_boot: int) -> RankingReport | None:
-    if not (export / "manifest.json").is_file():
-        return None
-    from bert4rec.scorer import NextItemScorer
-    from common.metrics import evaluate_scores
-
-    scorer = NextItemScorer(export)
-    if scorer.data_fingerprint != pipeline.dataset.fingerprint:
-        print(f"(skipping BERT4Rec: {export} was trained on other data)")
-        return None
-    import torch
-
-    raw = pipeline.dataset.item_raw_ids
-    indptr, hist = pipeline.split.history("test")
-    order = [scorer.index_of[int(i)] for i in raw]  # the scorer's item order -> the data set's
-
-    def score(users: torch.Tensor) -> torch.Tensor:
-        s = scorer.score([raw[hist[indptr[u]:indptr[u + 1]]].tolist() for u in users.tolist()]).scores
-        return torch.from_numpy(s[:, order])
-
-    return evaluate_scores(score, pipeline.split, "test", batch_size=256, n_boot=n_boot)
-
-
 def cell(rep: RankingReport, m: str) -> str:
     lo, hi = rep.ci95[m]
     return f"{rep.means[m]:.4f} [{lo:.3f}, {hi:.3f}]"
@@ -125,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--data-dir", default=None, help="MovieLens cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals (default: %(default)s)")
     p.add_argument("--write-topk", default=None, help="also write every user's top 10 as JSON lines to this file")
+    p.add_argument("--with-bert4rec", action="store_true",
+                   help="also train BERT4Rec if it is missing (about 10 minutes): the second candidate source")
     p.add_argument("--quick", action="store_true", help="train tiny models if any are missing (a smoke run: its "
                                                         "numbers are not the README's)")
     a = p.parse_args(argv)
@@ -132,8 +122,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     root = Path(a.artifacts)
     t0 = time.perf_counter()
-    trained = train_missing(root, a.quick)
-    pipeline = create_pipeline(root, data_dir=a.data_dir)
+    trained = train_missing(root, a.quick, a.with_bert4rec)
+    pipeline = create_pipeline(root, data_dir=a.data_dir)  # with BERT4Rec's candidates when its export exists
     users = [int(u) for u in a.users.split(",") if u.strip()]
     for rec in pipeline.recommend(users):
         if rec.stage == "popular":
@@ -144,19 +134,20 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     reports = {"popularity": popularity_report(pipeline.split, "test", n_boot=a.n_boot),
                **pipeline.evaluate(n_boot=a.n_boot)}
-    b4r = bert4rec_report(root / "bert4rec" / "export", pipeline, a.n_boot)
-    if b4r is not None:
-        reports["BERT4Rec (alone)"] = b4r
-    gain = paired_difference(reports["retrieval + ranking"], reports["retrieval"], n_boot=a.n_boot)
-    print(f"\n{pipeline.dataset.name} test, {reports['retrieval'].num_users} users, full ranking, seen items "
+    final = f"{pipeline.candidate_source} + ranker"
+    print(f"\n{pipeline.dataset.name} test, {reports['two-tower'].num_users} users, full ranking, seen items "
           f"excluded (95% CI over users):")
     print(f"{'':22s} | " + " | ".join(f"{m:>23s}" for m in METRICS))
     for name, rep in reports.items():
-        print(f"{name:22s} | " + " | ".join(f"{cell(rep, m):>23s}" for m in METRICS))
-    lo, hi = gain["NDCG@10_ci95"]
-    print(f"ranking's gain over retrieval order, NDCG@10: {gain['NDCG@10']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+        mark = "  <- served" if name == final else ""
+        print(f"{name:22s} | " + " | ".join(f"{cell(rep, m):>23s}" for m in METRICS) + mark)
+    gains = {}
+    for single in (src.name for src in pipeline.sources):
+        gains[single] = gain = paired_difference(reports[final], reports[single], n_boot=a.n_boot)
+        lo, hi = gain["NDCG@10_ci95"]
+        print(f"{final} minus {single} alone, NDCG@10: {gain['NDCG@10']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
     results = {"trained": trained, "users": [r.to_dict() for r in pipeline.recommend(users)],
-               "test": {name: rep.to_dict() for name, rep in reports.items()}, "gain_ndcg10": gain,
+               "test": {name: rep.to_dict() for name, rep in reports.items()}, "served": final, "gains_ndcg10": gains,
                "seconds": time.perf_counter() - t0}
     if a.write_topk:
         n = pipeline.write_topk(a.write_topk)

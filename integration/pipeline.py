@@ -27,9 +27,11 @@ changes their next candidates and ranking features.
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
@@ -72,15 +74,21 @@ class FeatureStore:
     features: RankingFeatures
     histories: list[list[int]]        # dense item indices per dense user, oldest first
     last_time: np.ndarray             # per user: time of the latest interaction ("now" for features)
+    stage: str = "test"               # histories as they stand before this split's targets
+    config: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def build(cls, ds: MovieLens, split: Split, history_len: int, sequence: bool, trend_days: float) -> FeatureStore:
-        indptr, hist = split.history("test")
+    def build(cls, ds: MovieLens, split: Split, history_len: int, sequence: bool, trend_days: float,
+              stage: str = "test") -> FeatureStore:
+        """Histories up to ``stage``'s targets: training plus validation for "test" (serving),
+        training only for "valid" (model selection)."""
+        indptr, hist = split.history(stage)
         users = np.arange(ds.num_users)
         return cls(RankingFeatures.build(ds, split, history_len, sequence, trend_days),
                    [hist[indptr[u]:indptr[u + 1]].tolist() for u in users],
-                   reference_time(split, "test", users).astype(np.int64))
+                   reference_time(split, stage, users).astype(np.int64), stage,
+                   {"history_len": history_len, "sequence": sequence, "trend_days": trend_days})
 
     def history(self, user: int) -> np.ndarray:
         return np.asarray(self.histories[user], dtype=np.int64)
@@ -111,13 +119,64 @@ class FeatureStore:
         return b.dense_features, b.sparse_features.values().long(), b.sparse_features.lengths().long()
 
 
+class TwoTowerSource:
+    """Candidates from the two-tower model's FAISS index."""
+
+    name = "two-tower"
+
+    def __init__(self, retriever: Retriever) -> None:
+        self.retriever = retriever
+
+    def top_k(self, users: np.ndarray, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.retriever.top_k_indices(users, k, exclude_seen=True, histories=histories)
+
+
+class BERT4RecSource:
+    """Candidates from BERT4Rec's next-item scores over the whole catalog (seen items excluded)."""
+
+    name = "BERT4Rec"
+
+    def __init__(self, scorer, item_raw_ids: np.ndarray) -> None:
+        self.scorer, self.raw = scorer, np.asarray(item_raw_ids)
+        self.order = np.array([scorer.index_of[int(i)] for i in self.raw])  # data set index -> scorer index
+
+    def top_k(self, users: np.ndarray, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+        s = self.scorer.score([self.raw[h].tolist() for h in histories]).scores[:, self.order]
+        for r, h in enumerate(histories):
+            s[r, h] = -np.inf
+        top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        return top, np.take_along_axis(s, top, 1)
+
+
+def union(lists: list[np.ndarray], interleave: bool = False) -> np.ndarray:
+    """Per row, the items of every list once (-1 padding dropped): concatenated in list order, or
+    taken in turn from each list (``interleave``). Padded with -1 to the longest row."""
+    rows = []
+    for r in range(lists[0].shape[0]):
+        parts = [x[r][x[r] >= 0].tolist() for x in lists]
+        order = ([i for group in zip_longest(*parts) for i in group if i is not None] if interleave
+                 else [i for part in parts for i in part])
+        rows.append(list(dict.fromkeys(order)))
+    out = np.full((len(rows), max((len(r) for r in rows), default=0)), -1, dtype=np.int64)
+    for r, row in enumerate(rows):
+        out[r, :len(row)] = row
+    return out
+
+
 class RecommendationPipeline:
-    """Retrieval -> enrichment -> DLRM -> top K, for raw MovieLens user IDs."""
+    """Candidate sources -> enrichment -> DLRM -> top K, for raw MovieLens user IDs."""
 
     def __init__(self, retriever: Retriever, rankers: dict[str, DLRMPredictor], store: FeatureStore,
-                 dataset: MovieLens, split: Split) -> None:
+                 dataset: MovieLens, split: Split, sources: list | None = None,
+                 item_embeddings: np.ndarray | None = None, candidate_source: str = "two-tower") -> None:
         self.retriever, self.rankers, self.store = retriever, rankers, store
         self.dataset, self.split = dataset, split
+        self.sources = sources or [TwoTowerSource(retriever)]
+        self.item_embeddings = item_embeddings
+        names = [src.name for src in self.sources]
+        if candidate_source not in [*names, "union"]:
+            raise ValueError(f"candidate_source {candidate_source!r}: the pipeline has sources {names} (or 'union')")
+        self.candidate_source = candidate_source
         self.user_index = {int(u): n for n, u in enumerate(dataset.user_raw_ids)}
         self.item_index = {int(i): n for n, i in enumerate(dataset.item_raw_ids)}
         self.default_arm = next(iter(rankers))
@@ -125,9 +184,21 @@ class RecommendationPipeline:
     # -- the stages, on dense indices ---------------------------------------------------------
 
     def candidates(self, users: np.ndarray, k: int = CANDIDATES) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` unseen items per user from the query tower and the index: ``[B, k]`` each."""
-        return self.retriever.top_k_indices(users, k, exclude_seen=True,
-                                            histories=[self.store.history(u) for u in users])
+        """Unseen candidate items per user and their retrieval scores (the ranker's feature): the
+        top ``k`` of ``candidate_source`` ``[B, k]``, or the union of every source's top ``k``."""
+        hists = [self.store.history(u) for u in users]
+        if self.candidate_source == "two-tower":  # the index's scores are the two-tower dot products
+            return self.sources[0].top_k(users, hists, k)
+        found = [src.top_k(users, hists, k)[0] for src in self.sources
+                 if self.candidate_source in ("union", src.name)]
+        items = union(found) if len(found) > 1 else found[0]
+        return items, self.retrieval_scores(users, hists, items)
+
+    def retrieval_scores(self, users: np.ndarray, hists: list[np.ndarray], items: np.ndarray) -> np.ndarray:
+        """The two-tower dot product of each user's query with each item (0 for padding)."""
+        q = self.retriever.query_embeddings(users, hists)
+        e = self.item_embeddings[np.where(items >= 0, items, 0)]
+        return np.where(items >= 0, np.einsum("bd,bkd->bk", q, e), 0.0).astype(np.float32)
 
     @torch.inference_mode()
     def rank(self, users: np.ndarray, items: np.ndarray, scores: np.ndarray, arm: str | None = None
@@ -193,34 +264,57 @@ class RecommendationPipeline:
 
     # -- offline evaluation -------------------------------------------------------------------
 
+    def at_stage(self, stage: str) -> RecommendationPipeline:
+        """The same pipeline with histories as they stood before ``stage``'s targets."""
+        if stage == self.store.stage:
+            return self
+        p = copy.copy(self)
+        p.store = FeatureStore.build(self.dataset, self.split, **self.store.config, stage=stage)
+        return p
+
     def evaluate(self, stage: str = "test", n_boot: int = 1000, batch_size: int = 256) -> dict[str, RankingReport]:
-        """Retrieval order and retrieval + ranking under the shared protocol (full ranking, seen
-        items excluded), with the store's histories as the split has them for ``stage``."""
-        if stage != "test":
-            raise ValueError("the feature store holds histories up to the test interaction; evaluate stage='test'")
-        cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        """Every system the pipeline can be, under the shared protocol (full ranking, seen items
+        excluded): each candidate source alone, and with the ranker on top; with several sources,
+        their union (interleaved) and the union re-ranked. ``stage="valid"`` for model selection."""
+        p = self.at_stage(stage)
+        users_all, _ = p.split.targets(stage)
+        lists: dict[str, dict[int, np.ndarray]] = {}
 
-        def retrieval(users: np.ndarray) -> np.ndarray:
-            items, scores = self.candidates(users)
-            cache[int(users[0])] = (items, scores)
-            return items
+        def keep(name: str, users: np.ndarray, items: np.ndarray) -> None:
+            if items.shape[1] < CANDIDATES:
+                items = np.pad(items, ((0, 0), (0, CANDIDATES - items.shape[1])), constant_values=-1)
+            lists.setdefault(name, {}).update(zip(users.tolist(), items[:, :CANDIDATES]))
 
-        def ranked(users: np.ndarray) -> np.ndarray:
-            return self.rank(users, *cache.pop(int(users[0])))[0]
-
-        first = evaluate_topk(retrieval, self.split, stage, batch_size=batch_size, n_boot=n_boot)
-        return {"retrieval": first, "retrieval + ranking": evaluate_topk(ranked, self.split, stage,
-                                                                           batch_size=batch_size, n_boot=n_boot)}
+        ranker = len(p.rankers) and p.rankers[p.default_arm]
+        for lo in range(0, len(users_all), batch_size):
+            users = users_all[lo:lo + batch_size]
+            hists = [p.store.history(u) for u in users]
+            found = {src.name: src.top_k(users, hists, CANDIDATES)[0] for src in p.sources}
+            for name, items in found.items():
+                keep(name, users, items)
+                if ranker:
+                    keep(f"{name} + ranker", users, p.rank(users, items, p.retrieval_scores(users, hists, items))[0])
+            if len(found) > 1:
+                keep("union", users, union(list(found.values()), interleave=True))
+                items = union(list(found.values()))
+                keep("union + ranker", users, p.rank(users, items, p.retrieval_scores(users, hists, items))[0])
+        return {name: evaluate_topk(lambda u, by=by: np.stack([by[x] for x in u.tolist()]), p.split, stage,
+                                    batch_size=batch_size, n_boot=n_boot) for name, by in lists.items()}
 
 
 def create_pipeline(artifacts_dir: str | Path = "runs", retrieval: str = "retrieval/export",
                     ranking: str | dict[str, str] = "serving/dlrm-int8", data_dir: str | None = None,
-                    device: str = "auto", dataset: MovieLens | None = None) -> RecommendationPipeline:
+                    device: str = "auto", dataset: MovieLens | None = None,
+                    bert4rec: str | None = "auto", candidate_source: str = "auto") -> RecommendationPipeline:
     """Load the exported stages from ``artifacts_dir`` and check that they fit together.
 
     ``ranking`` is one artifact or ``{arm: artifact}`` for A/B tests (paths relative to
     ``artifacts_dir``). The ranking artifacts run on CPU; ``device`` must agree ("auto" does).
     ``dataset`` passes a data set in memory (e.g. a synthetic one) instead of loading it by name.
+    ``bert4rec`` (an export of bert4rec/, relative to ``artifacts_dir``; "auto": ``bert4rec/export``
+    if it exists, None: never) adds BERT4Rec as a second candidate source. ``candidate_source`` is what the ranker re-orders: "two-tower",
+    "BERT4Rec" or "union" (of both top 100s); "auto" takes BERT4Rec's when it is there, the best
+    on validation (integration/README.md), else the two-tower's.
     """
     root = Path(artifacts_dir)
     arms = {"A": ranking} if isinstance(ranking, str) else dict(ranking)
@@ -271,7 +365,25 @@ def create_pipeline(artifacts_dir: str | Path = "runs", retrieval: str = "retrie
             or not np.array_equal(retriever.item_raw_ids, ds.item_raw_ids)):
         raise ArtifactMismatch(f"retrieval export {r_dir} maps raw IDs to indices differently from {ds.name}: its "
                                f"features.json is from another data set; export it again")
-    return RecommendationPipeline(retriever, rankers, store, ds, split)
+    sources: list = [TwoTowerSource(retriever)]
+    if bert4rec == "auto":
+        bert4rec = "bert4rec/export" if (root / "bert4rec" / "export" / "manifest.json").is_file() else None
+    if bert4rec is not None:
+        from bert4rec.scorer import NextItemScorer
+
+        scorer = NextItemScorer(root / bert4rec)
+        if scorer.data_fingerprint != ds.fingerprint:
+            raise ArtifactMismatch(f"BERT4Rec export {root / bert4rec} was trained on data with fingerprint "
+                                   f"{scorer.data_fingerprint[:16]}, not {ds.name}'s {ds.fingerprint[:16]}: retrain it")
+        missing = [int(i) for i in ds.item_raw_ids if int(i) not in scorer.index_of]
+        if missing:
+            raise ArtifactMismatch(f"BERT4Rec export {root / bert4rec} lacks {len(missing)} of {ds.name}'s items "
+                                   f"(e.g. {missing[:3]}); retrain it on this data")
+        sources.append(BERT4RecSource(scorer, ds.item_raw_ids))
+    item_embeddings = np.load(r_dir / "item_embeddings.npy")
+    if candidate_source == "auto":
+        candidate_source = sources[-1].name
+    return RecommendationPipeline(retriever, rankers, store, ds, split, sources, item_embeddings, candidate_source)
 
 
 def _describe(schema) -> str:

@@ -289,6 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache-ttl", type=float, default=300.0, help="seconds a user's candidates stay cached (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="(default: %(default)s, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")
+    p.add_argument("--candidates", default="auto", choices=["auto", "two-tower", "BERT4Rec", "union"],
+                   help="what the ranker re-orders; auto: BERT4Rec's when <artifacts>/bert4rec/export exists, "
+                        "else the two-tower's (default: %(default)s)")
     p.add_argument("--data-dir", default=None, help="MovieLens cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)")
     a = p.parse_args(argv)
     import torch
@@ -298,7 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     arms = a.arm or [("A", "serving/dlrm-int8", 1.0)]
     try:
-        pipeline = create_pipeline(a.artifacts, ranking={name: path for name, path, _ in arms}, data_dir=a.data_dir)
+        pipeline = create_pipeline(a.artifacts, ranking={name: path for name, path, _ in arms}, data_dir=a.data_dir,
+                                   bert4rec=None if a.candidates == "two-tower" else "auto",
+                                   candidate_source=a.candidates)
         router = ABRouter({name: share for name, _, share in arms}, a.ab_salt)
         cache = RedisCache(a.redis_url, a.cache_ttl) if a.redis_url else MemoryCache(a.cache_ttl)
     except (ArtifactMismatch, FileNotFoundError, ValueError) as err:
@@ -306,7 +311,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:  # redis.ConnectionError and friends
         raise SystemExit(f"cannot serve: {type(err).__name__}: {err}") from None
     app, _ = create_service(pipeline, cache, router)
-    print(f"serving {pipeline.dataset.name}: arms {router.shares}, cache {type(cache).__name__}", flush=True)
+    print(f"serving {pipeline.dataset.name}: {pipeline.candidate_source} candidates, arms {router.shares}, "
+          f"cache {type(cache).__name__}", flush=True)
     serve(app, a.host, a.port)
 
 

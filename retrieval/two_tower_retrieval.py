@@ -156,12 +156,9 @@ class Retriever:
         users = np.asarray(users, dtype=np.int64)
         hists = histories if histories is not None else [self.history_of(u) for u in users]
         lengths = np.array([len(h) for h in hists], dtype=np.int64)
-        values = np.concatenate(hists).astype(np.int64) if len(hists) else np.zeros(0, np.int64)
-        ends = np.cumsum(lengths)
-        history = last_n(values, ends - lengths, ends, self.features.history_len)
-        batch = self.features.query_batch(users, history, user_columns)
         extra = int(lengths.max()) if exclude_seen and len(lengths) else 0
-        scores, items = self.model(batch.sparse, min(k + extra, self.features.num_items))
+        scores, items = self.model(self._query_batch(users, hists, user_columns).sparse,
+                                   min(k + extra, self.features.num_items))
         scores, items = scores.numpy(), items.numpy()
         out_items = np.full((len(users), k), -1, dtype=np.int64)
         out_scores = np.full((len(users), k), -np.inf, dtype=np.float32)
@@ -172,6 +169,18 @@ class Retriever:
             row_items, row_scores = items[r][keep][:k], scores[r][keep][:k]
             out_items[r, :len(row_items)], out_scores[r, :len(row_items)] = row_items, row_scores
         return out_items, out_scores
+
+    def _query_batch(self, users: np.ndarray, hists: list[np.ndarray], user_columns: dict[str, np.ndarray] | None = None):
+        lengths = np.array([len(h) for h in hists], dtype=np.int64)
+        values = np.concatenate(hists).astype(np.int64) if len(hists) else np.zeros(0, np.int64)
+        ends = np.cumsum(lengths)
+        return self.features.query_batch(users, last_n(values, ends - lengths, ends, self.features.history_len),
+                                         user_columns)
+
+    @torch.no_grad()
+    def query_embeddings(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        """The query tower's output ``[B, dim]`` for dense user indices with these histories."""
+        return self.model.embed(self._query_batch(np.asarray(users, dtype=np.int64), histories).sparse).cpu().numpy()
 
     def recommend(self, user_ids: list[int], k: int | None = None, exclude_seen: bool = True,
                   extra_history: dict[int, list[int]] | None = None) -> list[Recommendation]:

@@ -56,6 +56,19 @@ def reranking_run(retrieval_run, tmp_path_factory) -> tuple[dict, Path]:
                        "--out", str(out)]), out
 
 
+BERT4REC_TINY = ["--epochs", "4", "--eval-every", "2", "--max-len", "50", "--window-step", "50", "--batch-size", "32",
+                 "--n-boot", "20"]
+
+
+@pytest.fixture(scope="session")
+def bert4rec_run(tmp_path_factory) -> tuple[dict, Path]:
+    """A seeded 4-epoch BERT4Rec run on ml-100k (about 20 s): (results, run directory)."""
+    from bert4rec.bert4rec_main import main as bert4rec_main
+
+    out = tmp_path_factory.mktemp("bert4rec")
+    return bert4rec_main(BERT4REC_TINY + ["--out", str(out)]), out
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass

@@ -10,16 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bert4rec.bert4rec_main import main as bert4rec_main
-
-TINY = ["--epochs", "4", "--eval-every", "2", "--max-len", "50", "--window-step", "50", "--batch-size", "32",
-        "--n-boot", "20"]
-
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> tuple[dict, Path]:
-    out = tmp_path_factory.mktemp("bert4rec")
-    return bert4rec_main(TINY + ["--out", str(out)]), out
+def tiny_run(bert4rec_run) -> tuple[dict, Path]:
+    return bert4rec_run
 
 
 def test_a_seeded_tiny_run_learns(tiny_run) -> None:
