@@ -21,7 +21,7 @@ setup: $(STAMP)
 # The main job: train what is missing (a few minutes the first time), then recommend movies to
 # MovieLens users and print the offline evaluation of every stage.
 demo: $(STAMP)
-	$(PY) -m integration.demo
+	$(PY) -m integration.demo --dataset $(DATASET)
 
 # Fetch and verify a data set and print its statistics.
 data: $(STAMP)

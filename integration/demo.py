@@ -5,6 +5,7 @@
     python -m integration.demo --artifacts DIR    # another run directory
 
     python -m integration.demo --with-bert4rec    # also BERT4Rec, the second candidate source
+    python -m integration.demo --dataset ml-1m    # another MovieLens (from GroupLens), in runs/ml-1m
 
 If the artifacts are missing it trains them first, each stage a subprocess with a progress line
 (under 2 minutes on 2 CPU cores; logs in <artifacts>/demo-logs/): the two-tower retrieval model
@@ -34,6 +35,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from common.baselines import popularity_report
+from common.data.movielens import ARCHIVES, load_movielens
 from common.metrics import RankingReport, paired_difference
 from common.runtime import write_json_atomic
 
@@ -45,9 +47,14 @@ QUICK = {"retrieval": ["--epochs", "1", "--limit-batches", "30", "--n-boot", "10
          "bert4rec": ["--epochs", "2", "--eval-every", "2", "--window-step", "50", "--n-boot", "10"]}
 
 
-def stages(root: Path, quick: bool = False, bert4rec: bool = False) -> list[tuple[str, Path, list[str]]]:
-    """(name, what it produces, command) for each stage, in order; ``quick``: tiny runs."""
+def stages(root: Path, quick: bool = False, bert4rec: bool = False, data: list[str] | None = None
+           ) -> list[tuple[str, Path, list[str]]]:
+    """(name, what it produces, command) for each stage, in order; ``quick``: tiny runs; ``data``:
+    the data flags (--dataset, --data-dir) for the trainers."""
     extra = QUICK if quick else {"retrieval": [], "ranking": [], "bert4rec": []}
+    data = data or []
+    extra = {k: [*data, *v] for k, v in extra.items()}
+    data_dir = data[data.index("--data-dir"):][:2] if "--data-dir" in data else []
     b4r = [("BERT4Rec: sequential candidates", root / "bert4rec" / "export" / "manifest.json",
             ["-m", "bert4rec.bert4rec_main", "--out", str(root / "bert4rec"), "--resume", *extra["bert4rec"]])]
     return [
@@ -58,13 +65,14 @@ def stages(root: Path, quick: bool = False, bert4rec: bool = False) -> list[tupl
           "--out", str(root / "ranking"), "--no-baseline", "--resume", *extra["ranking"]]),
         ("serving: INT8 ranking artifact", root / "serving" / "dlrm-int8" / "manifest.json",
          ["-m", "inference_legacy.dlrm_packager", "--checkpoints", str(root / "ranking" / "checkpoints" / "dlrm"),
-          "--out", str(root / "serving" / "dlrm-int8"), "--overwrite"]),
+          "--out", str(root / "serving" / "dlrm-int8"), "--overwrite", *data_dir]),
     ] + (b4r if bert4rec else [])
 
 
-def train_missing(root: Path, quick: bool = False, bert4rec: bool = False) -> list[str]:
+def train_missing(root: Path, quick: bool = False, bert4rec: bool = False, data: list[str] | None = None
+                  ) -> list[str]:
     """Run every stage whose output is missing (and every later one of the chain); returns their names."""
-    todo = stages(root, quick, bert4rec)
+    todo = stages(root, quick, bert4rec, data)
     chain = 3  # retrieval -> ranking (on retrieval's candidates) -> its artifact: a missing link redoes the rest
     first = next((n for n, (_, out, _) in enumerate(todo[:chain]) if not out.is_file()), chain)
     run = list(range(first, chain)) + [n for n in range(chain, len(todo)) if not todo[n][1].is_file()]
@@ -108,7 +116,10 @@ def cell(rep: RankingReport, m: str) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--artifacts", default="runs", help="run directory holding every stage (default: %(default)s)")
+    p.add_argument("--dataset", default="ml-100k", choices=sorted(ARCHIVES),
+                   help="MovieLens variant; the larger ones come from GroupLens (default: %(default)s)")
+    p.add_argument("--artifacts", default=None,
+                   help="run directory holding every stage (default: runs, or runs/<dataset> for other data sets)")
     p.add_argument("--users", default="196,186,22", help="raw MovieLens user IDs to show (default: %(default)s)")
     p.add_argument("--data-dir", default=None, help="MovieLens cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals (default: %(default)s)")
@@ -120,9 +131,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     a = p.parse_args(argv)
     from integration.pipeline import create_pipeline  # after argparse: --help stays fast
 
-    root = Path(a.artifacts)
+    root = Path(a.artifacts or ("runs" if a.dataset == "ml-100k" else f"runs/{a.dataset}"))
     t0 = time.perf_counter()
-    trained = train_missing(root, a.quick, a.with_bert4rec)
+    load_movielens(a.dataset, a.data_dir)  # fetch and verify it now: a download problem is reported before training
+    data = ["--dataset", a.dataset] + (["--data-dir", a.data_dir] if a.data_dir else [])
+    trained = train_missing(root, a.quick, a.with_bert4rec, data)
     pipeline = create_pipeline(root, data_dir=a.data_dir)  # with BERT4Rec's candidates when its export exists
     users = [int(u) for u in a.users.split(",") if u.strip()]
     for rec in pipeline.recommend(users):
