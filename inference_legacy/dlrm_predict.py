@@ -81,7 +81,7 @@ class DLRMPredictor:
         return {"heldout_rows": len(rows), "max_abs_diff": diff, "tolerance": tol}
 
 
-def _integer(v: Any) -> int:
+def integer_id(v: Any) -> int:
     """JSON Schema's integer: an int, or a number with no fractional part (``68.0``); not a bool or a string."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ValueError(f"expected an integer ID, got {type(v).__name__}")
@@ -99,7 +99,7 @@ def request_models(schema: FeatureSchema, max_rows: int) -> tuple[type[BaseModel
     """Pydantic models (and so the OpenAPI schema) of a predict request, from the feature schema."""
     fields: dict[str, Any] = {}
     for f in schema.sparse:
-        fid = Annotated[int, Field(ge=0, le=f.cardinality - 1), BeforeValidator(_integer)]
+        fid = Annotated[int, Field(ge=0, le=f.cardinality - 1), BeforeValidator(integer_id)]
         if f.single_valued:
             fields[f.name] = (fid, Field(description=f"{f.name}: one ID in [0, {f.cardinality})"))
         else:

@@ -224,11 +224,11 @@ class RecommendationPipeline:
             items, scores = self.rank(users, *self.candidates(users), arm=arm)
             for (n, _), row_i, row_s in zip(known, items, scores):
                 keep = row_i[:k] >= 0
-                out[n] = self._rec(int(user_ids[n]), row_i[:k][keep], row_s[:k][keep], "ranked", int((row_i >= 0).sum()))
+                out[n] = self.recommendation(int(user_ids[n]), row_i[:k][keep], row_s[:k][keep], "ranked", int((row_i >= 0).sum()))
         for n, u in enumerate(user_ids):
             if out[n] is None:
                 top = self.retriever.popular[:k]
-                out[n] = self._rec(int(u), top, self.retriever.popularity[top], "popular", 0)
+                out[n] = self.recommendation(int(u), top, self.retriever.popularity[top], "popular", 0)
         return out  # type: ignore[return-value]
 
     def recommend_features(self, record: dict, k: int = 10) -> Recommendation:
@@ -238,7 +238,7 @@ class RecommendationPipeline:
         retrieval order (``stage="retrieval"``), or popular items with no history."""
         (rec,) = self.retriever.recommend_features([record], k)
         idx = np.array([self.item_index[int(i)] for i in rec.item_ids], dtype=np.int64)
-        return self._rec(-1, idx, np.asarray(rec.scores), "popular" if rec.cold_start else "retrieval", 0)
+        return self.recommendation(-1, idx, np.asarray(rec.scores), "popular" if rec.cold_start else "retrieval", 0)
 
     def add_interaction(self, user_id: int, item_id: int, timestamp: int | None = None) -> int:
         return self.store.add_interaction(self.user_index[int(user_id)], self.item_index[int(item_id)], timestamp)
@@ -257,7 +257,9 @@ class RecommendationPipeline:
         tmp.replace(path)
         return len(raw)
 
-    def _rec(self, user_id: int, items: np.ndarray, scores: np.ndarray, stage: str, candidates: int) -> Recommendation:
+    def recommendation(self, user_id: int, items: np.ndarray, scores: np.ndarray, stage: str, candidates: int
+                       ) -> Recommendation:
+        """A ``Recommendation`` of dense item indices, with raw IDs and titles."""
         titles = self.dataset.item_title
         return Recommendation(user_id, self.dataset.item_raw_ids[items].tolist(), [float(s) for s in scores],
                               [titles[i] for i in items.tolist()], stage, candidates)
@@ -285,15 +287,13 @@ class RecommendationPipeline:
                 items = np.pad(items, ((0, 0), (0, CANDIDATES - items.shape[1])), constant_values=-1)
             lists.setdefault(name, {}).update(zip(users.tolist(), items[:, :CANDIDATES]))
 
-        ranker = len(p.rankers) and p.rankers[p.default_arm]
         for lo in range(0, len(users_all), batch_size):
             users = users_all[lo:lo + batch_size]
             hists = [p.store.history(u) for u in users]
             found = {src.name: src.top_k(users, hists, CANDIDATES)[0] for src in p.sources}
             for name, items in found.items():
                 keep(name, users, items)
-                if ranker:
-                    keep(f"{name} + ranker", users, p.rank(users, items, p.retrieval_scores(users, hists, items))[0])
+                keep(f"{name} + ranker", users, p.rank(users, items, p.retrieval_scores(users, hists, items))[0])
             if len(found) > 1:
                 keep("union", users, union(list(found.values()), interleave=True))
                 items = union(list(found.values()))

@@ -37,10 +37,10 @@ from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from common.features import FeatureError
-from inference_legacy.dlrm_predict import _integer
+from inference_legacy.dlrm_predict import integer_id
 from inference_legacy.server import LATENCY_BUCKETS, BadRequest, DynamicBatcher, Metrics, Readiness, create_app, serve
 
-RawID = Annotated[int, Field(ge=0, le=2**31 - 1), BeforeValidator(_integer)]
+RawID = Annotated[int, Field(ge=0, le=2**31 - 1), BeforeValidator(integer_id)]
 
 
 class UserFeatures(BaseModel):
@@ -222,7 +222,7 @@ def create_service(pipeline, cache: MemoryCache | RedisCache | None = None, rout
             ranked, probs = pipeline.rank(users, items, scores, arm=arm)
             for (n, _, hit), row_i, row_p in zip(rows, ranked, probs):
                 keep = row_i[:reqs[n].k] >= 0
-                rec = pipeline._rec(reqs[n].user_id, row_i[:reqs[n].k][keep], row_p[:reqs[n].k][keep], "ranked",
+                rec = pipeline.recommendation(reqs[n].user_id, row_i[:reqs[n].k][keep], row_p[:reqs[n].k][keep], "ranked",
                                     int((row_i >= 0).sum()))
                 out[n] = (rec, arm, hit is not None)
                 cache_hits.labels("hit" if hit is not None else "miss").inc()
