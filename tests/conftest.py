@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,21 @@ def bert4rec_run(tmp_path_factory) -> tuple[dict, Path]:
 
     out = tmp_path_factory.mktemp("bert4rec")
     return bert4rec_main(BERT4REC_TINY + ["--out", str(out)]), out
+
+
+@contextlib.contextmanager
+def ready_client(app, batcher, timeout: float = 30.0):
+    """A TestClient for a service app once its /ready says 200; closes the app's batcher after."""
+    from starlette.testclient import TestClient
+
+    with TestClient(app) as client:
+        deadline = time.monotonic() + timeout
+        while (r := client.get("/ready")).status_code != 200:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"service not ready after {timeout:.0f} s: {r.text}")
+            time.sleep(0.05)
+        yield client
+    batcher.close()
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

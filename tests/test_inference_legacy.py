@@ -29,6 +29,7 @@ from inference_legacy.dlrm_client import DLRMClient, ServiceError
 from inference_legacy.dlrm_predict import DLRMPredictor, create_dlrm_app
 from inference_legacy.dlrm_predict import main as serve_main
 from inference_legacy.server import BadRequest, DynamicBatcher, spawn
+from tests.conftest import ready_client
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -178,12 +179,8 @@ def test_archives_that_would_unpickle_are_refused(packaged, tmp_path) -> None:
 def client(packaged):
     _, out, _ = packaged
     app, _, batcher = create_dlrm_app(out, max_request_bytes=20_000, max_rows=8)
-    with TestClient(app) as c:
-        deadline = time.monotonic() + 30
-        while c.get("/ready").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with ready_client(app, batcher) as c:
         yield c
-    batcher.close()
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from starlette.testclient import TestClient
 
 from inference_legacy import dlrm_packager
 from integration.pipeline import ArtifactMismatch, create_pipeline
 from integration.service import ABRouter, MemoryCache, RedisCache, create_service
+from tests.conftest import ready_client
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +99,8 @@ def test_mismatched_stages_are_refused_with_what_to_fix(artifacts, ranking_run, 
 @pytest.fixture(scope="module")
 def service(pipeline):
     app, batcher = create_service(pipeline, MemoryCache(ttl=60), ABRouter({"A": 1.0}))
-    with TestClient(app) as c:
-        deadline = time.monotonic() + 30
-        while c.get("/ready").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with ready_client(app, batcher) as c:
         yield c
-    batcher.close()
 
 
 def test_service_recommends_caches_and_learns_from_events(service, pipeline) -> None:
@@ -170,9 +166,7 @@ def test_ab_routing_is_stable_and_splits_traffic(pipeline) -> None:
         with pytest.raises(ValueError, match="sum to 1"):
             ABRouter({"A": 0.5, "B": 0.6})
         app, batcher = create_service(pipeline, MemoryCache(), router)
-        with TestClient(app) as c:
-            while c.get("/ready").status_code != 200:
-                time.sleep(0.05)
+        with ready_client(app, batcher) as c:
             users = pipeline.dataset.user_raw_ids[:40].tolist()
             got = {u: {c.post("/recommend", json={"user_id": u}).json()["arm"] for _ in range(2)} for u in users}
             assert all(len(a) == 1 for a in got.values())  # the same user always lands in the same arm
@@ -180,7 +174,6 @@ def test_ab_routing_is_stable_and_splits_traffic(pipeline) -> None:
             assert all(next(iter(got[u])) == router.arm(u) for u in users)
             metrics = c.get("/metrics").text
             assert 'ab_requests_total{arm="A"}' in metrics and 'ab_requests_total{arm="B"}' in metrics
-        batcher.close()
     finally:
         del pipeline.rankers["B"]
 
@@ -223,9 +216,7 @@ def test_candidate_cache_in_redis(pipeline, redis_url) -> None:
 
     cache = RedisCache(redis_url, ttl=60)
     app, batcher = create_service(pipeline, cache, ABRouter({"A": 1.0}))
-    with TestClient(app) as c:
-        while c.get("/ready").status_code != 200:
-            time.sleep(0.05)
+    with ready_client(app, batcher) as c:
         first = c.post("/recommend", json={"user_id": 21}).json()
         assert first["cached"] is False
         client = redis.Redis.from_url(redis_url)
@@ -235,7 +226,6 @@ def test_candidate_cache_in_redis(pipeline, redis_url) -> None:
         c.post("/events", json={"user_id": 21, "item_id": first["items"][0]["item_id"]})
         assert not client.exists(key)
         assert c.post("/recommend", json={"user_id": 21}).json()["cached"] is False
-    batcher.close()
     with pytest.raises(redis.ConnectionError):
         RedisCache(f"redis://127.0.0.1:{_free_port()}/0")
 
