@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,30 @@ def shutdown() -> None:
     """Tear down the default process group, if any."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def launch_local(fn: Callable[..., Any], nproc: int, *args: Any) -> dict[int, Any]:
+    """Run ``fn(*args)`` in ``nproc`` processes on this host, as ``torchrun --nproc_per_node`` would
+    (RANK, WORLD_SIZE, MASTER_ADDR... set; ``init_runtime`` picks them up), and return
+    {rank: return value}. ``fn`` must be importable (defined in a module, not in ``__main__`` or a
+    notebook), because the workers are spawned. This is how torchrec_dlrm's tests launch 2 ranks."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
+                          monitor_interval=0.1, start_method="spawn")
+    # The launcher installs its own SIGTERM/SIGINT handlers and leaves them behind; put the caller's
+    # back, so that e.g. a notebook kernel still interrupts and shuts down normally afterwards.
+    import signal
+    import threading
+
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+    saved = {s: signal.getsignal(s) for s in signals} if threading.current_thread() is threading.main_thread() else {}
+    try:
+        return elastic_launch(config, entrypoint=fn)(*args)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def seed_everything(seed: int) -> None:

@@ -4,21 +4,11 @@ on gloo (as torchrec_dlrm's tests do). Module-level so that spawned workers can 
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-
-def launch(fn: Callable[..., Any], nproc: int, *args: Any) -> dict[int, Any]:
-    """Run ``fn(*args)`` in ``nproc`` gloo processes; returns {rank: return value}."""
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
-                          monitor_interval=0.1, start_method="spawn")
-    return elastic_launch(config, entrypoint=fn)(*args)
+from common.runtime import launch_local as launch  # noqa: F401  (the tests call dist_workers.launch)
 
 
 def build_sharded_ebc(runtime, sharding: dict[str, str]):
