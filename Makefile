@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(DEVICE)
 DATASET ?= ml-100k
 
-.PHONY: demo data test test-fast baseline bench setup clean-venv
+.PHONY: demo data test test-fast baseline bench notebooks lab setup clean-venv
 
 $(STAMP): requirements/base.txt requirements/$(DEVICE).txt requirements/torchrec.txt scripts/install.sh
 	PYTHON=$(PYTHON) bash scripts/install.sh $(DEVICE) $(VENV)
@@ -31,9 +31,19 @@ data: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# The fast tier only: no multi-process runs.
+# The fast tier only: no multi-process runs, no notebooks.
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not multiprocess"
+	$(PY) -m pytest -m "not multiprocess and not notebook"
+
+# Execute the sharding notebooks from fresh kernels and store their outputs in the .ipynb files.
+notebooks: $(STAMP)
+	$(PY) -m sharding.execute
+
+# Open the notebooks in JupyterLab with the project's environment as the kernel (installs
+# requirements/notebooks.txt into .venv the first time).
+lab: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/notebooks.txt
+	$(VENV)/bin/jupyter lab sharding/
 
 # Popularity baseline under the shared evaluation protocol.
 baseline: $(STAMP)
