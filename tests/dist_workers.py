@@ -114,3 +114,12 @@ def bert4rec_evaluate(run_dir: str) -> dict[str, dict[str, float]]:
     model, _ = build(cfg, ds.num_items, rt)
     load_checkpoint(latest_checkpoint(Path(run_dir) / "best"), {"model": model})
     return {k: r.means for k, r in evaluate(model.module.model, split, "test", n_boot=10).items()}
+
+
+def zch_mapping(out: str, batch_size: int) -> str:
+    """A short ZCH (LRU) run on ml-100k in this process group; returns the ID-to-row mapping digest."""
+    from zch import main as zch_main
+
+    summary = zch_main.main(["--variants", "zch_lru", "--ratios", "0.25", "--epochs", "1", "--limit-batches", "30",
+                             "--batch-size", str(batch_size), "--out", out])
+    return summary["results"][0]["mapping_digest"]

@@ -1,0 +1,404 @@
+"""Train the DLRM ranker on raw 64-bit IDs with each way of mapping IDs to rows, and measure what
+zero-collision hashing buys over plain modulo hashing.
+
+    python -m zch.main                                   # ml-100k: every variant at 0.25x, 0.5x, 1x table size
+    python -m zch.main --variants modulo zch_lfu --ratios 0.5
+    torchrun --nproc_per_node=2 -m zch.main --ratios 0.5
+    python -m zch.main --dataset synthetic --rows 100000 # millions of power-law IDs into 100k rows
+    python -m zch.main --epochs 1 --limit-batches 20     # smoke run
+
+The task: predict whether a user liked a movie (rating >= 4) from the user's and the movie's IDs
+(each a salted 63-bit hash of the MovieLens ID, so the model never sees dense indices) and a few
+dense features (age, gender, release year, genres). Examples are read in time order: the first 80%
+train, the next 10% validate, the last 10% test, so users and movies that arrive late are unseen
+at the start, as in production. Tables are sized as a share (``--ratios``) of the distinct IDs in
+the data; ``full`` has one row per ID (the unhashed upper bound).
+
+For each variant and size: test AUC (and validation AUC), collision rate (share of the distinct IDs
+active in test whose row is shared with another active ID; the same among the tenth of them most
+frequent in training; and the share of test lookups landing on a shared row), evictions (IDs that
+lost their row), and training examples per second. Results go to <out>/results.json and <out>/results.md; each run's DCP
+checkpoints, which hold the ZCH ID-to-row mapping, to <out>/<variant>-<ratio>/checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.models.dlrm import DLRM
+from tqdm import tqdm
+
+from common.checkpoint import resume_if_possible, run_config, save_checkpoint
+from common.data.movielens import add_dataset_args, load_movielens
+from common.metrics import BinaryMetrics
+from common.runtime import Runtime, init_runtime, print0, seed_everything, shutdown, write_json_atomic, write_results
+from common.sharding import shard_model
+from zch.sparse_arch import VARIANTS, RemappedModel, Remapper, build_remapper, collision_report, salted_raw_ids
+
+FEATURES = ("user_id", "item_id")
+
+
+@dataclass(frozen=True)
+class Config:
+    dataset: str = "ml-100k"
+    data_dir: str | None = None
+    source: str = "auto"
+    synthetic_ids: int = 2_500_000
+    synthetic_events: int = 4_000_000
+    variants: tuple[str, ...] = VARIANTS
+    ratios: tuple[float, ...] = (0.25, 0.5, 1.0)
+    rows: int | None = None
+    eviction_interval: int = 1
+    embedding_dim: int = 16
+    epochs: int = 3
+    batch_size: int = 256
+    sparse_lr: float = 0.05
+    dense_lr: float = 3e-3
+    seed: int = 0
+    limit_batches: int | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    log_every: int = 100
+    device: str = "auto"
+    out: str = "runs/zch"
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    d = Config()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data")
+    add_dataset_args(data, ("synthetic",), "; or synthetic: millions of power-law IDs, new ones arriving over time")
+    data.add_argument("--synthetic-ids", type=int, default=d.synthetic_ids, help=f"popularity ranks per feature of --dataset synthetic; each gets two IDs over the run (default: {d.synthetic_ids:,})")
+    data.add_argument("--synthetic-events", type=int, default=d.synthetic_events, help=f"examples of --dataset synthetic (default: {d.synthetic_events:,})")
+    tables = p.add_argument_group("ID mapping")
+    tables.add_argument("--variants", nargs="+", default=list(d.variants), choices=VARIANTS, help="ID-to-row variants to train (default: all)")
+    tables.add_argument("--ratios", type=float, nargs="+", default=list(d.ratios), help="table rows as a share of each feature's distinct IDs (default: 0.25 0.5 1)")
+    tables.add_argument("--rows", type=int, default=None, help="rows per table instead of --ratios (e.g. 100000 for the synthetic run)")
+    tables.add_argument("--eviction-interval", type=int, default=d.eviction_interval, help=f"ZCH admits and evicts every N training batches (default: {d.eviction_interval})")
+    train = p.add_argument_group("training")
+    train.add_argument("--embedding-dim", type=int, default=d.embedding_dim, help=f"embedding dimension (default: {d.embedding_dim})")
+    train.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training examples, in time order (default: {d.epochs})")
+    train.add_argument("--batch-size", type=int, default=d.batch_size, help=f"examples per rank per step (default: {d.batch_size})")
+    train.add_argument("--sparse-lr", type=float, default=d.sparse_lr, help=f"RowWiseAdagrad learning rate (default: {d.sparse_lr})")
+    train.add_argument("--dense-lr", type=float, default=d.dense_lr, help=f"Adam learning rate (default: {d.dense_lr})")
+    train.add_argument("--seed", type=int, default=d.seed, help=f"seed for initialization and the synthetic data (default: {d.seed})")
+    train.add_argument("--limit-batches", type=int, default=None, help="stop each epoch after this many steps (default: all)")
+    train.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between DCP checkpoints; 0 = end of training only (default: 0)")
+    train.add_argument("--resume", action="store_true", help="continue each run from its latest checkpoint under --out")
+    train.add_argument("--log-every", type=int, default=d.log_every, help=f"steps between log lines (default: {d.log_every})")
+    train.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="auto: cuda if available (default: auto)")
+    train.add_argument("--out", default=d.out, help=f"output directory (default: {d.out})")
+    a = vars(p.parse_args(argv))
+    a["variants"], a["ratios"] = tuple(dict.fromkeys(a["variants"])), tuple(a["ratios"])
+    if any(not 0 < r for r in a["ratios"]):
+        p.error(f"--ratios must be positive shares of the distinct IDs, got {a['ratios']}")
+    if a["rows"] is not None and a["rows"] < 2:
+        p.error(f"--rows must be at least 2 (ZCH keeps one row for IDs it has not admitted), got {a['rows']}")
+    return Config(**a)
+
+
+# ------------------------------------------------------------------------------------------
+# Data: one time-ordered stream of examples with raw IDs
+
+
+@dataclass
+class Stream:
+    raw: dict[str, np.ndarray]      # feature -> raw 63-bit ID per example, in time order
+    dense: np.ndarray               # float32 [n, d]
+    label: np.ndarray               # float32 [n]
+    train: slice
+    valid: slice
+    test: slice
+    fingerprint: str
+    description: str
+    vocab: dict[str, np.ndarray] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.vocab = {f: np.unique(ids) for f, ids in self.raw.items()}
+
+    def distinct(self, feature: str) -> int:
+        return len(self.vocab[feature])
+
+
+def _time_split(n: int) -> tuple[slice, slice, slice]:
+    a, b = int(n * 0.8), int(n * 0.9)
+    return slice(0, a), slice(a, b), slice(b, n)
+
+
+def movielens_stream(cfg: Config) -> Stream:
+    ds = load_movielens(cfg.dataset, cfg.data_dir, cfg.source)
+    order = np.lexsort((ds.item, ds.user, ds.timestamp))  # time order, ties broken deterministically
+    user, item = ds.user[order], ds.item[order]
+    genres = np.zeros((ds.num_items, len(ds.genre_vocab)), dtype=np.float32)
+    for i, g in enumerate(ds.item_genres):
+        genres[i, g] = 1.0
+    year = np.where(ds.item_year > 0, (ds.item_year - 1900) / 100.0, 0.0).astype(np.float32)
+    if ds.has_user_features:
+        user_dense = np.stack([ds.user_age / 100.0, ds.user_gender], axis=1).astype(np.float32)
+    else:
+        user_dense = np.zeros((ds.num_users, 2), dtype=np.float32)
+    dense = np.concatenate([user_dense[user], year[item, None], genres[item]], axis=1)
+    raw = {"user_id": salted_raw_ids(ds.user_raw_ids[user], salt=1),
+           "item_id": salted_raw_ids(ds.item_raw_ids[item], salt=2)}
+    label = (ds.rating[order] >= 4).astype(np.float32)
+    return Stream(raw, dense, label, *_time_split(len(label)), fingerprint=ds.fingerprint,
+                  description=f"{ds.name}: {len(label):,} ratings, {ds.num_users:,} users, {ds.num_items:,} movies")
+
+
+def synthetic_stream(cfg: Config) -> Stream:
+    """Power-law IDs at scale: each example draws a user and an item popularity rank from a Zipf law
+    (exponent 1.1) over ``synthetic_ids`` ranks. New IDs keep arriving: once during the run, at a
+    time drawn per rank, each rank's ID is replaced by a new one (a new item taking an old one's
+    place), so late IDs are unseen at the start. Each ID has a hidden effect on the label, which only
+    a row of its own can learn exactly."""
+    rng = np.random.default_rng(cfg.seed)
+    n, space = cfg.synthetic_events, cfg.synthetic_ids
+    t = np.arange(n) / n
+    raw, effects = {}, []
+    for salt, f in enumerate(FEATURES, start=1):
+        rank = (rng.zipf(1.1, n) - 1) % space
+        renewal = np.random.default_rng([cfg.seed, salt, 1]).random(space)  # when each rank's ID is replaced
+        ids = rank + space * (t >= renewal[rank])
+        raw[f] = salted_raw_ids(ids, salt=salt + 10)
+        effect = np.random.default_rng([cfg.seed, salt]).normal(0.0, 1.0, 2 * space).astype(np.float32)
+        effects.append(effect[ids])
+    logit = effects[0] + effects[1] - 0.5
+    label = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.float32)
+    dense = rng.normal(size=(n, 4)).astype(np.float32)  # uninformative: the IDs carry the signal
+    return Stream(raw, dense, label, *_time_split(n), fingerprint=f"synthetic-{cfg.seed}-{space}-{n}",
+                  description=f"synthetic: {n:,} examples, Zipf(1.1) IDs over {space:,} ranks per feature, each renewed once")
+
+
+def batches(data: Stream, rows: slice, batch_size: int, rt: Runtime, first_step: int = 0,
+            limit: int | None = None) -> Iterator[tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor]]:
+    """This rank's share of each global batch of ``rows``, in time order (the last partial global
+    batch is dropped so that every rank takes the same number of steps)."""
+    per_step = batch_size * rt.world_size
+    steps = (rows.stop - rows.start) // per_step
+    steps = steps if limit is None else min(steps, limit)
+    for step in range(first_step, steps):
+        start = rows.start + step * per_step + rt.rank * batch_size
+        yield _batch(data, slice(start, start + batch_size))
+
+
+def _batch(data: Stream, rows: slice) -> tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor]:
+    values = np.concatenate([data.raw[f][rows] for f in FEATURES])
+    n = rows.stop - rows.start
+    kjt = KeyedJaggedTensor(keys=list(FEATURES), values=torch.from_numpy(values),
+                            lengths=torch.ones(n * len(FEATURES), dtype=torch.int32))
+    return torch.from_numpy(data.dense[rows]), kjt, torch.from_numpy(data.label[rows])
+
+
+# ------------------------------------------------------------------------------------------
+# Model
+
+
+def build(variant: str, table_rows: dict[str, int], data: Stream, cfg: Config, rt: Runtime):
+    """The remapper, TorchRec's DLRM on its tables (sharded table-wise by DMP), and the optimizer."""
+    remapper = build_remapper(variant, table_rows, data.vocab, cfg.eviction_interval)
+    ebc = EmbeddingBagCollection(device=torch.device("meta"), tables=[
+        EmbeddingBagConfig(name=f, embedding_dim=cfg.embedding_dim, num_embeddings=remapper.tables[f],
+                           feature_names=[f]) for f in FEATURES])
+    dlrm = DLRM(embedding_bag_collection=ebc, dense_in_features=data.dense.shape[1],
+                dense_arch_layer_sizes=[64, cfg.embedding_dim], over_arch_layer_sizes=[64, 1])
+    model, optimizer = shard_model(RemappedModel(remapper, dlrm), [ebc], rt, "table_wise", cfg.sparse_lr, cfg.dense_lr)
+    return model, optimizer, remapper
+
+
+class RowReset:
+    """Re-initializes the embedding rows that ZCH hands to a new ID (TorchRec's sharded CUDA MC-EBC
+    does this inside its TBE; here the tables are plain sharded EBCs), with the table's own
+    initialization, U(-1/sqrt(rows), 1/sqrt(rows)), and zeroes their row-wise Adagrad state, so a new
+    ID does not inherit the evicted ID's embedding."""
+
+    def __init__(self, model: nn.Module, remapper, seed: int) -> None:
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+        self._g = torch.Generator().manual_seed(seed)
+        self._bound = {f: 1.0 / math.sqrt(n) for f, n in remapper.tables.items()}
+        self._views: dict[str, list[tuple[int, torch.Tensor]]] = {f: [] for f in remapper.tables}
+        state = dict(model.state_dict())
+        state.update(_flatten(model.fused_optimizer.state_dict()["state"]))
+        for key, value in state.items():
+            for f in remapper.tables:
+                if key.endswith(f"embedding_bags.{f}.weight") or key.endswith(f"{f}.momentum1"):
+                    shards = (value.local_shards() if isinstance(value, ShardedTensor) else [])
+                    for s in shards:
+                        self._views[f].append((s.metadata.shard_offsets[0], s.tensor))
+
+    def __call__(self, reassigned: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for f, rows in reassigned.items():
+                for offset, view in self._views[f]:
+                    local = rows - offset
+                    local = local[(local >= 0) & (local < view.shape[0])]
+                    if local.numel() == 0:
+                        continue
+                    if view.dim() == 2:  # weights
+                        fresh = torch.empty(len(local), view.shape[1]).uniform_(-self._bound[f], self._bound[f],
+                                                                                  generator=self._g)
+                        view[local] = fresh.to(view.dtype)
+                    else:  # row-wise Adagrad's one accumulator per row
+                        view[local] = 0
+
+
+def _flatten(state: dict) -> dict[str, torch.Tensor]:
+    out = {}
+    for param_key, entries in state.items():
+        for name, value in entries.items():
+            out[f"{param_key}/{name}"] = value
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Training and evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Stream, rows: slice, batch_size: int = 4096) -> dict[str, float]:
+    """AUC over ``rows``. Every rank scores every row (the sharded tables need every rank in each
+    forward), with the remapper in eval mode: no ID is admitted while scoring."""
+    model.eval()
+    metrics = BinaryMetrics()
+    for start in range(rows.start, rows.stop, batch_size):
+        dense, kjt, label = _batch(data, slice(start, min(start + batch_size, rows.stop)))
+        metrics.update(torch.sigmoid(model(dense, kjt).squeeze(-1)), label)
+    model.train()
+    return metrics.compute(gather=False)
+
+
+def table_rows_for(data: Stream, ratio: float | None, rows: int | None) -> dict[str, int]:
+    if rows is not None:
+        return {f: rows for f in FEATURES}
+    return {f: max(2, int(round(ratio * data.distinct(f)))) for f in FEATURES}
+
+
+def train_variant(variant: str, label: str, table_rows: dict[str, int], data: Stream, cfg: Config,
+                  rt: Runtime) -> tuple[dict[str, object], nn.Module, Remapper]:
+    """Train one variant (resuming from its checkpoints with ``cfg.resume``), evaluate it, and
+    return its results, the trained model and its remapper."""
+    seed_everything(cfg.seed)
+    model, optimizer, remapper = build(variant, table_rows, data, cfg, rt)
+    reset = RowReset(model, remapper, cfg.seed + rt.rank)
+    run_dir = Path(cfg.out) / f"{variant}-{label}"
+    state = {"model": model, "optimizer": optimizer}
+    settings = {**run_config(cfg, data.fingerprint), "variant": variant, "table_rows": table_rows}
+    settings.pop("variants"), settings.pop("ratios")
+    meta = resume_if_possible(run_dir / "checkpoints", state, settings, cfg.resume) or {"epoch": 0, "step": 0, "seconds": 0.0}
+    epoch0, step0, seconds = meta["epoch"], meta["step"], meta["seconds"]
+    if meta.get("global_step"):
+        print0(f"{variant} {label}: resumed at epoch {epoch0}, step {step0}")
+    loss_fn = nn.BCEWithLogitsLoss()
+    per_step = cfg.batch_size * rt.world_size
+    steps = (data.train.stop - data.train.start) // per_step
+    steps = steps if cfg.limit_batches is None else min(steps, cfg.limit_batches)
+    if steps == 0:
+        raise ValueError(f"batch size {cfg.batch_size} x {rt.world_size} ranks exceeds the training examples; "
+                         f"lower --batch-size")
+    global_step = epoch0 * steps + step0
+
+    def checkpoint(epoch: int, step: int) -> None:
+        save_checkpoint(run_dir / "checkpoints", global_step, state,
+                        meta={"epoch": epoch, "step": step, "global_step": global_step, "seconds": seconds,
+                              "run_config": settings})
+
+    for epoch in range(epoch0, cfg.epochs):
+        bar = tqdm(total=steps, initial=step0, desc=f"{variant} {label} epoch {epoch}", leave=False,
+                   disable=not rt.is_rank0 or None)
+        t0 = time.perf_counter()
+        for step, (dense, kjt, y) in enumerate(batches(data, data.train, cfg.batch_size, rt, step0, steps), start=step0 + 1):
+            loss = loss_fn(model(dense, kjt).squeeze(-1), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            reset(remapper.pop_reassigned())
+            global_step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0:
+                print0(f"{variant} {label} | epoch {epoch} | step {step}/{steps} | loss {loss.item():.4f}")
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
+                seconds += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                checkpoint(epoch, step)
+        seconds += time.perf_counter() - t0
+        bar.close()
+        step0 = 0
+        checkpoint(epoch + 1, 0)
+
+    if hasattr(remapper, "check_replicas"):
+        remapper.check_replicas()
+    valid, test = evaluate(model, data, data.valid), evaluate(model, data, data.test)
+    collisions = {f: collision_report(remapper, f, data.raw[f][data.test], data.raw[f][data.train]) for f in FEATURES}
+    result = {
+        "variant": variant, "table_size": label, "table_rows": remapper.tables,
+        "distinct_ids": {f: data.distinct(f) for f in FEATURES},
+        "auc_test": test["auc"], "auc_valid": valid["auc"], "logloss_test": test["logloss"],
+        "collision_rate": float(np.mean([c["collision_rate"] for c in collisions.values()])),
+        "collision_rate_frequent": float(np.mean([c["collision_rate_frequent"] for c in collisions.values()])),
+        "lookups_on_shared_rows": float(np.mean([c["lookups_on_shared_rows"] for c in collisions.values()])),
+        "collisions": collisions, "evictions": remapper.evictions,
+        "examples_per_s": global_step * per_step / seconds if seconds > 0 else float("nan"),
+        "steps": global_step, "world_size": rt.world_size,
+    }
+    if hasattr(remapper, "mapping_digest"):
+        result["mapping_digest"] = remapper.mapping_digest()
+    write_results(run_dir, result)
+    return result, model, remapper
+
+
+def markdown_table(results: list[dict[str, object]], description: str) -> str:
+    lines = [f"{description}; test AUC and collisions over the IDs active in test.", "",
+             "| variant | table size | rows (user / item) | test AUC | valid AUC | collision rate | frequent IDs | "
+             "lookups on shared rows | evictions | train ex/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        rows = r["table_rows"]
+        lines.append(f"| {r['variant']} | {r['table_size']} | {rows['user_id']:,} / {rows['item_id']:,} | "
+                     f"{r['auc_test']:.4f} | {r['auc_valid']:.4f} | {r['collision_rate']:.3f} | "
+                     f"{r['collision_rate_frequent']:.3f} | {r['lookups_on_shared_rows']:.3f} | {r['evictions']:,} | "
+                     f"{r['examples_per_s']:,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    cfg = parse_args(argv)
+    rt = init_runtime(cfg.device)
+    try:
+        data = synthetic_stream(cfg) if cfg.dataset == "synthetic" else movielens_stream(cfg)
+        print0(data.description + " | distinct IDs: " + ", ".join(f"{f} {data.distinct(f):,}" for f in FEATURES))
+        runs: list[tuple[str, str, dict[str, int]]] = []
+        if "full" in cfg.variants:
+            runs.append(("full", "all IDs", {f: data.distinct(f) + 1 for f in FEATURES}))
+        sizes = [(f"{cfg.rows:,} rows", None)] if cfg.rows is not None else [(f"{r:g}x", r) for r in cfg.ratios]
+        for label, ratio in sizes:
+            rows = table_rows_for(data, ratio, cfg.rows)
+            runs += [(v, label, rows) for v in cfg.variants if v != "full"]
+        results = []
+        for variant, label, rows in runs:
+            r, _, _ = train_variant(variant, label, rows, data, cfg, rt)
+            results.append(r)
+            print0(f"{variant:8s} {label:10s} | test AUC {r['auc_test']:.4f} | collision rate {r['collision_rate']:.3f} "
+                   f"(frequent {r['collision_rate_frequent']:.3f}) | evictions {r['evictions']:,} | "
+                   f"{r['examples_per_s']:,.0f} ex/s")
+        table = markdown_table(results, data.description)
+        print0("\n" + table)
+        summary = {"config": asdict(cfg), "data": data.description, "results": results}
+        if rt.is_rank0:
+            write_json_atomic(Path(cfg.out) / "results.json", summary)
+            (Path(cfg.out) / "results.md").write_text(table)
+        return summary
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    main()
