@@ -160,7 +160,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="sharding type to check (default: all four CPU types; the CUDA-only ones with --device cuda)")
     p.add_argument("--nproc", type=int, default=2, help="processes to launch (default: 2)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu (gloo) or cuda (nccl); default cpu")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.device == "cpu" and args.sharding_type in CUDA_ONLY_SHARDING_TYPES:
+        p.error(f"{args.sharding_type} sharding needs CUDA in TorchRec: add --device cuda on a machine with GPUs, "
+                f"or pick one of {CPU_SHARDING_TYPES}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
