@@ -17,7 +17,13 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.planner.types import (
+    HardwareConfig,
+    KernelConfig,
+    ParameterConstraints,
+    TopologyFactory,
+    TrainerConfig,
+)
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -28,6 +34,18 @@ from common.runtime import Runtime
 
 SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise")
 CUDA_ONLY = ("row_wise", "table_row_wise")
+
+
+def topology(world_size: int, compute_device: str = "cuda", hbm_gb: float | None = None,
+             ddr_gb: float | None = None, local_world_size: int | None = None) -> Topology:
+    """A planner ``Topology`` for ``world_size`` devices, ``local_world_size`` per host (default: all
+    on one), with ``hbm_gb`` of device memory and ``ddr_gb`` of host memory per device in decimal GB
+    (TorchRec's defaults when None). Built through ``TopologyFactory``, as TorchRec asks; nothing
+    needs to exist, so it also describes hardware you plan for but do not have."""
+    trainer = TrainerConfig(world_size=world_size, local_world_size=local_world_size or world_size)
+    hardware = HardwareConfig(hbm_cap_bytes=None if hbm_gb is None else int(hbm_gb * 10**9),
+                              ddr_cap_bytes=None if ddr_gb is None else int(ddr_gb * 10**9))
+    return TopologyFactory.create_topology(trainer, hardware, KernelConfig(compute_device=compute_device))
 
 
 def qcomms_precisions(device: torch.device) -> tuple[CommType, CommType]:
@@ -57,7 +75,7 @@ def shard_model(model: nn.Module, ebcs: Iterable[EmbeddingBagCollection | Embedd
     tables = [c.name for ebc in ebcs for c in (ebc.embedding_bag_configs() if isinstance(ebc, EmbeddingBagCollection)
                                                 else ebc.embedding_configs())]
     planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=rt.world_size, compute_device=rt.device.type),
+        topology=topology(rt.world_size, compute_device=rt.device.type),
         constraints={t: ParameterConstraints(sharding_types=[sharding_type]) for t in tables})
     sharders = get_default_sharders()
     if qcomms:

@@ -16,32 +16,15 @@ import torch
 from torch import nn
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
-from torchrec.distributed.planner.types import (
-    HardwareConfig,
-    KernelConfig,
-    ParameterConstraints,
-    ShardingOption,
-    Topology,
-    TopologyFactory,
-    TrainerConfig,
-)
+from torchrec.distributed.planner.types import ParameterConstraints, ShardingOption, Topology
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
+
+from common.sharding import topology  # noqa: F401  (the notebooks import it from here, beside plan())
 
 GB = 10**9  # decimal gigabytes, as the seed guide counts them (51.2 GB for 100M x 128 fp32)
 # What the planner keeps free on every device for dense parameters, activations and the framework.
 RESERVED_SHARE = 0.15
-
-
-def topology(world_size: int, compute_device: str = "cuda", hbm_gb: float | None = None,
-             ddr_gb: float | None = None, local_world_size: int | None = None) -> Topology:
-    """A ``Topology`` for ``world_size`` devices, ``local_world_size`` per host (default: all on one),
-    with ``hbm_gb`` of device memory and ``ddr_gb`` of host memory per device (TorchRec's defaults
-    when None: 32 GB HBM, 128 GB DDR). Nothing needs to exist: this describes hardware."""
-    trainer = TrainerConfig(world_size=world_size, local_world_size=local_world_size or world_size)
-    hardware = HardwareConfig(hbm_cap_bytes=None if hbm_gb is None else int(hbm_gb * GB),
-                              ddr_cap_bytes=None if ddr_gb is None else int(ddr_gb * GB))
-    return TopologyFactory.create_topology(trainer, hardware, KernelConfig(compute_device=compute_device))
 
 
 @dataclass
