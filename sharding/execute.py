@@ -11,7 +11,6 @@ when you open a notebook there. A cell that raises stops the run with the cell a
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -59,4 +58,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()

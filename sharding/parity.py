@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -168,8 +169,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
-    import os
-
     args = parse_args(argv)
     everything = CPU_SHARDING_TYPES + (CUDA_ONLY_SHARDING_TYPES if args.device == "cuda" else ())
     types = everything if args.sharding_type == "all" else (args.sharding_type,)

@@ -291,8 +291,9 @@ def train_variant(variant: str, label: str, table_rows: dict[str, int], data: St
     reset = RowReset(model, remapper, cfg.seed + rt.rank)
     run_dir = Path(cfg.out) / f"{variant}-{label}"
     state = {"model": model, "optimizer": optimizer}
-    settings = {**run_config(cfg, data.fingerprint), "variant": variant, "table_rows": table_rows}
-    settings.pop("variants"), settings.pop("ratios")
+    # what defines this run: not which other variants and sizes the command also trains
+    settings = {k: v for k, v in run_config(cfg, data.fingerprint).items() if k not in ("variants", "ratios")}
+    settings.update(variant=variant, table_rows=table_rows)
     meta = resume_if_possible(run_dir / "checkpoints", state, settings, cfg.resume) or {"epoch": 0, "step": 0, "seconds": 0.0}
     epoch0, step0, seconds = meta["epoch"], meta["step"], meta["seconds"]
     if meta.get("global_step"):

@@ -100,9 +100,10 @@ class VocabularyRemapper(Remapper):
     kind = "full"
 
     def __init__(self, vocabularies: dict[str, np.ndarray]) -> None:
-        super().__init__({f: len(np.unique(v)) + 1 for f, v in vocabularies.items()})
-        for feature, vocab in vocabularies.items():
-            self.register_buffer(f"vocab_{feature}", torch.as_tensor(np.unique(vocab), dtype=torch.int64))
+        sorted_ids = {f: np.unique(v) for f, v in vocabularies.items()}
+        super().__init__({f: len(ids) + 1 for f, ids in sorted_ids.items()})
+        for feature, ids in sorted_ids.items():
+            self.register_buffer(f"vocab_{feature}", torch.as_tensor(ids, dtype=torch.int64))
 
     def rows(self, feature: str, raw: torch.Tensor) -> torch.Tensor:
         vocab = getattr(self, f"vocab_{feature}")
