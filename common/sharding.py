@@ -48,6 +48,21 @@ def topology(world_size: int, compute_device: str = "cuda", hbm_gb: float | None
     return TopologyFactory.create_topology(trainer, hardware, KernelConfig(compute_device=compute_device))
 
 
+def local_shards(state: dict[str, object]) -> list[tuple[str, tuple[int, ...], torch.Tensor]]:
+    """(key, offsets, tensor) for every piece of ``state`` (a state dict) held by this rank: each local
+    shard of a ShardedTensor at its offsets into the full tensor, a plain tensor (e.g. a data-parallel
+    table) at offset 0. The tensors are views: writing into them writes the sharded module's storage."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    out = []
+    for key, value in state.items():
+        if isinstance(value, ShardedTensor):
+            out += [(key, tuple(s.metadata.shard_offsets), s.tensor) for s in value.local_shards()]
+        elif isinstance(value, torch.Tensor):
+            out.append((key, (0,) * value.dim(), value))
+    return out
+
+
 def qcomms_precisions(device: torch.device) -> tuple[CommType, CommType]:
     """(forward, backward) precision of quantized communication: FP16 forward and BF16 backward,
     except that gloo (CPU) has no BF16 collectives, so TorchRec falls back to FP16 there."""

@@ -26,6 +26,7 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.sharding_plan import get_default_sharders
 
 from common.runtime import init_runtime, launch_local, shutdown
+from common.sharding import local_shards as common_local_shards
 from sharding.planning import RESERVED_SHARE, topology
 
 CPU_SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "data_parallel")
@@ -70,33 +71,18 @@ def random_batch(seed: int, batch_size: int = BATCH_SIZE) -> KeyedJaggedTensor:
 
 def copy_into_shards(sharded: DistributedModelParallel, full: dict[str, torch.Tensor]) -> None:
     """Give the sharded module the unsharded module's weights: each rank copies the slice of each
-    table that its local shards cover (a ShardedTensor's ``local_shards()``, at its offsets)."""
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
+    table that its local shards cover (at their offsets; a data-parallel table is copied whole)."""
     with torch.no_grad():
-        for key, value in sharded.state_dict().items():
-            source = full[key.removeprefix("module.")]
-            if isinstance(value, ShardedTensor):
-                for shard in value.local_shards():
-                    (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                    shard.tensor.copy_(source[r0:r0 + nr, c0:c0 + nc])
-            else:  # data-parallel: every rank holds the whole table
-                value.copy_(source)
+        for key, (r0, c0), tensor in common_local_shards(sharded.state_dict()):
+            nr, nc = tensor.shape
+            tensor.copy_(full[key.removeprefix("module.")][r0:r0 + nr, c0:c0 + nc])
 
 
 def local_shards(sharded: DistributedModelParallel) -> list[dict]:
     """The shards of each table that live on this rank, read from the sharded state dict."""
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-    out = []
-    for key, value in sharded.state_dict().items():
-        table = key.split(".")[-2]
-        pieces = ([(s.metadata.shard_offsets, s.metadata.shard_sizes, s.tensor) for s in value.local_shards()]
-                  if isinstance(value, ShardedTensor) else [((0, 0), list(value.shape), value)])
-        for (r0, c0), (nr, nc), tensor in pieces:
-            out.append({"table": table, "rows": f"{r0}-{r0 + nr - 1}", "cols": f"{c0}-{c0 + nc - 1}",
-                        "bytes": tensor.numel() * tensor.element_size()})
-    return out
+    return [{"table": key.split(".")[-2], "rows": f"{r0}-{r0 + t.shape[0] - 1}", "cols": f"{c0}-{c0 + t.shape[1] - 1}",
+             "bytes": t.numel() * t.element_size()}
+            for key, (r0, c0), t in common_local_shards(sharded.state_dict())]
 
 
 def compare_with_unsharded(sharding_type: str, device: str = "cpu", compute_kernel: str | None = None) -> RankReport:

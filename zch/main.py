@@ -41,7 +41,7 @@ from common.checkpoint import resume_if_possible, run_config, save_checkpoint
 from common.data.movielens import add_dataset_args, load_movielens
 from common.metrics import BinaryMetrics
 from common.runtime import Runtime, init_runtime, print0, seed_everything, shutdown, write_json_atomic, write_results
-from common.sharding import shard_model
+from common.sharding import local_shards, shard_model
 from zch.sparse_arch import VARIANTS, RemappedModel, Remapper, build_remapper, collision_report, salted_raw_ids
 
 FEATURES = ("user_id", "item_id")
@@ -221,19 +221,15 @@ class RowReset:
     ID does not inherit the evicted ID's embedding."""
 
     def __init__(self, model: nn.Module, remapper, seed: int) -> None:
-        from torch.distributed._shard.sharded_tensor import ShardedTensor
-
         self._g = torch.Generator().manual_seed(seed)
         self._bound = {f: 1.0 / math.sqrt(n) for f, n in remapper.tables.items()}
         self._views: dict[str, list[tuple[int, torch.Tensor]]] = {f: [] for f in remapper.tables}
         state = dict(model.state_dict())
         state.update(_flatten(model.fused_optimizer.state_dict()["state"]))
-        for key, value in state.items():
+        for key, offsets, tensor in local_shards(state):
             for f in remapper.tables:
                 if key.endswith(f"embedding_bags.{f}.weight") or key.endswith(f"{f}.momentum1"):
-                    shards = (value.local_shards() if isinstance(value, ShardedTensor) else [])
-                    for s in shards:
-                        self._views[f].append((s.metadata.shard_offsets[0], s.tensor))
+                    self._views[f].append((offsets[0], tensor))
 
     def __call__(self, reassigned: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
