@@ -24,7 +24,7 @@ import torch
 from common.baselines import popularity_report
 from common.data.criteo import generate_criteo_tsv, read_criteo_tsv
 from common.data.movielens import load_movielens
-from common.data.split import leave_last_out
+from common.data.split import split_dataset
 from common.data.synthetic import generate_interactions
 from common.features import DenseFeature, FeatureSchema, SparseFeature
 from common.runtime import write_json_atomic
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                                       num_clusters=1000, seed=0).num_interactions, max(1, a.repeats // 2))
 
     ds = load_movielens("ml-100k")
-    split = leave_last_out(ds.user, ds.item, ds.timestamp, ds.num_users, ds.num_items)
+    split = split_dataset(ds)
     results["ml100k_full_ranking_users_per_s"] = median_rate(
         lambda: popularity_report(split, "test", n_boot=1).num_users, a.repeats)
 

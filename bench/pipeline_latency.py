@@ -106,7 +106,7 @@ def synthetic_pipeline(root, num_items: int, num_users: int = 20_000):
     an untrained DLRM packaged INT8, through the same export and packaging code as the real ones."""
     from pathlib import Path
 
-    from common.data.split import leave_last_out
+    from common.data.split import split_dataset
     from common.features import FeatureBatch
     from common.runtime import init_runtime
     from golden_training.train_dlrm import Config as RankConfig
@@ -122,7 +122,7 @@ def synthetic_pipeline(root, num_items: int, num_users: int = 20_000):
     torch.manual_seed(0)
     t0 = time.perf_counter()
     ds = synthetic_movielens(num_users, num_items)
-    split = leave_last_out(ds.user, ds.item, ds.timestamp, ds.num_users, ds.num_items)
+    split = split_dataset(ds)
     features = TwoTowerFeatures.from_dataset(ds, history_len=50)
     rcfg = RetrievalConfig(dataset=ds.name, index_type="ivf_pq")
     model, _ = build_model(rcfg, features, split.item_counts("valid"), rt)

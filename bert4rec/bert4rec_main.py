@@ -46,7 +46,7 @@ from common.checkpoint import (
     save_checkpoint,
 )
 from common.data.movielens import add_dataset_args, load_movielens
-from common.data.split import Split, leave_last_out
+from common.data.split import Split, split_dataset
 from common.metrics import RankingReport, evaluate_scores, sampled_report
 from common.runtime import Runtime, init_runtime, print0, seed_everything, shutdown, write_json_atomic, write_results
 from common.sharding import shard_model
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     seed_everything(cfg.seed)
     out = Path(cfg.out)
     ds = load_movielens(cfg.dataset, cfg.data_dir, cfg.source)
-    split = leave_last_out(ds.user, ds.item, ds.timestamp, ds.num_users, ds.num_items)
+    split = split_dataset(ds)
     windows = training_windows(split, cfg.max_len, cfg.window_step)
     model, optimizer = build(cfg, ds.num_items, rt)
     net: BERT4Rec = model.module.model

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from common.data.movielens import add_dataset_args, load_movielens
-from common.data.split import Split, leave_last_out
+from common.data.split import Split, split_dataset
 from common.metrics import RankingReport, evaluate_scores
 from common.runtime import write_results
 
@@ -53,7 +53,7 @@ def format_report(name: str, rep: RankingReport) -> str:
 def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
     cfg = parse_args(argv)
     ds = load_movielens(cfg.dataset, cfg.data_dir, cfg.source)
-    split = leave_last_out(ds.user, ds.item, ds.timestamp, ds.num_users, ds.num_items)
+    split = split_dataset(ds)
     results: dict[str, dict[str, object]] = {}
     print(f"{ds.name} ({ds.source}): {ds.num_users} users, {ds.num_items} items, "
           f"{ds.num_interactions} interactions; metric mean [95% bootstrap CI]")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.data.movielens import add_dataset_args, load_movielens
-from common.data.split import leave_last_out
+from common.data.split import split_dataset
 from common.runtime import write_results
 
 
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
 def main(argv: list[str] | None = None) -> dict[str, object]:
     cfg = parse_args(argv)
     ds = load_movielens(cfg.dataset, cfg.data_dir, cfg.source)
-    split = leave_last_out(ds.user, ds.item, ds.timestamp, ds.num_users, ds.num_items)
+    split = split_dataset(ds)
     stats = {**ds.stats(), "train_interactions": len(split.train_user),
              "valid_users": len(split.valid_user), "test_users": len(split.test_user)}
     print(f"{ds.name} from {ds.source}: {stats['users']} users, {stats['items']} items, "

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from common.checkpoint import resume_if_possible, run_config, save_checkpoint
 from common.data.criteo import CriteoArrays
 from common.data.movielens import add_dataset_args, load_movielens
-from common.data.split import Split, leave_last_out
+from common.data.split import Split, split_dataset
 from common.features import FeatureSchema
 from common.metrics import MAX_K, BinaryMetrics, RankingReport, paired_difference, report_from_ranks
 from common.runtime import (
@@ -444,7 +444,7 @@ def _report(ev: EvalSet, lists: np.ndarray, cfg: Config) -> RankingReport:
 def train_movielens(cfg: Config, rt: Runtime) -> dict[str, object]:
     out = Path(cfg.out)
     ds = load_movielens(cfg.dataset, cfg.data_dir, cfg.source)
-    split = leave_last_out(ds.user, ds.item, ds.timestamp, ds.num_users, ds.num_items)
+    split = split_dataset(ds)
     features = RankingFeatures.build(ds, split, cfg.history_len, cfg.sequence_features, cfg.trend_days)
     retr = RetrievalScorer(cfg.retrieval_export, ds.fingerprint, features) if cfg.retrieval_export else None
     if retr is None and cfg.hard_negatives:

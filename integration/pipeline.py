@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from common.data.movielens import MovieLens, load_movielens
-from common.data.split import Split, leave_last_out
+from common.data.split import Split, split_dataset
 from common.metrics import RankingReport, evaluate_topk
 from golden_training.ranking_data import Examples, RankingFeatures, reference_time
 from inference_legacy.dlrm_predict import DLRMPredictor
@@ -344,7 +344,7 @@ def create_pipeline(artifacts_dir: str | Path = "runs", retrieval: str = "retrie
                                    f"another retrieval model ({p.manifest['source']['retrieval_export']}), not {r_dir}: "
                                    f"serve the export it was trained with, or retrain the ranker with "
                                    f"--retrieval-export {r_dir}")
-    split = leave_last_out(ds.user, ds.item, ds.timestamp, ds.num_users, ds.num_items)
+    split = split_dataset(ds)
     feats = {json.dumps(p.manifest["features"], sort_keys=True) for p in rankers.values()}
     if len(feats) > 1:
         raise ArtifactMismatch(f"the A/B arms' rankers build their features differently ({sorted(feats)}); "

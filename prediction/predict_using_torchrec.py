@@ -26,7 +26,7 @@ from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
 from common.checkpoint import latest_checkpoint, load_checkpoint
 from common.data.movielens import load_movielens
-from common.data.split import leave_last_out
+from common.data.split import split_dataset
 from common.features import FeatureError, FeatureSchema
 from common.runtime import write_json_atomic
 from golden_training.ranking_data import Examples, RankingFeatures, reference_time
@@ -84,7 +84,7 @@ class Ranker:
         if ds.fingerprint != run["data_fingerprint"]:
             raise ValueError(f"{path} was trained on data with fingerprint {run['data_fingerprint'][:16]}, "
                              f"but {ds.name} here has {ds.fingerprint[:16]}")
-        self.dataset, self.split = ds, leave_last_out(ds.user, ds.item, ds.timestamp, ds.num_users, ds.num_items)
+        self.dataset, self.split = ds, split_dataset(ds)
         self.features = RankingFeatures.build(ds, self.split, self.cfg.history_len, self.cfg.sequence_features,
                                               self.cfg.trend_days)
         self.retr = (RetrievalScorer(self.cfg.retrieval_export, ds.fingerprint, self.features)

@@ -35,7 +35,7 @@ from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
 from common.data.movielens import load_movielens
 from common.data.movielens_features import last_n
-from common.data.split import leave_last_out
+from common.data.split import split_dataset
 from common.features import FeatureError, FeatureSchema
 from common.metrics import evaluate_topk
 from common.runtime import autodetect_device, write_json_atomic
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if ds.fingerprint != manifest["data_fingerprint"]:
         raise ArtifactError(f"the export was trained on data with fingerprint {manifest['data_fingerprint'][:16]}, "
                             f"but {ds.name} here has {ds.fingerprint[:16]}")
-    split = leave_last_out(ds.user, ds.item, ds.timestamp, ds.num_users, ds.num_items)
+    split = split_dataset(ds)
     results: dict[str, object] = {"export": a.export, "k": a.k, "index": manifest["index"]}
     retrievers = {}
     for mode in ("none", "int8"):

@@ -38,7 +38,7 @@ from common.baselines import popularity_report
 from common.checkpoint import gathered_state_dict, resume_if_possible, run_config, save_checkpoint
 from common.data.movielens import add_dataset_args, load_movielens
 from common.data.movielens_features import last_n
-from common.data.split import Split, leave_last_out
+from common.data.split import Split, split_dataset
 from common.metrics import RankingReport, evaluate_scores
 from common.runtime import (
     Runtime,
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     out = Path(cfg.out)
 
     ds = load_movielens(cfg.dataset, cfg.data_dir, cfg.source)
-    split = leave_last_out(ds.user, ds.item, ds.timestamp, ds.num_users, ds.num_items)
+    split = split_dataset(ds)
     features = TwoTowerFeatures.from_dataset(ds, history_len=cfg.history_len)
     examples = TrainExamples(features, split, cfg.batch_size, rt.rank, rt.world_size, cfg.seed, cfg.user_id_dropout,
                              cfg.holdout_last)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from common.data.movielens import MovieLens, load_movielens
-from common.data.split import Split, leave_last_out
+from common.data.split import Split, split_dataset
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +23,7 @@ def ml100k() -> MovieLens:
 
 @pytest.fixture(scope="session")
 def ml100k_split(ml100k: MovieLens) -> Split:
-    return leave_last_out(ml100k.user, ml100k.item, ml100k.timestamp, ml100k.num_users, ml100k.num_items)
+    return split_dataset(ml100k)
 
 
 @pytest.fixture(scope="session")

@@ -77,12 +77,12 @@ def evaluate_popularity_distributed(out_file: str) -> None:
     """2 ranks: the popularity baseline through the distributed evaluation path."""
     from common.baselines import popularity_report
     from common.data.movielens import load_movielens
-    from common.data.split import leave_last_out
+    from common.data.split import split_dataset
     from common.runtime import init_runtime, shutdown
 
     rt = init_runtime("cpu")
     ds = load_movielens("ml-100k")
-    rep = popularity_report(leave_last_out(ds.user, ds.item, ds.timestamp), "test", n_boot=50)
+    rep = popularity_report(split_dataset(ds), "test", n_boot=50)
     if rt.rank == 0:
         torch.save({"users": rep.users, "ranks": rep.ranks, "means": rep.means}, out_file)
     shutdown()
@@ -104,7 +104,7 @@ def bert4rec_evaluate(run_dir: str) -> dict[str, dict[str, float]]:
     from bert4rec.bert4rec_main import Config, build, evaluate
     from common.checkpoint import latest_checkpoint, load_checkpoint
     from common.data.movielens import load_movielens
-    from common.data.split import leave_last_out
+    from common.data.split import split_dataset
     from common.runtime import init_runtime
 
     rt = init_runtime("cpu")
@@ -112,7 +112,7 @@ def bert4rec_evaluate(run_dir: str) -> dict[str, dict[str, float]]:
     saved = json.loads((Path(run_dir) / "results.json").read_text())["config"]
     cfg = Config(**saved)
     ds = load_movielens(cfg.dataset)
-    split = leave_last_out(ds.user, ds.item, ds.timestamp, ds.num_users, ds.num_items)
+    split = split_dataset(ds)
     model, _ = build(cfg, ds.num_items, rt)
     load_checkpoint(latest_checkpoint(Path(run_dir) / "best"), {"model": model})
     return {k: r.means for k, r in evaluate(model.module.model, split, "test", n_boot=10).items()}

@@ -13,7 +13,7 @@ from common.data.criteo import (
     read_criteo_npy,
     read_criteo_tsv,
 )
-from common.data.split import leave_last_out
+from common.data.split import split_dataset
 from common.data.synthetic import generate_interactions, oracle_scores
 from common.metrics import BinaryMetrics, evaluate_scores
 
@@ -91,7 +91,7 @@ def test_synthetic_structure_is_learnable_and_seeded() -> None:
     assert (np.diff(d.user) >= 0).all() and (d.timestamp[1:][same_user] > d.timestamp[:-1][same_user]).all()
     counts = np.sort(np.bincount(d.item, minlength=d.num_items))[::-1]
     assert counts[:10].sum() > 5 * counts[-500:].sum() / 50    # power-law head vs tail
-    split = leave_last_out(d.user, d.item, d.timestamp, d.num_users, d.num_items)
+    split = split_dataset(d)
     pop = torch.as_tensor(split.item_counts("test"), dtype=torch.float32)
     popularity = evaluate_scores(lambda u: pop.expand(len(u), -1).clone(), split, "test", n_boot=10)
     oracle = evaluate_scores(lambda u: torch.as_tensor(oracle_scores(d, u.numpy())), split, "test", n_boot=10)

@@ -13,6 +13,7 @@ import pytest
 
 from common.data import movielens as ml
 from common.data.download import DataIntegrityError, extract_zip
+from common.data.split import tie_keys
 from common.data.movielens import Archive, MovieLens, load_movielens
 
 
@@ -23,13 +24,14 @@ def test_ml100k_statistics(ml100k: MovieLens) -> None:
     assert ml100k.user_age[0] == 24 and ml100k.user_gender[0] == 1 and ml100k.user_zip[0] == "85711"
     assert ml100k.occupation_vocab[ml100k.user_occupation[0]] == "technician"
     assert len(ml100k.occupation_vocab) == 21 and len(ml100k.genre_vocab) == 19
-    # Canonical order: per user by time, ties by item.
+    # Canonical order: per user by time, ties by the split's SHA-256 tie key.
     u, t, i = ml100k.user, ml100k.timestamp, ml100k.item
     same = u[1:] == u[:-1]
     assert (np.diff(u) >= 0).all()
     assert (t[1:][same] >= t[:-1][same]).all()
     tie = same & (t[1:] == t[:-1])
-    assert (i[1:][tie] > i[:-1][tie]).all()
+    key = tie_keys(ml100k.user_raw_ids[u], ml100k.item_raw_ids[i])
+    assert (key[1:][tie] > key[:-1][tie]).all()
     assert set(ml100k.age_bucket()) <= set(range(7))
 
 

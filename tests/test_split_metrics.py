@@ -3,6 +3,8 @@ and the popularity baseline's golden numbers on real ml-100k."""
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import math
 
 import numpy as np
@@ -11,7 +13,8 @@ import torch
 
 from common.baselines import main as baselines_main
 from common.baselines import popularity_report
-from common.data.split import leave_last_out
+from common.data.download import default_data_dir
+from common.data.split import leave_last_out, split_dataset, tie_keys
 from common.metrics import (
     BinaryMetrics,
     bootstrap_ci,
@@ -21,20 +24,65 @@ from common.metrics import (
 )
 
 
-def test_leave_last_out_orders_by_time_then_item() -> None:
-    # user 0: items 5 (t=1), 3 and 4 tie at t=2 -> order 5, 3, 4: test 4, valid 3.
-    # user 1: two interactions -> test only. user 2: one -> train only.
+def _key(user: object, item: object) -> int:
+    """The tie key, written out again here from the rule's words, sharing no code with the split."""
+    return int.from_bytes(hashlib.sha256(f"{user}:{item}".encode("ascii")).digest()[:8], "big")
+
+
+def test_leave_last_out_orders_same_second_ties_by_the_sha256_key() -> None:
+    # user 0: item 5 at t=1, items 3 and 4 tie at t=2; user 1: two -> test only; user 2: one -> train.
     s = leave_last_out(user=[0, 0, 0, 1, 1, 2], item=[4, 3, 5, 7, 6, 1], timestamp=[2, 2, 1, 9, 8, 5])
-    assert list(s.test_user) == [0, 1] and list(s.test_item) == [4, 7]
-    assert list(s.valid_user) == [0] and list(s.valid_item) == [3]
+    first, last = sorted([3, 4], key=lambda i: _key(0, i))
+    assert list(s.test_user) == [0, 1] and list(s.test_item) == [last, 7]
+    assert list(s.valid_user) == [0] and list(s.valid_item) == [first]
     assert list(zip(s.train_user, s.train_item)) == [(0, 5), (1, 6), (2, 1)]
     indptr, items = s.history("test")
-    assert list(items[indptr[0]:indptr[1]]) == [5, 3]          # train + valid, in time order
+    assert list(items[indptr[0]:indptr[1]]) == [5, first]      # train + valid, in split order
     indptr, items = s.history("valid")
     assert list(items[indptr[0]:indptr[1]]) == [5]
-    assert s.item_counts("test")[3] == 1 and s.item_counts("valid")[3] == 0
+    assert s.item_counts("test")[first] == 1 and s.item_counts("valid")[first] == 0
     with pytest.raises(ValueError, match="stage must be one of"):
         s.targets("train")
+    # The key hashes raw IDs, not dense indices: swapping two items' raw IDs swaps the targets.
+    for raw in ([30, 40, 50], [40, 30, 50]):
+        t = leave_last_out(user=[0, 0, 0], item=[0, 1, 2], timestamp=[2, 2, 1],
+                           user_raw_ids=np.array([7]), item_raw_ids=np.array(raw))
+        assert t.test_item[0] == int(np.argmax([_key(7, r) for r in raw[:2]]))
+    assert tie_keys(np.array([0]), np.array([3]))[0] == _key(0, 3)
+
+
+def test_ml100k_tie_rule_pinned_against_the_raw_file(ml100k, ml100k_split) -> None:
+    """The tie rule on real ml-100k, recomputed from the raw ratings file: 415 users rated their
+    validation and test items in the same second; under the old rule (ties by item ID) the test
+    item had the higher raw ID for all of them, under the hash for about half."""
+    folder = default_data_dir()
+    if ml100k.source == "recbole":
+        lines = (folder / "ml-100k-recbole" / "ml-100k.inter").read_text().splitlines()[1:]
+    else:
+        lines = (folder / "ml-100k" / "ml-100k" / "u.data").read_text().splitlines()
+    per_user: dict[str, list[tuple[int, int, str]]] = collections.defaultdict(list)
+    for line in lines:
+        u, i, _, t = line.split("\t")
+        per_user[u].append((int(t), _key(u, i), i))
+    expected = {u: sorted(rows) for u, rows in per_user.items()}
+    tied = [u for u, rows in expected.items() if rows[-1][0] == rows[-2][0]]
+    assert len(tied) == 415
+    higher = np.mean([int(expected[u][-1][2]) > int(expected[u][-2][2]) for u in tied])
+    assert 0.40 < higher < 0.60, higher        # 0.458 under the hash; 1.0 under the old rule
+    # Named users' targets: the raw file against the split.
+    raw_user = {int(r): k for k, r in enumerate(ml100k.user_raw_ids)}
+    test = dict(zip(ml100k_split.test_user.tolist(), ml100k_split.test_item.tolist()))
+    valid = dict(zip(ml100k_split.valid_user.tolist(), ml100k_split.valid_item.tolist()))
+    pinned = {"1": ("102", "74"), "13": ("914", "916"), "196": ("94", "110"), "186": ("477", "98"),
+              "655": ("1268", "131")}
+    for u, (want_valid, want_test) in pinned.items():
+        assert (expected[u][-2][2], expected[u][-1][2]) == (want_valid, want_test)
+        got = ml100k.item_raw_ids[[valid[raw_user[int(u)]], test[raw_user[int(u)]]]].tolist()
+        assert got == [int(want_valid), int(want_test)], u
+    # And every user, not only the named ones.
+    for u, rows in expected.items():
+        k = raw_user[int(u)]
+        assert ml100k.item_raw_ids[test[k]] == int(rows[-1][2]) and ml100k.item_raw_ids[valid[k]] == int(rows[-2][2])
 
 
 def test_ml100k_split_sizes(ml100k_split) -> None:
@@ -81,13 +129,14 @@ def test_evaluate_topk_matches_evaluate_scores(ml100k_split) -> None:
 
 
 def test_popularity_golden_numbers_on_ml100k(ml100k_split) -> None:
-    """The issue's reference: about HR@10 0.050, NDCG@10 0.026, Recall@100 0.234 on test."""
+    """Under the hash tie rule: HR@10 0.0870, NDCG@10 0.0423 on test (0.0498 / 0.0253 under the
+    old item-ID rule, whose targets leaned to obscure high-ID titles)."""
     rep = popularity_report(ml100k_split, "test")
     assert rep.num_users == 943
-    assert rep.means["HR@10"] == pytest.approx(0.0498, abs=1e-4)
-    assert rep.means["NDCG@10"] == pytest.approx(0.0253, abs=1e-4)
-    assert rep.means["Recall@50"] == pytest.approx(0.1432, abs=1e-4)
-    assert rep.means["Recall@100"] == pytest.approx(0.2333, abs=1e-4)
+    assert rep.means["HR@10"] == pytest.approx(0.0870, abs=1e-4)
+    assert rep.means["NDCG@10"] == pytest.approx(0.0423, abs=1e-4)
+    assert rep.means["Recall@50"] == pytest.approx(0.2206, abs=1e-4)
+    assert rep.means["Recall@100"] == pytest.approx(0.3319, abs=1e-4)
     lo, hi = rep.ci95["HR@10"]
     assert lo < rep.means["HR@10"] < hi and hi - lo < 0.04
 
@@ -95,7 +144,8 @@ def test_popularity_golden_numbers_on_ml100k(ml100k_split) -> None:
 def test_popularity_matches_an_independent_numpy_implementation(ml100k) -> None:
     """Recompute from raw arrays with no shared code: sort, hold out, count, rank."""
     u, i, t = ml100k.user, ml100k.item, ml100k.timestamp
-    o = np.lexsort((i, t, u))
+    key = np.array([_key(a, b) for a, b in zip(ml100k.user_raw_ids[u], ml100k.item_raw_ids[i])], dtype=np.uint64)
+    o = np.lexsort((key, t, u))
     u, i = u[o], i[o]
     last = np.r_[u[1:] != u[:-1], True]
     cnt = np.bincount(i[~last], minlength=ml100k.num_items).astype(float)
@@ -106,14 +156,14 @@ def test_popularity_matches_an_independent_numpy_implementation(ml100k) -> None:
         order = np.lexsort((np.arange(len(s)), -s))
         ranks.append(int(np.where(order == i[ti])[0][0]))
     ranks = np.array(ranks)
-    ours = popularity_report(leave_last_out(ml100k.user, ml100k.item, ml100k.timestamp), "test", n_boot=10)
+    ours = popularity_report(split_dataset(ml100k), "test", n_boot=10)
     assert ours.means["HR@10"] == pytest.approx((ranks < 10).mean())
     assert ours.means["Recall@100"] == pytest.approx((ranks < 100).mean())
 
 
 def test_baselines_cli_writes_results(tmp_path) -> None:
     res = baselines_main(["--out", str(tmp_path), "--n-boot", "20"])
-    assert res["test"]["HR@10"] == pytest.approx(0.0498, abs=1e-4)
+    assert res["test"]["HR@10"] == pytest.approx(0.0870, abs=1e-4)
     import json
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["model"] == "popularity" and saved["test"]["num_users"] == 943

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from common.checkpoint import resume_if_possible, run_config, save_checkpoint
 from common.data.movielens import add_dataset_args, load_movielens
+from common.data.split import time_order
 from common.metrics import BinaryMetrics
 from common.runtime import Runtime, init_runtime, print0, seed_everything, shutdown, write_json_atomic, write_results
 from common.sharding import local_shards, shard_model
@@ -136,7 +137,9 @@ def _time_split(n: int) -> tuple[slice, slice, slice]:
 
 def movielens_stream(cfg: Config) -> Stream:
     ds = load_movielens(cfg.dataset, cfg.data_dir, cfg.source)
-    order = np.lexsort((ds.item, ds.user, ds.timestamp))  # time order, ties broken deterministically
+    # One global time order; same-second ties by the split's SHA-256 tie key (common/data/split.py),
+    # not by ID, so the 80/10/10 boundaries do not favour low or high IDs.
+    order = time_order(ds.timestamp, ds.user_raw_ids[ds.user], ds.item_raw_ids[ds.item])
     user, item = ds.user[order], ds.item[order]
     genres = np.zeros((ds.num_items, len(ds.genre_vocab)), dtype=np.float32)
     for i, g in enumerate(ds.item_genres):

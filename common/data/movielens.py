@@ -1,7 +1,8 @@
 """MovieLens 100K / 1M / 20M / 25M: verified download, parsing, and one canonical in-memory form.
 
 Every variant is parsed into :class:`MovieLens`: dense user and item indices (``0..N-1``, in
-order of raw ID), the interactions sorted per user by time (ties broken by item), item features
+order of raw ID), the interactions sorted per user by time (ties broken by the split's SHA-256 tie
+key, common/data/split.py), item features
 (title, year, genres) and, where the set has them, user features (age, gender, occupation, zip).
 
 Sources:
@@ -34,6 +35,7 @@ from common.data.download import (
     extract_zip,
     pip_download,
 )
+from common.data.split import time_order
 
 GROUPLENS_BASE_URL = "https://files.grouplens.org/datasets/movielens"
 
@@ -81,7 +83,7 @@ class MovieLens:
 
     name: str
     source: str
-    user: np.ndarray          # int64 [n], dense user index, sorted by (user, timestamp, item)
+    user: np.ndarray          # int64 [n], dense user index, sorted by (user, timestamp, tie key)
     item: np.ndarray          # int64 [n], dense item index
     rating: np.ndarray        # float32 [n]
     timestamp: np.ndarray     # int64 [n], seconds since the epoch
@@ -249,7 +251,7 @@ def _build(name: str, source: str, user_raw: np.ndarray, item_raw: np.ndarray, r
     """
     user_ids, user = np.unique(user_raw, return_inverse=True)
     item_ids, item = np.unique(item_raw, return_inverse=True)
-    order = np.lexsort((item, timestamp, user))  # per user, by time, ties by item
+    order = time_order(timestamp, user_raw, item_raw, group=user)  # per user, by time, ties by tie key
     items = items.set_index("item")
     missing = np.setdiff1d(item_ids, items.index.to_numpy())
     if len(missing):

@@ -35,6 +35,15 @@ class SyntheticInteractions:
     def num_interactions(self) -> int:
         return len(self.user)
 
+    @property
+    def user_raw_ids(self) -> np.ndarray:
+        """The generator's IDs are the dense indices (what the split's tie key hashes)."""
+        return np.arange(self.num_users, dtype=np.int64)
+
+    @property
+    def item_raw_ids(self) -> np.ndarray:
+        return np.arange(self.num_items, dtype=np.int64)
+
 
 def generate_interactions(num_users: int = 10_000, num_items: int = 5_000, interactions_per_user: float = 20.0,
                           num_clusters: int = 50, topics_per_user: int = 3, zipf: float = 1.0,
