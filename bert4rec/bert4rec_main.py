@@ -12,7 +12,8 @@ validation, the rest training, in time order. Training windows are the last ``--
 of each user's training sequence plus earlier windows every ``--window-step`` items, with the
 cloze task of model.py.
 
-Evaluation, on validation every ``--eval-every`` epochs and on test once with the best model:
+Evaluation, on validation every ``--eval-every`` epochs and on test once with the best model
+(``--no-test``: validation only, test never scored):
 - the shared full-ranking protocol (HR@10, NDCG@10, Recall@50/100 over every item, history
   excluded), each user counted exactly once whatever the number of ranks;
 - the popularity-sampled-100 and uniform-sampled-100 protocols, to compare with papers and
@@ -79,6 +80,7 @@ class Config:
     out: str = "runs/bert4rec"
     resume: bool = False
     n_boot: int = 1000
+    no_test: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -110,6 +112,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     out = p.add_argument_group("output")
     out.add_argument("--out", default=d.out, help=f"run directory (default: {d.out})")
     out.add_argument("--n-boot", type=int, default=d.n_boot, help=f"bootstrap resamples for CIs (default: {d.n_boot})")
+    out.add_argument("--no-test", action="store_true", help="never evaluate on test (model selection runs: validation only)")
     cfg = Config(**vars(p.parse_args(argv)))
     if cfg.max_len < 2:
         p.error("--max-len must be at least 2 (one item and [MASK])")
@@ -261,13 +264,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     best_path = latest_checkpoint(out / "best")
     load_checkpoint(best_path, {"model": model})
     valid = evaluate(net, split, "valid", cfg.n_boot)
-    test = evaluate(net, split, "test", cfg.n_boot)
-    pop = popularity_report(split, "test", n_boot=cfg.n_boot)
+    final = "valid" if cfg.no_test else "test"  # --no-test: the final table on validation, test never scored
+    test = valid if cfg.no_test else evaluate(net, split, "test", cfg.n_boot)
+    pop = popularity_report(split, final, n_boot=cfg.n_boot)
     results = {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "world_size": rt.world_size,
                "config": asdict(cfg), "valid_before_training": meta["valid_before_training"], "best_epoch": best_epoch, "epochs_run": epochs_done, "train_seconds": train_s,
                "valid_per_eval": history, "valid": {k: r.to_dict() for k, r in valid.items()},
-               "test": {k: r.to_dict() for k, r in test.items()}, "test_popularity": pop.to_dict()}
-    print0(f"{'test (best epoch ' + str(best_epoch) + ')':<26} | {'HR@10':>7} | {'NDCG@10':>7} | {'Recall@100':>10}")
+               **({} if cfg.no_test else {"test": {k: r.to_dict() for k, r in test.items()}}),
+               f"{final}_popularity": pop.to_dict()}
+    print0(f"{final + ' (best epoch ' + str(best_epoch) + ')':<26} | {'HR@10':>7} | {'NDCG@10':>7} | {'Recall@100':>10}")
     print0(f"{'popularity, full ranking':<26} | {pop.means['HR@10']:>7.4f} | {pop.means['NDCG@10']:>7.4f} | "
            f"{pop.means['Recall@100']:>10.4f}")
     for name, key in (("BERT4Rec, full ranking", "full"), ("popularity-sampled 100", "sampled_popularity"),
@@ -275,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         m = test[key].means
         print0(f"{name:<26} | {m['HR@10']:>7.4f} | {m['NDCG@10']:>7.4f} | "
                f"{m['Recall@100'] if key == 'full' else float('nan'):>10.4f}")
-    export(out / "export", cfg, model, ds, results["test"])
+    export(out / "export", cfg, model, ds, results[final])
     write_results(out, results)
     if rt.is_rank0:
         print0(f"trained {train_s:.0f}s; results in {out / 'results.json'}; scorer export in {out / 'export'}")

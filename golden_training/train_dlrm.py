@@ -14,7 +14,8 @@ DCNv2) with its tables sharded by DistributedModelParallel, a fused RowWiseAdagr
 backward for the embeddings, Adam for the MLPs, and TrainPipelineSparseDist. A logistic
 regression on the same features is trained the same way as the baseline.
 
-Measured on validation each epoch and on test at the end (shared split):
+Measured on validation each epoch and on test at the end (shared split; ``--no-test`` ends on
+validation instead and never scores test):
 - AUC, NE and log loss (torchrec.metrics) on each user's target against 100 popularity-sampled
   negatives;
 - re-ranking: each user's 100 candidates (retrieval's, given an export; else the popularity
@@ -112,6 +113,7 @@ class Config:
     eval_negatives: int = 100
     baseline: bool = True
     n_boot: int = 1000
+    no_test: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -161,6 +163,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     out.add_argument("--out", default=d.out, help=f"run directory (default: {d.out})")
     out.add_argument("--eval-negatives", type=int, default=d.eval_negatives, help=f"popularity negatives per user for AUC / NE (default: {d.eval_negatives})")
     out.add_argument("--n-boot", type=int, default=d.n_boot, help=f"bootstrap resamples for CIs (default: {d.n_boot})")
+    out.add_argument("--no-test", action="store_true", help="never evaluate on test (model selection runs): the final table is on validation")
     a = vars(p.parse_args(argv))
     a["dense_arch"], a["over_arch"] = tuple(a["dense_arch"]), tuple(a["over_arch"])
     if a["num_embeddings_per_feature"] is not None:
@@ -298,6 +301,14 @@ def eval_set(split: Split, features: RankingFeatures, stage: str, cfg: Config, r
     return EvalSet(stage, users, targets, auc, cands, source, queries, starts, ends, now)
 
 
+def candidate_rows(ev: EvalSet) -> Examples:
+    """One row per (user, candidate) of ``ev``, users in order, each with the user's history and "now"."""
+    k = ev.candidates.shape[1]
+    return Examples(np.repeat(ev.users, k), ev.candidates.reshape(-1), np.zeros(ev.candidates.size, np.float32),
+                    np.repeat(ev.hist_start, k), np.repeat(ev.hist_end, k),
+                    np.repeat(np.arange(len(ev.users)), k), np.repeat(ev.time, k), ev.auc.hist_items)
+
+
 def make_batch(features: RankingFeatures, ex: Examples, queries: np.ndarray | None, retr: RetrievalScorer | None,
                history_len: int) -> Batch:
     score = None if retr is None else np.einsum("nd,nd->n", queries[ex.query], retr.items[ex.item])
@@ -426,10 +437,7 @@ def evaluate(model: nn.Module, features: RankingFeatures, ev: EvalSet, retr: Ret
     bm = BinaryMetrics()
     bm.update(torch.from_numpy(probs), torch.from_numpy(ev.auc.label))
     k = ev.candidates.shape[1]
-    flat = Examples(np.repeat(ev.users, k), ev.candidates.reshape(-1), np.zeros(ev.candidates.size, np.float32),
-                    np.repeat(ev.hist_start, k), np.repeat(ev.hist_end, k),
-                    np.repeat(np.arange(len(ev.users)), k), np.repeat(ev.time, k), ev.auc.hist_items)
-    cand_scores = scores(model, features, flat, ev.queries, retr, cfg, device).reshape(len(ev.users), k)
+    cand_scores = scores(model, features, candidate_rows(ev), ev.queries, retr, cfg, device).reshape(len(ev.users), k)
     reranked = np.take_along_axis(ev.candidates, np.argsort(-cand_scores, axis=1, kind="stable"), axis=1)
     # Every rank scored every row, so the rows are already global: no gathering.
     return {"binary": bm.compute(gather=False), "rerank": _report(ev, reranked, cfg)}
@@ -452,7 +460,10 @@ def train_movielens(cfg: Config, rt: Runtime) -> dict[str, object]:
     retr_train = (RetrievalScorer(cfg.train_retrieval_export, ds.fingerprint, features)
                   if cfg.train_retrieval_export else retr)
     examples, queries = train_examples(split, features, cfg, retr_train)
-    valid, test = (eval_set(split, features, s, cfg, retr) for s in ("valid", "test"))
+    valid = eval_set(split, features, "valid", cfg, retr)
+    # --no-test: the end-of-run table is on validation and test is never scored (model selection).
+    test = valid if cfg.no_test else eval_set(split, features, "test", cfg, retr)
+    final = test.stage
     print0(f"{ds.name}: {len(examples)} training examples ({examples.label.mean():.3f} positive), "
            f"{rt.world_size} x {rt.device.type} ({rt.backend}); candidates from {test.candidate_source}")
 
@@ -461,7 +472,7 @@ def train_movielens(cfg: Config, rt: Runtime) -> dict[str, object]:
                                   "candidate_source": test.candidate_source}
     original = _report(test, test.candidates, cfg)
     valid_original = _report(valid, valid.candidates, cfg)
-    results["test_candidates_order"] = original.to_dict()
+    results[f"{final}_candidates_order"] = original.to_dict()
     results["valid_candidates_order"] = valid_original.to_dict()
     print0(f"valid | {valid.candidate_source} order | NDCG@10 {valid_original.means['NDCG@10']:.4f} | "
            f"HR@10 {valid_original.means['HR@10']:.4f} (what re-ranking must beat)")
@@ -481,21 +492,21 @@ def train_movielens(cfg: Config, rt: Runtime) -> dict[str, object]:
     for kind in (["dlrm", "lr"] if cfg.baseline else ["dlrm"]):
         model, history, info = train(kind, cfg, rt, features.schema, steps, batches, validate, out, ds.fingerprint)
         metrics = evaluate(model, features, test, retr, cfg)
-        results[kind] = {"valid_per_epoch": history, "test": metrics["binary"],
-                         "test_reranked": metrics["rerank"].to_dict(),
-                         "test_gain_over_candidates_order": paired_difference(metrics["rerank"], original, cfg.n_boot),
+        results[kind] = {"valid_per_epoch": history, final: metrics["binary"],
+                         f"{final}_reranked": metrics["rerank"].to_dict(),
+                         f"{final}_gain_over_candidates_order": paired_difference(metrics["rerank"], original, cfg.n_boot),
                          **info}
-    print0(f"{'test':<30} | {'AUC':>7} | {'NE':>7} | {'NDCG@10':>8} | {'HR@10':>7}")
+    print0(f"{final:<30} | {'AUC':>7} | {'NE':>7} | {'NDCG@10':>8} | {'HR@10':>7}")
     print0(f"{test.candidate_source + ' order':<30} | {'':>7} | {'':>7} | {original.means['NDCG@10']:>8.4f} | "
            f"{original.means['HR@10']:>7.4f}")
     for kind, name in (("lr", "logistic regression"), ("dlrm", f"DLRM ({cfg.interaction})")):
         if kind in results:
             r = results[kind]
-            print0(f"{name + ' re-ranked':<30} | {r['test']['auc']:>7.4f} | {r['test']['ne']:>7.4f} | "
-                   f"{r['test_reranked']['NDCG@10']:>8.4f} | {r['test_reranked']['HR@10']:>7.4f}")
-    gain = results["dlrm"]["test_gain_over_candidates_order"]
+            print0(f"{name + ' re-ranked':<30} | {r[final]['auc']:>7.4f} | {r[final]['ne']:>7.4f} | "
+                   f"{r[f'{final}_reranked']['NDCG@10']:>8.4f} | {r[f'{final}_reranked']['HR@10']:>7.4f}")
+    gain = results["dlrm"][f"{final}_gain_over_candidates_order"]
     lo, hi = gain["NDCG@10_ci95"]
-    print0(f"DLRM re-ranking minus {test.candidate_source} order, test NDCG@10: {gain['NDCG@10']:+.4f} "
+    print0(f"DLRM re-ranking minus {test.candidate_source} order, {final} NDCG@10: {gain['NDCG@10']:+.4f} "
            f"(95% CI over users [{lo:+.4f}, {hi:+.4f}])")
     write_results(out, results)
     return results

@@ -12,7 +12,8 @@ sparse-feature all-to-all with compute. Loss: in-batch sampled softmax with logQ
 accidental hits masked (Yi et al., RecSys 2019; see retrieval/modules/two_tower.py).
 
 Each epoch ends with validation under the shared protocol (common/metrics.py); the run ends with
-test, printed beside the popularity baseline and written to <out>/results.json. DCP checkpoints
+test, printed beside the popularity baseline and written to <out>/results.json (with --no-test,
+validation again: test is never scored, as in a model-selection run). DCP checkpoints
 (<out>/checkpoints) let a killed run resume exactly: rerun the same command with --resume. The export
 (<out>/export) holds the unsharded weights, the catalog's item embeddings, a FAISS index and a
 manifest, which retrieval/two_tower_retrieval.py serves.
@@ -81,6 +82,7 @@ class Config:
     eval_batch_size: int = 1024
     index_type: str = "auto"
     n_boot: int = 1000
+    no_test: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -113,6 +115,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     out.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help=f"users per scoring batch (default: {d.eval_batch_size})")
     out.add_argument("--index-type", default=d.index_type, choices=INDEX_TYPES, help="FAISS index for serving; auto picks by catalog size (default: auto)")
     out.add_argument("--n-boot", type=int, default=d.n_boot, help=f"bootstrap resamples for CIs (default: {d.n_boot})")
+    out.add_argument("--no-test", action="store_true", help="never evaluate on test (model selection runs: validation only)")
     a = vars(p.parse_args(argv))
     a["layer_sizes"] = tuple(a["layer_sizes"])
     return Config(**a)
@@ -344,17 +347,21 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         checkpoint(epoch + 1, 0)
     train_seconds = time.perf_counter() - train_start
 
-    test, _, item_emb = evaluate(model, features, split, "test", rt.device, cfg)
-    new_users, _, _ = evaluate(model, features, split, "test", rt.device, cfg, hide_user_id=True)
-    pop = popularity_report(split, "test", n_boot=cfg.n_boot)
-    print0(f"{'test':<22} | " + " | ".join(f"{k:>10}" for k in test.means))
+    stage = "valid" if cfg.no_test else "test"  # --no-test: the final table on validation, test never scored
+    test, _, item_emb = evaluate(model, features, split, stage, rt.device, cfg)
+    new_users, _, _ = evaluate(model, features, split, stage, rt.device, cfg, hide_user_id=True)
+    pop = popularity_report(split, stage, n_boot=cfg.n_boot)
+    print0(f"{stage:<22} | " + " | ".join(f"{k:>10}" for k in test.means))
     for name, rep in (("popularity", pop), ("two-tower", test), ("two-tower, no user ID", new_users)):
         print0(f"{name:<22} | " + " | ".join(f"{v:>10.4f}" for v in rep.means.values()))
     export_dir = export(out / "export", cfg, model, features, ds.name, ds.fingerprint, ds.user_raw_ids,
                         ds.item_raw_ids, item_emb, split)
     results = {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "world_size": rt.world_size,
                "device": rt.device.type, "config": asdict(cfg), "valid_per_epoch": history,
-               "test": test.to_dict(), "popularity_test": pop.to_dict(), "test_without_user_id": new_users.to_dict(), "train_seconds": train_seconds,
+               **({"valid": test.to_dict(), "popularity_valid": pop.to_dict(), "valid_without_user_id": new_users.to_dict()}
+                  if cfg.no_test else
+                  {"test": test.to_dict(), "popularity_test": pop.to_dict(), "test_without_user_id": new_users.to_dict()}),
+               "train_seconds": train_seconds,
                "resumed_from_step": resumed_from, "steps": global_step,
                "export": str(export_dir) if export_dir else None}
     write_results(out, results)

@@ -1,0 +1,271 @@
+"""Target perturbation: nothing a model learns from, or is served with, may depend on the targets.
+
+Every validation and test target of ml-100k, with its timestamp, is replaced by another item and a
+later time. Then, for each stage that learns from order (two-tower retrieval, the DLRM ranker,
+BERT4Rec, the pipeline's feature store), the training batches, and the features and candidates
+built to predict ``valid``, must be bit-identical to those of the real data. For ``test`` only the
+test target is replaced (the validation item is legitimately part of the test-time history).
+
+Candidates come from seeded, untrained models: with identical inputs they give identical lists,
+and any input that leaked a target would change them. Each check is also run with a deliberate
+leak patched in, and must then report a difference: these tests can fail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from common.data.movielens import MovieLens
+from common.data.split import Split, split_dataset
+
+STAGES = {"valid": ("valid", "test"), "test": ("test",)}  # stage predicted -> targets replaced
+
+
+def perturb(ds: MovieLens, replace: tuple[str, ...], seed: int = 0) -> MovieLens:
+    """``ds`` with each user's validation and/or test interaction moved to another item and a later,
+    distinct time (still the user's last two, so still the targets)."""
+    counts = np.bincount(ds.user, minlength=ds.num_users)
+    assert counts.min() >= 3, "every user needs train, valid and test interactions"
+    end = np.cumsum(counts)
+    rng = np.random.default_rng(seed)
+    item, time = ds.item.copy(), ds.timestamp.copy()
+    valid_row, test_row = end - 2, end - 1
+    if "valid" in replace:
+        item[valid_row] = (item[valid_row] + rng.integers(1, ds.num_items, len(end))) % ds.num_items
+        time[valid_row] = time[end - 3] + rng.integers(1, 10**6, len(end))
+    if "test" in replace:
+        item[test_row] = (item[test_row] + rng.integers(1, ds.num_items, len(end))) % ds.num_items
+        time[test_row] = time[valid_row] + rng.integers(1, 10**6, len(end))
+    return dataclasses.replace(ds, item=item, timestamp=time)
+
+
+def differences(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> list[str]:
+    """Names of the arrays that are not bit-identical (shape, dtype and every value)."""
+    assert a.keys() == b.keys()
+    return [k for k in a if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape or not np.array_equal(a[k], b[k])]
+
+
+def _kjt(prefix: str, kjt) -> dict[str, np.ndarray]:
+    return {f"{prefix}.keys": np.array(kjt.keys()), f"{prefix}.values": kjt.values().numpy(),
+            f"{prefix}.lengths": kjt.lengths().numpy()}
+
+
+def _top100(scores: torch.Tensor, split: Split, stage: str) -> np.ndarray:
+    indptr, hist = split.history(stage)
+    scores = scores.clone()
+    for u in range(split.num_users):
+        scores[u, hist[indptr[u]:indptr[u + 1]]] = -torch.inf
+    return torch.topk(scores, 100, dim=1).indices.numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Each stage's training batches, served features and candidates, as named arrays.
+
+
+def _two_tower(ds: MovieLens, split: Split):
+    from retrieval.modules.feature_processor import TwoTowerFeatures
+    from retrieval.modules.two_tower import TwoTower
+    from retrieval.two_tower_train import TrainExamples
+
+    features = TwoTowerFeatures.from_dataset(ds, history_len=50)
+    examples = TrainExamples(features, split, batch_size=512, rank=0, world_size=1, seed=0, user_id_dropout=0.1)
+    torch.manual_seed(0)
+    model = TwoTower(features.query_schema, features.candidate_schema, 32, [32], examples.item_counts, 0.05)
+    return features, examples, model.eval()
+
+
+def retrieval_arrays(ds: MovieLens, stage: str) -> dict[str, np.ndarray]:
+    from retrieval import two_tower_train
+
+    split = split_dataset(ds)
+    features, examples, model = _two_tower(ds, split)
+    out = {"train.item_counts": examples.item_counts}
+    for k, b in enumerate(examples.batches(epoch=0)):
+        out |= _kjt(f"train.{k}.query", b.query) | _kjt(f"train.{k}.candidate", b.candidate)
+        out[f"train.{k}.items"] = b.item_ids.numpy()
+    users = np.arange(ds.num_users)
+    query = features.query_batch(users, two_tower_train.query_histories(split, stage, users, features.history_len))
+    out |= _kjt(f"{stage}.query", query.sparse)
+    with torch.no_grad():
+        scores = model.query_tower(query.sparse) @ model.candidate_tower(
+            features.candidate_batch(np.arange(ds.num_items)).sparse).T
+    out[f"{stage}.candidates"] = _top100(scores, split, stage)
+    return out
+
+
+def _retrieval_scorer(ds: MovieLens, split: Split, features):
+    """train_dlrm's RetrievalScorer over the seeded untrained two-tower (no export on disk)."""
+    from golden_training.train_dlrm import RetrievalScorer
+
+    tt, _, model = _two_tower(ds, split)
+    scorer = RetrievalScorer.__new__(RetrievalScorer)
+    scorer.tower, scorer.tt = model.query_tower, tt
+    with torch.no_grad():
+        scorer.items = model.candidate_tower(tt.candidate_batch(np.arange(ds.num_items)).sparse).numpy()
+    return scorer
+
+
+def _ranking_batch(out: dict, prefix: str, batch) -> None:
+    out[f"{prefix}.dense"] = batch.dense_features.numpy()
+    out[f"{prefix}.labels"] = batch.labels.numpy()
+    out |= _kjt(prefix, batch.sparse_features)
+
+
+def ranker_arrays(ds: MovieLens, stage: str) -> dict[str, np.ndarray]:
+    from golden_training import train_dlrm
+    from golden_training.ranking_data import RankingFeatures
+
+    split = split_dataset(ds)
+    cfg = train_dlrm.Config()
+    features = RankingFeatures.build(ds, split, cfg.history_len, cfg.sequence_features, cfg.trend_days)
+    retr = _retrieval_scorer(ds, split, features)
+    examples, queries = train_dlrm.train_examples(split, features, cfg, retr)
+    seq = features.sequence
+    out = {"features.item_counts": features.item_counts, "sequence.pair_keys": seq.pair_keys,
+           "sequence.pair_counts": seq.pair_counts, "sequence.item_time": seq.item_time, "train.queries": queries}
+    out |= {f"train.{f.name}": getattr(examples, f.name) for f in dataclasses.fields(examples) if f.name != "own"}
+    perm = np.random.default_rng([cfg.seed, 10, 0]).permutation(len(examples))
+    for k in range(20):  # the first 20 batches the trainer feeds, built the trainer's way
+        rows = perm[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+        _ranking_batch(out, f"train.{k}", train_dlrm.make_batch(features, examples.take(rows), queries, retr,
+                                                                cfg.history_len))
+    ev = train_dlrm.eval_set(split, features, stage, cfg, retr)
+    out[f"{stage}.candidates"], out[f"{stage}.queries"], out[f"{stage}.time"] = ev.candidates, ev.queries, ev.time
+    _ranking_batch(out, f"{stage}.candidate_rows", train_dlrm.make_batch(
+        features, train_dlrm.candidate_rows(ev), ev.queries, retr, cfg.history_len))
+    return out
+
+
+def bert4rec_arrays(ds: MovieLens, stage: str) -> dict[str, np.ndarray]:
+    from bert4rec import bert4rec_main
+    from bert4rec.model import BERT4Rec, mask_batch, query_sequences
+
+    split = split_dataset(ds)
+    cfg = bert4rec_main.Config()
+    windows = bert4rec_main.training_windows(split, cfg.max_len, cfg.window_step)
+    order = bert4rec_main.length_buckets(windows, cfg.batch_size, np.random.default_rng([cfg.seed, 0]))
+    torch.manual_seed(0)
+    model = BERT4Rec(ds.num_items, cfg.max_len, 32, 1, 2, 0.0).eval()
+    rng = np.random.default_rng([cfg.seed, 0, 0])
+    out = {"train.order": order}
+    for k in range(len(windows) // cfg.batch_size):
+        rows = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+        seq, at_row, at_col, labels = mask_batch([windows[i] for i in rows], cfg.mask_prob, cfg.last_prob,
+                                                 model.mask_token, rng)
+        out |= _kjt(f"train.{k}.seq", seq)
+        out[f"train.{k}.rows"], out[f"train.{k}.cols"], out[f"train.{k}.labels"] = (
+            at_row.numpy(), at_col.numpy(), labels.numpy())
+    indptr, hist = split.history(stage)
+    seqs = query_sequences([hist[indptr[u]:indptr[u + 1]] for u in range(ds.num_users)], cfg.max_len,
+                           model.mask_token)
+    out[f"{stage}.sequences"] = np.concatenate(seqs)
+    out[f"{stage}.candidates"] = _top100(bert4rec_main.Scorer(model, split, stage).scores, split, stage)
+    return out
+
+
+def feature_store_arrays(ds: MovieLens, stage: str) -> dict[str, np.ndarray]:
+    from integration.pipeline import FeatureStore
+
+    split = split_dataset(ds)
+    store = FeatureStore.build(ds, split, history_len=50, sequence=True, trend_days=30.0, stage=stage)
+    retr = _retrieval_scorer(ds, split, store.features)
+    users = np.arange(ds.num_users)
+    indptr, hist = split.history(stage)
+    queries = retr.queries(users, hist, indptr[:-1], indptr[1:])
+    items = retr.top_k(queries, [store.history(u) for u in users])
+    scores = np.einsum("nd,nkd->nk", queries, retr.items[items])
+    dense, values, lengths = store.ranking_inputs(users, items, scores)
+    return {f"{stage}.histories": np.concatenate([store.history(u) for u in users]),
+            f"{stage}.history_lengths": np.array([len(h) for h in store.histories]),
+            f"{stage}.now": store.last_time, f"{stage}.candidates": items, f"{stage}.dense": dense.numpy(),
+            f"{stage}.values": values.numpy(), f"{stage}.lengths": lengths.numpy()}
+
+
+STAGE_ARRAYS = {"retrieval": retrieval_arrays, "ranker": ranker_arrays, "bert4rec": bert4rec_arrays,
+                "feature_store": feature_store_arrays}
+
+
+# ---------------------------------------------------------------------------------------------
+# Deliberate leaks, one per stage, each a plausible bug.
+
+
+def _leak_retrieval(monkeypatch) -> None:
+    """The query tower sees the history as it stands at test time, whatever the stage."""
+    from retrieval import two_tower_train
+
+    real = two_tower_train.query_histories
+    monkeypatch.setattr(two_tower_train, "query_histories", lambda split, stage, users, n: real(split, "test", users, n))
+
+
+def _leak_ranker(monkeypatch) -> None:
+    """'Now' for a prediction is the target's own timestamp (so item_trend counts up to it)."""
+    from golden_training import train_dlrm
+
+    def target_time(split, stage, users):
+        tu, tt = (split.valid_user, split.valid_time) if stage == "valid" else (split.test_user, split.test_time)
+        return tt[np.searchsorted(tu, users)]
+
+    monkeypatch.setattr(train_dlrm, "reference_time", target_time)
+
+
+def _leak_bert4rec(monkeypatch) -> None:
+    """Training windows cut from the history through validation (the validation target trained on)."""
+    from bert4rec import bert4rec_main
+
+    real = bert4rec_main.training_windows
+
+    def leaky(split, max_len, step):
+        indptr, items = split.history("test")
+        users = np.repeat(np.arange(split.num_users), np.diff(indptr))
+        return real(dataclasses.replace(split, train_user=users, train_item=items), max_len, step)
+
+    monkeypatch.setattr(bert4rec_main, "training_windows", leaky)
+
+
+def _leak_feature_store(monkeypatch) -> None:
+    """The store's histories built one stage too late."""
+    from integration.pipeline import FeatureStore
+
+    real = FeatureStore.build.__func__
+    monkeypatch.setattr(FeatureStore, "build", classmethod(
+        lambda cls, ds, split, *a, stage="test", **k: real(cls, ds, split, *a, stage="test", **k)))
+
+
+LEAKS = {"retrieval": _leak_retrieval, "ranker": _leak_ranker, "bert4rec": _leak_bert4rec,
+         "feature_store": _leak_feature_store}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_perturbation_replaces_every_target_and_keeps_training(ml100k, ml100k_split) -> None:
+    for stage, replace in STAGES.items():
+        p = split_dataset(perturb(ml100k, replace))
+        for part in ("user", "item", "time"):
+            assert np.array_equal(getattr(p, f"train_{part}"), getattr(ml100k_split, f"train_{part}"))
+        for target in replace:
+            assert (getattr(p, f"{target}_item") != getattr(ml100k_split, f"{target}_item")).all()
+            assert (getattr(p, f"{target}_time") != getattr(ml100k_split, f"{target}_time")).all()
+        if stage == "test":
+            assert np.array_equal(p.valid_item, ml100k_split.valid_item)
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("name", list(STAGE_ARRAYS))
+def test_targets_do_not_reach_training_or_serving(ml100k, name: str, stage: str) -> None:
+    real = STAGE_ARRAYS[name](ml100k, stage)
+    moved = STAGE_ARRAYS[name](perturb(ml100k, STAGES[stage]), stage)
+    assert len(real) > 3 and f"{stage}.candidates" in real
+    assert differences(real, moved) == []
+
+
+@pytest.mark.parametrize("name", list(STAGE_ARRAYS))
+def test_the_perturbation_check_catches_a_deliberate_leak(ml100k, name: str, monkeypatch) -> None:
+    LEAKS[name](monkeypatch)
+    real = STAGE_ARRAYS[name](ml100k, "valid")
+    moved = STAGE_ARRAYS[name](perturb(ml100k, STAGES["valid"]), "valid")
+    assert differences(real, moved), f"the {name} leak went unnoticed"
