@@ -20,7 +20,7 @@ def test_a_seeded_tiny_run_learns(tiny_run) -> None:
     res, _ = tiny_run
     before = res["valid_before_training"]["NDCG@10"]
     best = max(v["NDCG@10"] for v in res["valid_per_eval"])
-    assert best > 2 * before and best > 0.03, (before, best)
+    assert best > 10 * before and best > 0.045, (before, best)  # seeds 0-2: 0.056 / 0.058 / 0.056 from <= 0.003
     # the best model is the one tested, and its validation figures are reproduced
     assert res["valid"]["full"]["NDCG@10"] == pytest.approx(best)
     full, pop_sampled = res["test"]["full"], res["test"]["sampled_popularity"]

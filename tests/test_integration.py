@@ -42,9 +42,14 @@ def test_two_stages_beat_retrieval_which_beats_popularity(pipeline) -> None:
     ev = pipeline.evaluate(n_boot=50)
     two, one = ev["two-tower + ranker"].means, ev["two-tower"].means
     pop = popularity_report(pipeline.split, "test", n_boot=50).means
-    assert two["NDCG@10"] > one["NDCG@10"] > pop["NDCG@10"], (two, one, pop)
-    assert two["HR@10"] >= 0.10
-    assert two["Recall@100"] == one["Recall@100"]  # ranking only reorders the 100 candidates
+    # seeds 0-2: NDCG@10 popularity 0.042 < two-tower 0.076-0.079 < + ranker (+0.007 to +0.010)
+    assert two["NDCG@10"] > one["NDCG@10"] + 0.002 and one["NDCG@10"] > pop["NDCG@10"] + 0.02, (two, one, pop)
+    assert two["HR@10"] >= 0.13
+    # The ranker really re-orders: most targets among the 100 candidates change place (0.96-0.98 of
+    # them in seeds 0-2); a ranker scoring every candidate alike would leave them all in place.
+    ranked, retrieved = ev["two-tower + ranker"].ranks, ev["two-tower"].ranks
+    hit = retrieved < 100
+    assert np.mean(ranked[hit] != retrieved[hit]) > 0.8
 
 
 def test_one_user_batch_and_file_paths_agree(pipeline, tmp_path) -> None:
@@ -268,8 +273,9 @@ def test_pipeline_benchmark_quick(artifacts, tmp_path) -> None:
 
 def test_with_bert4rec_candidates_the_served_system_beats_each_source_on_validation(artifacts, bert4rec_run,
                                                                                    tmp_path) -> None:
-    """Issue 10's claim on a seeded run: the ranker over BERT4Rec's candidates (what the pipeline
-    serves when BERT4Rec is there) beats each candidate source alone on validation NDCG@10."""
+    """On a seeded run, validation only: the ranker over BERT4Rec's candidates (what the pipeline
+    serves when BERT4Rec is there) beats BERT4Rec's own order, and is level with the two-tower
+    model (within the noise of 943 users: ahead in seeds 0 and 2, behind in seed 1)."""
     root = tmp_path / "with-bert4rec"
     root.mkdir()
     for part in ("retrieval", "ranking", "serving"):
@@ -279,8 +285,9 @@ def test_with_bert4rec_candidates_the_served_system_beats_each_source_on_validat
     assert [s.name for s in pipeline.sources] == ["two-tower", "BERT4Rec"] and pipeline.candidate_source == "BERT4Rec"
     ev = pipeline.evaluate("valid", n_boot=20)
     served = ev["BERT4Rec + ranker"].means["NDCG@10"]
-    # seeded figures: two-tower 0.0881, BERT4Rec 0.0539 (4 epochs), BERT4Rec + ranker 0.0992
-    assert served > ev["two-tower"].means["NDCG@10"] + 0.005
-    assert served > ev["BERT4Rec"].means["NDCG@10"] + 0.005
+    # seeds 0 / 1 / 2: two-tower 0.0827 / 0.0864 / 0.0834, BERT4Rec (4 epochs) 0.0562 / 0.0582 / 0.0559,
+    # BERT4Rec + ranker 0.0925 / 0.0823 / 0.0913
+    assert served > ev["BERT4Rec"].means["NDCG@10"] + 0.015
+    assert served > ev["two-tower"].means["NDCG@10"] - 0.01
     (rec,) = pipeline.recommend([196])
     assert rec.stage == "ranked" and rec.candidates == 100

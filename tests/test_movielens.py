@@ -13,8 +13,8 @@ import pytest
 
 from common.data import movielens as ml
 from common.data.download import DataIntegrityError, extract_zip
-from common.data.split import tie_keys
 from common.data.movielens import Archive, MovieLens, load_movielens
+from common.data.split import tie_keys
 
 
 def test_ml100k_statistics(ml100k: MovieLens) -> None:

@@ -32,9 +32,10 @@ def test_two_epochs_beat_the_thresholds_and_popularity(trained) -> None:
     results, out = trained
     test, pop = results["test"], results["popularity_test"]
     assert test["num_users"] == 943
-    # Thresholds from the issue: about what a tuned matrix factorization reaches on this split.
-    assert test["Recall@100"] >= 0.45 and test["HR@10"] >= 0.08
-    assert test["Recall@100"] > pop["Recall@100"] + 0.15
+    # This seeded 2-epoch run over seeds 0, 1, 2: HR@10 0.152 / 0.142 / 0.145, NDCG@10 0.079 / 0.076 /
+    # 0.078, Recall@100 0.572 / 0.582 / 0.566; popularity's Recall@100 is 0.332.
+    assert test["HR@10"] >= 0.12 and test["NDCG@10"] >= 0.065 and test["Recall@100"] >= 0.53
+    assert test["Recall@100"] > pop["Recall@100"] + 0.20
     assert len(results["valid_per_epoch"]) == 2
     saved = json.loads((out / "results.json").read_text())
     assert saved["test"]["Recall@100"] == test["Recall@100"]

@@ -68,7 +68,7 @@ def test_ml100k_tie_rule_pinned_against_the_raw_file(ml100k, ml100k_split) -> No
     tied = [u for u, rows in expected.items() if rows[-1][0] == rows[-2][0]]
     assert len(tied) == 415
     higher = np.mean([int(expected[u][-1][2]) > int(expected[u][-2][2]) for u in tied])
-    assert 0.40 < higher < 0.60, higher        # 0.458 under the hash; 1.0 under the old rule
+    assert 0.40 < higher < 0.60, higher        # 0.458 under the hash rule
     # Named users' targets: the raw file against the split.
     raw_user = {int(r): k for k, r in enumerate(ml100k.user_raw_ids)}
     test = dict(zip(ml100k_split.test_user.tolist(), ml100k_split.test_item.tolist()))
@@ -129,8 +129,7 @@ def test_evaluate_topk_matches_evaluate_scores(ml100k_split) -> None:
 
 
 def test_popularity_golden_numbers_on_ml100k(ml100k_split) -> None:
-    """Under the hash tie rule: HR@10 0.0870, NDCG@10 0.0423 on test (0.0498 / 0.0253 under the
-    old item-ID rule, whose targets leaned to obscure high-ID titles)."""
+    """The README's popularity row under the hash tie rule: HR@10 0.0870, NDCG@10 0.0423 on test."""
     rep = popularity_report(ml100k_split, "test")
     assert rep.num_users == 943
     assert rep.means["HR@10"] == pytest.approx(0.0870, abs=1e-4)
