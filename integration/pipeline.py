@@ -314,7 +314,7 @@ def create_pipeline(artifacts_dir: str | Path = "runs", retrieval: str = "retrie
     ``bert4rec`` (an export of bert4rec/, relative to ``artifacts_dir``; "auto": ``bert4rec/export``
     if it exists, None: never) adds BERT4Rec as a second candidate source. ``candidate_source`` is what the ranker re-orders: "two-tower",
     "BERT4Rec" or "union" (of both top 100s); "auto" takes BERT4Rec's when it is there, the best
-    on validation (integration/README.md), else the two-tower's.
+    re-ranked system on ml-100k validation (integration/README.md), else the two-tower's.
     """
     root = Path(artifacts_dir)
     arms = {"A": ranking} if isinstance(ranking, str) else dict(ranking)
