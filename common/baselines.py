@@ -5,7 +5,7 @@
 
 Scores every item by its interaction count in what the model may see (training for valid;
 training plus validation for test), excludes the user's history, breaks ties by item index.
-On ml-100k test it gives HR@10 0.0498, NDCG@10 0.0253, Recall@100 0.2333.
+On ml-100k test it gives HR@10 0.0870, NDCG@10 0.0423, Recall@100 0.3319.
 """
 
 from __future__ import annotations
