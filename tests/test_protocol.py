@@ -269,3 +269,34 @@ def test_the_perturbation_check_catches_a_deliberate_leak(ml100k, name: str, mon
     real = STAGE_ARRAYS[name](ml100k, "valid")
     moved = STAGE_ARRAYS[name](perturb(ml100k, STAGES["valid"]), "valid")
     assert differences(real, moved), f"the {name} leak went unnoticed"
+
+
+@pytest.mark.parametrize("trainer, args", [
+    ("retrieval.two_tower_train", ["--epochs", "1", "--limit-batches", "3", "--log-every", "1000"]),
+    ("golden_training.train_dlrm", ["--limit-batches", "3", "--no-baseline", "--eval-negatives", "5", "--log-every",
+                                    "1000"]),
+    ("bert4rec.bert4rec_main", ["--epochs", "1", "--eval-every", "1", "--window-step", "50"]),
+])
+def test_no_test_flag_never_reads_a_test_target(trainer: str, args: list[str], tmp_path, monkeypatch) -> None:
+    """--no-test runs (model selection) end on validation; any read of test's targets raises."""
+    import importlib
+
+    real = Split.targets
+
+    def guarded(self, stage):
+        if stage == "test":
+            raise AssertionError("a --no-test run read the test targets")
+        return real(self, stage)
+
+    monkeypatch.setattr(Split, "targets", guarded)
+    res = importlib.import_module(trainer).main(args + ["--no-test", "--n-boot", "5", "--out", str(tmp_path)])
+    tables = res.get("dlrm", res)  # train_dlrm nests each model's figures
+    assert "valid" in tables and not any(key.startswith("test") for key in (*res, *tables))
+    with pytest.raises(AssertionError, match="read the test targets"):  # the guard itself bites
+        split_dataset(_tiny()).targets("test")
+
+
+def _tiny() -> MovieLens:
+    return MovieLens("tiny", "test", np.array([0, 0, 0]), np.array([0, 1, 2]), np.ones(3, np.float32),
+                     np.array([1, 2, 3]), np.array([1]), np.array([1, 2, 3]), ["a", "b", "c"], np.zeros(3, np.int64),
+                     [], [[], [], []])
