@@ -12,13 +12,21 @@ A save writes into a ``.partial`` directory; only when every rank has finished d
 ``meta.json`` and rename the directory into place, so a run killed at any point leaves either the
 previous checkpoints or a complete new one. DCP stores sharded tensors with their global layout,
 so a checkpoint saved by 2 ranks loads into 1 process (or any other world size) unchanged.
+
+Loading never runs code from the checkpoint. DCP pickles its ``.metadata`` and unpickles it on
+load, and loads non-tensor values with ``torch.load(weights_only=False)``: a checkpoint copied
+from elsewhere could carry a pickle that runs a command. :func:`load_checkpoint` reads the
+metadata with an unpickler that admits only the classes DCP writes there, and every value with
+``weights_only=True``; anything else is refused with :class:`UnsafeCheckpoint`, naming the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -28,11 +36,79 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 from torchrec.optim.keyed import CombinedOptimizer
 
 from common.runtime import get_rank, write_json_atomic
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint file holds something other than what DCP writes: it is not loaded."""
+
+
+# Everything DCP 2.x pickles into .metadata (found by reading the pickles of this project's checkpoints).
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _METADATA_CLASSES.get(module, ()) or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                          torch.dtype)):
+            return super().find_class(module, name)
+        raise UnsafeCheckpoint(f"{module}.{name}")
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's file reader with the metadata unpickled through :class:`_MetadataUnpickler`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            try:
+                metadata = _MetadataUnpickler(f).load()
+            except UnsafeCheckpoint as err:
+                raise UnsafeCheckpoint(f"{path} refers to {err}, which DCP never writes into checkpoint metadata; "
+                                       f"refusing to load it (unpickling it could run code). Use checkpoints from "
+                                       f"a source you trust, or retrain") from None
+            except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError) as err:
+                raise UnsafeCheckpoint(f"{path} is not readable DCP metadata ({type(err).__name__}: {err}); the "
+                                       f"checkpoint is damaged") from None
+        if not isinstance(metadata, Metadata):
+            raise UnsafeCheckpoint(f"{path} holds a {type(metadata).__name__}, not DCP metadata; refusing it")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _WeightsOnlyPlanner(DefaultLoadPlanner):
+    """DCP's load planner, with non-tensor values read by ``torch.load(weights_only=True)``."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise UnsafeCheckpoint(f"checkpoint value {read_item.dest_index.fqn!r} is not plain data ({err}); "
+                                   f"refusing to load it") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
 
 
 def _barrier() -> None:
@@ -105,7 +181,9 @@ def load_checkpoint(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
         if isinstance(obj, torch.optim.Optimizer):
             _materialize_optimizer_state(obj)
     plain = _state_dicts(state)
-    dcp.load(plain, checkpoint_id=str(path))
+    reader = _SafeReader(path)
+    reader.read_metadata()  # first here: DCP's own read folds errors into one message without the type
+    dcp.load(plain, storage_reader=reader, planner=_WeightsOnlyPlanner())
     for key, obj in state.items():
         if hasattr(obj, "load_state_dict") and not isinstance(obj, dict):
             obj.load_state_dict(plain[key])

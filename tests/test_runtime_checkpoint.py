@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from common.checkpoint import (
+    UnsafeCheckpoint,
     checkpoint_dirs,
     latest_checkpoint,
     load_checkpoint,
@@ -140,3 +141,79 @@ def test_resume_refuses_checkpoints_of_other_settings(runtime, tmp_path: Path) -
     assert resume_if_possible(tmp_path, {"model": model}, {"lr": 0.1, "dims": (4, 2)})["step"] == 5
     with pytest.raises(ValueError, match=r"other settings \(lr: 0.1 -> 0.2\).*another --out"):
         resume_if_possible(tmp_path, {"model": model}, {"lr": 0.2, "dims": (4, 2)})
+
+
+class _RunsCommand:
+    """What a hostile checkpoint would pickle: unpickling it runs a shell command."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (self.command,)
+
+
+def test_a_checkpoint_whose_metadata_runs_code_is_refused(runtime, tmp_path: Path) -> None:
+    """Issue 17.1: DCP unpickles .metadata; a replaced one must not run, and the error names the file."""
+    import pickle
+
+    model = torch.nn.Linear(4, 2)
+    path = save_checkpoint(tmp_path / "ckpt", 1, {"model": model})
+    marker = tmp_path / "pwned"
+    (path / ".metadata").write_bytes(pickle.dumps(_RunsCommand(f"touch {marker}")))
+    with pytest.raises(UnsafeCheckpoint, match=r"\.metadata refers to posix\.system"):
+        load_checkpoint(path, {"model": torch.nn.Linear(4, 2)})
+    assert not marker.exists()
+    # A truncated metadata file is a clear error too, not a raw unpickling traceback.
+    (path / ".metadata").write_bytes(pickle.dumps({"a": 1})[:5])
+    with pytest.raises(UnsafeCheckpoint, match="damaged"):
+        load_checkpoint(path, {"model": torch.nn.Linear(4, 2)})
+
+
+def test_checkpoint_values_are_loaded_as_plain_data_only(tmp_path: Path) -> None:
+    """DCP loads non-tensor values with torch.load(weights_only=False); ours refuses code there too."""
+    import io
+
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
+
+    from common.checkpoint import _WeightsOnlyPlanner
+
+    marker = tmp_path / "pwned"
+    buf = io.BytesIO()
+    torch.save({"lr": 0.1, "evil": _RunsCommand(f"touch {marker}")}, buf)
+    buf.seek(0)
+    item = ReadItem(type=LoadItemType.BYTE_IO, dest_index=MetadataIndex("opt.param_groups"), dest_offsets=torch.Size([0]),
+                    storage_index=MetadataIndex("opt.param_groups"), storage_offsets=torch.Size([0]),
+                    lengths=torch.Size([0]))
+    planner = _WeightsOnlyPlanner()
+    planner.flatten_state_dict, planner.state_dict = False, {}
+    with pytest.raises(UnsafeCheckpoint, match="'opt.param_groups' is not plain data"):
+        planner.load_bytes(item, buf)
+    assert not marker.exists()
+    plain = io.BytesIO()
+    torch.save({"lr": 0.1, "betas": (0.9, 0.999)}, plain)
+    plain.seek(0)
+    planner.load_bytes(item, plain)
+    assert planner.state_dict["opt.param_groups"] == {"lr": 0.1, "betas": (0.9, 0.999)}
+
+
+def test_the_packager_refuses_a_hostile_checkpoint_without_running_it(ranking_run, tmp_path: Path) -> None:
+    """The issue's reproduction: `dlrm_packager --checkpoints <folder with a replaced .metadata>`."""
+    import pickle
+    import shutil
+    import subprocess
+    import sys
+
+    _, run_dir = ranking_run
+    ckpts = tmp_path / "checkpoints"
+    shutil.copytree(run_dir / "checkpoints" / "dlrm", ckpts)
+    marker = tmp_path / "pwned"
+    (latest_checkpoint(ckpts) / ".metadata").write_bytes(pickle.dumps(_RunsCommand(f"touch {marker}")))
+    proc = subprocess.run([sys.executable, "-m", "inference_legacy.dlrm_packager", "--checkpoints", str(ckpts),
+                           "--out", str(tmp_path / "artifact")], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode != 0 and not marker.exists()
+    assert "refusing to load it (unpickling it could run code)" in proc.stderr
