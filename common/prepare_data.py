@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.data.movielens import add_dataset_args, load_movielens
+from common.data.download import DataIntegrityError
+from common.data.movielens import DataUnavailable, add_dataset_args, load_movielens
 from common.data.split import split_dataset
 from common.runtime import write_results
 
@@ -37,7 +38,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     cfg = parse_args(argv)
-    ds = load_movielens(cfg.dataset, cfg.data_dir, cfg.source)
+    try:
+        ds = load_movielens(cfg.dataset, cfg.data_dir, cfg.source)
+    except (DataUnavailable, DataIntegrityError) as err:
+        raise SystemExit(f"error: {err}") from None  # one line that says what to do, not a traceback
     split = split_dataset(ds)
     stats = {**ds.stats(), "train_interactions": len(split.train_user),
              "valid_users": len(split.valid_user), "test_users": len(split.test_user)}

@@ -36,7 +36,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from common.baselines import popularity_report
-from common.data.movielens import ARCHIVES, load_movielens
+from common.data.download import DataIntegrityError
+from common.data.movielens import ARCHIVES, DataUnavailable, load_movielens
 from common.metrics import RankingReport, paired_difference
 from common.runtime import write_json_atomic
 
@@ -136,7 +137,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     root = Path(a.artifacts or ("runs" if a.dataset == "ml-100k" else f"runs/{a.dataset}"))
     t0 = time.perf_counter()
-    load_movielens(a.dataset, a.data_dir)  # fetch and verify it now: a download problem is reported before training
+    try:  # fetch and verify it now: a data problem is reported before training, in one line
+        load_movielens(a.dataset, a.data_dir)
+    except (DataUnavailable, DataIntegrityError) as err:
+        raise SystemExit(f"error: {err}") from None
     data = ["--dataset", a.dataset] + (["--data-dir", a.data_dir] if a.data_dir else [])
     trained = train_missing(root, a.quick, a.with_bert4rec, data)
     pipeline = create_pipeline(root, data_dir=a.data_dir)  # with BERT4Rec's candidates when its export exists

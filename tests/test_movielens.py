@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import zipfile
 from pathlib import Path
@@ -133,7 +134,9 @@ def test_interrupted_extraction_is_redone(tmp_path: Path) -> None:
     (dest / "x").mkdir(parents=True)
     (dest / "x" / "data.txt").write_text("half")  # no .complete marker: a killed extraction
     extract_zip(archive, dest, marker="m1")
-    assert (dest / "x" / "data.txt").read_text() == "payload" and (dest / ".complete").read_text() == "m1"
+    assert (dest / "x" / "data.txt").read_text() == "payload"
+    assert json.loads((dest / ".complete").read_text()) == {
+        "marker": "m1", "files": {"x/data.txt": {"size": 7, "sha256": hashlib.sha256(b"payload").hexdigest()}}}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
@@ -219,3 +222,78 @@ def test_prepare_data_cli_prints_and_writes_statistics(tmp_path: Path, capsys: p
     assert stats["train_interactions"] == 98_114 and stats["test_users"] == 943
     assert "943 users, 1682 items, 100000 interactions" in capsys.readouterr().out
     assert (tmp_path / "results.json").is_file()
+
+
+def _cache_with_recbole(tmp_path: Path) -> Path:
+    """A private data cache holding the recbole wheel (copied from the session's cache when there)."""
+    import shutil
+
+    from common.data.download import default_data_dir
+
+    cache = tmp_path / "cache"
+    wheels = default_data_dir() / "wheels"
+    if wheels.is_dir():
+        shutil.copytree(wheels, cache / "wheels")
+    ml.fetch_recbole_ml100k(cache)
+    return cache
+
+
+@pytest.mark.parametrize("damage", ["truncate", "half_the_lines", "same_size_edit"])
+def test_a_damaged_cache_file_is_noticed_and_extracted_again(tmp_path: Path, ml100k: MovieLens, damage: str,
+                                                             capsys) -> None:
+    """Issue 17.2: the .complete manifest records every extracted file's size and SHA-256."""
+    cache = _cache_with_recbole(tmp_path)
+    inter = cache / "ml-100k-recbole" / "ml-100k.inter"
+    data = inter.read_bytes()
+    if damage == "truncate":
+        inter.write_bytes(data[: len(data) // 3])
+    elif damage == "half_the_lines":
+        inter.write_bytes(b"\n".join(data.split(b"\n")[::2]))
+    else:
+        inter.write_bytes(data.replace(b"\t5\t", b"\t1\t", 1))
+        assert inter.stat().st_size == len(data)
+    got = load_movielens("ml-100k", cache)
+    assert got.num_interactions == 100_000 and got.fingerprint == ml100k.fingerprint
+    assert f"cached {inter} " in capsys.readouterr().err
+    assert inter.read_bytes() == data
+
+
+def test_data_problems_are_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from common.prepare_data import main as prepare
+
+    monkeypatch.setenv("RECSYS_MOVIELENS_BASE_URL", "http://127.0.0.1:9")  # nothing listens on port 9
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("`pip download ...` failed:\nERROR: No matching distribution found for recbole==1.2.1")
+
+    monkeypatch.setattr(ml, "pip_download", offline)
+    with pytest.raises(SystemExit) as exit_info:  # offline, empty cache
+        prepare(["--data-dir", str(tmp_path / "empty")])
+    message = str(exit_info.value)
+    assert message.startswith("error: ml-100k is not in the cache") and "\n" not in message
+    assert "No matching distribution" in message and "connect to PyPI" in message
+
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("")
+    with pytest.raises(SystemExit, match="has a file where a folder belongs"):
+        prepare(["--data-dir", str(a_file)])
+
+
+
+def test_a_read_only_cache_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from common.data import download
+    from common.prepare_data import main as prepare
+
+    cache = tmp_path / "ro"
+    cache.mkdir()
+    if (download.default_data_dir() / "wheels").is_dir():  # the wheel is cached: no network is asked
+        shutil.copytree(download.default_data_dir() / "wheels", cache / "wheels")
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(cache))
+
+    monkeypatch.setattr(download.tempfile, "mkdtemp", read_only)  # root ignores chmod, so fail the write itself
+    with pytest.raises(SystemExit, match="cannot write to the data cache .*Permission denied.*writable folder"):
+        prepare(["--data-dir", str(cache), "--source", "recbole"])

