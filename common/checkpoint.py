@@ -12,6 +12,9 @@ A save writes into a ``.partial`` directory; only when every rank has finished d
 ``meta.json`` and rename the directory into place, so a run killed at any point leaves either the
 previous checkpoints or a complete new one. DCP stores sharded tensors with their global layout,
 so a checkpoint saved by 2 ranks loads into 1 process (or any other world size) unchanged.
+``meta.json`` also records every file's size and SHA-256: a checkpoint damaged after it was written
+is refused by :func:`load_checkpoint`, and :func:`resume_if_possible` falls back to the newest intact
+one, saying which it skipped and why.
 
 Loading never runs code from the checkpoint. DCP pickles its ``.metadata`` and unpickles it on
 load, and loads non-tensor values with ``torch.load(weights_only=False)``: a checkpoint copied
@@ -23,12 +26,14 @@ metadata with an unpickler that admits only the classes DCP writes there, and ev
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
 import pickle
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +55,44 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 class UnsafeCheckpoint(ValueError):
     """A checkpoint file holds something other than what DCP writes: it is not loaded."""
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint's files differ from what was saved (truncated, overwritten, missing)."""
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why checkpoint ``path`` cannot be trusted (a sentence naming the file), or None if it is
+    intact: meta.json readable, DCP's .metadata present, and every file with the size and SHA-256
+    recorded when it was saved (checkpoints written before sizes and hashes were recorded are
+    checked for the first two only)."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"{path / 'meta.json'} is unreadable ({type(err).__name__}: {err})"
+    if not isinstance(meta, dict):
+        return f"{path / 'meta.json'} is not a JSON object"
+    if not (path / ".metadata").is_file():
+        return f"{path / '.metadata'} is missing"
+    files = meta.get("files") or {}
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != want.get("size"):
+            return f"{f} has {f.stat().st_size:,} bytes, {want.get('size'):,} when saved"
+        if _file_digest(f) != want.get("sha256"):
+            return f"{f} differs from the file saved (SHA-256)"
+    return None
 
 
 # Everything DCP 2.x pickles into .metadata (found by reading the pickles of this project's checkpoints).
@@ -155,7 +198,9 @@ def save_checkpoint(root: str | Path, step: int, state: dict[str, Any],
     _barrier()
     if get_rank() == 0:
         info = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                **(meta or {})}
+                **(meta or {}),
+                "files": {f.name: {"size": f.stat().st_size, "sha256": _file_digest(f)}
+                          for f in sorted(partial.iterdir()) if f.is_file()}}
         write_json_atomic(partial / "meta.json", info)
         if final.exists():  # a re-save of the same step (e.g. after resuming) replaces it
             shutil.rmtree(final)
@@ -166,17 +211,21 @@ def save_checkpoint(root: str | Path, step: int, state: dict[str, Any],
     return final
 
 
-def load_checkpoint(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, state: dict[str, Any], verify: bool = True) -> dict[str, Any]:
     """Load checkpoint ``path`` into ``state`` in place (same keys as saved; any world size).
 
     Returns the checkpoint's ``meta`` dict. Modules and optimizers in ``state`` get their
-    ``load_state_dict`` called with the loaded values.
+    ``load_state_dict`` called with the loaded values. ``verify`` checks every file against the
+    sizes and hashes in meta.json first (:class:`DamagedCheckpoint` names the file that differs).
     """
     path = Path(path)
     meta_file = path / "meta.json"
     if not meta_file.is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no meta.json); "
                                 f"pick one from checkpoint_dirs({path.parent})")
+    problem = checkpoint_problem(path) if verify else None
+    if problem:
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged: {problem}")
     for obj in state.values():
         if isinstance(obj, torch.optim.Optimizer):
             _materialize_optimizer_state(obj)
@@ -187,7 +236,9 @@ def load_checkpoint(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
     for key, obj in state.items():
         if hasattr(obj, "load_state_dict") and not isinstance(obj, dict):
             obj.load_state_dict(plain[key])
-    return json.loads(meta_file.read_text())
+    meta = json.loads(meta_file.read_text())
+    meta.pop("files", None)  # the checkpoint's own bookkeeping, not the caller's meta
+    return meta
 
 
 # Script settings that may change between a run and its resumption (more epochs, other paths...).
@@ -214,16 +265,32 @@ def resume_if_possible(root: str | Path, state: dict[str, Any],
     in the checkpoint's meta: resuming a run with other settings would silently mix two runs, so a
     difference is an error that names the settings and the way out.
     """
-    latest = latest_checkpoint(root) if get_rank() == 0 else None
-    name = [latest.name if latest else ""]
+    decision: list[Any] = ["", "", ""]  # newest checkpoint, the newest intact one, why newer ones were skipped
+    if get_rank() == 0:
+        dirs = checkpoint_dirs(root)
+        skipped = []
+        for p in reversed(dirs if resume else []):
+            problem = checkpoint_problem(p)
+            if problem is None:
+                decision[1] = p.name
+                break
+            skipped.append(problem)
+        decision = [dirs[-1].name if dirs else "", decision[1], "; ".join(skipped)]
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(name, src=0)
-    if not name[0]:
+        dist.broadcast_object_list(decision, src=0)
+    newest, intact, skipped = decision
+    if not newest:
         return None
-    path = Path(root) / name[0]
     if not resume:
-        raise FileExistsError(f"{path} is a checkpoint of an earlier run; pass --resume to continue it, or use "
-                              f"another --out (or delete {root}) to start over")
+        raise FileExistsError(f"{Path(root) / newest} is a checkpoint of an earlier run; pass --resume to continue "
+                              f"it, or use another --out (or delete {root}) to start over")
+    if not intact:
+        raise DamagedCheckpoint(f"no intact checkpoint under {root} to resume from ({skipped}); delete {root} and "
+                                f"start over without --resume")
+    path = Path(root) / intact
+    if skipped and get_rank() == 0:
+        print(f"warning: resuming from {path}, the newest intact checkpoint; skipped newer ones: {skipped}",
+              file=sys.stderr)
     if run_config is not None:
         saved = json.loads((path / "meta.json").read_text()).get("run_config")
         if saved is not None:
@@ -233,7 +300,7 @@ def resume_if_possible(root: str | Path, state: dict[str, Any],
                 detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff)
                 raise ValueError(f"{root} holds checkpoints of a run with other settings ({detail}); resume with "
                                  f"the same settings, or use another --out (or delete {root}) to start over")
-    return load_checkpoint(path, state)
+    return load_checkpoint(path, state, verify=False)  # rank 0 just verified it
 
 
 def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

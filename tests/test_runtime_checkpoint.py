@@ -155,19 +155,35 @@ class _RunsCommand:
         return os.system, (self.command,)
 
 
+def _plant(checkpoint: Path, name: str, data: bytes) -> None:
+    """Replace a checkpoint file the way an attacker would: with meta.json's size and hash made to match."""
+    import hashlib
+
+    (checkpoint / name).write_bytes(data)
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    meta["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
+
+
 def test_a_checkpoint_whose_metadata_runs_code_is_refused(runtime, tmp_path: Path) -> None:
     """Issue 17.1: DCP unpickles .metadata; a replaced one must not run, and the error names the file."""
     import pickle
 
+    from common.checkpoint import DamagedCheckpoint
+
     model = torch.nn.Linear(4, 2)
     path = save_checkpoint(tmp_path / "ckpt", 1, {"model": model})
     marker = tmp_path / "pwned"
-    (path / ".metadata").write_bytes(pickle.dumps(_RunsCommand(f"touch {marker}")))
+    hostile = pickle.dumps(_RunsCommand(f"touch {marker}"))
+    (path / ".metadata").write_bytes(hostile)  # replaced, hashes not updated: damaged
+    with pytest.raises(DamagedCheckpoint, match=r"\.metadata (has|differs)"):
+        load_checkpoint(path, {"model": torch.nn.Linear(4, 2)})
+    _plant(path, ".metadata", hostile)  # hashes forged too: the unpickler still refuses it
     with pytest.raises(UnsafeCheckpoint, match=r"\.metadata refers to posix\.system"):
         load_checkpoint(path, {"model": torch.nn.Linear(4, 2)})
     assert not marker.exists()
     # A truncated metadata file is a clear error too, not a raw unpickling traceback.
-    (path / ".metadata").write_bytes(pickle.dumps({"a": 1})[:5])
+    _plant(path, ".metadata", pickle.dumps({"a": 1})[:5])
     with pytest.raises(UnsafeCheckpoint, match="damaged"):
         load_checkpoint(path, {"model": torch.nn.Linear(4, 2)})
 
@@ -211,9 +227,47 @@ def test_the_packager_refuses_a_hostile_checkpoint_without_running_it(ranking_ru
     ckpts = tmp_path / "checkpoints"
     shutil.copytree(run_dir / "checkpoints" / "dlrm", ckpts)
     marker = tmp_path / "pwned"
-    (latest_checkpoint(ckpts) / ".metadata").write_bytes(pickle.dumps(_RunsCommand(f"touch {marker}")))
+    _plant(latest_checkpoint(ckpts), ".metadata", pickle.dumps(_RunsCommand(f"touch {marker}")))
     proc = subprocess.run([sys.executable, "-m", "inference_legacy.dlrm_packager", "--checkpoints", str(ckpts),
                            "--out", str(tmp_path / "artifact")], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode != 0 and not marker.exists()
     assert "refusing to load it (unpickling it could run code)" in proc.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncate_distcp", "overwrite_64_bytes", "remove_metadata", "garble_meta_json"])
+def test_resume_skips_a_damaged_newest_checkpoint(runtime, tmp_path: Path, damage: str, capsys) -> None:
+    """Issue 17.3: every file's size and SHA-256 is saved with the checkpoint; --resume falls back
+    to the newest intact one and says which it skipped and why."""
+    from common.checkpoint import DamagedCheckpoint
+
+    model = torch.nn.Linear(64, 64)
+    weights = {}
+    for step in (10, 20):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        weights[step] = model.weight.detach().clone()
+        save_checkpoint(tmp_path, step, {"model": model}, meta={"epoch": step})
+    newest = tmp_path / "step_00000020"
+    distcp = next(newest.glob("*.distcp"))
+    if damage == "truncate_distcp":
+        distcp.write_bytes(distcp.read_bytes()[:-100])
+    elif damage == "overwrite_64_bytes":
+        data = bytearray(distcp.read_bytes())
+        data[-200:-136] = bytes(64)
+        distcp.write_bytes(bytes(data))
+    elif damage == "remove_metadata":
+        (newest / ".metadata").unlink()
+    else:
+        (newest / "meta.json").write_text('{"step": 20, "epo')
+    fresh = torch.nn.Linear(64, 64)
+    meta = resume_if_possible(tmp_path, {"model": fresh})
+    assert meta["step"] == 10 and torch.equal(fresh.weight, weights[10])
+    err = capsys.readouterr().err
+    assert "resuming from" in err and "step_00000010" in err and "step_00000020" in err
+    with pytest.raises(DamagedCheckpoint, match="step_00000020.* is damaged"):
+        load_checkpoint(newest, {"model": fresh})
+    # Nothing intact at all: one clear error, not a DCP traceback.
+    (tmp_path / "step_00000010" / ".metadata").unlink()
+    with pytest.raises(DamagedCheckpoint, match="no intact checkpoint under .*start over without --resume"):
+        resume_if_possible(tmp_path, {"model": fresh})
