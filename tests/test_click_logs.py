@@ -103,3 +103,43 @@ def test_torchx_ddp_launch_with_quantized_comms(tmp_path) -> None:
     assert q["dlrm"]["final_loss"] != fp32["dlrm"]["final_loss"]
     assert q["dlrm"]["final_loss"] == pytest.approx(fp32["dlrm"]["final_loss"], rel=0.01)
     assert q["dlrm"]["test"]["auc"] > 0.65
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    (3, "inf", "int_2 must be an integer, got 'inf'"),
+    (3, "1e400", "int_2 must be an integer, got '1e400'"),
+    (3, "1" + "0" * 300, "int_2 is out of range for a count"),
+    (20, "1" + "0" * 17, "cat_6 must be a hex hash of at most 64 bits"),
+    (20, None, "has bytes that are not ASCII text"),
+])
+def test_criteo_reader_gaps_are_named_or_skipped(criteo_tsv, tmp_path, field: int, value: str | None,
+                                                 problem: str) -> None:
+    """Issue 17.7: infinite or huge counts, IDs wider than 64 bits and non-UTF-8 bytes are a
+    file:line error, or a counted skip under on_bad_line='skip'; never accepted, never a crash."""
+    from collections import Counter
+
+    from common.data.criteo import read_criteo_tsv
+
+    lines = criteo_tsv.read_bytes().splitlines(keepends=True)[:3000]
+    fields = lines[1500].split(b"\t")
+    fields[field] = b"\xff\xfe" + fields[field] if value is None else value.encode()
+    lines[1500] = b"\t".join(fields)
+    bad = tmp_path / "bad.tsv"
+    bad.write_bytes(b"".join(lines))
+    with pytest.raises(ValueError, match=rf"bad.tsv: line 1501: {problem}"):
+        read_criteo_tsv(bad, 1000)
+    skipped: Counter[str] = Counter()
+    good = read_criteo_tsv(bad, 1000, on_bad_line="skip", skipped=skipped)
+    assert len(good) == 2999 and sum(skipped.values()) == 1
+    assert np.isfinite(good.dense).all() and good.dense.max() < 25 and (good.sparse < 1000).all()
+
+
+def test_criteo_keeps_full_64_bit_ids(tmp_path) -> None:
+    """IDs from 2**63 to 2**64 - 1 fit no int64 but are valid 64-bit hashes: taken modulo the table."""
+    from common.data.criteo import read_criteo_tsv
+
+    row = ["1"] + ["1"] * NUM_DENSE + ["ffffffffffffffff"] + ["0a"] * (NUM_SPARSE - 1)
+    path = tmp_path / "wide.tsv"
+    path.write_text("\t".join(row) + "\n")
+    got = read_criteo_tsv(path, 1000)
+    assert got.sparse[0, 0] == (2**64 - 1) % 1000 and got.sparse[0, 1] == 10

@@ -5,8 +5,10 @@ TSV rows are ``label, I1..I13, C1..C26`` separated by tabs: 13 integer counts (m
 or missing) and 26 categorical values as 8-hex-digit hashes (may be missing). Missing values
 become 0 (as in TorchRec's ``tsv_to_npys``). Dense features get DLRM's transform
 ``log(1 + max(x, 0))`` (facebookresearch/dlrm ``data_utils.py``); categorical hashes are taken
-modulo each feature's table size. A malformed line is an error naming the file and line, or,
-with ``on_bad_line="skip"``, dropped and counted, never silently. Negative counts are a real
+modulo each feature's table size. A malformed line (also: a count that is not a finite integer
+below 2**53, such as ``inf`` or ``1e400``; a category wider than 64 bits; bytes that are not ASCII)
+is an error naming the file and line, or, with ``on_bad_line="skip"``, dropped and counted, never
+silently. Negative counts are a real
 feature of the logs (int_1 holds -1, -2 and -3 in the Kaggle and Terabyte files), so by default
 (``negatives="clamp"``) they are set to 0 as DLRM's reference preprocessing does, and counted
 per column; ``negatives="bad_line"`` treats a line with one as malformed instead (an error, or
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import re
 import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -34,6 +37,11 @@ NUM_DENSE = 13
 NUM_SPARSE = 26
 DENSE_NAMES = [f"int_{i}" for i in range(NUM_DENSE)]
 SPARSE_NAMES = [f"cat_{i}" for i in range(NUM_SPARSE)]
+MAX_COUNT = 1 << 53   # larger "counts" (1e300, 1e400 = inf) are not counts, and lose integer precision
+MAX_ID = 1 << 64      # categorical hashes are at most 64 bits
+# A well-formed chunk holds digits, hex letters, '-', tabs and newlines only: anything else ("inf",
+# "nan", "1.5", bytes that are not ASCII) sends the chunk to the line-by-line check, which names it.
+_FOREIGN = re.compile(r"[^0-9a-fA-F\t\n\r-]")
 
 
 @dataclass
@@ -61,6 +69,8 @@ def dense_transform(raw: np.ndarray) -> np.ndarray:
 
 def _line_problem(line: str, ncols: int, has_label: bool, negative_is_bad: bool = False) -> str | None:
     """Why one TSV line is malformed, or None if it is fine."""
+    if not line.isascii():
+        return "has bytes that are not ASCII text (Criteo lines are tab-separated digits and hex)"
     fields = line.rstrip("\n").split("\t")
     if len(fields) != ncols:
         return (f"has {len(fields)} fields, expected {ncols} ({'label, ' if has_label else ''}13 integers, "
@@ -74,14 +84,18 @@ def _line_problem(line: str, ncols: int, has_label: bool, negative_is_bad: bool 
                 number = int(value)
             except ValueError:
                 return f"{DENSE_NAMES[j]} must be an integer, got {value!r}"
+            if abs(number) >= MAX_COUNT:
+                return f"{DENSE_NAMES[j]} is out of range for a count (|x| < 2**53), got {value!r}"
             if negative_is_bad and number < 0:
                 return f"{DENSE_NAMES[j]} is a negative count, got {value!r}"
     for j, value in enumerate(fields[offset + NUM_DENSE:]):
         if value:
             try:
-                int(value, 16)
+                wide = int(value, 16) >= MAX_ID
             except ValueError:
                 return f"{SPARSE_NAMES[j]} must be a hex hash, got {value!r}"
+            if wide or value.startswith("-"):
+                return f"{SPARSE_NAMES[j]} must be a hex hash of at most 64 bits, got {value!r}"
     return None
 
 
@@ -110,7 +124,9 @@ def iter_criteo_tsv(path: str | Path, num_embeddings: int | Sequence[int], chunk
     names = (["label"] if has_label else []) + DENSE_NAMES + SPARSE_NAMES
     counts: Counter[str] = skipped if skipped is not None else Counter()
     line = 0
-    with open(path) as f:
+    # Bytes that are not ASCII become lone surrogates instead of a UnicodeDecodeError without a line
+    # number: the line check then names the line (or counts it under on_bad_line="skip").
+    with open(path, encoding="ascii", errors="surrogateescape") as f:
         while max_rows is None or line < max_rows:
             want = chunk_rows if max_rows is None else min(chunk_rows, max_rows - line)
             lines = list(itertools.islice(f, want))
@@ -145,10 +161,11 @@ def _parse_chunk(lines: list[str], names: list[str], ncols: int, has_label: bool
                  bad_negative: bool, clamped: Counter[str]) -> CriteoArrays:
     """Vectorized parse of well-formed lines; raises _MalformedChunk at the first sign of a bad one."""
     # pandas pads short rows with "" (indistinguishable from missing values), so count fields.
-    if any(x.count("\t") + 1 != ncols for x in lines):
+    text = "".join(lines)
+    if any(x.count("\t") + 1 != ncols for x in lines) or _FOREIGN.search(text):
         raise _MalformedChunk
     try:
-        chunk = pd.read_csv(io.StringIO("".join(lines)), sep="\t", header=None, names=names,
+        chunk = pd.read_csv(io.StringIO(text), sep="\t", header=None, names=names,
                             dtype={**{n: str for n in names}, **{n: np.float64 for n in DENSE_NAMES}},
                             keep_default_na=False, na_values={n: [""] for n in DENSE_NAMES})
     except ValueError:
@@ -159,8 +176,8 @@ def _parse_chunk(lines: list[str], names: list[str], ncols: int, has_label: bool
             raise _MalformedChunk
         labels = chunk["label"].to_numpy(np.float32)
     dense = chunk[DENSE_NAMES].to_numpy(np.float64)
-    if (np.nan_to_num(dense) != np.round(np.nan_to_num(dense))).any():
-        raise _MalformedChunk  # e.g. "1.5": counts are integers
+    if (np.abs(np.nan_to_num(dense)) >= MAX_COUNT).any():
+        raise _MalformedChunk  # e.g. "1e400" (inf): not a count
     negative = np.nan_to_num(dense) < 0
     if negative.any():
         if bad_negative:
@@ -171,10 +188,17 @@ def _parse_chunk(lines: list[str], names: list[str], ncols: int, has_label: bool
     for j, name in enumerate(SPARSE_NAMES):
         codes, uniques = pd.factorize(chunk[name].to_numpy())  # hashes repeat: parse each once
         try:
-            parsed = np.array([int(u, 16) if u else 0 for u in uniques], dtype=np.int64)
+            ids = [int(u, 16) if u else 0 for u in uniques]
         except ValueError:
             raise _MalformedChunk from None
-        sparse[:, j] = parsed[codes] % sizes[j]
+        top = max(ids, default=0)
+        if top >= MAX_ID or min(ids, default=0) < 0:
+            raise _MalformedChunk  # wider than 64 bits (or negative): not a 64-bit hash
+        if top < 1 << 63:
+            parsed = np.array(ids, dtype=np.int64) % sizes[j]
+        else:  # 64-bit hashes beyond int64: reduce them in Python first
+            parsed = np.array([i % int(sizes[j]) for i in ids], dtype=np.int64)
+        sparse[:, j] = parsed[codes]
     return CriteoArrays(dense=dense_transform(dense), sparse=sparse, labels=labels)
 
 
