@@ -121,6 +121,7 @@ def read_manifest(artifact: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ArtifactError(f"{path} is not valid JSON ({err}); the artifact is damaged: package it again") from err
+    _check_manifest_shape(manifest, path)
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
                             f"this loader reads {FORMAT!r} version {FORMAT_VERSION}: package the model again with "
@@ -148,6 +149,26 @@ def read_manifest(artifact: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def _check_manifest_shape(manifest: Any, path: Path) -> None:
+    """The manifest's structure, before any field is read: a damaged one is one ArtifactError naming
+    the field, not an AttributeError somewhere in the loader."""
+    def bad(what: str) -> ArtifactError:
+        return ArtifactError(f"{path}: {what}; the manifest is damaged: package the model again")
+
+    if not isinstance(manifest, dict):
+        raise bad(f"holds a JSON {type(manifest).__name__}, not an object")
+    for key in ("files", "versions", "dims", "verification", "quantization"):
+        if not isinstance(manifest.get(key, {}), dict):
+            raise bad(f"'{key}' must be an object, got {type(manifest[key]).__name__}")
+    for name, entry in manifest.get("files", {}).items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
+            raise bad(f"files[{name!r}] must be {{'bytes': int, 'sha256': str}}, got {entry!r:.80}")
+    tables = manifest.get("dims", {}).get("tables", {})
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) and isinstance(t.get("rows"), int)
+                                               for t in tables.values()):
+        raise bad("dims.tables must map each table to an object with integer 'rows'")
+
+
 # Entries of a .pt2 archive that hold JSON or raw tensor bytes (torch.export.save's layout).
 _SAFE_FILES = ("archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id")
 
@@ -168,8 +189,12 @@ def check_pickle_free(pt2: str | Path) -> None:
             if name.startswith(("data/weights/weight_", "data/constants/tensor_")):
                 continue
             if name.startswith(("data/weights/", "data/constants/")) and name.endswith("_config.json"):
-                config = json.loads(z.read(info))
-                pickled = [k for k, v in config.get("config", {}).items() if v.get("use_pickle")]
+                try:
+                    entries = json.loads(z.read(info)).get("config", {})
+                    pickled = [k for k, v in entries.items() if v.get("use_pickle")]
+                except (ValueError, AttributeError, TypeError) as err:
+                    raise ArtifactError(f"{pt2}: {name} is not a weights config ({type(err).__name__}: {err}); "
+                                        f"the archive is damaged: package the model again") from None
                 if pickled:
                     raise ArtifactError(f"{pt2}: {name} stores {pickled[:3]} as pickles; refusing to load code-"
                                         f"carrying payloads. Export plain tensors only")
@@ -194,8 +219,25 @@ def load_program(artifact: str | Path, manifest: dict[str, Any]) -> torch.nn.Mod
     return program.module()
 
 
-def load_schema(artifact: str | Path) -> FeatureSchema:
-    return FeatureSchema.from_dict(json.loads((Path(artifact) / SCHEMA).read_text()))
+def load_schema(artifact: str | Path, manifest: dict[str, Any] | None = None) -> FeatureSchema:
+    """The artifact's feature schema; with ``manifest``, checked against the model's table sizes
+    (a cardinality the tables do not have would index past them or waste rows)."""
+    path = Path(artifact) / SCHEMA
+    try:
+        schema = FeatureSchema.from_dict(json.loads(path.read_text()))
+    except (ValueError, AttributeError, TypeError, KeyError) as err:
+        raise ArtifactError(f"{path} is not a feature schema ({type(err).__name__}: {err}); the artifact is "
+                            f"damaged: package the model again") from None
+    tables = (manifest or {}).get("dims", {}).get("tables")
+    if tables:
+        for f in schema.sparse:
+            table = tables.get(f.table or f.name)
+            if table is None or table["rows"] != f.cardinality:
+                rows = "no table" if table is None else f"{table['rows']} rows"
+                raise ArtifactError(f"{path}: feature {f.name!r} has cardinality {f.cardinality}, but the model's "
+                                    f"table {f.table or f.name!r} has {rows}; the schema and the model disagree: "
+                                    f"package the model again")
+    return schema
 
 
 def read_heldout(artifact: str | Path) -> list[dict[str, Any]]:

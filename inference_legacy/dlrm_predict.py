@@ -50,7 +50,7 @@ class DLRMPredictor:
         if self.manifest.get("model") != "dlrm" or "tolerance" not in self.manifest.get("verification", {}):
             raise art.ArtifactError(f"{self.path} is not a verified DLRM artifact (model {self.manifest.get('model')!r}); "
                                     f"package one with python -m inference_legacy.dlrm_packager")
-        self.schema = art.load_schema(self.path)
+        self.schema = art.load_schema(self.path, self.manifest)
         self.model = art.load_program(self.path, self.manifest)
         m = self.manifest
         self.name = f"{m['model']}-{m['quantization']['embeddings']}-{m['files'][art.PROGRAM]['sha256'][:12]}"

@@ -352,3 +352,41 @@ def test_client_cli_scores_a_file_and_reports_refusals(packaged, tmp_path) -> No
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("manifest_list", "manifest.json: holds a JSON list, not an object"),
+    ("files_string", "'files' must be an object, got str"),
+    ("file_entry_string", r"files\['model.pt2'\] must be \{'bytes': int, 'sha256': str\}"),
+    ("schema_list", "schema.json is not a feature schema"),
+    ("schema_cardinality", "feature 'user_id' has cardinality 944, but the model's table 'user_id' has 943 rows"),
+    ("weights_config", "is not a weights config"),
+])
+def test_damaged_artifact_metadata_is_named_not_a_traceback(packaged, tmp_path, damage: str, message: str) -> None:
+    """Issue 17.9: every piece of artifact metadata is validated before use, the schema against the model's tables."""
+    _, out, _ = packaged
+    bad = _copy(out, tmp_path, damage)
+
+    def rechecksum(name: str) -> None:
+        _rewrite_manifest(bad, files=lambda f: {**f, name: {"sha256": art.sha256(bad / name),
+                                                            "bytes": (bad / name).stat().st_size}})
+
+    if damage == "manifest_list":
+        (bad / "manifest.json").write_text("[]")
+    elif damage == "files_string":
+        _rewrite_manifest(bad, files="model.pt2")
+    elif damage == "file_entry_string":
+        _rewrite_manifest(bad, files=lambda f: {**f, "model.pt2": "abc"})
+    elif damage == "schema_list":
+        (bad / "schema.json").write_text("[]")
+        rechecksum("schema.json")
+    elif damage == "schema_cardinality":
+        schema = json.loads((bad / "schema.json").read_text())
+        schema["sparse"][0]["cardinality"] += 1
+        (bad / "schema.json").write_text(json.dumps(schema))
+        rechecksum("schema.json")
+    else:
+        _repack(out / "model.pt2", bad / "model.pt2", edit=lambda name, config: [] if "weights" in name else config)
+        rechecksum("model.pt2")
+    with pytest.raises(art.ArtifactError, match=message):
+        DLRMPredictor(bad)
