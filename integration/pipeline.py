@@ -46,6 +46,7 @@ from retrieval.two_tower_retrieval import Retriever
 from retrieval.two_tower_retrieval import read_manifest as read_retrieval_manifest
 
 CANDIDATES = 100
+MAX_HISTORY = 1000  # per user in the feature store, after events (ml-100k's longest history: 737)
 
 
 class ArtifactMismatch(ValueError):
@@ -94,9 +95,11 @@ class FeatureStore:
         return np.asarray(self.histories[user], dtype=np.int64)
 
     def add_interaction(self, user: int, item: int, timestamp: int | None = None) -> int:
-        """Append an interaction; returns the user's history length."""
+        """Append an interaction; returns the user's history length, which stays at most
+        :data:`MAX_HISTORY` (the oldest items go first: every stage reads only the latest 50)."""
         with self.lock:
             self.histories[user].append(int(item))
+            del self.histories[user][:-MAX_HISTORY]
             if timestamp is not None:
                 self.last_time[user] = max(int(self.last_time[user]), int(timestamp))
             return len(self.histories[user])

@@ -41,6 +41,9 @@ from inference_legacy.dlrm_predict import integer_id
 from inference_legacy.server import LATENCY_BUCKETS, BadRequest, DynamicBatcher, Metrics, Readiness, create_app, serve
 
 RawID = Annotated[int, Field(ge=0, le=2**31 - 1), BeforeValidator(integer_id)]
+# An event may be at most this far after the data's last interaction (MovieLens's clock stopped in
+# 1998): a timestamp years ahead would move the user's "now", and with it the trend features, for good.
+EVENT_CLOCK_SLACK_S = 86_400
 
 
 class UserFeatures(BaseModel):
@@ -48,7 +51,9 @@ class UserFeatures(BaseModel):
     age: int = Field(ge=1, le=129, description="years")
     gender: Literal["M", "F"]
     occupation: str = Field(max_length=64, description="a MovieLens occupation, e.g. 'student'")
-    zip: str = Field(max_length=16, description="US zip code (its first digit is the feature)")
+    zip: str = Field(pattern=r"^([0-9A-Za-z]{5}|[0-9]{5}-[0-9]{4})$",
+                     description="US zip code, or 5 letters and digits as MovieLens has for Canada (its first "
+                                 "digit is the feature)")
     history: list[RawID] = Field(default_factory=list, max_length=1000,
                                  description="raw MovieLens item IDs, oldest first")
 
@@ -57,7 +62,7 @@ class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user_id: RawID | None = Field(None, description="a raw MovieLens user ID")
     features: UserFeatures | None = Field(None, description="for a user without a known ID")
-    k: int = Field(10, ge=1, le=100)
+    k: int = Field(10, ge=1, le=100, strict=True)
 
     @model_validator(mode="after")
     def one_of(self) -> RecommendRequest:
@@ -84,9 +89,10 @@ class EventRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user_id: RawID
     item_id: RawID
-    timestamp: int | None = Field(None, ge=0, le=2**40, description=(
-        "unix seconds (default: the user's latest interaction: the ranker's trend features count the 30 days "
-        "before it, so a MovieLens user must stay on MovieLens's clock)"))
+    timestamp: int | None = Field(None, ge=0, strict=True, description=(
+        "unix seconds, at most one day after the data's last interaction (default: the user's latest "
+        "interaction: the ranker's trend features count the 30 days before it, so a MovieLens user must stay "
+        "on MovieLens's clock)"))
 
 
 class EventResponse(BaseModel):
@@ -191,6 +197,7 @@ def create_service(pipeline, cache: MemoryCache | RedisCache | None = None, rout
     readiness.info = {"arms": router.shares, "cache": type(cache).__name__, "dataset": pipeline.dataset.name}
     app = create_app("Two-stage recommender", "1", __doc__.split("\n\n")[0], metrics, readiness, max_request_bytes)
     dataset = pipeline.dataset
+    clock = int(dataset.timestamp.max())
 
     def run(batch: list[list[RecommendRequest]]) -> list[Any]:
         reqs = [r for (r,) in batch]
@@ -251,6 +258,9 @@ def create_service(pipeline, cache: MemoryCache | RedisCache | None = None, rout
                                      f"new users take their features and history in POST /recommend")
         if ev.item_id not in pipeline.item_index:
             raise BadRequest(f"item_id: {ev.item_id} is not a movie in {dataset.name}'s catalog")
+        if ev.timestamp is not None and ev.timestamp > clock + EVENT_CLOCK_SLACK_S:
+            raise BadRequest(f"timestamp: {ev.timestamp} is more than {EVENT_CLOCK_SLACK_S} s after the last "
+                             f"interaction in {dataset.name} ({clock}); send times on the data's clock, or none")
         n = pipeline.add_interaction(ev.user_id, ev.item_id, ev.timestamp)
         cache.invalidate(pipeline.user_index[ev.user_id])
         return EventResponse(user_id=ev.user_id, history_length=n)

@@ -291,3 +291,31 @@ def test_with_bert4rec_candidates_the_served_system_beats_each_source_on_validat
     assert served > ev["two-tower"].means["NDCG@10"] - 0.01
     (rec,) = pipeline.recommend([196])
     assert rec.stage == "ranked" and rec.candidates == 100
+
+
+def test_events_and_requests_are_bounded_and_strictly_typed(service, pipeline) -> None:
+    """Issue 17.6: a far-future timestamp, an unbounded history, loosely typed k and bad zips are refused."""
+    from integration.pipeline import MAX_HISTORY
+    from integration.service import EVENT_CLOCK_SLACK_S
+
+    clock = int(pipeline.dataset.timestamp.max())
+    user = pipeline.user_index[22]
+    now = int(pipeline.store.last_time[user])
+    r = service.post("/events", json={"user_id": 22, "item_id": 50, "timestamp": 2**40})
+    assert r.status_code == 422 and "timestamp: 1099511627776 is more than 86400 s after" in r.json()["detail"]
+    assert int(pipeline.store.last_time[user]) == now  # refused before it touched the user's clock
+    ok = service.post("/events", json={"user_id": 22, "item_id": 50, "timestamp": clock + EVENT_CLOCK_SLACK_S})
+    assert ok.status_code == 200
+    for _ in range(MAX_HISTORY + 20):  # a flood of duplicate events cannot grow the history without bound
+        pipeline.add_interaction(22, 50)
+    assert len(pipeline.store.history(user)) == MAX_HISTORY
+    new = {"age": 25, "gender": "F", "occupation": "student", "zip": "55414"}
+    for body, message in [({"user_id": 1, "k": "5"}, "k: Input should be a valid integer"),
+                          ({"user_id": 1, "k": True}, "k: Input should be a valid integer"),
+                          ({"features": {**new, "zip": ""}}, "features.zip: String should match pattern"),
+                          ({"features": {**new, "zip": "abc"}}, "features.zip: String should match pattern")]:
+        r = service.post("/recommend", json=body)
+        assert r.status_code == 422 and message in (r.json().get("error") or r.json().get("detail")), (body, r.json())
+    r = service.post("/events", json={"user_id": 22, "item_id": 50, "timestamp": "893286638"})
+    assert r.status_code == 422 and "timestamp" in r.json()["error"]
+    assert service.post("/recommend", json={"features": {**new, "zip": "T8H1N"}}).status_code == 200  # Canada
