@@ -34,7 +34,15 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from common.features import FeatureError, FeatureSchema
 from inference_legacy import artifact as art
-from inference_legacy.server import BadRequest, DynamicBatcher, Metrics, Readiness, create_app, serve
+from inference_legacy.server import (
+    BadRequest,
+    DynamicBatcher,
+    Metrics,
+    Readiness,
+    create_app,
+    listen_socket,
+    serve,
+)
 
 log = logging.getLogger("inference_legacy.dlrm_predict")
 
@@ -180,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads for the model (default: %(default)s; the event loop needs a core)")
     a = p.parse_args(argv)
+    if a.threads < 1:
+        p.error(f"--threads must be at least 1, got {a.threads}")
+    sock = listen_socket(a.host, a.port)  # before the model loads: a busy or invalid port fails at once
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
@@ -190,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"cannot serve {a.artifact}: {err}") from None
     print(f"loaded {predictor.name} from {a.artifact} in {time.perf_counter() - t0:.1f} s "
           f"(batching {'off' if a.no_batching else f'up to {a.max_batch_rows} rows / {a.max_wait_ms} ms'})", flush=True)
-    serve(app, a.host, a.port)
+    serve(app, a.host, a.port, sock=sock)
 
 
 if __name__ == "__main__":

@@ -172,11 +172,11 @@ class _LimitAndMeasure:
             return await self.app(scope, receive, send)
         start = time.perf_counter()
         endpoint = scope["path"] if scope["path"] in self.routes() else "other"
-        status = {"code": 500}
+        status = {"code": 500, "started": False}
 
         async def send_and_record(message: dict) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], True
             await send(message)
 
         try:
@@ -188,6 +188,7 @@ class _LimitAndMeasure:
             while more:
                 message = await receive()
                 if message["type"] == "http.disconnect":
+                    status["code"] = 499  # the client went away (nginx's code): not a server error
                     return
                 chunk = message.get("body", b"")
                 size += len(chunk)
@@ -205,7 +206,12 @@ class _LimitAndMeasure:
                     return {"type": "http.request", "body": payload, "more_body": False}
                 return await receive()
 
-            await self.app(scope, replay, send_and_record)
+            try:
+                await self.app(scope, replay, send_and_record)
+            except (asyncio.CancelledError, ConnectionError):
+                if not status["started"]:
+                    status["code"] = 499  # cancelled because the client disconnected
+                raise
         finally:
             self.metrics.requests.labels(endpoint, str(status["code"])).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
@@ -286,17 +292,31 @@ def _field(loc: list[Any]) -> str:
     return out or "body"
 
 
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8080, on_bind: Callable[[str], None] | None = None,
-          ) -> None:
-    """Run uvicorn until interrupted. The socket is bound here so that ``port=0`` works: the
-    address actually bound goes to ``on_bind`` (default: printed)."""
-    import uvicorn
-
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (0: any free port). Services bind before they load their
+    models, so a port in use or out of range is one line at once, not a traceback minutes later."""
+    if not 0 <= port <= 65535:
+        raise SystemExit(f"--port {port} is not a TCP port (0-65535; 0 picks a free one)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # else small responses wait on delayed ACKs
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise SystemExit(f"cannot listen on {host}:{port}: {err.strerror}; pick another --port (0 for any free "
+                         f"one) or --host") from None
+    return sock
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8080, on_bind: Callable[[str], None] | None = None,
+          sock: socket.socket | None = None) -> None:
+    """Run uvicorn until interrupted, on ``sock`` (from :func:`listen_socket`) or a socket bound
+    here, so that ``port=0`` works: the address actually bound goes to ``on_bind`` (default: printed)."""
+    import uvicorn
+
+    sock = sock or listen_socket(host, port)
     bound = sock.getsockname()
     url = f"http://{host if ':' not in host else f'[{host}]'}:{bound[1]}"
     (on_bind or (lambda u: print(f"listening on {u}", flush=True)))(url)

@@ -38,7 +38,16 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 
 from common.features import FeatureError
 from inference_legacy.dlrm_predict import integer_id
-from inference_legacy.server import LATENCY_BUCKETS, BadRequest, DynamicBatcher, Metrics, Readiness, create_app, serve
+from inference_legacy.server import (
+    LATENCY_BUCKETS,
+    BadRequest,
+    DynamicBatcher,
+    Metrics,
+    Readiness,
+    create_app,
+    listen_socket,
+    serve,
+)
 
 RawID = Annotated[int, Field(ge=0, le=2**31 - 1), BeforeValidator(integer_id)]
 # An event may be at most this far after the data's last interaction (MovieLens's clock stopped in
@@ -304,6 +313,7 @@ def main(argv: list[str] | None = None) -> None:
                         "else the two-tower's (default: %(default)s)")
     p.add_argument("--data-dir", default=None, help="MovieLens cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)")
     a = p.parse_args(argv)
+    sock = listen_socket(a.host, a.port)  # before the models load: a busy or invalid port fails at once
     import torch
 
     from integration.pipeline import ArtifactMismatch, create_pipeline
@@ -323,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     app, _ = create_service(pipeline, cache, router)
     print(f"serving {pipeline.dataset.name}: {pipeline.candidate_source} candidates, arms {router.shares}, "
           f"cache {type(cache).__name__}", flush=True)
-    serve(app, a.host, a.port)
+    serve(app, a.host, a.port, sock=sock)
 
 
 if __name__ == "__main__":

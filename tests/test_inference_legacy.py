@@ -390,3 +390,48 @@ def test_damaged_artifact_metadata_is_named_not_a_traceback(packaged, tmp_path, 
         rechecksum("model.pt2")
     with pytest.raises(art.ArtifactError, match=message):
         DLRMPredictor(bad)
+
+
+def test_bad_ports_and_threads_fail_before_the_model_loads(packaged, monkeypatch) -> None:
+    """Issue 17.8: a port in use or out of range and --threads 0 are one line, before loading anything."""
+    import socket
+
+    from integration.service import main as service_main
+
+    _, out, _ = packaged
+    monkeypatch.setattr(art, "load_program", lambda *a, **k: pytest.fail("the model loaded before the port check"))
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        for main, extra in ((serve_main, ["--artifact", str(out)]), (service_main, ["--artifacts", str(out)])):
+            with pytest.raises(SystemExit, match=rf"cannot listen on 127.0.0.1:{port}: Address already in use"):
+                main([*extra, "--port", str(port)])
+            with pytest.raises(SystemExit, match="--port 70000 is not a TCP port"):
+                main([*extra, "--port", "70000"])
+    finally:
+        busy.close()
+    with pytest.raises(SystemExit):
+        serve_main(["--artifact", str(out), "--threads", "0"])
+
+
+def test_a_client_that_disconnects_is_not_counted_as_a_server_error() -> None:
+    from inference_legacy.server import Metrics, _LimitAndMeasure
+
+    async def app(scope, receive, send) -> None:  # never reached: the client left while sending its body
+        raise AssertionError("the app ran")
+
+    metrics = Metrics()
+    middleware = _LimitAndMeasure(app, 1000, metrics, lambda: {"/predict"})
+    messages = iter([{"type": "http.request", "body": b"{", "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive() -> dict:
+        return next(messages)
+
+    async def send(message: dict) -> None:
+        raise AssertionError("nothing is sent to a client that left")
+
+    asyncio.run(middleware({"type": "http", "path": "/predict", "headers": []}, receive, send))
+    assert metrics.requests.labels("/predict", "499")._value.get() == 1
+    assert metrics.requests.labels("/predict", "500")._value.get() == 0
