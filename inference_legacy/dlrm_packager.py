@@ -35,6 +35,7 @@ from torchrec.inference.modules import quantize_embeddings
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
+from common.checkpoint import DamagedCheckpoint, UnsafeCheckpoint
 from common.features import FeatureBatch, FeatureSchema
 from common.metrics import BinaryMetrics
 from golden_training.train_dlrm import Config, eval_set, make_batch
@@ -220,7 +221,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
     a = p.parse_args(argv)
     out = Path(a.out or f"runs/serving/dlrm-{a.quantize}")
-    ranker = Ranker(a.checkpoints, a.data_dir, quantize="none")
+    try:
+        ranker = Ranker(a.checkpoints, a.data_dir, quantize="none")
+    except (UnsafeCheckpoint, DamagedCheckpoint) as err:  # one line: which file, and why it is not loaded
+        raise SystemExit(f"cannot package {a.checkpoints}: {err}") from None
     m = package(ranker, out, a.quantize, a.heldout_rows, overwrite=a.overwrite)
     v, s = m["verification"], m["sizes"]
     print(f"packaged {out} ({a.quantize} embeddings, torch.export; model.pt2 {s['program_bytes'] / 1e6:.3f} MB)")
