@@ -26,7 +26,6 @@ metadata with an unpickler that admits only the classes DCP writes there, and ev
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -48,6 +47,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 from torchrec.optim.keyed import CombinedOptimizer
 
+from common.data.download import file_digest
 from common.runtime import get_rank, write_json_atomic
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -59,14 +59,6 @@ class UnsafeCheckpoint(ValueError):
 
 class DamagedCheckpoint(ValueError):
     """A checkpoint's files differ from what was saved (truncated, overwritten, missing)."""
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def checkpoint_problem(path: str | Path) -> str | None:
@@ -90,7 +82,7 @@ def checkpoint_problem(path: str | Path) -> str | None:
             return f"{f} is missing"
         if f.stat().st_size != want.get("size"):
             return f"{f} has {f.stat().st_size:,} bytes, {want.get('size'):,} when saved"
-        if _file_digest(f) != want.get("sha256"):
+        if file_digest(f, "sha256") != want.get("sha256"):
             return f"{f} differs from the file saved (SHA-256)"
     return None
 
@@ -199,7 +191,7 @@ def save_checkpoint(root: str | Path, step: int, state: dict[str, Any],
     if get_rank() == 0:
         info = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                 **(meta or {}),
-                "files": {f.name: {"size": f.stat().st_size, "sha256": _file_digest(f)}
+                "files": {f.name: {"size": f.stat().st_size, "sha256": file_digest(f, "sha256")}
                           for f in sorted(partial.iterdir()) if f.is_file()}}
         write_json_atomic(partial / "meta.json", info)
         if final.exists():  # a re-save of the same step (e.g. after resuming) replaces it
