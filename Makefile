@@ -31,9 +31,9 @@ data: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# The fast tier only: no multi-process runs, no notebooks.
+# The fast tier only: no multi-process runs, no notebooks, no minute-long load runs.
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not multiprocess and not notebook"
+	$(PY) -m pytest -m "not multiprocess and not notebook and not slow"
 
 # Execute the sharding notebooks from fresh kernels and store their outputs in the .ipynb files.
 notebooks: $(STAMP)

@@ -225,12 +225,17 @@ class _LimitAndMeasure:
 
 
 class Readiness:
-    """Set once the model has loaded and passed its self-check; ``error`` says why it never will."""
+    """Set once the model has loaded and passed its self-check; ``error`` says why it never will.
+    ``info`` and what ``extra()`` returns at the time (e.g. a cache's state) go into /health and /ready."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.error: str | None = None
         self.info: dict[str, Any] = {}
+        self.extra: Callable[[], dict[str, Any]] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.info, **(self.extra() if self.extra is not None else {})}
 
 
 def create_app(title: str, version: str, description: str, metrics: Metrics, readiness: Readiness,
@@ -240,13 +245,13 @@ def create_app(title: str, version: str, description: str, metrics: Metrics, rea
 
     @app.get("/health", summary="Liveness: the process is up")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "ready": readiness.event.is_set(), **readiness.info}
+        return {"status": "ok", "ready": readiness.event.is_set(), **readiness.describe()}
 
     @app.get("/ready", summary="Readiness: 200 once the model is loaded and verified, 503 before",
              responses={503: {"description": "still loading, or failed its self-check"}})
     async def ready() -> JSONResponse:
         if readiness.event.is_set():
-            return JSONResponse({"status": "ready", **readiness.info})
+            return JSONResponse({"status": "ready", **readiness.describe()})
         return JSONResponse({"status": "failed" if readiness.error else "loading", "error": readiness.error},
                             status_code=503)
 

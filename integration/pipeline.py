@@ -28,6 +28,7 @@ changes their next candidates and ranking features.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import threading
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.data.download import file_digest
 from common.data.movielens import MovieLens, load_movielens
 from common.data.split import Split, split_dataset
 from common.metrics import RankingReport, evaluate_topk
@@ -92,7 +94,8 @@ class FeatureStore:
                    {"history_len": history_len, "sequence": sequence, "trend_days": trend_days})
 
     def history(self, user: int) -> np.ndarray:
-        return np.asarray(self.histories[user], dtype=np.int64)
+        with self.lock:  # events append from another thread
+            return np.asarray(self.histories[user], dtype=np.int64)
 
     def add_interaction(self, user: int, item: int, timestamp: int | None = None) -> int:
         """Append an interaction; returns the user's history length, which stays at most
@@ -171,7 +174,8 @@ class RecommendationPipeline:
 
     def __init__(self, retriever: Retriever, rankers: dict[str, DLRMPredictor], store: FeatureStore,
                  dataset: MovieLens, split: Split, sources: list | None = None,
-                 item_embeddings: np.ndarray | None = None, candidate_source: str = "two-tower") -> None:
+                 item_embeddings: np.ndarray | None = None, candidate_source: str = "two-tower",
+                 identity: str | None = None) -> None:
         self.retriever, self.rankers, self.store = retriever, rankers, store
         self.dataset, self.split = dataset, split
         self.sources = sources or [TwoTowerSource(retriever)]
@@ -180,6 +184,9 @@ class RecommendationPipeline:
         if candidate_source not in [*names, "union"]:
             raise ValueError(f"candidate_source {candidate_source!r}: the pipeline has sources {names} (or 'union')")
         self.candidate_source = candidate_source
+        # What the candidates depend on besides a user's history: a cache keyed by it never mixes
+        # entries from other models, data or settings.
+        self.identity = identity or _digest({"data": dataset.fingerprint, "source": candidate_source})
         self.user_index = {int(u): n for n, u in enumerate(dataset.user_raw_ids)}
         self.item_index = {int(i): n for n, i in enumerate(dataset.item_raw_ids)}
         self.default_arm = next(iter(rankers))
@@ -196,6 +203,13 @@ class RecommendationPipeline:
                  if self.candidate_source in ("union", src.name)]
         items = union(found) if len(found) > 1 else found[0]
         return items, self.retrieval_scores(users, hists, items)
+
+    def candidate_key(self, user: int) -> str:
+        """A user's candidates are a function of the models (``identity``) and the user's history,
+        which also decides what is excluded as seen: keyed by both, a cache entry computed before an
+        event can never be read after it, whatever the timing, so no cache has to be invalidated."""
+        history = self.store.history(user)
+        return f"{self.identity}:{user}:{hashlib.blake2b(history.tobytes(), digest_size=8).hexdigest()}"
 
     def retrieval_scores(self, users: np.ndarray, hists: list[np.ndarray], items: np.ndarray) -> np.ndarray:
         """The two-tower dot product of each user's query with each item (0 for padding)."""
@@ -386,7 +400,15 @@ def create_pipeline(artifacts_dir: str | Path = "runs", retrieval: str = "retrie
     item_embeddings = np.load(r_dir / "item_embeddings.npy")
     if candidate_source == "auto":
         candidate_source = sources[-1].name
-    return RecommendationPipeline(retriever, rankers, store, ds, split, sources, item_embeddings, candidate_source)
+    identity = _digest({"data": ds.fingerprint, "source": candidate_source, "k": CANDIDATES,
+                        "retrieval": r_manifest["files"],
+                        "bert4rec": None if bert4rec is None else file_digest(root / bert4rec / "weights.pt", "sha256")})
+    return RecommendationPipeline(retriever, rankers, store, ds, split, sources, item_embeddings, candidate_source,
+                                  identity)
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _describe(schema) -> str:

@@ -9,14 +9,15 @@ Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``):
 - ``POST /recommend`` ``{"user_id": 196, "k": 10}``, or ``{"features": {"age": 25, "gender": "F",
   "occupation": "student", "zip": "55414", "history": [50, 172]}}`` for a user the artifacts
   don't know. An unknown ``user_id`` gets the most popular movies (``"stage": "popular"``).
-- ``POST /events`` ``{"user_id": 196, "item_id": 50}``: the user interacted with a movie. It joins
-  their history (so their next candidates and ranking features change) and drops their cached
-  candidates.
+- ``POST /events`` ``{"user_id": 196, "item_id": 50, "event_id": "a1"}``: the user interacted with a
+  movie. It joins their history, so their next candidates and ranking features change (and never
+  hold that movie again); a retry with the same ``event_id`` is not applied twice.
 - ``GET /health``, ``GET /ready``, ``GET /metrics`` (Prometheus; with per-arm request counts and
   latency).
 
-Candidates (retrieval's top 100) are cached per user, in process with a TTL by default, in Redis
-when ``--redis-url`` is given; an event invalidates the user's entry. Ranking can be split
+Candidates (retrieval's top 100) are cached per user and history, in process with a TTL by default,
+in Redis when ``--redis-url`` is given; while Redis is down or hung the service answers without it
+(``/ready`` says ``degraded``) and takes it up again when it is back. Ranking can be split
 between A/B arms: a stable hash of the user ID picks the arm, so a user always lands in the same
 one. Concurrent requests are batched (``inference_legacy.server.DynamicBatcher``).
 """
@@ -25,15 +26,17 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from common.features import FeatureError
@@ -53,6 +56,9 @@ RawID = Annotated[int, Field(ge=0, le=2**31 - 1), BeforeValidator(integer_id)]
 # An event may be at most this far after the data's last interaction (MovieLens's clock stopped in
 # 1998): a timestamp years ahead would move the user's "now", and with it the trend features, for good.
 EVENT_CLOCK_SLACK_S = 86_400
+RECENT_EVENT_IDS = 100_000  # event IDs remembered for idempotent retries
+
+log = logging.getLogger("integration.service")
 
 
 class UserFeatures(BaseModel):
@@ -102,72 +108,151 @@ class EventRequest(BaseModel):
         "unix seconds, at most one day after the data's last interaction (default: the user's latest "
         "interaction: the ranker's trend features count the 30 days before it, so a MovieLens user must stay "
         "on MovieLens's clock)"))
+    event_id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[!-~]+$", description=(
+        "the client's unique ID for this event: a retry with the same ID is acknowledged without applying the "
+        "event twice (the last 100,000 IDs are remembered)"))
 
 
 class EventResponse(BaseModel):
     user_id: int
-    history_length: int
+    history_length: int = Field(description="the user's history after the event (at most 1,000, the latest)")
+    duplicate: bool = Field(False, description="an event_id seen before: acknowledged again, not applied twice")
 
 
 # -- candidate cache ----------------------------------------------------------------------------
+#
+# Entries are keyed by ``RecommendationPipeline.candidate_key``: the models' identity, the user and a
+# digest of the user's history. An event changes the history and so the key: a list computed before
+# it, even one written back after it (a /recommend in flight while the event arrives), is never read
+# again, and events never touch the cache (they cannot fail on it, and a retry cannot apply them
+# twice). Stale entries age out with the TTL.
 
-def _pack(items: np.ndarray, scores: np.ndarray) -> bytes:
-    return items.astype("<i4").tobytes() + scores.astype("<f4").tobytes()
+CACHE_FORMAT = b"rc1:"
+MAX_CACHED = 1_000  # candidates per entry, a bound for reading untrusted bytes back
 
 
-def _unpack(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
-    n = len(blob) // 8
-    return (np.frombuffer(blob[:4 * n], "<i4").astype(np.int64), np.frombuffer(blob[4 * n:], "<f4").astype(np.float32))
+def pack(items: np.ndarray, scores: np.ndarray) -> bytes:
+    return CACHE_FORMAT + items.astype("<i4").tobytes() + scores.astype("<f4").tobytes()
+
+
+def unpack(blob: object, num_items: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Candidates from a cache value, or None for anything this code did not write for this catalog
+    (another format, a truncated value, item indices out of range, non-finite scores)."""
+    if not isinstance(blob, bytes) or not blob.startswith(CACHE_FORMAT):
+        return None
+    body = blob[len(CACHE_FORMAT):]
+    n = len(body) // 8
+    if len(body) % 8 or not 0 < n <= MAX_CACHED:
+        return None
+    items = np.frombuffer(body[:4 * n], "<i4").astype(np.int64)
+    scores = np.frombuffer(body[4 * n:], "<f4").astype(np.float32)
+    if items.min() < -1 or items.max() >= num_items or not np.isfinite(scores[items >= 0]).all():
+        return None
+    return items, scores
 
 
 class MemoryCache:
-    """Candidates per user in this process, each for ``ttl`` seconds; at most ``max_entries``
-    (the oldest entries go first)."""
+    """Values per key in this process, each for ``ttl`` seconds; at most ``max_entries`` (the
+    oldest go first)."""
+
+    backend = "memory"
 
     def __init__(self, ttl: float = 300.0, max_entries: int = 100_000) -> None:
         self.ttl, self.max_entries = ttl, max_entries
-        self._data: dict[int, tuple[float, bytes]] = {}
+        self._data: dict[str, tuple[float, bytes]] = {}
         self._lock = threading.Lock()
 
-    def get(self, user: int) -> tuple[np.ndarray, np.ndarray] | None:
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        now, out = time.monotonic(), []
         with self._lock:
-            hit = self._data.get(user)
-            if hit is None or hit[0] < time.monotonic():
-                self._data.pop(user, None)
-                return None
-        return _unpack(hit[1])
-
-    def set(self, user: int, items: np.ndarray, scores: np.ndarray) -> None:
-        with self._lock:
-            if len(self._data) >= self.max_entries:
-                for key in list(self._data)[: max(1, self.max_entries // 10)]:
+            for key in keys:
+                hit = self._data.get(key)
+                if hit is not None and hit[0] < now:
                     del self._data[key]
-            self._data[user] = (time.monotonic() + self.ttl, _pack(items, scores))
+                    hit = None
+                out.append(None if hit is None else hit[1])
+        return out
 
-    def invalidate(self, user: int) -> None:
+    def set_many(self, entries: dict[str, bytes]) -> None:
         with self._lock:
-            self._data.pop(user, None)
+            if len(self._data) + len(entries) > self.max_entries:
+                for key in list(self._data)[: max(len(entries), self.max_entries // 10)]:
+                    del self._data[key]
+            expiry = time.monotonic() + self.ttl
+            self._data.update((key, (expiry, blob)) for key, blob in entries.items())
+
+    def status(self) -> dict[str, Any]:
+        return {"backend": self.backend, "state": "ok"}
 
 
 class RedisCache:
-    """The same, in Redis (``redis://host:port/db``), shared by every replica of the service."""
+    """The same in Redis (``redis://host:port/db``), which every replica of the service can share.
 
-    def __init__(self, url: str, ttl: float = 300.0, prefix: str = "recsys:candidates:") -> None:
+    Redis is an optimization, never a dependency of an answer: each call waits at most ``timeout``
+    seconds (no retries), and after a failure the cache is *degraded*: requests skip Redis for
+    ``retry_after`` seconds, are served without it (every lookup a miss), and the next call after that
+    tries again; the first one that succeeds ends the outage. ``/ready`` and ``/metrics`` report the
+    state. Calls run on the batcher's thread, never on the event loop.
+    """
+
+    backend = "redis"
+
+    def __init__(self, url: str, ttl: float = 300.0, prefix: str = "recsys:candidates:", timeout: float = 0.05,
+                 retry_after: float = 1.0) -> None:
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
-        self.client = redis.Redis.from_url(url, socket_timeout=2.0)
-        self.client.ping()  # fail at start-up, not on the first request
-        self.ttl, self.prefix = ttl, prefix
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                           retry=Retry(NoBackoff(), 0))
+        try:
+            self.client.ping()  # a wrong URL fails at start-up, not as a silent outage
+        except redis.RedisError as err:
+            raise ConnectionError(f"--redis-url {url}: {type(err).__name__}: {err}") from None
+        self.ttl, self.prefix, self.retry_after = ttl, prefix, retry_after
+        self._errors = (redis.RedisError, OSError)
+        self.state, self.error, self.since = "ok", None, time.time()
+        self.outages, self.failures = 0, 0
+        self._down_until = 0.0
+        self.on_failure: Any = None  # called once per failed call (a metrics counter)
 
-    def get(self, user: int) -> tuple[np.ndarray, np.ndarray] | None:
-        blob = self.client.get(f"{self.prefix}{user}")
-        return None if blob is None else _unpack(blob)
+    def _call(self, fn: Any) -> tuple[Any, bool]:
+        if time.monotonic() < self._down_until:
+            return None, False
+        try:
+            out = fn()
+        except self._errors as err:
+            self.failures += 1
+            if self.on_failure is not None:
+                self.on_failure()
+            if self.state == "ok":
+                self.state, self.since, self.outages = "degraded", time.time(), self.outages + 1
+                log.warning("Redis cache unavailable (%s: %s): serving without it, retrying every %.1f s",
+                            type(err).__name__, err, self.retry_after)
+            self.error = f"{type(err).__name__}: {err}"
+            self._down_until = time.monotonic() + self.retry_after
+            return None, False
+        if self.state != "ok":
+            log.warning("Redis cache back after %.1f s", time.time() - self.since)
+            self.state, self.error, self.since = "ok", None, time.time()
+        return out, True
 
-    def set(self, user: int, items: np.ndarray, scores: np.ndarray) -> None:
-        self.client.set(f"{self.prefix}{user}", _pack(items, scores), px=int(self.ttl * 1000))
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        out, ok = self._call(lambda: self.client.mget([self.prefix + k for k in keys]))
+        return out if ok else [None] * len(keys)
 
-    def invalidate(self, user: int) -> None:
-        self.client.delete(f"{self.prefix}{user}")
+    def set_many(self, entries: dict[str, bytes]) -> None:
+        def write() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for key, blob in entries.items():
+                pipe.set(self.prefix + key, blob, px=max(1, int(self.ttl * 1000)))
+            pipe.execute()
+
+        self._call(write)
+
+    def status(self) -> dict[str, Any]:
+        out = {"backend": self.backend, "state": self.state, "since": round(self.since, 3), "outages": self.outages}
+        return out if self.error is None else {**out, "error": self.error}
 
 
 # -- A/B routing ---------------------------------------------------------------------------------
@@ -202,16 +287,40 @@ def create_service(pipeline, cache: MemoryCache | RedisCache | None = None, rout
     arm_requests = Counter("ab_requests", "ranked requests per A/B arm", ["arm"], registry=metrics.registry)
     arm_latency = Histogram("ab_request_latency_seconds", "recommend latency per A/B arm", ["arm"],
                             buckets=LATENCY_BUCKETS, registry=metrics.registry)
-    cache_hits = Counter("candidate_cache", "candidate cache lookups", ["result"], registry=metrics.registry)
-    readiness.info = {"arms": router.shares, "cache": type(cache).__name__, "dataset": pipeline.dataset.name}
+    cache_hits = Counter("candidate_cache", "candidate cache lookups (invalid: an entry this model did not write, "
+                         "ignored and overwritten)", ["result"], registry=metrics.registry)
+    Gauge("candidate_cache_up", "1 while the candidate cache answers, 0 while degraded (served without it)",
+          registry=metrics.registry).set_function(lambda: float(cache.status()["state"] == "ok"))
+    cache_errors = Counter("candidate_cache_errors", "failed calls to the candidate cache", registry=metrics.registry)
+    if isinstance(cache, RedisCache):
+        cache.on_failure = cache_errors.inc
+    readiness.info = {"arms": router.shares, "dataset": pipeline.dataset.name}
+    readiness.extra = lambda: {"cache": cache.status()}
     app = create_app("Two-stage recommender", "1", __doc__.split("\n\n")[0], metrics, readiness, max_request_bytes)
     dataset = pipeline.dataset
-    clock = int(dataset.timestamp.max())
+    clock, num_items = int(dataset.timestamp.max()), len(dataset.item_raw_ids)
+
+    def cached_candidates(users: list[int]) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[bool]]:
+        """Each user's candidates from the cache, or computed (in one batch) and written back."""
+        keys = [pipeline.candidate_key(user) for user in users]
+        found: list[tuple[np.ndarray, np.ndarray] | None] = []
+        for blob in cache.get_many(keys):
+            hit = None if blob is None else unpack(blob, num_items)
+            cache_hits.labels("hit" if hit is not None else "miss" if blob is None else "invalid").inc()
+            found.append(hit)
+        misses = [n for n, hit in enumerate(found) if hit is None]
+        if misses:
+            items, scores = pipeline.candidates(np.array([users[n] for n in misses]))
+            for n, row_i, row_s in zip(misses, items, scores):
+                found[n] = (row_i, row_s)
+            cache.set_many({keys[n]: pack(*found[n]) for n in misses})
+        computed = set(misses)
+        return found, [n not in computed for n in range(len(users))]  # type: ignore[return-value]
 
     def run(batch: list[list[RecommendRequest]]) -> list[Any]:
         reqs = [r for (r,) in batch]
         out: list[Any] = [None] * len(reqs)
-        known: dict[str, list[tuple[int, int, tuple | None]]] = {}
+        known: dict[str, list[tuple[int, int]]] = {}
         for n, r in enumerate(reqs):
             if r.features is not None:
                 try:
@@ -221,27 +330,22 @@ def create_service(pipeline, cache: MemoryCache | RedisCache | None = None, rout
                     continue
                 out[n] = (rec, None, False)
             elif r.user_id in pipeline.user_index:
-                user = pipeline.user_index[r.user_id]
-                known.setdefault(router.arm(r.user_id), []).append((n, user, cache.get(user)))
+                known.setdefault(router.arm(r.user_id), []).append((n, pipeline.user_index[r.user_id]))
             else:
                 out[n] = (pipeline.recommend([r.user_id], r.k)[0], None, False)
         for arm, rows in known.items():
-            misses = [user for _, user, hit in rows if hit is None]
-            fresh = dict(zip(misses, zip(*pipeline.candidates(np.array(misses))))) if misses else {}
-            for user, (items, scores) in fresh.items():
-                cache.set(user, items, scores)
-            users = np.array([user for _, user, _ in rows])
-            cands = [hit if hit is not None else fresh[user] for _, user, hit in rows]
+            users = [user for _, user in rows]
+            cands, cached = cached_candidates(users)
             width = max(len(c[0]) for c in cands)
             items = np.stack([np.pad(c[0], (0, width - len(c[0])), constant_values=-1) for c in cands])
             scores = np.stack([np.pad(c[1], (0, width - len(c[1]))) for c in cands])
-            ranked, probs = pipeline.rank(users, items, scores, arm=arm)
-            for (n, _, hit), row_i, row_p in zip(rows, ranked, probs):
-                keep = row_i[:reqs[n].k] >= 0
-                rec = pipeline.recommendation(reqs[n].user_id, row_i[:reqs[n].k][keep], row_p[:reqs[n].k][keep], "ranked",
-                                    int((row_i >= 0).sum()))
-                out[n] = (rec, arm, hit is not None)
-                cache_hits.labels("hit" if hit is not None else "miss").inc()
+            ranked, probs = pipeline.rank(np.array(users), items, scores, arm=arm)
+            for (n, _), row_i, row_p, hit in zip(rows, ranked, probs, cached):
+                k = reqs[n].k
+                keep = row_i[:k] >= 0
+                rec = pipeline.recommendation(reqs[n].user_id, row_i[:k][keep], row_p[:k][keep], "ranked",
+                                              int((row_i >= 0).sum()))
+                out[n] = (rec, arm, hit)
         return out
 
     batcher = DynamicBatcher(run, max_batch_rows=256, max_wait_ms=0.0, enabled=True, metrics=metrics)
@@ -259,9 +363,13 @@ def create_service(pipeline, cache: MemoryCache | RedisCache | None = None, rout
         return JSONResponse({"user_id": rec.user_id, "stage": rec.stage, "arm": arm, "cached": cached,
                              "items": rec.to_dict()["items"]})
 
+    recent: OrderedDict[str, tuple[tuple[int, int, int | None], int]] = OrderedDict()
+
     @app.post("/events", response_model=EventResponse, summary="Record an interaction",
-              responses={404: {"description": "unknown user"}, 422: {"description": "unknown item or bad body"}})
+              responses={404: {"description": "unknown user"}, 409: {"description": "event_id reused for another event"},
+                         422: {"description": "unknown item or bad body"}})
     async def events(ev: EventRequest) -> EventResponse:
+        # No await below: on the event loop, each event is applied whole before the next starts.
         if ev.user_id not in pipeline.user_index:
             raise HTTPException(404, f"user_id {ev.user_id} is not a known user of {dataset.name}; recommendations for "
                                      f"new users take their features and history in POST /recommend")
@@ -270,9 +378,19 @@ def create_service(pipeline, cache: MemoryCache | RedisCache | None = None, rout
         if ev.timestamp is not None and ev.timestamp > clock + EVENT_CLOCK_SLACK_S:
             raise BadRequest(f"timestamp: {ev.timestamp} is more than {EVENT_CLOCK_SLACK_S} s after the last "
                              f"interaction in {dataset.name} ({clock}); send times on the data's clock, or none")
+        what = (ev.user_id, ev.item_id, ev.timestamp)
+        if ev.event_id is not None and ev.event_id in recent:
+            seen, n = recent[ev.event_id]
+            if seen != what:
+                raise HTTPException(409, f"event_id {ev.event_id!r} was already used for user {seen[0]}, item "
+                                         f"{seen[1]}: give each event its own ID")
+            return EventResponse(user_id=ev.user_id, history_length=n, duplicate=True)
         n = pipeline.add_interaction(ev.user_id, ev.item_id, ev.timestamp)
-        cache.invalidate(pipeline.user_index[ev.user_id])
-        return EventResponse(user_id=ev.user_id, history_length=n)
+        if ev.event_id is not None:
+            recent[ev.event_id] = (what, n)
+            if len(recent) > RECENT_EVENT_IDS:
+                recent.popitem(last=False)
+        return EventResponse(user_id=ev.user_id, history_length=n, duplicate=False)
 
     def warm_up() -> None:
         try:
@@ -305,6 +423,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ab-salt", default="ab-1", help="changing it reassigns users to arms (default: %(default)s)")
     p.add_argument("--redis-url", default=None, help="cache candidates in Redis, e.g. redis://127.0.0.1:6379/0 "
                                                      "(default: in process)")
+    p.add_argument("--redis-timeout", type=float, default=0.05,
+                   help="seconds a Redis call may take before the cache counts as down (default: %(default)s)")
     p.add_argument("--cache-ttl", type=float, default=300.0, help="seconds a user's candidates stay cached (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="(default: %(default)s, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")
@@ -325,14 +445,14 @@ def main(argv: list[str] | None = None) -> None:
                                    bert4rec=None if a.candidates == "two-tower" else "auto",
                                    candidate_source=a.candidates)
         router = ABRouter({name: share for name, _, share in arms}, a.ab_salt)
-        cache = RedisCache(a.redis_url, a.cache_ttl) if a.redis_url else MemoryCache(a.cache_ttl)
+        cache = RedisCache(a.redis_url, a.cache_ttl, timeout=a.redis_timeout) if a.redis_url else MemoryCache(a.cache_ttl)
     except (ArtifactMismatch, FileNotFoundError, ValueError) as err:
         raise SystemExit(f"cannot serve {Path(a.artifacts)}: {err}") from None
-    except Exception as err:  # redis.ConnectionError and friends
-        raise SystemExit(f"cannot serve: {type(err).__name__}: {err}") from None
+    except ConnectionError as err:  # Redis not there at start-up
+        raise SystemExit(f"cannot serve: {err}") from None
     app, _ = create_service(pipeline, cache, router)
     print(f"serving {pipeline.dataset.name}: {pipeline.candidate_source} candidates, arms {router.shares}, "
-          f"cache {type(cache).__name__}", flush=True)
+          f"cache {cache.backend}", flush=True)
     serve(app, a.host, a.port, sock=sock)
 
 

