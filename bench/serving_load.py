@@ -10,7 +10,10 @@ connection, sending requests back to back (closed loop) for the duration. Each r
 rows drawn in turn from the artifact's held-out test rows (default 1: one (user, item) pair, the
 case dynamic batching exists for). It reports throughput, p50/p99/max latency and errors (any
 non-200 answer or failed connection) per level, then the same at the top level with batching
-off, and the ratio. Both processes share this machine's cores, so the figures are what one box
+off, and the ratio. During every level a probe thread asks ``GET /health`` every 20 ms: its p50/p99
+say whether the service stays responsive while saturated. A last run sends 4 MB bodies (as many
+rows as fit, at most 4,096) from 7 clients, the case that used to stall /health while big bodies were
+validated on the event loop. Both processes share this machine's cores, so the figures are what one box
 does with its own load generator. Results: bench/results/serving_load.json.
 """
 
@@ -18,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import os
 import platform
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -78,6 +83,46 @@ async def _load(u, path: str, bodies: list[bytes], concurrency: int, duration: f
             "max_ms": float(lat.max()) if n else float("nan")}
 
 
+def with_health_probe(url: str, path: str, bodies: list[bytes], concurrency: int, duration: float,
+                      every: float = 0.02) -> dict[str, float]:
+    """``run_load``, with a thread timing ``GET /health`` every ``every`` seconds meanwhile."""
+    u, latencies, stop = urlparse(url), [], threading.Event()
+
+    def probe() -> None:
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+        while not stop.is_set():
+            t = time.perf_counter()
+            conn.request("GET", "/health")
+            conn.getresponse().read()
+            latencies.append(time.perf_counter() - t)
+            stop.wait(every)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    try:
+        r = run_load(url, path, bodies, concurrency, duration)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    lat = np.asarray(latencies) * 1000
+    return {**r, "health_probes": int(lat.size), "health_p50_ms": float(np.percentile(lat, 50)) if lat.size else
+            float("nan"), "health_p99_ms": float(np.percentile(lat, 99)) if lat.size else float("nan")}
+
+
+def big_bodies(artifact: str, max_bytes: int = 4_000_000, max_rows: int = 4096) -> list[bytes]:
+    """Bodies just under ``max_bytes`` (the service's default limit), one per rotation of the rows."""
+    rows = [json.loads(line)["features"] for line in (Path(artifact) / "heldout.jsonl").read_text().splitlines()]
+    per_row = len(json.dumps(rows[0])) + 2
+    n = min(max_rows, (max_bytes - 100) // per_row)
+    out = []
+    for k in range(2):
+        picked = [rows[(k * n + i) % len(rows)] for i in range(n)]
+        while len(body := json.dumps({"rows": picked}).encode()) > max_bytes:
+            picked = picked[:-16]
+        out.append(body)
+    return out
+
+
 def request_bodies(artifact: str, rows_per_request: int) -> list[bytes]:
     rows = [json.loads(line)["features"] for line in (Path(artifact) / "heldout.jsonl").read_text().splitlines()]
     return [json.dumps({"rows": rows[lo:lo + rows_per_request]}).encode()
@@ -106,10 +151,19 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         try:
             run_load(url, "/predict", bodies, min(levels), min(duration, 2.0))  # warm-up, not reported
             for c in (levels if mode == "batching" else [max(levels)]):
-                r = run_load(url, "/predict", bodies, c, duration)
+                r = with_health_probe(url, "/predict", bodies, c, duration)
                 results[mode].append(r)
                 print(f"{mode:12s} {c:3d} clients | {r['requests_per_s']:8.0f} req/s | p50 {r['p50_ms']:6.2f} ms | "
-                      f"p99 {r['p99_ms']:6.2f} ms | max {r['max_ms']:7.2f} ms | errors {r['errors']}", flush=True)
+                      f"p99 {r['p99_ms']:6.2f} ms | max {r['max_ms']:7.2f} ms | errors {r['errors']} | /health p99 "
+                      f"{r['health_p99_ms']:.2f} ms", flush=True)
+            if mode == "batching":
+                big = big_bodies(a.artifact)
+                r = with_health_probe(url, "/predict", big, 7, duration)
+                r["body_bytes"] = len(big[0])
+                results["big_bodies"] = r
+                print(f"{'4 MB bodies':12s} {7:3d} clients | {r['requests_per_s']:8.1f} req/s | p50 {r['p50_ms']:6.1f} ms"
+                      f" | errors {r['errors']} | /health p50 {r['health_p50_ms']:.2f} ms, p99 "
+                      f"{r['health_p99_ms']:.2f} ms", flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=30)

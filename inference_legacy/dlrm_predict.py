@@ -28,15 +28,17 @@ from typing import Annotated, Any
 
 import numpy as np
 import torch
-from fastapi import FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from common.features import FeatureError, FeatureSchema
 from inference_legacy import artifact as art
 from inference_legacy.server import (
+    BODY_TIMEOUT_S,
     BadRequest,
     DynamicBatcher,
+    JSONBody,
     Metrics,
     Readiness,
     create_app,
@@ -131,14 +133,15 @@ class PredictResponse(BaseModel):
 
 def create_dlrm_app(artifact_dir: str | Path, max_batch_rows: int = 1024, max_wait_ms: float = 0.0,
                     batching: bool = True, max_request_bytes: int = 4_000_000, max_rows: int = 4096,
-                    ) -> tuple[FastAPI, DLRMPredictor, DynamicBatcher]:
+                    client_timeout: float = BODY_TIMEOUT_S) -> tuple[FastAPI, DLRMPredictor, DynamicBatcher]:
     """Load the artifact (errors surface here, before anything is served), build the app, and
     start the self-check that turns ``/ready`` to 200."""
     predictor = DLRMPredictor(artifact_dir)
     metrics, readiness = Metrics(), Readiness()
     readiness.info = {"model": predictor.name, "batching": batching, "max_batch_rows": max_batch_rows,
                       "max_wait_ms": max_wait_ms}
-    app = create_app("DLRM ranking service", "1", __doc__.split("\n\n")[0], metrics, readiness, max_request_bytes)
+    app = create_app("DLRM ranking service", "1", __doc__.split("\n\n")[0], metrics, readiness, max_request_bytes,
+                     client_timeout)
 
     def run(requests: list[list[dict[str, Any]]]) -> list[list[float]]:
         scores = predictor.predict([row for rows in requests for row in rows]).tolist()
@@ -151,16 +154,20 @@ def create_dlrm_app(artifact_dir: str | Path, max_batch_rows: int = 1024, max_wa
     batcher = DynamicBatcher(run, max_batch_rows, max_wait_ms, batching, metrics)
     _, request_model = request_models(predictor.schema, max_rows)
 
+    body = JSONBody(app, request_model)  # up to 4,096 rows: validated off the event loop
+
     async def predict(req) -> JSONResponse:
         if not readiness.event.is_set():
             raise HTTPException(503, f"not ready: {readiness.error or 'the model is loading'}; poll /ready")
         scores = await batcher.submit([r.__dict__ for r in req.rows])
         return JSONResponse({"scores": scores, "model": predictor.name})
 
-    predict.__annotations__["req"] = request_model  # built at run time, so not a string annotation
+    predict.__annotations__["req"] = Annotated[Any, Depends(body)]  # built at run time, not a string annotation
     app.post("/predict", response_model=PredictResponse, summary="Click probabilities for feature rows",
-             responses={413: {"description": "body over the size limit"},
-                        503: {"description": "not ready yet (see /ready)"}})(predict)
+             openapi_extra=body.openapi, responses={408: {"description": "body not sent in time"},
+                                                    413: {"description": "body over the size limit"},
+                                                    422: {"description": "invalid body: names the field"},
+                                                    503: {"description": "not ready yet (see /ready)"}})(predict)
 
     def check() -> None:
         try:
@@ -185,23 +192,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-batching", action="store_true", help="one model call per request")
     p.add_argument("--max-request-bytes", type=int, default=4_000_000, help="body size limit (default: %(default)s)")
     p.add_argument("--max-rows", type=int, default=4096, help="rows per request (default: %(default)s)")
+    p.add_argument("--client-timeout", type=float, default=BODY_TIMEOUT_S,
+                   help="seconds a client has to send a request's headers, and again its body (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads for the model (default: %(default)s; the event loop needs a core)")
     a = p.parse_args(argv)
     if a.threads < 1:
         p.error(f"--threads must be at least 1, got {a.threads}")
+    if not a.client_timeout > 0:
+        p.error(f"--client-timeout must be > 0 seconds, got {a.client_timeout}")
     sock = listen_socket(a.host, a.port)  # before the model loads: a busy or invalid port fails at once
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     try:
         app, predictor, _ = create_dlrm_app(a.artifact, a.max_batch_rows, a.max_wait_ms, not a.no_batching,
-                                            a.max_request_bytes, a.max_rows)
+                                            a.max_request_bytes, a.max_rows, a.client_timeout)
     except (art.ArtifactError, FileNotFoundError) as err:
         raise SystemExit(f"cannot serve {a.artifact}: {err}") from None
     print(f"loaded {predictor.name} from {a.artifact} in {time.perf_counter() - t0:.1f} s "
           f"(batching {'off' if a.no_batching else f'up to {a.max_batch_rows} rows / {a.max_wait_ms} ms'})", flush=True)
-    serve(app, a.host, a.port, sock=sock)
+    serve(app, a.host, a.port, sock=sock, header_timeout=a.client_timeout)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -37,6 +37,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 log = logging.getLogger("inference_legacy.server")
+
+BODY_TIMEOUT_S = 10.0     # a request's body must arrive whole within this
+HEADER_TIMEOUT_S = 10.0   # and its headers within this of the connection opening (or the last response)
+INLINE_BODY_BYTES = 65_536  # larger bodies are parsed and validated off the event loop
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -161,11 +165,15 @@ def _deliver(fut: Future, result: Any) -> None:
 
 
 class _LimitAndMeasure:
-    """ASGI middleware: refuses bodies over ``max_bytes`` with 413 before the app parses them,
-    and records every request's latency and status."""
+    """ASGI middleware: refuses bodies over ``max_bytes`` with 413 before the app parses them, and
+    bodies that take longer than ``body_timeout`` seconds to arrive with 408 (a client that opens a
+    request and trickles its body, slowloris, does not hold a connection for ever); records every
+    request's latency and status."""
 
-    def __init__(self, app: Any, max_bytes: int, metrics: Metrics, routes: Callable[[], set[str]]) -> None:
+    def __init__(self, app: Any, max_bytes: int, metrics: Metrics, routes: Callable[[], set[str]],
+                 body_timeout: float = BODY_TIMEOUT_S) -> None:
         self.app, self.max_bytes, self.metrics, self.routes = app, max_bytes, metrics, routes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -185,17 +193,23 @@ class _LimitAndMeasure:
                 return await self._too_large(send_and_record, declared.decode("latin-1"))
             body, more = [], True
             size = 0
-            while more:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    status["code"] = 499  # the client went away (nginx's code): not a server error
-                    return
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > self.max_bytes:
-                    return await self._too_large(send_and_record, f"more than {self.max_bytes}")
-                body.append(chunk)
-                more = message.get("more_body", False)
+            try:
+                async with asyncio.timeout(self.body_timeout):
+                    while more:
+                        message = await receive()
+                        if message["type"] == "http.disconnect":
+                            status["code"] = 499  # the client went away (nginx's code): not a server error
+                            return
+                        chunk = message.get("body", b"")
+                        size += len(chunk)
+                        if size > self.max_bytes:
+                            return await self._too_large(send_and_record, f"more than {self.max_bytes}")
+                        body.append(chunk)
+                        more = message.get("more_body", False)
+            except TimeoutError:
+                return await self._reply(send_and_record, 408, (
+                    f"the request body did not arrive within {self.body_timeout:g} s ({size} bytes came); "
+                    f"send it whole"))
             payload = b"".join(body)
             sent = False
 
@@ -217,10 +231,15 @@ class _LimitAndMeasure:
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
     async def _too_large(self, send: Callable, size: str) -> None:
-        body = json.dumps({"detail": f"request body is {size} bytes; the limit is {self.max_bytes} "
-                                     f"(--max-request-bytes): send fewer rows per request"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await self._reply(send, 413, f"request body is {size} bytes; the limit is {self.max_bytes} "
+                                     f"(--max-request-bytes): send fewer rows per request")
+
+    @staticmethod
+    async def _reply(send: Callable, status: int, detail: str) -> None:
+        body = json.dumps({"detail": detail}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
 
 
@@ -239,7 +258,7 @@ class Readiness:
 
 
 def create_app(title: str, version: str, description: str, metrics: Metrics, readiness: Readiness,
-               max_request_bytes: int = 1_000_000) -> FastAPI:
+               max_request_bytes: int = 1_000_000, body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
     """The app with its operational endpoints; the caller adds the model's routes."""
     app = FastAPI(title=title, version=version, description=description)
 
@@ -285,8 +304,63 @@ def create_app(title: str, version: str, description: str, metrics: Metrics, rea
             paths.update(r.path for r in app.routes)
         return paths
 
-    app.add_middleware(_LimitAndMeasure, max_bytes=max_request_bytes, metrics=metrics, routes=routes)
+    app.add_middleware(_LimitAndMeasure, max_bytes=max_request_bytes, metrics=metrics, routes=routes,
+                       body_timeout=body_timeout)
     return app
+
+
+_VALIDATOR: ThreadPoolExecutor | None = None
+
+
+def _validation_thread() -> ThreadPoolExecutor:
+    """One thread for every big body: validation holds the GIL, so more threads would not go
+    faster, and each would make the event loop's thread wait longer for its turn."""
+    global _VALIDATOR
+    if _VALIDATOR is None:
+        _VALIDATOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validate-body")
+    return _VALIDATOR
+
+
+class JSONBody:
+    """A request body of type ``model`` that big requests parse and validate off the event loop.
+
+    FastAPI validates a typed body on the event loop: a 4 MB body takes a few hundred ms, during
+    which no other request, ``/health`` included, is answered. Used as ``Depends(JSONBody(app, M))``
+    with ``openapi_extra=body.openapi`` on the route, bodies over ``inline_bytes`` go to one worker
+    thread; smaller ones stay inline (a thread hop costs more than they do). Errors are FastAPI's: a
+    422 naming the field. The OpenAPI schema documents the model as a typed body would.
+    """
+
+    def __init__(self, app: FastAPI, model: type[Any], inline_bytes: int = INLINE_BODY_BYTES) -> None:
+        self.model, self.inline_bytes = model, inline_bytes
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        defs = {**schema.pop("$defs", {}), model.__name__: schema}
+        self.openapi = {"requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+        generate = app.openapi
+
+        def openapi() -> dict[str, Any]:
+            if app.openapi_schema is None:
+                generate().setdefault("components", {}).setdefault("schemas", {}).update(defs)
+            return app.openapi_schema
+
+        app.openapi = openapi  # type: ignore[method-assign]
+
+    def parse(self, body: bytes) -> Any:
+        # pydantic's own JSON parser: json.loads would hold the GIL for a whole 4 MB body (70 ms
+        # here), stalling the event loop's thread even from a worker thread.
+        from pydantic import ValidationError
+
+        try:
+            return self.model.model_validate_json(body)
+        except ValidationError as err:
+            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors()]) from None
+
+    async def __call__(self, request: Request) -> Any:
+        body = await request.body()
+        if len(body) <= self.inline_bytes:
+            return self.parse(body)
+        return await asyncio.get_running_loop().run_in_executor(_validation_thread(), self.parse, body)
 
 
 def _field(loc: list[Any]) -> str:
@@ -316,9 +390,10 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8080, on_bind: Callable[[str], None] | None = None,
-          sock: socket.socket | None = None) -> None:
+          sock: socket.socket | None = None, header_timeout: float = HEADER_TIMEOUT_S) -> None:
     """Run uvicorn until interrupted, on ``sock`` (from :func:`listen_socket`) or a socket bound
-    here, so that ``port=0`` works: the address actually bound goes to ``on_bind`` (default: printed)."""
+    here, so that ``port=0`` works: the address actually bound goes to ``on_bind`` (default: printed).
+    A connection whose request headers take longer than ``header_timeout`` seconds is closed."""
     import uvicorn
 
     sock = sock or listen_socket(host, port)
@@ -329,8 +404,43 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8080, on_bind: Call
     # keeps the garbage collector's full passes from walking it, which otherwise stall requests.
     gc.collect()
     gc.freeze()
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=header_timeout,
+                            http=_protocol_with_header_timeout(header_timeout))
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def _protocol_with_header_timeout(seconds: float) -> type:
+    """uvicorn's h11 protocol, closing a connection whose request headers have not arrived
+    ``seconds`` after it opened or after its last response. uvicorn alone waits for ever on a
+    client that opens connections and trickles header bytes (slowloris)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._header_timer = self.loop.call_later(seconds, self._headers_due, self.cycle)
+
+        def _headers_due(self, cycle: Any) -> None:
+            if self.cycle is cycle and not self.transport.is_closing():  # no request began since
+                self.transport.close()
+
+    return Protocol
 
 
 def spawn(args: list[str], timeout: float = 120.0) -> tuple[subprocess.Popen, str]:

@@ -42,6 +42,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from common.features import FeatureError
 from inference_legacy.dlrm_predict import integer_id
 from inference_legacy.server import (
+    BODY_TIMEOUT_S,
     LATENCY_BUCKETS,
     BadRequest,
     DynamicBatcher,
@@ -277,7 +278,8 @@ class ABRouter:
 # -- the app -------------------------------------------------------------------------------------
 
 def create_service(pipeline, cache: MemoryCache | RedisCache | None = None, router: ABRouter | None = None,
-                   max_request_bytes: int = 100_000) -> tuple[FastAPI, DynamicBatcher]:
+                   max_request_bytes: int = 100_000, client_timeout: float = BODY_TIMEOUT_S
+                   ) -> tuple[FastAPI, DynamicBatcher]:
     """The FastAPI app over a ``RecommendationPipeline`` (see ``integration.pipeline``)."""
     cache = cache if cache is not None else MemoryCache()
     router = router or ABRouter({arm: 1.0 / len(pipeline.rankers) for arm in pipeline.rankers})
@@ -296,7 +298,8 @@ def create_service(pipeline, cache: MemoryCache | RedisCache | None = None, rout
         cache.on_failure = cache_errors.inc
     readiness.info = {"arms": router.shares, "dataset": pipeline.dataset.name}
     readiness.extra = lambda: {"cache": cache.status()}
-    app = create_app("Two-stage recommender", "1", __doc__.split("\n\n")[0], metrics, readiness, max_request_bytes)
+    app = create_app("Two-stage recommender", "1", __doc__.split("\n\n")[0], metrics, readiness, max_request_bytes,
+                     client_timeout)
     dataset = pipeline.dataset
     clock, num_items = int(dataset.timestamp.max()), len(dataset.item_raw_ids)
 
@@ -426,6 +429,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--redis-timeout", type=float, default=0.05,
                    help="seconds a Redis call may take before the cache counts as down (default: %(default)s)")
     p.add_argument("--cache-ttl", type=float, default=300.0, help="seconds a user's candidates stay cached (default: %(default)s)")
+    p.add_argument("--client-timeout", type=float, default=BODY_TIMEOUT_S,
+                   help="seconds a client has to send a request's headers, and again its body (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="(default: %(default)s, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")
     p.add_argument("--candidates", default="auto", choices=["auto", "two-tower", "BERT4Rec", "union"],
@@ -433,6 +438,8 @@ def main(argv: list[str] | None = None) -> None:
                         "else the two-tower's (default: %(default)s)")
     p.add_argument("--data-dir", default=None, help="MovieLens cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)")
     a = p.parse_args(argv)
+    if not a.client_timeout > 0:
+        p.error(f"--client-timeout must be > 0 seconds, got {a.client_timeout}")
     sock = listen_socket(a.host, a.port)  # before the models load: a busy or invalid port fails at once
     import torch
 
@@ -450,10 +457,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"cannot serve {Path(a.artifacts)}: {err}") from None
     except ConnectionError as err:  # Redis not there at start-up
         raise SystemExit(f"cannot serve: {err}") from None
-    app, _ = create_service(pipeline, cache, router)
+    app, _ = create_service(pipeline, cache, router, client_timeout=a.client_timeout)
     print(f"serving {pipeline.dataset.name}: {pipeline.candidate_source} candidates, arms {router.shares}, "
           f"cache {cache.backend}", flush=True)
-    serve(app, a.host, a.port, sock=sock)
+    serve(app, a.host, a.port, sock=sock, header_timeout=a.client_timeout)
 
 
 if __name__ == "__main__":

@@ -435,3 +435,93 @@ def test_a_client_that_disconnects_is_not_counted_as_a_server_error() -> None:
     asyncio.run(middleware({"type": "http", "path": "/predict", "headers": []}, receive, send))
     assert metrics.requests.labels("/predict", "499")._value.get() == 1
     assert metrics.requests.labels("/predict", "500")._value.get() == 0
+
+
+def test_slow_clients_are_cut_off_and_the_service_stays_up(packaged) -> None:
+    """Issue 17.8, slowloris: a body that never finishes got no answer and held its connection for
+    ever, and so did headers sent a byte at a time. Now the body gets a 408 and the connection a close."""
+    import socket
+
+    _, out, _ = packaged
+    proc, url = spawn(["-m", "inference_legacy.dlrm_predict", "--artifact", str(out), "--client-timeout", "1"])
+    host, port = url.rsplit("/", 1)[1].split(":")
+    try:
+        body = socket.create_connection((host, int(port)), timeout=10)
+        body.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"rows\": [")
+        t0 = time.monotonic()
+        answer = b""
+        while chunk := body.recv(4096):  # the server closes the connection after its answer
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 1 s" in answer, answer
+        assert time.monotonic() - t0 < 5
+        headers = socket.create_connection((host, int(port)), timeout=10)
+        t0, closed = time.monotonic(), False
+        for byte in b"POST /predict HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+            try:
+                headers.sendall(bytes([byte]))
+            except OSError:  # reset by the server
+                closed = True
+                break
+            time.sleep(0.1)
+            if time.monotonic() - t0 > 4:
+                break
+        if not closed:
+            headers.settimeout(3)
+            closed = headers.recv(1) == b""
+        assert closed and time.monotonic() - t0 < 6, "a client trickling its headers kept its connection"
+        client = DLRMClient(url)
+        assert client.health()["status"] == "ok"
+        assert 'requests_total{endpoint="/predict",status="408"} 1.0' in client.metrics()
+        body.close()
+        headers.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_big_bodies_are_validated_off_the_event_loop() -> None:
+    """Issue 17.8: 4 MB bodies were validated on the event loop, so /health waited behind them
+    (p50 0.94 s with seven such clients). Bodies over 64 KB are validated in a worker thread now, with
+    the same 422 naming the field."""
+    from fastapi import Depends, FastAPI
+    from pydantic import BaseModel, field_validator
+
+    from inference_legacy.server import INLINE_BODY_BYTES, JSONBody
+
+    threads: list[str] = []
+
+    class Row(BaseModel):
+        x: int
+
+        @field_validator("x")
+        @classmethod
+        def where(cls, v: int) -> int:
+            threads.append(threading.current_thread().name)
+            return v
+
+    class Rows(BaseModel):
+        rows: list[Row]
+
+    app = FastAPI()
+    body = JSONBody(app, Rows)
+
+    @app.post("/rows", openapi_extra=body.openapi)
+    async def rows(req: Rows = Depends(body)) -> dict:  # noqa: B008
+        return {"n": len(req.rows), "loop": threading.current_thread().name}
+
+    with TestClient(app) as c:
+        small = c.post("/rows", json={"rows": [{"x": 1}]}).json()
+        assert small["n"] == 1 and threads == [small["loop"]]  # inline: a thread hop costs more
+        threads.clear()
+        n = INLINE_BODY_BYTES // 8
+        big = c.post("/rows", json={"rows": [{"x": i} for i in range(n)]}).json()
+        assert big["n"] == n and set(threads) == {"validate-body_0"} != {big["loop"]}
+        bad = c.post("/rows", json={"rows": [{"x": i} for i in range(n)] + [{"x": "no"}]})
+        assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "rows", n, "x"]
+        bad = c.post("/rows", content=b"{" * 70_000, headers={"content-type": "application/json"})
+        assert bad.status_code == 422 and "Invalid JSON" in bad.json()["detail"][0]["msg"]
+        spec = c.get("/openapi.json").json()
+        assert spec["paths"]["/rows"]["post"]["requestBody"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/Rows"}
+        assert {"Rows", "Row"} <= set(spec["components"]["schemas"])
