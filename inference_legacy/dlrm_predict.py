@@ -42,6 +42,7 @@ from inference_legacy.server import (
     Metrics,
     Readiness,
     create_app,
+    error_responses,
     listen_socket,
     serve,
 )
@@ -164,10 +165,9 @@ def create_dlrm_app(artifact_dir: str | Path, max_batch_rows: int = 1024, max_wa
 
     predict.__annotations__["req"] = Annotated[Any, Depends(body)]  # built at run time, not a string annotation
     app.post("/predict", response_model=PredictResponse, summary="Click probabilities for feature rows",
-             openapi_extra=body.openapi, responses={408: {"description": "body not sent in time"},
-                                                    413: {"description": "body over the size limit"},
-                                                    422: {"description": "invalid body: names the field"},
-                                                    503: {"description": "not ready yet (see /ready)"}})(predict)
+             openapi_extra=body.openapi, responses=error_responses(
+                 _408="body not sent in time", _413="body over the size limit",
+                 _503="not ready yet (see /ready)"))(predict)
 
     def check() -> None:
         try:

@@ -35,6 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 
 log = logging.getLogger("inference_legacy.server")
 
@@ -48,6 +49,24 @@ SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 class BadRequest(ValueError):
     """Raised by a model function for input it cannot score; becomes a 422 naming the field."""
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx body: ``detail`` is a sentence, or for a body that fails its schema one entry
+    per problem (``loc``, ``msg``, ``type``) with ``error`` summing up the first."""
+
+    detail: str | list[dict[str, Any]]
+    error: str | None = None
+
+
+def error_responses(**codes: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error codes, e.g. ``error_responses(_404="unknown user")``, each with
+    :class:`ErrorResponse` as its schema; 400 and 422 are always there."""
+    out: dict[int | str, dict[str, Any]] = {
+        400: {"model": ErrorResponse, "description": "a body that is not JSON text (e.g. not UTF-8)"},
+        422: {"model": ErrorResponse, "description": "invalid input, named"}}
+    out.update({int(code.lstrip("_")): {"model": ErrorResponse, "description": what} for code, what in codes.items()})
+    return out
 
 
 class Metrics:

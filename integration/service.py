@@ -37,7 +37,7 @@ import numpy as np
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Gauge, Histogram
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
 from common.features import FeatureError
 from inference_legacy.dlrm_predict import integer_id
@@ -49,6 +49,7 @@ from inference_legacy.server import (
     Metrics,
     Readiness,
     create_app,
+    error_responses,
     listen_socket,
     serve,
 )
@@ -74,8 +75,19 @@ class UserFeatures(BaseModel):
                                  description="raw MovieLens item IDs, oldest first")
 
 
+def _exactly_one(schema: dict[str, Any]) -> None:
+    """The schema says what the validator does, so that clients and fuzzers send only bodies we
+    accept: exactly one of ``user_id`` and ``features``, neither of them null."""
+    for name in ("user_id", "features"):
+        prop = schema["properties"][name]
+        kept = [s for s in prop.pop("anyOf", []) if s != {"type": "null"}]
+        prop.update(kept[0] if len(kept) == 1 else {"anyOf": kept} if kept else {})
+        prop.pop("default", None)
+    schema["oneOf"] = [{"required": ["user_id"]}, {"required": ["features"]}]
+
+
 class RecommendRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_exactly_one)
     user_id: RawID | None = Field(None, description="a raw MovieLens user ID")
     features: UserFeatures | None = Field(None, description="for a user without a known ID")
     k: int = Field(10, ge=1, le=100, strict=True)
@@ -85,6 +97,18 @@ class RecommendRequest(BaseModel):
         if (self.user_id is None) == (self.features is None):
             raise ValueError("give exactly one of user_id and features")
         return self
+
+
+def request_model(pipeline) -> type[RecommendRequest]:
+    """``RecommendRequest`` with ``features.occupation`` one of the data set's occupations, so
+    that the OpenAPI schema lists them."""
+    vocab = getattr(pipeline.retriever.features, "occupation_vocab", None)
+    if not vocab:
+        return RecommendRequest
+    features = create_model("UserFeatures", __base__=UserFeatures, occupation=(
+        Literal[tuple(vocab)], Field(description=f"one of {pipeline.dataset.name}'s occupations")))
+    return create_model("RecommendRequest", __base__=RecommendRequest, features=(
+        features | None, Field(None, description="for a user without a known ID")))
 
 
 class Item(BaseModel):
@@ -353,9 +377,7 @@ def create_service(pipeline, cache: MemoryCache | RedisCache | None = None, rout
 
     batcher = DynamicBatcher(run, max_batch_rows=256, max_wait_ms=0.0, enabled=True, metrics=metrics)
 
-    @app.post("/recommend", response_model=RecommendResponse, summary="Top K movies for a user",
-              responses={413: {"description": "body over the size limit"}, 503: {"description": "not ready"}})
-    async def recommend(req: RecommendRequest) -> JSONResponse:
+    async def recommend(req) -> JSONResponse:
         if not readiness.event.is_set():
             raise HTTPException(503, "not ready; poll /ready")
         start = time.perf_counter()
@@ -366,11 +388,16 @@ def create_service(pipeline, cache: MemoryCache | RedisCache | None = None, rout
         return JSONResponse({"user_id": rec.user_id, "stage": rec.stage, "arm": arm, "cached": cached,
                              "items": rec.to_dict()["items"]})
 
+    recommend.__annotations__["req"] = request_model(pipeline)  # built at run time, not a string annotation
+    app.post("/recommend", response_model=RecommendResponse, summary="Top K movies for a user",
+             responses=error_responses(_408="body not sent in time", _413="body over the size limit",
+                                       _503="not ready"))(recommend)
+
     recent: OrderedDict[str, tuple[tuple[int, int, int | None], int]] = OrderedDict()
 
     @app.post("/events", response_model=EventResponse, summary="Record an interaction",
-              responses={404: {"description": "unknown user"}, 409: {"description": "event_id reused for another event"},
-                         422: {"description": "unknown item or bad body"}})
+              responses=error_responses(_404="unknown user", _408="body not sent in time",
+                                        _409="event_id reused for another event", _413="body over the size limit"))
     async def events(ev: EventRequest) -> EventResponse:
         # No await below: on the event loop, each event is applied whole before the next starts.
         if ev.user_id not in pipeline.user_index:
