@@ -429,12 +429,16 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8080, on_bind: Call
 
 
 def _protocol_with_header_timeout(seconds: float) -> type:
-    """uvicorn's h11 protocol, closing a connection whose request headers have not arrived
-    ``seconds`` after it opened or after its last response. uvicorn alone waits for ever on a
-    client that opens connections and trickles header bytes (slowloris)."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+    """uvicorn's HTTP protocol (httptools when installed, as uvicorn's "auto" picks, else h11),
+    closing a connection whose request headers have not arrived ``seconds`` after it opened or after
+    its last response. uvicorn alone waits for ever on a client that opens connections and trickles
+    header bytes (slowloris)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
 
-    class Protocol(H11Protocol):
+    class Protocol(Base):
         _header_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
