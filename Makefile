@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(DEVICE)
 DATASET ?= ml-100k
 
-.PHONY: demo data test test-fast baseline bench notebooks lab setup clean-venv
+.PHONY: demo data test test-fast baseline bench notebooks lab setup clean-venv screenshot
 
 $(STAMP): requirements/base.txt requirements/$(DEVICE).txt requirements/torchrec.txt scripts/install.sh
 	PYTHON=$(PYTHON) bash scripts/install.sh $(DEVICE) $(VENV)
@@ -33,7 +33,11 @@ test: $(STAMP)
 
 # The fast tier only: no multi-process runs, no notebooks, no minute-long load runs.
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not multiprocess and not notebook and not slow"
+	$(PY) -m pytest -m "not multiprocess and not notebook and not slow and not browser"
+
+# The README's picture of the web page (integration/page.png), taken by the browser test in headless Chromium.
+screenshot: $(STAMP)
+	RECSYS_SCREENSHOT=integration/page.png RECSYS_REQUIRE_BROWSER=1 $(PY) -m pytest tests/test_integration.py -k web_page
 
 # Execute the sharding notebooks from fresh kernels and store their outputs in the .ipynb files.
 notebooks: $(STAMP)

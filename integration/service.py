@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, HTTPException
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, HTTPException, Query
+from fastapi import Path as Path_
+from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
@@ -123,6 +124,24 @@ class RecommendResponse(BaseModel):
     arm: str | None = Field(description="the A/B arm that ranked the list")
     cached: bool = Field(description="whether the candidates came from the cache")
     items: list[Item]
+
+
+class Movie(BaseModel):
+    item_id: int
+    title: str = Field(description="empty when the data set has no titles")
+    year: int | None = Field(None, description="release year, when known")
+
+
+class UserView(BaseModel):
+    user_id: int
+    history_length: int
+    recent: list[Movie] = Field(description="the latest interactions, most recent first")
+
+
+class SearchResults(BaseModel):
+    query: str
+    items: list[Movie] = Field(description="titles starting with the query first, then containing it; the more "
+                                           "popular first within each")
 
 
 class EventRequest(BaseModel):
@@ -394,6 +413,50 @@ def create_service(pipeline, cache: MemoryCache | RedisCache | None = None, rout
                                        _503="not ready"))(recommend)
 
     recent: OrderedDict[str, tuple[tuple[int, int, int | None], int]] = OrderedDict()
+    titles = [str(t) for t in dataset.item_title] if getattr(dataset, "item_title", None) is not None else None
+    years = getattr(dataset, "item_year", None)
+    folded = [t.casefold() for t in titles] if titles else []
+    by_popularity = np.argsort(-np.asarray(pipeline.retriever.popularity), kind="stable")
+    page = (Path(__file__).parent / "static" / "index.html").read_text()
+
+    def movie(item: int) -> dict[str, Any]:
+        year = int(years[item]) if years is not None and years[item] > 0 else None
+        return {"item_id": int(dataset.item_raw_ids[item]), "title": titles[item] if titles else "", "year": year}
+
+    @app.get("/", response_class=HTMLResponse, summary="A page to try the recommender in a browser")
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    rng = np.random.default_rng()
+
+    @app.get("/users/random", response_model=UserView, summary="A random known user")
+    async def random_user(recent: Annotated[int, Query(ge=0, le=100)] = 10) -> dict[str, Any]:
+        return user_view(int(rng.choice(dataset.user_raw_ids)), recent)
+
+    @app.get("/users/{user_id}", response_model=UserView, summary="A user's latest movies",
+             responses=error_responses(_404="unknown user"))
+    async def user(user_id: Annotated[int, Path_(ge=0, le=2**31 - 1)],
+                   recent: Annotated[int, Query(ge=0, le=100)] = 10) -> dict[str, Any]:
+        if user_id not in pipeline.user_index:
+            raise HTTPException(404, f"user_id {user_id} is not a known user of {dataset.name}")
+        return user_view(user_id, recent)
+
+    def user_view(user_id: int, recent: int) -> dict[str, Any]:
+        history = pipeline.store.history(pipeline.user_index[user_id])
+        return {"user_id": user_id, "history_length": len(history),
+                "recent": [movie(int(i)) for i in history[::-1][:recent]]}
+
+    @app.get("/items/search", response_model=SearchResults, summary="Movies by title",
+             responses=error_responses())
+    async def search(q: Annotated[str, Query(min_length=1, max_length=100, description="part of a title")],
+                     limit: Annotated[int, Query(ge=1, le=50)] = 10) -> dict[str, Any]:
+        needle = q.strip().casefold()
+        if not titles or not needle:
+            return {"query": q, "items": []}
+        starts = [int(i) for i in by_popularity if folded[i].startswith(needle)]
+        contains = [int(i) for i in by_popularity if needle in folded[i] and not folded[i].startswith(needle)]
+        return {"query": q, "items": [movie(i) for i in (starts + contains)[:limit]]}
+
 
     @app.post("/events", response_model=EventResponse, summary="Record an interaction",
               responses=error_responses(_404="unknown user", _408="body not sent in time",

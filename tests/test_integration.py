@@ -416,10 +416,10 @@ def test_fuzzing_the_service_validates_every_response_against_its_schema(artifac
     accepted. Catalog membership is not in the schema (an enum of 1,682 item IDs here, of millions
     elsewhere), so an unknown movie in a history or event is a 422 that names it."""
     import schemathesis
-    from schemathesis.specs.openapi.checks import positive_data_acceptance
     from hypothesis import HealthCheck, given, settings
     from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
 
     pipeline = create_pipeline(artifacts)  # its own: fuzzed events grow the histories
     app, batcher = create_service(pipeline, MemoryCache(ttl=60), ABRouter({"A": 1.0}))
@@ -446,3 +446,102 @@ def test_fuzzing_the_service_validates_every_response_against_its_schema(artifac
     assert len(ok) >= 20 and ok.count(200) / len(ok) >= 0.6, ok  # the rest: histories with unknown movies
     assert len(bad) >= 20 and all(400 <= s < 500 for s in bad), bad
     assert all(s in (200, 404, 422) for s in statuses[("POST /events", "positive")])
+
+
+def _chrome():
+    """Headless Debian chromium through chromium-driver, or a skip naming what is missing (CI
+    installs both and sets RECSYS_REQUIRE_BROWSER=1, which turns the skip into a failure)."""
+    import os
+    import shutil as sh
+
+    binary = sh.which("chromium") or sh.which("chromium-browser")
+    driver = sh.which("chromedriver") or sh.which("chromium-driver")
+    if not (binary and driver):
+        message = "no chromium / chromedriver: apt-get install chromium chromium-driver (as .ci/run does)"
+        if os.environ.get("RECSYS_REQUIRE_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1160",
+                "--disable-gpu"):
+        options.add_argument(arg)
+    return webdriver.Chrome(options=options, service=Service(driver))
+
+
+@pytest.mark.browser
+def test_the_web_page_in_a_real_browser(artifacts, tmp_path) -> None:
+    """The page at GET /, driven in headless Chromium against a service subprocess: a user's recent
+    movies and top 10 (titles as the pipeline gives them), "watched" removing the movie, the new-user
+    flow with title search, and errors shown on the page. Saves a screenshot (to $RECSYS_SCREENSHOT
+    when set: `make screenshot` writes the README's)."""
+    import os
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from inference_legacy.server import spawn
+
+    expected = create_pipeline(artifacts)  # the same artifacts, fresh histories: the service's answer
+    user = 196
+    rec = expected.recommend([user])[0]
+    history = expected.store.history(expected.user_index[user])
+    recent = [expected.dataset.item_title[i] for i in history[::-1][:10]]
+    browser = _chrome()
+    proc, url = spawn(["-m", "integration.service", "--artifacts", str(artifacts)])
+    try:
+        wait = WebDriverWait(browser, 30)
+        browser.get(url + "/")
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "ready"))
+        assert "ml-100k" in browser.find_element(By.ID, "status").text
+
+        def rows(table: str) -> list:
+            return browser.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr")
+
+        browser.find_element(By.ID, "user-id").send_keys(str(user))
+        browser.find_element(By.ID, "recommend").click()
+        wait.until(lambda _: len(rows("recommendations")) == 10)
+        titles = [r.find_elements(By.TAG_NAME, "td")[1].text for r in rows("recommendations")]
+        assert titles == rec.titles
+        assert [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#recent li")] == recent
+        assert browser.find_element(By.ID, "stage").text == "ranked"
+        assert browser.find_element(By.ID, "arm").text == "A/B arm A"
+
+        first = rows("recommendations")[0]
+        watched = first.get_attribute("data-item-id")
+        first.find_element(By.CSS_SELECTOR, "button.watched").click()
+        wait.until(lambda _: browser.find_element(By.CSS_SELECTOR, "#recent li").get_attribute("data-item-id")
+                   == watched)
+        now = [r.get_attribute("data-item-id") for r in rows("recommendations")]
+        assert watched not in now and len(now) == 10
+        assert browser.find_element(By.ID, "history-length").text == str(len(history) + 1)
+        shot = Path(os.environ.get("RECSYS_SCREENSHOT") or tmp_path / "page.png")
+
+        search = browser.find_element(By.ID, "search")
+        search.send_keys("star wa")
+        wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#search-results li"))
+        found = browser.find_elements(By.CSS_SELECTOR, "#search-results li")[0]
+        assert found.text == "Star Wars (1977)"
+        found.click()
+        wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#liked .chip"))
+        browser.find_element(By.ID, "recommend-new").click()
+        wait.until(lambda _: len(rows("new-recommendations")) == 10)
+        assert browser.find_element(By.ID, "new-stage").text == "retrieval"
+        assert "Star Wars" not in [r.find_elements(By.TAG_NAME, "td")[1].text for r in rows("new-recommendations")]
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+
+        box = browser.find_element(By.ID, "user-id")
+        box.clear()
+        box.send_keys("99999999")
+        browser.find_element(By.ID, "recommend").click()
+        wait.until(ec.visibility_of_element_located((By.ID, "error")))
+        assert "99999999 is not a known user of ml-100k" in browser.find_element(By.ID, "error").text
+    finally:
+        browser.quit()
+        proc.terminate()
+        proc.wait(timeout=30)
