@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(DEVICE)
 DATASET ?= ml-100k
 
-.PHONY: demo data test test-fast baseline bench notebooks lab setup clean-venv screenshot
+.PHONY: demo data test test-fast lint report baseline bench notebooks lab setup clean-venv screenshot
 
 $(STAMP): requirements/base.txt requirements/$(DEVICE).txt requirements/torchrec.txt scripts/install.sh
 	PYTHON=$(PYTHON) bash scripts/install.sh $(DEVICE) $(VENV)
@@ -30,6 +30,17 @@ data: $(STAMP)
 # Every tier: fast unit tests, then the multi-process (gloo) tests.
 test: $(STAMP)
 	$(PY) -m pytest
+
+# ruff over the whole repository, notebooks included: lint rules, then the formatting (check only).
+lint: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/dev.txt
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Charts (docs/charts/*.png) from the results files in bench/results/; with runs/ there, its curves and
+# results are collected first.
+report: $(STAMP)
+	$(PY) -m bench.report $(if $(wildcard runs),--collect runs)
 
 # The fast tier only: no multi-process runs, no notebooks, no minute-long load runs.
 test-fast: $(STAMP)

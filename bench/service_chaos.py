@@ -32,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -242,9 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     raw_users = json.loads(export.read_text())["user_raw_ids"]
     users = random.Random(a.seed).sample(raw_users, min(a.users, len(raw_users)))
 
-    workdir = Path(a.out).parent / "redis-chaos"
-    workdir.mkdir(parents=True, exist_ok=True)
-    redis = RedisServer(workdir).start()
+    redis = RedisServer(tempfile.mkdtemp(prefix="redis-chaos-")).start()
     proc, url = spawn(["-m", "integration.service", "--artifacts", a.artifacts, "--redis-url", redis.url])
     host, port = url.rsplit("/", 1)[1].rsplit(":", 1)
     log, ready = Log(), []

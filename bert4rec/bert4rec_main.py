@@ -49,7 +49,16 @@ from common.checkpoint import (
 from common.data.movielens import add_dataset_args, load_movielens
 from common.data.split import Split, split_dataset
 from common.metrics import RankingReport, evaluate_scores, sampled_report
-from common.runtime import Runtime, init_runtime, print0, seed_everything, shutdown, write_json_atomic, write_results
+from common.runtime import (
+    MetricsLog,
+    Runtime,
+    init_runtime,
+    print0,
+    seed_everything,
+    shutdown,
+    write_json_atomic,
+    write_results,
+)
 from common.sharding import shard_model
 
 SHARDING_TYPES = ("table_wise", "column_wise", "row_wise")  # what TorchRec's EmbeddingCollection sharder offers
@@ -81,6 +90,7 @@ class Config:
     resume: bool = False
     n_boot: int = 1000
     no_test: bool = False
+    tensorboard: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -113,6 +123,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     out.add_argument("--out", default=d.out, help=f"run directory (default: {d.out})")
     out.add_argument("--n-boot", type=int, default=d.n_boot, help=f"bootstrap resamples for CIs (default: {d.n_boot})")
     out.add_argument("--no-test", action="store_true", help="never evaluate on test (model selection runs: validation only)")
+    out.add_argument("--tensorboard", action="store_true", help="also write the curves as TensorBoard events under <out>/tensorboard (pip install tensorboard)")
     cfg = Config(**vars(p.parse_args(argv)))
     if cfg.max_len < 2:
         p.error("--max-len must be at least 2 (one item and [MASK])")
@@ -223,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if "valid_before_training" not in meta:  # the untrained model, for the record (and the tests)
         meta["valid_before_training"] = evaluate(net, split, "valid", n_boot=10, sampled=False)["full"].means
     start = time.perf_counter()
+    log = MetricsLog(out, "bert4rec", cfg.tensorboard)  # the curves: <out>/metrics.jsonl, one train line per epoch
     bar = tqdm(total=cfg.epochs, initial=first_epoch, desc="epochs", disable=not rt.is_rank0 or None)
     epochs_done = first_epoch
     for epoch in range(first_epoch, cfg.epochs):
@@ -230,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             break
         rng = np.random.default_rng([cfg.seed, epoch, rt.rank])
         order = length_buckets(windows, per_step, np.random.default_rng([cfg.seed, epoch]))
-        total = 0.0
+        total, epoch_start = 0.0, time.perf_counter()
         for step in range(steps):
             rows = order[step * per_step + rt.rank * cfg.batch_size:][:cfg.batch_size]
             seq, at_row, at_col, labels = mask_batch([windows[i] for i in rows], cfg.mask_prob, cfg.last_prob,
@@ -242,11 +254,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             total += float(loss.item())
         bar.update(1)
         epochs_done = epoch + 1
+        log.log("train", (epoch + 1) * steps, epoch, loss=total / steps,
+                examples_per_s=steps * per_step / (time.perf_counter() - epoch_start))
         if (epoch + 1) % cfg.eval_every and epoch + 1 < cfg.epochs:
             continue
         rep = evaluate(net, split, "valid", n_boot=50, sampled=False)["full"]
         ndcg = rep.means["NDCG@10"]
         history.append({"epoch": epoch, "loss": total / steps, **rep.means})
+        log.log("valid", (epoch + 1) * steps, epoch, **rep.means)
         if ndcg > best:
             best, best_epoch, stale = ndcg, epoch, 0
             save_checkpoint(out / "best", epoch, {"model": model}, keep_last=1,
@@ -259,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "epoch": epoch + 1, "best": best, "best_epoch": best_epoch, "stale": stale, "valid": history,
             "valid_before_training": meta["valid_before_training"], "run_config": fingerprint})
     bar.close()
+    log.close()
     train_s = time.perf_counter() - start
 
     best_path = latest_checkpoint(out / "best")

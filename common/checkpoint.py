@@ -234,7 +234,7 @@ def load_checkpoint(path: str | Path, state: dict[str, Any], verify: bool = True
 
 
 # Script settings that may change between a run and its resumption (more epochs, other paths...).
-RESUMABLE_CHANGES = frozenset({"resume", "out", "epochs", "log_every", "checkpoint_every", "n_boot", "eval_batch_size",
+RESUMABLE_CHANGES = frozenset({"resume", "out", "epochs", "log_every", "tensorboard", "checkpoint_every", "n_boot", "eval_batch_size",
                                "device", "data_dir", "source", "index_type"})
 
 

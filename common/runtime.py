@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -122,10 +124,14 @@ def get_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else _env_int("RANK", 0)
 
 
-def print0(*args: Any, **kwargs: Any) -> None:
-    """print() on global rank 0 only."""
+def print0(*args: Any, sep: str = " ", end: str = "\n", file: Any = None) -> None:
+    """print() on global rank 0 only, through ``tqdm.write``: a message printed while a progress bar
+    is showing goes above the bar instead of garbling it."""
     if get_rank() == 0:
-        print(*args, **kwargs, flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(sep.join(str(a) for a in args), file=file or sys.stdout, end=end)
+        (file or sys.stdout).flush()
 
 
 def write_json_atomic(path: str | Path, payload: Any) -> Path:
@@ -157,3 +163,47 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+class MetricsLog:
+    """A training run's figures as they come, for curves: one JSON object per line in
+    ``<out_dir>/metrics.jsonl`` (appended and flushed line by line, so a resumed run continues the
+    file and a crash loses nothing written) and, with ``tensorboard=True``, TensorBoard event files
+    under ``<out_dir>/tensorboard`` (needs ``pip install tensorboard``). Only rank 0 writes.
+
+    A line: ``{"time": unix seconds, "stage": "two_tower", "split": "train" | "valid", "step": global
+    step, "epoch": n, ...figures}``; ``python -m bench.report`` draws them.
+    """
+
+    def __init__(self, out_dir: str | Path, stage: str, tensorboard: bool = False) -> None:
+        self.stage, self.file, self.board = stage, None, None
+        if get_rank() != 0:
+            return
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise SystemExit("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.board = SummaryWriter(str(out / "tensorboard"))
+        self.file = open(out / "metrics.jsonl", "a")
+
+    def log(self, split: str, step: int, epoch: int | None = None, **figures: float) -> None:
+        if self.file is None:
+            return
+        values = {k: float(v) for k, v in figures.items()}
+        self.file.write(json.dumps({"time": round(time.time(), 3), "stage": self.stage, "split": split,
+                                    "step": int(step), "epoch": epoch, **values}) + "\n")
+        self.file.flush()
+        if self.board is not None:
+            for name, value in values.items():
+                self.board.add_scalar(f"{self.stage}/{split}/{name}", value, int(step))
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if self.board is not None:
+            self.board.close()
+            self.board = None

@@ -17,6 +17,7 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.planner.types import (
     HardwareConfig,
     KernelConfig,
@@ -34,6 +35,9 @@ from common.runtime import Runtime
 
 SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise")
 CUDA_ONLY = ("row_wise", "table_row_wise")
+# What the planner keeps free on every device for dense parameters, activations and the framework:
+# an explicit share (TorchRec's default heuristic warns that it misjudges dense sizes).
+RESERVED_SHARE = 0.15
 
 
 def topology(world_size: int, compute_device: str = "cuda", hbm_gb: float | None = None,
@@ -91,7 +95,8 @@ def shard_model(model: nn.Module, ebcs: Iterable[EmbeddingBagCollection | Embedd
                                                 else ebc.embedding_configs())]
     planner = EmbeddingShardingPlanner(
         topology=topology(rt.world_size, compute_device=rt.device.type),
-        constraints={t: ParameterConstraints(sharding_types=[sharding_type]) for t in tables})
+        constraints={t: ParameterConstraints(sharding_types=[sharding_type]) for t in tables},
+        storage_reservation=FixedPercentageStorageReservation(RESERVED_SHARE))
     sharders = get_default_sharders()
     if qcomms:
         forward, backward = qcomms_precisions(rt.device)

@@ -51,6 +51,7 @@ from common.data.split import Split, split_dataset
 from common.features import FeatureSchema
 from common.metrics import MAX_K, BinaryMetrics, RankingReport, paired_difference, report_from_ranks
 from common.runtime import (
+    MetricsLog,
     Runtime,
     init_runtime,
     print0,
@@ -114,6 +115,7 @@ class Config:
     baseline: bool = True
     n_boot: int = 1000
     no_test: bool = False
+    tensorboard: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -153,7 +155,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     train.add_argument("--limit-eval-batches", type=int, default=None, help="click logs: evaluate on the first N batches of 8192 rows of valid and test (default: all)")
     train.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help=f"steps between DCP checkpoints; 0 = epoch ends only (default: {d.checkpoint_every})")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --out, if there is one, exactly where it stopped (without it, an --out holding checkpoints is refused)")
-    train.add_argument("--log-every", type=int, default=d.log_every, help=f"steps between log lines (default: {d.log_every})")
+    train.add_argument("--log-every", type=int, default=d.log_every, help=f"steps between log lines and metrics.jsonl entries (default: {d.log_every})")
+    train.add_argument("--tensorboard", action="store_true", help="also write the curves as TensorBoard events under <out>/tensorboard (pip install tensorboard)")
     train.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the logistic-regression baseline")
     dist = p.add_argument_group("distributed")
     dist.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="auto: cuda if available (default: auto)")
@@ -379,6 +382,7 @@ def train(kind: str, cfg: Config, rt: Runtime, schema: FeatureSchema, steps: int
     if resumed_from:
         print0(f"{kind}: resumed from step {global_step} (epoch {first_epoch}, step {start_step})")
     per_step = cfg.batch_size * rt.world_size
+    log = MetricsLog(out, kind, cfg.tensorboard)  # the curves: <out>/metrics.jsonl
 
     def checkpoint(ep: int, st: int) -> None:
         save_checkpoint(ckpt, global_step, state, meta={"epoch": ep, "step": st, "global_step": global_step,
@@ -399,8 +403,9 @@ def train(kind: str, cfg: Config, rt: Runtime, schema: FeatureSchema, steps: int
             last_loss = float(loss.item())
             bar.update(1)
             if step % cfg.log_every == 0 or step == steps:
-                print0(f"{kind} | epoch {epoch} | step {step}/{steps} | loss {loss.item():.4f} | "
-                       f"{seen / (time.perf_counter() - t0) / 1000:.1f}k ex/s")
+                rate = seen / (time.perf_counter() - t0)
+                print0(f"{kind} | epoch {epoch} | step {step}/{steps} | loss {loss.item():.4f} | {rate / 1000:.1f}k ex/s")
+                log.log("train", global_step, epoch, loss=loss.item(), examples_per_s=rate)
                 t0, seen = time.perf_counter(), 0
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
                 checkpoint(epoch, step)
@@ -408,10 +413,12 @@ def train(kind: str, cfg: Config, rt: Runtime, schema: FeatureSchema, steps: int
         pipeline.detach()
         metrics = validate(model)
         history.append({"epoch": epoch, **metrics})
+        log.log("valid", global_step, epoch, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         print0(f"{kind} | epoch {epoch} | valid | " + " | ".join(
             f"{k} {v:.4f}" for k, v in metrics.items() if k in ("auc", "ne", "logloss", "rerank_NDCG@10")))
         start_step = 0
         checkpoint(epoch + 1, 0)
+    log.close()
     return model, history, {"resumed_from_step": resumed_from, "steps": global_step, "final_loss": last_loss}
 
 

@@ -42,6 +42,7 @@ from common.data.movielens_features import last_n
 from common.data.split import Split, split_dataset
 from common.metrics import RankingReport, evaluate_scores
 from common.runtime import (
+    MetricsLog,
     Runtime,
     init_runtime,
     print0,
@@ -83,6 +84,7 @@ class Config:
     index_type: str = "auto"
     n_boot: int = 1000
     no_test: bool = False
+    tensorboard: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -106,7 +108,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     train.add_argument("--limit-batches", type=int, default=None, help="stop each epoch after this many steps (quick runs; default: all)")
     train.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help=f"steps between DCP checkpoints; 0 = epoch ends only (default: {d.checkpoint_every})")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --out, if there is one, exactly where it stopped (without it, an --out holding checkpoints is refused)")
-    train.add_argument("--log-every", type=int, default=d.log_every, help=f"steps between log lines (default: {d.log_every})")
+    train.add_argument("--log-every", type=int, default=d.log_every, help=f"steps between log lines and metrics.jsonl entries (default: {d.log_every})")
+    train.add_argument("--tensorboard", action="store_true", help="also write the curves as TensorBoard events under <out>/tensorboard (pip install tensorboard)")
     dist = p.add_argument_group("distributed")
     dist.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="auto: cuda if available (default: auto)")
     dist.add_argument("--sharding-type", default=d.sharding_type, choices=SHARDING_TYPES, help="how embedding tables are sharded; row-wise kinds need CUDA (default: table_wise)")
@@ -313,6 +316,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                         meta={"epoch": epoch_, "step": step_, "global_step": global_step, "valid": history,
                               "run_config": run_config(cfg, ds.fingerprint)})
 
+    log = MetricsLog(out, "two_tower", cfg.tensorboard)  # the curves: <out>/metrics.jsonl
     train_start = time.perf_counter()
     for epoch in range(first_epoch, cfg.epochs):
         pipeline = TrainPipelineSparseDist(model, optimizer, rt.device, execute_all_batches=True)
@@ -335,6 +339,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
                 print0(f"epoch {epoch} | step {step}/{steps_this_epoch} | loss {loss.item():.4f} | "
                        f"in-batch acc {acc.item():.3f} | {rate / 1000:.1f}k ex/s")
+                log.log("train", global_step, epoch, loss=loss.item(), in_batch_acc=acc.item(), examples_per_s=rate)
                 t0, n0 = time.perf_counter(), 0
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps_this_epoch:
                 checkpoint(epoch, step)
@@ -343,9 +348,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         report, _, _ = evaluate(model, features, split, "valid", rt.device, cfg)
         history.append({"epoch": epoch, **report.means})
         print0(f"epoch {epoch} | valid | {report.line()}")
+        log.log("valid", global_step, epoch, **report.means)
         start_step = 0
         checkpoint(epoch + 1, 0)
     train_seconds = time.perf_counter() - train_start
+    log.close()
 
     stage = "valid" if cfg.no_test else "test"  # --no-test: the final table on validation, test never scored
     test, _, item_emb = evaluate(model, features, split, stage, rt.device, cfg)

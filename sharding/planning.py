@@ -20,11 +20,9 @@ from torchrec.distributed.planner.types import ParameterConstraints, ShardingOpt
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 
-from common.sharding import topology  # noqa: F401  (the notebooks import it from here, beside plan())
+from common.sharding import RESERVED_SHARE, topology  # noqa: F401  (the notebooks import them from here)
 
 GB = 10**9  # decimal gigabytes, as the seed guide counts them (51.2 GB for 100M x 128 fp32)
-# What the planner keeps free on every device for dense parameters, activations and the framework.
-RESERVED_SHARE = 0.15
 
 
 @dataclass

@@ -32,7 +32,7 @@ def retrieval_run(tmp_path_factory) -> tuple[dict, Path]:
     from retrieval.two_tower_train import main as train_main
 
     out = tmp_path_factory.mktemp("retrieval")
-    return train_main(["--epochs", "2", "--n-boot", "20", "--log-every", "1000", "--out", str(out)]), out
+    return train_main(["--epochs", "2", "--n-boot", "20", "--log-every", "1000", "--tensorboard", "--out", str(out)]), out
 
 
 @pytest.fixture(scope="session")

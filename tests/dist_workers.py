@@ -17,12 +17,13 @@ def build_sharded_ebc(runtime, sharding: dict[str, str]):
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
     from torchrec.distributed.planner.types import ParameterConstraints
     from torchrec.distributed.sharding_plan import get_default_sharders
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
     from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-    from common.sharding import topology
+    from common.sharding import RESERVED_SHARE, topology
 
     torch.manual_seed(0)
     tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=40 + 10 * i,
@@ -31,7 +32,8 @@ def build_sharded_ebc(runtime, sharding: dict[str, str]):
     apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": 0.1})
     planner = EmbeddingShardingPlanner(
         topology=topology(runtime.world_size, compute_device=runtime.device.type),
-        constraints={t: ParameterConstraints(sharding_types=[st]) for t, st in sharding.items()})
+        constraints={t: ParameterConstraints(sharding_types=[st]) for t, st in sharding.items()},
+        storage_reservation=FixedPercentageStorageReservation(RESERVED_SHARE))
     plan = planner.collective_plan(ebc, get_default_sharders(), torch.distributed.GroupMember.WORLD)
     return DistributedModelParallel(ebc, device=runtime.device, plan=plan)
 

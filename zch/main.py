@@ -41,7 +41,16 @@ from common.checkpoint import resume_if_possible, run_config, save_checkpoint
 from common.data.movielens import add_dataset_args, load_movielens
 from common.data.split import time_order
 from common.metrics import BinaryMetrics
-from common.runtime import Runtime, init_runtime, print0, seed_everything, shutdown, write_json_atomic, write_results
+from common.runtime import (
+    MetricsLog,
+    Runtime,
+    init_runtime,
+    print0,
+    seed_everything,
+    shutdown,
+    write_json_atomic,
+    write_results,
+)
 from common.sharding import local_shards, shard_model
 from zch.sparse_arch import VARIANTS, RemappedModel, Remapper, build_remapper, collision_report, salted_raw_ids
 
@@ -71,6 +80,7 @@ class Config:
     log_every: int = 100
     device: str = "auto"
     out: str = "runs/zch"
+    tensorboard: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -95,7 +105,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     train.add_argument("--limit-batches", type=int, default=None, help="stop each epoch after this many steps (default: all)")
     train.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between DCP checkpoints; 0 = end of training only (default: 0)")
     train.add_argument("--resume", action="store_true", help="continue each run from its latest checkpoint under --out")
-    train.add_argument("--log-every", type=int, default=d.log_every, help=f"steps between log lines (default: {d.log_every})")
+    train.add_argument("--log-every", type=int, default=d.log_every, help=f"steps between log lines and metrics.jsonl entries (default: {d.log_every})")
+    train.add_argument("--tensorboard", action="store_true", help="also write the curves as TensorBoard events under each run's folder (pip install tensorboard)")
     train.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="auto: cuda if available (default: auto)")
     train.add_argument("--out", default=d.out, help=f"output directory (default: {d.out})")
     a = vars(p.parse_args(argv))
@@ -311,10 +322,12 @@ def train_variant(variant: str, label: str, table_rows: dict[str, int], data: St
                         meta={"epoch": epoch, "step": step, "global_step": global_step, "seconds": seconds,
                               "run_config": settings})
 
+    log = MetricsLog(run_dir, f"zch-{variant}-{label}".replace(" ", "-"), cfg.tensorboard)  # the curves: <run>/metrics.jsonl
     for epoch in range(epoch0, cfg.epochs):
         bar = tqdm(total=steps, initial=step0, desc=f"{variant} {label} epoch {epoch}", leave=False,
                    disable=not rt.is_rank0 or None)
-        t0 = time.perf_counter()
+        t0 = t_log = time.perf_counter()
+        n_log = 0
         for step, (dense, kjt, y) in enumerate(batches(data, data.train, cfg.batch_size, rt, step0, steps), start=step0 + 1):
             loss = loss_fn(model(dense, kjt).squeeze(-1), y)
             optimizer.zero_grad()
@@ -322,9 +335,12 @@ def train_variant(variant: str, label: str, table_rows: dict[str, int], data: St
             optimizer.step()
             reset(remapper.pop_reassigned())
             global_step += 1
+            n_log += per_step
             bar.update(1)
             if step % cfg.log_every == 0:
                 print0(f"{variant} {label} | epoch {epoch} | step {step}/{steps} | loss {loss.item():.4f}")
+                log.log("train", global_step, epoch, loss=loss.item(), examples_per_s=n_log / (time.perf_counter() - t_log))
+                t_log, n_log = time.perf_counter(), 0
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
                 seconds += time.perf_counter() - t0
                 t0 = time.perf_counter()
@@ -337,6 +353,8 @@ def train_variant(variant: str, label: str, table_rows: dict[str, int], data: St
     if hasattr(remapper, "check_replicas"):
         remapper.check_replicas()
     valid, test = evaluate(model, data, data.valid), evaluate(model, data, data.test)
+    log.log("valid", global_step, cfg.epochs - 1, **{k: v for k, v in valid.items() if isinstance(v, (int, float))})
+    log.close()
     collisions = {f: collision_report(remapper, f, data.raw[f][data.test], data.raw[f][data.train]) for f in FEATURES}
     result = {
         "variant": variant, "table_size": label, "table_rows": remapper.tables,
