@@ -107,12 +107,23 @@ def worker(a: argparse.Namespace) -> None:
         p, c = statistics.median(pipeline_rates), statistics.median(compute_rates)
         overhead = statistics.median(1 - x / y for x, y in zip(pipeline_rates, compute_rates))
         table_bytes = 26 * shape["num_embeddings"] * shape["embedding_dim"] * 4
-        Path(a.result).write_text(json.dumps({
-            "processes": rt.world_size, "batch_size_per_rank": a.batch_size, "steps_per_block": a.steps,
-            "repeats": a.repeats, "model_init_s": round(init_s, 1), "table_gb": round(table_bytes / 1e9, 2),
-            "pipeline_ex_per_s": round(p), "compute_only_ex_per_s": round(c),
-            "overhead": round(overhead, 4), "pipeline_runs": [round(x) for x in pipeline_rates],
-            "compute_runs": [round(x) for x in compute_rates]}))
+        Path(a.result).write_text(
+            json.dumps(
+                {
+                    "processes": rt.world_size,
+                    "batch_size_per_rank": a.batch_size,
+                    "steps_per_block": a.steps,
+                    "repeats": a.repeats,
+                    "model_init_s": round(init_s, 1),
+                    "table_gb": round(table_bytes / 1e9, 2),
+                    "pipeline_ex_per_s": round(p),
+                    "compute_only_ex_per_s": round(c),
+                    "overhead": round(overhead, 4),
+                    "pipeline_runs": [round(x) for x in pipeline_rates],
+                    "compute_runs": [round(x) for x in compute_rates],
+                }
+            )
+        )
     shutdown()
 
 
@@ -120,9 +131,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="10,000-row tables and few steps, a smoke run (default: off)")
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts (default: 1 2)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[512, 32], help="batch sizes per rank (default: 512 32)")
+    p.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[512, 32], help="batch sizes per rank (default: 512 32)"
+    )
     p.add_argument("--steps", type=int, default=None, help="steps per timed block (default: 200, or 20 with --quick)")
-    p.add_argument("--repeats", type=int, default=5, help="timed blocks of each mode, alternating (default: %(default)s)")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="timed blocks of each mode, alternating (default: %(default)s)"
+    )
     p.add_argument("--out", default="bench/results/dlrm_throughput.json", help="results file (default: %(default)s)")
     p.add_argument("--worker-result", default=None, help=argparse.SUPPRESS)  # internal: run one configuration
     p.add_argument("--batch-size", type=int, default=None, help=argparse.SUPPRESS)
@@ -137,24 +152,47 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         for batch in a.batch_sizes:
             with tempfile.TemporaryDirectory() as tmp:
                 result = Path(tmp) / "result.json"
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                       "-m", "bench.dlrm_throughput", "--worker-result", str(result), "--batch-size", str(batch),
-                       "--steps", str(a.steps), "--repeats", str(a.repeats)] + (["--quick"] if a.quick else [])
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    f"--nproc_per_node={nproc}",
+                    "-m",
+                    "bench.dlrm_throughput",
+                    "--worker-result",
+                    str(result),
+                    "--batch-size",
+                    str(batch),
+                    "--steps",
+                    str(a.steps),
+                    "--repeats",
+                    str(a.repeats),
+                ] + (["--quick"] if a.quick else [])
                 env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise RuntimeError(f"{nproc} x batch {batch} failed:\n{proc.stderr[-4000:]}")
                 row = json.loads(result.read_text())
             rows.append(row)
-            print(f"{nproc} process(es), batch {batch:>4}: pipeline {row['pipeline_ex_per_s']:>8,} ex/s | "
-                  f"compute only {row['compute_only_ex_per_s']:>8,} ex/s | overhead {row['overhead']:+.1%} "
-                  f"(tables {row['table_gb']} GB, init {row['model_init_s']} s)", flush=True)
-    results = {"quick": a.quick, "shape": {k: list(v) if isinstance(v, tuple) else v
-                                            for k, v in (QUICK if a.quick else GOLDEN).items()},
-               "host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
-               "device": "cuda" if torch.cuda.is_available() else "cpu", "rows": rows,
-               "max_overhead": max(r["overhead"] for r in rows), "target_overhead": 0.10,
-               "numpy": np.__version__}
+            print(
+                f"{nproc} process(es), batch {batch:>4}: pipeline {row['pipeline_ex_per_s']:>8,} ex/s | "
+                f"compute only {row['compute_only_ex_per_s']:>8,} ex/s | overhead {row['overhead']:+.1%} "
+                f"(tables {row['table_gb']} GB, init {row['model_init_s']} s)",
+                flush=True,
+            )
+    results = {
+        "quick": a.quick,
+        "shape": {k: list(v) if isinstance(v, tuple) else v for k, v in (QUICK if a.quick else GOLDEN).items()},
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "rows": rows,
+        "max_overhead": max(r["overhead"] for r in rows),
+        "target_overhead": 0.10,
+        "numpy": np.__version__,
+    }
     write_json_atomic(a.out, results)
     return results
 

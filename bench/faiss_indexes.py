@@ -61,8 +61,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=1_000_000, help="catalog size (default: %(default)s)")
     p.add_argument("--dim", type=int, default=64, help="embedding dimension (default: %(default)s)")
-    p.add_argument("--queries", type=int, default=1000, help="batched queries; single-threaded uses a tenth (default: %(default)s)")
-    p.add_argument("--spread", type=float, default=1.0, help="noise norm around each topic direction; larger is harder (default: %(default)s)")
+    p.add_argument(
+        "--queries", type=int, default=1000, help="batched queries; single-threaded uses a tenth (default: %(default)s)"
+    )
+    p.add_argument(
+        "--spread",
+        type=float,
+        default=1.0,
+        help="noise norm around each topic direction; larger is harder (default: %(default)s)",
+    )
     p.add_argument("--k", type=int, default=100, help="neighbours per query (default: %(default)s)")
     p.add_argument("--skip-hnsw", action="store_true", help="skip HNSW, whose build is the slowest (default: off)")
     p.add_argument("--out", default="bench/results/faiss_indexes.json", help="results file (default: %(default)s)")
@@ -77,8 +84,17 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     nlist = default_params("ivf_flat", a.items, a.dim)["nlist"]
     sweep = sorted({max(1, nlist // f) for f in (64, 32, 16, 8)})
     default_nprobe = default_params("ivf_flat", a.items, a.dim)["nprobe"]
-    configs = [("flat", {}), ("ivf_flat", {})] + [("ivf_flat", {"nprobe": n}) for n in sweep if n != default_nprobe] + [
-        ("ivf_pq", {}), ("ivf_pq", {"m": 16}), ("hnsw", {}), ("hnsw", {"ef_search": 512}), ("hnsw", {"ef_search": 1024})]
+    configs = (
+        [("flat", {}), ("ivf_flat", {})]
+        + [("ivf_flat", {"nprobe": n}) for n in sweep if n != default_nprobe]
+        + [
+            ("ivf_pq", {}),
+            ("ivf_pq", {"m": 16}),
+            ("hnsw", {}),
+            ("hnsw", {"ef_search": 512}),
+            ("hnsw", {"ef_search": 1024}),
+        ]
+    )
     if a.skip_hnsw:
         configs = [c for c in configs if c[0] != "hnsw"]
     rows, exact_ids, built = [], None, {}
@@ -99,27 +115,50 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         _, ids = index.search(queries, a.k)
         if kind == "flat":
             exact_ids = ids
-        row = {"type": kind, "params": params, "build_s": round(build_s, 2),
-               "memory_mb": round(faiss.serialize_index(index).nbytes / 1e6, 1),
-               "recall_at_k": recall_against_exact(ids, exact_ids),
-               "qps_single_thread": qps(index, single, a.k, 1, batch=False),
-               "qps_batched": qps(index, queries, a.k, threads, batch=True),
-               "is_default": kind == auto_kind and params == default_params(kind, a.items, a.dim)}
+        row = {
+            "type": kind,
+            "params": params,
+            "build_s": round(build_s, 2),
+            "memory_mb": round(faiss.serialize_index(index).nbytes / 1e6, 1),
+            "recall_at_k": recall_against_exact(ids, exact_ids),
+            "qps_single_thread": qps(index, single, a.k, 1, batch=False),
+            "qps_batched": qps(index, queries, a.k, threads, batch=True),
+            "is_default": kind == auto_kind and params == default_params(kind, a.items, a.dim),
+        }
         rows.append(row)
-        print(f"{kind:<9} {str(params):<55} build {row['build_s']:>7.1f}s  mem {row['memory_mb']:>7.1f} MB  "
-              f"recall@{a.k} {row['recall_at_k']:.4f}  single {row['qps_single_thread']:>8.1f} q/s  "
-              f"batched {row['qps_batched']:>8.1f} q/s{'  <- default' if row['is_default'] else ''}", flush=True)
+        print(
+            f"{kind:<9} {str(params):<55} build {row['build_s']:>7.1f}s  mem {row['memory_mb']:>7.1f} MB  "
+            f"recall@{a.k} {row['recall_at_k']:.4f}  single {row['qps_single_thread']:>8.1f} q/s  "
+            f"batched {row['qps_batched']:>8.1f} q/s{'  <- default' if row['is_default'] else ''}",
+            flush=True,
+        )
     exact = rows[0]
     default = next(r for r in rows if r["is_default"])
-    check = {"default_type": default["type"], "recall_at_k": default["recall_at_k"],
-             "speedup_single": default["qps_single_thread"] / exact["qps_single_thread"],
-             "speedup_batched": default["qps_batched"] / exact["qps_batched"]}
-    check["passes"] = bool(check["recall_at_k"] >= 0.95 and min(check["speedup_single"], check["speedup_batched"]) >= 10)
-    print(f"default {check['default_type']}: recall@{a.k} {check['recall_at_k']:.4f}, "
-          f"{check['speedup_single']:.1f}x exact single-threaded, {check['speedup_batched']:.1f}x batched -> "
-          f"{'PASS' if check['passes'] else 'FAIL'} (bar: recall >= 0.95 at >= 10x)")
-    results = {"items": a.items, "dim": a.dim, "k": a.k, "queries": a.queries, "threads": threads,
-               "host": platform.node(), "faiss": faiss.__version__, "rows": rows, "default_check": check}
+    check = {
+        "default_type": default["type"],
+        "recall_at_k": default["recall_at_k"],
+        "speedup_single": default["qps_single_thread"] / exact["qps_single_thread"],
+        "speedup_batched": default["qps_batched"] / exact["qps_batched"],
+    }
+    check["passes"] = bool(
+        check["recall_at_k"] >= 0.95 and min(check["speedup_single"], check["speedup_batched"]) >= 10
+    )
+    print(
+        f"default {check['default_type']}: recall@{a.k} {check['recall_at_k']:.4f}, "
+        f"{check['speedup_single']:.1f}x exact single-threaded, {check['speedup_batched']:.1f}x batched -> "
+        f"{'PASS' if check['passes'] else 'FAIL'} (bar: recall >= 0.95 at >= 10x)"
+    )
+    results = {
+        "items": a.items,
+        "dim": a.dim,
+        "k": a.k,
+        "queries": a.queries,
+        "threads": threads,
+        "host": platform.node(),
+        "faiss": faiss.__version__,
+        "rows": rows,
+        "default_check": check,
+    }
     write_json_atomic(a.out, results)
     return results
 

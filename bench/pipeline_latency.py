@@ -41,8 +41,12 @@ from inference_legacy.server import spawn
 
 def percentiles(ms: list[float]) -> dict[str, float]:
     a = np.asarray(ms)
-    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max()),
-            "n": int(len(a))}
+    return {
+        "p50_ms": float(np.percentile(a, 50)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "max_ms": float(a.max()),
+        "n": int(len(a)),
+    }
 
 
 def single_user(pipeline, users: list[int], repeats: int) -> dict[str, object]:
@@ -75,7 +79,7 @@ def batched(pipeline, users: list[int], batch_size: int, repeats: int) -> dict[s
     for _ in range(repeats):
         t = time.perf_counter()
         for lo in range(0, len(users), batch_size):
-            pipeline.recommend(users[lo:lo + batch_size])
+            pipeline.recommend(users[lo : lo + batch_size])
         rates.append(len(users) / (time.perf_counter() - t))
     return {"users_per_s": float(np.median(rates)), "batch_size": batch_size, "users": len(users)}
 
@@ -90,15 +94,24 @@ def synthetic_movielens(num_users: int, num_items: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     occupations = ["artist", "doctor", "engineer", "student", "writer", "other"]
     return MovieLens(
-        name=f"synthetic-{num_items}", source="synthetic", user=d.user, item=d.item,
-        rating=np.ones(len(d.user), np.float32), timestamp=d.timestamp,
-        user_raw_ids=np.arange(1, num_users + 1), item_raw_ids=np.arange(1, num_items + 1),
+        name=f"synthetic-{num_items}",
+        source="synthetic",
+        user=d.user,
+        item=d.item,
+        rating=np.ones(len(d.user), np.float32),
+        timestamp=d.timestamp,
+        user_raw_ids=np.arange(1, num_users + 1),
+        item_raw_ids=np.arange(1, num_items + 1),
         item_title=[f"item {i}" for i in range(1, num_items + 1)],
-        item_year=rng.integers(1930, 2020, num_items), genre_vocab=[f"genre {g}" for g in range(19)],
-        item_genres=[[g] for g in (d.item_topic % 19).tolist()], user_age=rng.integers(18, 70, num_users),
-        user_gender=rng.integers(0, 2, num_users), occupation_vocab=occupations,
+        item_year=rng.integers(1930, 2020, num_items),
+        genre_vocab=[f"genre {g}" for g in range(19)],
+        item_genres=[[g] for g in (d.item_topic % 19).tolist()],
+        user_age=rng.integers(18, 70, num_users),
+        user_gender=rng.integers(0, 2, num_users),
+        occupation_vocab=occupations,
         user_occupation=rng.integers(0, len(occupations), num_users),
-        user_zip=[f"{z}0000" for z in rng.integers(0, 10, num_users)])
+        user_zip=[f"{z}0000" for z in rng.integers(0, 10, num_users)],
+    )
 
 
 def synthetic_pipeline(root, num_items: int, num_users: int = 20_000):
@@ -127,8 +140,18 @@ def synthetic_pipeline(root, num_items: int, num_users: int = 20_000):
     rcfg = RetrievalConfig(dataset=ds.name, index_type="ivf_pq")
     model, _ = build_model(rcfg, features, split.item_counts("valid"), rt)
     item_emb = embed_items(model, features, rt.device)
-    export(root / "retrieval" / "export", rcfg, model, features, ds.name, ds.fingerprint, ds.user_raw_ids,
-           ds.item_raw_ids, item_emb, split)
+    export(
+        root / "retrieval" / "export",
+        rcfg,
+        model,
+        features,
+        ds.name,
+        ds.fingerprint,
+        ds.user_raw_ids,
+        ds.item_raw_ids,
+        item_emb,
+        split,
+    )
     build_s = time.perf_counter() - t0
     cfg = RankConfig(dataset=ds.name, retrieval_export=str(root / "retrieval" / "export"))
     store = FeatureStore.build(ds, split, cfg.history_len, cfg.sequence_features, cfg.trend_days)
@@ -140,9 +163,16 @@ def synthetic_pipeline(root, num_items: int, num_users: int = 20_000):
 
     kjt = KeyedJaggedTensor.from_lengths_sync(store.features.schema.sparse_names, values, lengths)
     labels = (np.random.default_rng(2).random(len(dense)) < 0.1).astype(np.float32)
-    package_model(dlrm, store.features.schema, cfg, {"dataset": ds.name, "data_fingerprint": ds.fingerprint,
-                                                      "split": "random synthetic rows"},
-                  [FeatureBatch(dense, kjt)], labels, root / "serving" / "dlrm-int8", heldout_rows=200)
+    package_model(
+        dlrm,
+        store.features.schema,
+        cfg,
+        {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "split": "random synthetic rows"},
+        [FeatureBatch(dense, kjt)],
+        labels,
+        root / "serving" / "dlrm-int8",
+        heldout_rows=200,
+    )
     return create_pipeline(root, dataset=ds), build_s
 
 
@@ -153,8 +183,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--clients", type=int, default=8, help="(default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="passes over every user (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="100 users, 1 pass, 3 s of HTTP load")
-    p.add_argument("--catalog", type=int, default=0,
-                   help="also time the pipeline over a synthetic catalog of this many items, e.g. 1000000")
+    p.add_argument(
+        "--catalog",
+        type=int,
+        default=0,
+        help="also time the pipeline over a synthetic catalog of this many items, e.g. 1000000",
+    )
     p.add_argument("--out", default="bench/results/pipeline_latency.json", help="(default: %(default)s)")
     a = p.parse_args(argv)
     from integration.pipeline import create_pipeline
@@ -164,14 +198,22 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     users = pipeline.dataset.user_raw_ids.tolist()[: 100 if a.quick else None]
     repeats, duration = (1, 3.0) if a.quick else (a.repeats, a.duration)
     pipeline.recommend(users[:8])  # warm-up
-    results: dict[str, object] = {"artifacts": a.artifacts, "candidates": pipeline.candidate_source,
-                                  "quick": a.quick, "machine": platform.machine(),
-                                  "cpus": os.cpu_count(), "torch_threads": 1}
+    results: dict[str, object] = {
+        "artifacts": a.artifacts,
+        "candidates": pipeline.candidate_source,
+        "quick": a.quick,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": 1,
+    }
     results["single_user"] = s = single_user(pipeline, users, repeats)
     print(f"candidates from {pipeline.candidate_source}", flush=True)
-    print(f"single user: p50 {s['p50_ms']:.2f} ms | p99 {s['p99_ms']:.2f} ms | max {s['max_ms']:.2f} ms over "
-          f"{s['n']} requests (median candidates {s['stages_median_ms']['candidates']:.2f} ms, enrichment + DLRM "
-          f"{s['stages_median_ms']['enrichment + DLRM']:.2f} ms)", flush=True)
+    print(
+        f"single user: p50 {s['p50_ms']:.2f} ms | p99 {s['p99_ms']:.2f} ms | max {s['max_ms']:.2f} ms over "
+        f"{s['n']} requests (median candidates {s['stages_median_ms']['candidates']:.2f} ms, enrichment + DLRM "
+        f"{s['stages_median_ms']['enrichment + DLRM']:.2f} ms)",
+        flush=True,
+    )
     torch.set_num_threads(os.cpu_count() or 1)  # offline batch inference may use every core
     results["batched"] = b = batched(pipeline, users, 256, repeats)
     torch.set_num_threads(1)
@@ -188,8 +230,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             proc.terminate()
             proc.wait(timeout=30)
         results["http"][mode] = r
-        print(f"HTTP, {a.clients} clients, {mode}: {r['requests_per_s']:.0f} req/s | p50 {r['p50_ms']:.2f} ms | "
-              f"p99 {r['p99_ms']:.2f} ms | errors {r['errors']}", flush=True)
+        print(
+            f"HTTP, {a.clients} clients, {mode}: {r['requests_per_s']:.0f} req/s | p50 {r['p50_ms']:.2f} ms | "
+            f"p99 {r['p99_ms']:.2f} ms | errors {r['errors']}",
+            flush=True,
+        )
     if a.catalog:
         import tempfile
 
@@ -199,12 +244,20 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             index = big.retriever.manifest["index"]
             some = big.dataset.user_raw_ids[: 200 if a.quick else 2000].tolist()
             big.recommend(some[:8])
-            results["catalog"] = c = {"items": a.catalog, "users": len(big.dataset.user_raw_ids), "index": index,
-                                      "build_seconds": build_s, **single_user(big, some, 1)}
-        print(f"{a.catalog:,}-item catalog, {index['type']} {index['params']}: single user p50 {c['p50_ms']:.2f} ms | "
-              f"p99 {c['p99_ms']:.2f} ms | max {c['max_ms']:.2f} ms over {c['n']} requests (candidates "
-              f"{c['stages_median_ms']['candidates']:.2f} ms, enrichment + DLRM "
-              f"{c['stages_median_ms']['enrichment + DLRM']:.2f} ms median)", flush=True)
+            results["catalog"] = c = {
+                "items": a.catalog,
+                "users": len(big.dataset.user_raw_ids),
+                "index": index,
+                "build_seconds": build_s,
+                **single_user(big, some, 1),
+            }
+        print(
+            f"{a.catalog:,}-item catalog, {index['type']} {index['params']}: single user p50 {c['p50_ms']:.2f} ms | "
+            f"p99 {c['p99_ms']:.2f} ms | max {c['max_ms']:.2f} ms over {c['n']} requests (candidates "
+            f"{c['stages_median_ms']['candidates']:.2f} ms, enrichment + DLRM "
+            f"{c['stages_median_ms']['enrichment + DLRM']:.2f} ms median)",
+            flush=True,
+        )
     write_json_atomic(a.out, results)
     return results
 

@@ -34,8 +34,12 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-STAGE_TITLES = {"two_tower": "two-tower retrieval", "dlrm": "DLRM ranker", "lr": "logistic-regression ranker",
-                "bert4rec": "BERT4Rec"}
+STAGE_TITLES = {
+    "two_tower": "two-tower retrieval",
+    "dlrm": "DLRM ranker",
+    "lr": "logistic-regression ranker",
+    "bert4rec": "BERT4Rec",
+}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -54,8 +58,14 @@ def curves(rows: list[dict], title: str, out: Path) -> Path:
         ax_loss.set_ylabel("loss")
         if all("examples_per_s" in r for r in train):
             ax_rate = ax_loss.twinx()
-            ax_rate.plot(steps, [r["examples_per_s"] / 1000 for r in train], color="#999", lw=0.8, ls="--",
-                         label="thousand examples/s")
+            ax_rate.plot(
+                steps,
+                [r["examples_per_s"] / 1000 for r in train],
+                color="#999",
+                lw=0.8,
+                ls="--",
+                label="thousand examples/s",
+            )
             ax_rate.set_ylabel("thousand examples/s", color="#777")
         ax_loss.legend(loc="upper right", fontsize=8)
     ax_loss.set_title(f"{title}: training")
@@ -120,8 +130,9 @@ def faiss_recall(results: dict, out: Path) -> Path:
             ax.plot([r[key] for r in rows], [r["recall_at_k"] for r in rows], "o-", label=kind)
             for r in rows:
                 if r.get("is_default"):
-                    ax.annotate("default", (r[key], r["recall_at_k"]), fontsize=8, xytext=(4, -10),
-                                textcoords="offset points")
+                    ax.annotate(
+                        "default", (r[key], r["recall_at_k"]), fontsize=8, xytext=(4, -10), textcoords="offset points"
+                    )
         ax.set_xscale("log")
         ax.set_xlabel(f"queries/s, {what}")
         ax.legend(fontsize=8)
@@ -140,7 +151,9 @@ def zch(results: dict, out: Path) -> Path:
         rows = sorted(rows, key=lambda r: _size(r["table_size"]))
         sizes = [_size(r["table_size"]) for r in rows]
         style = "k*" if variant == "full" else "o-"
-        ax_auc.plot(sizes, [r["auc_test"] for r in rows], style, label=variant, markersize=9 if variant == "full" else 5)
+        ax_auc.plot(
+            sizes, [r["auc_test"] for r in rows], style, label=variant, markersize=9 if variant == "full" else 5
+        )
         ax_col.plot(sizes, [r["collision_rate"] for r in rows], style, label=variant)
     ax_auc.set_ylabel("test AUC")
     ax_col.set_ylabel("collision rate (test lookups)")
@@ -187,8 +200,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default="bench/results", help="where the results files are (default: %(default)s)")
     p.add_argument("--out", default="docs/charts", help="where the charts go (default: %(default)s)")
-    p.add_argument("--collect", default=None, metavar="RUNS", help="first copy this run directory's curves and "
-                                                                    "results into --results")
+    p.add_argument(
+        "--collect",
+        default=None,
+        metavar="RUNS",
+        help="first copy this run directory's curves and results into --results",
+    )
     a = p.parse_args(argv)
     results, out = Path(a.results), Path(a.out)
     if a.collect:
@@ -199,10 +216,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
         stage = path.stem
         title = STAGE_TITLES.get(stage, stage.replace("zch-", "ZCH ").replace("-", " "))
         made.append(curves(read_jsonl(path), title, out / f"curves_{stage}.png"))
-    for name, draw, chart in (("demo_results.json", systems, "systems_test.png"),
-                              ("serving_load.json", serving_load, "serving_load.png"),
-                              ("faiss_indexes.json", faiss_recall, "faiss_recall_qps.png"),
-                              ("zch.json", zch, "zch.png")):
+    for name, draw, chart in (
+        ("demo_results.json", systems, "systems_test.png"),
+        ("serving_load.json", serving_load, "serving_load.png"),
+        ("faiss_indexes.json", faiss_recall, "faiss_recall_qps.png"),
+        ("zch.json", zch, "zch.png"),
+    ):
         if (results / name).is_file():
             made.append(draw(json.loads((results / name).read_text()), out / chart))
     for path in made:

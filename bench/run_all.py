@@ -1,6 +1,6 @@
 """Run every benchmark in bench/ and leave their results in bench/results/.
 
-    python -m bench.run_all [--quick]
+python -m bench.run_all [--quick]
 """
 
 from __future__ import annotations

@@ -58,9 +58,23 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> RedisServer:
         import redis
 
-        self.proc = subprocess.Popen([str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.workdir)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [
+                str(self.binary),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -104,8 +118,9 @@ def _window(spec: str) -> tuple[float, float]:
 
 
 class Client(threading.Thread):
-    def __init__(self, n: int, host: str, port: int, users: list[int], log: Log, args: argparse.Namespace,
-                 stop_at: float) -> None:
+    def __init__(
+        self, n: int, host: str, port: int, users: list[int], log: Log, args: argparse.Namespace, stop_at: float
+    ) -> None:
         super().__init__(name=f"client-{n}", daemon=True)
         self.n, self.host, self.port, self.users, self.log, self.a = n, host, port, users, log, args
         self.stop_at, self.rng = stop_at, random.Random(args.seed * 1000 + n)
@@ -214,10 +229,15 @@ def _summary(rows: list[tuple[str, float, float, int, bool | None]], seconds: fl
     for r in rows:
         statuses[str(r[3])] += 1
     rec = [r for r in rows if r[0] == "recommend" and r[3] == 200]
-    return {"requests": len(rows), "req_per_s": round(len(rows) / max(seconds, 1e-9), 1),
-            "p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2),
-            "max_ms": round(float(lat.max()), 2), "statuses": dict(statuses),
-            "cache_hit_rate": round(sum(bool(r[4]) for r in rec) / max(len(rec), 1), 3)}
+    return {
+        "requests": len(rows),
+        "req_per_s": round(len(rows) / max(seconds, 1e-9), 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 2),
+        "p99_ms": round(float(np.percentile(lat, 99)), 2),
+        "max_ms": round(float(lat.max()), 2),
+        "statuses": dict(statuses),
+        "cache_hit_rate": round(sum(bool(r[4]) for r in rec) / max(len(rec), 1), 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -225,10 +245,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--artifacts", default="runs", help="the demo's run directory (default: %(default)s)")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients (default: %(default)s)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load (default: %(default)s)")
-    p.add_argument("--outage", type=_window, default=(20.0, 30.0),
-                   help="START:END seconds into the run during which Redis is down (default: 20:30)")
-    p.add_argument("--hang", type=_window, default=(40.0, 43.0),
-                   help="START:END during which Redis is paused, hung (default: 40:43)")
+    p.add_argument(
+        "--outage",
+        type=_window,
+        default=(20.0, 30.0),
+        help="START:END seconds into the run during which Redis is down (default: 20:30)",
+    )
+    p.add_argument(
+        "--hang",
+        type=_window,
+        default=(40.0, 43.0),
+        help="START:END during which Redis is paused, hung (default: 40:43)",
+    )
     p.add_argument("--users", type=int, default=50, help="users the clients share (default: %(default)s)")
     p.add_argument("--event-every", type=int, default=4, help="an event after every N recommendations (default: 4)")
     p.add_argument("--seed", type=int, default=0)
@@ -254,8 +282,9 @@ def main(argv: list[str] | None = None) -> dict:
         watcher = threading.Thread(target=watch_ready, args=(host, int(port), start, stop_at, ready), daemon=True)
         for t in [*clients, watcher]:
             t.start()
-        timeline = sorted([(a.outage[0], "kill"), (a.outage[1], "restart"), (a.hang[0], "pause"),
-                           (a.hang[1], "resume")])
+        timeline = sorted(
+            [(a.outage[0], "kill"), (a.outage[1], "restart"), (a.hang[0], "pause"), (a.hang[1], "resume")]
+        )
         for at, what in timeline:
             time.sleep(max(0.0, start + at - time.monotonic()))
             {"kill": redis.stop, "restart": redis.start, "pause": redis.pause, "resume": redis.resume}[what]()
@@ -288,18 +317,36 @@ def main(argv: list[str] | None = None) -> dict:
         "events_not_exactly_once": sum(sum(g != 1 for g in v) for v in gaps.values()),
         "unexpected_duplicates": log.counts.get("unexpected_duplicates", 0),
         "retries": log.retries,
-        "ready": {"polls": len(ready), "non_200": sum(s != 200 for _, s, _, _ in ready),
-                  "degraded_polls": sum(st == "degraded" for _, _, st, _ in ready),
-                  "p99_ms": round(float(np.percentile([x[3] for x in ready], 99)) * 1000, 2) if ready else None,
-                  "states": _transitions(ready)},
+        "ready": {
+            "polls": len(ready),
+            "non_200": sum(s != 200 for _, s, _, _ in ready),
+            "degraded_polls": sum(st == "degraded" for _, _, st, _ in ready),
+            "p99_ms": round(float(np.percentile([x[3] for x in ready], 99)) * 1000, 2) if ready else None,
+            "states": _transitions(ready),
+        },
         "recovered_after_s": round(recover[0] - a.outage[1], 2) if recover else None,
     }
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("all", "outage", "server_errors", "seen_items_served",
-                                             "events_acknowledged", "events_not_exactly_once", "retries",
-                                             "recovered_after_s")}, indent=1))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in (
+                    "all",
+                    "outage",
+                    "server_errors",
+                    "seen_items_served",
+                    "events_acknowledged",
+                    "events_not_exactly_once",
+                    "retries",
+                    "recovered_after_s",
+                )
+            },
+            indent=1,
+        )
+    )
     print(f"cache states seen by /ready: {result['ready']['states']}\nwrote {out}")
     return result
 

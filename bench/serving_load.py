@@ -76,15 +76,21 @@ async def _load(u, path: str, bodies: list[bytes], concurrency: int, duration: f
     errors[0] += sum(isinstance(r, Exception) for r in results)  # a dropped connection ends that client
     lat = np.asarray(latencies) * 1000
     n = len(lat)
-    return {"concurrency": concurrency, "seconds": elapsed, "requests": int(n), "errors": int(errors[0]),
-            "requests_per_s": n / elapsed,
-            "p50_ms": float(np.percentile(lat, 50)) if n else float("nan"),
-            "p99_ms": float(np.percentile(lat, 99)) if n else float("nan"),
-            "max_ms": float(lat.max()) if n else float("nan")}
+    return {
+        "concurrency": concurrency,
+        "seconds": elapsed,
+        "requests": int(n),
+        "errors": int(errors[0]),
+        "requests_per_s": n / elapsed,
+        "p50_ms": float(np.percentile(lat, 50)) if n else float("nan"),
+        "p99_ms": float(np.percentile(lat, 99)) if n else float("nan"),
+        "max_ms": float(lat.max()) if n else float("nan"),
+    }
 
 
-def with_health_probe(url: str, path: str, bodies: list[bytes], concurrency: int, duration: float,
-                      every: float = 0.02) -> dict[str, float]:
+def with_health_probe(
+    url: str, path: str, bodies: list[bytes], concurrency: int, duration: float, every: float = 0.02
+) -> dict[str, float]:
     """``run_load``, with a thread timing ``GET /health`` every ``every`` seconds meanwhile."""
     u, latencies, stop = urlparse(url), [], threading.Event()
 
@@ -105,8 +111,12 @@ def with_health_probe(url: str, path: str, bodies: list[bytes], concurrency: int
         stop.set()
         thread.join(timeout=60)
     lat = np.asarray(latencies) * 1000
-    return {**r, "health_probes": int(lat.size), "health_p50_ms": float(np.percentile(lat, 50)) if lat.size else
-            float("nan"), "health_p99_ms": float(np.percentile(lat, 99)) if lat.size else float("nan")}
+    return {
+        **r,
+        "health_probes": int(lat.size),
+        "health_p50_ms": float(np.percentile(lat, 50)) if lat.size else float("nan"),
+        "health_p99_ms": float(np.percentile(lat, 99)) if lat.size else float("nan"),
+    }
 
 
 def big_bodies(artifact: str, max_bytes: int = 4_000_000, max_rows: int = 4096) -> list[bytes]:
@@ -125,8 +135,10 @@ def big_bodies(artifact: str, max_bytes: int = 4_000_000, max_rows: int = 4096) 
 
 def request_bodies(artifact: str, rows_per_request: int) -> list[bytes]:
     rows = [json.loads(line)["features"] for line in (Path(artifact) / "heldout.jsonl").read_text().splitlines()]
-    return [json.dumps({"rows": rows[lo:lo + rows_per_request]}).encode()
-            for lo in range(0, len(rows) - rows_per_request + 1, rows_per_request)]
+    return [
+        json.dumps({"rows": rows[lo : lo + rows_per_request]}).encode()
+        for lo in range(0, len(rows) - rows_per_request + 1, rows_per_request)
+    ]
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -143,35 +155,51 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     levels = [int(x) for x in a.concurrency.split(",")]
     bodies = request_bodies(a.artifact, a.rows_per_request)
     server = ["-m", "inference_legacy.dlrm_predict", "--artifact", a.artifact, *a.server_args.split()]
-    results: dict[str, object] = {"artifact": a.artifact, "rows_per_request": a.rows_per_request,
-                                  "duration_s": duration, "quick": a.quick, "machine": platform.machine(),
-                                  "cpus": os.cpu_count(), "server_args": a.server_args, "batching": [], "no_batching": []}
+    results: dict[str, object] = {
+        "artifact": a.artifact,
+        "rows_per_request": a.rows_per_request,
+        "duration_s": duration,
+        "quick": a.quick,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "server_args": a.server_args,
+        "batching": [],
+        "no_batching": [],
+    }
     for mode, extra in (("batching", []), ("no_batching", ["--no-batching"])):
         proc, url = spawn(server + extra)
         try:
             run_load(url, "/predict", bodies, min(levels), min(duration, 2.0))  # warm-up, not reported
-            for c in (levels if mode == "batching" else [max(levels)]):
+            for c in levels if mode == "batching" else [max(levels)]:
                 r = with_health_probe(url, "/predict", bodies, c, duration)
                 results[mode].append(r)
-                print(f"{mode:12s} {c:3d} clients | {r['requests_per_s']:8.0f} req/s | p50 {r['p50_ms']:6.2f} ms | "
-                      f"p99 {r['p99_ms']:6.2f} ms | max {r['max_ms']:7.2f} ms | errors {r['errors']} | /health p99 "
-                      f"{r['health_p99_ms']:.2f} ms", flush=True)
+                print(
+                    f"{mode:12s} {c:3d} clients | {r['requests_per_s']:8.0f} req/s | p50 {r['p50_ms']:6.2f} ms | "
+                    f"p99 {r['p99_ms']:6.2f} ms | max {r['max_ms']:7.2f} ms | errors {r['errors']} | /health p99 "
+                    f"{r['health_p99_ms']:.2f} ms",
+                    flush=True,
+                )
             if mode == "batching":
                 big = big_bodies(a.artifact)
                 r = with_health_probe(url, "/predict", big, 7, duration)
                 r["body_bytes"] = len(big[0])
                 results["big_bodies"] = r
-                print(f"{'4 MB bodies':12s} {7:3d} clients | {r['requests_per_s']:8.1f} req/s | p50 {r['p50_ms']:6.1f} ms"
-                      f" | errors {r['errors']} | /health p50 {r['health_p50_ms']:.2f} ms, p99 "
-                      f"{r['health_p99_ms']:.2f} ms", flush=True)
+                print(
+                    f"{'4 MB bodies':12s} {7:3d} clients | {r['requests_per_s']:8.1f} req/s | p50 {r['p50_ms']:6.1f} ms"
+                    f" | errors {r['errors']} | /health p50 {r['health_p50_ms']:.2f} ms, p99 "
+                    f"{r['health_p99_ms']:.2f} ms",
+                    flush=True,
+                )
         finally:
             proc.terminate()
             proc.wait(timeout=30)
     top_on, top_off = results["batching"][-1], results["no_batching"][0]
     results["batching_speedup_at_max_clients"] = top_on["requests_per_s"] / top_off["requests_per_s"]
     results["batch_of_1_p99_ms_at_1_client"] = results["batching"][0]["p99_ms"] if a.rows_per_request == 1 else None
-    print(f"dynamic batching at {max(levels)} clients: {results['batching_speedup_at_max_clients']:.2f}x the "
-          f"throughput of batching off")
+    print(
+        f"dynamic batching at {max(levels)} clients: {results['batching_speedup_at_max_clients']:.2f}x the "
+        f"throughput of batching off"
+    )
     write_json_atomic(a.out, results)
     return results
 

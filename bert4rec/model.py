@@ -18,22 +18,34 @@ FEATURE = "item_seq"
 
 
 class BERT4Rec(nn.Module):
-    def __init__(self, num_items: int, max_len: int, dim: int, num_layers: int, num_heads: int, dropout: float,
-                 device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        num_items: int,
+        max_len: int,
+        dim: int,
+        num_layers: int,
+        num_heads: int,
+        dropout: float,
+        device: torch.device | None = None,
+    ) -> None:
         super().__init__()
         self.num_items, self.max_len = num_items, max_len
         self.mask_token = num_items + 1
         self.item_embedding = EmbeddingCollection(
-            tables=[EmbeddingConfig(name="item", embedding_dim=dim, num_embeddings=num_items + 2,
-                                    feature_names=[FEATURE])], device=device)
+            tables=[
+                EmbeddingConfig(name="item", embedding_dim=dim, num_embeddings=num_items + 2, feature_names=[FEATURE])
+            ],
+            device=device,
+        )
         self.position = nn.Embedding(max_len, dim)
         # BERT's init: N(0, 0.02). nn.Embedding's default N(0, 1) would drown the item embedding
         # (TorchRec initializes it uniformly in +-1/sqrt(rows), about 0.02 here) after the sum.
         nn.init.normal_(self.position.weight, std=0.02)
         self.input_norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
-        layer = nn.TransformerEncoderLayer(dim, num_heads, 4 * dim, dropout, activation="gelu", batch_first=True,
-                                           norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, num_heads, 4 * dim, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
         # No dropout on the attention weights: on CPU, drawing a [batch, heads, len, len] mask
         # in every layer took half of the forward time. Hidden states keep their dropout.
         layer.self_attn.dropout = 0.0
@@ -67,8 +79,9 @@ class BERT4RecTrain(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, seq: KeyedJaggedTensor, rows: torch.Tensor, cols: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, seq: KeyedJaggedTensor, rows: torch.Tensor, cols: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         h = self.model.hidden(seq)
         return F.cross_entropy(self.model.head(h[rows, cols]), labels)
 
@@ -77,20 +90,24 @@ def sequences_kjt(seqs: list[np.ndarray]) -> KeyedJaggedTensor:
     """Token sequences (already at most max_len long) as a one-feature KJT."""
     lengths = np.array([len(s) for s in seqs], dtype=np.int32)
     values = np.concatenate(seqs).astype(np.int64) if len(seqs) and lengths.sum() else np.zeros(0, np.int64)
-    return KeyedJaggedTensor.from_lengths_sync(keys=[FEATURE], values=torch.from_numpy(values),
-                                               lengths=torch.from_numpy(lengths))
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=[FEATURE], values=torch.from_numpy(values), lengths=torch.from_numpy(lengths)
+    )
 
 
 def query_sequences(histories: list[np.ndarray], max_len: int, mask_token: int) -> list[np.ndarray]:
     """Each history of item indices as tokens, its last ``max_len - 1`` items plus [MASK]. An
     empty history is [MASK] alone: the model then scores from position alone (close to
     popularity)."""
-    return [np.append(np.asarray(h[len(h) - (max_len - 1):] if len(h) >= max_len else h, dtype=np.int64) + 1,
-                      mask_token) for h in histories]
+    return [
+        np.append(np.asarray(h[len(h) - (max_len - 1) :] if len(h) >= max_len else h, dtype=np.int64) + 1, mask_token)
+        for h in histories
+    ]
 
 
-def mask_batch(seqs: list[np.ndarray], mask_prob: float, last_prob: float, mask_token: int,
-               rng: np.random.Generator) -> tuple[KeyedJaggedTensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def mask_batch(
+    seqs: list[np.ndarray], mask_prob: float, last_prob: float, mask_token: int, rng: np.random.Generator
+) -> tuple[KeyedJaggedTensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """BERT4Rec's cloze task on token sequences: each token is replaced by [MASK] with
     probability ``mask_prob`` (at least one per sequence); with probability ``last_prob`` a
     sequence has only its last token masked, as at prediction time. Returns the KJT, the masked
@@ -109,5 +126,9 @@ def mask_batch(seqs: list[np.ndarray], mask_prob: float, last_prob: float, mask_
         cols.append(idx)
         labels.append(s[idx] - 1)
         masked.append(np.where(m, mask_token, s))
-    return (sequences_kjt(masked), torch.from_numpy(np.concatenate(rows)), torch.from_numpy(np.concatenate(cols)),
-            torch.from_numpy(np.concatenate(labels).astype(np.int64)))
+    return (
+        sequences_kjt(masked),
+        torch.from_numpy(np.concatenate(rows)),
+        torch.from_numpy(np.concatenate(cols)),
+        torch.from_numpy(np.concatenate(labels).astype(np.int64)),
+    )

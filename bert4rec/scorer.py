@@ -24,8 +24,8 @@ from bert4rec.model import BERT4Rec, query_sequences, sequences_kjt
 
 @dataclass
 class Scored:
-    scores: np.ndarray            # [histories, num_items], index order of the manifest's item_raw_ids
-    unknown: list[list[int]]      # per history, the raw IDs that were dropped
+    scores: np.ndarray  # [histories, num_items], index order of the manifest's item_raw_ids
+    unknown: list[list[int]]  # per history, the raw IDs that were dropped
 
 
 class NextItemScorer:
@@ -38,10 +38,18 @@ class NextItemScorer:
         cfg = self.manifest["config"]
         self.item_raw_ids = np.asarray(self.manifest["item_raw_ids"])
         self.index_of = {int(r): i for i, r in enumerate(self.item_raw_ids.tolist())}
-        self.model = BERT4Rec(self.manifest["num_items"], cfg["max_len"], cfg["embedding_dim"], cfg["num_layers"],
-                              cfg["num_heads"], dropout=0.0, device=torch.device("cpu"))
-        self.model.load_state_dict(torch.load(export_dir / "weights.pt", map_location="cpu", weights_only=True),
-                                   strict=True)
+        self.model = BERT4Rec(
+            self.manifest["num_items"],
+            cfg["max_len"],
+            cfg["embedding_dim"],
+            cfg["num_layers"],
+            cfg["num_heads"],
+            dropout=0.0,
+            device=torch.device("cpu"),
+        )
+        self.model.load_state_dict(
+            torch.load(export_dir / "weights.pt", map_location="cpu", weights_only=True), strict=True
+        )
         self.model.eval()
 
     @property
@@ -60,8 +68,10 @@ class NextItemScorer:
             known.append(np.array([self.index_of[int(i)] for i in h if int(i) in self.index_of], dtype=np.int64))
             unknown.append([int(i) for i in h if int(i) not in self.index_of])
         seqs = query_sequences(known, self.model.max_len, self.model.mask_token)
-        parts = [self.model.last_scores(sequences_kjt(seqs[lo:lo + batch_size])).numpy()
-                 for lo in range(0, len(seqs), batch_size)]
+        parts = [
+            self.model.last_scores(sequences_kjt(seqs[lo : lo + batch_size])).numpy()
+            for lo in range(0, len(seqs), batch_size)
+        ]
         scores = np.concatenate(parts) if parts else np.zeros((0, self.model.num_items), np.float32)
         return Scored(scores, unknown)
 

@@ -55,8 +55,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
     ds = load_movielens(cfg.dataset, cfg.data_dir, cfg.source)
     split = split_dataset(ds)
     results: dict[str, dict[str, object]] = {}
-    print(f"{ds.name} ({ds.source}): {ds.num_users} users, {ds.num_items} items, "
-          f"{ds.num_interactions} interactions; metric mean [95% bootstrap CI]")
+    print(
+        f"{ds.name} ({ds.source}): {ds.num_users} users, {ds.num_items} items, "
+        f"{ds.num_interactions} interactions; metric mean [95% bootstrap CI]"
+    )
     for stage in ("valid", "test"):
         rep = popularity_report(split, stage, cfg.n_boot)
         results[stage] = rep.to_dict()

@@ -89,9 +89,16 @@ def checkpoint_problem(path: str | Path) -> str | None:
 
 # Everything DCP 2.x pickles into .metadata (found by reading the pickles of this project's checkpoints).
 _METADATA_CLASSES = {
-    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
-                                              "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
-                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},
     "torch": {"Size"},
@@ -102,8 +109,9 @@ _METADATA_CLASSES = {
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if name in _METADATA_CLASSES.get(module, ()) or (module == "torch" and isinstance(getattr(torch, name, None),
-                                                                                          torch.dtype)):
+        if name in _METADATA_CLASSES.get(module, ()) or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
             return super().find_class(module, name)
         raise UnsafeCheckpoint(f"{module}.{name}")
 
@@ -117,12 +125,15 @@ class _SafeReader(FileSystemReader):
             try:
                 metadata = _MetadataUnpickler(f).load()
             except UnsafeCheckpoint as err:
-                raise UnsafeCheckpoint(f"{path} refers to {err}, which DCP never writes into checkpoint metadata; "
-                                       f"refusing to load it (unpickling it could run code). Use checkpoints from "
-                                       f"a source you trust, or retrain") from None
+                raise UnsafeCheckpoint(
+                    f"{path} refers to {err}, which DCP never writes into checkpoint metadata; "
+                    f"refusing to load it (unpickling it could run code). Use checkpoints from "
+                    f"a source you trust, or retrain"
+                ) from None
             except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError) as err:
-                raise UnsafeCheckpoint(f"{path} is not readable DCP metadata ({type(err).__name__}: {err}); the "
-                                       f"checkpoint is damaged") from None
+                raise UnsafeCheckpoint(
+                    f"{path} is not readable DCP metadata ({type(err).__name__}: {err}); the checkpoint is damaged"
+                ) from None
         if not isinstance(metadata, Metadata):
             raise UnsafeCheckpoint(f"{path} holds a {type(metadata).__name__}, not DCP metadata; refusing it")
         if getattr(metadata, "storage_meta", None) is None:
@@ -138,8 +149,9 @@ class _WeightsOnlyPlanner(DefaultLoadPlanner):
         try:
             loaded = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as err:
-            raise UnsafeCheckpoint(f"checkpoint value {read_item.dest_index.fqn!r} is not plain data ({err}); "
-                                   f"refusing to load it") from None
+            raise UnsafeCheckpoint(
+                f"checkpoint value {read_item.dest_index.fqn!r} is not plain data ({err}); refusing to load it"
+            ) from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
         else:
@@ -170,8 +182,9 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save_checkpoint(root: str | Path, step: int, state: dict[str, Any],
-                    meta: dict[str, Any] | None = None, keep_last: int = 2) -> Path:
+def save_checkpoint(
+    root: str | Path, step: int, state: dict[str, Any], meta: dict[str, Any] | None = None, keep_last: int = 2
+) -> Path:
     """Save ``state`` (modules, optimizers, or plain state dicts) as checkpoint ``step``.
 
     Every rank must call this. ``meta`` (JSON-able: step counters, epoch, config) is written by
@@ -189,10 +202,16 @@ def save_checkpoint(root: str | Path, step: int, state: dict[str, Any],
     dcp.save(_state_dicts(state), checkpoint_id=str(partial))
     _barrier()
     if get_rank() == 0:
-        info = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                **(meta or {}),
-                "files": {f.name: {"size": f.stat().st_size, "sha256": file_digest(f, "sha256")}
-                          for f in sorted(partial.iterdir()) if f.is_file()}}
+        info = {
+            "step": step,
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            **(meta or {}),
+            "files": {
+                f.name: {"size": f.stat().st_size, "sha256": file_digest(f, "sha256")}
+                for f in sorted(partial.iterdir())
+                if f.is_file()
+            },
+        }
         write_json_atomic(partial / "meta.json", info)
         if final.exists():  # a re-save of the same step (e.g. after resuming) replaces it
             shutil.rmtree(final)
@@ -213,8 +232,9 @@ def load_checkpoint(path: str | Path, state: dict[str, Any], verify: bool = True
     path = Path(path)
     meta_file = path / "meta.json"
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no meta.json); "
-                                f"pick one from checkpoint_dirs({path.parent})")
+        raise FileNotFoundError(
+            f"{path} is not a complete checkpoint (no meta.json); pick one from checkpoint_dirs({path.parent})"
+        )
     problem = checkpoint_problem(path) if verify else None
     if problem:
         raise DamagedCheckpoint(f"checkpoint {path} is damaged: {problem}")
@@ -234,19 +254,36 @@ def load_checkpoint(path: str | Path, state: dict[str, Any], verify: bool = True
 
 
 # Script settings that may change between a run and its resumption (more epochs, other paths...).
-RESUMABLE_CHANGES = frozenset({"resume", "out", "epochs", "log_every", "tensorboard", "checkpoint_every", "n_boot", "eval_batch_size",
-                               "device", "data_dir", "source", "index_type"})
+RESUMABLE_CHANGES = frozenset(
+    {
+        "resume",
+        "out",
+        "epochs",
+        "log_every",
+        "tensorboard",
+        "checkpoint_every",
+        "n_boot",
+        "eval_batch_size",
+        "device",
+        "data_dir",
+        "source",
+        "index_type",
+    }
+)
 
 
 def run_config(cfg: Any, fingerprint: str) -> dict[str, Any]:
     """What defines a run (a script's config dataclass minus :data:`RESUMABLE_CHANGES`, plus the
     data fingerprint), for :func:`resume_if_possible` to refuse checkpoints of other settings."""
-    return {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES},
-            "data_fingerprint": fingerprint}
+    return {
+        **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES},
+        "data_fingerprint": fingerprint,
+    }
 
 
-def resume_if_possible(root: str | Path, state: dict[str, Any],
-                       run_config: dict[str, Any] | None = None, resume: bool = True) -> dict[str, Any] | None:
+def resume_if_possible(
+    root: str | Path, state: dict[str, Any], run_config: dict[str, Any] | None = None, resume: bool = True
+) -> dict[str, Any] | None:
     """Load the latest complete checkpoint under ``root`` into ``state``; None if there is none.
 
     With ``resume=False`` (a script run without ``--resume``) an existing checkpoint is an error
@@ -274,15 +311,21 @@ def resume_if_possible(root: str | Path, state: dict[str, Any],
     if not newest:
         return None
     if not resume:
-        raise FileExistsError(f"{Path(root) / newest} is a checkpoint of an earlier run; pass --resume to continue "
-                              f"it, or use another --out (or delete {root}) to start over")
+        raise FileExistsError(
+            f"{Path(root) / newest} is a checkpoint of an earlier run; pass --resume to continue "
+            f"it, or use another --out (or delete {root}) to start over"
+        )
     if not intact:
-        raise DamagedCheckpoint(f"no intact checkpoint under {root} to resume from ({skipped}); delete {root} and "
-                                f"start over without --resume")
+        raise DamagedCheckpoint(
+            f"no intact checkpoint under {root} to resume from ({skipped}); delete {root} and "
+            f"start over without --resume"
+        )
     path = Path(root) / intact
     if skipped and get_rank() == 0:
-        print(f"warning: resuming from {path}, the newest intact checkpoint; skipped newer ones: {skipped}",
-              file=sys.stderr)
+        print(
+            f"warning: resuming from {path}, the newest intact checkpoint; skipped newer ones: {skipped}",
+            file=sys.stderr,
+        )
     if run_config is not None:
         saved = json.loads((path / "meta.json").read_text()).get("run_config")
         if saved is not None:
@@ -290,8 +333,10 @@ def resume_if_possible(root: str | Path, state: dict[str, Any],
             diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
             if diff:
                 detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff)
-                raise ValueError(f"{root} holds checkpoints of a run with other settings ({detail}); resume with "
-                                 f"the same settings, or use another --out (or delete {root}) to start over")
+                raise ValueError(
+                    f"{root} holds checkpoints of a run with other settings ({detail}); resume with "
+                    f"the same settings, or use another --out (or delete {root}) to start over"
+                )
     return load_checkpoint(path, state, verify=False)  # rank 0 just verified it
 
 
@@ -310,8 +355,10 @@ def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _state_dicts(state: dict[str, Any]) -> dict[str, Any]:
-    return {key: (obj.state_dict() if hasattr(obj, "state_dict") and not isinstance(obj, dict) else obj)
-            for key, obj in state.items()}
+    return {
+        key: (obj.state_dict() if hasattr(obj, "state_dict") and not isinstance(obj, dict) else obj)
+        for key, obj in state.items()
+    }
 
 
 def _materialize_optimizer_state(opt: torch.optim.Optimizer) -> None:

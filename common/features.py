@@ -54,7 +54,9 @@ class SparseFeature:
         if self.cardinality < 1:
             raise FeatureError(f"sparse feature {self.name!r}: cardinality must be >= 1, got {self.cardinality}")
         if self.pooling not in POOLINGS:
-            raise FeatureError(f"sparse feature {self.name!r}: pooling must be one of {sorted(POOLINGS)}, got {self.pooling!r}")
+            raise FeatureError(
+                f"sparse feature {self.name!r}: pooling must be one of {sorted(POOLINGS)}, got {self.pooling!r}"
+            )
         if self.max_length is not None and self.max_length < 1:
             raise FeatureError(f"sparse feature {self.name!r}: max_length must be >= 1 or None, got {self.max_length}")
 
@@ -86,8 +88,9 @@ class FeatureBatch:
         return self.sparse.stride() if self.sparse.keys() else self.dense.shape[0]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> FeatureBatch:
-        return FeatureBatch(self.dense.to(device, non_blocking=non_blocking),
-                            self.sparse.to(device, non_blocking=non_blocking))
+        return FeatureBatch(
+            self.dense.to(device, non_blocking=non_blocking), self.sparse.to(device, non_blocking=non_blocking)
+        )
 
 
 @dataclass(frozen=True)
@@ -103,8 +106,10 @@ class FeatureSchema:
         by_table: dict[str, int] = {}
         for f in self.sparse:
             if by_table.setdefault(f.table_name, f.cardinality) != f.cardinality:
-                raise FeatureError(f"features sharing table {f.table_name!r} disagree on cardinality "
-                                   f"({by_table[f.table_name]} vs {f.cardinality} for {f.name!r})")
+                raise FeatureError(
+                    f"features sharing table {f.table_name!r} disagree on cardinality "
+                    f"({by_table[f.table_name]} vs {f.cardinality} for {f.name!r})"
+                )
 
     @property
     def sparse_names(self) -> list[str]:
@@ -127,13 +132,20 @@ class FeatureSchema:
         for table, feats in tables.items():
             poolings = {f.pooling for f in feats}
             if len(poolings) > 1:
-                raise FeatureError(f"features of table {table!r} use different poolings {sorted(poolings)}; "
-                                   f"an EmbeddingBagConfig has one pooling per table")
+                raise FeatureError(
+                    f"features of table {table!r} use different poolings {sorted(poolings)}; "
+                    f"an EmbeddingBagConfig has one pooling per table"
+                )
             dim = embedding_dim if isinstance(embedding_dim, int) else embedding_dim[table]
-            configs.append(EmbeddingBagConfig(name=table, embedding_dim=dim,
-                                              num_embeddings=feats[0].cardinality,
-                                              feature_names=[f.name for f in feats],
-                                              pooling=POOLINGS[feats[0].pooling]))
+            configs.append(
+                EmbeddingBagConfig(
+                    name=table,
+                    embedding_dim=dim,
+                    num_embeddings=feats[0].cardinality,
+                    feature_names=[f.name for f in feats],
+                    pooling=POOLINGS[feats[0].pooling],
+                )
+            )
         return configs
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,8 +154,10 @@ class FeatureSchema:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FeatureSchema:
-        return cls(sparse=tuple(SparseFeature(**f) for f in d.get("sparse", [])),
-                   dense=tuple(DenseFeature(**f) for f in d.get("dense", [])))
+        return cls(
+            sparse=tuple(SparseFeature(**f) for f in d.get("sparse", [])),
+            dense=tuple(DenseFeature(**f) for f in d.get("dense", [])),
+        )
 
     # -- records ---------------------------------------------------------------------------
 
@@ -157,12 +171,16 @@ class FeatureSchema:
                 raise FeatureError(f"record {r}: expected a dict of features, got {type(rec).__name__}")
             unknown = sorted(set(rec) - known)
             if unknown:
-                raise FeatureError(f"record {r}: unknown feature(s) {unknown}; the schema has sparse "
-                                   f"{self.sparse_names} and dense {self.dense_names}")
+                raise FeatureError(
+                    f"record {r}: unknown feature(s) {unknown}; the schema has sparse "
+                    f"{self.sparse_names} and dense {self.dense_names}"
+                )
             missing = [n for n in self.sparse_names + self.dense_names if n not in rec]
             if missing:
-                raise FeatureError(f"record {r}: missing feature(s) {missing}; every record needs all of "
-                                   f"{self.sparse_names + self.dense_names}")
+                raise FeatureError(
+                    f"record {r}: missing feature(s) {missing}; every record needs all of "
+                    f"{self.sparse_names + self.dense_names}"
+                )
         columns: dict[str, Any] = {}
         for f in self.sparse:
             col = [rec[f.name] for rec in records]
@@ -174,8 +192,10 @@ class FeatureSchema:
                 v = rec[f.name]
                 ids = [v] if _is_scalar(v) else v
                 if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray, torch.Tensor)):
-                    raise FeatureError(f"sparse feature {f.name!r}, record {r}: expected an integer ID or a "
-                                       f"list of IDs, got {type(v).__name__} {v!r}")
+                    raise FeatureError(
+                        f"sparse feature {f.name!r}, record {r}: expected an integer ID or a "
+                        f"list of IDs, got {type(v).__name__} {v!r}"
+                    )
                 lists.append(ids)
             columns[f.name] = lists
         for f in self.dense:
@@ -191,7 +211,7 @@ class FeatureSchema:
             single = self.sparse[self.sparse_names.index(name)].single_valued
             offsets, values = jt.offsets().tolist(), jt.values().tolist()
             for i in range(n):
-                ids = values[offsets[i]:offsets[i + 1]]
+                ids = values[offsets[i] : offsets[i + 1]]
                 rows[i][name] = ids[0] if single else ids
         for j, name in enumerate(self.dense_names):
             for i, v in enumerate(batch.dense[:, j].tolist()):
@@ -208,8 +228,9 @@ class FeatureSchema:
         """
         unknown = sorted(set(columns) - set(self.sparse_names) - set(self.dense_names))
         if unknown:
-            raise FeatureError(f"unknown feature(s) {unknown}; the schema has sparse {self.sparse_names} "
-                               f"and dense {self.dense_names}")
+            raise FeatureError(
+                f"unknown feature(s) {unknown}; the schema has sparse {self.sparse_names} and dense {self.dense_names}"
+            )
         missing = [n for n in self.sparse_names + self.dense_names if n not in columns]
         if missing:
             raise FeatureError(f"missing feature(s) {missing}")
@@ -219,8 +240,10 @@ class FeatureSchema:
             if batch_size is None:
                 batch_size = len(n)
             if len(n) != batch_size:
-                raise FeatureError(f"sparse feature {f.name!r} has {len(n)} examples, expected {batch_size} "
-                                   f"(every feature needs one entry per example)")
+                raise FeatureError(
+                    f"sparse feature {f.name!r} has {len(n)} examples, expected {batch_size} "
+                    f"(every feature needs one entry per example)"
+                )
             values.append(v)
             lengths.append(n)
         dense_cols = []
@@ -232,8 +255,11 @@ class FeatureSchema:
                 raise FeatureError(f"dense feature {f.name!r} has {len(col)} examples, expected {batch_size}")
             dense_cols.append(col)
         batch_size = batch_size or 0
-        dense = (torch.from_numpy(np.stack(dense_cols, axis=1)) if dense_cols
-                 else torch.zeros(batch_size, 0, dtype=torch.float32))
+        dense = (
+            torch.from_numpy(np.stack(dense_cols, axis=1))
+            if dense_cols
+            else torch.zeros(batch_size, 0, dtype=torch.float32)
+        )
         kjt = KeyedJaggedTensor.from_lengths_sync(
             keys=self.sparse_names,
             values=torch.from_numpy(np.concatenate(values)) if values else torch.zeros(0, dtype=torch.int64),
@@ -251,21 +277,31 @@ class FeatureSchema:
         if not all(f.single_valued for f in self.sparse):
             raise FeatureError("from_arrays needs single-valued sparse features; use from_columns for lists")
         if k != len(self.sparse) or dense.shape != (n, len(self.dense)):
-            raise FeatureError(f"from_arrays expects ids [batch, {len(self.sparse)}] and dense [batch, "
-                               f"{len(self.dense)}], got {ids.shape} and {dense.shape}")
+            raise FeatureError(
+                f"from_arrays expects ids [batch, {len(self.sparse)}] and dense [batch, "
+                f"{len(self.dense)}], got {ids.shape} and {dense.shape}"
+            )
         sizes = np.array([f.cardinality for f in self.sparse], dtype=np.int64)
-        if (not np.issubdtype(ids.dtype, np.integer) or ((ids < 0) | (ids >= sizes)).any()
-                or not np.isfinite(dense).all()):
+        if (
+            not np.issubdtype(ids.dtype, np.integer)
+            or ((ids < 0) | (ids >= sizes)).any()
+            or not np.isfinite(dense).all()
+        ):
             cols = {f.name: ids[:, j] for j, f in enumerate(self.sparse)}
             cols.update({f.name: dense[:, j] for j, f in enumerate(self.dense)})
             self.from_columns(cols, batch_size=n)  # raises with the details
         total = n * k
         # One ID per example and feature, so lengths, offsets and per-key sizes are known up front
         # (KeyedJaggedTensor would otherwise compute them, with a sync, at first use).
-        kjt = KeyedJaggedTensor(keys=self.sparse_names,
-                                values=torch.from_numpy(np.ascontiguousarray(ids.T, dtype=np.int64).reshape(-1)),
-                                lengths=torch.ones(total, dtype=torch.int32), offsets=torch.arange(total + 1),
-                                stride=n, length_per_key=[n] * k, offset_per_key=list(range(0, total + 1, n)))
+        kjt = KeyedJaggedTensor(
+            keys=self.sparse_names,
+            values=torch.from_numpy(np.ascontiguousarray(ids.T, dtype=np.int64).reshape(-1)),
+            lengths=torch.ones(total, dtype=torch.int32),
+            offsets=torch.arange(total + 1),
+            stride=n,
+            length_per_key=[n] * k,
+            offset_per_key=list(range(0, total + 1, n)),
+        )
         return FeatureBatch(dense=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)), sparse=kjt)
 
     def _sparse_column(self, f: SparseFeature, col: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -274,8 +310,10 @@ class FeatureSchema:
             if (lens < 0).any():
                 raise FeatureError(f"sparse feature {f.name!r}: negative length at example {int(np.argmax(lens < 0))}")
             if int(lens.sum()) != len(vals):
-                raise FeatureError(f"sparse feature {f.name!r}: lengths sum to {int(lens.sum())} but "
-                                   f"{len(vals)} values were given; lengths[i] must count example i's IDs")
+                raise FeatureError(
+                    f"sparse feature {f.name!r}: lengths sum to {int(lens.sum())} but "
+                    f"{len(vals)} values were given; lengths[i] must count example i's IDs"
+                )
         elif isinstance(col, (list, tuple)) and any(not _is_scalar(x) for x in col):
             vals, lens = _flatten_int_lists(col)
             if vals is None:  # something other than lists of ints: check example by example, to name it
@@ -287,15 +325,19 @@ class FeatureSchema:
             lens = np.ones(len(vals), dtype=np.int64)
         if f.single_valued and (lens != 1).any():
             i = int(np.argmax(lens != 1))
-            raise FeatureError(f"sparse feature {f.name!r} is single-valued but example {i} has {int(lens[i])} "
-                               f"IDs; give exactly one, or declare max_length=None for a list feature")
+            raise FeatureError(
+                f"sparse feature {f.name!r} is single-valued but example {i} has {int(lens[i])} "
+                f"IDs; give exactly one, or declare max_length=None for a list feature"
+            )
         bad = (vals < 0) | (vals >= f.cardinality)
         if bad.any():
             j = int(np.argmax(bad))
             example = int(np.searchsorted(np.cumsum(lens), j, side="right"))
-            raise FeatureError(f"sparse feature {f.name!r}: ID {int(vals[j])} in example {example} is out of range "
-                               f"[0, {f.cardinality}); map raw IDs through the dataset's ID map, or raise the "
-                               f"feature's cardinality")
+            raise FeatureError(
+                f"sparse feature {f.name!r}: ID {int(vals[j])} in example {example} is out of range "
+                f"[0, {f.cardinality}); map raw IDs through the dataset's ID map, or raise the "
+                f"feature's cardinality"
+            )
         if f.max_length is not None and (lens > f.max_length).any():
             vals, lens = _keep_last(vals, lens, f.max_length)
         return vals, lens.astype(np.int32)
@@ -303,22 +345,27 @@ class FeatureSchema:
     def _dense_column(self, f: DenseFeature, col: Any) -> np.ndarray:
         arr = col.detach().cpu().numpy() if isinstance(col, torch.Tensor) else np.asarray(col)
         if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-            raise FeatureError(f"dense feature {f.name!r}: expected numbers, got dtype {arr.dtype} "
-                               f"(e.g. {arr.reshape(-1)[:1].tolist()})")
+            raise FeatureError(
+                f"dense feature {f.name!r}: expected numbers, got dtype {arr.dtype} "
+                f"(e.g. {arr.reshape(-1)[:1].tolist()})"
+            )
         if arr.ndim != 1:
             raise FeatureError(f"dense feature {f.name!r}: expected one value per example (1-D), got shape {arr.shape}")
         arr = arr.astype(np.float32)
         bad = ~np.isfinite(arr)
         if bad.any():
             i = int(np.argmax(bad))
-            raise FeatureError(f"dense feature {f.name!r}: {arr[i]} in example {i}; impute missing values and "
-                               f"clip infinities before batching")
+            raise FeatureError(
+                f"dense feature {f.name!r}: {arr[i]} in example {i}; impute missing values and "
+                f"clip infinities before batching"
+            )
         return arr
 
 
 def _is_scalar(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) or (
-        isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim == 0)
+        isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim == 0
+    )
 
 
 def _int_array(f: SparseFeature, x: Any, what: str) -> np.ndarray:
@@ -326,8 +373,10 @@ def _int_array(f: SparseFeature, x: Any, what: str) -> np.ndarray:
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64)
     if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
-        raise FeatureError(f"sparse feature {f.name!r} ({what}): expected integer IDs, got dtype {arr.dtype} "
-                           f"(e.g. {arr.reshape(-1)[:1].tolist()}); cast IDs to int64")
+        raise FeatureError(
+            f"sparse feature {f.name!r} ({what}): expected integer IDs, got dtype {arr.dtype} "
+            f"(e.g. {arr.reshape(-1)[:1].tolist()}); cast IDs to int64"
+        )
     if arr.ndim != 1:
         raise FeatureError(f"sparse feature {f.name!r} ({what}): expected a 1-D array, got shape {arr.shape}")
     return arr.astype(np.int64)
@@ -362,7 +411,7 @@ def _keep_last(vals: np.ndarray, lens: np.ndarray, n: int) -> tuple[np.ndarray, 
     new_lens = np.minimum(lens, n)
     keep = np.zeros(len(vals), dtype=bool)
     for end, k in zip(ends, new_lens):
-        keep[end - k:end] = True
+        keep[end - k : end] = True
     return vals[keep], new_lens
 
 

@@ -27,7 +27,10 @@ from common.data.split import Split
 
 # The project's reported ranking metrics: (name, kind, K).
 RANKING_METRICS: tuple[tuple[str, str, int], ...] = (
-    ("HR@10", "hr", 10), ("NDCG@10", "ndcg", 10), ("Recall@50", "hr", 50), ("Recall@100", "hr", 100),
+    ("HR@10", "hr", 10),
+    ("NDCG@10", "ndcg", 10),
+    ("Recall@50", "hr", 50),
+    ("Recall@100", "hr", 100),
 )
 MAX_K = max(k for _, _, k in RANKING_METRICS)
 
@@ -37,8 +40,8 @@ class RankingReport:
     """Per-user results and their means with bootstrap CIs."""
 
     stage: str
-    users: np.ndarray                       # dense user indices, sorted
-    ranks: np.ndarray                       # 0-based rank of the target, MAX_K where not in top MAX_K
+    users: np.ndarray  # dense user indices, sorted
+    ranks: np.ndarray  # 0-based rank of the target, MAX_K where not in top MAX_K
     means: dict[str, float] = field(default_factory=dict)
     ci95: dict[str, tuple[float, float]] = field(default_factory=dict)
 
@@ -47,8 +50,12 @@ class RankingReport:
         return len(self.users)
 
     def to_dict(self) -> dict[str, object]:
-        return {"stage": self.stage, "num_users": self.num_users, **self.means,
-                **{f"{k}_ci95": list(v) for k, v in self.ci95.items()}}
+        return {
+            "stage": self.stage,
+            "num_users": self.num_users,
+            **self.means,
+            **{f"{k}_ci95": list(v) for k, v in self.ci95.items()},
+        }
 
     def line(self) -> str:
         return " | ".join(f"{k} {v:.4f}" for k, v in self.means.items())
@@ -64,8 +71,7 @@ def per_user_metrics(ranks: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean of ``values`` (resampling users)."""
     values = np.asarray(values, dtype=np.float64)
     if len(values) == 0:
@@ -123,13 +129,18 @@ def _gather(local: np.ndarray) -> np.ndarray:
 
 def _my_users(users: np.ndarray) -> np.ndarray:
     if dist.is_initialized() and dist.get_world_size() > 1:
-        return users[dist.get_rank()::dist.get_world_size()]
+        return users[dist.get_rank() :: dist.get_world_size()]
     return users
 
 
-def evaluate_scores(score_fn: Callable[[torch.Tensor], torch.Tensor], split: Split, stage: str,
-                    batch_size: int = 512, device: torch.device | str = "cpu",
-                    n_boot: int = 1000) -> RankingReport:
+def evaluate_scores(
+    score_fn: Callable[[torch.Tensor], torch.Tensor],
+    split: Split,
+    stage: str,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    n_boot: int = 1000,
+) -> RankingReport:
     """Full-ranking evaluation of a model that scores every item for a batch of users.
 
     ``score_fn(users)`` gets a 1-D tensor of dense user indices and returns scores of shape
@@ -144,24 +155,27 @@ def evaluate_scores(score_fn: Callable[[torch.Tensor], torch.Tensor], split: Spl
     ranks = np.empty(len(mine), dtype=np.int64)
     k = min(MAX_K, split.num_items)
     for start in range(0, len(mine), batch_size):
-        batch = mine[start:start + batch_size]
+        batch = mine[start : start + batch_size]
         with torch.no_grad():
             scores = score_fn(torch.as_tensor(batch, device=device)).float()
         if scores.shape != (len(batch), split.num_items):
-            raise ValueError(f"score_fn returned shape {tuple(scores.shape)}, expected "
-                             f"({len(batch)}, {split.num_items}) = (users in batch, num_items)")
+            raise ValueError(
+                f"score_fn returned shape {tuple(scores.shape)}, expected "
+                f"({len(batch)}, {split.num_items}) = (users in batch, num_items)"
+            )
         rows = np.repeat(np.arange(len(batch)), indptr[batch + 1] - indptr[batch])
-        cols = np.concatenate([hist[indptr[u]:indptr[u + 1]] for u in batch]) if len(batch) else hist[:0]
+        cols = np.concatenate([hist[indptr[u] : indptr[u + 1]] for u in batch]) if len(batch) else hist[:0]
         scores[torch.as_tensor(rows, device=scores.device), torch.as_tensor(cols, device=scores.device)] = -math.inf
         topk = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
         target = torch.as_tensor([target_of[u] for u in batch.tolist()], device=topk.device)
-        ranks[start:start + len(batch)] = target_ranks(topk, target).cpu().numpy()
+        ranks[start : start + len(batch)] = target_ranks(topk, target).cpu().numpy()
     ranks = np.where(ranks >= k, MAX_K, ranks)
     return report_from_ranks(stage, _gather(mine), _gather(ranks), n_boot=n_boot)
 
 
-def evaluate_topk(topk_fn: Callable[[np.ndarray], np.ndarray], split: Split, stage: str,
-                  batch_size: int = 512, n_boot: int = 1000) -> RankingReport:
+def evaluate_topk(
+    topk_fn: Callable[[np.ndarray], np.ndarray], split: Split, stage: str, batch_size: int = 512, n_boot: int = 1000
+) -> RankingReport:
     """Evaluation of a model that returns ranked item lists (e.g. a FAISS index).
 
     ``topk_fn(users)`` returns an int array ``[len(users), >= 100]`` of item indices, best first,
@@ -172,10 +186,10 @@ def evaluate_topk(topk_fn: Callable[[np.ndarray], np.ndarray], split: Split, sta
     mine = _my_users(users_all)
     ranks = np.empty(len(mine), dtype=np.int64)
     for start in range(0, len(mine), batch_size):
-        batch = mine[start:start + batch_size]
+        batch = mine[start : start + batch_size]
         topk = torch.as_tensor(np.asarray(topk_fn(batch))[:, :MAX_K])
         target = torch.as_tensor([target_of[u] for u in batch.tolist()])
-        ranks[start:start + len(batch)] = target_ranks(topk, target).numpy()
+        ranks[start : start + len(batch)] = target_ranks(topk, target).numpy()
     ranks = np.where(ranks >= MAX_K, MAX_K, ranks)
     return report_from_ranks(stage, _gather(mine), _gather(ranks), n_boot=n_boot)
 
@@ -183,9 +197,16 @@ def evaluate_topk(topk_fn: Callable[[np.ndarray], np.ndarray], split: Split, sta
 SAMPLED_NEGATIVES = 100
 
 
-def sampled_report(score_fn: Callable[[np.ndarray], np.ndarray], split: Split, stage: str, by: str,
-                   n_negatives: int = SAMPLED_NEGATIVES, seed: int = 0, batch_size: int = 512,
-                   n_boot: int = 1000) -> RankingReport:
+def sampled_report(
+    score_fn: Callable[[np.ndarray], np.ndarray],
+    split: Split,
+    stage: str,
+    by: str,
+    n_negatives: int = SAMPLED_NEGATIVES,
+    seed: int = 0,
+    batch_size: int = 512,
+    n_boot: int = 1000,
+) -> RankingReport:
     """The sampled protocol of many papers (and TorchRec's BERT4Rec example): the target ranked
     among ``n_negatives`` items the user has not seen, drawn uniformly (``by="uniform"``) or in
     proportion to training popularity (``by="popularity"``), instead of among all items. Ties
@@ -205,19 +226,22 @@ def sampled_report(score_fn: Callable[[np.ndarray], np.ndarray], split: Split, s
     mine = _my_users(users_all)
     ranks = np.empty(len(mine), dtype=np.int64)
     for start in range(0, len(mine), batch_size):
-        batch = mine[start:start + batch_size]
+        batch = mine[start : start + batch_size]
         scores = np.asarray(score_fn(batch))
         for row, u in enumerate(batch.tolist()):
             target = target_of[u]
-            banned = set(hist[indptr[u]:indptr[u + 1]].tolist()) | {target}
+            banned = set(hist[indptr[u] : indptr[u + 1]].tolist()) | {target}
             if split.num_items - len(banned) < n_negatives:
-                raise ValueError(f"user {u} has seen all but {split.num_items - len(banned)} items; "
-                                 f"cannot draw {n_negatives} unseen negatives")
+                raise ValueError(
+                    f"user {u} has seen all but {split.num_items - len(banned)} items; "
+                    f"cannot draw {n_negatives} unseen negatives"
+                )
             rng = np.random.default_rng([seed, u])
             negs: list[int] = []
             while len(negs) < n_negatives:  # rejection sampling: without replacement, never seen
-                for i in np.minimum(np.searchsorted(cdf, rng.random(2 * n_negatives), side="right"),
-                                    split.num_items - 1).tolist():
+                for i in np.minimum(
+                    np.searchsorted(cdf, rng.random(2 * n_negatives), side="right"), split.num_items - 1
+                ).tolist():
                     if i not in banned:
                         banned.add(i)
                         negs.append(i)
@@ -254,13 +278,21 @@ class BinaryMetrics:
         weights = torch.ones_like(preds)
         auc = compute_auc(1, [preds.view(1, -1)], [labels.view(1, -1)], [weights.view(1, -1)])
         states = get_ne_states(labels, preds, weights, eta=1e-12)
-        ne = compute_ne(states["cross_entropy_sum"], states["weighted_num_samples"],
-                        states["pos_labels"], states["neg_labels"], eta=1e-12)
-        logloss = compute_logloss(states["cross_entropy_sum"], states["pos_labels"],
-                                  states["neg_labels"], eta=1e-12)
-        return {"auc": float(auc.item()), "ne": float(ne.item()),
-                "logloss": float(logloss.item()) * math.log(2),  # torchrec uses log2; report nats
-                "num_examples": int(preds.numel()), "positive_rate": float(labels.mean().item())}
+        ne = compute_ne(
+            states["cross_entropy_sum"],
+            states["weighted_num_samples"],
+            states["pos_labels"],
+            states["neg_labels"],
+            eta=1e-12,
+        )
+        logloss = compute_logloss(states["cross_entropy_sum"], states["pos_labels"], states["neg_labels"], eta=1e-12)
+        return {
+            "auc": float(auc.item()),
+            "ne": float(ne.item()),
+            "logloss": float(logloss.item()) * math.log(2),  # torchrec uses log2; report nats
+            "num_examples": int(preds.numel()),
+            "positive_rate": float(labels.mean().item()),
+        }
 
     def reset(self) -> None:
         self._preds.clear()

@@ -43,14 +43,24 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     except (DataUnavailable, DataIntegrityError) as err:
         raise SystemExit(f"error: {err}") from None  # one line that says what to do, not a traceback
     split = split_dataset(ds)
-    stats = {**ds.stats(), "train_interactions": len(split.train_user),
-             "valid_users": len(split.valid_user), "test_users": len(split.test_user)}
-    print(f"{ds.name} from {ds.source}: {stats['users']} users, {stats['items']} items, "
-          f"{stats['interactions']} interactions (density {stats['density']:.4f})")
-    print(f"  per user: min {stats['interactions_per_user_min']}, median {stats['interactions_per_user_median']:.0f}; "
-          f"{stats['genres']} genres; user features: {'yes' if ds.has_user_features else 'no'}")
-    print(f"  split (temporal leave-last-out): train {stats['train_interactions']}, "
-          f"valid {stats['valid_users']} users, test {stats['test_users']} users")
+    stats = {
+        **ds.stats(),
+        "train_interactions": len(split.train_user),
+        "valid_users": len(split.valid_user),
+        "test_users": len(split.test_user),
+    }
+    print(
+        f"{ds.name} from {ds.source}: {stats['users']} users, {stats['items']} items, "
+        f"{stats['interactions']} interactions (density {stats['density']:.4f})"
+    )
+    print(
+        f"  per user: min {stats['interactions_per_user_min']}, median {stats['interactions_per_user_median']:.0f}; "
+        f"{stats['genres']} genres; user features: {'yes' if ds.has_user_features else 'no'}"
+    )
+    print(
+        f"  split (temporal leave-last-out): train {stats['train_interactions']}, "
+        f"valid {stats['valid_users']} users, test {stats['test_users']} users"
+    )
     top = np.argsort(-np.bincount(ds.item, minlength=ds.num_items), kind="stable")[:3]
     print("  most interacted: " + "; ".join(f"{ds.item_title[i]} ({ds.item_year[i]})" for i in top))
     print(f"  fingerprint {stats['fingerprint'][:16]}")

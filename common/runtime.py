@@ -46,8 +46,10 @@ def autodetect_device(requested: str = "auto", local_rank: int = 0) -> torch.dev
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but torch.cuda.is_available() is False; "
-                               "use --device cpu (or auto), or install the CUDA build: make setup DEVICE=cuda")
+            raise RuntimeError(
+                "--device cuda was asked for but torch.cuda.is_available() is False; "
+                "use --device cpu (or auto), or install the CUDA build: make setup DEVICE=cuda"
+            )
         return torch.device("cuda", local_rank)
     if requested == "cpu":
         return torch.device("cpu")
@@ -78,8 +80,9 @@ def init_runtime(device: str = "auto") -> Runtime:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         else:
             dist.init_process_group(backend, rank=rank, world_size=world_size)
-    return Runtime(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(),
-                   device=dev, backend=backend)
+    return Runtime(
+        rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=dev, backend=backend
+    )
 
 
 def shutdown() -> None:
@@ -95,9 +98,17 @@ def launch_local(fn: Callable[..., Any], nproc: int, *args: Any) -> dict[int, An
     notebook), because the workers are spawned. This is how torchrec_dlrm's tests launch 2 ranks."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
-                          monitor_interval=0.1, start_method="spawn")
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="spawn",
+    )
     # The launcher installs its own SIGTERM/SIGINT handlers and leaves them behind; put the caller's
     # back, so that e.g. a notebook kernel still interrupts and shuts down normally afterwards.
     import signal
@@ -193,8 +204,19 @@ class MetricsLog:
         if self.file is None:
             return
         values = {k: float(v) for k, v in figures.items()}
-        self.file.write(json.dumps({"time": round(time.time(), 3), "stage": self.stage, "split": split,
-                                    "step": int(step), "epoch": epoch, **values}) + "\n")
+        self.file.write(
+            json.dumps(
+                {
+                    "time": round(time.time(), 3),
+                    "stage": self.stage,
+                    "split": split,
+                    "step": int(step),
+                    "epoch": epoch,
+                    **values,
+                }
+            )
+            + "\n"
+        )
         self.file.flush()
         if self.board is not None:
             for name, value in values.items():

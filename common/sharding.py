@@ -40,15 +40,22 @@ CUDA_ONLY = ("row_wise", "table_row_wise")
 RESERVED_SHARE = 0.15
 
 
-def topology(world_size: int, compute_device: str = "cuda", hbm_gb: float | None = None,
-             ddr_gb: float | None = None, local_world_size: int | None = None) -> Topology:
+def topology(
+    world_size: int,
+    compute_device: str = "cuda",
+    hbm_gb: float | None = None,
+    ddr_gb: float | None = None,
+    local_world_size: int | None = None,
+) -> Topology:
     """A planner ``Topology`` for ``world_size`` devices, ``local_world_size`` per host (default: all
     on one), with ``hbm_gb`` of device memory and ``ddr_gb`` of host memory per device in decimal GB
     (TorchRec's defaults when None). Built through ``TopologyFactory``, as TorchRec asks; nothing
     needs to exist, so it also describes hardware you plan for but do not have."""
     trainer = TrainerConfig(world_size=world_size, local_world_size=local_world_size or world_size)
-    hardware = HardwareConfig(hbm_cap_bytes=None if hbm_gb is None else int(hbm_gb * 10**9),
-                              ddr_cap_bytes=None if ddr_gb is None else int(ddr_gb * 10**9))
+    hardware = HardwareConfig(
+        hbm_cap_bytes=None if hbm_gb is None else int(hbm_gb * 10**9),
+        ddr_cap_bytes=None if ddr_gb is None else int(ddr_gb * 10**9),
+    )
     return TopologyFactory.create_topology(trainer, hardware, KernelConfig(compute_device=compute_device))
 
 
@@ -73,9 +80,15 @@ def qcomms_precisions(device: torch.device) -> tuple[CommType, CommType]:
     return CommType.FP16, (CommType.BF16 if device.type == "cuda" else CommType.FP16)
 
 
-def shard_model(model: nn.Module, ebcs: Iterable[EmbeddingBagCollection | EmbeddingCollection], rt: Runtime,
-                sharding_type: str, sparse_lr: float, dense_lr: float, qcomms: bool = False
-                ) -> tuple[DistributedModelParallel, CombinedOptimizer]:
+def shard_model(
+    model: nn.Module,
+    ebcs: Iterable[EmbeddingBagCollection | EmbeddingCollection],
+    rt: Runtime,
+    sharding_type: str,
+    sparse_lr: float,
+    dense_lr: float,
+    qcomms: bool = False,
+) -> tuple[DistributedModelParallel, CombinedOptimizer]:
     """Shard ``model``'s tables (those of ``ebcs``, pooled or sequence embedding collections
     built on the meta device) with one sharding type, updating them with a fused RowWiseAdagrad
     applied in backward; Adam for everything else.
@@ -87,25 +100,33 @@ def shard_model(model: nn.Module, ebcs: Iterable[EmbeddingBagCollection | Embedd
     if sharding_type not in SHARDING_TYPES:
         raise ValueError(f"sharding type must be one of {SHARDING_TYPES}, got {sharding_type!r}")
     if sharding_type in CUDA_ONLY and rt.device.type != "cuda":
-        raise ValueError(f"{sharding_type} sharding needs CUDA in TorchRec; on CPU use table_wise, column_wise "
-                         f"or table_column_wise")
+        raise ValueError(
+            f"{sharding_type} sharding needs CUDA in TorchRec; on CPU use table_wise, column_wise or table_column_wise"
+        )
     ebcs = list(ebcs)
     apply_optimizer_in_backward(RowWiseAdagrad, [p for ebc in ebcs for p in ebc.parameters()], {"lr": sparse_lr})
-    tables = [c.name for ebc in ebcs for c in (ebc.embedding_bag_configs() if isinstance(ebc, EmbeddingBagCollection)
-                                                else ebc.embedding_configs())]
+    tables = [
+        c.name
+        for ebc in ebcs
+        for c in (ebc.embedding_bag_configs() if isinstance(ebc, EmbeddingBagCollection) else ebc.embedding_configs())
+    ]
     planner = EmbeddingShardingPlanner(
         topology=topology(rt.world_size, compute_device=rt.device.type),
         constraints={t: ParameterConstraints(sharding_types=[sharding_type]) for t in tables},
-        storage_reservation=FixedPercentageStorageReservation(RESERVED_SHARE))
+        storage_reservation=FixedPercentageStorageReservation(RESERVED_SHARE),
+    )
     sharders = get_default_sharders()
     if qcomms:
         forward, backward = qcomms_precisions(rt.device)
-        registry = get_qcomm_codecs_registry(QCommsConfig(forward_precision=forward, backward_precision=backward),
-                                             device=rt.device)
+        registry = get_qcomm_codecs_registry(
+            QCommsConfig(forward_precision=forward, backward_precision=backward), device=rt.device
+        )
         sharders = [EmbeddingBagCollectionSharder(qcomm_codecs_registry=registry)] + [
-            s for s in sharders if type(s) is not EmbeddingBagCollectionSharder]
+            s for s in sharders if type(s) is not EmbeddingBagCollectionSharder
+        ]
     plan = planner.collective_plan(model, sharders, torch.distributed.GroupMember.WORLD)
     dmp = DistributedModelParallel(model, device=rt.device, plan=plan, sharders=sharders)
-    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
-                                  lambda params: torch.optim.Adam(params, lr=dense_lr))
+    dense = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda params: torch.optim.Adam(params, lr=dense_lr)
+    )
     return dmp, CombinedOptimizer([dmp.fused_optimizer, dense])

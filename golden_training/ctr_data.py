@@ -41,14 +41,16 @@ from common.features import DenseFeature, FeatureSchema, SparseFeature
 def criteo_schema(num_embeddings: int | list[int]) -> FeatureSchema:
     """26 single-valued categorical features, each with its own table, and 13 dense ones."""
     sizes = table_sizes(num_embeddings if isinstance(num_embeddings, int) else list(num_embeddings))
-    return FeatureSchema(sparse=tuple(SparseFeature(n, int(s)) for n, s in zip(SPARSE_NAMES, sizes)),
-                         dense=tuple(DenseFeature(n) for n in DENSE_NAMES))
+    return FeatureSchema(
+        sparse=tuple(SparseFeature(n, int(s)) for n, s in zip(SPARSE_NAMES, sizes)),
+        dense=tuple(DenseFeature(n) for n in DENSE_NAMES),
+    )
 
 
 @dataclass
 class CTRData:
     name: str
-    fingerprint: str    # identifies the data, for checkpoints and results
+    fingerprint: str  # identifies the data, for checkpoints and results
     train: CriteoArrays
     valid: CriteoArrays
     test: CriteoArrays
@@ -56,44 +58,77 @@ class CTRData:
     clamped: dict[str, int]  # negative counts set to 0, by column (--negative-counts clamp)
 
 
-def load_ctr(dataset: str, path: str | None, num_embeddings: int | list[int], seed: int = 0,
-             random_rows: int = 100_000, max_rows: int | None = None, on_bad_line: str = "error",
-             negatives: str = "clamp") -> CTRData:
+def load_ctr(
+    dataset: str,
+    path: str | None,
+    num_embeddings: int | list[int],
+    seed: int = 0,
+    random_rows: int = 100_000,
+    max_rows: int | None = None,
+    on_bad_line: str = "error",
+    negatives: str = "clamp",
+) -> CTRData:
     if dataset == "random":
         n_eval = max(random_rows // 10, 1)
         sizes = table_sizes(num_embeddings)
         parts = [random_ctr(n, sizes, [seed, k]) for k, n in enumerate((random_rows, n_eval, n_eval))]
-        return CTRData("random", f"random-{seed}-{random_rows}-{hashlib.sha256(sizes.tobytes()).hexdigest()[:16]}",
-                       *parts, {}, {})
+        return CTRData(
+            "random", f"random-{seed}-{random_rows}-{hashlib.sha256(sizes.tobytes()).hexdigest()[:16]}", *parts, {}, {}
+        )
     if dataset != "criteo":
         raise ValueError(f"unknown click-log data set {dataset!r}; use 'criteo' or 'random'")
     if not path:
-        raise ValueError("--dataset criteo needs --criteo-path: a Criteo TSV file (train.txt, day_0) or a "
-                         "directory of TorchRec's day_{d}_{dense,sparse,labels}.npy files")
+        raise ValueError(
+            "--dataset criteo needs --criteo-path: a Criteo TSV file (train.txt, day_0) or a "
+            "directory of TorchRec's day_{d}_{dense,sparse,labels}.npy files"
+        )
     p = Path(path)
     if p.is_dir():
         days = sorted(int(f.name.split("_")[1]) for f in p.glob("day_*_labels.npy"))
         if len(days) < 2:
-            raise ValueError(f"{p}: found days {days} of day_{{d}}_labels.npy; the .npy layout needs at least 2 "
-                             f"days (every day but the last trains, the last validates and tests)")
+            raise ValueError(
+                f"{p}: found days {days} of day_{{d}}_labels.npy; the .npy layout needs at least 2 "
+                f"days (every day but the last trains, the last validates and tests)"
+            )
         train_days = [read_criteo_npy(p, d, num_embeddings) for d in days[:-1]]
         last = read_criteo_npy(p, days[-1], num_embeddings)
         half = len(last) // 2
         train = train_days[0] if len(train_days) == 1 else _concat(train_days)
-        return CTRData(f"criteo-npy({p.name})", _fingerprint(sorted(p.glob("day_*.npy"))), train,
-                       _rows(last, slice(0, half)), _rows(last, slice(half, len(last))), {}, {})
+        return CTRData(
+            f"criteo-npy({p.name})",
+            _fingerprint(sorted(p.glob("day_*.npy"))),
+            train,
+            _rows(last, slice(0, half)),
+            _rows(last, slice(half, len(last))),
+            {},
+            {},
+        )
     if not p.is_file():
         raise FileNotFoundError(f"--criteo-path {p} does not exist")
     skipped: Counter[str] = Counter()
     clamped: Counter[str] = Counter()
-    data = read_criteo_tsv(p, num_embeddings, max_rows=max_rows, on_bad_line=on_bad_line, skipped=skipped,
-                           negatives=negatives, clamped=clamped)
+    data = read_criteo_tsv(
+        p,
+        num_embeddings,
+        max_rows=max_rows,
+        on_bad_line=on_bad_line,
+        skipped=skipped,
+        negatives=negatives,
+        clamped=clamped,
+    )
     n = len(data)
     a, b = int(n * 0.8), int(n * 0.9)
     if a == 0 or b == a or b == n:
         raise ValueError(f"{p}: {n} rows are too few to split 80/10/10 into train, valid and test")
-    return CTRData(f"criteo-tsv({p.name})", _fingerprint([p]), _rows(data, slice(0, a)), _rows(data, slice(a, b)),
-                   _rows(data, slice(b, n)), dict(skipped), dict(clamped))
+    return CTRData(
+        f"criteo-tsv({p.name})",
+        _fingerprint([p]),
+        _rows(data, slice(0, a)),
+        _rows(data, slice(a, b)),
+        _rows(data, slice(b, n)),
+        dict(skipped),
+        dict(clamped),
+    )
 
 
 def random_ctr(n: int, sizes: np.ndarray, seed: object) -> CriteoArrays:
@@ -110,8 +145,11 @@ def random_ctr(n: int, sizes: np.ndarray, seed: object) -> CriteoArrays:
 def make_batch(schema: FeatureSchema, data: CriteoArrays, rows: slice) -> Batch:
     """Rows ``rows`` of ``data`` as a TorchRec ``Batch``; IDs are checked against the table sizes."""
     fb = schema.from_arrays(data.sparse[rows], data.dense[rows])
-    return Batch(dense_features=fb.dense, sparse_features=fb.sparse,
-                 labels=torch.from_numpy(np.asarray(data.labels[rows], dtype=np.float32)))
+    return Batch(
+        dense_features=fb.dense,
+        sparse_features=fb.sparse,
+        labels=torch.from_numpy(np.asarray(data.labels[rows], dtype=np.float32)),
+    )
 
 
 def _rows(data: CriteoArrays, rows: slice) -> CriteoArrays:
@@ -119,9 +157,11 @@ def _rows(data: CriteoArrays, rows: slice) -> CriteoArrays:
 
 
 def _concat(parts: list[CriteoArrays]) -> CriteoArrays:
-    return CriteoArrays(dense=np.concatenate([p.dense for p in parts]),
-                        sparse=np.concatenate([p.sparse for p in parts]),
-                        labels=np.concatenate([p.labels for p in parts]))
+    return CriteoArrays(
+        dense=np.concatenate([p.dense for p in parts]),
+        sparse=np.concatenate([p.sparse for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+    )
 
 
 def _fingerprint(paths: list[Path]) -> str:

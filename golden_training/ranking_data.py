@@ -48,43 +48,62 @@ class RankingFeatures(MovieLensTables):
     sequence: SequenceStats | None = None  # None: the sequence features are zeros
 
     @classmethod
-    def build(cls, ds: MovieLens, split: Split, history_len: int = 50, sequence: bool = True,
-              trend_days: float = 30.0) -> RankingFeatures:
+    def build(
+        cls, ds: MovieLens, split: Split, history_len: int = 50, sequence: bool = True, trend_days: float = 30.0
+    ) -> RankingFeatures:
         """Features for ``ds``, with popularity and sequence statistics from ``split``'s training part."""
         ages = ds.user_age if ds.user_age is not None else np.zeros(ds.num_users, dtype=np.int64)
-        return cls.from_dataset(ds, history_len=history_len, item_counts=split.item_counts("valid"),
-                                item_year=ds.item_year.astype(np.int64), user_age=ages.astype(np.int64),
-                                sequence=SequenceStats.build(split, trend_days) if sequence else None)
+        return cls.from_dataset(
+            ds,
+            history_len=history_len,
+            item_counts=split.item_counts("valid"),
+            item_year=ds.item_year.astype(np.int64),
+            user_age=ages.astype(np.int64),
+            sequence=SequenceStats.build(split, trend_days) if sequence else None,
+        )
 
     @property
     def schema(self) -> FeatureSchema:
         user = tuple(SparseFeature(name, self.user_cardinality[name]) for name in self.user_columns)
         return FeatureSchema(
-            sparse=(SparseFeature("user_id", self.num_users),
-                    SparseFeature("item_id", self.num_items, pooling="mean", table="item"),
-                    SparseFeature("history", self.num_items, pooling="mean", max_length=self.history_len, table="item"),
-                    SparseFeature("genres", self.num_genres, pooling="mean", max_length=None), *user),
-            dense=tuple(DenseFeature(n) for n in DENSE_FEATURES))
+            sparse=(
+                SparseFeature("user_id", self.num_users),
+                SparseFeature("item_id", self.num_items, pooling="mean", table="item"),
+                SparseFeature("history", self.num_items, pooling="mean", max_length=self.history_len, table="item"),
+                SparseFeature("genres", self.num_genres, pooling="mean", max_length=None),
+                *user,
+            ),
+            dense=tuple(DenseFeature(n) for n in DENSE_FEATURES),
+        )
 
-    def batch(self, users: np.ndarray, items: np.ndarray, history: tuple[np.ndarray, np.ndarray],
-              retrieval_score: np.ndarray | None = None, labels: np.ndarray | None = None,
-              sequence: dict[str, np.ndarray] | None = None) -> Batch:
+    def batch(
+        self,
+        users: np.ndarray,
+        items: np.ndarray,
+        history: tuple[np.ndarray, np.ndarray],
+        retrieval_score: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+        sequence: dict[str, np.ndarray] | None = None,
+    ) -> Batch:
         """A TorchRec ``Batch`` (dense, KJT, labels) for (user, item) pairs with their histories;
         ``sequence`` holds ``SequenceStats.features`` for the rows (zeros without it)."""
         users, items = np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64)
         n = len(users)
         year = self.item_year[items]
         cols: dict[str, Any] = {
-            "user_id": users, "item_id": items, "history": history, "genres": self.item_genres(items),
+            "user_id": users,
+            "item_id": items,
+            "history": history,
+            "genres": self.item_genres(items),
             **{name: col[users] for name, col in self.user_columns.items()},
             "user_activity": np.log1p(history[1]).astype(np.float32),
             "item_popularity": np.log1p(self.item_counts[items]).astype(np.float32),
             "item_year": np.where(year > 0, (year - 1990) / 20.0, 0.0).astype(np.float32),
             "user_age": (self.user_age[users] / 50.0).astype(np.float32),
-            "retrieval_score": (np.zeros(n, np.float32) if retrieval_score is None
-                                else np.asarray(retrieval_score, dtype=np.float32)),
-            **{name: (np.zeros(n, np.float32) if sequence is None else sequence[name])
-               for name in SEQUENCE_FEATURES},
+            "retrieval_score": (
+                np.zeros(n, np.float32) if retrieval_score is None else np.asarray(retrieval_score, dtype=np.float32)
+            ),
+            **{name: (np.zeros(n, np.float32) if sequence is None else sequence[name]) for name in SEQUENCE_FEATURES},
         }
         fb = self.schema.from_columns(cols, batch_size=n)
         lab = torch.zeros(n) if labels is None else torch.as_tensor(labels, dtype=torch.float32)
@@ -113,8 +132,17 @@ class Examples:
         return len(self.user)
 
     def take(self, rows: np.ndarray) -> Examples:
-        return Examples(self.user[rows], self.item[rows], self.label[rows], self.hist_start[rows],
-                        self.hist_end[rows], self.query[rows], self.time[rows], self.hist_items, self.own)
+        return Examples(
+            self.user[rows],
+            self.item[rows],
+            self.label[rows],
+            self.hist_start[rows],
+            self.hist_end[rows],
+            self.query[rows],
+            self.time[rows],
+            self.hist_items,
+            self.own,
+        )
 
     def history(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         return last_n(self.hist_items, self.hist_start, self.hist_end, n)
@@ -136,7 +164,7 @@ def reference_time(split: Split, stage: str, users: np.ndarray) -> np.ndarray:
 
 def popularity_sampler(item_counts: np.ndarray, seed: Any):
     """Draw items with probability proportional to their training count (+1, so every item can be drawn)."""
-    p = (np.asarray(item_counts, dtype=np.float64) + 1.0)
+    p = np.asarray(item_counts, dtype=np.float64) + 1.0
     cdf = np.cumsum(p / p.sum())
     rng = np.random.default_rng(seed)
     return lambda n: np.minimum(np.searchsorted(cdf, rng.random(n), side="right"), len(cdf) - 1)
@@ -144,9 +172,14 @@ def popularity_sampler(item_counts: np.ndarray, seed: Any):
 
 def concat(parts: list[Examples]) -> Examples:
     first = parts[0]
-    return Examples(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                      ("user", "item", "label", "hist_start", "hist_end", "query", "time")),
-                    hist_items=first.hist_items, own=first.own)
+    return Examples(
+        *(
+            np.concatenate([getattr(p, f) for p in parts])
+            for f in ("user", "item", "label", "hist_start", "hist_end", "query", "time")
+        ),
+        hist_items=first.hist_items,
+        own=first.own,
+    )
 
 
 @dataclass
@@ -164,12 +197,12 @@ class SequenceStats:
     """
 
     num_items: int
-    pair_keys: np.ndarray      # sorted prev * num_items + next
+    pair_keys: np.ndarray  # sorted prev * num_items + next
     pair_counts: np.ndarray
-    out_counts: np.ndarray     # [num_items] transitions leaving each item
-    train_item: np.ndarray     # the training split, sorted by (user, time)
+    out_counts: np.ndarray  # [num_items] transitions leaving each item
+    train_item: np.ndarray  # the training split, sorted by (user, time)
     same_user_next: np.ndarray  # [n_train] bool: row i + 1 is the same user's next interaction
-    item_time: np.ndarray      # sorted item * span + (time - t0)
+    item_time: np.ndarray  # sorted item * span + (time - t0)
     t0: int
     span: int
     trend_days: float = 30.0
@@ -182,8 +215,18 @@ class SequenceStats:
         keys, counts = np.unique(i[:-1][same[:-1]] * n_items + i[1:][same[:-1]], return_counts=True)
         t0 = int(t.min()) if len(t) else 0
         span = int(t.max()) - t0 + 2 if len(t) else 2
-        return cls(n_items, keys, counts, np.bincount(i[same], minlength=n_items), i, same,
-                   np.sort(i * span + (t - t0)), t0, span, trend_days)
+        return cls(
+            n_items,
+            keys,
+            counts,
+            np.bincount(i[same], minlength=n_items),
+            i,
+            same,
+            np.sort(i * span + (t - t0)),
+            t0,
+            span,
+            trend_days,
+        )
 
     def _pair_count(self, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
         if not len(self.pair_keys):
@@ -209,7 +252,8 @@ class SequenceStats:
         lo_t = ex.time - self.t0 - int(self.trend_days * DAY)
         hi_t = ex.time - self.t0
         base = ex.item * self.span
-        count = (np.searchsorted(self.item_time, base + np.clip(hi_t, 0, self.span - 1)) -
-                 np.searchsorted(self.item_time, base + np.clip(lo_t, 0, self.span - 1)))
+        count = np.searchsorted(self.item_time, base + np.clip(hi_t, 0, self.span - 1)) - np.searchsorted(
+            self.item_time, base + np.clip(lo_t, 0, self.span - 1)
+        )
         out["item_trend"] = np.log1p(count).astype(np.float32)
         return out

@@ -122,51 +122,202 @@ def parse_args(argv: list[str] | None = None) -> Config:
     d = Config()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
-    add_dataset_args(data, CLICK_LOGS, "; or criteo (--criteo-path) or random, click logs with 13 dense and 26 "
-                     "categorical features")
-    data.add_argument("--history-len", type=int, default=d.history_len, help=f"items of history per example (default: {d.history_len})")
-    data.add_argument("--retrieval-export", default=None, help="two-tower export: adds the retrieval score feature, hard negatives and retrieval's candidates for re-ranking (default: none)")
-    data.add_argument("--train-retrieval-export", default=None, help="two-tower export used for the training examples' retrieval scores and hard negatives, e.g. one trained with --holdout-last N so it has not seen the ranker's positives (default: --retrieval-export)")
-    data.add_argument("--train-last", type=int, default=d.train_last, help="train on each user's last N training interactions only (0 = all) (default: 0)")
-    data.add_argument("--negatives", type=int, default=d.negatives, help=f"popularity-sampled negatives per positive (default: {d.negatives})")
-    data.add_argument("--hard-negatives", type=int, default=d.hard_negatives, help=f"negatives per positive from retrieval's candidates; needs --retrieval-export (default: {d.hard_negatives})")
-    data.add_argument("--no-sequence-features", dest="sequence_features", action="store_false", help="set the after_last_k and item_trend features to zero (an ablation)")
-    data.add_argument("--trend-days", type=float, default=d.trend_days, help=f"window of the item_trend feature, in days (default: {d.trend_days:g})")
+    add_dataset_args(
+        data, CLICK_LOGS, "; or criteo (--criteo-path) or random, click logs with 13 dense and 26 categorical features"
+    )
+    data.add_argument(
+        "--history-len",
+        type=int,
+        default=d.history_len,
+        help=f"items of history per example (default: {d.history_len})",
+    )
+    data.add_argument(
+        "--retrieval-export",
+        default=None,
+        help="two-tower export: adds the retrieval score feature, hard negatives and retrieval's candidates for re-ranking (default: none)",
+    )
+    data.add_argument(
+        "--train-retrieval-export",
+        default=None,
+        help="two-tower export used for the training examples' retrieval scores and hard negatives, e.g. one trained with --holdout-last N so it has not seen the ranker's positives (default: --retrieval-export)",
+    )
+    data.add_argument(
+        "--train-last",
+        type=int,
+        default=d.train_last,
+        help="train on each user's last N training interactions only (0 = all) (default: 0)",
+    )
+    data.add_argument(
+        "--negatives",
+        type=int,
+        default=d.negatives,
+        help=f"popularity-sampled negatives per positive (default: {d.negatives})",
+    )
+    data.add_argument(
+        "--hard-negatives",
+        type=int,
+        default=d.hard_negatives,
+        help=f"negatives per positive from retrieval's candidates; needs --retrieval-export (default: {d.hard_negatives})",
+    )
+    data.add_argument(
+        "--no-sequence-features",
+        dest="sequence_features",
+        action="store_false",
+        help="set the after_last_k and item_trend features to zero (an ablation)",
+    )
+    data.add_argument(
+        "--trend-days",
+        type=float,
+        default=d.trend_days,
+        help=f"window of the item_trend feature, in days (default: {d.trend_days:g})",
+    )
     logs = p.add_argument_group("click logs (--dataset criteo or random)")
-    logs.add_argument("--criteo-path", default=None, help="a Criteo TSV file (split 80/10/10 in order) or a directory of TorchRec's day_{d}_{dense,sparse,labels}.npy (last day: valid and test)")
-    logs.add_argument("--num-embeddings", type=int, default=d.num_embeddings, help=f"rows of every categorical table; IDs are hashed modulo it (default: {d.num_embeddings})")
-    logs.add_argument("--num-embeddings-per-feature", type=int, nargs=26, default=None, help="26 table sizes instead of one --num-embeddings")
-    logs.add_argument("--random-rows", type=int, default=d.random_rows, help=f"training rows of --dataset random (valid and test get a tenth each) (default: {d.random_rows})")
-    logs.add_argument("--max-rows", type=int, default=None, help="read only the first N lines of a Criteo TSV file (default: all)")
-    logs.add_argument("--negative-counts", default=d.negative_counts, choices=["clamp", "bad_line"], help="negative Criteo counts (int_1 has them in the real logs): set to 0 and counted, as DLRM's preprocessing does, or treated as a malformed line (default: clamp)")
-    logs.add_argument("--on-bad-line", default=d.on_bad_line, choices=["error", "skip"], help="a malformed Criteo line is an error naming file and line, or skipped and counted (default: error)")
+    logs.add_argument(
+        "--criteo-path",
+        default=None,
+        help="a Criteo TSV file (split 80/10/10 in order) or a directory of TorchRec's day_{d}_{dense,sparse,labels}.npy (last day: valid and test)",
+    )
+    logs.add_argument(
+        "--num-embeddings",
+        type=int,
+        default=d.num_embeddings,
+        help=f"rows of every categorical table; IDs are hashed modulo it (default: {d.num_embeddings})",
+    )
+    logs.add_argument(
+        "--num-embeddings-per-feature",
+        type=int,
+        nargs=26,
+        default=None,
+        help="26 table sizes instead of one --num-embeddings",
+    )
+    logs.add_argument(
+        "--random-rows",
+        type=int,
+        default=d.random_rows,
+        help=f"training rows of --dataset random (valid and test get a tenth each) (default: {d.random_rows})",
+    )
+    logs.add_argument(
+        "--max-rows", type=int, default=None, help="read only the first N lines of a Criteo TSV file (default: all)"
+    )
+    logs.add_argument(
+        "--negative-counts",
+        default=d.negative_counts,
+        choices=["clamp", "bad_line"],
+        help="negative Criteo counts (int_1 has them in the real logs): set to 0 and counted, as DLRM's preprocessing does, or treated as a malformed line (default: clamp)",
+    )
+    logs.add_argument(
+        "--on-bad-line",
+        default=d.on_bad_line,
+        choices=["error", "skip"],
+        help="a malformed Criteo line is an error naming file and line, or skipped and counted (default: error)",
+    )
     model = p.add_argument_group("model")
-    model.add_argument("--embedding-dim", type=int, default=d.embedding_dim, help=f"dimension of every table (DLRM needs one) (default: {d.embedding_dim})")
-    model.add_argument("--dense-arch", type=int, nargs="+", default=list(d.dense_arch), help="dense MLP sizes; the last must equal --embedding-dim (default: 64 64)")
-    model.add_argument("--over-arch", type=int, nargs="+", default=list(d.over_arch), help="over-arch MLP sizes, ending in 1 (default: 128 64 1)")
-    model.add_argument("--interaction", default=d.interaction, choices=["dot", "dcn"], help="DLRM's dot interaction, or DCNv2 (DLRM_DCN) (default: dot)")
+    model.add_argument(
+        "--embedding-dim",
+        type=int,
+        default=d.embedding_dim,
+        help=f"dimension of every table (DLRM needs one) (default: {d.embedding_dim})",
+    )
+    model.add_argument(
+        "--dense-arch",
+        type=int,
+        nargs="+",
+        default=list(d.dense_arch),
+        help="dense MLP sizes; the last must equal --embedding-dim (default: 64 64)",
+    )
+    model.add_argument(
+        "--over-arch",
+        type=int,
+        nargs="+",
+        default=list(d.over_arch),
+        help="over-arch MLP sizes, ending in 1 (default: 128 64 1)",
+    )
+    model.add_argument(
+        "--interaction",
+        default=d.interaction,
+        choices=["dot", "dcn"],
+        help="DLRM's dot interaction, or DCNv2 (DLRM_DCN) (default: dot)",
+    )
     train = p.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training examples (default: {d.epochs})")
-    train.add_argument("--batch-size", type=int, default=d.batch_size, help=f"examples per rank per step (default: {d.batch_size})")
-    train.add_argument("--sparse-lr", type=float, default=d.sparse_lr, help=f"RowWiseAdagrad learning rate (default: {d.sparse_lr})")
+    train.add_argument(
+        "--epochs", type=int, default=d.epochs, help=f"passes over the training examples (default: {d.epochs})"
+    )
+    train.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help=f"examples per rank per step (default: {d.batch_size})"
+    )
+    train.add_argument(
+        "--sparse-lr", type=float, default=d.sparse_lr, help=f"RowWiseAdagrad learning rate (default: {d.sparse_lr})"
+    )
     train.add_argument("--dense-lr", type=float, default=d.dense_lr, help=f"Adam learning rate (default: {d.dense_lr})")
-    train.add_argument("--seed", type=int, default=d.seed, help=f"seed for initialization, negatives and data order (default: {d.seed})")
-    train.add_argument("--limit-batches", type=int, default=None, help="stop each epoch after this many steps (default: all)")
-    train.add_argument("--limit-eval-batches", type=int, default=None, help="click logs: evaluate on the first N batches of 8192 rows of valid and test (default: all)")
-    train.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help=f"steps between DCP checkpoints; 0 = epoch ends only (default: {d.checkpoint_every})")
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --out, if there is one, exactly where it stopped (without it, an --out holding checkpoints is refused)")
-    train.add_argument("--log-every", type=int, default=d.log_every, help=f"steps between log lines and metrics.jsonl entries (default: {d.log_every})")
-    train.add_argument("--tensorboard", action="store_true", help="also write the curves as TensorBoard events under <out>/tensorboard (pip install tensorboard)")
-    train.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the logistic-regression baseline")
+    train.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help=f"seed for initialization, negatives and data order (default: {d.seed})",
+    )
+    train.add_argument(
+        "--limit-batches", type=int, default=None, help="stop each epoch after this many steps (default: all)"
+    )
+    train.add_argument(
+        "--limit-eval-batches",
+        type=int,
+        default=None,
+        help="click logs: evaluate on the first N batches of 8192 rows of valid and test (default: all)",
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=d.checkpoint_every,
+        help=f"steps between DCP checkpoints; 0 = epoch ends only (default: {d.checkpoint_every})",
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint under --out, if there is one, exactly where it stopped (without it, an --out holding checkpoints is refused)",
+    )
+    train.add_argument(
+        "--log-every",
+        type=int,
+        default=d.log_every,
+        help=f"steps between log lines and metrics.jsonl entries (default: {d.log_every})",
+    )
+    train.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write the curves as TensorBoard events under <out>/tensorboard (pip install tensorboard)",
+    )
+    train.add_argument(
+        "--no-baseline", dest="baseline", action="store_false", help="skip the logistic-regression baseline"
+    )
     dist = p.add_argument_group("distributed")
-    dist.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="auto: cuda if available (default: auto)")
-    dist.add_argument("--qcomms", action="store_true", help="quantized embedding communication (QCommsConfig): FP16 forward, BF16 backward; gloo has no BF16, so on CPU the backward is FP16 (TorchRec's fallback)")
-    dist.add_argument("--sharding-type", default=d.sharding_type, choices=SHARDING_TYPES, help="embedding sharding; row-wise kinds need CUDA (default: table_wise)")
+    dist.add_argument(
+        "--device", default=d.device, choices=["auto", "cpu", "cuda"], help="auto: cuda if available (default: auto)"
+    )
+    dist.add_argument(
+        "--qcomms",
+        action="store_true",
+        help="quantized embedding communication (QCommsConfig): FP16 forward, BF16 backward; gloo has no BF16, so on CPU the backward is FP16 (TorchRec's fallback)",
+    )
+    dist.add_argument(
+        "--sharding-type",
+        default=d.sharding_type,
+        choices=SHARDING_TYPES,
+        help="embedding sharding; row-wise kinds need CUDA (default: table_wise)",
+    )
     out = p.add_argument_group("evaluation and output")
     out.add_argument("--out", default=d.out, help=f"run directory (default: {d.out})")
-    out.add_argument("--eval-negatives", type=int, default=d.eval_negatives, help=f"popularity negatives per user for AUC / NE (default: {d.eval_negatives})")
+    out.add_argument(
+        "--eval-negatives",
+        type=int,
+        default=d.eval_negatives,
+        help=f"popularity negatives per user for AUC / NE (default: {d.eval_negatives})",
+    )
     out.add_argument("--n-boot", type=int, default=d.n_boot, help=f"bootstrap resamples for CIs (default: {d.n_boot})")
-    out.add_argument("--no-test", action="store_true", help="never evaluate on test (model selection runs): the final table is on validation")
+    out.add_argument(
+        "--no-test",
+        action="store_true",
+        help="never evaluate on test (model selection runs): the final table is on validation",
+    )
     a = vars(p.parse_args(argv))
     a["dense_arch"], a["over_arch"] = tuple(a["dense_arch"]), tuple(a["over_arch"])
     if a["num_embeddings_per_feature"] is not None:
@@ -192,13 +343,29 @@ class RetrievalScorer:
 
         manifest = read_manifest(export_dir)
         if manifest["data_fingerprint"] != fingerprint:
-            raise ValueError(f"{export_dir} was trained on other data (fingerprint {manifest['data_fingerprint'][:16]}, "
-                             f"here {fingerprint[:16]}); retrain retrieval on this data set")
+            raise ValueError(
+                f"{export_dir} was trained on other data (fingerprint {manifest['data_fingerprint'][:16]}, "
+                f"here {fingerprint[:16]}); retrain retrieval on this data set"
+            )
         self.tower = load_query_tower(export_dir, manifest, quantize="none")
         self.items = np.load(Path(export_dir) / "item_embeddings.npy")
-        self.tt = TwoTowerFeatures(**{k: getattr(features, k) for k in (
-            "num_users", "num_items", "user_columns", "user_cardinality", "item_genre_values", "item_genre_lengths",
-            "num_genres", "item_year_bucket", "occupation_vocab")}, history_len=manifest["config"]["history_len"])
+        self.tt = TwoTowerFeatures(
+            **{
+                k: getattr(features, k)
+                for k in (
+                    "num_users",
+                    "num_items",
+                    "user_columns",
+                    "user_cardinality",
+                    "item_genre_values",
+                    "item_genre_lengths",
+                    "num_genres",
+                    "item_year_bucket",
+                    "occupation_vocab",
+                )
+            },
+            history_len=manifest["config"]["history_len"],
+        )
 
     @torch.no_grad()
     def queries(self, users: np.ndarray, hist_items: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -222,8 +389,9 @@ class RetrievalScorer:
 # Examples
 
 
-def train_examples(split: Split, features: RankingFeatures, cfg: Config, retr: RetrievalScorer | None
-                   ) -> tuple[Examples, np.ndarray | None]:
+def train_examples(
+    split: Split, features: RankingFeatures, cfg: Config, retr: RetrievalScorer | None
+) -> tuple[Examples, np.ndarray | None]:
     """Positives (training interactions; with --train-last N only each user's last N) and their
     negatives, with the retrieval query of each positive (its user and history at that time)."""
     n_all = len(split.train_user)
@@ -236,13 +404,33 @@ def train_examples(split: Split, features: RankingFeatures, cfg: Config, retr: R
     users = split.train_user[rows]
     # "now" for a training positive: the time of the user's previous interaction (its own if first)
     now = split.train_time[np.where(rows > user_start[users], rows - 1, rows)]
-    pos = Examples(users, split.train_item[rows], np.ones(n, np.float32), user_start[users], rows,
-                   np.arange(n), now, split.train_item, own=True)
+    pos = Examples(
+        users,
+        split.train_item[rows],
+        np.ones(n, np.float32),
+        user_start[users],
+        rows,
+        np.arange(n),
+        now,
+        split.train_item,
+        own=True,
+    )
     sample = popularity_sampler(features.item_counts, [cfg.seed, 1])
     parts = [pos]
     for _ in range(cfg.negatives):
-        parts.append(Examples(pos.user, sample(n), np.zeros(n, np.float32), pos.hist_start, pos.hist_end, pos.query,
-                              pos.time, pos.hist_items, own=True))
+        parts.append(
+            Examples(
+                pos.user,
+                sample(n),
+                np.zeros(n, np.float32),
+                pos.hist_start,
+                pos.hist_end,
+                pos.query,
+                pos.time,
+                pos.hist_items,
+                own=True,
+            )
+        )
     queries = None
     if retr is not None:
         queries = retr.queries(pos.user, pos.hist_items, pos.hist_start, pos.hist_end)
@@ -254,10 +442,23 @@ def train_examples(split: Split, features: RankingFeatures, cfg: Config, retr: R
                 sl = slice(lo, min(lo + 4096, n))
                 seen = [pos.hist_items[a:b] for a, b in zip(pos.hist_start[sl], pos.hist_end[sl])]
                 cands = retr.top_k(queries[sl], seen)
-                picks[sl] = np.take_along_axis(cands, rng.integers(0, cands.shape[1], size=(len(seen), cfg.hard_negatives)), 1)
+                picks[sl] = np.take_along_axis(
+                    cands, rng.integers(0, cands.shape[1], size=(len(seen), cfg.hard_negatives)), 1
+                )
             for j in range(cfg.hard_negatives):
-                parts.append(Examples(pos.user, picks[:, j], np.zeros(n, np.float32), pos.hist_start, pos.hist_end,
-                                      pos.query, pos.time, pos.hist_items, own=True))
+                parts.append(
+                    Examples(
+                        pos.user,
+                        picks[:, j],
+                        np.zeros(n, np.float32),
+                        pos.hist_start,
+                        pos.hist_end,
+                        pos.query,
+                        pos.time,
+                        pos.hist_items,
+                        own=True,
+                    )
+                )
     return concat(parts), queries
 
 
@@ -269,18 +470,18 @@ class EvalSet:
     users: np.ndarray
     targets: np.ndarray
     auc: Examples
-    candidates: np.ndarray          # [users, 100] item indices in the candidate source's order
+    candidates: np.ndarray  # [users, 100] item indices in the candidate source's order
     candidate_source: str
-    queries: np.ndarray | None      # retrieval query embedding per user
-    hist_start: np.ndarray          # per user: history is auc.hist_items[hist_start:hist_end]
+    queries: np.ndarray | None  # retrieval query embedding per user
+    hist_start: np.ndarray  # per user: history is auc.hist_items[hist_start:hist_end]
     hist_end: np.ndarray
-    time: np.ndarray                # per user: "now" (ranking_data.reference_time)
+    time: np.ndarray  # per user: "now" (ranking_data.reference_time)
 
 
 def eval_set(split: Split, features: RankingFeatures, stage: str, cfg: Config, retr: RetrievalScorer | None) -> EvalSet:
     users, targets = split.targets(stage)
     indptr, hist = split.history(stage)
-    seen = [hist[indptr[u]:indptr[u + 1]] for u in users]
+    seen = [hist[indptr[u] : indptr[u + 1]] for u in users]
     starts, ends = indptr[users], indptr[users + 1]
     sample = popularity_sampler(features.item_counts, [cfg.seed, 3, 0 if stage == "valid" else 1])
     negs = sample(len(users) * cfg.eval_negatives).reshape(len(users), cfg.eval_negatives)
@@ -289,8 +490,9 @@ def eval_set(split: Split, features: RankingFeatures, stage: str, cfg: Config, r
     labels = np.tile(np.r_[1.0, np.zeros(cfg.eval_negatives)], len(users)).astype(np.float32)
     qidx = np.repeat(np.arange(len(users)), m)
     now = reference_time(split, stage, users)
-    auc = Examples(np.repeat(users, m), items, labels, np.repeat(starts, m), np.repeat(ends, m), qidx,
-                   np.repeat(now, m), hist)
+    auc = Examples(
+        np.repeat(users, m), items, labels, np.repeat(starts, m), np.repeat(ends, m), qidx, np.repeat(now, m), hist
+    )
     bad = (auc.label == 0) & (auc.item == np.repeat(targets, m))  # a negative that is the target: drop it
     auc = auc.take(np.where(~bad)[0])
     queries = None
@@ -307,13 +509,21 @@ def eval_set(split: Split, features: RankingFeatures, stage: str, cfg: Config, r
 def candidate_rows(ev: EvalSet) -> Examples:
     """One row per (user, candidate) of ``ev``, users in order, each with the user's history and "now"."""
     k = ev.candidates.shape[1]
-    return Examples(np.repeat(ev.users, k), ev.candidates.reshape(-1), np.zeros(ev.candidates.size, np.float32),
-                    np.repeat(ev.hist_start, k), np.repeat(ev.hist_end, k),
-                    np.repeat(np.arange(len(ev.users)), k), np.repeat(ev.time, k), ev.auc.hist_items)
+    return Examples(
+        np.repeat(ev.users, k),
+        ev.candidates.reshape(-1),
+        np.zeros(ev.candidates.size, np.float32),
+        np.repeat(ev.hist_start, k),
+        np.repeat(ev.hist_end, k),
+        np.repeat(np.arange(len(ev.users)), k),
+        np.repeat(ev.time, k),
+        ev.auc.hist_items,
+    )
 
 
-def make_batch(features: RankingFeatures, ex: Examples, queries: np.ndarray | None, retr: RetrievalScorer | None,
-               history_len: int) -> Batch:
+def make_batch(
+    features: RankingFeatures, ex: Examples, queries: np.ndarray | None, retr: RetrievalScorer | None, history_len: int
+) -> Batch:
     score = None if retr is None else np.einsum("nd,nd->n", queries[ex.query], retr.items[ex.item])
     seq = None if features.sequence is None else features.sequence.features(ex)
     return features.batch(ex.user, ex.item, ex.history(history_len), score, ex.label, seq)
@@ -338,15 +548,21 @@ class LogisticRegression(nn.Module):
         return sum(pooled[f].sum(dim=1, keepdim=True) for f in self.feature_names) + self.dense(dense_features)
 
 
-def build(kind: str, cfg: Config, schema: FeatureSchema, rt: Runtime) -> tuple[DistributedModelParallel, torch.optim.Optimizer]:
+def build(
+    kind: str, cfg: Config, schema: FeatureSchema, rt: Runtime
+) -> tuple[DistributedModelParallel, torch.optim.Optimizer]:
     meta = torch.device("meta")
     if kind == "lr":
         net: nn.Module = LogisticRegression(schema, meta)
         ebc = net.embedding_bag_collection
     else:
         ebc = EmbeddingBagCollection(tables=schema.embedding_bag_configs(cfg.embedding_dim), device=meta)
-        common = dict(embedding_bag_collection=ebc, dense_in_features=len(schema.dense),
-                      dense_arch_layer_sizes=list(cfg.dense_arch), over_arch_layer_sizes=list(cfg.over_arch))
+        common = dict(
+            embedding_bag_collection=ebc,
+            dense_in_features=len(schema.dense),
+            dense_arch_layer_sizes=list(cfg.dense_arch),
+            over_arch_layer_sizes=list(cfg.over_arch),
+        )
         net = DLRM_DCN(**common, dcn_num_layers=2, dcn_low_rank_dim=16) if cfg.interaction == "dcn" else DLRM(**common)
     return shard_model(DLRMTrain(net), [ebc], rt, cfg.sharding_type, cfg.sparse_lr, cfg.dense_lr, cfg.qcomms)
 
@@ -358,14 +574,24 @@ def build(kind: str, cfg: Config, schema: FeatureSchema, rt: Runtime) -> tuple[D
 def steps_per_epoch(num_examples: int, cfg: Config, rt: Runtime) -> int:
     steps = num_examples // (cfg.batch_size * rt.world_size)
     if steps == 0:
-        raise ValueError(f"batch size {cfg.batch_size} x {rt.world_size} ranks exceeds the {num_examples} "
-                         f"training examples; lower --batch-size")
+        raise ValueError(
+            f"batch size {cfg.batch_size} x {rt.world_size} ranks exceeds the {num_examples} "
+            f"training examples; lower --batch-size"
+        )
     return steps if cfg.limit_batches is None else min(steps, cfg.limit_batches)
 
 
-def train(kind: str, cfg: Config, rt: Runtime, schema: FeatureSchema, steps: int,
-          batches: Callable[[int, int], Iterator[Batch]], validate: Callable[[nn.Module], dict[str, float]],
-          out: Path, fingerprint: str) -> tuple[DistributedModelParallel, list[dict[str, float]], dict[str, int]]:
+def train(
+    kind: str,
+    cfg: Config,
+    rt: Runtime,
+    schema: FeatureSchema,
+    steps: int,
+    batches: Callable[[int, int], Iterator[Batch]],
+    validate: Callable[[nn.Module], dict[str, float]],
+    out: Path,
+    fingerprint: str,
+) -> tuple[DistributedModelParallel, list[dict[str, float]], dict[str, int]]:
     """Train one model ("dlrm" or "lr") for ``cfg.epochs`` epochs of ``steps`` steps, with DCP
     checkpoints under ``out/checkpoints/<kind>``. ``batches(epoch, first_step)`` yields this
     rank's batches from ``first_step`` on (so a resumed run sees the same ones); ``validate``
@@ -375,8 +601,12 @@ def train(kind: str, cfg: Config, rt: Runtime, schema: FeatureSchema, steps: int
         print0(str(model.plan))
     state = {"model": model, "optimizer": optimizer}
     ckpt = out / "checkpoints" / kind
-    meta = (resume_if_possible(ckpt, state, run_config(cfg, fingerprint), cfg.resume)
-            or {"epoch": 0, "step": 0, "global_step": 0, "valid": []})
+    meta = resume_if_possible(ckpt, state, run_config(cfg, fingerprint), cfg.resume) or {
+        "epoch": 0,
+        "step": 0,
+        "global_step": 0,
+        "valid": [],
+    }
     first_epoch, start_step, global_step, history = meta["epoch"], meta["step"], meta["global_step"], meta["valid"]
     resumed_from, last_loss = global_step, float("nan")
     if resumed_from:
@@ -385,14 +615,25 @@ def train(kind: str, cfg: Config, rt: Runtime, schema: FeatureSchema, steps: int
     log = MetricsLog(out, kind, cfg.tensorboard)  # the curves: <out>/metrics.jsonl
 
     def checkpoint(ep: int, st: int) -> None:
-        save_checkpoint(ckpt, global_step, state, meta={"epoch": ep, "step": st, "global_step": global_step,
-                                                        "valid": history, "run_config": run_config(cfg, fingerprint)})
+        save_checkpoint(
+            ckpt,
+            global_step,
+            state,
+            meta={
+                "epoch": ep,
+                "step": st,
+                "global_step": global_step,
+                "valid": history,
+                "run_config": run_config(cfg, fingerprint),
+            },
+        )
 
     for epoch in range(first_epoch, cfg.epochs):
         pipeline = TrainPipelineSparseDist(model, optimizer, rt.device, execute_all_batches=True)
         it = batches(epoch, start_step)
-        bar = tqdm(total=steps, initial=start_step, desc=f"{kind} epoch {epoch}", leave=False,
-                   disable=not rt.is_rank0 or None)
+        bar = tqdm(
+            total=steps, initial=start_step, desc=f"{kind} epoch {epoch}", leave=False, disable=not rt.is_rank0 or None
+        )
         step, t0, seen = start_step, time.perf_counter(), 0
         while True:
             try:
@@ -404,7 +645,9 @@ def train(kind: str, cfg: Config, rt: Runtime, schema: FeatureSchema, steps: int
             bar.update(1)
             if step % cfg.log_every == 0 or step == steps:
                 rate = seen / (time.perf_counter() - t0)
-                print0(f"{kind} | epoch {epoch} | step {step}/{steps} | loss {loss.item():.4f} | {rate / 1000:.1f}k ex/s")
+                print0(
+                    f"{kind} | epoch {epoch} | step {step}/{steps} | loss {loss.item():.4f} | {rate / 1000:.1f}k ex/s"
+                )
                 log.log("train", global_step, epoch, loss=loss.item(), examples_per_s=rate)
                 t0, seen = time.perf_counter(), 0
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
@@ -414,8 +657,10 @@ def train(kind: str, cfg: Config, rt: Runtime, schema: FeatureSchema, steps: int
         metrics = validate(model)
         history.append({"epoch": epoch, **metrics})
         log.log("valid", global_step, epoch, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        print0(f"{kind} | epoch {epoch} | valid | " + " | ".join(
-            f"{k} {v:.4f}" for k, v in metrics.items() if k in ("auc", "ne", "logloss", "rerank_NDCG@10")))
+        print0(
+            f"{kind} | epoch {epoch} | valid | "
+            + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in ("auc", "ne", "logloss", "rerank_NDCG@10"))
+        )
         start_step = 0
         checkpoint(epoch + 1, 0)
     log.close()
@@ -423,8 +668,15 @@ def train(kind: str, cfg: Config, rt: Runtime, schema: FeatureSchema, steps: int
 
 
 @torch.no_grad()
-def scores(model: nn.Module, features: RankingFeatures, ex: Examples, queries: np.ndarray | None,
-           retr: RetrievalScorer | None, cfg: Config, device: torch.device) -> np.ndarray:
+def scores(
+    model: nn.Module,
+    features: RankingFeatures,
+    ex: Examples,
+    queries: np.ndarray | None,
+    retr: RetrievalScorer | None,
+    cfg: Config,
+    device: torch.device,
+) -> np.ndarray:
     """Click probabilities for every row. Every rank scores every row: the sharded tables need
     all ranks in each forward."""
     net = (model.module if isinstance(model, DistributedModelParallel) else model).model
@@ -437,8 +689,9 @@ def scores(model: nn.Module, features: RankingFeatures, ex: Examples, queries: n
     return torch.cat(out).numpy()
 
 
-def evaluate(model: nn.Module, features: RankingFeatures, ev: EvalSet, retr: RetrievalScorer | None,
-             cfg: Config) -> dict[str, object]:
+def evaluate(
+    model: nn.Module, features: RankingFeatures, ev: EvalSet, retr: RetrievalScorer | None, cfg: Config
+) -> dict[str, object]:
     device = next(iter(model.parameters())).device
     probs = scores(model, features, ev.auc, ev.queries, retr, cfg, device)
     bm = BinaryMetrics()
@@ -463,58 +716,80 @@ def train_movielens(cfg: Config, rt: Runtime) -> dict[str, object]:
     features = RankingFeatures.build(ds, split, cfg.history_len, cfg.sequence_features, cfg.trend_days)
     retr = RetrievalScorer(cfg.retrieval_export, ds.fingerprint, features) if cfg.retrieval_export else None
     if retr is None and cfg.hard_negatives:
-        print0("note: no --retrieval-export, so no hard negatives and no retrieval score; candidates come from popularity")
-    retr_train = (RetrievalScorer(cfg.train_retrieval_export, ds.fingerprint, features)
-                  if cfg.train_retrieval_export else retr)
+        print0(
+            "note: no --retrieval-export, so no hard negatives and no retrieval score; candidates come from popularity"
+        )
+    retr_train = (
+        RetrievalScorer(cfg.train_retrieval_export, ds.fingerprint, features) if cfg.train_retrieval_export else retr
+    )
     examples, queries = train_examples(split, features, cfg, retr_train)
     valid = eval_set(split, features, "valid", cfg, retr)
     # --no-test: the end-of-run table is on validation and test is never scored (model selection).
     test = valid if cfg.no_test else eval_set(split, features, "test", cfg, retr)
     final = test.stage
-    print0(f"{ds.name}: {len(examples)} training examples ({examples.label.mean():.3f} positive), "
-           f"{rt.world_size} x {rt.device.type} ({rt.backend}); candidates from {test.candidate_source}")
+    print0(
+        f"{ds.name}: {len(examples)} training examples ({examples.label.mean():.3f} positive), "
+        f"{rt.world_size} x {rt.device.type} ({rt.backend}); candidates from {test.candidate_source}"
+    )
 
-    results: dict[str, object] = {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "world_size": rt.world_size,
-                                  "config": asdict(cfg), "qcomms": _qcomms(cfg, rt),
-                                  "candidate_source": test.candidate_source}
+    results: dict[str, object] = {
+        "dataset": ds.name,
+        "data_fingerprint": ds.fingerprint,
+        "world_size": rt.world_size,
+        "config": asdict(cfg),
+        "qcomms": _qcomms(cfg, rt),
+        "candidate_source": test.candidate_source,
+    }
     original = _report(test, test.candidates, cfg)
     valid_original = _report(valid, valid.candidates, cfg)
     results[f"{final}_candidates_order"] = original.to_dict()
     results["valid_candidates_order"] = valid_original.to_dict()
-    print0(f"valid | {valid.candidate_source} order | NDCG@10 {valid_original.means['NDCG@10']:.4f} | "
-           f"HR@10 {valid_original.means['HR@10']:.4f} (what re-ranking must beat)")
+    print0(
+        f"valid | {valid.candidate_source} order | NDCG@10 {valid_original.means['NDCG@10']:.4f} | "
+        f"HR@10 {valid_original.means['HR@10']:.4f} (what re-ranking must beat)"
+    )
     steps = steps_per_epoch(len(examples), cfg, rt)
 
     def batches(epoch: int, first: int) -> Iterator[Batch]:
         perm = np.random.default_rng([cfg.seed, 10, epoch]).permutation(len(examples))
         for step in range(first, steps):
             lo = step * cfg.batch_size * rt.world_size + rt.rank * cfg.batch_size
-            yield make_batch(features, examples.take(perm[lo:lo + cfg.batch_size]), queries, retr_train,
-                             cfg.history_len)
+            yield make_batch(
+                features, examples.take(perm[lo : lo + cfg.batch_size]), queries, retr_train, cfg.history_len
+            )
 
     def validate(model: nn.Module) -> dict[str, float]:
         m = evaluate(model, features, valid, retr, cfg)
         return {**m["binary"], "rerank_NDCG@10": m["rerank"].means["NDCG@10"]}
 
-    for kind in (["dlrm", "lr"] if cfg.baseline else ["dlrm"]):
+    for kind in ["dlrm", "lr"] if cfg.baseline else ["dlrm"]:
         model, history, info = train(kind, cfg, rt, features.schema, steps, batches, validate, out, ds.fingerprint)
         metrics = evaluate(model, features, test, retr, cfg)
-        results[kind] = {"valid_per_epoch": history, final: metrics["binary"],
-                         f"{final}_reranked": metrics["rerank"].to_dict(),
-                         f"{final}_gain_over_candidates_order": paired_difference(metrics["rerank"], original, cfg.n_boot),
-                         **info}
+        results[kind] = {
+            "valid_per_epoch": history,
+            final: metrics["binary"],
+            f"{final}_reranked": metrics["rerank"].to_dict(),
+            f"{final}_gain_over_candidates_order": paired_difference(metrics["rerank"], original, cfg.n_boot),
+            **info,
+        }
     print0(f"{final:<30} | {'AUC':>7} | {'NE':>7} | {'NDCG@10':>8} | {'HR@10':>7}")
-    print0(f"{test.candidate_source + ' order':<30} | {'':>7} | {'':>7} | {original.means['NDCG@10']:>8.4f} | "
-           f"{original.means['HR@10']:>7.4f}")
+    print0(
+        f"{test.candidate_source + ' order':<30} | {'':>7} | {'':>7} | {original.means['NDCG@10']:>8.4f} | "
+        f"{original.means['HR@10']:>7.4f}"
+    )
     for kind, name in (("lr", "logistic regression"), ("dlrm", f"DLRM ({cfg.interaction})")):
         if kind in results:
             r = results[kind]
-            print0(f"{name + ' re-ranked':<30} | {r[final]['auc']:>7.4f} | {r[final]['ne']:>7.4f} | "
-                   f"{r[f'{final}_reranked']['NDCG@10']:>8.4f} | {r[f'{final}_reranked']['HR@10']:>7.4f}")
+            print0(
+                f"{name + ' re-ranked':<30} | {r[final]['auc']:>7.4f} | {r[final]['ne']:>7.4f} | "
+                f"{r[f'{final}_reranked']['NDCG@10']:>8.4f} | {r[f'{final}_reranked']['HR@10']:>7.4f}"
+            )
     gain = results["dlrm"][f"{final}_gain_over_candidates_order"]
     lo, hi = gain["NDCG@10_ci95"]
-    print0(f"DLRM re-ranking minus {test.candidate_source} order, {final} NDCG@10: {gain['NDCG@10']:+.4f} "
-           f"(95% CI over users [{lo:+.4f}, {hi:+.4f}])")
+    print0(
+        f"DLRM re-ranking minus {test.candidate_source} order, {final} NDCG@10: {gain['NDCG@10']:+.4f} "
+        f"(95% CI over users [{lo:+.4f}, {hi:+.4f}])"
+    )
     write_results(out, results)
     return results
 
@@ -541,28 +816,51 @@ def evaluate_click_logs(model: nn.Module, schema: FeatureSchema, data: CriteoArr
 
 def train_click_logs(cfg: Config, rt: Runtime) -> dict[str, object]:
     sizes = list(cfg.num_embeddings_per_feature) if cfg.num_embeddings_per_feature else cfg.num_embeddings
-    data = load_ctr(cfg.dataset, cfg.criteo_path, sizes, cfg.seed, cfg.random_rows, cfg.max_rows, cfg.on_bad_line,
-                    cfg.negative_counts)
+    data = load_ctr(
+        cfg.dataset,
+        cfg.criteo_path,
+        sizes,
+        cfg.seed,
+        cfg.random_rows,
+        cfg.max_rows,
+        cfg.on_bad_line,
+        cfg.negative_counts,
+    )
     schema = criteo_schema(sizes)
     steps = steps_per_epoch(len(data.train), cfg, rt)
-    print0(f"{data.name}: {len(data.train)} training rows ({data.train.labels.mean():.3f} clicks), "
-           f"{len(data.valid)} valid, {len(data.test)} test; {rt.world_size} x {rt.device.type} ({rt.backend})"
-           + (f"; skipped malformed lines: {data.skipped}" if data.skipped else "")
-           + (f"; negative counts set to 0: {data.clamped}" if data.clamped else ""))
+    print0(
+        f"{data.name}: {len(data.train)} training rows ({data.train.labels.mean():.3f} clicks), "
+        f"{len(data.valid)} valid, {len(data.test)} test; {rt.world_size} x {rt.device.type} ({rt.backend})"
+        + (f"; skipped malformed lines: {data.skipped}" if data.skipped else "")
+        + (f"; negative counts set to 0: {data.clamped}" if data.clamped else "")
+    )
 
     def batches(epoch: int, first: int) -> Iterator[Batch]:
         for step in range(first, steps):  # in order: Criteo's rows are in time order
             lo = step * cfg.batch_size * rt.world_size + rt.rank * cfg.batch_size
             yield ctr_batch(schema, data.train, slice(lo, lo + cfg.batch_size))
 
-    results: dict[str, object] = {"dataset": data.name, "data_fingerprint": data.fingerprint,
-                                  "world_size": rt.world_size, "config": asdict(cfg), "qcomms": _qcomms(cfg, rt),
-                                  "skipped_lines": data.skipped,
-                                  "clamped_negative_counts": data.clamped}
-    for kind in (["dlrm", "lr"] if cfg.baseline else ["dlrm"]):
-        model, history, info = train(kind, cfg, rt, schema, steps, batches,
-                                     lambda m: evaluate_click_logs(m, schema, data.valid, cfg), Path(cfg.out),
-                                     data.fingerprint)
+    results: dict[str, object] = {
+        "dataset": data.name,
+        "data_fingerprint": data.fingerprint,
+        "world_size": rt.world_size,
+        "config": asdict(cfg),
+        "qcomms": _qcomms(cfg, rt),
+        "skipped_lines": data.skipped,
+        "clamped_negative_counts": data.clamped,
+    }
+    for kind in ["dlrm", "lr"] if cfg.baseline else ["dlrm"]:
+        model, history, info = train(
+            kind,
+            cfg,
+            rt,
+            schema,
+            steps,
+            batches,
+            lambda m: evaluate_click_logs(m, schema, data.valid, cfg),
+            Path(cfg.out),
+            data.fingerprint,
+        )
         results[kind] = {"valid_per_epoch": history, "test": evaluate_click_logs(model, schema, data.test, cfg), **info}
     print0(f"{'test':<22} | {'AUC':>7} | {'NE':>7} | {'log loss':>8}")
     for kind, name in (("lr", "logistic regression"), ("dlrm", f"DLRM ({cfg.interaction})")):
@@ -583,8 +881,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     seed_everything(cfg.seed)
     if cfg.qcomms:
         fwd, bwd = qcomms_precisions(rt.device)
-        print0(f"quantized communication: {fwd.name} forward, {bwd.name} backward"
-               + ("" if bwd == CommType.BF16 else " (BF16 asked for, but gloo has no BF16: TorchRec falls back to FP16)"))
+        print0(
+            f"quantized communication: {fwd.name} forward, {bwd.name} backward"
+            + ("" if bwd == CommType.BF16 else " (BF16 asked for, but gloo has no BF16: TorchRec falls back to FP16)")
+        )
     results = train_click_logs(cfg, rt) if cfg.dataset in CLICK_LOGS else train_movielens(cfg, rt)
     shutdown()
     return results

@@ -63,8 +63,9 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def export_program(module: torch.nn.Module, example_args: tuple[torch.Tensor, ...],
-                   dynamic_shapes: dict[str, Any]) -> torch.export.ExportedProgram:
+def export_program(
+    module: torch.nn.Module, example_args: tuple[torch.Tensor, ...], dynamic_shapes: dict[str, Any]
+) -> torch.export.ExportedProgram:
     """``torch.export`` with size-oblivious symbolic shapes, so a batch of 1 takes the same graph
     as a batch of 1000 (otherwise export specializes on 0/1 and guards out B == 1)."""
     import torch.fx.experimental._config as fx_config
@@ -75,9 +76,15 @@ def export_program(module: torch.nn.Module, example_args: tuple[torch.Tensor, ..
     return program
 
 
-def write_artifact(out: str | Path, program: torch.export.ExportedProgram, schema: FeatureSchema,
-                   manifest: dict[str, Any], heldout: list[dict[str, Any]], overwrite: bool = False,
-                   verify: Callable[[Path], dict[str, Any]] | None = None) -> Path:
+def write_artifact(
+    out: str | Path,
+    program: torch.export.ExportedProgram,
+    schema: FeatureSchema,
+    manifest: dict[str, Any],
+    heldout: list[dict[str, Any]],
+    overwrite: bool = False,
+    verify: Callable[[Path], dict[str, Any]] | None = None,
+) -> Path:
     """Write the artifact to a temporary directory, check it, then move it into place: a crash
     never leaves a half-written artifact at ``out``. ``verify(tmp_dir)`` runs on the written files
     before the move; what it returns is merged into the manifest (which is not in its own
@@ -91,8 +98,10 @@ def write_artifact(out: str | Path, program: torch.export.ExportedProgram, schem
     torch.export.save(program, tmp / PROGRAM)
     (tmp / SCHEMA).write_text(json.dumps(schema.to_dict(), indent=2) + "\n")
     (tmp / HELDOUT).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in heldout))
-    files = {name: {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
-             for name in (PROGRAM, SCHEMA, HELDOUT)}
+    files = {
+        name: {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+        for name in (PROGRAM, SCHEMA, HELDOUT)
+    }
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), **manifest, "files": files}
     (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
     check_pickle_free(tmp / PROGRAM)
@@ -115,34 +124,44 @@ def read_manifest(artifact: str | Path) -> dict[str, Any]:
     artifact = Path(artifact)
     path = artifact / MANIFEST
     if not path.is_file():
-        raise ArtifactError(f"{path} not found: package a model first (python -m inference_legacy.dlrm_packager) "
-                            f"or point at the directory it wrote")
+        raise ArtifactError(
+            f"{path} not found: package a model first (python -m inference_legacy.dlrm_packager) "
+            f"or point at the directory it wrote"
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ArtifactError(f"{path} is not valid JSON ({err}); the artifact is damaged: package it again") from err
     _check_manifest_shape(manifest, path)
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
-                            f"this loader reads {FORMAT!r} version {FORMAT_VERSION}: package the model again with "
-                            f"this checkout")
+        raise ArtifactError(
+            f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
+            f"this loader reads {FORMAT!r} version {FORMAT_VERSION}: package the model again with "
+            f"this checkout"
+        )
     here = versions()
     for lib in ("torch", "fbgemm"):
         if manifest.get("versions", {}).get(lib) != here[lib]:
-            raise ArtifactError(f"{path}: packaged with {lib} {manifest.get('versions', {}).get(lib)}, this "
-                                f"environment has {here[lib]}; exported programs and FBGEMM's quantized tables are "
-                                f"tied to the version that wrote them: package again here, or install that version")
+            raise ArtifactError(
+                f"{path}: packaged with {lib} {manifest.get('versions', {}).get(lib)}, this "
+                f"environment has {here[lib]}; exported programs and FBGEMM's quantized tables are "
+                f"tied to the version that wrote them: package again here, or install that version"
+            )
     for name, want in manifest.get("files", {}).items():
         f = artifact / name
         if not f.is_file():
             raise ArtifactError(f"{f} is missing from the artifact")
         size = f.stat().st_size
         if size != want["bytes"]:
-            raise ArtifactError(f"{f} is {size} bytes, the manifest says {want['bytes']}: a truncated or partial "
-                                f"copy; copy the artifact again")
+            raise ArtifactError(
+                f"{f} is {size} bytes, the manifest says {want['bytes']}: a truncated or partial "
+                f"copy; copy the artifact again"
+            )
         if sha256(f) != want["sha256"]:
-            raise ArtifactError(f"{f} does not match the manifest's SHA-256: it was altered or comes from another "
-                                f"artifact; copy the artifact again or package it again")
+            raise ArtifactError(
+                f"{f} does not match the manifest's SHA-256: it was altered or comes from another "
+                f"artifact; copy the artifact again or package it again"
+            )
     missing = {PROGRAM, SCHEMA} - set(manifest.get("files", {}))
     if missing:
         raise ArtifactError(f"{path} lists no {sorted(missing)}; the artifact is incomplete")
@@ -152,6 +171,7 @@ def read_manifest(artifact: str | Path) -> dict[str, Any]:
 def _check_manifest_shape(manifest: Any, path: Path) -> None:
     """The manifest's structure, before any field is read: a damaged one is one ArtifactError naming
     the field, not an AttributeError somewhere in the loader."""
+
     def bad(what: str) -> ArtifactError:
         return ArtifactError(f"{path}: {what}; the manifest is damaged: package the model again")
 
@@ -161,11 +181,14 @@ def _check_manifest_shape(manifest: Any, path: Path) -> None:
         if not isinstance(manifest.get(key, {}), dict):
             raise bad(f"'{key}' must be an object, got {type(manifest[key]).__name__}")
     for name, entry in manifest.get("files", {}).items():
-        if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
+        if not (
+            isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)
+        ):
             raise bad(f"files[{name!r}] must be {{'bytes': int, 'sha256': str}}, got {entry!r:.80}")
     tables = manifest.get("dims", {}).get("tables", {})
-    if not isinstance(tables, dict) or not all(isinstance(t, dict) and isinstance(t.get("rows"), int)
-                                               for t in tables.values()):
+    if not isinstance(tables, dict) or not all(
+        isinstance(t, dict) and isinstance(t.get("rows"), int) for t in tables.values()
+    ):
         raise bad("dims.tables must map each table to an object with integer 'rows'")
 
 
@@ -193,14 +216,20 @@ def check_pickle_free(pt2: str | Path) -> None:
                     entries = json.loads(z.read(info)).get("config", {})
                     pickled = [k for k, v in entries.items() if v.get("use_pickle")]
                 except (ValueError, AttributeError, TypeError) as err:
-                    raise ArtifactError(f"{pt2}: {name} is not a weights config ({type(err).__name__}: {err}); "
-                                        f"the archive is damaged: package the model again") from None
+                    raise ArtifactError(
+                        f"{pt2}: {name} is not a weights config ({type(err).__name__}: {err}); "
+                        f"the archive is damaged: package the model again"
+                    ) from None
                 if pickled:
-                    raise ArtifactError(f"{pt2}: {name} stores {pickled[:3]} as pickles; refusing to load code-"
-                                        f"carrying payloads. Export plain tensors only")
+                    raise ArtifactError(
+                        f"{pt2}: {name} stores {pickled[:3]} as pickles; refusing to load code-"
+                        f"carrying payloads. Export plain tensors only"
+                    )
                 continue
-            raise ArtifactError(f"{pt2}: unexpected entry {info.filename!r}; this loader accepts only JSON graphs "
-                                f"and raw tensor bytes (pickled objects can run code when loaded)")
+            raise ArtifactError(
+                f"{pt2}: unexpected entry {info.filename!r}; this loader accepts only JSON graphs "
+                f"and raw tensor bytes (pickled objects can run code when loaded)"
+            )
 
 
 def load_program(artifact: str | Path, manifest: dict[str, Any]) -> torch.nn.Module:
@@ -214,8 +243,9 @@ def load_program(artifact: str | Path, manifest: dict[str, Any]) -> torch.nn.Mod
     try:
         program = torch.export.load(path)
     except Exception as err:  # a damaged graph surfaces as many exception types
-        raise ArtifactError(f"{path} could not be deserialized ({type(err).__name__}: {err}); package it again "
-                            f"with this environment") from err
+        raise ArtifactError(
+            f"{path} could not be deserialized ({type(err).__name__}: {err}); package it again with this environment"
+        ) from err
     return program.module()
 
 
@@ -226,17 +256,21 @@ def load_schema(artifact: str | Path, manifest: dict[str, Any] | None = None) ->
     try:
         schema = FeatureSchema.from_dict(json.loads(path.read_text()))
     except (ValueError, AttributeError, TypeError, KeyError) as err:
-        raise ArtifactError(f"{path} is not a feature schema ({type(err).__name__}: {err}); the artifact is "
-                            f"damaged: package the model again") from None
+        raise ArtifactError(
+            f"{path} is not a feature schema ({type(err).__name__}: {err}); the artifact is "
+            f"damaged: package the model again"
+        ) from None
     tables = (manifest or {}).get("dims", {}).get("tables")
     if tables:
         for f in schema.sparse:
             table = tables.get(f.table or f.name)
             if table is None or table["rows"] != f.cardinality:
                 rows = "no table" if table is None else f"{table['rows']} rows"
-                raise ArtifactError(f"{path}: feature {f.name!r} has cardinality {f.cardinality}, but the model's "
-                                    f"table {f.table or f.name!r} has {rows}; the schema and the model disagree: "
-                                    f"package the model again")
+                raise ArtifactError(
+                    f"{path}: feature {f.name!r} has cardinality {f.cardinality}, but the model's "
+                    f"table {f.table or f.name!r} has {rows}; the schema and the model disagree: "
+                    f"package the model again"
+                )
     return schema
 
 

@@ -62,7 +62,7 @@ class DLRMClient:
         """Click probabilities for feature rows, in order."""
         out: list[float] = []
         for lo in range(0, len(rows), rows_per_request):
-            out += self._json(self.http.post("/predict", json={"rows": rows[lo:lo + rows_per_request]}))["scores"]
+            out += self._json(self.http.post("/predict", json={"rows": rows[lo : lo + rows_per_request]}))["scores"]
         return out
 
     def health(self) -> dict[str, Any]:
@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> list[float] | dict[str, Any]:
         ref = [json.loads(line)["fp32"] for line in path.read_text().splitlines() if line.strip()]
         tol = json.loads((Path(a.heldout) / "manifest.json").read_text())["verification"]["tolerance"]
         diff = max(abs(s - r) for s, r in zip(scores, ref))
-        print(f"scored {len(scores)} held-out rows: max |served - eager fp32| {diff:.2e} (artifact tolerance {tol:.2e})")
+        print(
+            f"scored {len(scores)} held-out rows: max |served - eager fp32| {diff:.2e} (artifact tolerance {tol:.2e})"
+        )
     if a.input or a.output:
         out = Path(a.output or f"{path}.scores.jsonl")
         out.write_text("".join(json.dumps({"score": s}) + "\n" for s in scores))

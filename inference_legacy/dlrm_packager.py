@@ -105,27 +105,58 @@ def _auc(probs: np.ndarray, labels: np.ndarray) -> float:
     return bm.compute(gather=False)["auc"]
 
 
-def package(ranker: Ranker, out: str | Path, precision: str = "int8", heldout_rows: int = 1000, seed: int = 0,
-            overwrite: bool = False) -> dict[str, object]:
+def package(
+    ranker: Ranker,
+    out: str | Path,
+    precision: str = "int8",
+    heldout_rows: int = 1000,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict[str, object]:
     """Quantize, export, write, reload and verify a trained ranker; returns the manifest. The
     held-out rows are every test user's next item plus the evaluation's sampled negatives."""
     cfg, features = ranker.cfg, ranker.features
     ev = eval_set(ranker.split, features, "test", cfg, ranker.retr)
     batches, labels = [], []
     for lo in range(0, len(ev.auc), 8192):
-        b = make_batch(features, ev.auc.take(np.arange(lo, min(lo + 8192, len(ev.auc)))), ev.queries, ranker.retr,
-                       cfg.history_len)
+        b = make_batch(
+            features, ev.auc.take(np.arange(lo, min(lo + 8192, len(ev.auc)))), ev.queries, ranker.retr, cfg.history_len
+        )
         batches.append(FeatureBatch(b.dense_features, b.sparse_features))
         labels.append(b.labels.numpy())
-    source = {"checkpoint": str(ranker.checkpoint), "dataset": cfg.dataset,
-              "data_fingerprint": ranker.dataset.fingerprint}
-    return package_model(ranker.model.model, features.schema, cfg, source, batches, np.concatenate(labels), out,
-                         precision, heldout_rows, seed, overwrite)
+    source = {
+        "checkpoint": str(ranker.checkpoint),
+        "dataset": cfg.dataset,
+        "data_fingerprint": ranker.dataset.fingerprint,
+    }
+    return package_model(
+        ranker.model.model,
+        features.schema,
+        cfg,
+        source,
+        batches,
+        np.concatenate(labels),
+        out,
+        precision,
+        heldout_rows,
+        seed,
+        overwrite,
+    )
 
 
-def package_model(dlrm: TorchRecDLRM, schema: FeatureSchema, cfg: Config, source: dict[str, object],
-                  batches: list[FeatureBatch], labels_np: np.ndarray, out: str | Path, precision: str = "int8",
-                  heldout_rows: int = 1000, seed: int = 0, overwrite: bool = False) -> dict[str, object]:
+def package_model(
+    dlrm: TorchRecDLRM,
+    schema: FeatureSchema,
+    cfg: Config,
+    source: dict[str, object],
+    batches: list[FeatureBatch],
+    labels_np: np.ndarray,
+    out: str | Path,
+    precision: str = "int8",
+    heldout_rows: int = 1000,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict[str, object]:
     """Package any fp32 ``TorchRecDLRM`` built by ``cfg`` (train_dlrm's settings) for ``schema``,
     verified on ``batches`` (with their ``labels_np``, for AUC)."""
     fp32 = DLRMServing(dlrm, schema.sparse_names).eval()
@@ -133,8 +164,15 @@ def package_model(dlrm: TorchRecDLRM, schema: FeatureSchema, cfg: Config, source
     t0 = time.perf_counter()
     example = batches[0]
     batch = Dim("batch", min=1, max=1 << 20)
-    program = art.export_program(served, _inputs(example), dynamic_shapes={
-        "dense": {0: batch}, "values": {0: Dim("nnz", min=0, max=1 << 30)}, "lengths": {0: len(schema.sparse) * batch}})
+    program = art.export_program(
+        served,
+        _inputs(example),
+        dynamic_shapes={
+            "dense": {0: batch},
+            "values": {0: Dim("nnz", min=0, max=1 << 30)},
+            "lengths": {0: len(schema.sparse) * batch},
+        },
+    )
     export_s = time.perf_counter() - t0
 
     fp32_bytes, served_bytes = table_bytes(fp32), table_bytes(served)
@@ -147,43 +185,76 @@ def package_model(dlrm: TorchRecDLRM, schema: FeatureSchema, cfg: Config, source
         mine = pick[(pick >= lo) & (pick < lo + len(b.dense))] - lo
         if len(mine):
             recs = schema.to_records(FeatureBatch(b.dense[mine], _select(b.sparse, mine)))
-            rows += [{"features": r, "label": float(labels_np[lo + i]), "fp32": float(p_fp32[lo + i])}
-                     for r, i in zip(recs, mine)]
+            rows += [
+                {"features": r, "label": float(labels_np[lo + i]), "fp32": float(p_fp32[lo + i])}
+                for r, i in zip(recs, mine)
+            ]
     manifest: dict[str, object] = {
         "model": "dlrm",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": {**source, "retrieval_export": cfg.retrieval_export,
-                   # which retrieval model produced the retrieval_score feature (its files' checksums)
-                   "retrieval_files": _export_files(cfg.retrieval_export)},
+        "source": {
+            **source,
+            "retrieval_export": cfg.retrieval_export,
+            # which retrieval model produced the retrieval_score feature (its files' checksums)
+            "retrieval_files": _export_files(cfg.retrieval_export),
+        },
         # how the feature rows were built, for whoever builds them at serving time
-        "features": {"history_len": cfg.history_len, "sequence_features": cfg.sequence_features,
-                     "trend_days": cfg.trend_days},
-        "quantization": {"embeddings": precision, "kernel": "FBGEMM IntNBitTableBatchedEmbeddingBagsCodegen"
-                         if precision != "none" else "fp32 nn.EmbeddingBag", "row_alignment_bytes": 4},
+        "features": {
+            "history_len": cfg.history_len,
+            "sequence_features": cfg.sequence_features,
+            "trend_days": cfg.trend_days,
+        },
+        "quantization": {
+            "embeddings": precision,
+            "kernel": "FBGEMM IntNBitTableBatchedEmbeddingBagsCodegen"
+            if precision != "none"
+            else "fp32 nn.EmbeddingBag",
+            "row_alignment_bytes": 4,
+        },
         "exporter": "torch.export",
-        "inputs": {"dense": f"float32 [B, {len(schema.dense)}] in schema order",
-                   "values": "int64 [N]: the sparse IDs, feature-major",
-                   "lengths": f"int64 [{len(schema.sparse)} * B]: IDs per (feature, example), feature-major"},
+        "inputs": {
+            "dense": f"float32 [B, {len(schema.dense)}] in schema order",
+            "values": "int64 [N]: the sparse IDs, feature-major",
+            "lengths": f"int64 [{len(schema.sparse)} * B]: IDs per (feature, example), feature-major",
+        },
         "output": "float32 [B] click probability",
-        "dims": {"embedding_dim": cfg.embedding_dim, "dense_arch": list(cfg.dense_arch),
-                 "over_arch": list(cfg.over_arch), "interaction": cfg.interaction,
-                 "tables": {c.name: {"rows": c.num_embeddings, "dim": c.embedding_dim, "features": c.feature_names}
-                            for c in schema.embedding_bag_configs(cfg.embedding_dim)}},
-        "sizes": {"fp32_table_bytes": fp32_bytes, "table_bytes": served_bytes,
-                  "table_reduction": fp32_bytes / served_bytes},
+        "dims": {
+            "embedding_dim": cfg.embedding_dim,
+            "dense_arch": list(cfg.dense_arch),
+            "over_arch": list(cfg.over_arch),
+            "interaction": cfg.interaction,
+            "tables": {
+                c.name: {"rows": c.num_embeddings, "dim": c.embedding_dim, "features": c.feature_names}
+                for c in schema.embedding_bag_configs(cfg.embedding_dim)
+            },
+        },
+        "sizes": {
+            "fp32_table_bytes": fp32_bytes,
+            "table_bytes": served_bytes,
+            "table_reduction": fp32_bytes / served_bytes,
+        },
     }
+
     def verify(tmp: Path) -> dict[str, object]:
         """Load what was written the way the server loads it, and score every held-out row."""
         loaded = art.load_program(tmp, art.read_manifest(tmp))
         p_art = _score(loaded, batches)
         diff = np.abs(p_art - p_fp32)
         auc_fp32, auc_art = _auc(p_fp32, labels_np), _auc(p_art, labels_np)
-        return {"verification": {
-            "rows": int(len(diff)), "split": source.get("split", "test"), "max_abs_diff": float(diff.max()),
-            "p99_abs_diff": float(np.quantile(diff, 0.99)), "tolerance": float(diff.max()),
-            "auc_fp32": auc_fp32, "auc_artifact": auc_art, "auc_change": auc_art - auc_fp32,
-            "export_seconds": export_s},
-            "sizes": {**manifest["sizes"], "program_bytes": (tmp / art.PROGRAM).stat().st_size}}
+        return {
+            "verification": {
+                "rows": int(len(diff)),
+                "split": source.get("split", "test"),
+                "max_abs_diff": float(diff.max()),
+                "p99_abs_diff": float(np.quantile(diff, 0.99)),
+                "tolerance": float(diff.max()),
+                "auc_fp32": auc_fp32,
+                "auc_artifact": auc_art,
+                "auc_change": auc_art - auc_fp32,
+                "export_seconds": export_s,
+            },
+            "sizes": {**manifest["sizes"], "program_bytes": (tmp / art.PROGRAM).stat().st_size},
+        }
 
     path = art.write_artifact(out, program, schema, manifest, rows, overwrite=overwrite, verify=verify)
     manifest = json.loads((path / art.MANIFEST).read_text())
@@ -203,21 +274,31 @@ def _select(kjt: KeyedJaggedTensor, rows: np.ndarray) -> KeyedJaggedTensor:
     for k in kjt.keys():
         lens, offs = parts[k].lengths(), parts[k].offsets()
         for r in rows.tolist():
-            values.append(parts[k].values()[offs[r]:offs[r + 1]])
+            values.append(parts[k].values()[offs[r] : offs[r + 1]])
         lengths.append(lens[torch.as_tensor(rows)])
     return KeyedJaggedTensor.from_lengths_sync(kjt.keys(), torch.cat(values), torch.cat(lengths))
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoints", default="runs/ranking/checkpoints/dlrm",
-                   help="checkpoint directory of a train_dlrm run (default: %(default)s)")
-    p.add_argument("--data-dir", default=None, help="MovieLens cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)")
-    p.add_argument("--quantize", default="int8", choices=list(PRECISIONS),
-                   help="embedding precision (default: %(default)s)")
+    p.add_argument(
+        "--checkpoints",
+        default="runs/ranking/checkpoints/dlrm",
+        help="checkpoint directory of a train_dlrm run (default: %(default)s)",
+    )
+    p.add_argument(
+        "--data-dir", default=None, help="MovieLens cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)"
+    )
+    p.add_argument(
+        "--quantize", default="int8", choices=list(PRECISIONS), help="embedding precision (default: %(default)s)"
+    )
     p.add_argument("--out", default=None, help="artifact directory (default: runs/serving/dlrm-<quantize>)")
-    p.add_argument("--heldout-rows", type=int, default=1000,
-                   help="held-out request rows stored in the artifact for self-checks (default: %(default)s)")
+    p.add_argument(
+        "--heldout-rows",
+        type=int,
+        default=1000,
+        help="held-out request rows stored in the artifact for self-checks (default: %(default)s)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
     a = p.parse_args(argv)
     out = Path(a.out or f"runs/serving/dlrm-{a.quantize}")
@@ -228,12 +309,18 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     m = package(ranker, out, a.quantize, a.heldout_rows, overwrite=a.overwrite)
     v, s = m["verification"], m["sizes"]
     print(f"packaged {out} ({a.quantize} embeddings, torch.export; model.pt2 {s['program_bytes'] / 1e6:.3f} MB)")
-    print(f"embedding tables: fp32 checkpoint {s['fp32_table_bytes'] / 1e6:.3f} MB -> artifact "
-          f"{s['table_bytes'] / 1e6:.3f} MB ({s['table_reduction']:.2f}x smaller)")
-    print(f"test AUC over {v['rows']:,} held-out rows: eager fp32 {v['auc_fp32']:.4f} | artifact "
-          f"{v['auc_artifact']:.4f} ({v['auc_change']:+.4f})")
-    print(f"max |p_artifact - p_fp32| {v['max_abs_diff']:.2e} (p99 {v['p99_abs_diff']:.2e}): the tolerance written "
-          f"to {out / art.MANIFEST}")
+    print(
+        f"embedding tables: fp32 checkpoint {s['fp32_table_bytes'] / 1e6:.3f} MB -> artifact "
+        f"{s['table_bytes'] / 1e6:.3f} MB ({s['table_reduction']:.2f}x smaller)"
+    )
+    print(
+        f"test AUC over {v['rows']:,} held-out rows: eager fp32 {v['auc_fp32']:.4f} | artifact "
+        f"{v['auc_artifact']:.4f} ({v['auc_change']:+.4f})"
+    )
+    print(
+        f"max |p_artifact - p_fp32| {v['max_abs_diff']:.2e} (p99 {v['p99_abs_diff']:.2e}): the tolerance written "
+        f"to {out / art.MANIFEST}"
+    )
     return m
 
 

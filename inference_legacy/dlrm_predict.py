@@ -59,8 +59,10 @@ class DLRMPredictor:
         self.path = Path(artifact_dir)
         self.manifest = art.read_manifest(self.path)
         if self.manifest.get("model") != "dlrm" or "tolerance" not in self.manifest.get("verification", {}):
-            raise art.ArtifactError(f"{self.path} is not a verified DLRM artifact (model {self.manifest.get('model')!r}); "
-                                    f"package one with python -m inference_legacy.dlrm_packager")
+            raise art.ArtifactError(
+                f"{self.path} is not a verified DLRM artifact (model {self.manifest.get('model')!r}); "
+                f"package one with python -m inference_legacy.dlrm_packager"
+            )
         self.schema = art.load_schema(self.path, self.manifest)
         self.model = art.load_program(self.path, self.manifest)
         m = self.manifest
@@ -75,8 +77,10 @@ class DLRMPredictor:
         out = self.model(fb.dense, fb.sparse.values().long(), fb.sparse.lengths().long()).numpy()
         bad = np.flatnonzero(~np.isfinite(out))
         if len(bad):
-            raise BadRequest(f"rows {bad[:5].tolist()} have no finite score: their dense values are far outside "
-                             f"anything the model was trained on")
+            raise BadRequest(
+                f"rows {bad[:5].tolist()} have no finite score: their dense values are far outside "
+                f"anything the model was trained on"
+            )
         return out
 
     def self_check(self) -> dict[str, float]:
@@ -87,8 +91,10 @@ class DLRMPredictor:
         got = self.predict([r["features"] for r in rows])
         diff = float(np.abs(got - np.array([r["fp32"] for r in rows])).max()) if rows else 0.0
         if diff > tol + 1e-6:
-            raise art.ArtifactError(f"{self.path}: held-out rows differ from the fp32 model by {diff:.2e}, more than the "
-                                    f"recorded tolerance {tol:.2e}; this environment does not reproduce the artifact")
+            raise art.ArtifactError(
+                f"{self.path}: held-out rows differ from the fp32 model by {diff:.2e}, more than the "
+                f"recorded tolerance {tol:.2e}; this environment does not reproduce the artifact"
+            )
         return {"heldout_rows": len(rows), "max_abs_diff": diff, "tolerance": tol}
 
 
@@ -115,15 +121,21 @@ def request_models(schema: FeatureSchema, max_rows: int) -> tuple[type[BaseModel
             fields[f.name] = (fid, Field(description=f"{f.name}: one ID in [0, {f.cardinality})"))
         else:
             keep = f"the last {f.max_length} are used" if f.max_length else "all are used"
-            fields[f.name] = (list[fid], Field(max_length=MAX_IDS_PER_FEATURE,
-                                               description=f"{f.name}: IDs in [0, {f.cardinality}); {keep}"))
+            fields[f.name] = (
+                list[fid],
+                Field(max_length=MAX_IDS_PER_FEATURE, description=f"{f.name}: IDs in [0, {f.cardinality}); {keep}"),
+            )
     for f in schema.dense:
-        fields[f.name] = (Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-MAX_DENSE, le=MAX_DENSE)],
-                          Field(description=f"{f.name}: a number in [-1e6, 1e6]"))
+        fields[f.name] = (
+            Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-MAX_DENSE, le=MAX_DENSE)],
+            Field(description=f"{f.name}: a number in [-1e6, 1e6]"),
+        )
     row = create_model("Row", __config__=ConfigDict(extra="forbid"), **fields)
-    request = create_model("PredictRequest", __config__=ConfigDict(extra="forbid"),
-                           rows=(list[row], Field(min_length=1, max_length=max_rows,
-                                                  description=f"1 to {max_rows} rows to score")))
+    request = create_model(
+        "PredictRequest",
+        __config__=ConfigDict(extra="forbid"),
+        rows=(list[row], Field(min_length=1, max_length=max_rows, description=f"1 to {max_rows} rows to score")),
+    )
     return row, request
 
 
@@ -132,23 +144,34 @@ class PredictResponse(BaseModel):
     model: str = Field(description="the artifact that scored them: model-precision-checksum")
 
 
-def create_dlrm_app(artifact_dir: str | Path, max_batch_rows: int = 1024, max_wait_ms: float = 0.0,
-                    batching: bool = True, max_request_bytes: int = 4_000_000, max_rows: int = 4096,
-                    client_timeout: float = BODY_TIMEOUT_S) -> tuple[FastAPI, DLRMPredictor, DynamicBatcher]:
+def create_dlrm_app(
+    artifact_dir: str | Path,
+    max_batch_rows: int = 1024,
+    max_wait_ms: float = 0.0,
+    batching: bool = True,
+    max_request_bytes: int = 4_000_000,
+    max_rows: int = 4096,
+    client_timeout: float = BODY_TIMEOUT_S,
+) -> tuple[FastAPI, DLRMPredictor, DynamicBatcher]:
     """Load the artifact (errors surface here, before anything is served), build the app, and
     start the self-check that turns ``/ready`` to 200."""
     predictor = DLRMPredictor(artifact_dir)
     metrics, readiness = Metrics(), Readiness()
-    readiness.info = {"model": predictor.name, "batching": batching, "max_batch_rows": max_batch_rows,
-                      "max_wait_ms": max_wait_ms}
-    app = create_app("DLRM ranking service", "1", __doc__.split("\n\n")[0], metrics, readiness, max_request_bytes,
-                     client_timeout)
+    readiness.info = {
+        "model": predictor.name,
+        "batching": batching,
+        "max_batch_rows": max_batch_rows,
+        "max_wait_ms": max_wait_ms,
+    }
+    app = create_app(
+        "DLRM ranking service", "1", __doc__.split("\n\n")[0], metrics, readiness, max_request_bytes, client_timeout
+    )
 
     def run(requests: list[list[dict[str, Any]]]) -> list[list[float]]:
         scores = predictor.predict([row for rows in requests for row in rows]).tolist()
         out, lo = [], 0
         for rows in requests:
-            out.append(scores[lo:lo + len(rows)])
+            out.append(scores[lo : lo + len(rows)])
             lo += len(rows)
         return out
 
@@ -164,10 +187,15 @@ def create_dlrm_app(artifact_dir: str | Path, max_batch_rows: int = 1024, max_wa
         return JSONResponse({"scores": scores, "model": predictor.name})
 
     predict.__annotations__["req"] = Annotated[Any, Depends(body)]  # built at run time, not a string annotation
-    app.post("/predict", response_model=PredictResponse, summary="Click probabilities for feature rows",
-             openapi_extra=body.openapi, responses=error_responses(
-                 _408="body not sent in time", _413="body over the size limit",
-                 _503="not ready yet (see /ready)"))(predict)
+    app.post(
+        "/predict",
+        response_model=PredictResponse,
+        summary="Click probabilities for feature rows",
+        openapi_extra=body.openapi,
+        responses=error_responses(
+            _408="body not sent in time", _413="body over the size limit", _503="not ready yet (see /ready)"
+        ),
+    )(predict)
 
     def check() -> None:
         try:
@@ -187,15 +215,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only)")
     p.add_argument("--port", type=int, default=8080, help="port; 0 picks a free one (default: %(default)s)")
     p.add_argument("--max-batch-rows", type=int, default=1024, help="rows per model call (default: %(default)s)")
-    p.add_argument("--max-wait-ms", type=float, default=0.0,
-                   help="how long the first request of a batch waits for others (default: %(default)s)")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=0.0,
+        help="how long the first request of a batch waits for others (default: %(default)s)",
+    )
     p.add_argument("--no-batching", action="store_true", help="one model call per request")
     p.add_argument("--max-request-bytes", type=int, default=4_000_000, help="body size limit (default: %(default)s)")
     p.add_argument("--max-rows", type=int, default=4096, help="rows per request (default: %(default)s)")
-    p.add_argument("--client-timeout", type=float, default=BODY_TIMEOUT_S,
-                   help="seconds a client has to send a request's headers, and again its body (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads for the model (default: %(default)s; the event loop needs a core)")
+    p.add_argument(
+        "--client-timeout",
+        type=float,
+        default=BODY_TIMEOUT_S,
+        help="seconds a client has to send a request's headers, and again its body (default: %(default)s)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for the model (default: %(default)s; the event loop needs a core)",
+    )
     a = p.parse_args(argv)
     if a.threads < 1:
         p.error(f"--threads must be at least 1, got {a.threads}")
@@ -206,12 +246,22 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     try:
-        app, predictor, _ = create_dlrm_app(a.artifact, a.max_batch_rows, a.max_wait_ms, not a.no_batching,
-                                            a.max_request_bytes, a.max_rows, a.client_timeout)
+        app, predictor, _ = create_dlrm_app(
+            a.artifact,
+            a.max_batch_rows,
+            a.max_wait_ms,
+            not a.no_batching,
+            a.max_request_bytes,
+            a.max_rows,
+            a.client_timeout,
+        )
     except (art.ArtifactError, FileNotFoundError) as err:
         raise SystemExit(f"cannot serve {a.artifact}: {err}") from None
-    print(f"loaded {predictor.name} from {a.artifact} in {time.perf_counter() - t0:.1f} s "
-          f"(batching {'off' if a.no_batching else f'up to {a.max_batch_rows} rows / {a.max_wait_ms} ms'})", flush=True)
+    print(
+        f"loaded {predictor.name} from {a.artifact} in {time.perf_counter() - t0:.1f} s "
+        f"(batching {'off' if a.no_batching else f'up to {a.max_batch_rows} rows / {a.max_wait_ms} ms'})",
+        flush=True,
+    )
     serve(app, a.host, a.port, sock=sock, header_timeout=a.client_timeout)
 
 

@@ -39,8 +39,8 @@ from pydantic import BaseModel
 
 log = logging.getLogger("inference_legacy.server")
 
-BODY_TIMEOUT_S = 10.0     # a request's body must arrive whole within this
-HEADER_TIMEOUT_S = 10.0   # and its headers within this of the connection opening (or the last response)
+BODY_TIMEOUT_S = 10.0  # a request's body must arrive whole within this
+HEADER_TIMEOUT_S = 10.0  # and its headers within this of the connection opening (or the last response)
 INLINE_BODY_BYTES = 65_536  # larger bodies are parsed and validated off the event loop
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -64,7 +64,8 @@ def error_responses(**codes: str) -> dict[int | str, dict[str, Any]]:
     :class:`ErrorResponse` as its schema; 400 and 422 are always there."""
     out: dict[int | str, dict[str, Any]] = {
         400: {"model": ErrorResponse, "description": "a body that is not JSON text (e.g. not UTF-8)"},
-        422: {"model": ErrorResponse, "description": "invalid input, named"}}
+        422: {"model": ErrorResponse, "description": "invalid input, named"},
+    }
     out.update({int(code.lstrip("_")): {"model": ErrorResponse, "description": what} for code, what in codes.items()})
     return out
 
@@ -75,13 +76,20 @@ class Metrics:
     def __init__(self) -> None:
         disable_created_metrics()  # the *_created series only add noise here
         self.registry = CollectorRegistry()
-        self.requests = Counter("requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("request_latency_seconds", "HTTP request latency by endpoint", ["endpoint"],
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter(
+            "requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "request_latency_seconds",
+            "HTTP request latency by endpoint",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.batch_rows = Histogram("batch_rows", "rows per model call", buckets=SIZE_BUCKETS, registry=self.registry)
-        self.batch_requests = Histogram("batch_requests", "requests merged into one model call",
-                                        buckets=SIZE_BUCKETS, registry=self.registry)
+        self.batch_requests = Histogram(
+            "batch_requests", "requests merged into one model call", buckets=SIZE_BUCKETS, registry=self.registry
+        )
         self.rows = Counter("rows_scored", "rows scored", registry=self.registry)
 
     def text(self) -> bytes:
@@ -96,8 +104,14 @@ class DynamicBatcher:
     alone). A request larger than ``max_batch_rows`` runs alone.
     """
 
-    def __init__(self, fn: Callable[[list[Any]], Sequence[Any]], max_batch_rows: int = 1024,
-                 max_wait_ms: float = 2.0, enabled: bool = True, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        fn: Callable[[list[Any]], Sequence[Any]],
+        max_batch_rows: int = 1024,
+        max_wait_ms: float = 2.0,
+        enabled: bool = True,
+        metrics: Metrics | None = None,
+    ) -> None:
         if max_batch_rows < 1:
             raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
         self.fn, self.max_rows, self.max_wait = fn, max_batch_rows, max_wait_ms / 1000.0
@@ -166,7 +180,6 @@ class DynamicBatcher:
             for (_, fut), res in zip(batch, results):
                 _deliver(fut, res)
 
-
     def _run_alone(self, item: tuple[list[Any], Future]) -> None:
         rows, fut = item
         try:
@@ -189,8 +202,14 @@ class _LimitAndMeasure:
     request and trickles its body, slowloris, does not hold a connection for ever); records every
     request's latency and status."""
 
-    def __init__(self, app: Any, max_bytes: int, metrics: Metrics, routes: Callable[[], set[str]],
-                 body_timeout: float = BODY_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        app: Any,
+        max_bytes: int,
+        metrics: Metrics,
+        routes: Callable[[], set[str]],
+        body_timeout: float = BODY_TIMEOUT_S,
+    ) -> None:
         self.app, self.max_bytes, self.metrics, self.routes = app, max_bytes, metrics, routes
         self.body_timeout = body_timeout
 
@@ -226,9 +245,14 @@ class _LimitAndMeasure:
                         body.append(chunk)
                         more = message.get("more_body", False)
             except TimeoutError:
-                return await self._reply(send_and_record, 408, (
-                    f"the request body did not arrive within {self.body_timeout:g} s ({size} bytes came); "
-                    f"send it whole"))
+                return await self._reply(
+                    send_and_record,
+                    408,
+                    (
+                        f"the request body did not arrive within {self.body_timeout:g} s ({size} bytes came); "
+                        f"send it whole"
+                    ),
+                )
             payload = b"".join(body)
             sent = False
 
@@ -250,15 +274,27 @@ class _LimitAndMeasure:
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
     async def _too_large(self, send: Callable, size: str) -> None:
-        await self._reply(send, 413, f"request body is {size} bytes; the limit is {self.max_bytes} "
-                                     f"(--max-request-bytes): send fewer rows per request")
+        await self._reply(
+            send,
+            413,
+            f"request body is {size} bytes; the limit is {self.max_bytes} "
+            f"(--max-request-bytes): send fewer rows per request",
+        )
 
     @staticmethod
     async def _reply(send: Callable, status: int, detail: str) -> None:
         body = json.dumps({"detail": detail}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -276,8 +312,15 @@ class Readiness:
         return {**self.info, **(self.extra() if self.extra is not None else {})}
 
 
-def create_app(title: str, version: str, description: str, metrics: Metrics, readiness: Readiness,
-               max_request_bytes: int = 1_000_000, body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
+def create_app(
+    title: str,
+    version: str,
+    description: str,
+    metrics: Metrics,
+    readiness: Readiness,
+    max_request_bytes: int = 1_000_000,
+    body_timeout: float = BODY_TIMEOUT_S,
+) -> FastAPI:
     """The app with its operational endpoints; the caller adds the model's routes."""
     app = FastAPI(title=title, version=version, description=description)
 
@@ -285,13 +328,17 @@ def create_app(title: str, version: str, description: str, metrics: Metrics, rea
     async def health() -> dict[str, Any]:
         return {"status": "ok", "ready": readiness.event.is_set(), **readiness.describe()}
 
-    @app.get("/ready", summary="Readiness: 200 once the model is loaded and verified, 503 before",
-             responses={503: {"description": "still loading, or failed its self-check"}})
+    @app.get(
+        "/ready",
+        summary="Readiness: 200 once the model is loaded and verified, 503 before",
+        responses={503: {"description": "still loading, or failed its self-check"}},
+    )
     async def ready() -> JSONResponse:
         if readiness.event.is_set():
             return JSONResponse({"status": "ready", **readiness.describe()})
-        return JSONResponse({"status": "failed" if readiness.error else "loading", "error": readiness.error},
-                            status_code=503)
+        return JSONResponse(
+            {"status": "failed" if readiness.error else "loading", "error": readiness.error}, status_code=503
+        )
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def prometheus() -> PlainTextResponse:
@@ -301,8 +348,9 @@ def create_app(title: str, version: str, description: str, metrics: Metrics, rea
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
         # FastAPI's default echoes each bad input back, which fails on non-finite numbers
         # (1e999 parses to inf) and can be large; name the fields instead.
-        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                  for e in err.errors()]
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in err.errors()
+        ]
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         return JSONResponse({"detail": errors, "error": f"{_field(first['loc'])}: {first['msg']}"}, status_code=422)
 
@@ -313,8 +361,9 @@ def create_app(title: str, version: str, description: str, metrics: Metrics, rea
     @app.exception_handler(Exception)
     async def server_error(_: Request, err: Exception) -> JSONResponse:
         log.exception("unhandled error: a bug in the service", exc_info=err)
-        return JSONResponse({"detail": f"internal error ({type(err).__name__}); this is a bug, please report it"},
-                            status_code=500)
+        return JSONResponse(
+            {"detail": f"internal error ({type(err).__name__}); this is a bug, please report it"}, status_code=500
+        )
 
     paths: set[str] = set()
 
@@ -323,8 +372,9 @@ def create_app(title: str, version: str, description: str, metrics: Metrics, rea
             paths.update(r.path for r in app.routes)
         return paths
 
-    app.add_middleware(_LimitAndMeasure, max_bytes=max_request_bytes, metrics=metrics, routes=routes,
-                       body_timeout=body_timeout)
+    app.add_middleware(
+        _LimitAndMeasure, max_bytes=max_request_bytes, metrics=metrics, routes=routes, body_timeout=body_timeout
+    )
     return app
 
 
@@ -354,8 +404,12 @@ class JSONBody:
         self.model, self.inline_bytes = model, inline_bytes
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         defs = {**schema.pop("$defs", {}), model.__name__: schema}
-        self.openapi = {"requestBody": {"required": True, "content": {"application/json": {
-            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+        self.openapi = {
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+            }
+        }
         generate = app.openapi
 
         def openapi() -> dict[str, Any]:
@@ -403,13 +457,20 @@ def listen_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as err:
         sock.close()
-        raise SystemExit(f"cannot listen on {host}:{port}: {err.strerror}; pick another --port (0 for any free "
-                         f"one) or --host") from None
+        raise SystemExit(
+            f"cannot listen on {host}:{port}: {err.strerror}; pick another --port (0 for any free one) or --host"
+        ) from None
     return sock
 
 
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8080, on_bind: Callable[[str], None] | None = None,
-          sock: socket.socket | None = None, header_timeout: float = HEADER_TIMEOUT_S) -> None:
+def serve(
+    app: FastAPI,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    on_bind: Callable[[str], None] | None = None,
+    sock: socket.socket | None = None,
+    header_timeout: float = HEADER_TIMEOUT_S,
+) -> None:
     """Run uvicorn until interrupted, on ``sock`` (from :func:`listen_socket`) or a socket bound
     here, so that ``port=0`` works: the address actually bound goes to ``on_bind`` (default: printed).
     A connection whose request headers take longer than ``header_timeout`` seconds is closed."""
@@ -423,8 +484,13 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8080, on_bind: Call
     # keeps the garbage collector's full passes from walking it, which otherwise stall requests.
     gc.collect()
     gc.freeze()
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=header_timeout,
-                            http=_protocol_with_header_timeout(header_timeout))
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=header_timeout,
+        http=_protocol_with_header_timeout(header_timeout),
+    )
     uvicorn.Server(config).run(sockets=[sock])
 
 
@@ -469,8 +535,13 @@ def _protocol_with_header_timeout(seconds: float) -> type:
 def spawn(args: list[str], timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
     """Start ``python <args> --port 0`` (a service whose main calls :func:`serve`) and return the
     process and its URL once ``/ready`` answers 200; raises with the service's output if it dies."""
-    proc = subprocess.Popen([sys.executable, *args, "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, *args, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     deadline, url, lines = time.monotonic() + timeout, None, []
     while url is None:
         line = proc.stdout.readline()

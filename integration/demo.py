@@ -44,35 +44,68 @@ from common.runtime import write_json_atomic
 METRICS = ("HR@10", "NDCG@10", "Recall@100")
 
 
-QUICK = {"retrieval": ["--epochs", "1", "--limit-batches", "30", "--n-boot", "10"],
-         "ranking": ["--limit-batches", "30", "--eval-negatives", "20", "--n-boot", "10"],
-         "bert4rec": ["--epochs", "2", "--eval-every", "2", "--window-step", "50", "--n-boot", "10"]}
+QUICK = {
+    "retrieval": ["--epochs", "1", "--limit-batches", "30", "--n-boot", "10"],
+    "ranking": ["--limit-batches", "30", "--eval-negatives", "20", "--n-boot", "10"],
+    "bert4rec": ["--epochs", "2", "--eval-every", "2", "--window-step", "50", "--n-boot", "10"],
+}
 
 
-def stages(root: Path, quick: bool = False, bert4rec: bool = False, data: list[str] | None = None
-           ) -> list[tuple[str, Path, list[str]]]:
+def stages(
+    root: Path, quick: bool = False, bert4rec: bool = False, data: list[str] | None = None
+) -> list[tuple[str, Path, list[str]]]:
     """(name, what it produces, command) for each stage, in order; ``quick``: tiny runs; ``data``:
     the data flags (--dataset, --data-dir) for the trainers."""
     extra = QUICK if quick else {"retrieval": [], "ranking": [], "bert4rec": []}
     data = data or []
     extra = {k: [*data, *v] for k, v in extra.items()}
-    data_dir = data[data.index("--data-dir"):][:2] if "--data-dir" in data else []
-    b4r = [("BERT4Rec: sequential candidates", root / "bert4rec" / "export" / "manifest.json",
-            ["-m", "bert4rec.bert4rec_main", "--out", str(root / "bert4rec"), "--resume", *extra["bert4rec"]])]
+    data_dir = data[data.index("--data-dir") :][:2] if "--data-dir" in data else []
+    b4r = [
+        (
+            "BERT4Rec: sequential candidates",
+            root / "bert4rec" / "export" / "manifest.json",
+            ["-m", "bert4rec.bert4rec_main", "--out", str(root / "bert4rec"), "--resume", *extra["bert4rec"]],
+        )
+    ]
     return [
-        ("retrieval: two-tower + FAISS", root / "retrieval" / "export" / "manifest.json",
-         ["-m", "retrieval.two_tower_train", "--out", str(root / "retrieval"), "--resume", *extra["retrieval"]]),
-        ("ranking: DLRM on retrieval's candidates", root / "ranking" / "results.json",
-         ["-m", "golden_training.train_dlrm", "--retrieval-export", str(root / "retrieval" / "export"),
-          "--out", str(root / "ranking"), "--no-baseline", "--resume", *extra["ranking"]]),
-        ("serving: INT8 ranking artifact", root / "serving" / "dlrm-int8" / "manifest.json",
-         ["-m", "inference_legacy.dlrm_packager", "--checkpoints", str(root / "ranking" / "checkpoints" / "dlrm"),
-          "--out", str(root / "serving" / "dlrm-int8"), "--overwrite", *data_dir]),
+        (
+            "retrieval: two-tower + FAISS",
+            root / "retrieval" / "export" / "manifest.json",
+            ["-m", "retrieval.two_tower_train", "--out", str(root / "retrieval"), "--resume", *extra["retrieval"]],
+        ),
+        (
+            "ranking: DLRM on retrieval's candidates",
+            root / "ranking" / "results.json",
+            [
+                "-m",
+                "golden_training.train_dlrm",
+                "--retrieval-export",
+                str(root / "retrieval" / "export"),
+                "--out",
+                str(root / "ranking"),
+                "--no-baseline",
+                "--resume",
+                *extra["ranking"],
+            ],
+        ),
+        (
+            "serving: INT8 ranking artifact",
+            root / "serving" / "dlrm-int8" / "manifest.json",
+            [
+                "-m",
+                "inference_legacy.dlrm_packager",
+                "--checkpoints",
+                str(root / "ranking" / "checkpoints" / "dlrm"),
+                "--out",
+                str(root / "serving" / "dlrm-int8"),
+                "--overwrite",
+                *data_dir,
+            ],
+        ),
     ] + (b4r if bert4rec else [])
 
 
-def train_missing(root: Path, quick: bool = False, bert4rec: bool = False, data: list[str] | None = None
-                  ) -> list[str]:
+def train_missing(root: Path, quick: bool = False, bert4rec: bool = False, data: list[str] | None = None) -> list[str]:
     """Run every stage whose output is missing (and every later one of the chain); returns their names."""
     todo = stages(root, quick, bert4rec, data)
     chain = 3  # retrieval -> ranking (on retrieval's candidates) -> its artifact: a missing link redoes the rest
@@ -85,8 +118,9 @@ def train_missing(root: Path, quick: bool = False, bert4rec: bool = False, data:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         head = f"[{n}/{len(todo)}] {name}"
         with open(log, "w") as f, tqdm(desc=f"{head}: starting", bar_format="{desc} | {elapsed}") as bar:
-            proc = subprocess.Popen([sys.executable, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, env=env)
+            proc = subprocess.Popen(
+                [sys.executable, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+            )
             for line in proc.stdout:
                 f.write(line)
                 if line.strip() and "Warning" not in line and not line.startswith((" ", "W1", "  ")):
@@ -101,8 +135,10 @@ def train_missing(root: Path, quick: bool = False, bert4rec: bool = False, data:
 def show_user(pipeline, rec, recent: int = 5) -> None:
     ds = pipeline.dataset
     hist = pipeline.store.history(pipeline.user_index[rec.user_id])[-recent:]
-    print(f"\nuser {rec.user_id}: {len(pipeline.store.history(pipeline.user_index[rec.user_id]))} movies seen; "
-          f"most recent:")
+    print(
+        f"\nuser {rec.user_id}: {len(pipeline.store.history(pipeline.user_index[rec.user_id]))} movies seen; "
+        f"most recent:"
+    )
     for i in hist[::-1]:
         print(f"    {ds.item_title[i]} ({ds.item_year[i]})")
     print(f"  top {len(rec.item_ids)} ({rec.stage}, re-ranked from {rec.candidates} candidates):")
@@ -118,20 +154,41 @@ def cell(rep: RankingReport, m: str) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="ml-100k", choices=sorted(ARCHIVES),
-                   help="MovieLens variant; the larger ones come from GroupLens (default: %(default)s)")
-    p.add_argument("--artifacts", default=None,
-                   help="run directory holding every stage (default: runs, or runs/<dataset> for other data sets)")
+    p.add_argument(
+        "--dataset",
+        default="ml-100k",
+        choices=sorted(ARCHIVES),
+        help="MovieLens variant; the larger ones come from GroupLens (default: %(default)s)",
+    )
+    p.add_argument(
+        "--artifacts",
+        default=None,
+        help="run directory holding every stage (default: runs, or runs/<dataset> for other data sets)",
+    )
     p.add_argument("--users", default="196,186,22", help="raw MovieLens user IDs to show (default: %(default)s)")
-    p.add_argument("--data-dir", default=None, help="MovieLens cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals (default: %(default)s)")
-    p.add_argument("--stage", default="test", choices=["valid", "test"],
-                   help="split to evaluate on; 'valid' for choosing between systems, test untouched (default: %(default)s)")
+    p.add_argument(
+        "--data-dir", default=None, help="MovieLens cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)"
+    )
+    p.add_argument(
+        "--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals (default: %(default)s)"
+    )
+    p.add_argument(
+        "--stage",
+        default="test",
+        choices=["valid", "test"],
+        help="split to evaluate on; 'valid' for choosing between systems, test untouched (default: %(default)s)",
+    )
     p.add_argument("--write-topk", default=None, help="also write every user's top 10 as JSON lines to this file")
-    p.add_argument("--with-bert4rec", action="store_true",
-                   help="also train BERT4Rec if it is missing (about 10 minutes): the second candidate source")
-    p.add_argument("--quick", action="store_true", help="train tiny models if any are missing (a smoke run: its "
-                                                        "numbers are not the README's)")
+    p.add_argument(
+        "--with-bert4rec",
+        action="store_true",
+        help="also train BERT4Rec if it is missing (about 10 minutes): the second candidate source",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="train tiny models if any are missing (a smoke run: its numbers are not the README's)",
+    )
     a = p.parse_args(argv)
     from integration.pipeline import create_pipeline  # after argparse: --help stays fast
 
@@ -147,16 +204,22 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     users = [int(u) for u in a.users.split(",") if u.strip()]
     for rec in pipeline.recommend(users):
         if rec.stage == "popular":
-            print(f"\nuser {rec.user_id} is not in {pipeline.dataset.name}; the most popular movies: "
-                  + "; ".join(rec.titles))
+            print(
+                f"\nuser {rec.user_id} is not in {pipeline.dataset.name}; the most popular movies: "
+                + "; ".join(rec.titles)
+            )
         else:
             show_user(pipeline, rec)
 
-    reports = {"popularity": popularity_report(pipeline.split, a.stage, n_boot=a.n_boot),
-               **pipeline.evaluate(a.stage, n_boot=a.n_boot)}
+    reports = {
+        "popularity": popularity_report(pipeline.split, a.stage, n_boot=a.n_boot),
+        **pipeline.evaluate(a.stage, n_boot=a.n_boot),
+    }
     final = f"{pipeline.candidate_source} + ranker"
-    print(f"\n{pipeline.dataset.name} {a.stage}, {reports['two-tower'].num_users} users, full ranking, seen items "
-          f"excluded (95% CI over users):")
+    print(
+        f"\n{pipeline.dataset.name} {a.stage}, {reports['two-tower'].num_users} users, full ranking, seen items "
+        f"excluded (95% CI over users):"
+    )
     print(f"{'':22s} | " + " | ".join(f"{m:>23s}" for m in METRICS))
     for name, rep in reports.items():
         mark = "  <- served" if name == final else ""
@@ -168,9 +231,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         lo, hi = gain["NDCG@10_ci95"]
         alone = "" if single.endswith("+ ranker") else " alone"
         print(f"{final} minus {single}{alone}, NDCG@10: {gain['NDCG@10']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
-    results = {"trained": trained, "users": [r.to_dict() for r in pipeline.recommend(users)], "stage": a.stage,
-               a.stage: {name: rep.to_dict() for name, rep in reports.items()}, "served": final, "gains_ndcg10": gains,
-               "seconds": time.perf_counter() - t0}
+    results = {
+        "trained": trained,
+        "users": [r.to_dict() for r in pipeline.recommend(users)],
+        "stage": a.stage,
+        a.stage: {name: rep.to_dict() for name, rep in reports.items()},
+        "served": final,
+        "gains_ndcg10": gains,
+        "seconds": time.perf_counter() - t0,
+    }
     if a.write_topk:
         n = pipeline.write_topk(a.write_topk)
         print(f"wrote the top 10 of {n} users to {a.write_topk}")

@@ -57,17 +57,23 @@ class ArtifactMismatch(ValueError):
 
 @dataclass
 class Recommendation:
-    user_id: int                      # raw MovieLens user ID (-1: described by features only)
-    item_ids: list[int]               # raw MovieLens item IDs, best first
-    scores: list[float]               # ranker probabilities (retrieval scores when stage == "retrieval")
+    user_id: int  # raw MovieLens user ID (-1: described by features only)
+    item_ids: list[int]  # raw MovieLens item IDs, best first
+    scores: list[float]  # ranker probabilities (retrieval scores when stage == "retrieval")
     titles: list[str]
-    stage: str = "ranked"             # "ranked", "retrieval" (no ranker for this user) or "popular" (cold start)
-    candidates: int = 0               # how many candidates the ranker re-ordered
+    stage: str = "ranked"  # "ranked", "retrieval" (no ranker for this user) or "popular" (cold start)
+    candidates: int = 0  # how many candidates the ranker re-ordered
 
     def to_dict(self) -> dict[str, object]:
-        return {"user_id": self.user_id, "stage": self.stage, "candidates": self.candidates,
-                "items": [{"item_id": i, "title": t, "score": round(s, 6)}
-                          for i, t, s in zip(self.item_ids, self.titles, self.scores)]}
+        return {
+            "user_id": self.user_id,
+            "stage": self.stage,
+            "candidates": self.candidates,
+            "items": [
+                {"item_id": i, "title": t, "score": round(s, 6)}
+                for i, t, s in zip(self.item_ids, self.titles, self.scores)
+            ],
+        }
 
 
 @dataclass
@@ -75,23 +81,27 @@ class FeatureStore:
     """The ranker's feature tables and every user's history, in memory; histories grow online."""
 
     features: RankingFeatures
-    histories: list[list[int]]        # dense item indices per dense user, oldest first
-    last_time: np.ndarray             # per user: time of the latest interaction ("now" for features)
-    stage: str = "test"               # histories as they stand before this split's targets
+    histories: list[list[int]]  # dense item indices per dense user, oldest first
+    last_time: np.ndarray  # per user: time of the latest interaction ("now" for features)
+    stage: str = "test"  # histories as they stand before this split's targets
     config: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def build(cls, ds: MovieLens, split: Split, history_len: int, sequence: bool, trend_days: float,
-              stage: str = "test") -> FeatureStore:
+    def build(
+        cls, ds: MovieLens, split: Split, history_len: int, sequence: bool, trend_days: float, stage: str = "test"
+    ) -> FeatureStore:
         """Histories up to ``stage``'s targets: training plus validation for "test" (serving),
         training only for "valid" (model selection)."""
         indptr, hist = split.history(stage)
         users = np.arange(ds.num_users)
-        return cls(RankingFeatures.build(ds, split, history_len, sequence, trend_days),
-                   [hist[indptr[u]:indptr[u + 1]].tolist() for u in users],
-                   reference_time(split, stage, users).astype(np.int64), stage,
-                   {"history_len": history_len, "sequence": sequence, "trend_days": trend_days})
+        return cls(
+            RankingFeatures.build(ds, split, history_len, sequence, trend_days),
+            [hist[indptr[u] : indptr[u + 1]].tolist() for u in users],
+            reference_time(split, stage, users).astype(np.int64),
+            stage,
+            {"history_len": history_len, "sequence": sequence, "trend_days": trend_days},
+        )
 
     def history(self, user: int) -> np.ndarray:
         with self.lock:  # events append from another thread
@@ -107,8 +117,9 @@ class FeatureStore:
                 self.last_time[user] = max(int(self.last_time[user]), int(timestamp))
             return len(self.histories[user])
 
-    def ranking_inputs(self, users: np.ndarray, items: np.ndarray, retrieval_scores: np.ndarray
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def ranking_inputs(
+        self, users: np.ndarray, items: np.ndarray, retrieval_scores: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dense, values, lengths) for the DLRM: one row per (user, candidate); ``items`` and
         ``retrieval_scores`` are ``[len(users), K]``."""
         k = items.shape[1]
@@ -117,8 +128,16 @@ class FeatureStore:
         ends = np.cumsum(lens)
         hist_items = np.concatenate(hists) if len(hists) else np.zeros(0, np.int64)
         rows = np.repeat(np.arange(len(users)), k)
-        ex = Examples(np.repeat(users, k), items.reshape(-1), np.zeros(rows.size, np.float32),
-                      (ends - lens)[rows], ends[rows], rows, self.last_time[users][rows], hist_items)
+        ex = Examples(
+            np.repeat(users, k),
+            items.reshape(-1),
+            np.zeros(rows.size, np.float32),
+            (ends - lens)[rows],
+            ends[rows],
+            rows,
+            self.last_time[users][rows],
+            hist_items,
+        )
         f = self.features
         seq = None if f.sequence is None else f.sequence.features(ex)
         b = f.batch(ex.user, ex.item, ex.history(f.history_len), retrieval_scores.reshape(-1), None, seq)
@@ -160,22 +179,33 @@ def union(lists: list[np.ndarray], interleave: bool = False) -> np.ndarray:
     rows = []
     for r in range(lists[0].shape[0]):
         parts = [x[r][x[r] >= 0].tolist() for x in lists]
-        order = ([i for group in zip_longest(*parts) for i in group if i is not None] if interleave
-                 else [i for part in parts for i in part])
+        order = (
+            [i for group in zip_longest(*parts) for i in group if i is not None]
+            if interleave
+            else [i for part in parts for i in part]
+        )
         rows.append(list(dict.fromkeys(order)))
     out = np.full((len(rows), max((len(r) for r in rows), default=0)), -1, dtype=np.int64)
     for r, row in enumerate(rows):
-        out[r, :len(row)] = row
+        out[r, : len(row)] = row
     return out
 
 
 class RecommendationPipeline:
     """Candidate sources -> enrichment -> DLRM -> top K, for raw MovieLens user IDs."""
 
-    def __init__(self, retriever: Retriever, rankers: dict[str, DLRMPredictor], store: FeatureStore,
-                 dataset: MovieLens, split: Split, sources: list | None = None,
-                 item_embeddings: np.ndarray | None = None, candidate_source: str = "two-tower",
-                 identity: str | None = None) -> None:
+    def __init__(
+        self,
+        retriever: Retriever,
+        rankers: dict[str, DLRMPredictor],
+        store: FeatureStore,
+        dataset: MovieLens,
+        split: Split,
+        sources: list | None = None,
+        item_embeddings: np.ndarray | None = None,
+        candidate_source: str = "two-tower",
+        identity: str | None = None,
+    ) -> None:
         self.retriever, self.rankers, self.store = retriever, rankers, store
         self.dataset, self.split = dataset, split
         self.sources = sources or [TwoTowerSource(retriever)]
@@ -199,8 +229,7 @@ class RecommendationPipeline:
         hists = [self.store.history(u) for u in users]
         if self.candidate_source == "two-tower":  # the index's scores are the two-tower dot products
             return self.sources[0].top_k(users, hists, k)
-        found = [src.top_k(users, hists, k)[0] for src in self.sources
-                 if self.candidate_source in ("union", src.name)]
+        found = [src.top_k(users, hists, k)[0] for src in self.sources if self.candidate_source in ("union", src.name)]
         items = union(found) if len(found) > 1 else found[0]
         return items, self.retrieval_scores(users, hists, items)
 
@@ -218,8 +247,9 @@ class RecommendationPipeline:
         return np.where(items >= 0, np.einsum("bd,bkd->bk", q, e), 0.0).astype(np.float32)
 
     @torch.inference_mode()
-    def rank(self, users: np.ndarray, items: np.ndarray, scores: np.ndarray, arm: str | None = None
-             ) -> tuple[np.ndarray, np.ndarray]:
+    def rank(
+        self, users: np.ndarray, items: np.ndarray, scores: np.ndarray, arm: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The candidates re-ordered by the ranker: items and probabilities ``[B, K]``. Padding
         (-1, when fewer than K unseen items exist) stays last."""
         ranker = self.rankers[arm or self.default_arm]
@@ -241,7 +271,9 @@ class RecommendationPipeline:
             items, scores = self.rank(users, *self.candidates(users), arm=arm)
             for (n, _), row_i, row_s in zip(known, items, scores):
                 keep = row_i[:k] >= 0
-                out[n] = self.recommendation(int(user_ids[n]), row_i[:k][keep], row_s[:k][keep], "ranked", int((row_i >= 0).sum()))
+                out[n] = self.recommendation(
+                    int(user_ids[n]), row_i[:k][keep], row_s[:k][keep], "ranked", int((row_i >= 0).sum())
+                )
         for n, u in enumerate(user_ids):
             if out[n] is None:
                 top = self.retriever.popular[:k]
@@ -268,18 +300,29 @@ class RecommendationPipeline:
         raw = self.dataset.user_raw_ids.tolist()
         with open(tmp, "w") as f:
             for lo in range(0, len(raw), batch_size):
-                for r in self.recommend(raw[lo:lo + batch_size], k):
-                    f.write(json.dumps({"user_id": r.user_id, "item_ids": r.item_ids,
-                                        "scores": [round(s, 6) for s in r.scores]}) + "\n")
+                for r in self.recommend(raw[lo : lo + batch_size], k):
+                    f.write(
+                        json.dumps(
+                            {"user_id": r.user_id, "item_ids": r.item_ids, "scores": [round(s, 6) for s in r.scores]}
+                        )
+                        + "\n"
+                    )
         tmp.replace(path)
         return len(raw)
 
-    def recommendation(self, user_id: int, items: np.ndarray, scores: np.ndarray, stage: str, candidates: int
-                       ) -> Recommendation:
+    def recommendation(
+        self, user_id: int, items: np.ndarray, scores: np.ndarray, stage: str, candidates: int
+    ) -> Recommendation:
         """A ``Recommendation`` of dense item indices, with raw IDs and titles."""
         titles = self.dataset.item_title
-        return Recommendation(user_id, self.dataset.item_raw_ids[items].tolist(), [float(s) for s in scores],
-                              [titles[i] for i in items.tolist()], stage, candidates)
+        return Recommendation(
+            user_id,
+            self.dataset.item_raw_ids[items].tolist(),
+            [float(s) for s in scores],
+            [titles[i] for i in items.tolist()],
+            stage,
+            candidates,
+        )
 
     # -- offline evaluation -------------------------------------------------------------------
 
@@ -305,7 +348,7 @@ class RecommendationPipeline:
             lists.setdefault(name, {}).update(zip(users.tolist(), items[:, :CANDIDATES]))
 
         for lo in range(0, len(users_all), batch_size):
-            users = users_all[lo:lo + batch_size]
+            users = users_all[lo : lo + batch_size]
             hists = [p.store.history(u) for u in users]
             found = {src.name: src.top_k(users, hists, CANDIDATES)[0] for src in p.sources}
             for name, items in found.items():
@@ -315,14 +358,28 @@ class RecommendationPipeline:
                 keep("union", users, union(list(found.values()), interleave=True))
                 items = union(list(found.values()))
                 keep("union + ranker", users, p.rank(users, items, p.retrieval_scores(users, hists, items))[0])
-        return {name: evaluate_topk(lambda u, by=by: np.stack([by[x] for x in u.tolist()]), p.split, stage,
-                                    batch_size=batch_size, n_boot=n_boot) for name, by in lists.items()}
+        return {
+            name: evaluate_topk(
+                lambda u, by=by: np.stack([by[x] for x in u.tolist()]),
+                p.split,
+                stage,
+                batch_size=batch_size,
+                n_boot=n_boot,
+            )
+            for name, by in lists.items()
+        }
 
 
-def create_pipeline(artifacts_dir: str | Path = "runs", retrieval: str = "retrieval/export",
-                    ranking: str | dict[str, str] = "serving/dlrm-int8", data_dir: str | None = None,
-                    device: str = "auto", dataset: MovieLens | None = None,
-                    bert4rec: str | None = "auto", candidate_source: str = "auto") -> RecommendationPipeline:
+def create_pipeline(
+    artifacts_dir: str | Path = "runs",
+    retrieval: str = "retrieval/export",
+    ranking: str | dict[str, str] = "serving/dlrm-int8",
+    data_dir: str | None = None,
+    device: str = "auto",
+    dataset: MovieLens | None = None,
+    bert4rec: str | None = "auto",
+    candidate_source: str = "auto",
+) -> RecommendationPipeline:
     """Load the exported stages from ``artifacts_dir`` and check that they fit together.
 
     ``ranking`` is one artifact or ``{arm: artifact}`` for A/B tests (paths relative to
@@ -336,52 +393,70 @@ def create_pipeline(artifacts_dir: str | Path = "runs", retrieval: str = "retrie
     root = Path(artifacts_dir)
     arms = {"A": ranking} if isinstance(ranking, str) else dict(ranking)
     if device not in ("auto", "cpu"):
-        raise ArtifactMismatch(f"device {device!r}: the packaged rankers run on CPU (FBGEMM's CPU kernels), so the "
-                               f"pipeline's stages must too; pass device='cpu' or 'auto'")
+        raise ArtifactMismatch(
+            f"device {device!r}: the packaged rankers run on CPU (FBGEMM's CPU kernels), so the "
+            f"pipeline's stages must too; pass device='cpu' or 'auto'"
+        )
     r_dir = root / retrieval
     r_manifest = read_retrieval_manifest(r_dir)
     rankers = {arm: DLRMPredictor(root / path) for arm, path in arms.items()}
     ds = dataset if dataset is not None else load_movielens(r_manifest["dataset"], data_dir)
-    fingerprints = {f"retrieval export {r_dir}": r_manifest["data_fingerprint"],
-                    **{f"ranking artifact {root / arms[a]}": p.manifest["source"]["data_fingerprint"]
-                       for a, p in rankers.items()}}
+    fingerprints = {
+        f"retrieval export {r_dir}": r_manifest["data_fingerprint"],
+        **{f"ranking artifact {root / arms[a]}": p.manifest["source"]["data_fingerprint"] for a, p in rankers.items()},
+    }
     for what, fp in fingerprints.items():
         if fp != ds.fingerprint:
-            raise ArtifactMismatch(f"{what} was trained on data with fingerprint {fp[:16]}, but {ds.name} here has "
-                                   f"{ds.fingerprint[:16]}: retrain it on this data, or point --data-dir at the data "
-                                   f"it was trained on")
+            raise ArtifactMismatch(
+                f"{what} was trained on data with fingerprint {fp[:16]}, but {ds.name} here has "
+                f"{ds.fingerprint[:16]}: retrain it on this data, or point --data-dir at the data "
+                f"it was trained on"
+            )
     for arm, p in rankers.items():
         used = p.manifest["source"].get("retrieval_files")
         if used is None:
-            raise ArtifactMismatch(f"ranking artifact {root / arms[arm]} was trained without a retrieval export (its "
-                                   f"retrieval_score feature was always 0); train it with "
-                                   f"python -m golden_training.train_dlrm --retrieval-export {r_dir}")
+            raise ArtifactMismatch(
+                f"ranking artifact {root / arms[arm]} was trained without a retrieval export (its "
+                f"retrieval_score feature was always 0); train it with "
+                f"python -m golden_training.train_dlrm --retrieval-export {r_dir}"
+            )
         if used != r_manifest["files"]:
-            raise ArtifactMismatch(f"ranking artifact {root / arms[arm]} learned its retrieval_score feature from "
-                                   f"another retrieval model ({p.manifest['source']['retrieval_export']}), not {r_dir}: "
-                                   f"serve the export it was trained with, or retrain the ranker with "
-                                   f"--retrieval-export {r_dir}")
+            raise ArtifactMismatch(
+                f"ranking artifact {root / arms[arm]} learned its retrieval_score feature from "
+                f"another retrieval model ({p.manifest['source']['retrieval_export']}), not {r_dir}: "
+                f"serve the export it was trained with, or retrain the ranker with "
+                f"--retrieval-export {r_dir}"
+            )
     split = split_dataset(ds)
     feats = {json.dumps(p.manifest["features"], sort_keys=True) for p in rankers.values()}
     if len(feats) > 1:
-        raise ArtifactMismatch(f"the A/B arms' rankers build their features differently ({sorted(feats)}); "
-                               f"arms must share one feature store")
+        raise ArtifactMismatch(
+            f"the A/B arms' rankers build their features differently ({sorted(feats)}); "
+            f"arms must share one feature store"
+        )
     cfg = next(iter(rankers.values())).manifest["features"]
     store = FeatureStore.build(ds, split, cfg["history_len"], cfg["sequence_features"], cfg["trend_days"])
     for arm, p in rankers.items():
         if p.schema != store.features.schema:
-            raise ArtifactMismatch(f"ranking artifact {root / arms[arm]} expects features "
-                                   f"{_describe(p.schema)}, but the feature store builds {_describe(store.features.schema)}: "
-                                   f"repackage the ranker with this checkout")
+            raise ArtifactMismatch(
+                f"ranking artifact {root / arms[arm]} expects features "
+                f"{_describe(p.schema)}, but the feature store builds {_describe(store.features.schema)}: "
+                f"repackage the ranker with this checkout"
+            )
         dims = {t["dim"] for t in p.manifest["dims"]["tables"].values()}
         if dims != {p.manifest["dims"]["embedding_dim"]}:
-            raise ArtifactMismatch(f"ranking artifact {root / arms[arm]}: table dims {sorted(dims)} differ from its "
-                                   f"embedding_dim {p.manifest['dims']['embedding_dim']}; DLRM needs one dim")
+            raise ArtifactMismatch(
+                f"ranking artifact {root / arms[arm]}: table dims {sorted(dims)} differ from its "
+                f"embedding_dim {p.manifest['dims']['embedding_dim']}; DLRM needs one dim"
+            )
     retriever = Retriever(r_dir, device="cpu", k=CANDIDATES)
-    if (not np.array_equal(retriever.user_raw_ids, ds.user_raw_ids)
-            or not np.array_equal(retriever.item_raw_ids, ds.item_raw_ids)):
-        raise ArtifactMismatch(f"retrieval export {r_dir} maps raw IDs to indices differently from {ds.name}: its "
-                               f"features.json is from another data set; export it again")
+    if not np.array_equal(retriever.user_raw_ids, ds.user_raw_ids) or not np.array_equal(
+        retriever.item_raw_ids, ds.item_raw_ids
+    ):
+        raise ArtifactMismatch(
+            f"retrieval export {r_dir} maps raw IDs to indices differently from {ds.name}: its "
+            f"features.json is from another data set; export it again"
+        )
     sources: list = [TwoTowerSource(retriever)]
     if bert4rec == "auto":
         bert4rec = "bert4rec/export" if (root / "bert4rec" / "export" / "manifest.json").is_file() else None
@@ -390,21 +465,32 @@ def create_pipeline(artifacts_dir: str | Path = "runs", retrieval: str = "retrie
 
         scorer = NextItemScorer(root / bert4rec)
         if scorer.data_fingerprint != ds.fingerprint:
-            raise ArtifactMismatch(f"BERT4Rec export {root / bert4rec} was trained on data with fingerprint "
-                                   f"{scorer.data_fingerprint[:16]}, not {ds.name}'s {ds.fingerprint[:16]}: retrain it")
+            raise ArtifactMismatch(
+                f"BERT4Rec export {root / bert4rec} was trained on data with fingerprint "
+                f"{scorer.data_fingerprint[:16]}, not {ds.name}'s {ds.fingerprint[:16]}: retrain it"
+            )
         missing = [int(i) for i in ds.item_raw_ids if int(i) not in scorer.index_of]
         if missing:
-            raise ArtifactMismatch(f"BERT4Rec export {root / bert4rec} lacks {len(missing)} of {ds.name}'s items "
-                                   f"(e.g. {missing[:3]}); retrain it on this data")
+            raise ArtifactMismatch(
+                f"BERT4Rec export {root / bert4rec} lacks {len(missing)} of {ds.name}'s items "
+                f"(e.g. {missing[:3]}); retrain it on this data"
+            )
         sources.append(BERT4RecSource(scorer, ds.item_raw_ids))
     item_embeddings = np.load(r_dir / "item_embeddings.npy")
     if candidate_source == "auto":
         candidate_source = sources[-1].name
-    identity = _digest({"data": ds.fingerprint, "source": candidate_source, "k": CANDIDATES,
-                        "retrieval": r_manifest["files"],
-                        "bert4rec": None if bert4rec is None else file_digest(root / bert4rec / "weights.pt", "sha256")})
-    return RecommendationPipeline(retriever, rankers, store, ds, split, sources, item_embeddings, candidate_source,
-                                  identity)
+    identity = _digest(
+        {
+            "data": ds.fingerprint,
+            "source": candidate_source,
+            "k": CANDIDATES,
+            "retrieval": r_manifest["files"],
+            "bert4rec": None if bert4rec is None else file_digest(root / bert4rec / "weights.pt", "sha256"),
+        }
+    )
+    return RecommendationPipeline(
+        retriever, rankers, store, ds, split, sources, item_embeddings, candidate_source, identity
+    )
 
 
 def _digest(obj: object) -> str:

@@ -69,11 +69,13 @@ class UserFeatures(BaseModel):
     age: int = Field(ge=1, le=129, description="years")
     gender: Literal["M", "F"]
     occupation: str = Field(max_length=64, description="a MovieLens occupation, e.g. 'student'")
-    zip: str = Field(pattern=r"^([0-9A-Za-z]{5}|[0-9]{5}-[0-9]{4})$",
-                     description="US zip code, or 5 letters and digits as MovieLens has for Canada (its first "
-                                 "digit is the feature)")
-    history: list[RawID] = Field(default_factory=list, max_length=1000,
-                                 description="raw MovieLens item IDs, oldest first")
+    zip: str = Field(
+        pattern=r"^([0-9A-Za-z]{5}|[0-9]{5}-[0-9]{4})$",
+        description="US zip code, or 5 letters and digits as MovieLens has for Canada (its first digit is the feature)",
+    )
+    history: list[RawID] = Field(
+        default_factory=list, max_length=1000, description="raw MovieLens item IDs, oldest first"
+    )
 
 
 def _exactly_one(schema: dict[str, Any]) -> None:
@@ -106,10 +108,16 @@ def request_model(pipeline) -> type[RecommendRequest]:
     vocab = getattr(pipeline.retriever.features, "occupation_vocab", None)
     if not vocab:
         return RecommendRequest
-    features = create_model("UserFeatures", __base__=UserFeatures, occupation=(
-        Literal[tuple(vocab)], Field(description=f"one of {pipeline.dataset.name}'s occupations")))
-    return create_model("RecommendRequest", __base__=RecommendRequest, features=(
-        features | None, Field(None, description="for a user without a known ID")))
+    features = create_model(
+        "UserFeatures",
+        __base__=UserFeatures,
+        occupation=(Literal[tuple(vocab)], Field(description=f"one of {pipeline.dataset.name}'s occupations")),
+    )
+    return create_model(
+        "RecommendRequest",
+        __base__=RecommendRequest,
+        features=(features | None, Field(None, description="for a user without a known ID")),
+    )
 
 
 class Item(BaseModel):
@@ -140,21 +148,35 @@ class UserView(BaseModel):
 
 class SearchResults(BaseModel):
     query: str
-    items: list[Movie] = Field(description="titles starting with the query first, then containing it; the more "
-                                           "popular first within each")
+    items: list[Movie] = Field(
+        description="titles starting with the query first, then containing it; the more popular first within each"
+    )
 
 
 class EventRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user_id: RawID
     item_id: RawID
-    timestamp: int | None = Field(None, ge=0, strict=True, description=(
-        "unix seconds, at most one day after the data's last interaction (default: the user's latest "
-        "interaction: the ranker's trend features count the 30 days before it, so a MovieLens user must stay "
-        "on MovieLens's clock)"))
-    event_id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[!-~]+$", description=(
-        "the client's unique ID for this event: a retry with the same ID is acknowledged without applying the "
-        "event twice (the last 100,000 IDs are remembered)"))
+    timestamp: int | None = Field(
+        None,
+        ge=0,
+        strict=True,
+        description=(
+            "unix seconds, at most one day after the data's last interaction (default: the user's latest "
+            "interaction: the ranker's trend features count the 30 days before it, so a MovieLens user must stay "
+            "on MovieLens's clock)"
+        ),
+    )
+    event_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[!-~]+$",
+        description=(
+            "the client's unique ID for this event: a retry with the same ID is acknowledged without applying the "
+            "event twice (the last 100,000 IDs are remembered)"
+        ),
+    )
 
 
 class EventResponse(BaseModel):
@@ -184,12 +206,12 @@ def unpack(blob: object, num_items: int) -> tuple[np.ndarray, np.ndarray] | None
     (another format, a truncated value, item indices out of range, non-finite scores)."""
     if not isinstance(blob, bytes) or not blob.startswith(CACHE_FORMAT):
         return None
-    body = blob[len(CACHE_FORMAT):]
+    body = blob[len(CACHE_FORMAT) :]
     n = len(body) // 8
     if len(body) % 8 or not 0 < n <= MAX_CACHED:
         return None
-    items = np.frombuffer(body[:4 * n], "<i4").astype(np.int64)
-    scores = np.frombuffer(body[4 * n:], "<f4").astype(np.float32)
+    items = np.frombuffer(body[: 4 * n], "<i4").astype(np.int64)
+    scores = np.frombuffer(body[4 * n :], "<f4").astype(np.float32)
     if items.min() < -1 or items.max() >= num_items or not np.isfinite(scores[items >= 0]).all():
         return None
     return items, scores
@@ -241,14 +263,21 @@ class RedisCache:
 
     backend = "redis"
 
-    def __init__(self, url: str, ttl: float = 300.0, prefix: str = "recsys:candidates:", timeout: float = 0.05,
-                 retry_after: float = 1.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        ttl: float = 300.0,
+        prefix: str = "recsys:candidates:",
+        timeout: float = 0.05,
+        retry_after: float = 1.0,
+    ) -> None:
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        self.client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                           retry=Retry(NoBackoff(), 0))
+        self.client = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
+        )
         try:
             self.client.ping()  # a wrong URL fails at start-up, not as a silent outage
         except redis.RedisError as err:
@@ -271,8 +300,12 @@ class RedisCache:
                 self.on_failure()
             if self.state == "ok":
                 self.state, self.since, self.outages = "degraded", time.time(), self.outages + 1
-                log.warning("Redis cache unavailable (%s: %s): serving without it, retrying every %.1f s",
-                            type(err).__name__, err, self.retry_after)
+                log.warning(
+                    "Redis cache unavailable (%s: %s): serving without it, retrying every %.1f s",
+                    type(err).__name__,
+                    err,
+                    self.retry_after,
+                )
             self.error = f"{type(err).__name__}: {err}"
             self._down_until = time.monotonic() + self.retry_after
             return None, False
@@ -301,6 +334,7 @@ class RedisCache:
 
 # -- A/B routing ---------------------------------------------------------------------------------
 
+
 class ABRouter:
     """A stable assignment of users to arms by traffic share: SHA-256 of ``salt:user`` mapped to
     [0, 1), then the arms' cumulative shares. The same user always gets the same arm, and
@@ -320,29 +354,49 @@ class ABRouter:
 
 # -- the app -------------------------------------------------------------------------------------
 
-def create_service(pipeline, cache: MemoryCache | RedisCache | None = None, router: ABRouter | None = None,
-                   max_request_bytes: int = 100_000, client_timeout: float = BODY_TIMEOUT_S
-                   ) -> tuple[FastAPI, DynamicBatcher]:
+
+def create_service(
+    pipeline,
+    cache: MemoryCache | RedisCache | None = None,
+    router: ABRouter | None = None,
+    max_request_bytes: int = 100_000,
+    client_timeout: float = BODY_TIMEOUT_S,
+) -> tuple[FastAPI, DynamicBatcher]:
     """The FastAPI app over a ``RecommendationPipeline`` (see ``integration.pipeline``)."""
     cache = cache if cache is not None else MemoryCache()
     router = router or ABRouter({arm: 1.0 / len(pipeline.rankers) for arm in pipeline.rankers})
     if set(router.shares) != set(pipeline.rankers):
-        raise ValueError(f"A/B arms {sorted(router.shares)} and the pipeline's rankers {sorted(pipeline.rankers)} differ")
+        raise ValueError(
+            f"A/B arms {sorted(router.shares)} and the pipeline's rankers {sorted(pipeline.rankers)} differ"
+        )
     metrics, readiness = Metrics(), Readiness()
     arm_requests = Counter("ab_requests", "ranked requests per A/B arm", ["arm"], registry=metrics.registry)
-    arm_latency = Histogram("ab_request_latency_seconds", "recommend latency per A/B arm", ["arm"],
-                            buckets=LATENCY_BUCKETS, registry=metrics.registry)
-    cache_hits = Counter("candidate_cache", "candidate cache lookups (invalid: an entry this model did not write, "
-                         "ignored and overwritten)", ["result"], registry=metrics.registry)
-    Gauge("candidate_cache_up", "1 while the candidate cache answers, 0 while degraded (served without it)",
-          registry=metrics.registry).set_function(lambda: float(cache.status()["state"] == "ok"))
+    arm_latency = Histogram(
+        "ab_request_latency_seconds",
+        "recommend latency per A/B arm",
+        ["arm"],
+        buckets=LATENCY_BUCKETS,
+        registry=metrics.registry,
+    )
+    cache_hits = Counter(
+        "candidate_cache",
+        "candidate cache lookups (invalid: an entry this model did not write, ignored and overwritten)",
+        ["result"],
+        registry=metrics.registry,
+    )
+    Gauge(
+        "candidate_cache_up",
+        "1 while the candidate cache answers, 0 while degraded (served without it)",
+        registry=metrics.registry,
+    ).set_function(lambda: float(cache.status()["state"] == "ok"))
     cache_errors = Counter("candidate_cache_errors", "failed calls to the candidate cache", registry=metrics.registry)
     if isinstance(cache, RedisCache):
         cache.on_failure = cache_errors.inc
     readiness.info = {"arms": router.shares, "dataset": pipeline.dataset.name}
     readiness.extra = lambda: {"cache": cache.status()}
-    app = create_app("Two-stage recommender", "1", __doc__.split("\n\n")[0], metrics, readiness, max_request_bytes,
-                     client_timeout)
+    app = create_app(
+        "Two-stage recommender", "1", __doc__.split("\n\n")[0], metrics, readiness, max_request_bytes, client_timeout
+    )
     dataset = pipeline.dataset
     clock, num_items = int(dataset.timestamp.max()), len(dataset.item_raw_ids)
 
@@ -389,8 +443,9 @@ def create_service(pipeline, cache: MemoryCache | RedisCache | None = None, rout
             for (n, _), row_i, row_p, hit in zip(rows, ranked, probs, cached):
                 k = reqs[n].k
                 keep = row_i[:k] >= 0
-                rec = pipeline.recommendation(reqs[n].user_id, row_i[:k][keep], row_p[:k][keep], "ranked",
-                                              int((row_i >= 0).sum()))
+                rec = pipeline.recommendation(
+                    reqs[n].user_id, row_i[:k][keep], row_p[:k][keep], "ranked", int((row_i >= 0).sum())
+                )
                 out[n] = (rec, arm, hit)
         return out
 
@@ -404,13 +459,17 @@ def create_service(pipeline, cache: MemoryCache | RedisCache | None = None, rout
         if arm is not None:
             arm_requests.labels(arm).inc()
             arm_latency.labels(arm).observe(time.perf_counter() - start)
-        return JSONResponse({"user_id": rec.user_id, "stage": rec.stage, "arm": arm, "cached": cached,
-                             "items": rec.to_dict()["items"]})
+        return JSONResponse(
+            {"user_id": rec.user_id, "stage": rec.stage, "arm": arm, "cached": cached, "items": rec.to_dict()["items"]}
+        )
 
     recommend.__annotations__["req"] = request_model(pipeline)  # built at run time, not a string annotation
-    app.post("/recommend", response_model=RecommendResponse, summary="Top K movies for a user",
-             responses=error_responses(_408="body not sent in time", _413="body over the size limit",
-                                       _503="not ready"))(recommend)
+    app.post(
+        "/recommend",
+        response_model=RecommendResponse,
+        summary="Top K movies for a user",
+        responses=error_responses(_408="body not sent in time", _413="body over the size limit", _503="not ready"),
+    )(recommend)
 
     recent: OrderedDict[str, tuple[tuple[int, int, int | None], int]] = OrderedDict()
     titles = [str(t) for t in dataset.item_title] if getattr(dataset, "item_title", None) is not None else None
@@ -433,23 +492,32 @@ def create_service(pipeline, cache: MemoryCache | RedisCache | None = None, rout
     async def random_user(recent: Annotated[int, Query(ge=0, le=100)] = 10) -> dict[str, Any]:
         return user_view(int(rng.choice(dataset.user_raw_ids)), recent)
 
-    @app.get("/users/{user_id}", response_model=UserView, summary="A user's latest movies",
-             responses=error_responses(_404="unknown user"))
-    async def user(user_id: Annotated[int, Path_(ge=0, le=2**31 - 1)],
-                   recent: Annotated[int, Query(ge=0, le=100)] = 10) -> dict[str, Any]:
+    @app.get(
+        "/users/{user_id}",
+        response_model=UserView,
+        summary="A user's latest movies",
+        responses=error_responses(_404="unknown user"),
+    )
+    async def user(
+        user_id: Annotated[int, Path_(ge=0, le=2**31 - 1)], recent: Annotated[int, Query(ge=0, le=100)] = 10
+    ) -> dict[str, Any]:
         if user_id not in pipeline.user_index:
             raise HTTPException(404, f"user_id {user_id} is not a known user of {dataset.name}")
         return user_view(user_id, recent)
 
     def user_view(user_id: int, recent: int) -> dict[str, Any]:
         history = pipeline.store.history(pipeline.user_index[user_id])
-        return {"user_id": user_id, "history_length": len(history),
-                "recent": [movie(int(i)) for i in history[::-1][:recent]]}
+        return {
+            "user_id": user_id,
+            "history_length": len(history),
+            "recent": [movie(int(i)) for i in history[::-1][:recent]],
+        }
 
-    @app.get("/items/search", response_model=SearchResults, summary="Movies by title",
-             responses=error_responses())
-    async def search(q: Annotated[str, Query(min_length=1, max_length=100, description="part of a title")],
-                     limit: Annotated[int, Query(ge=1, le=50)] = 10) -> dict[str, Any]:
+    @app.get("/items/search", response_model=SearchResults, summary="Movies by title", responses=error_responses())
+    async def search(
+        q: Annotated[str, Query(min_length=1, max_length=100, description="part of a title")],
+        limit: Annotated[int, Query(ge=1, le=50)] = 10,
+    ) -> dict[str, Any]:
         needle = q.strip().casefold()
         if not titles or not needle:
             return {"query": q, "items": []}
@@ -457,26 +525,41 @@ def create_service(pipeline, cache: MemoryCache | RedisCache | None = None, rout
         contains = [int(i) for i in by_popularity if needle in folded[i] and not folded[i].startswith(needle)]
         return {"query": q, "items": [movie(i) for i in (starts + contains)[:limit]]}
 
-
-    @app.post("/events", response_model=EventResponse, summary="Record an interaction",
-              responses=error_responses(_404="unknown user", _408="body not sent in time",
-                                        _409="event_id reused for another event", _413="body over the size limit"))
+    @app.post(
+        "/events",
+        response_model=EventResponse,
+        summary="Record an interaction",
+        responses=error_responses(
+            _404="unknown user",
+            _408="body not sent in time",
+            _409="event_id reused for another event",
+            _413="body over the size limit",
+        ),
+    )
     async def events(ev: EventRequest) -> EventResponse:
         # No await below: on the event loop, each event is applied whole before the next starts.
         if ev.user_id not in pipeline.user_index:
-            raise HTTPException(404, f"user_id {ev.user_id} is not a known user of {dataset.name}; recommendations for "
-                                     f"new users take their features and history in POST /recommend")
+            raise HTTPException(
+                404,
+                f"user_id {ev.user_id} is not a known user of {dataset.name}; recommendations for "
+                f"new users take their features and history in POST /recommend",
+            )
         if ev.item_id not in pipeline.item_index:
             raise BadRequest(f"item_id: {ev.item_id} is not a movie in {dataset.name}'s catalog")
         if ev.timestamp is not None and ev.timestamp > clock + EVENT_CLOCK_SLACK_S:
-            raise BadRequest(f"timestamp: {ev.timestamp} is more than {EVENT_CLOCK_SLACK_S} s after the last "
-                             f"interaction in {dataset.name} ({clock}); send times on the data's clock, or none")
+            raise BadRequest(
+                f"timestamp: {ev.timestamp} is more than {EVENT_CLOCK_SLACK_S} s after the last "
+                f"interaction in {dataset.name} ({clock}); send times on the data's clock, or none"
+            )
         what = (ev.user_id, ev.item_id, ev.timestamp)
         if ev.event_id is not None and ev.event_id in recent:
             seen, n = recent[ev.event_id]
             if seen != what:
-                raise HTTPException(409, f"event_id {ev.event_id!r} was already used for user {seen[0]}, item "
-                                         f"{seen[1]}: give each event its own ID")
+                raise HTTPException(
+                    409,
+                    f"event_id {ev.event_id!r} was already used for user {seen[0]}, item "
+                    f"{seen[1]}: give each event its own ID",
+                )
             return EventResponse(user_id=ev.user_id, history_length=n, duplicate=True)
         n = pipeline.add_interaction(ev.user_id, ev.item_id, ev.timestamp)
         if ev.event_id is not None:
@@ -503,30 +586,55 @@ def parse_arm(spec: str) -> tuple[str, str, float]:
         path, share = rest.rsplit(":", 1)
         return name, path, float(share)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--arm expects NAME=PATH:SHARE (e.g. A=serving/dlrm-int8:0.5), "
-                                         f"got {spec!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--arm expects NAME=PATH:SHARE (e.g. A=serving/dlrm-int8:0.5), got {spec!r}"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", default="runs", help="run directory holding the stages (default: %(default)s)")
-    p.add_argument("--arm", action="append", type=parse_arm, default=[],
-                   help="an A/B arm NAME=PATH:SHARE, PATH relative to --artifacts; repeat for more "
-                        "(default: one arm, serving/dlrm-int8)")
+    p.add_argument(
+        "--arm",
+        action="append",
+        type=parse_arm,
+        default=[],
+        help="an A/B arm NAME=PATH:SHARE, PATH relative to --artifacts; repeat for more "
+        "(default: one arm, serving/dlrm-int8)",
+    )
     p.add_argument("--ab-salt", default="ab-1", help="changing it reassigns users to arms (default: %(default)s)")
-    p.add_argument("--redis-url", default=None, help="cache candidates in Redis, e.g. redis://127.0.0.1:6379/0 "
-                                                     "(default: in process)")
-    p.add_argument("--redis-timeout", type=float, default=0.05,
-                   help="seconds a Redis call may take before the cache counts as down (default: %(default)s)")
-    p.add_argument("--cache-ttl", type=float, default=300.0, help="seconds a user's candidates stay cached (default: %(default)s)")
-    p.add_argument("--client-timeout", type=float, default=BODY_TIMEOUT_S,
-                   help="seconds a client has to send a request's headers, and again its body (default: %(default)s)")
+    p.add_argument(
+        "--redis-url",
+        default=None,
+        help="cache candidates in Redis, e.g. redis://127.0.0.1:6379/0 (default: in process)",
+    )
+    p.add_argument(
+        "--redis-timeout",
+        type=float,
+        default=0.05,
+        help="seconds a Redis call may take before the cache counts as down (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cache-ttl", type=float, default=300.0, help="seconds a user's candidates stay cached (default: %(default)s)"
+    )
+    p.add_argument(
+        "--client-timeout",
+        type=float,
+        default=BODY_TIMEOUT_S,
+        help="seconds a client has to send a request's headers, and again its body (default: %(default)s)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="(default: %(default)s, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")
-    p.add_argument("--candidates", default="auto", choices=["auto", "two-tower", "BERT4Rec", "union"],
-                   help="what the ranker re-orders; auto: BERT4Rec's when <artifacts>/bert4rec/export exists, "
-                        "else the two-tower's (default: %(default)s)")
-    p.add_argument("--data-dir", default=None, help="MovieLens cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)")
+    p.add_argument(
+        "--candidates",
+        default="auto",
+        choices=["auto", "two-tower", "BERT4Rec", "union"],
+        help="what the ranker re-orders; auto: BERT4Rec's when <artifacts>/bert4rec/export exists, "
+        "else the two-tower's (default: %(default)s)",
+    )
+    p.add_argument(
+        "--data-dir", default=None, help="MovieLens cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)"
+    )
     a = p.parse_args(argv)
     if not a.client_timeout > 0:
         p.error(f"--client-timeout must be > 0 seconds, got {a.client_timeout}")
@@ -538,18 +646,27 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     arms = a.arm or [("A", "serving/dlrm-int8", 1.0)]
     try:
-        pipeline = create_pipeline(a.artifacts, ranking={name: path for name, path, _ in arms}, data_dir=a.data_dir,
-                                   bert4rec=None if a.candidates == "two-tower" else "auto",
-                                   candidate_source=a.candidates)
+        pipeline = create_pipeline(
+            a.artifacts,
+            ranking={name: path for name, path, _ in arms},
+            data_dir=a.data_dir,
+            bert4rec=None if a.candidates == "two-tower" else "auto",
+            candidate_source=a.candidates,
+        )
         router = ABRouter({name: share for name, _, share in arms}, a.ab_salt)
-        cache = RedisCache(a.redis_url, a.cache_ttl, timeout=a.redis_timeout) if a.redis_url else MemoryCache(a.cache_ttl)
+        cache = (
+            RedisCache(a.redis_url, a.cache_ttl, timeout=a.redis_timeout) if a.redis_url else MemoryCache(a.cache_ttl)
+        )
     except (ArtifactMismatch, FileNotFoundError, ValueError) as err:
         raise SystemExit(f"cannot serve {Path(a.artifacts)}: {err}") from None
     except ConnectionError as err:  # Redis not there at start-up
         raise SystemExit(f"cannot serve: {err}") from None
     app, _ = create_service(pipeline, cache, router, client_timeout=a.client_timeout)
-    print(f"serving {pipeline.dataset.name}: {pipeline.candidate_source} candidates, arms {router.shares}, "
-          f"cache {cache.backend}", flush=True)
+    print(
+        f"serving {pipeline.dataset.name}: {pipeline.candidate_source} candidates, arms {router.shares}, "
+        f"cache {cache.backend}",
+        flush=True,
+    )
     serve(app, a.host, a.port, sock=sock, header_timeout=a.client_timeout)
 
 

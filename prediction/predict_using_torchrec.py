@@ -36,12 +36,22 @@ from golden_training.train_dlrm import CLICK_LOGS, Config, RetrievalScorer, eval
 class TorchRecDLRM(nn.Module):
     """TorchRec's DLRM (or DLRM_DCN) for a ranking schema; ``forward`` returns logits ``[B]``."""
 
-    def __init__(self, schema: FeatureSchema, embedding_dim: int, dense_arch: list[int], over_arch: list[int],
-                 interaction: str = "dot") -> None:
+    def __init__(
+        self,
+        schema: FeatureSchema,
+        embedding_dim: int,
+        dense_arch: list[int],
+        over_arch: list[int],
+        interaction: str = "dot",
+    ) -> None:
         super().__init__()
         ebc = EmbeddingBagCollection(tables=schema.embedding_bag_configs(embedding_dim))
-        kw = dict(embedding_bag_collection=ebc, dense_in_features=len(schema.dense),
-                  dense_arch_layer_sizes=list(dense_arch), over_arch_layer_sizes=list(over_arch))
+        kw = dict(
+            embedding_bag_collection=ebc,
+            dense_in_features=len(schema.dense),
+            dense_arch_layer_sizes=list(dense_arch),
+            over_arch_layer_sizes=list(over_arch),
+        )
         # Same attribute name as DLRMTrain's, so checkpoint keys ("model.sparse_arch...") match.
         self.model = DLRM_DCN(**kw, dcn_num_layers=2, dcn_low_rank_dim=16) if interaction == "dcn" else DLRM(**kw)
 
@@ -70,27 +80,42 @@ class Ranker:
     def __init__(self, checkpoints: str | Path, data_dir: str | None = None, quantize: str = "none") -> None:
         path = latest_checkpoint(checkpoints)
         if path is None:
-            raise FileNotFoundError(f"no complete checkpoint under {checkpoints}; train first: "
-                                    f"python -m golden_training.train_dlrm")
+            raise FileNotFoundError(
+                f"no complete checkpoint under {checkpoints}; train first: python -m golden_training.train_dlrm"
+            )
         run = json.loads((path / "meta.json").read_text()).get("run_config")
         if run is None:
             raise ValueError(f"{path} has no run_config in meta.json; it was not written by golden_training.train_dlrm")
-        self.cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in run.items()
-                             if k in Config.__dataclass_fields__})
+        self.cfg = Config(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in run.items() if k in Config.__dataclass_fields__}
+        )
         if self.cfg.dataset in CLICK_LOGS:
-            raise ValueError(f"{path} is a DLRM trained on {self.cfg.dataset} click logs; the Ranker scores MovieLens "
-                             f"(user, item) pairs. Evaluate click-log models with golden_training.train_dlrm's results.json")
+            raise ValueError(
+                f"{path} is a DLRM trained on {self.cfg.dataset} click logs; the Ranker scores MovieLens "
+                f"(user, item) pairs. Evaluate click-log models with golden_training.train_dlrm's results.json"
+            )
         ds = load_movielens(self.cfg.dataset, data_dir)
         if ds.fingerprint != run["data_fingerprint"]:
-            raise ValueError(f"{path} was trained on data with fingerprint {run['data_fingerprint'][:16]}, "
-                             f"but {ds.name} here has {ds.fingerprint[:16]}")
+            raise ValueError(
+                f"{path} was trained on data with fingerprint {run['data_fingerprint'][:16]}, "
+                f"but {ds.name} here has {ds.fingerprint[:16]}"
+            )
         self.dataset, self.split = ds, split_dataset(ds)
-        self.features = RankingFeatures.build(ds, self.split, self.cfg.history_len, self.cfg.sequence_features,
-                                              self.cfg.trend_days)
-        self.retr = (RetrievalScorer(self.cfg.retrieval_export, ds.fingerprint, self.features)
-                     if self.cfg.retrieval_export else None)
-        dlrm = TorchRecDLRM(self.features.schema, self.cfg.embedding_dim, list(self.cfg.dense_arch),
-                            list(self.cfg.over_arch), self.cfg.interaction)
+        self.features = RankingFeatures.build(
+            ds, self.split, self.cfg.history_len, self.cfg.sequence_features, self.cfg.trend_days
+        )
+        self.retr = (
+            RetrievalScorer(self.cfg.retrieval_export, ds.fingerprint, self.features)
+            if self.cfg.retrieval_export
+            else None
+        )
+        dlrm = TorchRecDLRM(
+            self.features.schema,
+            self.cfg.embedding_dim,
+            list(self.cfg.dense_arch),
+            list(self.cfg.over_arch),
+            self.cfg.interaction,
+        )
         load_checkpoint(path, {"model": dlrm})  # every weight must be there (DCP raises on a missing key)
         self.fp32_bytes = embedding_bytes(dlrm)
         if quantize == "int8":
@@ -111,17 +136,32 @@ class Ranker:
         bad_u = [u for u in user_ids if int(u) not in uidx]
         bad_i = [i for i in item_ids if int(i) not in iidx]
         if bad_u or bad_i:
-            raise FeatureError(f"unknown IDs: users {bad_u[:5]}, items {bad_i[:5]}; the ranker scores known users and items")
+            raise FeatureError(
+                f"unknown IDs: users {bad_u[:5]}, items {bad_i[:5]}; the ranker scores known users and items"
+            )
         users = np.array([uidx[int(u)] for u in user_ids], dtype=np.int64)
         items = np.array([iidx[int(i)] for i in item_ids], dtype=np.int64)
         indptr, hist = self.split.history("test")
         queries = None if self.retr is None else self.retr.queries(users, hist, indptr[users], indptr[users + 1])
-        ex = Examples(users, items, np.zeros(len(users), np.float32), indptr[users], indptr[users + 1],
-                      np.arange(len(users)), reference_time(self.split, "test", users), hist)
+        ex = Examples(
+            users,
+            items,
+            np.zeros(len(users), np.float32),
+            indptr[users],
+            indptr[users + 1],
+            np.arange(len(users)),
+            reference_time(self.split, "test", users),
+            hist,
+        )
         out = []
         for lo in range(0, len(ex), batch_size):
-            b = make_batch(self.features, ex.take(np.arange(lo, min(lo + batch_size, len(ex)))), queries, self.retr,
-                           self.cfg.history_len)
+            b = make_batch(
+                self.features,
+                ex.take(np.arange(lo, min(lo + batch_size, len(ex)))),
+                queries,
+                self.retr,
+                self.cfg.history_len,
+            )
             out.append(self.model(b.dense_features, b.sparse_features))
         return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
@@ -143,11 +183,26 @@ class _Logits(nn.Module):
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoints", default="runs/ranking/checkpoints/dlrm", help="checkpoint directory of a train_dlrm run (default: %(default)s)")
-    p.add_argument("--data-dir", default=None, help="MovieLens cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)")
-    p.add_argument("--input", default=None, help="JSON lines of {user_id, item_id} to score (default: evaluate on test only)")
-    p.add_argument("--output", default=None, help="where to write the scores as JSON lines (default: <input>.scores.jsonl)")
-    p.add_argument("--quantize", default="int8", choices=["none", "int8"], help="embedding precision for --input scoring (default: %(default)s)")
+    p.add_argument(
+        "--checkpoints",
+        default="runs/ranking/checkpoints/dlrm",
+        help="checkpoint directory of a train_dlrm run (default: %(default)s)",
+    )
+    p.add_argument(
+        "--data-dir", default=None, help="MovieLens cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)"
+    )
+    p.add_argument(
+        "--input", default=None, help="JSON lines of {user_id, item_id} to score (default: evaluate on test only)"
+    )
+    p.add_argument(
+        "--output", default=None, help="where to write the scores as JSON lines (default: <input>.scores.jsonl)"
+    )
+    p.add_argument(
+        "--quantize",
+        default="int8",
+        choices=["none", "int8"],
+        help="embedding precision for --input scoring (default: %(default)s)",
+    )
     p.add_argument("--out", default=None, help="results JSON (default: <checkpoints>/../../prediction_results.json)")
     a = p.parse_args(argv)
     results: dict[str, object] = {}
@@ -158,10 +213,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     f, q = results["fp32"], results["int8"]
     results["auc_change"] = q["auc"] - f["auc"]
     results["size_reduction"] = f["embedding_bytes"] / q["embedding_bytes"]
-    print(f"test AUC fp32 {f['auc']:.4f} | int8 {q['auc']:.4f} ({results['auc_change']:+.4f}); re-ranked NDCG@10 "
-          f"fp32 {f['reranked']['NDCG@10']:.4f} | int8 {q['reranked']['NDCG@10']:.4f}")
-    print(f"embedding tables fp32 {f['embedding_bytes'] / 1e6:.3f} MB | int8 {q['embedding_bytes'] / 1e6:.3f} MB "
-          f"({results['size_reduction']:.2f}x smaller)")
+    print(
+        f"test AUC fp32 {f['auc']:.4f} | int8 {q['auc']:.4f} ({results['auc_change']:+.4f}); re-ranked NDCG@10 "
+        f"fp32 {f['reranked']['NDCG@10']:.4f} | int8 {q['reranked']['NDCG@10']:.4f}"
+    )
+    print(
+        f"embedding tables fp32 {f['embedding_bytes'] / 1e6:.3f} MB | int8 {q['embedding_bytes'] / 1e6:.3f} MB "
+        f"({results['size_reduction']:.2f}x smaller)"
+    )
     if a.input:
         pairs = [json.loads(line) for line in Path(a.input).read_text().splitlines() if line.strip()]
         probs = rankers[a.quantize].score([x["user_id"] for x in pairs], [x["item_id"] for x in pairs])

@@ -50,8 +50,8 @@ class ArtifactError(ValueError):
 
 @dataclass
 class Recommendation:
-    user_id: int              # raw MovieLens user ID
-    item_ids: list[int]       # raw MovieLens item IDs, best first
+    user_id: int  # raw MovieLens user ID
+    item_ids: list[int]  # raw MovieLens item IDs, best first
     scores: list[float]
     cold_start: bool = False  # True: the user is unknown and got the most popular items
 
@@ -60,8 +60,10 @@ def read_manifest(export_dir: str | Path, verify_files: bool = True) -> dict:
     export_dir = Path(export_dir)
     path = export_dir / "manifest.json"
     if not path.is_file():
-        raise ArtifactError(f"{path} not found: train first (python -m retrieval.two_tower_train) or point --export "
-                            f"at a directory written by it")
+        raise ArtifactError(
+            f"{path} not found: train first (python -m retrieval.two_tower_train) or point --export "
+            f"at a directory written by it"
+        )
     manifest = json.loads(path.read_text())
     if manifest.get("format") != "two_tower_retrieval/1":
         raise ArtifactError(f"{path}: format {manifest.get('format')!r}, expected 'two_tower_retrieval/1'")
@@ -71,13 +73,16 @@ def read_manifest(export_dir: str | Path, verify_files: bool = True) -> dict:
             if not f.is_file():
                 raise ArtifactError(f"{f} is missing from the export")
             if hashlib.sha256(f.read_bytes()).hexdigest() != sha:
-                raise ArtifactError(f"{f} does not match the manifest's checksum: it was replaced or comes from "
-                                    f"another export; re-export or restore it")
+                raise ArtifactError(
+                    f"{f} does not match the manifest's checksum: it was replaced or comes from "
+                    f"another export; re-export or restore it"
+                )
     return manifest
 
 
-def load_query_tower(export_dir: str | Path, manifest: dict, quantize: str = "int8",
-                     device: torch.device | None = None) -> Tower:
+def load_query_tower(
+    export_dir: str | Path, manifest: dict, quantize: str = "int8", device: torch.device | None = None
+) -> Tower:
     """Rebuild the query tower from the export; every weight must load.
 
     ``quantize="int8"`` swaps its EmbeddingBagCollection for TorchRec's quantized one (rows are
@@ -123,8 +128,10 @@ class Retriever:
         self._check_consistency(m)
         index = faiss.read_index(str(self.export_dir / "index.faiss"))
         if index.ntotal != m["num_items"] or index.d != m["output_dim"]:
-            raise ArtifactError(f"index.faiss holds {index.ntotal} vectors of dimension {index.d}, but the model has "
-                                f"{m['num_items']} items and {m['output_dim']}-dim outputs: the index is from another model")
+            raise ArtifactError(
+                f"index.faiss holds {index.ntotal} vectors of dimension {index.d}, but the model has "
+                f"{m['num_items']} items and {m['output_dim']}-dim outputs: the index is from another model"
+            )
         self.tower = load_query_tower(self.export_dir, m, quantize, self.device)
         self.model = TwoTowerRetrieval(to_gpu_if_available(index), self.tower, k=k, device=self.device)
         self.k = k
@@ -132,20 +139,29 @@ class Retriever:
     def _check_consistency(self, m: dict) -> None:
         f = self.features
         if FeatureSchema.from_dict(m["query_schema"]) != f.query_schema:
-            raise ArtifactError("the manifest's query schema and features.json disagree (feature keys or "
-                                f"cardinalities): manifest {FeatureSchema.from_dict(m['query_schema']).sparse_names}, "
-                                f"features {f.query_schema.sparse_names}")
+            raise ArtifactError(
+                "the manifest's query schema and features.json disagree (feature keys or "
+                f"cardinalities): manifest {FeatureSchema.from_dict(m['query_schema']).sparse_names}, "
+                f"features {f.query_schema.sparse_names}"
+            )
         if (len(self.user_raw_ids), len(self.item_raw_ids)) != (m["num_users"], m["num_items"]):
-            raise ArtifactError(f"ID maps hold {len(self.user_raw_ids)} users and {len(self.item_raw_ids)} items; the "
-                                f"manifest says {m['num_users']} and {m['num_items']}")
+            raise ArtifactError(
+                f"ID maps hold {len(self.user_raw_ids)} users and {len(self.item_raw_ids)} items; the "
+                f"manifest says {m['num_users']} and {m['num_items']}"
+            )
 
     def history_of(self, user: int) -> np.ndarray:
-        return self.history_items[self.history_indptr[user]:self.history_indptr[user + 1]]
+        return self.history_items[self.history_indptr[user] : self.history_indptr[user + 1]]
 
     @torch.no_grad()
-    def top_k_indices(self, users: np.ndarray, k: int | None = None, exclude_seen: bool = True,
-                      histories: list[np.ndarray] | None = None,
-                      user_columns: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def top_k_indices(
+        self,
+        users: np.ndarray,
+        k: int | None = None,
+        exclude_seen: bool = True,
+        histories: list[np.ndarray] | None = None,
+        user_columns: dict[str, np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Dense item indices and scores ``[B, k]`` for dense user indices, best first.
 
         ``histories`` (dense item indices per user) replaces the stored histories, e.g. with
@@ -157,8 +173,9 @@ class Retriever:
         hists = histories if histories is not None else [self.history_of(u) for u in users]
         lengths = np.array([len(h) for h in hists], dtype=np.int64)
         extra = int(lengths.max()) if exclude_seen and len(lengths) else 0
-        scores, items = self.model(self._query_batch(users, hists, user_columns).sparse,
-                                   min(k + extra, self.features.num_items))
+        scores, items = self.model(
+            self._query_batch(users, hists, user_columns).sparse, min(k + extra, self.features.num_items)
+        )
         scores, items = scores.numpy(), items.numpy()
         out_items = np.full((len(users), k), -1, dtype=np.int64)
         out_scores = np.full((len(users), k), -np.inf, dtype=np.float32)
@@ -167,23 +184,31 @@ class Retriever:
             if exclude_seen:
                 keep &= ~np.isin(items[r], hists[r])
             row_items, row_scores = items[r][keep][:k], scores[r][keep][:k]
-            out_items[r, :len(row_items)], out_scores[r, :len(row_items)] = row_items, row_scores
+            out_items[r, : len(row_items)], out_scores[r, : len(row_items)] = row_items, row_scores
         return out_items, out_scores
 
-    def _query_batch(self, users: np.ndarray, hists: list[np.ndarray], user_columns: dict[str, np.ndarray] | None = None):
+    def _query_batch(
+        self, users: np.ndarray, hists: list[np.ndarray], user_columns: dict[str, np.ndarray] | None = None
+    ):
         lengths = np.array([len(h) for h in hists], dtype=np.int64)
         values = np.concatenate(hists).astype(np.int64) if len(hists) else np.zeros(0, np.int64)
         ends = np.cumsum(lengths)
-        return self.features.query_batch(users, last_n(values, ends - lengths, ends, self.features.history_len),
-                                         user_columns)
+        return self.features.query_batch(
+            users, last_n(values, ends - lengths, ends, self.features.history_len), user_columns
+        )
 
     @torch.no_grad()
     def query_embeddings(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
         """The query tower's output ``[B, dim]`` for dense user indices with these histories."""
         return self.model.embed(self._query_batch(np.asarray(users, dtype=np.int64), histories).sparse).cpu().numpy()
 
-    def recommend(self, user_ids: list[int], k: int | None = None, exclude_seen: bool = True,
-                  extra_history: dict[int, list[int]] | None = None) -> list[Recommendation]:
+    def recommend(
+        self,
+        user_ids: list[int],
+        k: int | None = None,
+        exclude_seen: bool = True,
+        extra_history: dict[int, list[int]] | None = None,
+    ) -> list[Recommendation]:
         """Top-K raw item IDs per raw user ID. An unknown user gets the most popular items
         (``cold_start=True``). ``extra_history`` appends newly seen raw item IDs per user."""
         k = k or self.k
@@ -192,23 +217,35 @@ class Retriever:
         out: list[Recommendation | None] = [None] * len(user_ids)
         if known:
             users = np.array([u for _, u in known])
-            hists = [np.concatenate([self.history_of(u), [item_index[i] for i in (extra_history or {}).get(
-                int(user_ids[pos]), []) if i in item_index]]).astype(np.int64) for pos, u in known]
+            hists = [
+                np.concatenate(
+                    [
+                        self.history_of(u),
+                        [item_index[i] for i in (extra_history or {}).get(int(user_ids[pos]), []) if i in item_index],
+                    ]
+                ).astype(np.int64)
+                for pos, u in known
+            ]
             items, scores = self.top_k_indices(users, k, exclude_seen, hists)
             for (pos, _), row_i, row_s in zip(known, items, scores):
                 valid = row_i >= 0
-                out[pos] = Recommendation(int(user_ids[pos]), self.item_raw_ids[row_i[valid]].tolist(),
-                                          row_s[valid].astype(float).tolist())
+                out[pos] = Recommendation(
+                    int(user_ids[pos]), self.item_raw_ids[row_i[valid]].tolist(), row_s[valid].astype(float).tolist()
+                )
         for pos, u in enumerate(user_ids):
             if out[pos] is None:
                 top = self.popular[:k]
-                out[pos] = Recommendation(int(u), self.item_raw_ids[top].tolist(),
-                                          self.popularity[top].astype(float).tolist(), cold_start=True)
+                out[pos] = Recommendation(
+                    int(u),
+                    self.item_raw_ids[top].tolist(),
+                    self.popularity[top].astype(float).tolist(),
+                    cold_start=True,
+                )
         return out  # type: ignore[return-value]
 
-
-    def recommend_features(self, records: list[dict], k: int | None = None, exclude_seen: bool = True
-                           ) -> list[Recommendation]:
+    def recommend_features(
+        self, records: list[dict], k: int | None = None, exclude_seen: bool = True
+    ) -> list[Recommendation]:
         """Top-K for users described by raw features:
         ``{"user_id": raw ID or None, "age": years, "gender": "M"|"F", "occupation": name,
         "zip": code, "history": [raw item IDs, oldest first]}``.
@@ -230,16 +267,32 @@ class Retriever:
         serve = [n for n, (u, h) in enumerate(zip(users, hists)) if u >= 0 or len(h)]
         out: list[Recommendation | None] = [None] * len(records)
         if serve:
-            items, scores = self.top_k_indices(np.array(users)[serve], k, exclude_seen, [hists[n] for n in serve],
-                                               {name: col[serve] for name, col in cols.items()})
+            items, scores = self.top_k_indices(
+                np.array(users)[serve],
+                k,
+                exclude_seen,
+                [hists[n] for n in serve],
+                {name: col[serve] for name, col in cols.items()},
+            )
             for n, row_i, row_s in zip(serve, items, scores):
                 valid = row_i >= 0
-                out[n] = Recommendation(records[n].get("user_id") or -1, self.item_raw_ids[row_i[valid]].tolist(),
-                                        row_s[valid].astype(float).tolist())
+                out[n] = Recommendation(
+                    records[n].get("user_id") or -1,
+                    self.item_raw_ids[row_i[valid]].tolist(),
+                    row_s[valid].astype(float).tolist(),
+                )
         top = self.popular[:k]
-        return [o if o is not None else Recommendation(records[n].get("user_id") or -1, self.item_raw_ids[top].tolist(),
-                                                       self.popularity[top].astype(float).tolist(), cold_start=True)
-                for n, o in enumerate(out)]
+        return [
+            o
+            if o is not None
+            else Recommendation(
+                records[n].get("user_id") or -1,
+                self.item_raw_ids[top].tolist(),
+                self.popularity[top].astype(float).tolist(),
+                cold_start=True,
+            )
+            for n, o in enumerate(out)
+        ]
 
 
 def write_candidates(retriever: Retriever, path: str | Path, k: int, batch_size: int = 256) -> int:
@@ -249,22 +302,46 @@ def write_candidates(retriever: Retriever, path: str | Path, k: int, batch_size:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         for lo in range(0, len(retriever.user_raw_ids), batch_size):
-            for rec in retriever.recommend(retriever.user_raw_ids[lo:lo + batch_size].tolist(), k):
-                f.write(json.dumps({"user_id": rec.user_id, "item_ids": rec.item_ids,
-                                    "scores": [round(s, 6) for s in rec.scores]}) + "\n")
+            for rec in retriever.recommend(retriever.user_raw_ids[lo : lo + batch_size].tolist(), k):
+                f.write(
+                    json.dumps(
+                        {"user_id": rec.user_id, "item_ids": rec.item_ids, "scores": [round(s, 6) for s in rec.scores]}
+                    )
+                    + "\n"
+                )
     tmp.replace(path)
     return len(retriever.user_raw_ids)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--export", default="runs/retrieval/export", help="export directory written by two_tower_train (default: %(default)s)")
+    p.add_argument(
+        "--export",
+        default="runs/retrieval/export",
+        help="export directory written by two_tower_train (default: %(default)s)",
+    )
     p.add_argument("--k", type=int, default=100, help="candidates per user (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="users per query batch (default: %(default)s)")
-    p.add_argument("--quantize", default="int8", choices=["int8", "none"], help="query tower embedding precision for --write-candidates (default: %(default)s)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available (default: %(default)s)")
-    p.add_argument("--data-dir", default=None, help="MovieLens cache, to evaluate on test (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)")
-    p.add_argument("--write-candidates", default=None, help="write every user's top-K to this JSON-lines file (default: off)")
+    p.add_argument(
+        "--quantize",
+        default="int8",
+        choices=["int8", "none"],
+        help="query tower embedding precision for --write-candidates (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="auto: cuda if available (default: %(default)s)",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="MovieLens cache, to evaluate on test (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)",
+    )
+    p.add_argument(
+        "--write-candidates", default=None, help="write every user's top-K to this JSON-lines file (default: off)"
+    )
     p.add_argument("--out", default=None, help="results JSON (default: <export>/../serving_results.json)")
     return p.parse_args(argv)
 
@@ -274,35 +351,55 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     manifest = read_manifest(a.export)
     ds = load_movielens(manifest["dataset"], a.data_dir)
     if ds.fingerprint != manifest["data_fingerprint"]:
-        raise ArtifactError(f"the export was trained on data with fingerprint {manifest['data_fingerprint'][:16]}, "
-                            f"but {ds.name} here has {ds.fingerprint[:16]}")
+        raise ArtifactError(
+            f"the export was trained on data with fingerprint {manifest['data_fingerprint'][:16]}, "
+            f"but {ds.name} here has {ds.fingerprint[:16]}"
+        )
     split = split_dataset(ds)
     results: dict[str, object] = {"export": a.export, "k": a.k, "index": manifest["index"]}
     retrievers = {}
     for mode in ("none", "int8"):
         r = Retriever(a.export, quantize=mode, device=a.device, k=a.k)
         retrievers[mode] = r
-        rep = evaluate_topk(lambda users, r=r: r.top_k_indices(users, max(a.k, 100))[0], split, "test",
-                            batch_size=a.batch_size)
+        rep = evaluate_topk(
+            lambda users, r=r: r.top_k_indices(users, max(a.k, 100))[0], split, "test", batch_size=a.batch_size
+        )
         results[f"test_{'fp32' if mode == 'none' else mode}"] = rep.to_dict()
         results[f"table_bytes_{'fp32' if mode == 'none' else mode}"] = embedding_table_bytes(r.tower)
     fp32, int8 = results["test_fp32"], results["test_int8"]
     ratio = results["table_bytes_fp32"] / results["table_bytes_int8"]
     results["int8_table_compression"] = ratio
-    print(f"test (shared protocol)   fp32: HR@10 {fp32['HR@10']:.4f} Recall@100 {fp32['Recall@100']:.4f} | "
-          f"int8: HR@10 {int8['HR@10']:.4f} Recall@100 {int8['Recall@100']:.4f} "
-          f"(diff {int8['Recall@100'] - fp32['Recall@100']:+.4f})")
-    print(f"query tower tables       fp32 {results['table_bytes_fp32'] / 1e6:.3f} MB, int8 "
-          f"{results['table_bytes_int8'] / 1e6:.3f} MB ({ratio:.2f}x smaller)")
+    print(
+        f"test (shared protocol)   fp32: HR@10 {fp32['HR@10']:.4f} Recall@100 {fp32['Recall@100']:.4f} | "
+        f"int8: HR@10 {int8['HR@10']:.4f} Recall@100 {int8['Recall@100']:.4f} "
+        f"(diff {int8['Recall@100'] - fp32['Recall@100']:+.4f})"
+    )
+    print(
+        f"query tower tables       fp32 {results['table_bytes_fp32'] / 1e6:.3f} MB, int8 "
+        f"{results['table_bytes_int8'] / 1e6:.3f} MB ({ratio:.2f}x smaller)"
+    )
 
     # The index against exact search over the same item embeddings, and latency per batch.
     r = retrievers[a.quantize]
     users = np.arange(len(r.user_raw_ids))
-    queries = np.concatenate([r.model.embed(r.features.query_batch(
-        users[lo:lo + a.batch_size], last_n(r.history_items, r.history_indptr[users[lo:lo + a.batch_size]],
-                                             r.history_indptr[users[lo:lo + a.batch_size] + 1],
-                                             r.features.history_len)).sparse).cpu().numpy()
-                              for lo in range(0, len(users), a.batch_size)])
+    queries = np.concatenate(
+        [
+            r.model.embed(
+                r.features.query_batch(
+                    users[lo : lo + a.batch_size],
+                    last_n(
+                        r.history_items,
+                        r.history_indptr[users[lo : lo + a.batch_size]],
+                        r.history_indptr[users[lo : lo + a.batch_size] + 1],
+                        r.features.history_len,
+                    ),
+                ).sparse
+            )
+            .cpu()
+            .numpy()
+            for lo in range(0, len(users), a.batch_size)
+        ]
+    )
     exact = faiss.IndexFlatIP(queries.shape[1])
     exact.add(np.load(Path(a.export) / "item_embeddings.npy"))
     _, exact_ids = exact.search(queries, a.k)
@@ -311,12 +408,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     times = []
     for lo in range(0, len(users), a.batch_size):
         start = time.perf_counter()
-        r.top_k_indices(users[lo:lo + a.batch_size], a.k)
+        r.top_k_indices(users[lo : lo + a.batch_size], a.k)
         times.append((time.perf_counter() - start) * 1000)
     results["latency_ms_per_batch_median"] = statistics.median(times)
     results["batch_size"] = a.batch_size
-    print(f"index {manifest['index']['type']}: recall@{a.k} vs exact {results['index_recall_vs_exact']:.4f}; "
-          f"{statistics.median(times):.1f} ms per batch of {a.batch_size} users (median, {a.quantize})")
+    print(
+        f"index {manifest['index']['type']}: recall@{a.k} vs exact {results['index_recall_vs_exact']:.4f}; "
+        f"{statistics.median(times):.1f} ms per batch of {a.batch_size} users (median, {a.quantize})"
+    )
     if a.write_candidates:
         n = write_candidates(r, a.write_candidates, a.k, a.batch_size)
         results["candidates_file"] = a.write_candidates

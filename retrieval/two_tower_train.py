@@ -92,33 +92,124 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
     add_dataset_args(data)
-    data.add_argument("--history-len", type=int, default=d.history_len, help=f"items of history the query tower sees (default: {d.history_len})")
+    data.add_argument(
+        "--history-len",
+        type=int,
+        default=d.history_len,
+        help=f"items of history the query tower sees (default: {d.history_len})",
+    )
     model = p.add_argument_group("model")
-    model.add_argument("--embedding-dim", type=int, default=d.embedding_dim, help=f"embedding table dimension (default: {d.embedding_dim})")
-    model.add_argument("--layer-sizes", type=int, nargs="+", default=list(d.layer_sizes), help="tower MLP sizes; the last is the output dimension (default: 128 64)")
-    model.add_argument("--temperature", type=float, default=d.temperature, help=f"softmax temperature on cosine scores (default: {d.temperature})")
-    model.add_argument("--user-id-dropout", type=float, default=d.user_id_dropout, help=f"share of training examples whose user ID is hidden, so the tower also serves new users from features and history (default: {d.user_id_dropout})")
-    data.add_argument("--holdout-last", type=int, default=d.holdout_last, help=f"leave each user's last N training interactions out of training, for a ranker to learn from (default: {d.holdout_last})")
+    model.add_argument(
+        "--embedding-dim",
+        type=int,
+        default=d.embedding_dim,
+        help=f"embedding table dimension (default: {d.embedding_dim})",
+    )
+    model.add_argument(
+        "--layer-sizes",
+        type=int,
+        nargs="+",
+        default=list(d.layer_sizes),
+        help="tower MLP sizes; the last is the output dimension (default: 128 64)",
+    )
+    model.add_argument(
+        "--temperature",
+        type=float,
+        default=d.temperature,
+        help=f"softmax temperature on cosine scores (default: {d.temperature})",
+    )
+    model.add_argument(
+        "--user-id-dropout",
+        type=float,
+        default=d.user_id_dropout,
+        help=f"share of training examples whose user ID is hidden, so the tower also serves new users from features and history (default: {d.user_id_dropout})",
+    )
+    data.add_argument(
+        "--holdout-last",
+        type=int,
+        default=d.holdout_last,
+        help=f"leave each user's last N training interactions out of training, for a ranker to learn from (default: {d.holdout_last})",
+    )
     train = p.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training interactions (default: {d.epochs})")
-    train.add_argument("--batch-size", type=int, default=d.batch_size, help=f"examples per rank per step; also the in-batch negatives (default: {d.batch_size})")
-    train.add_argument("--sparse-lr", type=float, default=d.sparse_lr, help=f"RowWiseAdagrad learning rate for embeddings (default: {d.sparse_lr})")
-    train.add_argument("--dense-lr", type=float, default=d.dense_lr, help=f"Adam learning rate for the MLPs (default: {d.dense_lr})")
-    train.add_argument("--seed", type=int, default=d.seed, help=f"seed for initialization and data order (default: {d.seed})")
-    train.add_argument("--limit-batches", type=int, default=None, help="stop each epoch after this many steps (quick runs; default: all)")
-    train.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help=f"steps between DCP checkpoints; 0 = epoch ends only (default: {d.checkpoint_every})")
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --out, if there is one, exactly where it stopped (without it, an --out holding checkpoints is refused)")
-    train.add_argument("--log-every", type=int, default=d.log_every, help=f"steps between log lines and metrics.jsonl entries (default: {d.log_every})")
-    train.add_argument("--tensorboard", action="store_true", help="also write the curves as TensorBoard events under <out>/tensorboard (pip install tensorboard)")
+    train.add_argument(
+        "--epochs", type=int, default=d.epochs, help=f"passes over the training interactions (default: {d.epochs})"
+    )
+    train.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help=f"examples per rank per step; also the in-batch negatives (default: {d.batch_size})",
+    )
+    train.add_argument(
+        "--sparse-lr",
+        type=float,
+        default=d.sparse_lr,
+        help=f"RowWiseAdagrad learning rate for embeddings (default: {d.sparse_lr})",
+    )
+    train.add_argument(
+        "--dense-lr", type=float, default=d.dense_lr, help=f"Adam learning rate for the MLPs (default: {d.dense_lr})"
+    )
+    train.add_argument(
+        "--seed", type=int, default=d.seed, help=f"seed for initialization and data order (default: {d.seed})"
+    )
+    train.add_argument(
+        "--limit-batches",
+        type=int,
+        default=None,
+        help="stop each epoch after this many steps (quick runs; default: all)",
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=d.checkpoint_every,
+        help=f"steps between DCP checkpoints; 0 = epoch ends only (default: {d.checkpoint_every})",
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint under --out, if there is one, exactly where it stopped (without it, an --out holding checkpoints is refused)",
+    )
+    train.add_argument(
+        "--log-every",
+        type=int,
+        default=d.log_every,
+        help=f"steps between log lines and metrics.jsonl entries (default: {d.log_every})",
+    )
+    train.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write the curves as TensorBoard events under <out>/tensorboard (pip install tensorboard)",
+    )
     dist = p.add_argument_group("distributed")
-    dist.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="auto: cuda if available (default: auto)")
-    dist.add_argument("--sharding-type", default=d.sharding_type, choices=SHARDING_TYPES, help="how embedding tables are sharded; row-wise kinds need CUDA (default: table_wise)")
+    dist.add_argument(
+        "--device", default=d.device, choices=["auto", "cpu", "cuda"], help="auto: cuda if available (default: auto)"
+    )
+    dist.add_argument(
+        "--sharding-type",
+        default=d.sharding_type,
+        choices=SHARDING_TYPES,
+        help="how embedding tables are sharded; row-wise kinds need CUDA (default: table_wise)",
+    )
     out = p.add_argument_group("evaluation and export")
-    out.add_argument("--out", default=d.out, help=f"run directory: checkpoints/, export/, results.json (default: {d.out})")
-    out.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help=f"users per scoring batch (default: {d.eval_batch_size})")
-    out.add_argument("--index-type", default=d.index_type, choices=INDEX_TYPES, help="FAISS index for serving; auto picks by catalog size (default: auto)")
+    out.add_argument(
+        "--out", default=d.out, help=f"run directory: checkpoints/, export/, results.json (default: {d.out})"
+    )
+    out.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=d.eval_batch_size,
+        help=f"users per scoring batch (default: {d.eval_batch_size})",
+    )
+    out.add_argument(
+        "--index-type",
+        default=d.index_type,
+        choices=INDEX_TYPES,
+        help="FAISS index for serving; auto picks by catalog size (default: auto)",
+    )
     out.add_argument("--n-boot", type=int, default=d.n_boot, help=f"bootstrap resamples for CIs (default: {d.n_boot})")
-    out.add_argument("--no-test", action="store_true", help="never evaluate on test (model selection runs: validation only)")
+    out.add_argument(
+        "--no-test", action="store_true", help="never evaluate on test (model selection runs: validation only)"
+    )
     a = vars(p.parse_args(argv))
     a["layer_sizes"] = tuple(a["layer_sizes"])
     return Config(**a)
@@ -136,13 +227,22 @@ class TrainExamples:
     partial step is dropped so that every rank runs the same number of steps.
     """
 
-    def __init__(self, features: TwoTowerFeatures, split: Split, batch_size: int, rank: int, world_size: int,
-                 seed: int, user_id_dropout: float = 0.0, holdout_last: int = 0) -> None:
+    def __init__(
+        self,
+        features: TwoTowerFeatures,
+        split: Split,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        user_id_dropout: float = 0.0,
+        holdout_last: int = 0,
+    ) -> None:
         self.features, self.split = features, split
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.user_id_dropout = user_id_dropout
         user = split.train_user
-        self.user_start = np.searchsorted(user, np.arange(split.num_users))   # train rows are sorted by user
+        self.user_start = np.searchsorted(user, np.arange(split.num_users))  # train rows are sorted by user
         # --holdout-last N: each user's last N training interactions are not trained on (a
         # ranker can then learn from interactions this model has not seen).
         user_end = np.r_[self.user_start[1:], len(user)]
@@ -156,8 +256,11 @@ class TrainExamples:
         steps = self.steps_per_epoch if limit is None else min(limit, self.steps_per_epoch)
         for step in range(start_step, steps):
             lo = (step * self.world_size + self.rank) * self.batch_size
-            drop = np.random.default_rng([self.seed, epoch, step, self.rank]).random(self.batch_size) < self.user_id_dropout
-            yield self.batch(perm[lo:lo + self.batch_size], drop)
+            drop = (
+                np.random.default_rng([self.seed, epoch, step, self.rank]).random(self.batch_size)
+                < self.user_id_dropout
+            )
+            yield self.batch(perm[lo : lo + self.batch_size], drop)
 
     def batch(self, rows: np.ndarray, drop_user_id: np.ndarray | None = None) -> TwoTowerBatch:
         s, f = self.split, self.features
@@ -180,14 +283,23 @@ def query_histories(split: Split, stage: str, users: np.ndarray, history_len: in
 # Model
 
 
-def build_model(cfg: Config, features: TwoTowerFeatures, item_counts: np.ndarray, rt: Runtime
-                ) -> tuple[DistributedModelParallel, torch.optim.Optimizer]:
-    model = TwoTower(features.query_schema, features.candidate_schema, cfg.embedding_dim, list(cfg.layer_sizes),
-                     item_counts, cfg.temperature, device=torch.device("meta"))
+def build_model(
+    cfg: Config, features: TwoTowerFeatures, item_counts: np.ndarray, rt: Runtime
+) -> tuple[DistributedModelParallel, torch.optim.Optimizer]:
+    model = TwoTower(
+        features.query_schema,
+        features.candidate_schema,
+        cfg.embedding_dim,
+        list(cfg.layer_sizes),
+        item_counts,
+        cfg.temperature,
+        device=torch.device("meta"),
+    )
     # Tables are built on "meta" and materialized by DMP on the rank that owns each shard; the
     # small MLPs are built on the CPU from the seeded global RNG and moved to the device by DMP.
-    return shard_model(model, [model.query_tower.ebc, model.candidate_tower.ebc], rt, cfg.sharding_type,
-                       cfg.sparse_lr, cfg.dense_lr)
+    return shard_model(
+        model, [model.query_tower.ebc, model.candidate_tower.ebc], rt, cfg.sharding_type, cfg.sparse_lr, cfg.dense_lr
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -196,17 +308,27 @@ def build_model(cfg: Config, features: TwoTowerFeatures, item_counts: np.ndarray
 
 
 @torch.no_grad()
-def embed_items(model: torch.nn.Module, features: TwoTowerFeatures, device: torch.device,
-                batch_size: int = 4096) -> torch.Tensor:
+def embed_items(
+    model: torch.nn.Module, features: TwoTowerFeatures, device: torch.device, batch_size: int = 4096
+) -> torch.Tensor:
     tower = _unwrap(model).candidate_tower
-    out = [tower(features.candidate_batch(np.arange(lo, min(lo + batch_size, features.num_items))).sparse.to(device))
-           for lo in range(0, features.num_items, batch_size)]
+    out = [
+        tower(features.candidate_batch(np.arange(lo, min(lo + batch_size, features.num_items))).sparse.to(device))
+        for lo in range(0, features.num_items, batch_size)
+    ]
     return torch.cat(out)
 
 
 @torch.no_grad()
-def embed_queries(model: torch.nn.Module, features: TwoTowerFeatures, split: Split, stage: str,
-                  device: torch.device, batch_size: int = 4096, hide_user_id: bool = False) -> torch.Tensor:
+def embed_queries(
+    model: torch.nn.Module,
+    features: TwoTowerFeatures,
+    split: Split,
+    stage: str,
+    device: torch.device,
+    batch_size: int = 4096,
+    hide_user_id: bool = False,
+) -> torch.Tensor:
     """Query embeddings of all users (row = dense user index) with their history before ``stage``;
     ``hide_user_id`` treats every user as new (features and history only)."""
     tower = _unwrap(model).query_tower
@@ -214,19 +336,35 @@ def embed_queries(model: torch.nn.Module, features: TwoTowerFeatures, split: Spl
     for lo in range(0, features.num_users, batch_size):
         users = np.arange(lo, min(lo + batch_size, features.num_users))
         cols = {name: col[users] for name, col in features.user_columns.items()}
-        batch = features.query_batch(np.full_like(users, -1) if hide_user_id else users,
-                                     query_histories(split, stage, users, features.history_len), cols)
+        batch = features.query_batch(
+            np.full_like(users, -1) if hide_user_id else users,
+            query_histories(split, stage, users, features.history_len),
+            cols,
+        )
         out.append(tower(batch.sparse.to(device)))
     return torch.cat(out)
 
 
-def evaluate(model: torch.nn.Module, features: TwoTowerFeatures, split: Split, stage: str, device: torch.device,
-             cfg: Config, hide_user_id: bool = False) -> tuple[RankingReport, torch.Tensor, torch.Tensor]:
+def evaluate(
+    model: torch.nn.Module,
+    features: TwoTowerFeatures,
+    split: Split,
+    stage: str,
+    device: torch.device,
+    cfg: Config,
+    hide_user_id: bool = False,
+) -> tuple[RankingReport, torch.Tensor, torch.Tensor]:
     model.eval()
     items = embed_items(model, features, device)
     queries = embed_queries(model, features, split, stage, device, hide_user_id=hide_user_id)
-    report = evaluate_scores(lambda users: queries[users.to(queries.device)] @ items.T, split, stage,
-                             batch_size=cfg.eval_batch_size, device=device, n_boot=cfg.n_boot)
+    report = evaluate_scores(
+        lambda users: queries[users.to(queries.device)] @ items.T,
+        split,
+        stage,
+        batch_size=cfg.eval_batch_size,
+        device=device,
+        n_boot=cfg.n_boot,
+    )
     model.train()
     return report, queries, items
 
@@ -243,9 +381,18 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def export(out_dir: Path, cfg: Config, model: torch.nn.Module, features: TwoTowerFeatures, ds_name: str,
-           fingerprint: str, user_raw_ids: np.ndarray, item_raw_ids: np.ndarray, item_emb: torch.Tensor,
-           split: Split) -> Path | None:
+def export(
+    out_dir: Path,
+    cfg: Config,
+    model: torch.nn.Module,
+    features: TwoTowerFeatures,
+    ds_name: str,
+    fingerprint: str,
+    user_raw_ids: np.ndarray,
+    item_raw_ids: np.ndarray,
+    item_emb: torch.Tensor,
+    split: Split,
+) -> Path | None:
     """Write the serving artifacts (rank 0): weights.pt, item_embeddings.npy, index.faiss,
     features.json (feature tables, ID maps, histories, popularity) and manifest.json last."""
     weights = gathered_state_dict(model)  # collective
@@ -261,19 +408,31 @@ def export(out_dir: Path, cfg: Config, model: torch.nn.Module, features: TwoTowe
     faiss.write_index(index, str(out_dir / "index.faiss"))
     # Serving by user ID needs each known user's history: everything before test (train + valid).
     indptr, hist = split.history("test")
-    serving = {"features": features.to_dict(), "user_raw_ids": user_raw_ids.tolist(),
-               "item_raw_ids": item_raw_ids.tolist(), "history_indptr": indptr.tolist(),
-               "history_items": hist.tolist(), "item_counts": split.item_counts("test").tolist()}
+    serving = {
+        "features": features.to_dict(),
+        "user_raw_ids": user_raw_ids.tolist(),
+        "item_raw_ids": item_raw_ids.tolist(),
+        "history_indptr": indptr.tolist(),
+        "history_items": hist.tolist(),
+        "item_counts": split.item_counts("test").tolist(),
+    }
     (out_dir / "features.json").write_text(json.dumps(serving))
     files = ["weights.pt", "item_embeddings.npy", "index.faiss", "features.json"]
     manifest = {
-        "format": "two_tower_retrieval/1", "dataset": ds_name, "data_fingerprint": fingerprint,
-        "query_schema": features.query_schema.to_dict(), "candidate_schema": features.candidate_schema.to_dict(),
-        "embedding_dim": cfg.embedding_dim, "layer_sizes": list(cfg.layer_sizes), "output_dim": cfg.layer_sizes[-1],
-        "num_users": features.num_users, "num_items": features.num_items,
+        "format": "two_tower_retrieval/1",
+        "dataset": ds_name,
+        "data_fingerprint": fingerprint,
+        "query_schema": features.query_schema.to_dict(),
+        "candidate_schema": features.candidate_schema.to_dict(),
+        "embedding_dim": cfg.embedding_dim,
+        "layer_sizes": list(cfg.layer_sizes),
+        "output_dim": cfg.layer_sizes[-1],
+        "num_users": features.num_users,
+        "num_items": features.num_items,
         "index": {"type": kind, "params": params, "ntotal": int(index.ntotal), "metric": "inner_product"},
         "item_embeddings_sha256": _sha256(out_dir / "item_embeddings.npy"),
-        "files": {f: _sha256(out_dir / f) for f in files}, "config": asdict(cfg),
+        "files": {f: _sha256(out_dir / f) for f in files},
+        "config": asdict(cfg),
         "versions": {"torch": torch.__version__, "faiss": faiss.__version__},
     }
     write_json_atomic(out_dir / "manifest.json", manifest)
@@ -292,37 +451,62 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ds = load_movielens(cfg.dataset, cfg.data_dir, cfg.source)
     split = split_dataset(ds)
     features = TwoTowerFeatures.from_dataset(ds, history_len=cfg.history_len)
-    examples = TrainExamples(features, split, cfg.batch_size, rt.rank, rt.world_size, cfg.seed, cfg.user_id_dropout,
-                             cfg.holdout_last)
+    examples = TrainExamples(
+        features, split, cfg.batch_size, rt.rank, rt.world_size, cfg.seed, cfg.user_id_dropout, cfg.holdout_last
+    )
     if examples.steps_per_epoch == 0:
-        raise ValueError(f"batch size {cfg.batch_size} x {rt.world_size} ranks exceeds the {examples.num_examples} "
-                         f"training examples; lower --batch-size")
+        raise ValueError(
+            f"batch size {cfg.batch_size} x {rt.world_size} ranks exceeds the {examples.num_examples} "
+            f"training examples; lower --batch-size"
+        )
     model, optimizer = build_model(cfg, features, examples.item_counts, rt)
-    print0(f"{ds.name}: {ds.num_users} users, {ds.num_items} items, {examples.num_examples} training examples; "
-           f"{rt.world_size} x {rt.device.type} ({rt.backend}); {examples.steps_per_epoch} steps/epoch")
+    print0(
+        f"{ds.name}: {ds.num_users} users, {ds.num_items} items, {examples.num_examples} training examples; "
+        f"{rt.world_size} x {rt.device.type} ({rt.backend}); {examples.steps_per_epoch} steps/epoch"
+    )
     print0(str(model.plan))
 
     state = {"model": model, "optimizer": optimizer}
-    meta = (resume_if_possible(out / "checkpoints", state, run_config(cfg, ds.fingerprint), cfg.resume)
-            or {"epoch": 0, "step": 0, "global_step": 0, "valid": []})
+    meta = resume_if_possible(out / "checkpoints", state, run_config(cfg, ds.fingerprint), cfg.resume) or {
+        "epoch": 0,
+        "step": 0,
+        "global_step": 0,
+        "valid": [],
+    }
     first_epoch, start_step, global_step, history = meta["epoch"], meta["step"], meta["global_step"], meta["valid"]
     resumed_from = global_step
     if resumed_from:
         print0(f"resumed from step {global_step} (epoch {first_epoch}, step {start_step})")
-    steps_this_epoch = examples.steps_per_epoch if cfg.limit_batches is None else min(cfg.limit_batches, examples.steps_per_epoch)
+    steps_this_epoch = (
+        examples.steps_per_epoch if cfg.limit_batches is None else min(cfg.limit_batches, examples.steps_per_epoch)
+    )
 
     def checkpoint(epoch_: int, step_: int) -> None:
-        save_checkpoint(out / "checkpoints", global_step, state,
-                        meta={"epoch": epoch_, "step": step_, "global_step": global_step, "valid": history,
-                              "run_config": run_config(cfg, ds.fingerprint)})
+        save_checkpoint(
+            out / "checkpoints",
+            global_step,
+            state,
+            meta={
+                "epoch": epoch_,
+                "step": step_,
+                "global_step": global_step,
+                "valid": history,
+                "run_config": run_config(cfg, ds.fingerprint),
+            },
+        )
 
     log = MetricsLog(out, "two_tower", cfg.tensorboard)  # the curves: <out>/metrics.jsonl
     train_start = time.perf_counter()
     for epoch in range(first_epoch, cfg.epochs):
         pipeline = TrainPipelineSparseDist(model, optimizer, rt.device, execute_all_batches=True)
         batches = examples.batches(epoch, start_step, cfg.limit_batches)
-        bar = tqdm(total=steps_this_epoch, initial=start_step, desc=f"epoch {epoch}", disable=not rt.is_rank0 or None,
-                   leave=False)
+        bar = tqdm(
+            total=steps_this_epoch,
+            initial=start_step,
+            desc=f"epoch {epoch}",
+            disable=not rt.is_rank0 or None,
+            leave=False,
+        )
         t0, n0 = time.perf_counter(), 0
         step = start_step
         while True:
@@ -337,8 +521,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             if step % cfg.log_every == 0 or step == steps_this_epoch:
                 rate = n0 / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-                print0(f"epoch {epoch} | step {step}/{steps_this_epoch} | loss {loss.item():.4f} | "
-                       f"in-batch acc {acc.item():.3f} | {rate / 1000:.1f}k ex/s")
+                print0(
+                    f"epoch {epoch} | step {step}/{steps_this_epoch} | loss {loss.item():.4f} | "
+                    f"in-batch acc {acc.item():.3f} | {rate / 1000:.1f}k ex/s"
+                )
                 log.log("train", global_step, epoch, loss=loss.item(), in_batch_acc=acc.item(), examples_per_s=rate)
                 t0, n0 = time.perf_counter(), 0
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps_this_epoch:
@@ -361,16 +547,26 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print0(f"{stage:<22} | " + " | ".join(f"{k:>10}" for k in test.means))
     for name, rep in (("popularity", pop), ("two-tower", test), ("two-tower, no user ID", new_users)):
         print0(f"{name:<22} | " + " | ".join(f"{v:>10.4f}" for v in rep.means.values()))
-    export_dir = export(out / "export", cfg, model, features, ds.name, ds.fingerprint, ds.user_raw_ids,
-                        ds.item_raw_ids, item_emb, split)
-    results = {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "world_size": rt.world_size,
-               "device": rt.device.type, "config": asdict(cfg), "valid_per_epoch": history,
-               **({"valid": test.to_dict(), "popularity_valid": pop.to_dict(), "valid_without_user_id": new_users.to_dict()}
-                  if cfg.no_test else
-                  {"test": test.to_dict(), "popularity_test": pop.to_dict(), "test_without_user_id": new_users.to_dict()}),
-               "train_seconds": train_seconds,
-               "resumed_from_step": resumed_from, "steps": global_step,
-               "export": str(export_dir) if export_dir else None}
+    export_dir = export(
+        out / "export", cfg, model, features, ds.name, ds.fingerprint, ds.user_raw_ids, ds.item_raw_ids, item_emb, split
+    )
+    results = {
+        "dataset": ds.name,
+        "data_fingerprint": ds.fingerprint,
+        "world_size": rt.world_size,
+        "device": rt.device.type,
+        "config": asdict(cfg),
+        "valid_per_epoch": history,
+        **(
+            {"valid": test.to_dict(), "popularity_valid": pop.to_dict(), "valid_without_user_id": new_users.to_dict()}
+            if cfg.no_test
+            else {"test": test.to_dict(), "popularity_test": pop.to_dict(), "test_without_user_id": new_users.to_dict()}
+        ),
+        "train_seconds": train_seconds,
+        "resumed_from_step": resumed_from,
+        "steps": global_step,
+        "export": str(export_dir) if export_dir else None,
+    }
     write_results(out, results)
     if export_dir:
         print0(f"wrote {out / 'results.json'} and {export_dir}")

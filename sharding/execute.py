@@ -27,8 +27,9 @@ def execute(path: str | Path, write: bool = True, timeout_s: int = 600) -> nbfor
     first failing cell."""
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=timeout_s, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(
+        nb, timeout=timeout_s, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    )
     client.execute()
     if write:
         nbformat.write(nb, path)
@@ -37,8 +38,13 @@ def execute(path: str | Path, write: bool = True, timeout_s: int = 600) -> nbfor
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("notebooks", nargs="*", type=Path, default=list(NOTEBOOKS),
-                   help="notebooks to run (default: sharding.ipynb and uvm.ipynb)")
+    p.add_argument(
+        "notebooks",
+        nargs="*",
+        type=Path,
+        default=list(NOTEBOOKS),
+        help="notebooks to run (default: sharding.ipynb and uvm.ipynb)",
+    )
     p.add_argument("--check", action="store_true", help="run without writing the outputs back")
     p.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell (default: 600)")
     return p.parse_args(argv)
@@ -52,8 +58,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"executing {path} ...", flush=True)
         execute(path, write=not args.check, timeout_s=args.timeout)
         seconds[str(path)] = round(time.perf_counter() - start, 1)
-        print(f"{path}: every cell ran in {seconds[str(path)]} s" + ("" if args.check else ", outputs saved"),
-              flush=True)
+        print(
+            f"{path}: every cell ran in {seconds[str(path)]} s" + ("" if args.check else ", outputs saved"), flush=True
+        )
     return seconds
 
 

@@ -43,18 +43,20 @@ class RankReport:
     rank: int
     world_size: int
     sharding_type: str
-    shards: list[dict]          # {table, rows, cols, bytes} for each shard this rank holds
-    table_bytes: int            # bytes of embedding weights held on this rank
-    max_abs_diff: float         # max |sharded - unsharded| over this rank's batch, every feature
+    shards: list[dict]  # {table, rows, cols, bytes} for each shard this rank holds
+    table_bytes: int  # bytes of embedding weights held on this rank
+    max_abs_diff: float  # max |sharded - unsharded| over this rank's batch, every feature
     features_checked: list[str]
-    kernels: dict[str, str]     # table -> compute kernel in the plan (fused, dense, fused_uvm_caching...)
-    output_keys: list[str]      # the sharded KeyedTensor's key order
+    kernels: dict[str, str]  # table -> compute kernel in the plan (fused, dense, fused_uvm_caching...)
+    output_keys: list[str]  # the sharded KeyedTensor's key order
     values_in_feature_order: bool  # whether .values() (no keys) happens to equal the unsharded one
 
 
 def build_tables() -> list[EmbeddingBagConfig]:
-    return [EmbeddingBagConfig(name=name, embedding_dim=dim, num_embeddings=rows, feature_names=[name])
-            for name, rows, dim in TABLES]
+    return [
+        EmbeddingBagConfig(name=name, embedding_dim=dim, num_embeddings=rows, feature_names=[name])
+        for name, rows, dim in TABLES
+    ]
 
 
 def random_batch(seed: int, batch_size: int = BATCH_SIZE) -> KeyedJaggedTensor:
@@ -62,11 +64,14 @@ def random_batch(seed: int, batch_size: int = BATCH_SIZE) -> KeyedJaggedTensor:
     g = torch.Generator().manual_seed(seed)
     lengths, values = [], []
     for name, rows, _ in TABLES:
-        n = torch.randint(1, 4, (batch_size,), generator=g) if name == "genres" else torch.ones(batch_size, dtype=torch.long)
+        n = (
+            torch.randint(1, 4, (batch_size,), generator=g)
+            if name == "genres"
+            else torch.ones(batch_size, dtype=torch.long)
+        )
         lengths.append(n)
         values.append(torch.randint(0, rows, (int(n.sum()),), generator=g))
-    return KeyedJaggedTensor(keys=[name for name, _, _ in TABLES], values=torch.cat(values),
-                             lengths=torch.cat(lengths))
+    return KeyedJaggedTensor(keys=[name for name, _, _ in TABLES], values=torch.cat(values), lengths=torch.cat(lengths))
 
 
 def copy_into_shards(sharded: DistributedModelParallel, full: dict[str, torch.Tensor]) -> None:
@@ -75,14 +80,20 @@ def copy_into_shards(sharded: DistributedModelParallel, full: dict[str, torch.Te
     with torch.no_grad():
         for key, (r0, c0), tensor in common_local_shards(sharded.state_dict()):
             nr, nc = tensor.shape
-            tensor.copy_(full[key.removeprefix("module.")][r0:r0 + nr, c0:c0 + nc])
+            tensor.copy_(full[key.removeprefix("module.")][r0 : r0 + nr, c0 : c0 + nc])
 
 
 def local_shards(sharded: DistributedModelParallel) -> list[dict]:
     """The shards of each table that live on this rank, read from the sharded state dict."""
-    return [{"table": key.split(".")[-2], "rows": f"{r0}-{r0 + t.shape[0] - 1}", "cols": f"{c0}-{c0 + t.shape[1] - 1}",
-             "bytes": t.numel() * t.element_size()}
-            for key, (r0, c0), t in common_local_shards(sharded.state_dict())]
+    return [
+        {
+            "table": key.split(".")[-2],
+            "rows": f"{r0}-{r0 + t.shape[0] - 1}",
+            "cols": f"{c0}-{c0 + t.shape[1] - 1}",
+            "bytes": t.numel() * t.element_size(),
+        }
+        for key, (r0, c0), t in common_local_shards(sharded.state_dict())
+    ]
 
 
 def compare_with_unsharded(sharding_type: str, device: str = "cpu", compute_kernel: str | None = None) -> RankReport:
@@ -99,12 +110,19 @@ def compare_with_unsharded(sharding_type: str, device: str = "cpu", compute_kern
         reference = EmbeddingBagCollection(tables=build_tables()).to(rt.device)
         meta = EmbeddingBagCollection(tables=build_tables(), device=torch.device("meta"))
         # min_partition lets column-wise split a 64-wide table into two 32-wide shards (default: 128).
-        constraints = {name: ParameterConstraints(sharding_types=[sharding_type], min_partition=32,
-                                                  compute_kernels=[compute_kernel] if compute_kernel else None)
-                       for name, _, _ in TABLES}
-        planner = EmbeddingShardingPlanner(topology=topology(rt.world_size, compute_device=rt.device.type),
-                                           constraints=constraints,
-                                           storage_reservation=FixedPercentageStorageReservation(RESERVED_SHARE))
+        constraints = {
+            name: ParameterConstraints(
+                sharding_types=[sharding_type],
+                min_partition=32,
+                compute_kernels=[compute_kernel] if compute_kernel else None,
+            )
+            for name, _, _ in TABLES
+        }
+        planner = EmbeddingShardingPlanner(
+            topology=topology(rt.world_size, compute_device=rt.device.type),
+            constraints=constraints,
+            storage_reservation=FixedPercentageStorageReservation(RESERVED_SHARE),
+        )
         plan = planner.collective_plan(meta, get_default_sharders(), torch.distributed.GroupMember.WORLD)
         sharded = DistributedModelParallel(meta, device=rt.device, plan=plan)
         copy_into_shards(sharded, reference.state_dict())
@@ -117,12 +135,18 @@ def compare_with_unsharded(sharding_type: str, device: str = "cpu", compute_kern
         diff = max((got[k] - want[k]).abs().max().item() for k in want)
         same_layout = got_kt.values().shape == want_kt.values().shape and torch.equal(got_kt.values(), want_kt.values())
         shards = local_shards(sharded)
-        return RankReport(rank=rt.rank, world_size=rt.world_size, sharding_type=sharding_type, shards=shards,
-                          table_bytes=sum(s["bytes"] for s in shards), max_abs_diff=diff,
-                          features_checked=sorted(want),
-                          kernels={t: p.compute_kernel for t, p in plan.plan[""].items()},
-                          output_keys=list(got_kt.keys()),
-                          values_in_feature_order=same_layout)
+        return RankReport(
+            rank=rt.rank,
+            world_size=rt.world_size,
+            sharding_type=sharding_type,
+            shards=shards,
+            table_bytes=sum(s["bytes"] for s in shards),
+            max_abs_diff=diff,
+            features_checked=sorted(want),
+            kernels={t: p.compute_kernel for t, p in plan.plan[""].items()},
+            output_keys=list(got_kt.keys()),
+            values_in_feature_order=same_layout,
+        )
     finally:
         shutdown()
 
@@ -132,25 +156,35 @@ def run(sharding_type: str, nproc: int = 2, device: str = "cpu", compute_kernel:
     ``compare_with_unsharded``; one report per rank."""
     allowed = CPU_SHARDING_TYPES + (CUDA_ONLY_SHARDING_TYPES if device == "cuda" else ())
     if sharding_type not in allowed:
-        raise ValueError(f"--sharding-type must be one of {allowed} on {device}, got {sharding_type!r}"
-                         + ("" if device == "cuda" else " (row-wise, table-row-wise and grid need CUDA in TorchRec)"))
+        raise ValueError(
+            f"--sharding-type must be one of {allowed} on {device}, got {sharding_type!r}"
+            + ("" if device == "cuda" else " (row-wise, table-row-wise and grid need CUDA in TorchRec)")
+        )
     if device == "cuda" and nproc > torch.cuda.device_count():
-        raise ValueError(f"--nproc {nproc} needs {nproc} GPUs (nccl runs one rank per GPU); this machine has "
-                         f"{torch.cuda.device_count()}")
+        raise ValueError(
+            f"--nproc {nproc} needs {nproc} GPUs (nccl runs one rank per GPU); this machine has "
+            f"{torch.cuda.device_count()}"
+        )
     reports = launch_local(compare_with_unsharded, nproc, sharding_type, device, compute_kernel)
     return [asdict(reports[r]) for r in sorted(reports)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sharding-type", choices=CPU_SHARDING_TYPES + CUDA_ONLY_SHARDING_TYPES + ("all",), default="all",
-                   help="sharding type to check (default: all four CPU types; the CUDA-only ones with --device cuda)")
+    p.add_argument(
+        "--sharding-type",
+        choices=CPU_SHARDING_TYPES + CUDA_ONLY_SHARDING_TYPES + ("all",),
+        default="all",
+        help="sharding type to check (default: all four CPU types; the CUDA-only ones with --device cuda)",
+    )
     p.add_argument("--nproc", type=int, default=2, help="processes to launch (default: 2)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu (gloo) or cuda (nccl); default cpu")
     args = p.parse_args(argv)
     if args.device == "cpu" and args.sharding_type in CUDA_ONLY_SHARDING_TYPES:
-        p.error(f"{args.sharding_type} sharding needs CUDA in TorchRec: add --device cuda on a machine with GPUs, "
-                f"or pick one of {CPU_SHARDING_TYPES}")
+        p.error(
+            f"{args.sharding_type} sharding needs CUDA in TorchRec: add --device cuda on a machine with GPUs, "
+            f"or pick one of {CPU_SHARDING_TYPES}"
+        )
     return args
 
 
@@ -160,15 +194,19 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     types = everything if args.sharding_type == "all" else (args.sharding_type,)
     if "LOCAL_RANK" in os.environ:  # already under torchrun: be one of its ranks
         report = asdict(compare_with_unsharded(types[0], args.device))
-        print(f"rank {report['rank']} | {types[0]} | {report['table_bytes']:,} bytes | "
-              f"max |sharded - unsharded| {report['max_abs_diff']:.2e}")
+        print(
+            f"rank {report['rank']} | {types[0]} | {report['table_bytes']:,} bytes | "
+            f"max |sharded - unsharded| {report['max_abs_diff']:.2e}"
+        )
         return {types[0]: [report]}
     results = {}
     for st in types:
         results[st] = run(st, args.nproc, args.device)
         for r in results[st]:
-            print(f"{st:18s} rank {r['rank']} | {len(r['shards'])} shards | {r['table_bytes']:,} bytes | "
-                  f"max |sharded - unsharded| {r['max_abs_diff']:.2e}")
+            print(
+                f"{st:18s} rank {r['rank']} | {len(r['shards'])} shards | {r['table_bytes']:,} bytes | "
+                f"max |sharded - unsharded| {r['max_abs_diff']:.2e}"
+            )
     return results
 
 

@@ -32,7 +32,9 @@ def retrieval_run(tmp_path_factory) -> tuple[dict, Path]:
     from retrieval.two_tower_train import main as train_main
 
     out = tmp_path_factory.mktemp("retrieval")
-    return train_main(["--epochs", "2", "--n-boot", "20", "--log-every", "1000", "--tensorboard", "--out", str(out)]), out
+    return train_main(
+        ["--epochs", "2", "--n-boot", "20", "--log-every", "1000", "--tensorboard", "--out", str(out)]
+    ), out
 
 
 @pytest.fixture(scope="session")
@@ -42,8 +44,23 @@ def ranking_run(tmp_path_factory) -> tuple[dict, Path]:
     from golden_training.train_dlrm import main as train_dlrm
 
     out = tmp_path_factory.mktemp("ranking")
-    return train_dlrm(["--epochs", "1", "--limit-batches", "200", "--n-boot", "10", "--log-every", "1000",
-                       "--no-baseline", "--eval-negatives", "20", "--out", str(out)]), out
+    return train_dlrm(
+        [
+            "--epochs",
+            "1",
+            "--limit-batches",
+            "200",
+            "--n-boot",
+            "10",
+            "--log-every",
+            "1000",
+            "--no-baseline",
+            "--eval-negatives",
+            "20",
+            "--out",
+            str(out),
+        ]
+    ), out
 
 
 @pytest.fixture(scope="session")
@@ -54,12 +71,34 @@ def reranking_run(retrieval_run, tmp_path_factory) -> tuple[dict, Path]:
 
     _, retrieval_dir = retrieval_run
     out = tmp_path_factory.mktemp("reranking")
-    return train_dlrm(["--retrieval-export", str(retrieval_dir / "export"), "--n-boot", "20", "--log-every", "10000",
-                       "--out", str(out)]), out
+    return train_dlrm(
+        [
+            "--retrieval-export",
+            str(retrieval_dir / "export"),
+            "--n-boot",
+            "20",
+            "--log-every",
+            "10000",
+            "--out",
+            str(out),
+        ]
+    ), out
 
 
-BERT4REC_TINY = ["--epochs", "4", "--eval-every", "2", "--max-len", "50", "--window-step", "50", "--batch-size", "32",
-                 "--n-boot", "20"]
+BERT4REC_TINY = [
+    "--epochs",
+    "4",
+    "--eval-every",
+    "2",
+    "--max-len",
+    "50",
+    "--window-step",
+    "50",
+    "--batch-size",
+    "32",
+    "--n-boot",
+    "20",
+]
 
 
 @pytest.fixture(scope="session")

@@ -26,14 +26,17 @@ def build_sharded_ebc(runtime, sharding: dict[str, str]):
     from common.sharding import RESERVED_SHARE, topology
 
     torch.manual_seed(0)
-    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=40 + 10 * i,
-                                 feature_names=[f"f{i}"]) for i in range(3)]
+    tables = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=40 + 10 * i, feature_names=[f"f{i}"])
+        for i in range(3)
+    ]
     ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
     apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": 0.1})
     planner = EmbeddingShardingPlanner(
         topology=topology(runtime.world_size, compute_device=runtime.device.type),
         constraints={t: ParameterConstraints(sharding_types=[st]) for t, st in sharding.items()},
-        storage_reservation=FixedPercentageStorageReservation(RESERVED_SHARE))
+        storage_reservation=FixedPercentageStorageReservation(RESERVED_SHARE),
+    )
     plan = planner.collective_plan(ebc, get_default_sharders(), torch.distributed.GroupMember.WORLD)
     return DistributedModelParallel(ebc, device=runtime.device, plan=plan)
 
@@ -64,8 +67,11 @@ def train_and_save(ckpt_dir: str, out_file: str) -> None:
     model = build_sharded_ebc(rt, {"t0": "table_wise", "t1": "column_wise", "t2": "data_parallel"})
     g = torch.Generator().manual_seed(100 + rt.rank)
     for _ in range(3):
-        kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f0", "f1", "f2"], values=torch.randint(0, 40, (24,), generator=g),
-                                                  lengths=torch.ones(24, dtype=torch.int32))
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=["f0", "f1", "f2"],
+            values=torch.randint(0, 40, (24,), generator=g),
+            lengths=torch.ones(24, dtype=torch.int32),
+        )
         loss = sum(v.pow(2).sum() for v in model(kjt).to_dict().values())
         loss.backward()
     save_checkpoint(ckpt_dir, 3, {"model": model, "sparse_opt": model.fused_optimizer}, meta={"epoch": 0})
@@ -124,6 +130,20 @@ def zch_mapping(out: str, batch_size: int) -> str:
     """A short ZCH (LRU) run on ml-100k in this process group; returns the ID-to-row mapping digest."""
     from zch import main as zch_main
 
-    summary = zch_main.main(["--variants", "zch_lru", "--ratios", "0.25", "--epochs", "1", "--limit-batches", "30",
-                             "--batch-size", str(batch_size), "--out", out])
+    summary = zch_main.main(
+        [
+            "--variants",
+            "zch_lru",
+            "--ratios",
+            "0.25",
+            "--epochs",
+            "1",
+            "--limit-batches",
+            "30",
+            "--batch-size",
+            str(batch_size),
+            "--out",
+            out,
+        ]
+    )
     return summary["results"][0]["mapping_digest"]

@@ -19,8 +19,9 @@ def test_dlrm_throughput_benchmark_quick(tmp_path) -> None:
     from bench import dlrm_throughput
 
     out = tmp_path / "dlrm.json"
-    res = dlrm_throughput.main(["--quick", "--processes", "1", "--batch-sizes", "64", "--steps", "10",
-                                "--repeats", "1", "--out", str(out)])
+    res = dlrm_throughput.main(
+        ["--quick", "--processes", "1", "--batch-sizes", "64", "--steps", "10", "--repeats", "1", "--out", str(out)]
+    )
     (row,) = res["rows"]
     assert row["processes"] == 1 and row["pipeline_ex_per_s"] > 0 and row["compute_only_ex_per_s"] > 0
     assert json.loads(out.read_text())["quick"] is True

@@ -27,8 +27,22 @@ def criteo_tsv(tmp_path_factory) -> Path:
 
 
 def test_criteo_tsv_trains_beyond_chance_and_beats_nothing_silently(criteo_tsv, tmp_path) -> None:
-    res = train_dlrm(["--dataset", "criteo", "--criteo-path", str(criteo_tsv), "--num-embeddings", "20000",
-                      "--batch-size", "256", "--log-every", "1000", "--out", str(tmp_path)])
+    res = train_dlrm(
+        [
+            "--dataset",
+            "criteo",
+            "--criteo-path",
+            str(criteo_tsv),
+            "--num-embeddings",
+            "20000",
+            "--batch-size",
+            "256",
+            "--log-every",
+            "1000",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert res["dataset"] == "criteo-tsv(day_0)" and res["dlrm"]["steps"] == 24_000 // 256
     assert res["dlrm"]["test"]["num_examples"] == 3000
     assert res["dlrm"]["test"]["auc"] > 0.6 and res["lr"]["test"]["auc"] > 0.6
@@ -60,13 +74,27 @@ def test_criteo_npy_layout_and_an_id_beyond_the_table(tmp_path) -> None:
         np.save(tmp_path / f"day_{day}_dense.npy", rng.exponential(1, size=(n, NUM_DENSE)).astype(np.float32))
         np.save(tmp_path / f"day_{day}_sparse.npy", sparse)
         np.save(tmp_path / f"day_{day}_labels.npy", (sparse[:, :1] % 3 == 0).astype(np.int32))
-    res = train_dlrm(["--dataset", "criteo", "--criteo-path", str(tmp_path), "--num-embeddings", "5000",
-                      "--batch-size", "256", *QUICK, "--out", str(tmp_path / "run")])
+    res = train_dlrm(
+        [
+            "--dataset",
+            "criteo",
+            "--criteo-path",
+            str(tmp_path),
+            "--num-embeddings",
+            "5000",
+            "--batch-size",
+            "256",
+            *QUICK,
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     assert res["dlrm"]["steps"] == 6000 // 256 and res["dlrm"]["test"]["num_examples"] == 3000
     assert res["dlrm"]["test"]["auc"] > 0.55  # the label is a function of cat_0: learnable
     # IDs are hashed modulo the table size, so no ID can overflow; the schema still guards the kernel.
     from common.features import FeatureError
     from golden_training.ctr_data import criteo_schema, load_ctr, make_batch
+
     data = load_ctr("criteo", str(tmp_path), 5000)
     data.train.sparse[3, 7] = 5000
     with pytest.raises(FeatureError, match=r"'cat_7'.*ID 5000 in example 3 is out of range \[0, 5000\)"):
@@ -77,6 +105,7 @@ def test_random_data_has_a_learnable_signal(tmp_path) -> None:
     res = train_dlrm(RANDOM + ["--out", str(tmp_path)])
     assert res["dataset"] == "random" and res["dlrm"]["test"]["auc"] > 0.65
     from prediction.predict_using_torchrec import Ranker
+
     with pytest.raises(ValueError, match="trained on random click logs; the Ranker scores MovieLens"):
         Ranker(tmp_path / "checkpoints" / "dlrm")
 
@@ -92,8 +121,22 @@ def test_torchx_ddp_launch_with_quantized_comms(tmp_path) -> None:
     README shows it, with and without --qcomms: quantized all-to-alls change the numbers a little."""
     runs = {}
     for name, extra in (("fp32", []), ("qcomms", ["--qcomms"])):
-        cmd = [str(Path(sys.executable).parent / "torchx"), "run", "-s", "local_cwd", "dist.ddp", "-j", "1x2",
-               "--script", "golden_training/train_dlrm.py", "--", *RANDOM, *extra, "--out", str(tmp_path / name)]
+        cmd = [
+            str(Path(sys.executable).parent / "torchx"),
+            "run",
+            "-s",
+            "local_cwd",
+            "dist.ddp",
+            "-j",
+            "1x2",
+            "--script",
+            "golden_training/train_dlrm.py",
+            "--",
+            *RANDOM,
+            *extra,
+            "--out",
+            str(tmp_path / name),
+        ]
         proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = json.loads((tmp_path / name / "results.json").read_text())
@@ -105,15 +148,19 @@ def test_torchx_ddp_launch_with_quantized_comms(tmp_path) -> None:
     assert q["dlrm"]["test"]["auc"] > 0.65
 
 
-@pytest.mark.parametrize("field, value, problem", [
-    (3, "inf", "int_2 must be an integer, got 'inf'"),
-    (3, "1e400", "int_2 must be an integer, got '1e400'"),
-    (3, "1" + "0" * 300, "int_2 is out of range for a count"),
-    (20, "1" + "0" * 17, "cat_6 must be a hex hash of at most 64 bits"),
-    (20, None, "has bytes that are not ASCII text"),
-])
-def test_criteo_reader_gaps_are_named_or_skipped(criteo_tsv, tmp_path, field: int, value: str | None,
-                                                 problem: str) -> None:
+@pytest.mark.parametrize(
+    "field, value, problem",
+    [
+        (3, "inf", "int_2 must be an integer, got 'inf'"),
+        (3, "1e400", "int_2 must be an integer, got '1e400'"),
+        (3, "1" + "0" * 300, "int_2 is out of range for a count"),
+        (20, "1" + "0" * 17, "cat_6 must be a hex hash of at most 64 bits"),
+        (20, None, "has bytes that are not ASCII text"),
+    ],
+)
+def test_criteo_reader_gaps_are_named_or_skipped(
+    criteo_tsv, tmp_path, field: int, value: str | None, problem: str
+) -> None:
     """Issue 17.7: infinite or huge counts, IDs wider than 64 bits and non-UTF-8 bytes are a
     file:line error, or a counted skip under on_bad_line='skip'; never accepted, never a crash."""
     from collections import Counter

@@ -25,7 +25,7 @@ def test_criteo_tsv_parsing_hashing_and_missing_values(tmp_path) -> None:
     path.write_text("\t".join(row1) + "\n" + "\t".join(row2) + "\n")
     a = read_criteo_tsv(path, num_embeddings=7)
     assert a.labels.tolist() == [1.0, 0.0]
-    assert a.dense[0, :3] == pytest.approx([np.log(6), 0.0, 0.0])     # log1p, negative -> 0, missing -> 0
+    assert a.dense[0, :3] == pytest.approx([np.log(6), 0.0, 0.0])  # log1p, negative -> 0, missing -> 0
     assert (a.dense[1] == 0).all() and a.dense.dtype == np.float32
     assert a.sparse[0, 0] == 0xA % 7 and a.sparse[0, 1] == 0 and a.sparse[0, 2] == 0xFFFFFFFF % 7
     assert a.sparse[1, 0] == 0x68FD1E64 % 7
@@ -58,8 +58,9 @@ def test_criteo_npy_matches_torchrec_preprocessing(tmp_path) -> None:
     from torchrec.datasets.criteo import BinaryCriteoUtils
 
     tsv = generate_criteo_tsv(tmp_path / "day_0.tsv", 2_000, seed=1)
-    BinaryCriteoUtils.tsv_to_npys(str(tsv), *(str(tmp_path / f"day_0_{k}.npy") for k in ("dense", "sparse", "labels")),
-                                  dataset_name="criteo_1tb")  # "criteo_kaggle" treats any path containing
+    BinaryCriteoUtils.tsv_to_npys(
+        str(tsv), *(str(tmp_path / f"day_0_{k}.npy") for k in ("dense", "sparse", "labels")), dataset_name="criteo_1tb"
+    )  # "criteo_kaggle" treats any path containing
     # "test" (as pytest's tmp_path does) as the unlabeled Kaggle test file.
     ours, theirs = read_criteo_tsv(tsv, 1000), read_criteo_npy(tmp_path, 0, 1000)
     assert (ours.sparse == theirs.sparse).all() and (ours.labels == theirs.labels).all()
@@ -90,7 +91,7 @@ def test_synthetic_structure_is_learnable_and_seeded() -> None:
     same_user = d.user[1:] == d.user[:-1]
     assert (np.diff(d.user) >= 0).all() and (d.timestamp[1:][same_user] > d.timestamp[:-1][same_user]).all()
     counts = np.sort(np.bincount(d.item, minlength=d.num_items))[::-1]
-    assert counts[:10].sum() > 5 * counts[-500:].sum() / 50    # power-law head vs tail
+    assert counts[:10].sum() > 5 * counts[-500:].sum() / 50  # power-law head vs tail
     split = split_dataset(d)
     pop = torch.as_tensor(split.item_counts("test"), dtype=torch.float32)
     popularity = evaluate_scores(lambda u: pop.expand(len(u), -1).clone(), split, "test", n_boot=10)
@@ -103,19 +104,27 @@ def test_synthetic_structure_is_learnable_and_seeded() -> None:
 
 
 def test_synthetic_scales_to_a_million_items() -> None:
-    d = generate_interactions(num_users=200_000, num_items=1_000_000, interactions_per_user=5,
-                              num_clusters=1_000, seed=1)
+    d = generate_interactions(
+        num_users=200_000, num_items=1_000_000, interactions_per_user=5, num_clusters=1_000, seed=1
+    )
     assert d.num_items == 1_000_000 and d.item.max() < 1_000_000 and d.num_interactions > 900_000
 
 
 def test_criteo_bad_lines_are_named_or_skipped_and_counted(tmp_path) -> None:
     good = ["1"] + ["3"] * 13 + ["0a"] * 26
-    rows = [good, ["1", "abc"] + ["1"] * 12 + ["a"] * 26, good[:-1] + ["xyz"], good[:5], ["0"] + ["2"] * 13 + ["b"] * 26]
+    rows = [
+        good,
+        ["1", "abc"] + ["1"] * 12 + ["a"] * 26,
+        good[:-1] + ["xyz"],
+        good[:5],
+        ["0"] + ["2"] * 13 + ["b"] * 26,
+    ]
     p = tmp_path / "x.tsv"
     p.write_text("".join("\t".join(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=r"x.tsv: line 2: int_0 must be an integer, got 'abc'.*on_bad_line='skip'"):
         read_criteo_tsv(p, 10)
     from collections import Counter
+
     skipped: Counter[str] = Counter()
     a = read_criteo_tsv(p, 10, on_bad_line="skip", skipped=skipped)
     assert a.labels.tolist() == [1.0, 0.0]  # lines 1 and 5
@@ -125,6 +134,7 @@ def test_criteo_bad_lines_are_named_or_skipped_and_counted(tmp_path) -> None:
 
 def test_criteo_negative_counts_are_clamped_and_counted_or_rejected(tmp_path) -> None:
     from collections import Counter
+
     good = ["1"] + ["3"] * 13 + ["0a"] * 26
     negative = ["0", "5", "-2"] + ["1"] * 11 + ["0b"] * 26
     p = tmp_path / "neg.tsv"

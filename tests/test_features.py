@@ -12,10 +12,12 @@ from torchrec import EmbeddingBagCollection
 from common.features import DenseFeature, FeatureError, FeatureSchema, SparseFeature
 
 SCHEMA = FeatureSchema(
-    sparse=(SparseFeature("user_id", 10),
-            SparseFeature("history", 20, pooling="mean", max_length=3, table="item"),
-            SparseFeature("item_id", 20, pooling="mean", table="item"),
-            SparseFeature("genres", 5, max_length=None)),
+    sparse=(
+        SparseFeature("user_id", 10),
+        SparseFeature("history", 20, pooling="mean", max_length=3, table="item"),
+        SparseFeature("item_id", 20, pooling="mean", table="item"),
+        SparseFeature("genres", 5, max_length=None),
+    ),
     dense=(DenseFeature("age"), DenseFeature("popularity")),
 )
 
@@ -55,13 +57,16 @@ def test_records_round_trip_and_list_ids_take_the_fast_path_or_the_named_error()
 
 def test_columns_forms_agree_with_records() -> None:
     from_records = SCHEMA.from_records([rec(), rec(user_id=3, history=[9], genres=[4])])
-    from_cols = SCHEMA.from_columns({
-        "user_id": np.array([1, 3]),
-        "history": (np.array([4, 5, 9]), np.array([2, 1])),
-        "item_id": torch.tensor([7, 7]),
-        "genres": [[0, 2], [4]],
-        "age": np.array([0.5, 0.5]), "popularity": [2.0, 2.0],
-    })
+    from_cols = SCHEMA.from_columns(
+        {
+            "user_id": np.array([1, 3]),
+            "history": (np.array([4, 5, 9]), np.array([2, 1])),
+            "item_id": torch.tensor([7, 7]),
+            "genres": [[0, 2], [4]],
+            "age": np.array([0.5, 0.5]),
+            "popularity": [2.0, 2.0],
+        }
+    )
     for key in SCHEMA.sparse_names:
         assert torch.equal(from_records.sparse[key].values(), from_cols.sparse[key].values())
         assert torch.equal(from_records.sparse[key].lengths(), from_cols.sparse[key].lengths())
@@ -71,40 +76,52 @@ def test_columns_forms_agree_with_records() -> None:
 def test_embedding_bag_configs_group_features_by_table_and_feed_an_ebc() -> None:
     configs = SCHEMA.embedding_bag_configs({"user_id": 4, "item": 8, "genres": 4})
     assert [(c.name, c.feature_names, c.num_embeddings, c.embedding_dim) for c in configs] == [
-        ("user_id", ["user_id"], 10, 4), ("item", ["history", "item_id"], 20, 8), ("genres", ["genres"], 5, 4)]
+        ("user_id", ["user_id"], 10, 4),
+        ("item", ["history", "item_id"], 20, 8),
+        ("genres", ["genres"], 5, 4),
+    ]
     ebc = EmbeddingBagCollection(tables=configs)
     out = ebc(SCHEMA.from_records([rec(), rec(history=[])]).sparse).to_dict()
     assert out["history"].shape == (2, 8) and out["genres"].shape == (2, 4)
     item_table = ebc.embedding_bags["item"].weight
     assert torch.allclose(out["history"][0], item_table[[4, 5]].mean(0))  # mean pooling, shared table
-    assert torch.allclose(out["history"][1], torch.zeros(8))              # empty history pools to 0
+    assert torch.allclose(out["history"][1], torch.zeros(8))  # empty history pools to 0
 
 
 def test_schema_round_trips_through_dict() -> None:
     assert FeatureSchema.from_dict(SCHEMA.to_dict()) == SCHEMA
 
 
-@pytest.mark.parametrize("record, message", [
-    (rec(foo=1), r"record 0: unknown feature\(s\) \['foo'\]"),
-    ({k: v for k, v in rec().items() if k != "item_id"}, r"record 0: missing feature\(s\) \['item_id'\]"),
-    (rec(item_id=20), r"'item_id': ID 20 in example 0 is out of range \[0, 20\)"),
-    (rec(history=[1, -1]), r"'history': ID -1 in example 0 is out of range"),
-    (rec(age=math.nan), r"dense feature 'age': nan in example 0; impute"),
-    (rec(popularity=math.inf), r"dense feature 'popularity': inf in example 0"),
-    (rec(user_id=1.5), r"'user_id' \(example 0\): expected integer IDs, got dtype float64"),
-    (rec(user_id="7"), r"'user_id', record 0: expected an integer ID or a list of IDs, got str"),
-    (rec(age="old"), r"dense feature 'age': expected numbers, got dtype <U3"),
-    (rec(user_id=[1, 2]), r"'user_id' is single-valued but example 0 has 2 IDs"),
-    (rec(genres=[True]), r"'genres' \(example 0\): expected integer IDs, got dtype bool"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        (rec(foo=1), r"record 0: unknown feature\(s\) \['foo'\]"),
+        ({k: v for k, v in rec().items() if k != "item_id"}, r"record 0: missing feature\(s\) \['item_id'\]"),
+        (rec(item_id=20), r"'item_id': ID 20 in example 0 is out of range \[0, 20\)"),
+        (rec(history=[1, -1]), r"'history': ID -1 in example 0 is out of range"),
+        (rec(age=math.nan), r"dense feature 'age': nan in example 0; impute"),
+        (rec(popularity=math.inf), r"dense feature 'popularity': inf in example 0"),
+        (rec(user_id=1.5), r"'user_id' \(example 0\): expected integer IDs, got dtype float64"),
+        (rec(user_id="7"), r"'user_id', record 0: expected an integer ID or a list of IDs, got str"),
+        (rec(age="old"), r"dense feature 'age': expected numbers, got dtype <U3"),
+        (rec(user_id=[1, 2]), r"'user_id' is single-valued but example 0 has 2 IDs"),
+        (rec(genres=[True]), r"'genres' \(example 0\): expected integer IDs, got dtype bool"),
+    ],
+)
 def test_bad_records_name_the_feature(record, message) -> None:
     with pytest.raises(FeatureError, match=message):
         SCHEMA.from_records([rec(), record][1:])
 
 
 def test_bad_columns_name_the_feature() -> None:
-    good = {"user_id": [1, 2], "history": ([1, 2], [1, 1]), "item_id": [3, 4], "genres": ([0], [1, 0]),
-            "age": [0.1, 0.2], "popularity": [1.0, 1.0]}
+    good = {
+        "user_id": [1, 2],
+        "history": ([1, 2], [1, 1]),
+        "item_id": [3, 4],
+        "genres": ([0], [1, 0]),
+        "age": [0.1, 0.2],
+        "popularity": [1.0, 1.0],
+    }
     with pytest.raises(FeatureError, match="'history': lengths sum to 2 but 3 values"):
         SCHEMA.from_columns({**good, "history": ([1, 2, 3], [1, 1])})
     with pytest.raises(FeatureError, match="'history': negative length at example 1"):
@@ -131,5 +148,6 @@ def test_bad_schemas_are_rejected() -> None:
     with pytest.raises(FeatureError, match="pooling must be one of"):
         SparseFeature("a", 3, pooling="max")
     with pytest.raises(FeatureError, match="different poolings"):
-        FeatureSchema(sparse=(SparseFeature("a", 3, table="t"), SparseFeature("b", 3, table="t", pooling="mean"))
-                      ).embedding_bag_configs(4)
+        FeatureSchema(
+            sparse=(SparseFeature("a", 3, table="t"), SparseFeature("b", 3, table="t", pooling="mean"))
+        ).embedding_bag_configs(4)

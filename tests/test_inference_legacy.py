@@ -56,8 +56,8 @@ def _eager_fp32(checkpoints: Path, rows: list[dict]) -> np.ndarray:
 def test_packager_measures_size_auc_and_tolerance(packaged) -> None:
     manifest, out, _ = packaged
     v, s = manifest["verification"], manifest["sizes"]
-    assert s["table_reduction"] >= 3.5, s                      # INT8 tables vs the fp32 checkpoint's
-    assert abs(v["auc_change"]) <= 0.002, v                    # on every held-out test row
+    assert s["table_reduction"] >= 3.5, s  # INT8 tables vs the fp32 checkpoint's
+    assert abs(v["auc_change"]) <= 0.002, v  # on every held-out test row
     assert v["rows"] > 1000 and 0 < v["tolerance"] < 0.01
     assert manifest["quantization"]["embeddings"] == "int8" and manifest["exporter"] == "torch.export"
     assert set(manifest["files"]) == {"model.pt2", "schema.json", "heldout.jsonl"}
@@ -86,9 +86,11 @@ def test_round_trip_through_a_server_subprocess(packaged) -> None:
 
 def test_artifact_loads_in_a_process_without_training_code(packaged) -> None:
     _, out, _ = packaged
-    code = ("import sys; from inference_legacy.dlrm_predict import DLRMPredictor; p = DLRMPredictor(sys.argv[1]); "
-            "print(p.self_check()['heldout_rows']); print(sorted({m.split('.')[0] for m in sys.modules} & "
-            "{'golden_training', 'prediction', 'retrieval', 'bert4rec'}))")
+    code = (
+        "import sys; from inference_legacy.dlrm_predict import DLRMPredictor; p = DLRMPredictor(sys.argv[1]); "
+        "print(p.self_check()['heldout_rows']); print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'golden_training', 'prediction', 'retrieval', 'bert4rec'}))"
+    )
     r = subprocess.run([sys.executable, "-c", code, str(out)], cwd=REPO, capture_output=True, text=True, check=True)
     assert r.stdout.split("\n")[:2] == ["1000", "[]"], r.stdout
 
@@ -169,8 +171,13 @@ def test_archives_that_would_unpickle_are_refused(packaged, tmp_path) -> None:
     # The check runs on load, after the checksums: a re-checksummed copy is still refused.
     bad = _copy(out, tmp_path, "re-checksummed")
     shutil.copy(pickled, bad / "model.pt2")
-    _rewrite_manifest(bad, files=lambda f: {**f, "model.pt2": {"sha256": art.sha256(bad / "model.pt2"),
-                                                                "bytes": (bad / "model.pt2").stat().st_size}})
+    _rewrite_manifest(
+        bad,
+        files=lambda f: {
+            **f,
+            "model.pt2": {"sha256": art.sha256(bad / "model.pt2"), "bytes": (bad / "model.pt2").stat().st_size},
+        },
+    )
     with pytest.raises(art.ArtifactError, match="as pickles; refusing"):
         DLRMPredictor(bad)
 
@@ -239,7 +246,10 @@ def test_not_ready_until_the_self_check_passes(packaged, monkeypatch) -> None:
         time.sleep(0.2)
         assert c.get("/health").json()["ready"] is False
         r = c.get("/ready")
-        assert r.status_code == 503 and r.json() == {"status": "failed", "error": "held-out rows differ from the fp32 model"}
+        assert r.status_code == 503 and r.json() == {
+            "status": "failed",
+            "error": "held-out rows differ from the fp32 model",
+        }
         r = c.post("/predict", json={"rows": [art.read_heldout(out)[0]["features"]]})
         assert r.status_code == 503 and "held-out rows differ" in r.json()["detail"]
     batcher.close()
@@ -292,8 +302,9 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error(client) -> None:
     from schemathesis import GenerationMode
 
     def fuzz(strategy, seen: list[int]):
-        @settings(max_examples=60, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=60, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+        )
         @given(case=strategy)
         def run(case) -> None:
             r = case.call()
@@ -314,16 +325,17 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error(client) -> None:
                 assert mode is GenerationMode.NEGATIVE
     predict_ok = statuses[("POST /predict", "positive")]
     predict_bad = statuses[("POST /predict", "negative")]
-    assert len(predict_ok) >= 30 and predict_ok.count(200) / len(predict_ok) >= 0.9   # valid bodies are scored
-    assert len(predict_bad) >= 30 and all(400 <= s < 500 for s in predict_bad)        # invalid ones refused
+    assert len(predict_ok) >= 30 and predict_ok.count(200) / len(predict_ok) >= 0.9  # valid bodies are scored
+    assert len(predict_bad) >= 30 and all(400 <= s < 500 for s in predict_bad)  # invalid ones refused
 
 
 def test_load_benchmark_quick(packaged, tmp_path) -> None:
     from bench import serving_load
 
     _, out, _ = packaged
-    res = serving_load.main(["--quick", "--artifact", str(out), "--concurrency", "1,4", "--out",
-                             str(tmp_path / "load.json")])
+    res = serving_load.main(
+        ["--quick", "--artifact", str(out), "--concurrency", "1,4", "--out", str(tmp_path / "load.json")]
+    )
     levels = res["batching"] + res["no_batching"]
     assert [r["concurrency"] for r in levels] == [1, 4, 4]
     assert all(r["errors"] == 0 and r["requests"] > 0 for r in levels)
@@ -339,13 +351,24 @@ def test_client_cli_scores_a_file_and_reports_refusals(packaged, tmp_path) -> No
     proc, url = spawn(["-m", "inference_legacy.dlrm_predict", "--artifact", str(out)])
     try:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        r = subprocess.run([sys.executable, "-m", "inference_legacy.dlrm_client", "--url", url, "--input", str(good)],
-                           cwd=REPO, env=env, capture_output=True, text=True, check=True)
+        r = subprocess.run(
+            [sys.executable, "-m", "inference_legacy.dlrm_client", "--url", url, "--input", str(good)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert f"scored 3 rows from {good}" in r.stdout
         scores = [json.loads(x)["score"] for x in (tmp_path / "rows.jsonl.scores.jsonl").read_text().splitlines()]
         assert len(scores) == 3 and all(0 < s < 1 for s in scores)
-        r = subprocess.run([sys.executable, "-m", "inference_legacy.dlrm_client", "--url", url, "--input", str(bad)],
-                           cwd=REPO, env=env, capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, "-m", "inference_legacy.dlrm_client", "--url", url, "--input", str(bad)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode != 0 and "HTTP 422" in r.stderr and "item_id" in r.stderr
         with DLRMClient(url) as c, pytest.raises(ServiceError, match="rows\\[0\\].item_id"):
             c.predict([{**rows[0], "item_id": 10**9}])
@@ -354,22 +377,26 @@ def test_client_cli_scores_a_file_and_reports_refusals(packaged, tmp_path) -> No
         proc.wait(timeout=30)
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("manifest_list", "manifest.json: holds a JSON list, not an object"),
-    ("files_string", "'files' must be an object, got str"),
-    ("file_entry_string", r"files\['model.pt2'\] must be \{'bytes': int, 'sha256': str\}"),
-    ("schema_list", "schema.json is not a feature schema"),
-    ("schema_cardinality", "feature 'user_id' has cardinality 944, but the model's table 'user_id' has 943 rows"),
-    ("weights_config", "is not a weights config"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("manifest_list", "manifest.json: holds a JSON list, not an object"),
+        ("files_string", "'files' must be an object, got str"),
+        ("file_entry_string", r"files\['model.pt2'\] must be \{'bytes': int, 'sha256': str\}"),
+        ("schema_list", "schema.json is not a feature schema"),
+        ("schema_cardinality", "feature 'user_id' has cardinality 944, but the model's table 'user_id' has 943 rows"),
+        ("weights_config", "is not a weights config"),
+    ],
+)
 def test_damaged_artifact_metadata_is_named_not_a_traceback(packaged, tmp_path, damage: str, message: str) -> None:
     """Issue 17.9: every piece of artifact metadata is validated before use, the schema against the model's tables."""
     _, out, _ = packaged
     bad = _copy(out, tmp_path, damage)
 
     def rechecksum(name: str) -> None:
-        _rewrite_manifest(bad, files=lambda f: {**f, name: {"sha256": art.sha256(bad / name),
-                                                            "bytes": (bad / name).stat().st_size}})
+        _rewrite_manifest(
+            bad, files=lambda f: {**f, name: {"sha256": art.sha256(bad / name), "bytes": (bad / name).stat().st_size}}
+        )
 
     if damage == "manifest_list":
         (bad / "manifest.json").write_text("[]")
@@ -447,8 +474,10 @@ def test_slow_clients_are_cut_off_and_the_service_stays_up(packaged) -> None:
     host, port = url.rsplit("/", 1)[1].split(":")
     try:
         body = socket.create_connection((host, int(port)), timeout=10)
-        body.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 1000\r\n\r\n{\"rows\": [")
+        body.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 1000\r\n\r\n{"rows": ['
+        )
         t0 = time.monotonic()
         answer = b""
         while chunk := body.recv(4096):  # the server closes the connection after its answer
@@ -523,5 +552,6 @@ def test_big_bodies_are_validated_off_the_event_loop() -> None:
         assert bad.status_code == 422 and "Invalid JSON" in bad.json()["detail"][0]["msg"]
         spec = c.get("/openapi.json").json()
         assert spec["paths"]["/rows"]["post"]["requestBody"]["content"]["application/json"]["schema"] == {
-            "$ref": "#/components/schemas/Rows"}
+            "$ref": "#/components/schemas/Rows"
+        }
         assert {"Rows", "Row"} <= set(spec["components"]["schemas"])

@@ -27,8 +27,9 @@ def artifacts(retrieval_run, reranking_run, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("artifacts")
     (root / "retrieval").symlink_to(retrieval_run[1])
     (root / "ranking").symlink_to(reranking_run[1])
-    dlrm_packager.main(["--checkpoints", str(reranking_run[1] / "checkpoints" / "dlrm"),
-                        "--out", str(root / "serving" / "dlrm-int8")])
+    dlrm_packager.main(
+        ["--checkpoints", str(reranking_run[1] / "checkpoints" / "dlrm"), "--out", str(root / "serving" / "dlrm-int8")]
+    )
     return root
 
 
@@ -60,8 +61,9 @@ def test_one_user_batch_and_file_paths_agree(pipeline, tmp_path) -> None:
         (one,) = pipeline.recommend([u])
         assert one.item_ids == rec.item_ids and np.allclose(one.scores, rec.scores, atol=1e-6)
         assert rec.stage == "ranked" and rec.candidates == 100 and len(rec.titles) == 10
-        assert not set(rec.item_ids) & set(pipeline.dataset.item_raw_ids[pipeline.store.history(
-            pipeline.user_index[u])].tolist())  # nothing already seen
+        assert not set(rec.item_ids) & set(
+            pipeline.dataset.item_raw_ids[pipeline.store.history(pipeline.user_index[u])].tolist()
+        )  # nothing already seen
         assert rec.scores == sorted(rec.scores, reverse=True)
     n = pipeline.write_topk(tmp_path / "top10.jsonl")
     lines = [json.loads(x) for x in (tmp_path / "top10.jsonl").read_text().splitlines()]
@@ -83,8 +85,10 @@ def _edit_manifest(root: Path, name: str, edit) -> Path:
 def test_mismatched_stages_are_refused_with_what_to_fix(artifacts, ranking_run, tmp_path) -> None:
     cases = [
         (lambda m: m["source"].update(data_fingerprint="0" * 64), "was trained on data with fingerprint 0000"),
-        (lambda m: m["source"].update(retrieval_files={"weights.pt": "abc"}),
-         "learned its retrieval_score feature from another retrieval model"),
+        (
+            lambda m: m["source"].update(retrieval_files={"weights.pt": "abc"}),
+            "learned its retrieval_score feature from another retrieval model",
+        ),
         (lambda m: m["features"].update(history_len=20), r"expects features .*history\[1682\]"),
     ]
     for n, (edit, message) in enumerate(cases):
@@ -93,8 +97,14 @@ def test_mismatched_stages_are_refused_with_what_to_fix(artifacts, ranking_run, 
             create_pipeline(root)
     # A ranker trained without retrieval candidates never saw a retrieval_score.
     no_retrieval = tmp_path / "no-retrieval"
-    dlrm_packager.main(["--checkpoints", str(ranking_run[1] / "checkpoints" / "dlrm"),
-                        "--out", str(no_retrieval / "serving" / "dlrm-int8")])
+    dlrm_packager.main(
+        [
+            "--checkpoints",
+            str(ranking_run[1] / "checkpoints" / "dlrm"),
+            "--out",
+            str(no_retrieval / "serving" / "dlrm-int8"),
+        ]
+    )
     (no_retrieval / "retrieval").symlink_to((artifacts / "retrieval").resolve())
     with pytest.raises(ArtifactMismatch, match="trained without a retrieval export"):
         create_pipeline(no_retrieval)
@@ -152,8 +162,9 @@ def test_bad_input_gets_4xx_naming_the_field(service) -> None:
         assert r.status_code == status and message in got, (body, r.status_code, got)
     r = service.post("/recommend", content="{user_id: 1", headers={"content-type": "application/json"})
     assert r.status_code == 422 and "JSON" in r.json()["error"]
-    r = service.post("/recommend", content=json.dumps({"user_id": 1}) + " " * 200_000,
-                     headers={"content-type": "application/json"})
+    r = service.post(
+        "/recommend", content=json.dumps({"user_id": 1}) + " " * 200_000, headers={"content-type": "application/json"}
+    )
     assert r.status_code == 413
     r = service.post("/events", json={"user_id": 10**6, "item_id": 50})
     assert r.status_code == 404 and "not a known user" in r.json()["detail"]
@@ -219,8 +230,13 @@ def test_candidate_cache_in_redis_is_keyed_by_model_user_and_history(pipeline, r
         user = pipeline.user_index[22]
         key = "recsys:candidates:" + pipeline.candidate_key(user)
         items, scores = pipeline.candidates(np.array([user]))
-        for junk in (b"garbage", pack(items[0] + 10_000, scores[0]), b"rc0:" + pack(items[0], scores[0])[4:],
-                     pack(items[0], np.full_like(scores[0], np.nan)), pack(items[0], scores[0])[:-3]):
+        for junk in (
+            b"garbage",
+            pack(items[0] + 10_000, scores[0]),
+            b"rc0:" + pack(items[0], scores[0])[4:],
+            pack(items[0], np.full_like(scores[0], np.nan)),
+            pack(items[0], scores[0])[:-3],
+        ):
             client.set(key, junk)
             r = c.post("/recommend", json={"user_id": 22})
             assert r.status_code == 200 and r.json()["cached"] is False, junk
@@ -250,8 +266,9 @@ def test_a_recommend_in_flight_during_an_event_never_caches_a_seen_item(pipeline
     with ready_client(app, batcher) as c:
         monkeypatch.setattr(pipeline, "candidates", slow_candidates)
         in_flight: dict = {}
-        t = threading.Thread(target=lambda: in_flight.update(
-            c.post("/recommend", json={"user_id": user, "k": 100}).json()))
+        t = threading.Thread(
+            target=lambda: in_flight.update(c.post("/recommend", json={"user_id": user, "k": 100}).json())
+        )
         t.start()
         assert computed.wait(10)
         assert c.post("/events", json={"user_id": user, "item_id": watched}).status_code == 200
@@ -347,7 +364,10 @@ def test_demo_trains_missing_stages_then_recommends(tmp_path, capsys) -> None:
     for made in ("retrieval/export/manifest.json", "ranking/results.json", "serving/dlrm-int8/manifest.json"):
         assert (tmp_path / made).is_file()
     assert sorted(p.name for p in (tmp_path / "demo-logs").iterdir()) == [
-        "1-retrieval.log", "2-golden_training.log", "3-inference_legacy.log"]
+        "1-retrieval.log",
+        "2-golden_training.log",
+        "3-inference_legacy.log",
+    ]
     assert demo(["--artifacts", str(tmp_path), "--users", "1", "--n-boot", "10"])["trained"] == []
 
 
@@ -359,8 +379,9 @@ def test_pipeline_benchmark_quick(artifacts, tmp_path) -> None:
     assert all(r["errors"] == 0 and r["requests"] > 0 for r in res["http"].values())
 
 
-def test_with_bert4rec_candidates_the_served_system_beats_each_source_on_validation(artifacts, bert4rec_run,
-                                                                                   tmp_path) -> None:
+def test_with_bert4rec_candidates_the_served_system_beats_each_source_on_validation(
+    artifacts, bert4rec_run, tmp_path
+) -> None:
     """On a seeded run, validation only: the ranker over BERT4Rec's candidates (what the pipeline
     serves when BERT4Rec is there) beats BERT4Rec's own order, and is level with the two-tower
     model (within the noise of 943 users: ahead in seeds 0 and 2, behind in seed 1)."""
@@ -398,10 +419,12 @@ def test_events_and_requests_are_bounded_and_strictly_typed(service, pipeline) -
         pipeline.add_interaction(22, 50)
     assert len(pipeline.store.history(user)) == MAX_HISTORY
     new = {"age": 25, "gender": "F", "occupation": "student", "zip": "55414"}
-    for body, message in [({"user_id": 1, "k": "5"}, "k: Input should be a valid integer"),
-                          ({"user_id": 1, "k": True}, "k: Input should be a valid integer"),
-                          ({"features": {**new, "zip": ""}}, "features.zip: String should match pattern"),
-                          ({"features": {**new, "zip": "abc"}}, "features.zip: String should match pattern")]:
+    for body, message in [
+        ({"user_id": 1, "k": "5"}, "k: Input should be a valid integer"),
+        ({"user_id": 1, "k": True}, "k: Input should be a valid integer"),
+        ({"features": {**new, "zip": ""}}, "features.zip: String should match pattern"),
+        ({"features": {**new, "zip": "abc"}}, "features.zip: String should match pattern"),
+    ]:
         r = service.post("/recommend", json=body)
         assert r.status_code == 422 and message in (r.json().get("error") or r.json().get("detail")), (body, r.json())
     r = service.post("/events", json={"user_id": 22, "item_id": 50, "timestamp": "893286638"})
@@ -426,9 +449,11 @@ def test_fuzzing_the_service_validates_every_response_against_its_schema(artifac
     with ready_client(app, batcher):
         schema = schemathesis.openapi.from_asgi("/openapi.json", app)
         statuses: dict[tuple[str, str], list[int]] = {}
+
         def fuzz(strategy, seen: list[int]):
-            @settings(max_examples=40, deadline=None, database=None, derandomize=True,
-                      suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=40, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+            )
             @given(case=strategy)
             def run(case) -> None:
                 seen.append(case.call_and_validate(excluded_checks=[positive_data_acceptance]).status_code)
@@ -466,8 +491,13 @@ def _chrome():
 
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1160",
-                "--disable-gpu"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1160",
+        "--disable-gpu",
+    ):
         options.add_argument(arg)
     return webdriver.Chrome(options=options, service=Service(driver))
 
@@ -514,8 +544,9 @@ def test_the_web_page_in_a_real_browser(artifacts, tmp_path) -> None:
         first = rows("recommendations")[0]
         watched = first.get_attribute("data-item-id")
         first.find_element(By.CSS_SELECTOR, "button.watched").click()
-        wait.until(lambda _: browser.find_element(By.CSS_SELECTOR, "#recent li").get_attribute("data-item-id")
-                   == watched)
+        wait.until(
+            lambda _: browser.find_element(By.CSS_SELECTOR, "#recent li").get_attribute("data-item-id") == watched
+        )
         now = [r.get_attribute("data-item-id") for r in rows("recommendations")]
         assert watched not in now and len(now) == 10
         assert browser.find_element(By.ID, "history-length").text == str(len(history) + 1)

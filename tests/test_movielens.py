@@ -38,8 +38,10 @@ def test_ml100k_statistics(ml100k: MovieLens) -> None:
 
 def _write_official_ml100k_zip(ds: MovieLens, path: Path) -> None:
     """ml-100k.zip in GroupLens's own layout, built from the parsed data."""
-    u_data = "".join(f"{ds.user_raw_ids[u]}\t{ds.item_raw_ids[i]}\t{int(r)}\t{t}\n"
-                     for u, i, r, t in zip(ds.user, ds.item, ds.rating, ds.timestamp))
+    u_data = "".join(
+        f"{ds.user_raw_ids[u]}\t{ds.item_raw_ids[i]}\t{int(r)}\t{t}\n"
+        for u, i, r, t in zip(ds.user, ds.item, ds.rating, ds.timestamp)
+    )
     items = []
     for k, raw in enumerate(ds.item_raw_ids):
         year = ds.item_year[k]
@@ -47,8 +49,11 @@ def _write_official_ml100k_zip(ds: MovieLens, path: Path) -> None:
         flags = ["1" if g in ds.item_genres[k] else "0" for g in range(19)]
         date = f"01-Jan-{year}" if year else ""
         items.append("|".join([str(raw), title, date, "", "http://example.invalid/", *flags]))
-    users = [f"{raw}|{ds.user_age[k]}|{'M' if ds.user_gender[k] else 'F'}|"
-             f"{ds.occupation_vocab[ds.user_occupation[k]]}|{ds.user_zip[k]}" for k, raw in enumerate(ds.user_raw_ids)]
+    users = [
+        f"{raw}|{ds.user_age[k]}|{'M' if ds.user_gender[k] else 'F'}|"
+        f"{ds.occupation_vocab[ds.user_occupation[k]]}|{ds.user_zip[k]}"
+        for k, raw in enumerate(ds.user_raw_ids)
+    ]
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("ml-100k/u.data", u_data)
         zf.writestr("ml-100k/u.item", ("\n".join(items) + "\n").encode("latin-1"))
@@ -71,8 +76,9 @@ def served_ml100k(ml100k: MovieLens, http_dir, monkeypatch: pytest.MonkeyPatch) 
     return served / "ml-100k.zip"
 
 
-def test_grouplens_format_matches_recbole(ml100k: MovieLens, served_ml100k: Path, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_grouplens_format_matches_recbole(
+    ml100k: MovieLens, served_ml100k: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     got = load_movielens("ml-100k", tmp_path / "cache", source="grouplens")
     assert got.source == "grouplens"
     assert got.fingerprint == ml100k.fingerprint
@@ -84,8 +90,9 @@ def test_grouplens_format_matches_recbole(ml100k: MovieLens, served_ml100k: Path
     assert load_movielens("ml-100k", tmp_path / "cache", source="grouplens").fingerprint == ml100k.fingerprint
 
 
-def test_truncated_download_is_detected_and_never_used(ml100k: MovieLens, http_dir, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_truncated_download_is_detected_and_never_used(
+    ml100k: MovieLens, http_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     served, url = http_dir
     good = tmp_path / "ml-100k.zip"
     _write_official_ml100k_zip(ml100k, good)
@@ -99,8 +106,9 @@ def test_truncated_download_is_detected_and_never_used(ml100k: MovieLens, http_d
     assert not (cache / "ml-100k").exists()
 
 
-def test_corrupt_download_with_right_size_is_rejected(ml100k: MovieLens, http_dir, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_corrupt_download_with_right_size_is_rejected(
+    ml100k: MovieLens, http_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     served, url = http_dir
     good = tmp_path / "ml-100k.zip"
     _write_official_ml100k_zip(ml100k, good)
@@ -116,8 +124,9 @@ def test_corrupt_download_with_right_size_is_rejected(ml100k: MovieLens, http_di
     assert fallback.source == "recbole" and fallback.fingerprint == ml100k.fingerprint
 
 
-def test_corrupt_cached_archive_is_moved_aside_and_refetched(ml100k: MovieLens, served_ml100k: Path,
-                                                             tmp_path: Path) -> None:
+def test_corrupt_cached_archive_is_moved_aside_and_refetched(
+    ml100k: MovieLens, served_ml100k: Path, tmp_path: Path
+) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "ml-100k.zip").write_bytes(b"not a zip")
@@ -136,19 +145,25 @@ def test_interrupted_extraction_is_redone(tmp_path: Path) -> None:
     extract_zip(archive, dest, marker="m1")
     assert (dest / "x" / "data.txt").read_text() == "payload"
     assert json.loads((dest / ".complete").read_text()) == {
-        "marker": "m1", "files": {"x/data.txt": {"size": 7, "sha256": hashlib.sha256(b"payload").hexdigest()}}}
+        "marker": "m1",
+        "files": {"x/data.txt": {"size": 7, "sha256": hashlib.sha256(b"payload").hexdigest()}},
+    }
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
 def test_ml1m_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     buf = tmp_path / "ml-1m.zip"
     with zipfile.ZipFile(buf, "w") as zf:
-        zf.writestr("ml-1m/ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n"
-                                         "2::3408::2::978300000\n")
-        zf.writestr("ml-1m/movies.dat", "1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n"
-                                        "661::James and the Giant Peach (1996)::Animation|Children's|Musical\n"
-                                        "3408::Erin Brockovich (2000)::Drama\n9999::Never Rated (1990)::Comedy\n"
-                                        .encode("latin-1"))
+        zf.writestr(
+            "ml-1m/ratings.dat",
+            "1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n2::3408::2::978300000\n",
+        )
+        zf.writestr(
+            "ml-1m/movies.dat",
+            "1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n"
+            "661::James and the Giant Peach (1996)::Animation|Children's|Musical\n"
+            "3408::Erin Brockovich (2000)::Drama\n9999::Never Rated (1990)::Comedy\n".encode("latin-1"),
+        )
         zf.writestr("ml-1m/users.dat", "1::F::1::10::48067\n2::M::56::16::70072\n")
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -168,11 +183,16 @@ def test_ml1m_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_ml25m_csv_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
-        zf.writestr("ml-25m/ratings.csv", "userId,movieId,rating,timestamp\n1,296,5.0,1147880044\n"
-                                          "1,306,3.5,1147868817\n3,296,0.5,1147880000\n")
-        zf.writestr("ml-25m/movies.csv", 'movieId,title,genres\n296,Pulp Fiction (1994),Comedy|Crime|Drama|Thriller\n'
-                                         '306,"Three Colors: Red (Trois couleurs: Rouge) (1994)",Drama\n'
-                                         '307,"Big, Hairy (2001)",(no genres listed)\n')
+        zf.writestr(
+            "ml-25m/ratings.csv",
+            "userId,movieId,rating,timestamp\n1,296,5.0,1147880044\n1,306,3.5,1147868817\n3,296,0.5,1147880000\n",
+        )
+        zf.writestr(
+            "ml-25m/movies.csv",
+            "movieId,title,genres\n296,Pulp Fiction (1994),Comedy|Crime|Drama|Thriller\n"
+            '306,"Three Colors: Red (Trois couleurs: Rouge) (1994)",Drama\n'
+            '307,"Big, Hairy (2001)",(no genres listed)\n',
+        )
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "ml-25m.zip").write_bytes(buf.getvalue())
@@ -202,7 +222,7 @@ def test_recbole_files_are_verified(tmp_path: Path, ml100k: MovieLens) -> None:
     folder = ml.fetch_recbole_ml100k(tmp_path)
     inter = folder / "ml-100k.inter"
     inter.write_bytes(inter.read_bytes()[:-100])  # damaged after extraction
-    (folder / ".complete").unlink()               # ... and the marker gone: re-extracted from the wheel
+    (folder / ".complete").unlink()  # ... and the marker gone: re-extracted from the wheel
     assert load_movielens("ml-100k", tmp_path, source="recbole").fingerprint == ml100k.fingerprint
 
 
@@ -239,8 +259,9 @@ def _cache_with_recbole(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("damage", ["truncate", "half_the_lines", "same_size_edit"])
-def test_a_damaged_cache_file_is_noticed_and_extracted_again(tmp_path: Path, ml100k: MovieLens, damage: str,
-                                                             capsys) -> None:
+def test_a_damaged_cache_file_is_noticed_and_extracted_again(
+    tmp_path: Path, ml100k: MovieLens, damage: str, capsys
+) -> None:
     """Issue 17.2: the .complete manifest records every extracted file's size and SHA-256."""
     cache = _cache_with_recbole(tmp_path)
     inter = cache / "ml-100k-recbole" / "ml-100k.inter"
@@ -277,7 +298,6 @@ def test_data_problems_are_one_clear_line(tmp_path: Path, monkeypatch: pytest.Mo
     a_file.write_text("")
     with pytest.raises(SystemExit, match="has a file where a folder belongs"):
         prepare(["--data-dir", str(a_file)])
-
 
 
 def test_a_read_only_cache_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -29,16 +29,19 @@ def _results(nb: nbformat.NotebookNode) -> list[str | None]:
 def test_notebook_runs_from_a_fresh_kernel_and_matches_its_committed_outputs(path):
     committed = nbformat.read(path, as_version=4)
     code_cells = [c for c in committed.cells if c.cell_type == "code"]
-    assert all(c.get("execution_count") and c.get("outputs") for c in code_cells), \
+    assert all(c.get("execution_count") and c.get("outputs") for c in code_cells), (
         f"{path.name} is committed without outputs in some cells: run `make notebooks`"
+    )
 
     fresh = execute(path, write=False)  # raises CellExecutionError naming the failing cell
 
     errors = [o for c in fresh.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
     stale = [i for i, (old, new) in enumerate(zip(_results(committed), _results(fresh))) if old != new]
-    assert not stale, (f"{path.name}: the committed outputs of code cells {stale} differ from a fresh run: "
-                       "run `make notebooks` and commit the result")
+    assert not stale, (
+        f"{path.name}: the committed outputs of code cells {stale} differ from a fresh run: "
+        "run `make notebooks` and commit the result"
+    )
 
 
 def test_parity_check_is_exact_and_can_fail(monkeypatch):
@@ -58,15 +61,18 @@ def test_cuda_only_sharding_is_refused_on_cpu_with_the_reason():
         parity.run("row_wise", nproc=2, device="cpu")
 
 
-@pytest.mark.parametrize("sharding_type, hosts", [("row_wise", 1), ("table_row_wise", 2), ("grid_shard", 2),
-                                                  ("column_wise", 1)])
+@pytest.mark.parametrize(
+    "sharding_type, hosts", [("row_wise", 1), ("table_row_wise", 2), ("grid_shard", 2), ("column_wise", 1)]
+)
 def test_plan_on_a_simulated_gpu_topology_covers_every_table_once(sharding_type, hosts):
     from torchrec.distributed.planner.types import ParameterConstraints
 
     world = 4
-    report = plan(meta_ebc(list(parity.TABLES)), topology(world, "cuda", local_world_size=world // hosts),
-                  {name: ParameterConstraints(sharding_types=[sharding_type], min_partition=32)
-                   for name, _, _ in parity.TABLES})
+    report = plan(
+        meta_ebc(list(parity.TABLES)),
+        topology(world, "cuda", local_world_size=world // hosts),
+        {name: ParameterConstraints(sharding_types=[sharding_type], min_partition=32) for name, _, _ in parity.TABLES},
+    )
     for name, rows, dim in parity.TABLES:
         shards = report.plan.plan[""][name].sharding_spec.shards
         assert sum(s.shard_sizes[0] * s.shard_sizes[1] for s in shards) == rows * dim

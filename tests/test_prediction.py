@@ -19,8 +19,16 @@ def test_reload_reproduces_training_auc_and_int8_is_close_and_smaller(ranking_ru
     res, out = ranking_run
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"user_id": 1, "item_id": 50}\n{"user_id": 2, "item_id": 1}\n')
-    got = predict_main(["--checkpoints", str(out / "checkpoints" / "dlrm"), "--input", str(pairs),
-                        "--out", str(tmp_path / "pred.json")])
+    got = predict_main(
+        [
+            "--checkpoints",
+            str(out / "checkpoints" / "dlrm"),
+            "--input",
+            str(pairs),
+            "--out",
+            str(tmp_path / "pred.json"),
+        ]
+    )
     # The unsharded model sums embeddings with other kernels than the sharded one (plain
     # EmbeddingBag vs FBGEMM's fused TBE), so scores agree to float32 rounding, not bit for bit.
     assert got["fp32"]["auc"] == pytest.approx(res["dlrm"]["test"]["auc"], abs=1e-5)
@@ -43,8 +51,14 @@ def test_score_from_python_and_bad_input(ranking_run) -> None:
 
 @pytest.mark.multiprocess
 def test_checkpoint_of_two_processes_scores_in_one(tmp_path) -> None:
-    subprocess.run(_torchrun(TINY + ["--out", str(tmp_path)]), cwd=REPO, env=ENV, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(
+        _torchrun(TINY + ["--out", str(tmp_path)]),
+        cwd=REPO,
+        env=ENV,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["world_size"] == 2
     reloaded = Ranker(tmp_path / "checkpoints" / "dlrm").evaluate_test()

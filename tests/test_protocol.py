@@ -50,15 +50,18 @@ def differences(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> list[str]
 
 
 def _kjt(prefix: str, kjt) -> dict[str, np.ndarray]:
-    return {f"{prefix}.keys": np.array(kjt.keys()), f"{prefix}.values": kjt.values().numpy(),
-            f"{prefix}.lengths": kjt.lengths().numpy()}
+    return {
+        f"{prefix}.keys": np.array(kjt.keys()),
+        f"{prefix}.values": kjt.values().numpy(),
+        f"{prefix}.lengths": kjt.lengths().numpy(),
+    }
 
 
 def _top100(scores: torch.Tensor, split: Split, stage: str) -> np.ndarray:
     indptr, hist = split.history(stage)
     scores = scores.clone()
     for u in range(split.num_users):
-        scores[u, hist[indptr[u]:indptr[u + 1]]] = -torch.inf
+        scores[u, hist[indptr[u] : indptr[u + 1]]] = -torch.inf
     return torch.topk(scores, 100, dim=1).indices.numpy()
 
 
@@ -91,8 +94,10 @@ def retrieval_arrays(ds: MovieLens, stage: str) -> dict[str, np.ndarray]:
     query = features.query_batch(users, two_tower_train.query_histories(split, stage, users, features.history_len))
     out |= _kjt(f"{stage}.query", query.sparse)
     with torch.no_grad():
-        scores = model.query_tower(query.sparse) @ model.candidate_tower(
-            features.candidate_batch(np.arange(ds.num_items)).sparse).T
+        scores = (
+            model.query_tower(query.sparse)
+            @ model.candidate_tower(features.candidate_batch(np.arange(ds.num_items)).sparse).T
+        )
     out[f"{stage}.candidates"] = _top100(scores, split, stage)
     return out
 
@@ -125,18 +130,27 @@ def ranker_arrays(ds: MovieLens, stage: str) -> dict[str, np.ndarray]:
     retr = _retrieval_scorer(ds, split, features)
     examples, queries = train_dlrm.train_examples(split, features, cfg, retr)
     seq = features.sequence
-    out = {"features.item_counts": features.item_counts, "sequence.pair_keys": seq.pair_keys,
-           "sequence.pair_counts": seq.pair_counts, "sequence.item_time": seq.item_time, "train.queries": queries}
+    out = {
+        "features.item_counts": features.item_counts,
+        "sequence.pair_keys": seq.pair_keys,
+        "sequence.pair_counts": seq.pair_counts,
+        "sequence.item_time": seq.item_time,
+        "train.queries": queries,
+    }
     out |= {f"train.{f.name}": getattr(examples, f.name) for f in dataclasses.fields(examples) if f.name != "own"}
     perm = np.random.default_rng([cfg.seed, 10, 0]).permutation(len(examples))
     for k in range(20):  # the first 20 batches the trainer feeds, built the trainer's way
-        rows = perm[k * cfg.batch_size:(k + 1) * cfg.batch_size]
-        _ranking_batch(out, f"train.{k}", train_dlrm.make_batch(features, examples.take(rows), queries, retr,
-                                                                cfg.history_len))
+        rows = perm[k * cfg.batch_size : (k + 1) * cfg.batch_size]
+        _ranking_batch(
+            out, f"train.{k}", train_dlrm.make_batch(features, examples.take(rows), queries, retr, cfg.history_len)
+        )
     ev = train_dlrm.eval_set(split, features, stage, cfg, retr)
     out[f"{stage}.candidates"], out[f"{stage}.queries"], out[f"{stage}.time"] = ev.candidates, ev.queries, ev.time
-    _ranking_batch(out, f"{stage}.candidate_rows", train_dlrm.make_batch(
-        features, train_dlrm.candidate_rows(ev), ev.queries, retr, cfg.history_len))
+    _ranking_batch(
+        out,
+        f"{stage}.candidate_rows",
+        train_dlrm.make_batch(features, train_dlrm.candidate_rows(ev), ev.queries, retr, cfg.history_len),
+    )
     return out
 
 
@@ -153,15 +167,20 @@ def bert4rec_arrays(ds: MovieLens, stage: str) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([cfg.seed, 0, 0])
     out = {"train.order": order}
     for k in range(len(windows) // cfg.batch_size):
-        rows = order[k * cfg.batch_size:(k + 1) * cfg.batch_size]
-        seq, at_row, at_col, labels = mask_batch([windows[i] for i in rows], cfg.mask_prob, cfg.last_prob,
-                                                 model.mask_token, rng)
+        rows = order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
+        seq, at_row, at_col, labels = mask_batch(
+            [windows[i] for i in rows], cfg.mask_prob, cfg.last_prob, model.mask_token, rng
+        )
         out |= _kjt(f"train.{k}.seq", seq)
         out[f"train.{k}.rows"], out[f"train.{k}.cols"], out[f"train.{k}.labels"] = (
-            at_row.numpy(), at_col.numpy(), labels.numpy())
+            at_row.numpy(),
+            at_col.numpy(),
+            labels.numpy(),
+        )
     indptr, hist = split.history(stage)
-    seqs = query_sequences([hist[indptr[u]:indptr[u + 1]] for u in range(ds.num_users)], cfg.max_len,
-                           model.mask_token)
+    seqs = query_sequences(
+        [hist[indptr[u] : indptr[u + 1]] for u in range(ds.num_users)], cfg.max_len, model.mask_token
+    )
     out[f"{stage}.sequences"] = np.concatenate(seqs)
     out[f"{stage}.candidates"] = _top100(bert4rec_main.Scorer(model, split, stage).scores, split, stage)
     return out
@@ -179,14 +198,23 @@ def feature_store_arrays(ds: MovieLens, stage: str) -> dict[str, np.ndarray]:
     items = retr.top_k(queries, [store.history(u) for u in users])
     scores = np.einsum("nd,nkd->nk", queries, retr.items[items])
     dense, values, lengths = store.ranking_inputs(users, items, scores)
-    return {f"{stage}.histories": np.concatenate([store.history(u) for u in users]),
-            f"{stage}.history_lengths": np.array([len(h) for h in store.histories]),
-            f"{stage}.now": store.last_time, f"{stage}.candidates": items, f"{stage}.dense": dense.numpy(),
-            f"{stage}.values": values.numpy(), f"{stage}.lengths": lengths.numpy()}
+    return {
+        f"{stage}.histories": np.concatenate([store.history(u) for u in users]),
+        f"{stage}.history_lengths": np.array([len(h) for h in store.histories]),
+        f"{stage}.now": store.last_time,
+        f"{stage}.candidates": items,
+        f"{stage}.dense": dense.numpy(),
+        f"{stage}.values": values.numpy(),
+        f"{stage}.lengths": lengths.numpy(),
+    }
 
 
-STAGE_ARRAYS = {"retrieval": retrieval_arrays, "ranker": ranker_arrays, "bert4rec": bert4rec_arrays,
-                "feature_store": feature_store_arrays}
+STAGE_ARRAYS = {
+    "retrieval": retrieval_arrays,
+    "ranker": ranker_arrays,
+    "bert4rec": bert4rec_arrays,
+    "feature_store": feature_store_arrays,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +226,9 @@ def _leak_retrieval(monkeypatch) -> None:
     from retrieval import two_tower_train
 
     real = two_tower_train.query_histories
-    monkeypatch.setattr(two_tower_train, "query_histories", lambda split, stage, users, n: real(split, "test", users, n))
+    monkeypatch.setattr(
+        two_tower_train, "query_histories", lambda split, stage, users, n: real(split, "test", users, n)
+    )
 
 
 def _leak_ranker(monkeypatch) -> None:
@@ -231,12 +261,19 @@ def _leak_feature_store(monkeypatch) -> None:
     from integration.pipeline import FeatureStore
 
     real = FeatureStore.build.__func__
-    monkeypatch.setattr(FeatureStore, "build", classmethod(
-        lambda cls, ds, split, *a, stage="test", **k: real(cls, ds, split, *a, stage="test", **k)))
+    monkeypatch.setattr(
+        FeatureStore,
+        "build",
+        classmethod(lambda cls, ds, split, *a, stage="test", **k: real(cls, ds, split, *a, stage="test", **k)),
+    )
 
 
-LEAKS = {"retrieval": _leak_retrieval, "ranker": _leak_ranker, "bert4rec": _leak_bert4rec,
-         "feature_store": _leak_feature_store}
+LEAKS = {
+    "retrieval": _leak_retrieval,
+    "ranker": _leak_ranker,
+    "bert4rec": _leak_bert4rec,
+    "feature_store": _leak_feature_store,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,12 +308,17 @@ def test_the_perturbation_check_catches_a_deliberate_leak(ml100k, name: str, mon
     assert differences(real, moved), f"the {name} leak went unnoticed"
 
 
-@pytest.mark.parametrize("trainer, args", [
-    ("retrieval.two_tower_train", ["--epochs", "1", "--limit-batches", "3", "--log-every", "1000"]),
-    ("golden_training.train_dlrm", ["--limit-batches", "3", "--no-baseline", "--eval-negatives", "5", "--log-every",
-                                    "1000"]),
-    ("bert4rec.bert4rec_main", ["--epochs", "1", "--eval-every", "1", "--window-step", "50"]),
-])
+@pytest.mark.parametrize(
+    "trainer, args",
+    [
+        ("retrieval.two_tower_train", ["--epochs", "1", "--limit-batches", "3", "--log-every", "1000"]),
+        (
+            "golden_training.train_dlrm",
+            ["--limit-batches", "3", "--no-baseline", "--eval-negatives", "5", "--log-every", "1000"],
+        ),
+        ("bert4rec.bert4rec_main", ["--epochs", "1", "--eval-every", "1", "--window-step", "50"]),
+    ],
+)
 def test_no_test_flag_never_reads_a_test_target(trainer: str, args: list[str], tmp_path, monkeypatch) -> None:
     """--no-test runs (model selection) end on validation; any read of test's targets raises."""
     import importlib
@@ -297,6 +339,17 @@ def test_no_test_flag_never_reads_a_test_target(trainer: str, args: list[str], t
 
 
 def _tiny() -> MovieLens:
-    return MovieLens("tiny", "test", np.array([0, 0, 0]), np.array([0, 1, 2]), np.ones(3, np.float32),
-                     np.array([1, 2, 3]), np.array([1]), np.array([1, 2, 3]), ["a", "b", "c"], np.zeros(3, np.int64),
-                     [], [[], [], []])
+    return MovieLens(
+        "tiny",
+        "test",
+        np.array([0, 0, 0]),
+        np.array([0, 1, 2]),
+        np.ones(3, np.float32),
+        np.array([1, 2, 3]),
+        np.array([1]),
+        np.array([1, 2, 3]),
+        ["a", "b", "c"],
+        np.zeros(3, np.int64),
+        [],
+        [[], [], []],
+    )

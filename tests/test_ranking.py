@@ -21,8 +21,19 @@ from golden_training.train_dlrm import main as train_dlrm
 GOLDEN_LOSS_1PROC = 0.506852388381958
 GOLDEN_LOSS_2PROC = 0.5086023211479187
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--epochs", "1", "--limit-batches", "20", "--n-boot", "10", "--log-every", "1000", "--no-baseline",
-        "--eval-negatives", "20"]
+TINY = [
+    "--epochs",
+    "1",
+    "--limit-batches",
+    "20",
+    "--n-boot",
+    "10",
+    "--log-every",
+    "1000",
+    "--no-baseline",
+    "--eval-negatives",
+    "20",
+]
 
 
 def test_golden_loss_of_a_seeded_tiny_run(tmp_path) -> None:
@@ -54,8 +65,16 @@ def test_dlrm_beats_logistic_regression_and_reranks_retrieval(reranking_run) -> 
 
 
 def _torchrun(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "golden_training.train_dlrm", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "golden_training.train_dlrm",
+        *args,
+    ]
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -63,8 +82,14 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 @pytest.mark.multiprocess
 def test_golden_loss_two_processes(tmp_path) -> None:
-    subprocess.run(_torchrun(TINY + ["--out", str(tmp_path)]), cwd=REPO, env=ENV, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(
+        _torchrun(TINY + ["--out", str(tmp_path)]),
+        cwd=REPO,
+        env=ENV,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["world_size"] == 2 and res["dlrm"]["steps"] == 20
     assert res["dlrm"]["final_loss"] == pytest.approx(GOLDEN_LOSS_2PROC, rel=1e-4)
@@ -72,23 +97,54 @@ def test_golden_loss_two_processes(tmp_path) -> None:
 
 @pytest.mark.multiprocess
 def test_killed_two_process_run_resumes_to_the_same_metrics(tmp_path) -> None:
-    args = ["--epochs", "2", "--limit-batches", "30", "--checkpoint-every", "10", "--no-baseline",
-            "--eval-negatives", "20", "--n-boot", "10", "--log-every", "1000"]
-    subprocess.run(_torchrun(args + ["--out", str(tmp_path / "ref")]), cwd=REPO, env=ENV, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    args = [
+        "--epochs",
+        "2",
+        "--limit-batches",
+        "30",
+        "--checkpoint-every",
+        "10",
+        "--no-baseline",
+        "--eval-negatives",
+        "20",
+        "--n-boot",
+        "10",
+        "--log-every",
+        "1000",
+    ]
+    subprocess.run(
+        _torchrun(args + ["--out", str(tmp_path / "ref")]),
+        cwd=REPO,
+        env=ENV,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     reference = json.loads((tmp_path / "ref" / "results.json").read_text())
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_torchrun(args + ["--out", str(killed)]), cwd=REPO, env=ENV, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _torchrun(args + ["--out", str(killed)]),
+        cwd=REPO,
+        env=ENV,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 180
     while time.time() < deadline and not list((killed / "checkpoints" / "dlrm").glob("step_*/meta.json")):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, mid-training
     proc.wait()
     assert not (killed / "results.json").exists(), "the run finished before it could be killed"
-    subprocess.run(_torchrun(args + ["--out", str(killed), "--resume"]), cwd=REPO, env=ENV, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(
+        _torchrun(args + ["--out", str(killed), "--resume"]),
+        cwd=REPO,
+        env=ENV,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     resumed = json.loads((killed / "results.json").read_text())
     assert resumed["dlrm"]["resumed_from_step"] > 0
     assert resumed["dlrm"]["steps"] == reference["dlrm"]["steps"] == 60
@@ -111,8 +167,17 @@ def test_sequence_features_leave_the_rows_own_transition_out() -> None:
     split = leave_last_out(user, item, day, 2, 7)  # train: user 0 items 0,1,2; user 1 items 0,1,3
     stats = SequenceStats.build(split, trend_days=30)
     # training positive: user 0's item 2 after item 1; the only 1 -> 2 pair is its own
-    own = Examples(np.array([0, 0]), np.array([2, 3]), np.array([1.0, 0.0]), np.array([0, 0]), np.array([2, 2]),
-                   np.zeros(2, np.int64), np.array([2, 2]) * 86_400, split.train_item, own=True)
+    own = Examples(
+        np.array([0, 0]),
+        np.array([2, 3]),
+        np.array([1.0, 0.0]),
+        np.array([0, 0]),
+        np.array([2, 2]),
+        np.zeros(2, np.int64),
+        np.array([2, 2]) * 86_400,
+        split.train_item,
+        own=True,
+    )
     f = stats.features(own)
     # 1 -> 2 (own, left out): 0; 1 -> 3 (user 1's): 1 / (2 transitions out of item 1 - own + 1)
     assert f["after_last_1"].tolist() == [0.0, 0.5]
@@ -121,8 +186,16 @@ def test_sequence_features_leave_the_rows_own_transition_out() -> None:
     indptr, hist = split.history("test")
     now = reference_time(split, "test", np.array([0, 1]))
     assert now.tolist() == [4 * 86_400, 41 * 86_400]
-    ev = Examples(np.array([0, 0]), np.array([2, 3]), np.zeros(2), indptr[[0, 0]], indptr[[1, 1]],
-                  np.zeros(2, np.int64), now[[0, 0]], hist)
+    ev = Examples(
+        np.array([0, 0]),
+        np.array([2, 3]),
+        np.zeros(2),
+        indptr[[0, 0]],
+        indptr[[1, 1]],
+        np.zeros(2, np.int64),
+        now[[0, 0]],
+        hist,
+    )
     f = stats.features(ev)  # user 0's test history: 0, 1, 2 (train), 3 (valid)
     assert f["after_last_2"].tolist() == [0.0, 0.0]  # nothing follows item 2 in training
     # Item 1 is followed by 2 (user 0) and 3 (user 1); at test time every training pair counts.

@@ -51,7 +51,11 @@ def test_served_model_reproduces_training_metrics_and_int8_is_close(trained) -> 
     lines = (out / "cands.jsonl").read_text().splitlines()
     assert len(lines) == 943
     first = json.loads(lines[0])
-    assert first["user_id"] == 1 and len(first["item_ids"]) == 100 and first["scores"] == sorted(first["scores"], reverse=True)
+    assert (
+        first["user_id"] == 1
+        and len(first["item_ids"]) == 100
+        and first["scores"] == sorted(first["scores"], reverse=True)
+    )
 
 
 def test_recommend_excludes_seen_and_handles_cold_start(trained, ml100k) -> None:
@@ -81,6 +85,7 @@ def test_recommend_from_raw_features(trained, ml100k) -> None:
     assert not recs[1].cold_start and recs[1].item_ids != recs[0].item_ids  # the ID embedding counts
     assert recs[2].cold_start and recs[2].item_ids == r.recommend([123_456], k=10)[0].item_ids
     from common.features import FeatureError
+
     with pytest.raises(FeatureError, match="record 0: unknown occupation 'astronaut'"):
         r.recommend_features([{**new, "occupation": "astronaut"}])
     with pytest.raises(FeatureError, match=r"record 0: missing user field\(s\) \['zip'\]"):
@@ -120,6 +125,7 @@ def test_mismatched_artifacts_fail_at_load_time(trained, tmp_path: Path) -> None
 
     # Even with a manifest that vouches for it, an index of the wrong shape is refused.
     import hashlib
+
     idx = faiss.IndexFlatIP(32)
     idx.add(np.random.default_rng(0).standard_normal((1682, 32)).astype(np.float32))
     faiss.write_index(idx, str(other_index / "index.faiss"))
@@ -142,12 +148,29 @@ def test_mismatched_artifacts_fail_at_load_time(trained, tmp_path: Path) -> None
 
 
 def test_killed_run_resumes_to_the_same_metrics(tmp_path: Path) -> None:
-    args = ["--epochs", "2", "--checkpoint-every", "40", "--n-boot", "20", "--log-every", "1000",
-            "--embedding-dim", "32", "--layer-sizes", "64", "32"]
+    args = [
+        "--epochs",
+        "2",
+        "--checkpoint-every",
+        "40",
+        "--n-boot",
+        "20",
+        "--log-every",
+        "1000",
+        "--embedding-dim",
+        "32",
+        "--layer-sizes",
+        "64",
+        "32",
+    ]
     reference = train_main(args + ["--out", str(tmp_path / "ref")])
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "retrieval.two_tower_train", *args, "--out", str(killed)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "retrieval.two_tower_train", *args, "--out", str(killed)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list((killed / "checkpoints").glob("step_*/meta.json")):
         time.sleep(0.05)
@@ -168,10 +191,32 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path: Path) -> None:
 def test_torchrun_two_processes(tmp_path: Path) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    "-m", "retrieval.two_tower_train", "--epochs", "1", "--limit-batches", "40", "--batch-size", "256",
-                    "--n-boot", "20", "--out", str(out)], cwd=REPO, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "retrieval.two_tower_train",
+            "--epochs",
+            "1",
+            "--limit-batches",
+            "40",
+            "--batch-size",
+            "256",
+            "--n-boot",
+            "20",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     res = json.loads((out / "results.json").read_text())
     assert res["world_size"] == 2 and res["test"]["num_users"] == 943
     assert res["test"]["Recall@100"] > res["popularity_test"]["Recall@100"]

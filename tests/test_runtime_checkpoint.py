@@ -201,9 +201,14 @@ def test_checkpoint_values_are_loaded_as_plain_data_only(tmp_path: Path) -> None
     buf = io.BytesIO()
     torch.save({"lr": 0.1, "evil": _RunsCommand(f"touch {marker}")}, buf)
     buf.seek(0)
-    item = ReadItem(type=LoadItemType.BYTE_IO, dest_index=MetadataIndex("opt.param_groups"), dest_offsets=torch.Size([0]),
-                    storage_index=MetadataIndex("opt.param_groups"), storage_offsets=torch.Size([0]),
-                    lengths=torch.Size([0]))
+    item = ReadItem(
+        type=LoadItemType.BYTE_IO,
+        dest_index=MetadataIndex("opt.param_groups"),
+        dest_offsets=torch.Size([0]),
+        storage_index=MetadataIndex("opt.param_groups"),
+        storage_offsets=torch.Size([0]),
+        lengths=torch.Size([0]),
+    )
     planner = _WeightsOnlyPlanner()
     planner.flatten_state_dict, planner.state_dict = False, {}
     with pytest.raises(UnsafeCheckpoint, match="'opt.param_groups' is not plain data"):
@@ -228,9 +233,20 @@ def test_the_packager_refuses_a_hostile_checkpoint_without_running_it(ranking_ru
     shutil.copytree(run_dir / "checkpoints" / "dlrm", ckpts)
     marker = tmp_path / "pwned"
     _plant(latest_checkpoint(ckpts), ".metadata", pickle.dumps(_RunsCommand(f"touch {marker}")))
-    proc = subprocess.run([sys.executable, "-m", "inference_legacy.dlrm_packager", "--checkpoints", str(ckpts),
-                           "--out", str(tmp_path / "artifact")], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "inference_legacy.dlrm_packager",
+            "--checkpoints",
+            str(ckpts),
+            "--out",
+            str(tmp_path / "artifact"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert proc.returncode != 0 and not marker.exists()
     assert "refusing to load it (unpickling it could run code)" in proc.stderr
 

@@ -37,16 +37,17 @@ def test_leave_last_out_orders_same_second_ties_by_the_sha256_key() -> None:
     assert list(s.valid_user) == [0] and list(s.valid_item) == [first]
     assert list(zip(s.train_user, s.train_item)) == [(0, 5), (1, 6), (2, 1)]
     indptr, items = s.history("test")
-    assert list(items[indptr[0]:indptr[1]]) == [5, first]      # train + valid, in split order
+    assert list(items[indptr[0] : indptr[1]]) == [5, first]  # train + valid, in split order
     indptr, items = s.history("valid")
-    assert list(items[indptr[0]:indptr[1]]) == [5]
+    assert list(items[indptr[0] : indptr[1]]) == [5]
     assert s.item_counts("test")[first] == 1 and s.item_counts("valid")[first] == 0
     with pytest.raises(ValueError, match="stage must be one of"):
         s.targets("train")
     # The key hashes raw IDs, not dense indices: swapping two items' raw IDs swaps the targets.
     for raw in ([30, 40, 50], [40, 30, 50]):
-        t = leave_last_out(user=[0, 0, 0], item=[0, 1, 2], timestamp=[2, 2, 1],
-                           user_raw_ids=np.array([7]), item_raw_ids=np.array(raw))
+        t = leave_last_out(
+            user=[0, 0, 0], item=[0, 1, 2], timestamp=[2, 2, 1], user_raw_ids=np.array([7]), item_raw_ids=np.array(raw)
+        )
         assert t.test_item[0] == int(np.argmax([_key(7, r) for r in raw[:2]]))
     assert tie_keys(np.array([0]), np.array([3]))[0] == _key(0, 3)
 
@@ -68,13 +69,18 @@ def test_ml100k_tie_rule_pinned_against_the_raw_file(ml100k, ml100k_split) -> No
     tied = [u for u, rows in expected.items() if rows[-1][0] == rows[-2][0]]
     assert len(tied) == 415
     higher = np.mean([int(expected[u][-1][2]) > int(expected[u][-2][2]) for u in tied])
-    assert 0.40 < higher < 0.60, higher        # 0.458 under the hash rule
+    assert 0.40 < higher < 0.60, higher  # 0.458 under the hash rule
     # Named users' targets: the raw file against the split.
     raw_user = {int(r): k for k, r in enumerate(ml100k.user_raw_ids)}
     test = dict(zip(ml100k_split.test_user.tolist(), ml100k_split.test_item.tolist()))
     valid = dict(zip(ml100k_split.valid_user.tolist(), ml100k_split.valid_item.tolist()))
-    pinned = {"1": ("102", "74"), "13": ("914", "916"), "196": ("94", "110"), "186": ("477", "98"),
-              "655": ("1268", "131")}
+    pinned = {
+        "1": ("102", "74"),
+        "13": ("914", "916"),
+        "196": ("94", "110"),
+        "186": ("477", "98"),
+        "655": ("1268", "131"),
+    }
     for u, (want_valid, want_test) in pinned.items():
         assert (expected[u][-2][2], expected[u][-1][2]) == (want_valid, want_test)
         got = ml100k.item_raw_ids[[valid[raw_user[int(u)]], test[raw_user[int(u)]]]].tolist()
@@ -120,7 +126,7 @@ def test_evaluate_topk_matches_evaluate_scores(ml100k_split) -> None:
     def topk(users: np.ndarray) -> np.ndarray:
         out = []
         for u in users:
-            seen = set(hist[indptr[u]:indptr[u + 1]].tolist())
+            seen = set(hist[indptr[u] : indptr[u + 1]].tolist())
             out.append([i for i in order if i not in seen][:100])
         return np.array(out)
 
@@ -164,6 +170,7 @@ def test_baselines_cli_writes_results(tmp_path) -> None:
     res = baselines_main(["--out", str(tmp_path), "--n-boot", "20"])
     assert res["test"]["HR@10"] == pytest.approx(0.0870, abs=1e-4)
     import json
+
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["model"] == "popularity" and saved["test"]["num_users"] == 943
 
@@ -184,7 +191,7 @@ def test_binary_metrics_auc_and_ne() -> None:
     probs = 1 / (1 + np.exp(-logits))
     m = BinaryMetrics()
     for k in range(0, 2000, 500):  # accumulates across updates
-        m.update(torch.tensor(probs[k:k + 500]), torch.tensor(labels[k:k + 500]))
+        m.update(torch.tensor(probs[k : k + 500]), torch.tensor(labels[k : k + 500]))
     got = m.compute()
     pos, neg = probs[labels == 1], probs[labels == 0]
     pairwise_auc = (pos[:, None] > neg[None, :]).mean()

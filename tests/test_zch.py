@@ -34,14 +34,14 @@ def test_modulo_collides_and_zch_gives_frequent_ids_their_own_rows():
     zch = build_remapper("zch_lfu", {"f": 200})
     zch.train()
     for start in range(0, len(stream), 500):
-        chunk = torch.as_tensor(stream[start:start + 500])
+        chunk = torch.as_tensor(stream[start : start + 500])
         zch(KeyedJaggedTensor(keys=["f"], values=chunk, lengths=torch.ones(len(chunk), dtype=torch.int32)))
     ids, counts = np.unique(stream, return_counts=True)
     top = torch.as_tensor(ids[np.argsort(-counts)[:50]])  # each seen about 30 times or more
     zch_rows, mod_rows = zch.rows("f", top), modulo.rows("f", top)
-    assert len(torch.unique(zch_rows)) == 50            # the 50 most frequent IDs: 50 rows of their own
-    assert (zch_rows < 199).all()                       # none on the default row
-    assert len(torch.unique(mod_rows)) < 48             # modulo: some of them already share rows
+    assert len(torch.unique(zch_rows)) == 50  # the 50 most frequent IDs: 50 rows of their own
+    assert (zch_rows < 199).all()  # none on the default row
+    assert len(torch.unique(mod_rows)) < 48  # modulo: some of them already share rows
     assert zch.evictions > 0
 
 
@@ -71,8 +71,21 @@ def test_results_are_written_as_json_and_markdown(half_size_results):
 
 
 def _short_run(tmp_path, variant: str, *extra: str):
-    cfg = zch_main.parse_args(["--variants", variant, "--ratios", "0.25", "--epochs", "1", "--limit-batches", "40",
-                               "--out", str(tmp_path), *extra])
+    cfg = zch_main.parse_args(
+        [
+            "--variants",
+            variant,
+            "--ratios",
+            "0.25",
+            "--epochs",
+            "1",
+            "--limit-batches",
+            "40",
+            "--out",
+            str(tmp_path),
+            *extra,
+        ]
+    )
     rt = init_runtime("cpu")
     data = zch_main.movielens_stream(cfg)
     rows = zch_main.table_rows_for(data, 0.25, None)
@@ -97,8 +110,10 @@ def test_resume_keeps_the_zch_mapping(tmp_path):
         from common.checkpoint import latest_checkpoint, load_checkpoint
 
         fresh, optimizer, fresh_remapper = zch_main.build("zch_lru", rows, data, cfg, rt)
-        load_checkpoint(latest_checkpoint(tmp_path / "straight" / "zch_lru-0.25x" / "checkpoints"),
-                        {"model": fresh, "optimizer": optimizer})
+        load_checkpoint(
+            latest_checkpoint(tmp_path / "straight" / "zch_lru-0.25x" / "checkpoints"),
+            {"model": fresh, "optimizer": optimizer},
+        )
         for f in zch_main.FEATURES:
             ids = torch.as_tensor(np.unique(data.raw[f][data.train]))
             assert torch.equal(fresh_remapper.rows(f, ids), remapper.rows(f, ids))
@@ -121,8 +136,11 @@ def test_ids_never_seen_in_training_get_a_defined_row_when_serving(tmp_path, var
             assert ((got >= 0) & (got < remapper.tables[f])).all()
             if variant != "modulo":  # ZCH's default row, or the unhashed model's unknown-ID row
                 assert (got == remapper.tables[f] - 1).all()
-        kjt = KeyedJaggedTensor(keys=list(zch_main.FEATURES), values=torch.cat(list(unseen.values())),
-                                lengths=torch.ones(2 * n, dtype=torch.int32))
+        kjt = KeyedJaggedTensor(
+            keys=list(zch_main.FEATURES),
+            values=torch.cat(list(unseen.values())),
+            lengths=torch.ones(2 * n, dtype=torch.int32),
+        )
         with torch.no_grad():
             scores = model(torch.zeros(n, data.dense.shape[1]), kjt)
         assert scores.shape == (n, 1) and torch.isfinite(scores).all()

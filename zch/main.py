@@ -88,26 +88,86 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
     add_dataset_args(data, ("synthetic",), "; or synthetic: millions of power-law IDs, new ones arriving over time")
-    data.add_argument("--synthetic-ids", type=int, default=d.synthetic_ids, help=f"popularity ranks per feature of --dataset synthetic; each gets two IDs over the run (default: {d.synthetic_ids:,})")
-    data.add_argument("--synthetic-events", type=int, default=d.synthetic_events, help=f"examples of --dataset synthetic (default: {d.synthetic_events:,})")
+    data.add_argument(
+        "--synthetic-ids",
+        type=int,
+        default=d.synthetic_ids,
+        help=f"popularity ranks per feature of --dataset synthetic; each gets two IDs over the run (default: {d.synthetic_ids:,})",
+    )
+    data.add_argument(
+        "--synthetic-events",
+        type=int,
+        default=d.synthetic_events,
+        help=f"examples of --dataset synthetic (default: {d.synthetic_events:,})",
+    )
     tables = p.add_argument_group("ID mapping")
-    tables.add_argument("--variants", nargs="+", default=list(d.variants), choices=VARIANTS, help="ID-to-row variants to train (default: all)")
-    tables.add_argument("--ratios", type=float, nargs="+", default=list(d.ratios), help="table rows as a share of each feature's distinct IDs (default: 0.25 0.5 1)")
-    tables.add_argument("--rows", type=int, default=None, help="rows per table instead of --ratios (e.g. 100000 for the synthetic run)")
-    tables.add_argument("--eviction-interval", type=int, default=d.eviction_interval, help=f"ZCH admits and evicts every N training batches (default: {d.eviction_interval})")
+    tables.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(d.variants),
+        choices=VARIANTS,
+        help="ID-to-row variants to train (default: all)",
+    )
+    tables.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        default=list(d.ratios),
+        help="table rows as a share of each feature's distinct IDs (default: 0.25 0.5 1)",
+    )
+    tables.add_argument(
+        "--rows", type=int, default=None, help="rows per table instead of --ratios (e.g. 100000 for the synthetic run)"
+    )
+    tables.add_argument(
+        "--eviction-interval",
+        type=int,
+        default=d.eviction_interval,
+        help=f"ZCH admits and evicts every N training batches (default: {d.eviction_interval})",
+    )
     train = p.add_argument_group("training")
-    train.add_argument("--embedding-dim", type=int, default=d.embedding_dim, help=f"embedding dimension (default: {d.embedding_dim})")
-    train.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training examples, in time order (default: {d.epochs})")
-    train.add_argument("--batch-size", type=int, default=d.batch_size, help=f"examples per rank per step (default: {d.batch_size})")
-    train.add_argument("--sparse-lr", type=float, default=d.sparse_lr, help=f"RowWiseAdagrad learning rate (default: {d.sparse_lr})")
+    train.add_argument(
+        "--embedding-dim", type=int, default=d.embedding_dim, help=f"embedding dimension (default: {d.embedding_dim})"
+    )
+    train.add_argument(
+        "--epochs",
+        type=int,
+        default=d.epochs,
+        help=f"passes over the training examples, in time order (default: {d.epochs})",
+    )
+    train.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help=f"examples per rank per step (default: {d.batch_size})"
+    )
+    train.add_argument(
+        "--sparse-lr", type=float, default=d.sparse_lr, help=f"RowWiseAdagrad learning rate (default: {d.sparse_lr})"
+    )
     train.add_argument("--dense-lr", type=float, default=d.dense_lr, help=f"Adam learning rate (default: {d.dense_lr})")
-    train.add_argument("--seed", type=int, default=d.seed, help=f"seed for initialization and the synthetic data (default: {d.seed})")
-    train.add_argument("--limit-batches", type=int, default=None, help="stop each epoch after this many steps (default: all)")
-    train.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between DCP checkpoints; 0 = end of training only (default: 0)")
+    train.add_argument(
+        "--seed", type=int, default=d.seed, help=f"seed for initialization and the synthetic data (default: {d.seed})"
+    )
+    train.add_argument(
+        "--limit-batches", type=int, default=None, help="stop each epoch after this many steps (default: all)"
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=d.checkpoint_every,
+        help="steps between DCP checkpoints; 0 = end of training only (default: 0)",
+    )
     train.add_argument("--resume", action="store_true", help="continue each run from its latest checkpoint under --out")
-    train.add_argument("--log-every", type=int, default=d.log_every, help=f"steps between log lines and metrics.jsonl entries (default: {d.log_every})")
-    train.add_argument("--tensorboard", action="store_true", help="also write the curves as TensorBoard events under each run's folder (pip install tensorboard)")
-    train.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="auto: cuda if available (default: auto)")
+    train.add_argument(
+        "--log-every",
+        type=int,
+        default=d.log_every,
+        help=f"steps between log lines and metrics.jsonl entries (default: {d.log_every})",
+    )
+    train.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write the curves as TensorBoard events under each run's folder (pip install tensorboard)",
+    )
+    train.add_argument(
+        "--device", default=d.device, choices=["auto", "cpu", "cuda"], help="auto: cuda if available (default: auto)"
+    )
     train.add_argument("--out", default=d.out, help=f"output directory (default: {d.out})")
     a = vars(p.parse_args(argv))
     a["variants"], a["ratios"] = tuple(dict.fromkeys(a["variants"])), tuple(a["ratios"])
@@ -124,9 +184,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 @dataclass
 class Stream:
-    raw: dict[str, np.ndarray]      # feature -> raw 63-bit ID per example, in time order
-    dense: np.ndarray               # float32 [n, d]
-    label: np.ndarray               # float32 [n]
+    raw: dict[str, np.ndarray]  # feature -> raw 63-bit ID per example, in time order
+    dense: np.ndarray  # float32 [n, d]
+    label: np.ndarray  # float32 [n]
     train: slice
     valid: slice
     test: slice
@@ -161,11 +221,19 @@ def movielens_stream(cfg: Config) -> Stream:
     else:
         user_dense = np.zeros((ds.num_users, 2), dtype=np.float32)
     dense = np.concatenate([user_dense[user], year[item, None], genres[item]], axis=1)
-    raw = {"user_id": salted_raw_ids(ds.user_raw_ids[user], salt=1),
-           "item_id": salted_raw_ids(ds.item_raw_ids[item], salt=2)}
+    raw = {
+        "user_id": salted_raw_ids(ds.user_raw_ids[user], salt=1),
+        "item_id": salted_raw_ids(ds.item_raw_ids[item], salt=2),
+    }
     label = (ds.rating[order] >= 4).astype(np.float32)
-    return Stream(raw, dense, label, *_time_split(len(label)), fingerprint=ds.fingerprint,
-                  description=f"{ds.name}: {len(label):,} ratings, {ds.num_users:,} users, {ds.num_items:,} movies")
+    return Stream(
+        raw,
+        dense,
+        label,
+        *_time_split(len(label)),
+        fingerprint=ds.fingerprint,
+        description=f"{ds.name}: {len(label):,} ratings, {ds.num_users:,} users, {ds.num_items:,} movies",
+    )
 
 
 def synthetic_stream(cfg: Config) -> Stream:
@@ -188,12 +256,19 @@ def synthetic_stream(cfg: Config) -> Stream:
     logit = effects[0] + effects[1] - 0.5
     label = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.float32)
     dense = rng.normal(size=(n, 4)).astype(np.float32)  # uninformative: the IDs carry the signal
-    return Stream(raw, dense, label, *_time_split(n), fingerprint=f"synthetic-{cfg.seed}-{space}-{n}",
-                  description=f"synthetic: {n:,} examples, Zipf(1.1) IDs over {space:,} ranks per feature, each renewed once")
+    return Stream(
+        raw,
+        dense,
+        label,
+        *_time_split(n),
+        fingerprint=f"synthetic-{cfg.seed}-{space}-{n}",
+        description=f"synthetic: {n:,} examples, Zipf(1.1) IDs over {space:,} ranks per feature, each renewed once",
+    )
 
 
-def batches(data: Stream, rows: slice, batch_size: int, rt: Runtime, first_step: int = 0,
-            limit: int | None = None) -> Iterator[tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor]]:
+def batches(
+    data: Stream, rows: slice, batch_size: int, rt: Runtime, first_step: int = 0, limit: int | None = None
+) -> Iterator[tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor]]:
     """This rank's share of each global batch of ``rows``, in time order (the last partial global
     batch is dropped so that every rank takes the same number of steps)."""
     per_step = batch_size * rt.world_size
@@ -207,8 +282,9 @@ def batches(data: Stream, rows: slice, batch_size: int, rt: Runtime, first_step:
 def _batch(data: Stream, rows: slice) -> tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor]:
     values = np.concatenate([data.raw[f][rows] for f in FEATURES])
     n = rows.stop - rows.start
-    kjt = KeyedJaggedTensor(keys=list(FEATURES), values=torch.from_numpy(values),
-                            lengths=torch.ones(n * len(FEATURES), dtype=torch.int32))
+    kjt = KeyedJaggedTensor(
+        keys=list(FEATURES), values=torch.from_numpy(values), lengths=torch.ones(n * len(FEATURES), dtype=torch.int32)
+    )
     return torch.from_numpy(data.dense[rows]), kjt, torch.from_numpy(data.label[rows])
 
 
@@ -219,11 +295,21 @@ def _batch(data: Stream, rows: slice) -> tuple[torch.Tensor, KeyedJaggedTensor, 
 def build(variant: str, table_rows: dict[str, int], data: Stream, cfg: Config, rt: Runtime):
     """The remapper, TorchRec's DLRM on its tables (sharded table-wise by DMP), and the optimizer."""
     remapper = build_remapper(variant, table_rows, data.vocab, cfg.eviction_interval)
-    ebc = EmbeddingBagCollection(device=torch.device("meta"), tables=[
-        EmbeddingBagConfig(name=f, embedding_dim=cfg.embedding_dim, num_embeddings=remapper.tables[f],
-                           feature_names=[f]) for f in FEATURES])
-    dlrm = DLRM(embedding_bag_collection=ebc, dense_in_features=data.dense.shape[1],
-                dense_arch_layer_sizes=[64, cfg.embedding_dim], over_arch_layer_sizes=[64, 1])
+    ebc = EmbeddingBagCollection(
+        device=torch.device("meta"),
+        tables=[
+            EmbeddingBagConfig(
+                name=f, embedding_dim=cfg.embedding_dim, num_embeddings=remapper.tables[f], feature_names=[f]
+            )
+            for f in FEATURES
+        ],
+    )
+    dlrm = DLRM(
+        embedding_bag_collection=ebc,
+        dense_in_features=data.dense.shape[1],
+        dense_arch_layer_sizes=[64, cfg.embedding_dim],
+        over_arch_layer_sizes=[64, 1],
+    )
     model, optimizer = shard_model(RemappedModel(remapper, dlrm), [ebc], rt, "table_wise", cfg.sparse_lr, cfg.dense_lr)
     return model, optimizer, remapper
 
@@ -254,8 +340,9 @@ class RowReset:
                     if local.numel() == 0:
                         continue
                     if view.dim() == 2:  # weights
-                        fresh = torch.empty(len(local), view.shape[1]).uniform_(-self._bound[f], self._bound[f],
-                                                                                  generator=self._g)
+                        fresh = torch.empty(len(local), view.shape[1]).uniform_(
+                            -self._bound[f], self._bound[f], generator=self._g
+                        )
                         view[local] = fresh.to(view.dtype)
                     else:  # row-wise Adagrad's one accumulator per row
                         view[local] = 0
@@ -292,8 +379,9 @@ def table_rows_for(data: Stream, ratio: float | None, rows: int | None) -> dict[
     return {f: max(2, int(round(ratio * data.distinct(f)))) for f in FEATURES}
 
 
-def train_variant(variant: str, label: str, table_rows: dict[str, int], data: Stream, cfg: Config,
-                  rt: Runtime) -> tuple[dict[str, object], nn.Module, Remapper]:
+def train_variant(
+    variant: str, label: str, table_rows: dict[str, int], data: Stream, cfg: Config, rt: Runtime
+) -> tuple[dict[str, object], nn.Module, Remapper]:
     """Train one variant (resuming from its checkpoints with ``cfg.resume``), evaluate it, and
     return its results, the trained model and its remapper."""
     seed_everything(cfg.seed)
@@ -304,7 +392,11 @@ def train_variant(variant: str, label: str, table_rows: dict[str, int], data: St
     # what defines this run: not which other variants and sizes the command also trains
     settings = {k: v for k, v in run_config(cfg, data.fingerprint).items() if k not in ("variants", "ratios")}
     settings.update(variant=variant, table_rows=table_rows)
-    meta = resume_if_possible(run_dir / "checkpoints", state, settings, cfg.resume) or {"epoch": 0, "step": 0, "seconds": 0.0}
+    meta = resume_if_possible(run_dir / "checkpoints", state, settings, cfg.resume) or {
+        "epoch": 0,
+        "step": 0,
+        "seconds": 0.0,
+    }
     epoch0, step0, seconds = meta["epoch"], meta["step"], meta["seconds"]
     if meta.get("global_step"):
         print0(f"{variant} {label}: resumed at epoch {epoch0}, step {step0}")
@@ -313,22 +405,35 @@ def train_variant(variant: str, label: str, table_rows: dict[str, int], data: St
     steps = (data.train.stop - data.train.start) // per_step
     steps = steps if cfg.limit_batches is None else min(steps, cfg.limit_batches)
     if steps == 0:
-        raise ValueError(f"batch size {cfg.batch_size} x {rt.world_size} ranks exceeds the training examples; "
-                         f"lower --batch-size")
+        raise ValueError(
+            f"batch size {cfg.batch_size} x {rt.world_size} ranks exceeds the training examples; lower --batch-size"
+        )
     global_step = epoch0 * steps + step0
 
     def checkpoint(epoch: int, step: int) -> None:
-        save_checkpoint(run_dir / "checkpoints", global_step, state,
-                        meta={"epoch": epoch, "step": step, "global_step": global_step, "seconds": seconds,
-                              "run_config": settings})
+        save_checkpoint(
+            run_dir / "checkpoints",
+            global_step,
+            state,
+            meta={"epoch": epoch, "step": step, "global_step": global_step, "seconds": seconds, "run_config": settings},
+        )
 
-    log = MetricsLog(run_dir, f"zch-{variant}-{label}".replace(" ", "-"), cfg.tensorboard)  # the curves: <run>/metrics.jsonl
+    log = MetricsLog(
+        run_dir, f"zch-{variant}-{label}".replace(" ", "-"), cfg.tensorboard
+    )  # the curves: <run>/metrics.jsonl
     for epoch in range(epoch0, cfg.epochs):
-        bar = tqdm(total=steps, initial=step0, desc=f"{variant} {label} epoch {epoch}", leave=False,
-                   disable=not rt.is_rank0 or None)
+        bar = tqdm(
+            total=steps,
+            initial=step0,
+            desc=f"{variant} {label} epoch {epoch}",
+            leave=False,
+            disable=not rt.is_rank0 or None,
+        )
         t0 = t_log = time.perf_counter()
         n_log = 0
-        for step, (dense, kjt, y) in enumerate(batches(data, data.train, cfg.batch_size, rt, step0, steps), start=step0 + 1):
+        for step, (dense, kjt, y) in enumerate(
+            batches(data, data.train, cfg.batch_size, rt, step0, steps), start=step0 + 1
+        ):
             loss = loss_fn(model(dense, kjt).squeeze(-1), y)
             optimizer.zero_grad()
             loss.backward()
@@ -339,7 +444,9 @@ def train_variant(variant: str, label: str, table_rows: dict[str, int], data: St
             bar.update(1)
             if step % cfg.log_every == 0:
                 print0(f"{variant} {label} | epoch {epoch} | step {step}/{steps} | loss {loss.item():.4f}")
-                log.log("train", global_step, epoch, loss=loss.item(), examples_per_s=n_log / (time.perf_counter() - t_log))
+                log.log(
+                    "train", global_step, epoch, loss=loss.item(), examples_per_s=n_log / (time.perf_counter() - t_log)
+                )
                 t_log, n_log = time.perf_counter(), 0
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
                 seconds += time.perf_counter() - t0
@@ -357,15 +464,21 @@ def train_variant(variant: str, label: str, table_rows: dict[str, int], data: St
     log.close()
     collisions = {f: collision_report(remapper, f, data.raw[f][data.test], data.raw[f][data.train]) for f in FEATURES}
     result = {
-        "variant": variant, "table_size": label, "table_rows": remapper.tables,
+        "variant": variant,
+        "table_size": label,
+        "table_rows": remapper.tables,
         "distinct_ids": {f: data.distinct(f) for f in FEATURES},
-        "auc_test": test["auc"], "auc_valid": valid["auc"], "logloss_test": test["logloss"],
+        "auc_test": test["auc"],
+        "auc_valid": valid["auc"],
+        "logloss_test": test["logloss"],
         "collision_rate": float(np.mean([c["collision_rate"] for c in collisions.values()])),
         "collision_rate_frequent": float(np.mean([c["collision_rate_frequent"] for c in collisions.values()])),
         "lookups_on_shared_rows": float(np.mean([c["lookups_on_shared_rows"] for c in collisions.values()])),
-        "collisions": collisions, "evictions": remapper.evictions,
+        "collisions": collisions,
+        "evictions": remapper.evictions,
         "examples_per_s": global_step * per_step / seconds if seconds > 0 else float("nan"),
-        "steps": global_step, "world_size": rt.world_size,
+        "steps": global_step,
+        "world_size": rt.world_size,
     }
     if hasattr(remapper, "mapping_digest"):
         result["mapping_digest"] = remapper.mapping_digest()
@@ -374,16 +487,21 @@ def train_variant(variant: str, label: str, table_rows: dict[str, int], data: St
 
 
 def markdown_table(results: list[dict[str, object]], description: str) -> str:
-    lines = [f"{description}; test AUC and collisions over the IDs active in test.", "",
-             "| variant | table size | rows (user / item) | test AUC | valid AUC | collision rate | frequent IDs | "
-             "lookups on shared rows | evictions | train ex/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{description}; test AUC and collisions over the IDs active in test.",
+        "",
+        "| variant | table size | rows (user / item) | test AUC | valid AUC | collision rate | frequent IDs | "
+        "lookups on shared rows | evictions | train ex/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         rows = r["table_rows"]
-        lines.append(f"| {r['variant']} | {r['table_size']} | {rows['user_id']:,} / {rows['item_id']:,} | "
-                     f"{r['auc_test']:.4f} | {r['auc_valid']:.4f} | {r['collision_rate']:.3f} | "
-                     f"{r['collision_rate_frequent']:.3f} | {r['lookups_on_shared_rows']:.3f} | {r['evictions']:,} | "
-                     f"{r['examples_per_s']:,.0f} |")
+        lines.append(
+            f"| {r['variant']} | {r['table_size']} | {rows['user_id']:,} / {rows['item_id']:,} | "
+            f"{r['auc_test']:.4f} | {r['auc_valid']:.4f} | {r['collision_rate']:.3f} | "
+            f"{r['collision_rate_frequent']:.3f} | {r['lookups_on_shared_rows']:.3f} | {r['evictions']:,} | "
+            f"{r['examples_per_s']:,.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -404,9 +522,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         for variant, label, rows in runs:
             r, _, _ = train_variant(variant, label, rows, data, cfg, rt)
             results.append(r)
-            print0(f"{variant:8s} {label:10s} | test AUC {r['auc_test']:.4f} | collision rate {r['collision_rate']:.3f} "
-                   f"(frequent {r['collision_rate_frequent']:.3f}) | evictions {r['evictions']:,} | "
-                   f"{r['examples_per_s']:,.0f} ex/s")
+            print0(
+                f"{variant:8s} {label:10s} | test AUC {r['auc_test']:.4f} | collision rate {r['collision_rate']:.3f} "
+                f"(frequent {r['collision_rate_frequent']:.3f}) | evictions {r['evictions']:,} | "
+                f"{r['examples_per_s']:,.0f} ex/s"
+            )
         table = markdown_table(results, data.description)
         print0("\n" + table)
         summary = {"config": asdict(cfg), "data": data.description, "results": results}

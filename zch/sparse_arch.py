@@ -73,8 +73,7 @@ class Remapper(nn.Module):
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         parts = [self.rows(key, kjt[key].values()) for key in kjt.keys()]
-        return KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(parts), lengths=kjt.lengths(),
-                                 stride=kjt.stride())
+        return KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(parts), lengths=kjt.lengths(), stride=kjt.stride())
 
     def pop_reassigned(self) -> dict[str, torch.Tensor]:
         """Rows handed to a different ID since the last call ({feature: rows}); their embeddings
@@ -123,15 +122,22 @@ class ManagedCollisionRemapper(Remapper):
         if policy not in ("lru", "lfu"):
             raise ValueError(f"eviction policy must be 'lru' or 'lfu', got {policy!r}")
         self.kind = f"zch_{policy}"
-        configs = [EmbeddingBagConfig(name=f, embedding_dim=1, num_embeddings=n, feature_names=[f])
-                   for f, n in tables.items()]
+        configs = [
+            EmbeddingBagConfig(name=f, embedding_dim=1, num_embeddings=n, feature_names=[f]) for f, n in tables.items()
+        ]
         self.mcc = ManagedCollisionCollection(
             managed_collision_modules={
                 f: MCHManagedCollisionModule(
-                    zch_size=n, device=torch.device("cpu"), eviction_interval=eviction_interval,
-                    eviction_policy=LRU_EvictionPolicy() if policy == "lru" else LFU_EvictionPolicy(), name=f)
-                for f, n in tables.items()},
-            embedding_configs=configs)
+                    zch_size=n,
+                    device=torch.device("cpu"),
+                    eviction_interval=eviction_interval,
+                    eviction_policy=LRU_EvictionPolicy() if policy == "lru" else LFU_EvictionPolicy(),
+                    name=f,
+                )
+                for f, n in tables.items()
+            },
+            embedding_configs=configs,
+        )
         # IDs that lost their row to another, over the module's life (saved with the model).
         self.register_buffer("eviction_count", torch.zeros(len(tables), dtype=torch.int64))
         self._reassigned: dict[str, list[torch.Tensor]] = {f: [] for f in tables}
@@ -179,8 +185,10 @@ class ManagedCollisionRemapper(Remapper):
         digests: list[str | None] = [None] * dist.get_world_size()
         dist.all_gather_object(digests, self.mapping_digest())
         if len(set(digests)) != 1:
-            raise RuntimeError(f"ZCH mappings differ between ranks ({digests}); the replicated remapper must see "
-                               "the same global batches on every rank")
+            raise RuntimeError(
+                f"ZCH mappings differ between ranks ({digests}); the replicated remapper must see "
+                "the same global batches on every rank"
+            )
 
     def pop_reassigned(self) -> dict[str, torch.Tensor]:
         out = {f: torch.unique(torch.cat(r)) for f, r in self._reassigned.items() if r}
@@ -192,8 +200,9 @@ class ManagedCollisionRemapper(Remapper):
         return int(self.eviction_count.sum().item())
 
 
-def build_remapper(variant: str, tables: dict[str, int], vocabularies: dict[str, np.ndarray] | None = None,
-                   eviction_interval: int = 1) -> Remapper:
+def build_remapper(
+    variant: str, tables: dict[str, int], vocabularies: dict[str, np.ndarray] | None = None, eviction_interval: int = 1
+) -> Remapper:
     """``variant``: one of :data:`VARIANTS`. ``tables``: {feature: rows} (ignored by ``full``, which
     sizes its tables from ``vocabularies``)."""
     if variant == "modulo":
@@ -205,8 +214,10 @@ def build_remapper(variant: str, tables: dict[str, int], vocabularies: dict[str,
     if variant in ("zch_lru", "zch_lfu"):
         return ManagedCollisionRemapper(tables, policy=variant.split("_")[1], eviction_interval=eviction_interval)
     if variant == "mpzch":
-        raise ValueError("mpzch is not available: FBGEMM's CPU zero_collision_hash kernel only does read-only "
-                         "lookups, so MPZCH cannot train on CPU (see zch/README.md); use zch_lru or zch_lfu")
+        raise ValueError(
+            "mpzch is not available: FBGEMM's CPU zero_collision_hash kernel only does read-only "
+            "lookups, so MPZCH cannot train on CPU (see zch/README.md); use zch_lru or zch_lfu"
+        )
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
 
 
@@ -224,8 +235,9 @@ class RemappedModel(nn.Module):
         return self.model(dense, self.remapper(kjt))
 
 
-def collision_report(remapper: Remapper, feature: str, active: np.ndarray, history: np.ndarray,
-                     frequent_share: float = 0.1) -> dict[str, float]:
+def collision_report(
+    remapper: Remapper, feature: str, active: np.ndarray, history: np.ndarray, frequent_share: float = 0.1
+) -> dict[str, float]:
     """How ``remapper`` maps the IDs ``active`` (one entry per lookup, e.g. the test window's) of
     ``feature``: the share of distinct active IDs whose row is shared with another active ID; the
     same among the ``frequent_share`` of them most frequent in ``history`` (the training lookups),
@@ -238,10 +250,13 @@ def collision_report(remapper: Remapper, feature: str, active: np.ndarray, histo
     pos = np.searchsorted(seen_ids, ids).clip(max=len(seen_ids) - 1)
     past = np.where(seen_ids[pos] == ids, seen_counts[pos], 0)
     top = np.argsort(-past, kind="stable")[: max(1, int(round(frequent_share * len(ids))))]
-    return {"active_ids": int(len(ids)), "collision_rate": float(shared.mean()),
-            "collision_rate_frequent": float(shared[top].mean()),
-            "lookups_on_shared_rows": float(counts[shared].sum() / counts.sum()),
-            "unseen_in_history": float((past == 0).mean())}
+    return {
+        "active_ids": int(len(ids)),
+        "collision_rate": float(shared.mean()),
+        "collision_rate_frequent": float(shared[top].mean()),
+        "lookups_on_shared_rows": float(counts[shared].sum() / counts.sum()),
+        "unseen_in_history": float((past == 0).mean()),
+    }
 
 
 def _jagged(values: torch.Tensor):
@@ -277,6 +292,6 @@ def _all_gather_kjt(kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         for rank in range(world):
             start = int(all_counts[rank][:k].sum())
             n = int(all_counts[rank][k])
-            values.append(gathered[rank][start:start + n])
+            values.append(gathered[rank][start : start + n])
             lengths.append(n)
     return KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(values), lengths=torch.tensor(lengths), stride=world)

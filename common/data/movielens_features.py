@@ -47,12 +47,12 @@ class MovieLensTables:
 
     num_users: int
     num_items: int
-    user_columns: dict[str, np.ndarray]   # feature name -> int64 [num_users]; empty without user features
+    user_columns: dict[str, np.ndarray]  # feature name -> int64 [num_users]; empty without user features
     user_cardinality: dict[str, int]
-    item_genre_values: np.ndarray         # jagged genres of every item
+    item_genre_values: np.ndarray  # jagged genres of every item
     item_genre_lengths: np.ndarray
     num_genres: int
-    item_year_bucket: np.ndarray          # int64 [num_items]
+    item_year_bucket: np.ndarray  # int64 [num_items]
     occupation_vocab: list[str] = field(default_factory=list)
 
     @classmethod
@@ -61,16 +61,32 @@ class MovieLensTables:
         columns: dict[str, np.ndarray] = {}
         cardinality: dict[str, int] = {}
         if ds.has_user_features:
-            columns = {"age_bucket": ds.age_bucket(), "gender": ds.user_gender,
-                       "occupation": ds.user_occupation, "zip_region": zip_region(ds.user_zip)}
-            cardinality = {"age_bucket": len(AGE_BUCKETS), "gender": 2,
-                           "occupation": len(ds.occupation_vocab), "zip_region": 11}
+            columns = {
+                "age_bucket": ds.age_bucket(),
+                "gender": ds.user_gender,
+                "occupation": ds.user_occupation,
+                "zip_region": zip_region(ds.user_zip),
+            }
+            cardinality = {
+                "age_bucket": len(AGE_BUCKETS),
+                "gender": 2,
+                "occupation": len(ds.occupation_vocab),
+                "zip_region": 11,
+            }
         lengths = np.array([len(g) for g in ds.item_genres], dtype=np.int64)
         values = np.array([g for gs in ds.item_genres for g in gs], dtype=np.int64)
-        return cls(num_users=ds.num_users, num_items=ds.num_items, user_columns=columns,
-                   user_cardinality=cardinality, item_genre_values=values, item_genre_lengths=lengths,
-                   num_genres=max(1, len(ds.genre_vocab)), item_year_bucket=year_bucket(ds.item_year),
-                   occupation_vocab=list(ds.occupation_vocab), **extra)
+        return cls(
+            num_users=ds.num_users,
+            num_items=ds.num_items,
+            user_columns=columns,
+            user_cardinality=cardinality,
+            item_genre_values=values,
+            item_genre_lengths=lengths,
+            num_genres=max(1, len(ds.genre_vocab)),
+            item_year_bucket=year_bucket(ds.item_year),
+            occupation_vocab=list(ds.occupation_vocab),
+            **extra,
+        )
 
     def item_genres(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The genres of ``items`` as jagged (values, lengths)."""
@@ -88,12 +104,15 @@ class MovieLensTables:
         for r, rec in enumerate(records):
             missing = [f for f in ("age", "gender", "occupation", "zip") if f not in rec]
             if missing:
-                raise FeatureError(f"record {r}: missing user field(s) {missing}; a new user needs age, gender, "
-                                   f"occupation and zip")
+                raise FeatureError(
+                    f"record {r}: missing user field(s) {missing}; a new user needs age, gender, occupation and zip"
+                )
             if rec["gender"] not in ("M", "F"):
                 raise FeatureError(f"record {r}: gender must be 'M' or 'F', got {rec['gender']!r}")
             if rec["occupation"] not in occupation:
-                raise FeatureError(f"record {r}: unknown occupation {rec['occupation']!r}; one of {self.occupation_vocab}")
+                raise FeatureError(
+                    f"record {r}: unknown occupation {rec['occupation']!r}; one of {self.occupation_vocab}"
+                )
             if not isinstance(rec["age"], (int, np.integer)) or not 0 < rec["age"] < 130:
                 raise FeatureError(f"record {r}: age must be a whole number of years, got {rec['age']!r}")
             cols["age_bucket"].append(int(np.searchsorted(np.array(AGE_BUCKETS), rec["age"], side="right") - 1))
@@ -107,8 +126,13 @@ class MovieLensTables:
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            out[f.name] = ({k: c.tolist() for k, c in v.items()} if f.name == "user_columns"
-                           else v.tolist() if isinstance(v, np.ndarray) else v)
+            out[f.name] = (
+                {k: c.tolist() for k, c in v.items()}
+                if f.name == "user_columns"
+                else v.tolist()
+                if isinstance(v, np.ndarray)
+                else v
+            )
         return out
 
     @classmethod

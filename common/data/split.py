@@ -34,13 +34,16 @@ STAGES = ("valid", "test")
 def tie_keys(raw_user: np.ndarray, raw_item: np.ndarray) -> np.ndarray:
     """uint64 tie key of each (raw user ID, raw item ID) pair, as defined in the module docstring."""
     sha = hashlib.sha256
-    digests = b"".join(sha(f"{u}:{i}".encode("ascii")).digest()[:8]
-                       for u, i in zip(np.asarray(raw_user).tolist(), np.asarray(raw_item).tolist()))
+    digests = b"".join(
+        sha(f"{u}:{i}".encode("ascii")).digest()[:8]
+        for u, i in zip(np.asarray(raw_user).tolist(), np.asarray(raw_item).tolist())
+    )
     return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
 
 
-def time_order(timestamp: np.ndarray, raw_user: np.ndarray, raw_item: np.ndarray,
-               group: np.ndarray | None = None) -> np.ndarray:
+def time_order(
+    timestamp: np.ndarray, raw_user: np.ndarray, raw_item: np.ndarray, group: np.ndarray | None = None
+) -> np.ndarray:
     """The permutation that sorts interactions by ``(group, timestamp, tie_key)``; ``group`` is the
     dense user index for per-user order, ``None`` for one global order. Only rows that share
     ``(group, timestamp)`` with another are hashed: elsewhere the key cannot change the order."""
@@ -62,13 +65,13 @@ def time_order(timestamp: np.ndarray, raw_user: np.ndarray, raw_item: np.ndarray
 class Split:
     num_users: int
     num_items: int
-    train_user: np.ndarray   # int64, sorted by (user, time, tie key)
+    train_user: np.ndarray  # int64, sorted by (user, time, tie key)
     train_item: np.ndarray
     train_time: np.ndarray
-    valid_user: np.ndarray   # int64 [n_valid], one target per user
+    valid_user: np.ndarray  # int64 [n_valid], one target per user
     valid_item: np.ndarray
     valid_time: np.ndarray
-    test_user: np.ndarray    # int64 [n_test]
+    test_user: np.ndarray  # int64 [n_test]
     test_item: np.ndarray
     test_time: np.ndarray
 
@@ -98,9 +101,16 @@ class Split:
         return np.bincount(items, minlength=self.num_items)
 
 
-def leave_last_out(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray,
-                   num_users: int | None = None, num_items: int | None = None, *,
-                   user_raw_ids: np.ndarray | None = None, item_raw_ids: np.ndarray | None = None) -> Split:
+def leave_last_out(
+    user: np.ndarray,
+    item: np.ndarray,
+    timestamp: np.ndarray,
+    num_users: int | None = None,
+    num_items: int | None = None,
+    *,
+    user_raw_ids: np.ndarray | None = None,
+    item_raw_ids: np.ndarray | None = None,
+) -> Split:
     """Split interactions (dense indices) into train / valid / test as described above.
 
     ``user_raw_ids`` / ``item_raw_ids`` map dense indices to the raw IDs the tie key hashes;
@@ -119,7 +129,7 @@ def leave_last_out(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray,
     order = time_order(timestamp, raw_user, raw_item, group=user)
     user, item, timestamp = user[order], item[order], timestamp[order]
     count = np.bincount(user, minlength=num_users)
-    end = np.cumsum(count)                      # one past each user's last interaction
+    end = np.cumsum(count)  # one past each user's last interaction
     has_test = count >= 2
     has_valid = count >= 3
     test_idx = end[has_test] - 1
@@ -128,10 +138,17 @@ def leave_last_out(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray,
     is_train[test_idx] = False
     is_train[valid_idx] = False
     return Split(
-        num_users=num_users, num_items=num_items,
-        train_user=user[is_train], train_item=item[is_train], train_time=timestamp[is_train],
-        valid_user=user[valid_idx], valid_item=item[valid_idx], valid_time=timestamp[valid_idx],
-        test_user=user[test_idx], test_item=item[test_idx], test_time=timestamp[test_idx],
+        num_users=num_users,
+        num_items=num_items,
+        train_user=user[is_train],
+        train_item=item[is_train],
+        train_time=timestamp[is_train],
+        valid_user=user[valid_idx],
+        valid_item=item[valid_idx],
+        valid_time=timestamp[valid_idx],
+        test_user=user[test_idx],
+        test_item=item[test_idx],
+        test_time=timestamp[test_idx],
     )
 
 
@@ -153,8 +170,15 @@ class Interactions(Protocol):
 
 def split_dataset(ds: Interactions) -> Split:
     """The shared split of a data set, its raw IDs feeding the tie key."""
-    return leave_last_out(ds.user, ds.item, ds.timestamp, ds.num_users, ds.num_items,
-                          user_raw_ids=ds.user_raw_ids, item_raw_ids=ds.item_raw_ids)
+    return leave_last_out(
+        ds.user,
+        ds.item,
+        ds.timestamp,
+        ds.num_users,
+        ds.num_items,
+        user_raw_ids=ds.user_raw_ids,
+        item_raw_ids=ds.item_raw_ids,
+    )
 
 
 def _check_stage(stage: str) -> None:

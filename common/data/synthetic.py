@@ -20,14 +20,14 @@ import numpy as np
 
 @dataclass
 class SyntheticInteractions:
-    user: np.ndarray            # int64 [n], sorted by (user, time)
-    item: np.ndarray            # int64 [n]
-    timestamp: np.ndarray       # int64 [n]
+    user: np.ndarray  # int64 [n], sorted by (user, time)
+    item: np.ndarray  # int64 [n]
+    timestamp: np.ndarray  # int64 [n]
     num_users: int
     num_items: int
-    item_topic: np.ndarray      # int64 [num_items]: the planted topic of each item
-    item_weight: np.ndarray     # float64 [num_items]: popularity within its topic (sums to 1 per topic)
-    user_topics: np.ndarray     # int64 [num_users, topics_per_user]: the planted liked topics
+    item_topic: np.ndarray  # int64 [num_items]: the planted topic of each item
+    item_weight: np.ndarray  # float64 [num_items]: popularity within its topic (sums to 1 per topic)
+    user_topics: np.ndarray  # int64 [num_users, topics_per_user]: the planted liked topics
     user_topic_weight: np.ndarray  # float64 [num_users, topics_per_user]: their weights (sum to 1)
     num_clusters: int
 
@@ -45,9 +45,16 @@ class SyntheticInteractions:
         return np.arange(self.num_items, dtype=np.int64)
 
 
-def generate_interactions(num_users: int = 10_000, num_items: int = 5_000, interactions_per_user: float = 20.0,
-                          num_clusters: int = 50, topics_per_user: int = 3, zipf: float = 1.0,
-                          repeat_topic: float = 0.5, seed: int = 0) -> SyntheticInteractions:
+def generate_interactions(
+    num_users: int = 10_000,
+    num_items: int = 5_000,
+    interactions_per_user: float = 20.0,
+    num_clusters: int = 50,
+    topics_per_user: int = 3,
+    zipf: float = 1.0,
+    repeat_topic: float = 0.5,
+    seed: int = 0,
+) -> SyntheticInteractions:
     """Generate interactions as described in the module docstring.
 
     ``interactions_per_user`` is the mean; each user gets 3 + Poisson(mean - 3) so that every
@@ -60,14 +67,16 @@ def generate_interactions(num_users: int = 10_000, num_items: int = 5_000, inter
     rng = np.random.default_rng(seed)
     # Items: topic and popularity rank within topic.
     item_topic = rng.permutation(np.arange(num_items) % num_clusters).astype(np.int64)
-    order = np.argsort(item_topic, kind="stable")              # items grouped by topic
+    order = np.argsort(item_topic, kind="stable")  # items grouped by topic
     topic_start = np.searchsorted(item_topic[order], np.arange(num_clusters + 1))
     topic_size = np.diff(topic_start)
     rank = np.empty(num_items, dtype=np.int64)
     rank[order] = np.arange(num_items) - np.repeat(topic_start[:-1], topic_size)
     weight = 1.0 / (rank + 1.0) ** zipf
     weight /= np.bincount(item_topic, weights=weight)[item_topic]
-    cdf_within = np.cumsum(weight[order]) - np.repeat(np.r_[0, np.cumsum(np.bincount(item_topic, weights=weight))[:-1]], topic_size)
+    cdf_within = np.cumsum(weight[order]) - np.repeat(
+        np.r_[0, np.cumsum(np.bincount(item_topic, weights=weight))[:-1]], topic_size
+    )
 
     # Users: liked topics, their weights, and interaction counts.
     user_topics = rng.integers(0, num_clusters, size=(num_users, topics_per_user), dtype=np.int64)
@@ -97,10 +106,18 @@ def generate_interactions(num_users: int = 10_000, num_items: int = 5_000, inter
     seg_start = np.r_[0, np.cumsum(counts)[:-1]]
     csum = np.cumsum(gaps)
     timestamp = 1_600_000_000 + start[user] + csum - np.repeat(csum[seg_start] - gaps[seg_start], counts)
-    return SyntheticInteractions(user=user, item=item, timestamp=timestamp.astype(np.int64),
-                                 num_users=num_users, num_items=num_items, item_topic=item_topic,
-                                 item_weight=weight, user_topics=user_topics, user_topic_weight=user_weight,
-                                 num_clusters=num_clusters)
+    return SyntheticInteractions(
+        user=user,
+        item=item,
+        timestamp=timestamp.astype(np.int64),
+        num_users=num_users,
+        num_items=num_items,
+        item_topic=item_topic,
+        item_weight=weight,
+        user_topics=user_topics,
+        user_topic_weight=user_weight,
+        num_clusters=num_clusters,
+    )
 
 
 def oracle_scores(data: SyntheticInteractions, users: np.ndarray) -> np.ndarray:
@@ -111,8 +128,9 @@ def oracle_scores(data: SyntheticInteractions, users: np.ndarray) -> np.ndarray:
     return (mixture[:, data.item_topic] * data.item_weight[None, :]).astype(np.float32)
 
 
-def _segment_searchsorted(cdf: np.ndarray, seg_start: np.ndarray, seg_size: np.ndarray, seg: np.ndarray,
-                          values: np.ndarray) -> np.ndarray:
+def _segment_searchsorted(
+    cdf: np.ndarray, seg_start: np.ndarray, seg_size: np.ndarray, seg: np.ndarray, values: np.ndarray
+) -> np.ndarray:
     """Position within segment ``seg[i]`` of the concatenated per-segment CDFs where values[i] falls."""
     offset = np.repeat(np.arange(len(seg_size), dtype=np.float64) * 2.0, seg_size)
     flat = cdf + offset

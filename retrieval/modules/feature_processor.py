@@ -33,20 +33,32 @@ class TwoTowerFeatures(MovieLensTables):
     @property
     def query_schema(self) -> FeatureSchema:
         user = tuple(SparseFeature(name, self.user_cardinality[name]) for name in self.user_columns)
-        return FeatureSchema(sparse=(SparseFeature("user_id", self.num_users, max_length=None), *user,
-                                     SparseFeature("history", self.num_items, pooling="mean",
-                                                   max_length=self.history_len)))
+        return FeatureSchema(
+            sparse=(
+                SparseFeature("user_id", self.num_users, max_length=None),
+                *user,
+                SparseFeature("history", self.num_items, pooling="mean", max_length=self.history_len),
+            )
+        )
 
     @property
     def candidate_schema(self) -> FeatureSchema:
-        return FeatureSchema(sparse=(SparseFeature("item_id", self.num_items),
-                                     SparseFeature("genres", self.num_genres, pooling="mean", max_length=None),
-                                     SparseFeature("year_bucket", NUM_YEAR_BUCKETS)))
+        return FeatureSchema(
+            sparse=(
+                SparseFeature("item_id", self.num_items),
+                SparseFeature("genres", self.num_genres, pooling="mean", max_length=None),
+                SparseFeature("year_bucket", NUM_YEAR_BUCKETS),
+            )
+        )
 
     # -- batches ---------------------------------------------------------------------------
 
-    def query_batch(self, users: np.ndarray, history: tuple[np.ndarray, np.ndarray],
-                    user_columns: dict[str, np.ndarray] | None = None) -> FeatureBatch:
+    def query_batch(
+        self,
+        users: np.ndarray,
+        history: tuple[np.ndarray, np.ndarray],
+        user_columns: dict[str, np.ndarray] | None = None,
+    ) -> FeatureBatch:
         """Query features for dense user indices with their (values, lengths) histories.
 
         A user index of -1 means "no ID embedding" (a new user). User features come from the
@@ -66,4 +78,5 @@ class TwoTowerFeatures(MovieLensTables):
         items = np.asarray(items, dtype=np.int64)
         genres = self.item_genres(items)
         return self.candidate_schema.from_columns(
-            {"item_id": items, "genres": genres, "year_bucket": self.item_year_bucket[items]}, batch_size=len(items))
+            {"item_id": items, "genres": genres, "year_bucket": self.item_year_bucket[items]}, batch_size=len(items)
+        )

@@ -38,8 +38,9 @@ def default_params(kind: str, num_items: int, dim: int) -> dict[str, Any]:
     raise ValueError(f"index type must be one of {INDEX_TYPES}, got {kind!r}")
 
 
-def build_index(kind: str, embeddings: np.ndarray, params: dict[str, Any] | None = None, seed: int = 0
-                ) -> tuple[faiss.Index, str, dict[str, Any]]:
+def build_index(
+    kind: str, embeddings: np.ndarray, params: dict[str, Any] | None = None, seed: int = 0
+) -> tuple[faiss.Index, str, dict[str, Any]]:
     """Build an inner-product index over ``embeddings``; returns (index, type, parameters used)."""
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
     n, d = x.shape

@@ -26,15 +26,18 @@ from common.features import FeatureSchema
 class Tower(nn.Module):
     """Embedding bags for a schema's sparse features -> concatenated by key -> MLP -> unit vector."""
 
-    def __init__(self, schema: FeatureSchema, embedding_dim: int, layer_sizes: list[int],
-                 device: torch.device | None = None) -> None:
+    def __init__(
+        self, schema: FeatureSchema, embedding_dim: int, layer_sizes: list[int], device: torch.device | None = None
+    ) -> None:
         super().__init__()
         self.feature_names = schema.sparse_names
         self.ebc = EmbeddingBagCollection(tables=schema.embedding_bag_configs(embedding_dim), device=device)
         layers: list[nn.Module] = []
         in_dim = embedding_dim * len(self.feature_names)
         for k, out_dim in enumerate(layer_sizes):
-            layers.append(nn.Linear(in_dim, out_dim, device=None if device is None or device.type == "meta" else device))
+            layers.append(
+                nn.Linear(in_dim, out_dim, device=None if device is None or device.type == "meta" else device)
+            )
             if k < len(layer_sizes) - 1:
                 layers.append(nn.ReLU())
             in_dim = out_dim
@@ -58,9 +61,11 @@ class TwoTowerBatch(Pipelineable):
     item_ids: torch.Tensor
 
     def to(self, device: torch.device, non_blocking: bool = False) -> TwoTowerBatch:
-        return TwoTowerBatch(self.query.to(device, non_blocking=non_blocking),
-                             self.candidate.to(device, non_blocking=non_blocking),
-                             self.item_ids.to(device, non_blocking=non_blocking))
+        return TwoTowerBatch(
+            self.query.to(device, non_blocking=non_blocking),
+            self.candidate.to(device, non_blocking=non_blocking),
+            self.item_ids.to(device, non_blocking=non_blocking),
+        )
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.query.record_stream(stream)
@@ -75,9 +80,16 @@ class TwoTower(nn.Module):
     """Both towers plus the training loss; ``forward(batch)`` returns ``(loss, (loss, accuracy))``
     as ``TrainPipelineSparseDist`` expects."""
 
-    def __init__(self, query_schema: FeatureSchema, candidate_schema: FeatureSchema, embedding_dim: int,
-                 layer_sizes: list[int], item_counts: np.ndarray, temperature: float = 0.05,
-                 device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        query_schema: FeatureSchema,
+        candidate_schema: FeatureSchema,
+        embedding_dim: int,
+        layer_sizes: list[int],
+        item_counts: np.ndarray,
+        temperature: float = 0.05,
+        device: torch.device | None = None,
+    ) -> None:
         super().__init__()
         self.query_tower = Tower(query_schema, embedding_dim, layer_sizes, device)
         self.candidate_tower = Tower(candidate_schema, embedding_dim, layer_sizes, device)
@@ -93,8 +105,9 @@ class TwoTower(nn.Module):
 
 
 @torch.fx.wrap  # opaque to the FX tracer that TrainPipelineSparseDist uses to find sharded modules
-def sampled_softmax_loss(query: torch.Tensor, candidate: torch.Tensor, item_ids: torch.Tensor,
-                         log_q: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def sampled_softmax_loss(
+    query: torch.Tensor, candidate: torch.Tensor, item_ids: torch.Tensor, log_q: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """In-batch softmax with logQ correction and accidental hits masked; returns (loss, accuracy)."""
     logits = query @ candidate.T / temperature - log_q[item_ids].unsqueeze(0)
     same_item = item_ids.unsqueeze(1) == item_ids.unsqueeze(0)
@@ -114,8 +127,10 @@ class TwoTowerRetrieval(nn.Module):
     def __init__(self, faiss_index, query_tower: Tower, k: int = 100, device: torch.device | None = None) -> None:
         super().__init__()
         if faiss_index.d != query_tower.output_dim:
-            raise ValueError(f"FAISS index has dimension {faiss_index.d} but the query tower outputs "
-                             f"{query_tower.output_dim}: the index was built for another model")
+            raise ValueError(
+                f"FAISS index has dimension {faiss_index.d} but the query tower outputs "
+                f"{query_tower.output_dim}: the index was built for another model"
+            )
         self.faiss_index = faiss_index
         self.query_tower = query_tower
         self.k = k
