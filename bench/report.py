@@ -7,6 +7,7 @@ Each chart is drawn only when its results file exists, so the command works on a
 
 - ``curves_<stage>.png`` from ``bench/results/curves/<stage>.jsonl`` (the ``metrics.jsonl`` every
   training script writes): training loss and throughput against the step, validation metrics per epoch;
+  ``curves_zch.png``: the loss of every ZCH run in one chart;
 - ``systems_test.png`` from ``demo_results.json`` (``make demo``): every system's test HR@10 and
   NDCG@10 with their 95% intervals, the demo's table as a chart;
 - ``serving_load.png`` from ``serving_load.json`` (``bench.serving_load``): requests/s and p99 against
@@ -69,7 +70,7 @@ def curves(rows: list[dict], title: str, out: Path) -> Path:
             ax_rate.set_ylabel("thousand examples/s", color="#777")
         ax_loss.legend(loc="upper right", fontsize=8)
     ax_loss.set_title(f"{title}: training")
-    keys = [k for k in ("NDCG@10", "HR@10", "auc", "Recall@100", "ne") if any(k in r for r in valid)]
+    keys = [k for k in ("NDCG@10", "HR@10", "auc", "rerank_NDCG@10", "Recall@100") if any(k in r for r in valid)]
     for key in keys[:3]:
         pts = [(r["epoch"], r[key]) for r in valid if key in r]
         ax_valid.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
@@ -164,6 +165,25 @@ def zch(results: dict, out: Path) -> Path:
     return _save(fig, out)
 
 
+def zch_curves(runs: dict[str, list[dict]], out: Path) -> Path:
+    """Training loss against the step for every ID-to-row variant and table size, in one chart."""
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    for name, rows in sorted(runs.items()):
+        train = [r for r in rows if r["split"] == "train"]
+        ax.plot(
+            [r["step"] for r in train],
+            [r["loss"] for r in train],
+            lw=1,
+            label=name,
+            ls="-" if "zch" in name else "--" if "modulo" in name else ":",
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (BCE)")
+    ax.set_title("ZCH ranker: training loss per variant and table size", fontsize=10, loc="left")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, out)
+
+
 def _size(label: str) -> float:
     """'0.25x' -> 0.25; 'all IDs' (the unhashed model) -> 1."""
     return float(label.rstrip("x")) if label.endswith("x") else 1.0
@@ -212,10 +232,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
         for path in collect(Path(a.collect), results):
             print(f"collected {path}")
     made = []
-    for path in sorted((results / "curves").glob("*.jsonl")):
-        stage = path.stem
-        title = STAGE_TITLES.get(stage, stage.replace("zch-", "ZCH ").replace("-", " "))
-        made.append(curves(read_jsonl(path), title, out / f"curves_{stage}.png"))
+    runs = sorted((results / "curves").glob("*.jsonl"))
+    for path in [p for p in runs if not p.stem.startswith("zch-")]:
+        made.append(curves(read_jsonl(path), STAGE_TITLES.get(path.stem, path.stem), out / f"curves_{path.stem}.png"))
+    zch_runs = {p.stem.removeprefix("zch-"): read_jsonl(p) for p in runs if p.stem.startswith("zch-")}
+    if zch_runs:
+        made.append(zch_curves(zch_runs, out / "curves_zch.png"))
     for name, draw, chart in (
         ("demo_results.json", systems, "systems_test.png"),
         ("serving_load.json", serving_load, "serving_load.png"),
