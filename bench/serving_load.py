@@ -27,12 +27,12 @@ import os
 import platform
 import threading
 import time
-from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
 
 from common.runtime import write_json_atomic
+from inference_legacy.artifact import read_heldout
 from inference_legacy.server import spawn
 
 
@@ -121,7 +121,7 @@ def with_health_probe(
 
 def big_bodies(artifact: str, max_bytes: int = 4_000_000, max_rows: int = 4096) -> list[bytes]:
     """Bodies just under ``max_bytes`` (the service's default limit), one per rotation of the rows."""
-    rows = [json.loads(line)["features"] for line in (Path(artifact) / "heldout.jsonl").read_text().splitlines()]
+    rows = [r["features"] for r in read_heldout(artifact)]
     per_row = len(json.dumps(rows[0])) + 2
     n = min(max_rows, (max_bytes - 100) // per_row)
     out = []
@@ -134,7 +134,7 @@ def big_bodies(artifact: str, max_bytes: int = 4_000_000, max_rows: int = 4096) 
 
 
 def request_bodies(artifact: str, rows_per_request: int) -> list[bytes]:
-    rows = [json.loads(line)["features"] for line in (Path(artifact) / "heldout.jsonl").read_text().splitlines()]
+    rows = [r["features"] for r in read_heldout(artifact)]
     return [
         json.dumps({"rows": rows[lo : lo + rows_per_request]}).encode()
         for lo in range(0, len(rows) - rows_per_request + 1, rows_per_request)

@@ -41,6 +41,7 @@ from inference_legacy.server import (
     JSONBody,
     Metrics,
     Readiness,
+    add_client_timeout,
     create_app,
     error_responses,
     listen_socket,
@@ -224,12 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-batching", action="store_true", help="one model call per request")
     p.add_argument("--max-request-bytes", type=int, default=4_000_000, help="body size limit (default: %(default)s)")
     p.add_argument("--max-rows", type=int, default=4096, help="rows per request (default: %(default)s)")
-    p.add_argument(
-        "--client-timeout",
-        type=float,
-        default=BODY_TIMEOUT_S,
-        help="seconds a client has to send a request's headers, and again its body (default: %(default)s)",
-    )
+    add_client_timeout(p)
     p.add_argument(
         "--threads",
         type=int,
@@ -239,8 +235,6 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.threads < 1:
         p.error(f"--threads must be at least 1, got {a.threads}")
-    if not a.client_timeout > 0:
-        p.error(f"--client-timeout must be > 0 seconds, got {a.client_timeout}")
     sock = listen_socket(a.host, a.port)  # before the model loads: a busy or invalid port fails at once
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(a.threads)

