@@ -11,10 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
-FEATURE = "item_seq"
+from common.sequential import FEATURE, Positions, sequences_kjt
 
 
 class BERT4Rec(nn.Module):
@@ -37,10 +36,9 @@ class BERT4Rec(nn.Module):
             ],
             device=device,
         )
-        self.position = nn.Embedding(max_len, dim)
         # BERT's init: N(0, 0.02). nn.Embedding's default N(0, 1) would drown the item embedding
         # (TorchRec initializes it uniformly in +-1/sqrt(rows), about 0.02 here) after the sum.
-        nn.init.normal_(self.position.weight, std=0.02)
+        self.position = Positions(max_len, dim, device=device)
         self.input_norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
         layer = nn.TransformerEncoderLayer(
@@ -71,38 +69,15 @@ class BERT4Rec(nn.Module):
         last = (seq.lengths() - 1).clamp(min=0)
         return self.head(h[torch.arange(h.shape[0], device=h.device), last])
 
-
-class BERT4RecTrain(nn.Module):
-    """Masked-item cross-entropy over every item (no sampled softmax), for DistributedModelParallel."""
-
-    def __init__(self, model: BERT4Rec) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self, seq: KeyedJaggedTensor, rows: torch.Tensor, cols: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
-        h = self.model.hidden(seq)
-        return F.cross_entropy(self.model.head(h[rows, cols]), labels)
-
-
-def sequences_kjt(seqs: list[np.ndarray]) -> KeyedJaggedTensor:
-    """Token sequences (already at most max_len long) as a one-feature KJT."""
-    lengths = np.array([len(s) for s in seqs], dtype=np.int32)
-    values = np.concatenate(seqs).astype(np.int64) if len(seqs) and lengths.sum() else np.zeros(0, np.int64)
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=[FEATURE], values=torch.from_numpy(values), lengths=torch.from_numpy(lengths)
-    )
-
-
-def query_sequences(histories: list[np.ndarray], max_len: int, mask_token: int) -> list[np.ndarray]:
-    """Each history of item indices as tokens, its last ``max_len - 1`` items plus [MASK]. An
-    empty history is [MASK] alone: the model then scores from position alone (close to
-    popularity)."""
-    return [
-        np.append(np.asarray(h[len(h) - (max_len - 1) :] if len(h) >= max_len else h, dtype=np.int64) + 1, mask_token)
-        for h in histories
-    ]
+    def query_sequences(self, histories: list[np.ndarray]) -> list[np.ndarray]:
+        """Each history of item indices as tokens, its last ``max_len - 1`` items plus [MASK]. An
+        empty history is [MASK] alone: the model then scores from position alone (close to
+        popularity)."""
+        keep = self.max_len - 1
+        return [
+            np.append(np.asarray(h[len(h) - keep :] if len(h) > keep else h, dtype=np.int64) + 1, self.mask_token)
+            for h in histories
+        ]
 
 
 def mask_batch(

@@ -109,11 +109,12 @@ def ranks_of_this_process(path: str) -> None:
 
 def bert4rec_evaluate(run_dir: str) -> dict[str, dict[str, float]]:
     """Load a BERT4Rec run's best checkpoint into this world size's sharding and evaluate test."""
-    from bert4rec.bert4rec_main import Config, build, evaluate
+    from bert4rec.bert4rec_main import Config
     from common.checkpoint import latest_checkpoint, load_checkpoint
     from common.data.movielens import load_movielens
     from common.data.split import split_dataset
     from common.runtime import init_runtime
+    from common.sequential import build, evaluate
 
     rt = init_runtime("cpu")
     torch.set_num_threads(1)  # the same arithmetic in every process count
@@ -121,7 +122,7 @@ def bert4rec_evaluate(run_dir: str) -> dict[str, dict[str, float]]:
     cfg = Config(**saved)
     ds = load_movielens(cfg.dataset)
     split = split_dataset(ds)
-    model, _ = build(cfg, ds.num_items, rt)
+    model, _ = build("bert4rec", cfg, ds.num_items, rt)
     load_checkpoint(latest_checkpoint(Path(run_dir) / "best"), {"model": model})
     return {k: r.means for k, r in evaluate(model.module.model, split, "test", n_boot=10).items()}
 
