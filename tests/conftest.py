@@ -143,3 +143,39 @@ def http_dir(tmp_path: Path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+SASREC_TINY = ["--epochs", "6", "--eval-every", "2", "--window-step", "50", "--n-boot", "20"]
+
+
+@pytest.fixture(scope="session")
+def sasrec_run(tmp_path_factory) -> tuple[dict, Path]:
+    """A seeded 6-epoch SASRec run on ml-100k (about 30 s): (results, run directory)."""
+    from sasrec.sasrec_main import main as sasrec_main
+
+    out = tmp_path_factory.mktemp("sasrec")
+    return sasrec_main(SASREC_TINY + ["--out", str(out)]), out
+
+
+@pytest.fixture(scope="session")
+def sasrec_reranking_run(retrieval_run, sasrec_run, tmp_path_factory) -> tuple[dict, Path]:
+    """The default DLRM trained on the tiny SASRec run's candidates (hard negatives from them), with
+    the retrieval score of the 2-epoch two-tower run (about 90 s): (results, run directory)."""
+    from golden_training.train_dlrm import main as train_dlrm
+
+    out = tmp_path_factory.mktemp("sasrec-reranking")
+    return train_dlrm(
+        [
+            "--retrieval-export",
+            str(retrieval_run[1] / "export"),
+            "--candidates-export",
+            str(sasrec_run[1] / "export"),
+            "--no-baseline",
+            "--n-boot",
+            "20",
+            "--log-every",
+            "10000",
+            "--out",
+            str(out),
+        ]
+    ), out

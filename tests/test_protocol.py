@@ -2,7 +2,7 @@
 
 Every validation and test target of ml-100k, with its timestamp, is replaced by another item and a
 later time. Then, for each stage that learns from order (two-tower retrieval, the DLRM ranker,
-BERT4Rec, the pipeline's feature store), the training batches, and the features and candidates
+BERT4Rec, SASRec, the pipeline's feature store), the training batches, and the features and candidates
 built to predict ``valid``, must be bit-identical to those of the real data. For ``test`` only the
 test target is replaced (the validation item is legitimately part of the test-time history).
 
@@ -154,23 +154,25 @@ def ranker_arrays(ds: MovieLens, stage: str) -> dict[str, np.ndarray]:
     return out
 
 
-def bert4rec_arrays(ds: MovieLens, stage: str) -> dict[str, np.ndarray]:
-    from bert4rec import bert4rec_main
-    from bert4rec.model import BERT4Rec, mask_batch, query_sequences
+def _sequential_arrays(ds: MovieLens, stage: str, name: str) -> dict[str, np.ndarray]:
+    """Training batches and candidates of a sequential stage (bert4rec/, sasrec/), built its way."""
+    import importlib
 
+    from common import sequential
+
+    main = importlib.import_module(f"{name}.{name}_main")
     split = split_dataset(ds)
-    cfg = bert4rec_main.Config()
-    windows = bert4rec_main.training_windows(split, cfg.max_len, cfg.window_step)
-    order = bert4rec_main.length_buckets(windows, cfg.batch_size, np.random.default_rng([cfg.seed, 0]))
+    cfg = main.Config()
+    windows = sequential.training_windows(split, cfg.max_len, cfg.window_step)
+    order = sequential.length_buckets(windows, cfg.batch_size, np.random.default_rng([cfg.seed, 0]))
     torch.manual_seed(0)
-    model = BERT4Rec(ds.num_items, cfg.max_len, 32, 1, 2, 0.0).eval()
+    settings = {**dataclasses.asdict(cfg), "embedding_dim": 32, "num_layers": 1}
+    model = sequential.make_model(name, settings, ds.num_items, dropout=0.0).eval()
     rng = np.random.default_rng([cfg.seed, 0, 0])
     out = {"train.order": order}
     for k in range(len(windows) // cfg.batch_size):
         rows = order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
-        seq, at_row, at_col, labels = mask_batch(
-            [windows[i] for i in rows], cfg.mask_prob, cfg.last_prob, model.mask_token, rng
-        )
+        seq, at_row, at_col, labels = main.training_batch(cfg, [windows[i] for i in rows], rng, model)
         out |= _kjt(f"train.{k}.seq", seq)
         out[f"train.{k}.rows"], out[f"train.{k}.cols"], out[f"train.{k}.labels"] = (
             at_row.numpy(),
@@ -178,12 +180,18 @@ def bert4rec_arrays(ds: MovieLens, stage: str) -> dict[str, np.ndarray]:
             labels.numpy(),
         )
     indptr, hist = split.history(stage)
-    seqs = query_sequences(
-        [hist[indptr[u] : indptr[u + 1]] for u in range(ds.num_users)], cfg.max_len, model.mask_token
-    )
+    seqs = model.query_sequences([hist[indptr[u] : indptr[u + 1]] for u in range(ds.num_users)])
     out[f"{stage}.sequences"] = np.concatenate(seqs)
-    out[f"{stage}.candidates"] = _top100(bert4rec_main.Scorer(model, split, stage).scores, split, stage)
+    out[f"{stage}.candidates"] = _top100(sequential.Scorer(model, split, stage).scores, split, stage)
     return out
+
+
+def bert4rec_arrays(ds: MovieLens, stage: str) -> dict[str, np.ndarray]:
+    return _sequential_arrays(ds, stage, "bert4rec")
+
+
+def sasrec_arrays(ds: MovieLens, stage: str) -> dict[str, np.ndarray]:
+    return _sequential_arrays(ds, stage, "sasrec")
 
 
 def feature_store_arrays(ds: MovieLens, stage: str) -> dict[str, np.ndarray]:
@@ -213,6 +221,7 @@ STAGE_ARRAYS = {
     "retrieval": retrieval_arrays,
     "ranker": ranker_arrays,
     "bert4rec": bert4rec_arrays,
+    "sasrec": sasrec_arrays,
     "feature_store": feature_store_arrays,
 }
 
@@ -242,18 +251,18 @@ def _leak_ranker(monkeypatch) -> None:
     monkeypatch.setattr(train_dlrm, "reference_time", target_time)
 
 
-def _leak_bert4rec(monkeypatch) -> None:
+def _leak_sequential(monkeypatch) -> None:
     """Training windows cut from the history through validation (the validation target trained on)."""
-    from bert4rec import bert4rec_main
+    from common import sequential
 
-    real = bert4rec_main.training_windows
+    real = sequential.training_windows
 
     def leaky(split, max_len, step):
         indptr, items = split.history("test")
         users = np.repeat(np.arange(split.num_users), np.diff(indptr))
         return real(dataclasses.replace(split, train_user=users, train_item=items), max_len, step)
 
-    monkeypatch.setattr(bert4rec_main, "training_windows", leaky)
+    monkeypatch.setattr(sequential, "training_windows", leaky)
 
 
 def _leak_feature_store(monkeypatch) -> None:
@@ -271,7 +280,8 @@ def _leak_feature_store(monkeypatch) -> None:
 LEAKS = {
     "retrieval": _leak_retrieval,
     "ranker": _leak_ranker,
-    "bert4rec": _leak_bert4rec,
+    "bert4rec": _leak_sequential,
+    "sasrec": _leak_sequential,
     "feature_store": _leak_feature_store,
 }
 
@@ -317,6 +327,7 @@ def test_the_perturbation_check_catches_a_deliberate_leak(ml100k, name: str, mon
             ["--limit-batches", "3", "--no-baseline", "--eval-negatives", "5", "--log-every", "1000"],
         ),
         ("bert4rec.bert4rec_main", ["--epochs", "1", "--eval-every", "1", "--window-step", "50"]),
+        ("sasrec.sasrec_main", ["--epochs", "1", "--eval-every", "1", "--window-step", "200"]),
     ],
 )
 def test_no_test_flag_never_reads_a_test_target(trainer: str, args: list[str], tmp_path, monkeypatch) -> None:

@@ -1,0 +1,71 @@
+"""SASRec on real ml-100k: the model is causal, its task predicts every next item, a seeded tiny
+run learns, its export scores awkward histories in a defined way, and a ranker can be trained on its
+candidates."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+
+def test_the_model_is_causal_and_the_task_predicts_each_next_item() -> None:
+    from common.sequential import sequences_kjt
+    from sasrec.model import SASRec, shift_batch
+
+    torch.manual_seed(0)
+    model = SASRec(num_items=30, max_len=8, dim=16, num_layers=2, num_heads=2, dropout=0.0).eval()
+    a, b = np.array([1, 2, 3, 4, 5]), np.array([1, 2, 3, 9, 7])  # the same first three items
+    with torch.no_grad():
+        h = model.hidden(sequences_kjt([a, b]))
+    assert torch.allclose(h[0, :3], h[1, :3], atol=1e-6)  # no position sees a later token
+    assert not torch.allclose(h[0, 3], h[1, 3], atol=1e-3)
+    seq, rows, cols, labels = shift_batch([np.array([5, 6, 7]), np.array([8, 9])], model.bos_token)
+    assert seq.values().tolist() == [model.bos_token, 5, 6, model.bos_token, 8]
+    assert rows.tolist() == [0, 0, 0, 1, 1] and cols.tolist() == [0, 1, 2, 0, 1]
+    assert labels.tolist() == [4, 5, 6, 7, 8]  # item index = token - 1
+    # the query for a history is [BOS] + its last max_len - 1 items, as in training
+    (q,) = model.query_sequences([np.arange(20)])
+    assert q.tolist() == [model.bos_token, *range(14, 21)]
+    assert model.query_sequences([np.array([], dtype=np.int64)])[0].tolist() == [model.bos_token]
+
+
+def test_a_seeded_tiny_run_learns(sasrec_run) -> None:
+    res, _ = sasrec_run
+    before = res["valid_before_training"]["NDCG@10"]
+    best = max(v["NDCG@10"] for v in res["valid_per_eval"])
+    assert best > 10 * before and best > 0.07, (before, best)
+    assert res["valid"]["full"]["NDCG@10"] == pytest.approx(best)  # the best model is the one tested
+    assert res["test"]["full"]["num_users"] == 943
+
+
+def test_export_scores_awkward_histories(sasrec_run, ml100k, ml100k_split) -> None:
+    from common.sequential import NextItemScorer
+
+    _, out = sasrec_run
+    scorer = NextItemScorer(out / "export")
+    manifest = json.loads((out / "export" / "manifest.json").read_text())
+    assert scorer.name == "sasrec"
+    known = [int(i) for i in manifest["item_raw_ids"][:3]]
+    scored = scorer.score([[], known[:1], known, [known[0], 999_999_999, known[1]], [999_999_999]])
+    assert scored.scores.shape == (5, manifest["num_items"]) and np.isfinite(scored.scores).all()
+    assert scored.unknown == [[], [], [], [999_999_999], [999_999_999]]
+    assert np.allclose(scored.scores[3], scorer.score([[known[0], known[1]]]).scores[0], atol=1e-4)
+    assert np.allclose(scored.scores[4], scored.scores[0], atol=1e-4)  # all unknown = empty = [BOS]
+    never_trained = int(ml100k.item_raw_ids[np.flatnonzero(ml100k_split.item_counts("valid") == 0)[0]])
+    cold = scorer.score([[never_trained], known[:1] + [never_trained]])
+    assert cold.unknown == [[], []] and np.isfinite(cold.scores).all()
+    top = scorer.recommend(known, k=10)
+    assert len(top) == 10 and not set(known) & {i for i, _ in top}
+
+
+def test_a_ranker_trained_on_sasrec_candidates_re_ranks_sasrec_order(sasrec_run, sasrec_reranking_run) -> None:
+    """The ranker learns the source it re-ranks: its candidates in evaluation are SASRec's top 100 in
+    SASRec's order (the order's NDCG@10 is SASRec's own), and it learned (validation AUC). Whether
+    it improves on that order is measured, not asserted: at 3 seeds it does not (sasrec/README.md)."""
+    res, _ = sasrec_reranking_run
+    assert res["candidate_source"] == "SASRec"
+    assert res["valid_candidates_order"]["NDCG@10"] == pytest.approx(sasrec_run[0]["valid"]["full"]["NDCG@10"])
+    assert res["dlrm"]["valid_per_epoch"][-1]["auc"] > 0.7
