@@ -81,6 +81,7 @@ class Config:
     history_len: int = 50
     retrieval_export: str | None = None
     train_retrieval_export: str | None = None
+    candidates_export: str | None = None
     train_last: int = 0
     negatives: int = 4
     hard_negatives: int = 4
@@ -140,6 +141,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "--train-retrieval-export",
         default=None,
         help="two-tower export used for the training examples' retrieval scores and hard negatives, e.g. one trained with --holdout-last N so it has not seen the ranker's positives (default: --retrieval-export)",
+    )
+    data.add_argument(
+        "--candidates-export",
+        default=None,
+        help="a sequential export (sasrec/ or bert4rec/ <out>/export): its top 100 are the hard negatives and the candidates re-ranked in evaluation, instead of retrieval's, so the ranker learns the source it will re-rank; needs --retrieval-export for the retrieval_score feature (default: none)",
     )
     data.add_argument(
         "--train-last",
@@ -327,6 +333,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         p.error(f"--dense-arch must end in --embedding-dim ({cfg.embedding_dim}), got {cfg.dense_arch[-1]}")
     if cfg.over_arch[-1] != 1:
         p.error(f"--over-arch must end in 1, got {cfg.over_arch[-1]}")
+    if cfg.candidates_export and not cfg.retrieval_export:
+        p.error("--candidates-export needs --retrieval-export (the ranker's retrieval_score feature)")
     return cfg
 
 
@@ -385,15 +393,43 @@ class RetrievalScorer:
         return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
+class SequenceCandidates:
+    """A sequential model's export (sasrec/, bert4rec/) as the ranker's candidate source: the top
+    ``k`` next items for a history, from the same scorer the pipeline serves."""
+
+    def __init__(self, export_dir: str, fingerprint: str) -> None:
+        from common.sequential import NextItemScorer
+
+        self.scorer = NextItemScorer(export_dir)
+        if self.scorer.data_fingerprint != fingerprint:
+            raise ValueError(
+                f"{export_dir} was trained on other data (fingerprint {self.scorer.data_fingerprint[:16]}, "
+                f"here {fingerprint[:16]}); retrain it on this data set"
+            )
+        self.name = {"sasrec": "SASRec", "bert4rec": "BERT4Rec"}[self.scorer.name]
+
+    def top_k(self, histories: list[np.ndarray], exclude: list[np.ndarray], k: int = 100) -> np.ndarray:
+        scores = self.scorer.score_indices(histories)
+        for r, seen in enumerate(exclude):
+            scores[r, seen] = -np.inf
+        return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
 # ------------------------------------------------------------------------------------------
 # Examples
 
 
 def train_examples(
-    split: Split, features: RankingFeatures, cfg: Config, retr: RetrievalScorer | None
+    split: Split,
+    features: RankingFeatures,
+    cfg: Config,
+    retr: RetrievalScorer | None,
+    source: SequenceCandidates | None = None,
 ) -> tuple[Examples, np.ndarray | None]:
     """Positives (training interactions; with --train-last N only each user's last N) and their
-    negatives, with the retrieval query of each positive (its user and history at that time)."""
+    negatives, with the retrieval query of each positive (its user and history at that time).
+    Hard negatives come from the candidates of ``source`` (else retrieval's) for each positive's
+    history, the positive itself left out."""
     n_all = len(split.train_user)
     user_start = np.searchsorted(split.train_user, np.arange(split.num_users))
     user_end = np.r_[user_start[1:], n_all]
@@ -441,7 +477,8 @@ def train_examples(
             for lo in range(0, n, 4096):
                 sl = slice(lo, min(lo + 4096, n))
                 seen = [pos.hist_items[a:b] for a, b in zip(pos.hist_start[sl], pos.hist_end[sl])]
-                cands = retr.top_k(queries[sl], seen)
+                drop = [np.append(h, i) for h, i in zip(seen, pos.item[sl])]  # the positive is no negative
+                cands = retr.top_k(queries[sl], drop) if source is None else source.top_k(seen, drop)
                 picks[sl] = np.take_along_axis(
                     cands, rng.integers(0, cands.shape[1], size=(len(seen), cfg.hard_negatives)), 1
                 )
@@ -478,7 +515,14 @@ class EvalSet:
     time: np.ndarray  # per user: "now" (ranking_data.reference_time)
 
 
-def eval_set(split: Split, features: RankingFeatures, stage: str, cfg: Config, retr: RetrievalScorer | None) -> EvalSet:
+def eval_set(
+    split: Split,
+    features: RankingFeatures,
+    stage: str,
+    cfg: Config,
+    retr: RetrievalScorer | None,
+    source: SequenceCandidates | None = None,
+) -> EvalSet:
     users, targets = split.targets(stage)
     indptr, hist = split.history(stage)
     seen = [hist[indptr[u] : indptr[u + 1]] for u in users]
@@ -498,12 +542,15 @@ def eval_set(split: Split, features: RankingFeatures, stage: str, cfg: Config, r
     queries = None
     if retr is not None:
         queries = retr.queries(users, hist, starts, ends)
-        cands, source = retr.top_k(queries, seen), "retrieval"
+    if source is not None:
+        cands, name = source.top_k(seen, seen), source.name
+    elif retr is not None:
+        cands, name = retr.top_k(queries, seen), "retrieval"
     else:
         order = np.argsort(-features.item_counts, kind="stable")
         cands = np.stack([order[~np.isin(order, s)][:MAX_K] for s in seen])
-        source = "popularity"
-    return EvalSet(stage, users, targets, auc, cands, source, queries, starts, ends, now)
+        name = "popularity"
+    return EvalSet(stage, users, targets, auc, cands, name, queries, starts, ends, now)
 
 
 def candidate_rows(ev: EvalSet) -> Examples:
@@ -722,10 +769,11 @@ def train_movielens(cfg: Config, rt: Runtime) -> dict[str, object]:
     retr_train = (
         RetrievalScorer(cfg.train_retrieval_export, ds.fingerprint, features) if cfg.train_retrieval_export else retr
     )
-    examples, queries = train_examples(split, features, cfg, retr_train)
-    valid = eval_set(split, features, "valid", cfg, retr)
+    source = SequenceCandidates(cfg.candidates_export, ds.fingerprint) if cfg.candidates_export else None
+    examples, queries = train_examples(split, features, cfg, retr_train, source)
+    valid = eval_set(split, features, "valid", cfg, retr, source)
     # --no-test: the end-of-run table is on validation and test is never scored (model selection).
-    test = valid if cfg.no_test else eval_set(split, features, "test", cfg, retr)
+    test = valid if cfg.no_test else eval_set(split, features, "test", cfg, retr, source)
     final = test.stage
     print0(
         f"{ds.name}: {len(examples)} training examples ({examples.label.mean():.3f} positive), "

@@ -36,6 +36,7 @@ from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbe
 from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
 from common.checkpoint import DamagedCheckpoint, UnsafeCheckpoint
+from common.data.download import file_digest
 from common.features import FeatureBatch, FeatureSchema
 from common.metrics import BinaryMetrics
 from golden_training.train_dlrm import Config, eval_set, make_batch
@@ -197,6 +198,9 @@ def package_model(
             "retrieval_export": cfg.retrieval_export,
             # which retrieval model produced the retrieval_score feature (its files' checksums)
             "retrieval_files": _export_files(cfg.retrieval_export),
+            # whose candidates it was trained to re-rank (None: retrieval's), and which weights
+            "candidates_export": getattr(cfg, "candidates_export", None),
+            "candidates_weights": _weights_digest(getattr(cfg, "candidates_export", None)),
         },
         # how the feature rows were built, for whoever builds them at serving time
         "features": {
@@ -259,6 +263,10 @@ def package_model(
     path = art.write_artifact(out, program, schema, manifest, rows, overwrite=overwrite, verify=verify)
     manifest = json.loads((path / art.MANIFEST).read_text())
     return manifest
+
+
+def _weights_digest(export: str | None) -> str | None:
+    return file_digest(Path(export) / "weights.pt", "sha256") if export else None
 
 
 def _export_files(export: str | None) -> dict[str, str] | None:
