@@ -31,6 +31,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
@@ -47,88 +48,124 @@ METRICS = ("HR@10", "NDCG@10", "Recall@100")
 QUICK = {
     "retrieval": ["--epochs", "1", "--limit-batches", "30", "--n-boot", "10"],
     "ranking": ["--limit-batches", "30", "--eval-negatives", "20", "--n-boot", "10"],
+    "sasrec": ["--epochs", "2", "--eval-every", "2", "--window-step", "200", "--n-boot", "10"],
     "bert4rec": ["--epochs", "2", "--eval-every", "2", "--window-step", "50", "--n-boot", "10"],
 }
 
 
+@dataclass
+class Stage:
+    name: str
+    output: Path  # the file whose presence means the stage is done
+    command: list[str]  # after ``python``
+    after: list[int] = field(default_factory=list)  # stages it reads: when one of them ran, it runs again
+
+
 def stages(
-    root: Path, quick: bool = False, bert4rec: bool = False, data: list[str] | None = None
-) -> list[tuple[str, Path, list[str]]]:
-    """(name, what it produces, command) for each stage, in order; ``quick``: tiny runs; ``data``:
-    the data flags (--dataset, --data-dir) for the trainers."""
-    extra = QUICK if quick else {"retrieval": [], "ranking": [], "bert4rec": []}
+    root: Path, quick: bool = False, sequential: tuple[str, ...] = ("sasrec",), data: list[str] | None = None
+) -> list[Stage]:
+    """Every stage, in order: the two-tower retriever, a ranker on its candidates and its INT8
+    artifact; then for each sequential model (``sasrec``, ``bert4rec``) the model, a ranker trained
+    on its candidates and that ranker's artifact. ``quick``: tiny runs; ``data``: the data flags
+    (--dataset, --data-dir) for the trainers."""
     data = data or []
-    extra = {k: [*data, *v] for k, v in extra.items()}
+    extra = {k: [*data, *(v if quick else [])] for k, v in QUICK.items()}
     data_dir = data[data.index("--data-dir") :][:2] if "--data-dir" in data else []
-    b4r = [
-        (
-            "BERT4Rec: sequential candidates",
-            root / "bert4rec" / "export" / "manifest.json",
-            ["-m", "bert4rec.bert4rec_main", "--out", str(root / "bert4rec"), "--resume", *extra["bert4rec"]],
-        )
-    ]
-    return [
-        (
+    retrieval_export = str(root / "retrieval" / "export")
+
+    def ranker(at: int, src: str, out: str, serving: str, after: list[int], cands: list[str]) -> list[Stage]:
+        """The ranker trained on ``src``'s candidates (stage ``at``) and its artifact (``at + 1``)."""
+        return [
+            Stage(
+                f"ranking: DLRM on {src}'s candidates",
+                root / out / "results.json",
+                [
+                    "-m",
+                    "golden_training.train_dlrm",
+                    "--retrieval-export",
+                    retrieval_export,
+                    *cands,
+                    "--out",
+                    str(root / out),
+                    "--no-baseline",
+                    "--resume",
+                    *extra["ranking"],
+                ],
+                after,
+            ),
+            Stage(
+                f"serving: INT8 artifact of the {src} ranker",
+                root / serving / "manifest.json",
+                [
+                    "-m",
+                    "inference_legacy.dlrm_packager",
+                    "--checkpoints",
+                    str(root / out / "checkpoints" / "dlrm"),
+                    "--out",
+                    str(root / serving),
+                    "--overwrite",
+                    *data_dir,
+                ],
+                [at],
+            ),
+        ]
+
+    todo = [
+        Stage(
             "retrieval: two-tower + FAISS",
             root / "retrieval" / "export" / "manifest.json",
             ["-m", "retrieval.two_tower_train", "--out", str(root / "retrieval"), "--resume", *extra["retrieval"]],
         ),
-        (
-            "ranking: DLRM on retrieval's candidates",
-            root / "ranking" / "results.json",
-            [
-                "-m",
-                "golden_training.train_dlrm",
-                "--retrieval-export",
-                str(root / "retrieval" / "export"),
-                "--out",
-                str(root / "ranking"),
-                "--no-baseline",
-                "--resume",
-                *extra["ranking"],
-            ],
-        ),
-        (
-            "serving: INT8 ranking artifact",
-            root / "serving" / "dlrm-int8" / "manifest.json",
-            [
-                "-m",
-                "inference_legacy.dlrm_packager",
-                "--checkpoints",
-                str(root / "ranking" / "checkpoints" / "dlrm"),
-                "--out",
-                str(root / "serving" / "dlrm-int8"),
-                "--overwrite",
-                *data_dir,
-            ],
-        ),
-    ] + (b4r if bert4rec else [])
+        *ranker(1, "two-tower", "ranking", "serving/dlrm-int8", [0], []),
+    ]
+    for model in sequential:
+        label = {"sasrec": "SASRec", "bert4rec": "BERT4Rec"}[model]
+        export = root / model / "export"
+        todo.append(
+            Stage(
+                f"{label}: sequential candidates",
+                export / "manifest.json",
+                ["-m", f"{model}.{model}_main", "--out", str(root / model), "--resume", *extra[model]],
+            )
+        )
+        todo += ranker(
+            len(todo),
+            label,
+            f"ranking-{model}",
+            f"serving/dlrm-int8-{model}",
+            [0, len(todo) - 1],
+            ["--candidates-export", str(export)],
+        )
+    return todo
 
 
-def train_missing(root: Path, quick: bool = False, bert4rec: bool = False, data: list[str] | None = None) -> list[str]:
-    """Run every stage whose output is missing (and every later one of the chain); returns their names."""
-    todo = stages(root, quick, bert4rec, data)
-    chain = 3  # retrieval -> ranking (on retrieval's candidates) -> its artifact: a missing link redoes the rest
-    first = next((n for n, (_, out, _) in enumerate(todo[:chain]) if not out.is_file()), chain)
-    run = list(range(first, chain)) + [n for n in range(chain, len(todo)) if not todo[n][1].is_file()]
-    ran = []
-    for n, (name, _, cmd) in [(n + 1, todo[n]) for n in run]:
-        log = root / "demo-logs" / f"{n}-{cmd[1].split('.')[0]}.log"
+def train_missing(
+    root: Path, quick: bool = False, sequential: tuple[str, ...] = ("sasrec",), data: list[str] | None = None
+) -> list[str]:
+    """Run every stage whose output is missing, and every stage that reads one that ran; returns their names."""
+    todo = stages(root, quick, sequential, data)
+    ran: list[str] = []
+    done: set[int] = set()
+    for n, st in enumerate(todo):
+        if st.output.is_file() and not done & set(st.after):
+            continue
+        log = root / "demo-logs" / f"{n + 1}-{st.command[1].split('.')[0]}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        head = f"[{n}/{len(todo)}] {name}"
+        head = f"[{n + 1}/{len(todo)}] {st.name}"
         with open(log, "w") as f, tqdm(desc=f"{head}: starting", bar_format="{desc} | {elapsed}") as bar:
             proc = subprocess.Popen(
-                [sys.executable, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+                [sys.executable, *st.command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
             )
             for line in proc.stdout:
                 f.write(line)
                 if line.strip() and "Warning" not in line and not line.startswith((" ", "W1", "  ")):
                     bar.set_description_str(f"{head}: {line.strip()[:90]}")
             if proc.wait() != 0:
-                raise SystemExit(f"stage '{name}' failed (exit {proc.returncode}); its output is in {log}")
+                raise SystemExit(f"stage '{st.name}' failed (exit {proc.returncode}); its output is in {log}")
             bar.set_description_str(f"{head}: done")
-        ran.append(name)
+        ran.append(st.name)
+        done.add(n)
     return ran
 
 
@@ -180,9 +217,16 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     )
     p.add_argument("--write-topk", default=None, help="also write every user's top 10 as JSON lines to this file")
     p.add_argument(
+        "--sequential",
+        default="sasrec",
+        type=lambda v: tuple(x for x in v.split(",") if x and x != "none"),
+        help="sequential candidate sources to train (if missing) and serve beside the two-tower: sasrec, "
+        "bert4rec, both (sasrec,bert4rec) or none (default: sasrec)",
+    )
+    p.add_argument(
         "--with-bert4rec",
         action="store_true",
-        help="also train BERT4Rec if it is missing (about 10 minutes): the second candidate source",
+        help="also BERT4Rec (about 10 more minutes to train), with a ranker on its candidates",
     )
     p.add_argument(
         "--quick",
@@ -199,8 +243,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     except (DataUnavailable, DataIntegrityError) as err:
         raise SystemExit(f"error: {err}") from None
     data = ["--dataset", a.dataset] + (["--data-dir", a.data_dir] if a.data_dir else [])
-    trained = train_missing(root, a.quick, a.with_bert4rec, data)
-    pipeline = create_pipeline(root, data_dir=a.data_dir)  # with BERT4Rec's candidates when its export exists
+    sequential = tuple(dict.fromkeys(a.sequential + (("bert4rec",) if a.with_bert4rec else ())))
+    bad = [m for m in sequential if m not in ("sasrec", "bert4rec")]
+    if bad:
+        p.error(f"--sequential {','.join(bad)}: the sequential sources are sasrec and bert4rec (or none)")
+    trained = train_missing(root, a.quick, sequential, data)
+    # served: SASRec's candidates when it is there (the best re-ranked system on validation)
+    pipeline = create_pipeline(root, data_dir=a.data_dir, sequential=[f"{m}/export" for m in sequential])
     users = [int(u) for u in a.users.split(",") if u.strip()]
     for rec in pipeline.recommend(users):
         if rec.stage == "popular":

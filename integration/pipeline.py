@@ -48,6 +48,7 @@ from retrieval.two_tower_retrieval import Retriever
 from retrieval.two_tower_retrieval import read_manifest as read_retrieval_manifest
 
 CANDIDATES = 100
+SEQUENCE_SOURCES = {"sasrec": "SASRec", "bert4rec": "BERT4Rec"}  # export's model -> source name
 MAX_HISTORY = 1000  # per user in the feature store, after events (ml-100k's longest history: 737)
 
 
@@ -156,17 +157,17 @@ class TwoTowerSource:
         return self.retriever.top_k_indices(users, k, exclude_seen=True, histories=histories)
 
 
-class BERT4RecSource:
-    """Candidates from BERT4Rec's next-item scores over the whole catalog (seen items excluded)."""
-
-    name = "BERT4Rec"
+class SequenceSource:
+    """Candidates from a sequential model's next-item scores over the whole catalog (seen items
+    excluded): SASRec or BERT4Rec, from its export."""
 
     def __init__(self, scorer, item_raw_ids: np.ndarray) -> None:
         self.scorer, self.raw = scorer, np.asarray(item_raw_ids)
+        self.name = SEQUENCE_SOURCES[scorer.name]
         self.order = np.array([scorer.index_of[int(i)] for i in self.raw])  # data set index -> scorer index
 
     def top_k(self, users: np.ndarray, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-        s = self.scorer.score([self.raw[h].tolist() for h in histories]).scores[:, self.order]
+        s = self.scorer.score_indices([self.order[h] for h in histories])[:, self.order]
         for r, h in enumerate(histories):
             s[r, h] = -np.inf
         top = np.argsort(-s, axis=1, kind="stable")[:, :k]
@@ -205,8 +206,12 @@ class RecommendationPipeline:
         item_embeddings: np.ndarray | None = None,
         candidate_source: str = "two-tower",
         identity: str | None = None,
+        source_rankers: dict[str, DLRMPredictor] | None = None,
     ) -> None:
         self.retriever, self.rankers, self.store = retriever, rankers, store
+        # each source's own ranker (trained on its candidates), for evaluating "<source> + ranker";
+        # the served source is re-ranked by ``rankers`` (its A/B arms)
+        self.source_rankers = source_rankers or {}
         self.dataset, self.split = dataset, split
         self.sources = sources or [TwoTowerSource(retriever)]
         self.item_embeddings = item_embeddings
@@ -248,11 +253,16 @@ class RecommendationPipeline:
 
     @torch.inference_mode()
     def rank(
-        self, users: np.ndarray, items: np.ndarray, scores: np.ndarray, arm: str | None = None
+        self,
+        users: np.ndarray,
+        items: np.ndarray,
+        scores: np.ndarray,
+        arm: str | None = None,
+        ranker: DLRMPredictor | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The candidates re-ordered by the ranker: items and probabilities ``[B, K]``. Padding
-        (-1, when fewer than K unseen items exist) stays last."""
-        ranker = self.rankers[arm or self.default_arm]
+        """The candidates re-ordered by the ranker (``arm``'s, or ``ranker``): items and
+        probabilities ``[B, K]``. Padding (-1, when fewer than K unseen items exist) stays last."""
+        ranker = ranker or self.rankers[arm or self.default_arm]
         valid = items >= 0
         safe = np.where(valid, items, 0)
         probs = ranker.model(*self.store.ranking_inputs(users, safe, np.where(valid, scores, 0.0))).numpy()
@@ -336,8 +346,9 @@ class RecommendationPipeline:
 
     def evaluate(self, stage: str = "test", n_boot: int = 1000, batch_size: int = 256) -> dict[str, RankingReport]:
         """Every system the pipeline can be, under the shared protocol (full ranking, seen items
-        excluded): each candidate source alone, and with the ranker on top; with several sources,
-        their union (interleaved) and the union re-ranked. ``stage="valid"`` for model selection."""
+        excluded): each candidate source alone, and with its ranker on top (the one trained on its
+        candidates where the pipeline has it); with several sources, their union (interleaved) and
+        the union re-ranked by the served ranker. ``stage="valid"`` for model selection."""
         p = self.at_stage(stage)
         users_all, _ = p.split.targets(stage)
         lists: dict[str, dict[int, np.ndarray]] = {}
@@ -353,7 +364,12 @@ class RecommendationPipeline:
             found = {src.name: src.top_k(users, hists, CANDIDATES)[0] for src in p.sources}
             for name, items in found.items():
                 keep(name, users, items)
-                keep(f"{name} + ranker", users, p.rank(users, items, p.retrieval_scores(users, hists, items))[0])
+                ranker = p.source_rankers.get(name)
+                keep(
+                    f"{name} + ranker",
+                    users,
+                    p.rank(users, items, p.retrieval_scores(users, hists, items), ranker=ranker)[0],
+                )
             if len(found) > 1:
                 keep("union", users, union(list(found.values()), interleave=True))
                 items = union(list(found.values()))
@@ -373,25 +389,32 @@ class RecommendationPipeline:
 def create_pipeline(
     artifacts_dir: str | Path = "runs",
     retrieval: str = "retrieval/export",
-    ranking: str | dict[str, str] = "serving/dlrm-int8",
+    ranking: str | dict[str, str] = "auto",
     data_dir: str | None = None,
     device: str = "auto",
     dataset: MovieLens | None = None,
-    bert4rec: str | None = "auto",
+    sequential: str | list[str] | None = "auto",
     candidate_source: str = "auto",
 ) -> RecommendationPipeline:
     """Load the exported stages from ``artifacts_dir`` and check that they fit together.
 
-    ``ranking`` is one artifact or ``{arm: artifact}`` for A/B tests (paths relative to
-    ``artifacts_dir``). The ranking artifacts run on CPU; ``device`` must agree ("auto" does).
-    ``dataset`` passes a data set in memory (e.g. a synthetic one) instead of loading it by name.
-    ``bert4rec`` (an export of bert4rec/, relative to ``artifacts_dir``; "auto": ``bert4rec/export``
-    if it exists, None: never) adds BERT4Rec as a second candidate source. ``candidate_source`` is what the ranker re-orders: "two-tower",
-    "BERT4Rec" or "union" (of both top 100s); "auto" takes BERT4Rec's when it is there, the best
-    re-ranked system on ml-100k validation (integration/README.md), else the two-tower's.
+    Candidate sources: the two-tower retriever, plus each sequential export in ``sequential``
+    (paths relative to ``artifacts_dir``; "auto": those of ``sasrec/export`` and
+    ``bert4rec/export`` that exist; None: none). ``candidate_source`` is what the served ranker
+    re-orders: "two-tower", "SASRec", "BERT4Rec" or "union" (of every source's top 100); "auto"
+    takes SASRec's when it is there, the best re-ranked system on ml-100k validation
+    (integration/README.md), then BERT4Rec's, else the two-tower's.
+
+    Rankers: each source's own, trained on its candidates, is ``serving/dlrm-int8-<model>`` for a
+    sequential source and ``serving/dlrm-int8`` for the two-tower (a source without one falls back
+    to the two-tower's). ``ranking`` overrides the served one: an artifact or ``{arm: artifact}``
+    for A/B tests ("auto": the served source's own). The ranking artifacts run on CPU; ``device``
+    must agree ("auto" does). ``dataset`` passes a data set in memory (e.g. a synthetic one)
+    instead of loading it by name.
     """
+    from common.sequential import NextItemScorer
+
     root = Path(artifacts_dir)
-    arms = {"A": ranking} if isinstance(ranking, str) else dict(ranking)
     if device not in ("auto", "cpu"):
         raise ArtifactMismatch(
             f"device {device!r}: the packaged rankers run on CPU (FBGEMM's CPU kernels), so the "
@@ -399,54 +422,109 @@ def create_pipeline(
         )
     r_dir = root / retrieval
     r_manifest = read_retrieval_manifest(r_dir)
-    rankers = {arm: DLRMPredictor(root / path) for arm, path in arms.items()}
     ds = dataset if dataset is not None else load_movielens(r_manifest["dataset"], data_dir)
-    fingerprints = {
-        f"retrieval export {r_dir}": r_manifest["data_fingerprint"],
-        **{f"ranking artifact {root / arms[a]}": p.manifest["source"]["data_fingerprint"] for a, p in rankers.items()},
-    }
-    for what, fp in fingerprints.items():
+    if sequential == "auto":
+        sequential = [p for p in ("sasrec/export", "bert4rec/export") if (root / p / "manifest.json").is_file()]
+    elif isinstance(sequential, str):
+        sequential = [sequential]
+    scorers = {}
+    for path in sequential or []:
+        scorer = NextItemScorer(root / path)
+        name = SEQUENCE_SOURCES[scorer.name]
+        if scorer.data_fingerprint != ds.fingerprint:
+            raise ArtifactMismatch(
+                f"{name} export {root / path} was trained on data with fingerprint "
+                f"{scorer.data_fingerprint[:16]}, not {ds.name}'s {ds.fingerprint[:16]}: retrain it"
+            )
+        missing = [int(i) for i in ds.item_raw_ids if int(i) not in scorer.index_of]
+        if missing:
+            raise ArtifactMismatch(
+                f"{name} export {root / path} lacks {len(missing)} of {ds.name}'s items "
+                f"(e.g. {missing[:3]}); retrain it on this data"
+            )
+        scorers[name] = (path, scorer)
+    names = ["two-tower", *scorers]
+    if candidate_source == "auto":
+        candidate_source = next((n for n in ("SASRec", "BERT4Rec") if n in scorers), "two-tower")
+    if candidate_source not in [*names, "union"]:
+        raise ArtifactMismatch(f"candidate source {candidate_source!r}: this pipeline has {names} (or 'union')")
+
+    def own_ranker(name: str) -> str:
+        if name in scorers:
+            path = f"serving/dlrm-int8-{scorers[name][1].name}"
+            if (root / path / "manifest.json").is_file():
+                return path
+        return "serving/dlrm-int8"
+
+    if ranking == "auto":
+        ranking = own_ranker("two-tower" if candidate_source == "union" else candidate_source)
+    arms = {"A": ranking} if isinstance(ranking, str) else dict(ranking)
+    rankers = {arm: DLRMPredictor(root / path) for arm, path in arms.items()}
+    loaded = {path: rankers[arm] for arm, path in arms.items()}
+    by_source = {}
+    for name in names:
+        path = own_ranker(name)
+        if path not in loaded:
+            loaded[path] = DLRMPredictor(root / path)
+        by_source[name] = loaded[path]
+    for path, p in loaded.items():
+        fp = p.manifest["source"]["data_fingerprint"]
         if fp != ds.fingerprint:
             raise ArtifactMismatch(
-                f"{what} was trained on data with fingerprint {fp[:16]}, but {ds.name} here has "
-                f"{ds.fingerprint[:16]}: retrain it on this data, or point --data-dir at the data "
+                f"ranking artifact {root / path} was trained on data with fingerprint {fp[:16]}, but {ds.name} "
+                f"here has {ds.fingerprint[:16]}: retrain it on this data, or point --data-dir at the data "
                 f"it was trained on"
             )
-    for arm, p in rankers.items():
+    if r_manifest["data_fingerprint"] != ds.fingerprint:
+        raise ArtifactMismatch(
+            f"retrieval export {r_dir} was trained on data with fingerprint {r_manifest['data_fingerprint'][:16]}, "
+            f"but {ds.name} here has {ds.fingerprint[:16]}: retrain it on this data, or point --data-dir at the "
+            f"data it was trained on"
+        )
+    for path, p in loaded.items():
         used = p.manifest["source"].get("retrieval_files")
         if used is None:
             raise ArtifactMismatch(
-                f"ranking artifact {root / arms[arm]} was trained without a retrieval export (its "
+                f"ranking artifact {root / path} was trained without a retrieval export (its "
                 f"retrieval_score feature was always 0); train it with "
                 f"python -m golden_training.train_dlrm --retrieval-export {r_dir}"
             )
         if used != r_manifest["files"]:
             raise ArtifactMismatch(
-                f"ranking artifact {root / arms[arm]} learned its retrieval_score feature from "
+                f"ranking artifact {root / path} learned its retrieval_score feature from "
                 f"another retrieval model ({p.manifest['source']['retrieval_export']}), not {r_dir}: "
                 f"serve the export it was trained with, or retrain the ranker with "
                 f"--retrieval-export {r_dir}"
             )
+    for name, (path, _) in scorers.items():
+        p = by_source[name]
+        trained_on = p.manifest["source"].get("candidates_weights")
+        if trained_on is not None and trained_on != file_digest(root / path / "weights.pt", "sha256"):
+            raise ArtifactMismatch(
+                f"ranking artifact {root / own_ranker(name)} was trained on the candidates of another {name} "
+                f"model ({p.manifest['source']['candidates_export']}), not {root / path}: retrain it with "
+                f"python -m golden_training.train_dlrm --candidates-export {root / path}"
+            )
     split = split_dataset(ds)
-    feats = {json.dumps(p.manifest["features"], sort_keys=True) for p in rankers.values()}
+    feats = {json.dumps(p.manifest["features"], sort_keys=True) for p in loaded.values()}
     if len(feats) > 1:
         raise ArtifactMismatch(
-            f"the A/B arms' rankers build their features differently ({sorted(feats)}); "
-            f"arms must share one feature store"
+            f"the rankers ({', '.join(str(root / x) for x in loaded)}) build their features differently "
+            f"({sorted(feats)}); they must share one feature store"
         )
     cfg = next(iter(rankers.values())).manifest["features"]
     store = FeatureStore.build(ds, split, cfg["history_len"], cfg["sequence_features"], cfg["trend_days"])
-    for arm, p in rankers.items():
+    for path, p in loaded.items():
         if p.schema != store.features.schema:
             raise ArtifactMismatch(
-                f"ranking artifact {root / arms[arm]} expects features "
+                f"ranking artifact {root / path} expects features "
                 f"{_describe(p.schema)}, but the feature store builds {_describe(store.features.schema)}: "
                 f"repackage the ranker with this checkout"
             )
         dims = {t["dim"] for t in p.manifest["dims"]["tables"].values()}
         if dims != {p.manifest["dims"]["embedding_dim"]}:
             raise ArtifactMismatch(
-                f"ranking artifact {root / arms[arm]}: table dims {sorted(dims)} differ from its "
+                f"ranking artifact {root / path}: table dims {sorted(dims)} differ from its "
                 f"embedding_dim {p.manifest['dims']['embedding_dim']}; DLRM needs one dim"
             )
     retriever = Retriever(r_dir, device="cpu", k=CANDIDATES)
@@ -457,39 +535,19 @@ def create_pipeline(
             f"retrieval export {r_dir} maps raw IDs to indices differently from {ds.name}: its "
             f"features.json is from another data set; export it again"
         )
-    sources: list = [TwoTowerSource(retriever)]
-    if bert4rec == "auto":
-        bert4rec = "bert4rec/export" if (root / "bert4rec" / "export" / "manifest.json").is_file() else None
-    if bert4rec is not None:
-        from bert4rec.scorer import NextItemScorer
-
-        scorer = NextItemScorer(root / bert4rec)
-        if scorer.data_fingerprint != ds.fingerprint:
-            raise ArtifactMismatch(
-                f"BERT4Rec export {root / bert4rec} was trained on data with fingerprint "
-                f"{scorer.data_fingerprint[:16]}, not {ds.name}'s {ds.fingerprint[:16]}: retrain it"
-            )
-        missing = [int(i) for i in ds.item_raw_ids if int(i) not in scorer.index_of]
-        if missing:
-            raise ArtifactMismatch(
-                f"BERT4Rec export {root / bert4rec} lacks {len(missing)} of {ds.name}'s items "
-                f"(e.g. {missing[:3]}); retrain it on this data"
-            )
-        sources.append(BERT4RecSource(scorer, ds.item_raw_ids))
+    sources: list = [TwoTowerSource(retriever)] + [SequenceSource(sc, ds.item_raw_ids) for _, sc in scorers.values()]
     item_embeddings = np.load(r_dir / "item_embeddings.npy")
-    if candidate_source == "auto":
-        candidate_source = sources[-1].name
     identity = _digest(
         {
             "data": ds.fingerprint,
             "source": candidate_source,
             "k": CANDIDATES,
             "retrieval": r_manifest["files"],
-            "bert4rec": None if bert4rec is None else file_digest(root / bert4rec / "weights.pt", "sha256"),
+            **{name: file_digest(root / path / "weights.pt", "sha256") for name, (path, _) in scorers.items()},
         }
     )
     return RecommendationPipeline(
-        retriever, rankers, store, ds, split, sources, item_embeddings, candidate_source, identity
+        retriever, rankers, store, ds, split, sources, item_embeddings, candidate_source, identity, by_source
     )
 
 

@@ -601,7 +601,8 @@ def main(argv: list[str] | None = None) -> None:
         type=parse_arm,
         default=[],
         help="an A/B arm NAME=PATH:SHARE, PATH relative to --artifacts; repeat for more "
-        "(default: one arm, serving/dlrm-int8)",
+        "(default: one arm, the served candidate source's own ranker: serving/dlrm-int8-sasrec for "
+        "SASRec's candidates, serving/dlrm-int8 for the two-tower's)",
     )
     p.add_argument("--ab-salt", default="ab-1", help="changing it reassigns users to arms (default: %(default)s)")
     p.add_argument(
@@ -624,9 +625,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--candidates",
         default="auto",
-        choices=["auto", "two-tower", "BERT4Rec", "union"],
-        help="what the ranker re-orders; auto: BERT4Rec's when <artifacts>/bert4rec/export exists, "
-        "else the two-tower's (default: %(default)s)",
+        choices=["auto", "two-tower", "SASRec", "BERT4Rec", "union"],
+        help="what the ranker re-orders; auto: SASRec's when <artifacts>/sasrec/export exists, then "
+        "BERT4Rec's, else the two-tower's (default: %(default)s)",
     )
     p.add_argument(
         "--data-dir", default=None, help="MovieLens cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)"
@@ -638,16 +639,15 @@ def main(argv: list[str] | None = None) -> None:
     from integration.pipeline import ArtifactMismatch, create_pipeline
 
     torch.set_num_threads(1)
-    arms = a.arm or [("A", "serving/dlrm-int8", 1.0)]
     try:
         pipeline = create_pipeline(
             a.artifacts,
-            ranking={name: path for name, path, _ in arms},
+            ranking={name: path for name, path, _ in a.arm} if a.arm else "auto",
             data_dir=a.data_dir,
-            bert4rec=None if a.candidates == "two-tower" else "auto",
+            sequential=None if a.candidates == "two-tower" else "auto",
             candidate_source=a.candidates,
         )
-        router = ABRouter({name: share for name, _, share in arms}, a.ab_salt)
+        router = ABRouter({name: share for name, _, share in a.arm} if a.arm else {"A": 1.0}, a.ab_salt)
         cache = (
             RedisCache(a.redis_url, a.cache_ttl, timeout=a.redis_timeout) if a.redis_url else MemoryCache(a.cache_ttl)
         )

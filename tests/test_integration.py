@@ -336,7 +336,7 @@ def test_chaos_8_clients_60_s_redis_killed_and_hung(artifacts, tmp_path) -> None
 def test_demo_prints_recommendations_and_the_evaluation_table(artifacts, capsys) -> None:
     from integration.demo import main as demo
 
-    res = demo(["--artifacts", str(artifacts), "--users", "196,999999", "--n-boot", "20"])
+    res = demo(["--artifacts", str(artifacts), "--sequential", "none", "--users", "196,999999", "--n-boot", "20"])
     out = capsys.readouterr().out
     assert res["trained"] == []  # every stage was there
     assert "user 196:" in out and "most recent:" in out and "re-ranked from 100 candidates" in out
@@ -353,15 +353,37 @@ def test_demo_trains_missing_stages_then_recommends(tmp_path, capsys) -> None:
     from integration.demo import main as demo
 
     res = demo(["--artifacts", str(tmp_path), "--quick", "--users", "1", "--n-boot", "10"])
-    assert len(res["trained"]) == 3 and "user 1:" in capsys.readouterr().out
-    for made in ("retrieval/export/manifest.json", "ranking/results.json", "serving/dlrm-int8/manifest.json"):
+    assert len(res["trained"]) == 6 and "user 1:" in capsys.readouterr().out
+    assert res["served"] == "SASRec + ranker"
+    for made in (
+        "retrieval/export/manifest.json",
+        "ranking/results.json",
+        "serving/dlrm-int8/manifest.json",
+        "sasrec/export/manifest.json",
+        "ranking-sasrec/results.json",
+        "serving/dlrm-int8-sasrec/manifest.json",
+    ):
         assert (tmp_path / made).is_file()
     assert sorted(p.name for p in (tmp_path / "demo-logs").iterdir()) == [
         "1-retrieval.log",
         "2-golden_training.log",
         "3-inference_legacy.log",
+        "4-sasrec.log",
+        "5-golden_training.log",
+        "6-inference_legacy.log",
     ]
     assert demo(["--artifacts", str(tmp_path), "--users", "1", "--n-boot", "10"])["trained"] == []
+
+
+def test_a_retrained_stage_retrains_every_stage_that_reads_it(tmp_path) -> None:
+    from integration.demo import stages
+
+    todo = stages(tmp_path, sequential=("sasrec", "bert4rec"))
+    names = [s.name for s in todo]
+    assert len(todo) == 9 and names[3].startswith("SASRec") and names[6].startswith("BERT4Rec")
+    # every ranker reads the retrieval export; each sequential ranker also its source; artifacts their ranker
+    assert [s.after for s in todo] == [[], [0], [1], [], [0, 3], [4], [], [0, 6], [7]]
+    assert "--candidates-export" in todo[4].command and str(tmp_path / "sasrec" / "export") in todo[4].command
 
 
 def test_pipeline_benchmark_quick(artifacts, tmp_path) -> None:
@@ -383,7 +405,7 @@ def test_with_bert4rec_candidates_the_served_system_beats_each_source_on_validat
     for part in ("retrieval", "ranking", "serving"):
         (root / part).symlink_to((artifacts / part).resolve())
     (root / "bert4rec").symlink_to(bert4rec_run[1])
-    pipeline = create_pipeline(root)
+    pipeline = create_pipeline(root)  # no ranker trained on BERT4Rec's candidates: the two-tower's serves
     assert [s.name for s in pipeline.sources] == ["two-tower", "BERT4Rec"] and pipeline.candidate_source == "BERT4Rec"
     ev = pipeline.evaluate("valid", n_boot=20)
     served = ev["BERT4Rec + ranker"].means["NDCG@10"]
@@ -393,6 +415,45 @@ def test_with_bert4rec_candidates_the_served_system_beats_each_source_on_validat
     assert served > ev["two-tower"].means["NDCG@10"] - 0.01
     (rec,) = pipeline.recommend([196])
     assert rec.stage == "ranked" and rec.candidates == 100
+
+
+def test_with_sasrec_each_source_is_re_ranked_by_its_own_ranker(
+    artifacts, sasrec_run, sasrec_reranking_run, tmp_path
+) -> None:
+    """SASRec's candidates are served with the ranker trained on them, the two-tower's with its own;
+    a ranker trained on another SASRec model's candidates is refused."""
+
+    root = tmp_path / "with-sasrec"
+    root.mkdir()
+    for part in ("retrieval", "ranking"):
+        (root / part).symlink_to((artifacts / part).resolve())
+    shutil.copytree(artifacts / "serving", root / "serving")
+    (root / "sasrec").symlink_to(sasrec_run[1])
+    dlrm_packager.main(
+        [
+            "--checkpoints",
+            str(sasrec_reranking_run[1] / "checkpoints" / "dlrm"),
+            "--out",
+            str(root / "serving" / "dlrm-int8-sasrec"),
+        ]
+    )
+    pipeline = create_pipeline(root)
+    assert [s.name for s in pipeline.sources] == ["two-tower", "SASRec"] and pipeline.candidate_source == "SASRec"
+    assert pipeline.rankers["A"].path == root / "serving" / "dlrm-int8-sasrec"
+    assert pipeline.source_rankers["two-tower"].path == root / "serving" / "dlrm-int8"
+    ev = pipeline.evaluate("valid", n_boot=20)
+    # the SASRec row is the export's own validation figure; its re-ranked row uses the SASRec ranker
+    assert ev["SASRec"].means["NDCG@10"] == pytest.approx(sasrec_run[0]["valid"]["full"]["NDCG@10"])
+    ranked = ev["SASRec + ranker"].means["NDCG@10"]
+    assert ranked == pytest.approx(sasrec_reranking_run[0]["dlrm"]["valid_per_epoch"][-1]["rerank_NDCG@10"], abs=0.01)
+    (rec,) = pipeline.recommend([196])
+    assert rec.stage == "ranked" and rec.candidates == 100
+    # a ranker trained on another SASRec model's candidates is refused
+    other = json.loads((root / "serving" / "dlrm-int8-sasrec" / "manifest.json").read_text())
+    other["source"]["candidates_weights"] = "0" * 64
+    (root / "serving" / "dlrm-int8-sasrec" / "manifest.json").write_text(json.dumps(other))
+    with pytest.raises(ArtifactMismatch, match="trained on the candidates of another SASRec model"):
+        create_pipeline(root)
 
 
 def test_events_and_requests_are_bounded_and_strictly_typed(service, pipeline) -> None:

@@ -1,0 +1,144 @@
+"""Every system of the project on ml-100k, each row the mean of several training seeds.
+
+    python -m integration.compare                       # (make compare) seeds 0 1 2: trains what is missing, then the table
+    python -m integration.compare --seeds 0 --stage valid
+
+For each seed it trains, under ``<root>/seed-<n>`` (default ``runs/compare``), everything the demo
+trains with both sequential sources (integration/demo.py: the two-tower, SASRec and BERT4Rec, each
+with a DLRM ranker trained on its own candidates and that ranker's INT8 artifact; an interrupted run
+resumes), then evaluates every system under the shared protocol (943 users, full ranking, seen
+items excluded): popularity; each candidate source alone and re-ranked by its ranker; the union of
+the three sources and the union re-ranked.
+
+The served system is chosen on validation: the system with the best validation NDCG@10 averaged
+over the seeds. Test is then evaluated once. The table gives, per system, the mean over seeds with
+a 95% bootstrap interval over users (each user's metric averaged over the seeds first, so the
+interval is about the users, and the seeds' spread is listed beside it), every seed's figure, and
+the served system's paired difference with each single model over the same users. Results in
+``<root>/compare_<stage>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common.metrics import bootstrap_ci, per_user_metrics
+from common.runtime import write_json_atomic
+
+METRICS = ("HR@10", "NDCG@10", "Recall@100")
+SEQUENTIAL = ("sasrec", "bert4rec")
+
+
+def evaluate_seed(root: Path, stage: str, sequential: tuple[str, ...]) -> dict[str, dict[str, np.ndarray]]:
+    """Per system, per metric: the per-user values (users in index order) of one seed's run."""
+    from common.baselines import popularity_report
+    from integration.pipeline import create_pipeline
+
+    pipeline = create_pipeline(root, sequential=[f"{m}/export" for m in sequential])
+    reports = {"popularity": popularity_report(pipeline.split, stage, n_boot=10), **pipeline.evaluate(stage, n_boot=10)}
+    users = reports["popularity"].users
+    out = {}
+    for name, rep in reports.items():
+        assert np.array_equal(rep.users, users)
+        out[name] = per_user_metrics(rep.ranks)
+    return out
+
+
+def summarize(per_seed: list[dict[str, dict[str, np.ndarray]]], n_boot: int) -> dict[str, dict[str, object]]:
+    """Per system and metric: mean over seeds, each seed's mean, and the users' bootstrap interval
+    of the seed-averaged per-user values."""
+    table = {}
+    for name in per_seed[0]:
+        row = {}
+        for m in METRICS:
+            values = np.mean([s[name][m] for s in per_seed], axis=0)
+            row[m] = float(values.mean())
+            row[f"{m}_ci95"] = list(bootstrap_ci(values, n_boot=n_boot))
+            row[f"{m}_seeds"] = [float(s[name][m].mean()) for s in per_seed]
+        table[name] = row
+    return table
+
+
+def paired(per_seed: list[dict[str, dict[str, np.ndarray]]], a: str, b: str, n_boot: int) -> dict[str, object]:
+    """``a`` minus ``b`` per user (averaged over seeds), mean and bootstrap interval, per metric."""
+    out = {}
+    for m in METRICS:
+        d = np.mean([s[a][m] - s[b][m] for s in per_seed], axis=0)
+        out[m] = float(d.mean())
+        out[f"{m}_ci95"] = list(bootstrap_ci(d, n_boot=n_boot))
+        out[f"{m}_seeds"] = [float((s[a][m] - s[b][m]).mean()) for s in per_seed]
+    return out
+
+
+def choose(valid: dict[str, dict[str, object]]) -> str:
+    """The served system: the best validation NDCG@10 (mean over seeds) of every system."""
+    return max((n for n in valid if n != "popularity"), key=lambda n: valid[n]["NDCG@10"])
+
+
+def print_table(table: dict[str, dict[str, object]], stage: str, served: str, seeds: list[int]) -> None:
+    print(f"\nml-100k {stage}, 943 users, full ranking, seen items excluded; mean of seeds {seeds} [95% CI over users]")
+    print(f"{'':20s} | " + " | ".join(f"{m:>24s}" for m in METRICS) + " | NDCG@10 per seed")
+    for name, row in table.items():
+        cells = " | ".join(
+            f"{row[m]:.4f} [{row[m + '_ci95'][0]:.3f}, {row[m + '_ci95'][1]:.3f}]".rjust(24) for m in METRICS
+        )
+        per = " ".join(f"{v:.4f}" for v in row["NDCG@10_seeds"])
+        print(f"{name:20s} | {cells} | {per}" + ("  <- served" if name == served else ""))
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
+    p.add_argument("--root", default="runs/compare", help="run directories <root>/seed-<n> (default: %(default)s)")
+    p.add_argument(
+        "--stage",
+        default="test",
+        choices=["valid", "test"],
+        help="'test': choose the served system on validation, then evaluate test once; 'valid': validation only "
+        "(default: %(default)s)",
+    )
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
+    p.add_argument(
+        "--sequential",
+        default=",".join(SEQUENTIAL),
+        type=lambda v: tuple(x for x in v.split(",") if x),
+        help="sequential sources beside the two-tower (default: sasrec,bert4rec)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny models (a smoke run of the command: its numbers mean nothing)"
+    )
+    a = p.parse_args(argv)
+    from integration.demo import train_missing
+
+    t0 = time.perf_counter()
+    roots = [Path(a.root) / f"seed-{s}" for s in a.seeds]
+    for seed, root in zip(a.seeds, roots):
+        print(f"seed {seed}: {root}", flush=True)
+        train_missing(root, a.quick, a.sequential, ["--seed", str(seed)])
+    valid_runs = [evaluate_seed(r, "valid", a.sequential) for r in roots]
+    valid = summarize(valid_runs, a.n_boot)
+    served = choose(valid)
+    results: dict[str, object] = {"seeds": a.seeds, "served": served, "chosen_on": "valid NDCG@10", "valid": valid}
+    runs = valid_runs
+    if a.stage == "test":
+        runs = [evaluate_seed(r, "test", a.sequential) for r in roots]  # test, once, every system
+        results["test"] = summarize(runs, a.n_boot)
+    table = results[a.stage]
+    print_table(table, a.stage, served, a.seeds)
+    singles = [n for n in table if n != served and n != "popularity"]
+    results[f"{a.stage}_served_minus"] = gains = {n: paired(runs, served, n, a.n_boot) for n in singles}
+    for n, g in gains.items():
+        lo, hi = g["NDCG@10_ci95"]
+        print(f"{served} minus {n}, NDCG@10: {g['NDCG@10']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+    results["seconds"] = time.perf_counter() - t0
+    write_json_atomic(Path(a.root) / f"compare_{a.stage}.json", results)
+    print(f"results in {Path(a.root) / f'compare_{a.stage}.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
