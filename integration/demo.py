@@ -4,18 +4,20 @@
     python -m integration.demo --users 1,405,655  # other users (raw MovieLens IDs)
     python -m integration.demo --artifacts DIR    # another run directory
 
-    python -m integration.demo --with-bert4rec    # also BERT4Rec, the second candidate source
+    python -m integration.demo --sequential none  # the two-tower and its ranker only
+    python -m integration.demo --with-bert4rec    # also BERT4Rec, a third candidate source
     python -m integration.demo --dataset ml-1m    # another MovieLens (from GroupLens), in runs/ml-1m
 
 If the artifacts are missing it trains them first, each stage a subprocess with a progress line
-(under 2 minutes on 2 CPU cores; logs in <artifacts>/demo-logs/): the two-tower retrieval model
-and its FAISS index, the DLRM ranker on retrieval's candidates, and the ranker's INT8 serving
-artifact; with ``--with-bert4rec`` also BERT4Rec (about 10 minutes). An interrupted run resumes
-from its checkpoints. Then it:
+(logs in <artifacts>/demo-logs/): the two-tower retrieval model and its FAISS index, the DLRM ranker
+on retrieval's candidates and its INT8 serving artifact (under 2 minutes on 2 CPU cores); then
+SASRec (``--sequential``; 7-14 minutes), a ranker trained on SASRec's candidates and its artifact;
+with ``--with-bert4rec`` also BERT4Rec (about 10 minutes) and its ranker. An interrupted run
+resumes from its checkpoints; a retrained stage retrains every stage that reads it. Then it:
 
 - builds the pipeline (``integration.pipeline.create_pipeline``, which checks the stages fit);
-  when ``<artifacts>/bert4rec/export`` exists the ranker re-orders BERT4Rec's candidates (the
-  best re-ranked system on validation), else the two-tower's;
+  with SASRec there, the served system is SASRec's candidates re-ranked by their own ranker
+  (each source is re-ranked by the ranker trained on its candidates);
 - prints, for a few users, their most recent movies and their top 10 with scores;
 - prints the offline evaluation on the test split (``--stage valid``: validation, the split that
   chooses between systems) under the shared protocol (943 users, full ranking, seen items
