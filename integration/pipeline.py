@@ -443,6 +443,7 @@ def create_pipeline(
                 f"(e.g. {missing[:3]}); retrain it on this data"
             )
         scorers[name] = (path, scorer)
+    digests = {name: file_digest(root / path / "weights.pt", "sha256") for name, (path, _) in scorers.items()}
     names = ["two-tower", *scorers]
     if candidate_source == "auto":
         candidate_source = next((n for n in ("SASRec", "BERT4Rec") if n in scorers), "two-tower")
@@ -499,7 +500,7 @@ def create_pipeline(
     for name, (path, _) in scorers.items():
         p = by_source[name]
         trained_on = p.manifest["source"].get("candidates_weights")
-        if trained_on is not None and trained_on != file_digest(root / path / "weights.pt", "sha256"):
+        if trained_on is not None and trained_on != digests[name]:
             raise ArtifactMismatch(
                 f"ranking artifact {root / own_ranker(name)} was trained on the candidates of another {name} "
                 f"model ({p.manifest['source']['candidates_export']}), not {root / path}: retrain it with "
@@ -543,7 +544,7 @@ def create_pipeline(
             "source": candidate_source,
             "k": CANDIDATES,
             "retrieval": r_manifest["files"],
-            **{name: file_digest(root / path / "weights.pt", "sha256") for name, (path, _) in scorers.items()},
+            **digests,
         }
     )
     return RecommendationPipeline(
