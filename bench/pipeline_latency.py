@@ -5,10 +5,12 @@
 
 Three measurements, on the ml-100k artifacts of the demo (``python -m integration.demo``):
 
-- **single user**: ``pipeline.recommend([user])`` for users one at a time: the candidates (the
-  query tower and the FAISS top 100, or BERT4Rec's top 100 when its export is in the artifacts),
-  feature enrichment of the 100 candidates, the INT8 DLRM over them, the top 10. p50 / p99 over
-  every user, and each stage's median share.
+- **single user**: ``pipeline.recommend([user])`` for users one at a time, serving what the
+  pipeline serves by default (the system chosen on validation, integration/ensemble.py): the
+  candidates (the two-tower's query tower and FAISS top 100, a sequential model's top 100 over the
+  catalog, or the ensemble: every source's catalog scores, standardized and summed), and when the
+  system re-ranks, feature enrichment of the 100 candidates and the INT8 DLRM over them; the top 10.
+  p50 / p99 over every user, and each stage's median.
 - **batched**: ``pipeline.recommend(users)`` in batches of 256, users per second, with torch
   using every core (offline batch inference).
 - **HTTP**: ``integration.service`` in its own process, 8 concurrent clients (one keep-alive
@@ -58,10 +60,12 @@ def single_user(pipeline, users: list[int], repeats: int) -> dict[str, object]:
             dense = np.array([pipeline.user_index[u]])
             cands = pipeline.candidates(dense)
             t1 = time.perf_counter()
-            pipeline.rank(dense, *cands)
+            pipeline.order(dense, *cands)
             t2 = time.perf_counter()
             parts["candidates"].append((t1 - t0) * 1000)
             parts["enrichment + DLRM"].append((t2 - t1) * 1000)
+    if not pipeline.rerank:  # served in the candidate source's own order
+        del parts["enrichment + DLRM"]
     for u in users:  # the public path, with ID mapping and titles, as the service calls it
         t = time.perf_counter()
         pipeline.recommend([u])
@@ -72,6 +76,10 @@ def single_user(pipeline, users: list[int], repeats: int) -> dict[str, object]:
             pipeline.recommend([u])
             total.append((time.perf_counter() - t) * 1000)
     return {**percentiles(total), "stages_median_ms": {k: float(np.median(v)) for k, v in parts.items()}}
+
+
+def stages(result: dict[str, object]) -> str:
+    return ", ".join(f"{k} {v:.2f} ms" for k, v in result["stages_median_ms"].items())
 
 
 def batched(pipeline, users: list[int], batch_size: int, repeats: int) -> dict[str, float]:
@@ -201,17 +209,17 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     results: dict[str, object] = {
         "artifacts": a.artifacts,
         "candidates": pipeline.candidate_source,
+        "served": pipeline.served,
         "quick": a.quick,
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "torch_threads": 1,
     }
     results["single_user"] = s = single_user(pipeline, users, repeats)
-    print(f"candidates from {pipeline.candidate_source}", flush=True)
+    print(f"served: {pipeline.served}", flush=True)
     print(
         f"single user: p50 {s['p50_ms']:.2f} ms | p99 {s['p99_ms']:.2f} ms | max {s['max_ms']:.2f} ms over "
-        f"{s['n']} requests (median candidates {s['stages_median_ms']['candidates']:.2f} ms, enrichment + DLRM "
-        f"{s['stages_median_ms']['enrichment + DLRM']:.2f} ms)",
+        f"{s['n']} requests (median {stages(s)})",
         flush=True,
     )
     torch.set_num_threads(os.cpu_count() or 1)  # offline batch inference may use every core
@@ -253,9 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             }
         print(
             f"{a.catalog:,}-item catalog, {index['type']} {index['params']}: single user p50 {c['p50_ms']:.2f} ms | "
-            f"p99 {c['p99_ms']:.2f} ms | max {c['max_ms']:.2f} ms over {c['n']} requests (candidates "
-            f"{c['stages_median_ms']['candidates']:.2f} ms, enrichment + DLRM "
-            f"{c['stages_median_ms']['enrichment + DLRM']:.2f} ms median)",
+            f"p99 {c['p99_ms']:.2f} ms | max {c['max_ms']:.2f} ms over {c['n']} requests (median {stages(c)})",
             flush=True,
         )
     write_json_atomic(a.out, results)

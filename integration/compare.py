@@ -4,18 +4,19 @@
     python -m integration.compare --seeds 0 --stage valid
 
 For each seed it trains, under ``<root>/seed-<n>`` (default ``runs/compare``), everything the demo
-trains with both sequential sources (integration/demo.py: the two-tower, SASRec and BERT4Rec, each
-with a DLRM ranker trained on its own candidates and that ranker's INT8 artifact; an interrupted run
-resumes), then evaluates every system under the shared protocol (943 users, full ranking, seen
-items excluded): popularity; each candidate source alone and re-ranked by its ranker; the union of
-the three sources and the union re-ranked.
+trains (integration/demo.py: the two-tower and each ``--sequential`` source, each with a DLRM ranker
+trained on its own candidates and that ranker's INT8 artifact; then the ensemble of the sources,
+fitted on validation, and the served system, chosen there; an interrupted run resumes), then
+evaluates every system under the shared protocol (943 users, full ranking, seen items excluded):
+popularity; each candidate source alone and re-ranked by its ranker; the union of the sources
+alone and re-ranked; the ensemble; and "served", each seed's chosen system (what its demo and
+service serve).
 
-The served system is chosen on validation: the system with the best validation NDCG@10 averaged
-over the seeds. Test is then evaluated once. The table gives, per system, the mean over seeds with
-a 95% bootstrap interval over users (each user's metric averaged over the seeds first, so the
-interval is about the users, and the seeds' spread is listed beside it), every seed's figure, and
-the served system's paired difference with each single model over the same users. Results in
-``<root>/compare_<stage>.json``.
+Validation chose every weight and the served system; test is evaluated once, after. The table gives,
+per system, the mean over seeds with a 95% bootstrap interval over users (each user's metric
+averaged over the seeds first, so the interval is about the users, and the seeds' spread is listed
+beside it), every seed's figure, and the served system's paired difference with every other system
+over the same users. Results in ``<root>/compare_<stage>.json``.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ METRICS = ("HR@10", "NDCG@10", "Recall@100")
 SEQUENTIAL = ("sasrec", "bert4rec")
 
 
-def evaluate_seed(root: Path, stage: str, sequential: tuple[str, ...]) -> dict[str, dict[str, np.ndarray]]:
-    """Per system, per metric: the per-user values (users in index order) of one seed's run."""
+def evaluate_seed(root: Path, stage: str, sequential: tuple[str, ...]) -> tuple[dict[str, dict[str, np.ndarray]], str]:
+    """Per system, per metric: the per-user values (users in index order) of one seed's run, with
+    a "served" row (the system the run's pipeline serves), and that system's name."""
     from common.baselines import popularity_report
     from integration.pipeline import create_pipeline
 
@@ -45,7 +47,8 @@ def evaluate_seed(root: Path, stage: str, sequential: tuple[str, ...]) -> dict[s
     for name, rep in reports.items():
         assert np.array_equal(rep.users, users)
         out[name] = per_user_metrics(rep.ranks)
-    return out
+    out["served"] = out[pipeline.served]
+    return out, pipeline.served
 
 
 def summarize(per_seed: list[dict[str, dict[str, np.ndarray]]], n_boot: int) -> dict[str, dict[str, object]]:
@@ -72,11 +75,6 @@ def paired(per_seed: list[dict[str, dict[str, np.ndarray]]], a: str, b: str, n_b
         out[f"{m}_ci95"] = list(bootstrap_ci(d, n_boot=n_boot))
         out[f"{m}_seeds"] = [float((s[a][m] - s[b][m]).mean()) for s in per_seed]
     return out
-
-
-def choose(valid: dict[str, dict[str, object]]) -> str:
-    """The served system: the best validation NDCG@10 (mean over seeds) of every system."""
-    return max((n for n in valid if n != "popularity"), key=lambda n: valid[n]["NDCG@10"])
 
 
 def print_table(table: dict[str, dict[str, object]], stage: str, served: str, seeds: list[int]) -> None:
@@ -119,21 +117,26 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     for seed, root in zip(a.seeds, roots):
         print(f"seed {seed}: {root}", flush=True)
         train_missing(root, a.quick, a.sequential, ["--seed", str(seed)])
-    valid_runs = [evaluate_seed(r, "valid", a.sequential) for r in roots]
-    valid = summarize(valid_runs, a.n_boot)
-    served = choose(valid)
-    results: dict[str, object] = {"seeds": a.seeds, "served": served, "chosen_on": "valid NDCG@10", "valid": valid}
-    runs = valid_runs
+    valid_runs, systems = zip(*(evaluate_seed(r, "valid", a.sequential) for r in roots))
+    valid = summarize(list(valid_runs), a.n_boot)
+    results: dict[str, object] = {
+        "seeds": a.seeds,
+        "served": list(systems),  # each seed's, chosen on its validation by integration.ensemble
+        "chosen_on": "valid NDCG@10",
+        "valid": valid,
+    }
+    runs = list(valid_runs)
     if a.stage == "test":
-        runs = [evaluate_seed(r, "test", a.sequential) for r in roots]  # test, once, every system
+        runs = [evaluate_seed(r, "test", a.sequential)[0] for r in roots]  # test, once, every system
         results["test"] = summarize(runs, a.n_boot)
     table = results[a.stage]
-    print_table(table, a.stage, served, a.seeds)
-    singles = [n for n in table if n != served and n != "popularity"]
-    results[f"{a.stage}_served_minus"] = gains = {n: paired(runs, served, n, a.n_boot) for n in singles}
+    print_table(table, a.stage, "served", a.seeds)
+    print("served per seed: " + ", ".join(f"seed {s}: {n}" for s, n in zip(a.seeds, systems)))
+    others = [n for n in table if n not in ("served", "popularity") and set(systems) != {n}]
+    results[f"{a.stage}_served_minus"] = gains = {n: paired(runs, "served", n, a.n_boot) for n in others}
     for n, g in gains.items():
         lo, hi = g["NDCG@10_ci95"]
-        print(f"{served} minus {n}, NDCG@10: {g['NDCG@10']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+        print(f"served minus {n}, NDCG@10: {g['NDCG@10']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
     results["seconds"] = time.perf_counter() - t0
     write_json_atomic(Path(a.root) / f"compare_{a.stage}.json", results)
     print(f"results in {Path(a.root) / f'compare_{a.stage}.json'}")

@@ -12,18 +12,20 @@ If the artifacts are missing it trains them first, each stage a subprocess with 
 (logs in <artifacts>/demo-logs/): the two-tower retrieval model and its FAISS index, the DLRM ranker
 on retrieval's candidates and its INT8 serving artifact (under 2 minutes on 2 CPU cores); then
 SASRec (``--sequential``; 7-14 minutes), a ranker trained on SASRec's candidates and its artifact;
-with ``--with-bert4rec`` also BERT4Rec (about 10 minutes) and its ranker. An interrupted run
-resumes from its checkpoints; a retrained stage retrains every stage that reads it. Then it:
+with ``--with-bert4rec`` also BERT4Rec (about 10 minutes) and its ranker. Last, the served system
+is chosen on validation (``integration.ensemble``, under a minute): the sources' scores fused with
+weights fitted there, and every system compared there. An interrupted run resumes from its
+checkpoints; a retrained stage retrains every stage that reads it. Then it:
 
-- builds the pipeline (``integration.pipeline.create_pipeline``, which checks the stages fit);
-  with SASRec there, the served system is SASRec's candidates re-ranked by their own ranker
-  (each source is re-ranked by the ranker trained on its candidates);
+- builds the pipeline (``integration.pipeline.create_pipeline``, which checks the stages fit),
+  serving the chosen system: on ml-100k the ensemble of the two-tower and SASRec, in its own order
+  (each source re-ranked by the ranker trained on its candidates is compared, and loses);
 - prints, for a few users, their most recent movies and their top 10 with scores;
 - prints the offline evaluation on the test split (``--stage valid``: validation, the split that
-  chooses between systems) under the shared protocol (943 users, full ranking, seen items
-  excluded) with 95% bootstrap intervals: popularity, each candidate source alone and re-ranked,
-  and with two sources their union alone and re-ranked; and the served system's paired gain over
-  each source alone and each other re-ranked system.
+  chose the system) under the shared protocol (943 users, full ranking, seen items excluded) with
+  95% bootstrap intervals: popularity, each candidate source alone and re-ranked, with two
+  sources their union alone and re-ranked and their ensemble; and the served system's paired gain
+  over each other system.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from common.data.download import DataIntegrityError
 from common.data.movielens import ARCHIVES, DataUnavailable, load_movielens
 from common.metrics import RankingReport, paired_difference
 from common.runtime import write_json_atomic
+from integration.ensemble import choice_file
 
 METRICS = ("HR@10", "NDCG@10", "Recall@100")
 
@@ -68,8 +71,9 @@ def stages(
 ) -> list[Stage]:
     """Every stage, in order: the two-tower retriever, a ranker on its candidates and its INT8
     artifact; then for each sequential model (``sasrec``, ``bert4rec``) the model, a ranker trained
-    on its candidates and that ranker's artifact. ``quick``: tiny runs; ``data``: the data flags
-    (--dataset, --data-dir) for the trainers."""
+    on its candidates and that ranker's artifact; with a sequential model, last the choice of the
+    served system on validation (integration/ensemble.py), which reads every model before it.
+    ``quick``: tiny runs; ``data``: the data flags (--dataset, --data-dir) for the trainers."""
     data = data or []
     extra = {k: [*data, *(v if quick else [])] for k, v in QUICK.items()}
     data_dir = data[data.index("--data-dir") :][:2] if "--data-dir" in data else []
@@ -138,6 +142,26 @@ def stages(
             [0, len(todo) - 1],
             ["--candidates-export", str(export)],
         )
+    if not sequential:  # the two-tower alone: re-ranked by its ranker, which its training shows beats its order
+        return todo
+    models = list(range(len(todo)))
+    names = ["two-tower"] + [{"sasrec": "SASRec", "bert4rec": "BERT4Rec"}[m] for m in sequential]
+    todo.append(
+        Stage(
+            "served system: ensemble fitted and systems compared on validation",
+            choice_file(root, names),
+            [
+                "-m",
+                "integration.ensemble",
+                "--artifacts",
+                str(root),
+                "--sequential",
+                ",".join(sequential) or "none",
+                *data_dir,
+            ],
+            models,
+        )
+    )
     return todo
 
 
@@ -180,7 +204,8 @@ def show_user(pipeline, rec, recent: int = 5) -> None:
     )
     for i in hist[::-1]:
         print(f"    {ds.item_title[i]} ({ds.item_year[i]})")
-    print(f"  top {len(rec.item_ids)} ({rec.stage}, re-ranked from {rec.candidates} candidates):")
+    how = f"re-ranked from {rec.candidates} candidates" if rec.stage == "ranked" else pipeline.served
+    print(f"  top {len(rec.item_ids)} ({rec.stage}: {how}):")
     for n, (t, i, s) in enumerate(zip(rec.titles, rec.item_ids, rec.scores), 1):
         year = ds.item_year[pipeline.item_index[i]]
         print(f"    {n:2d}. {t} ({year})  {s:.3f}")
@@ -250,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if bad:
         p.error(f"--sequential {','.join(bad)}: the sequential sources are sasrec and bert4rec (or none)")
     trained = train_missing(root, a.quick, sequential, data)
-    # served: SASRec's candidates when it is there (the best re-ranked system on validation)
+    # served: the system chosen on validation (the last stage above)
     pipeline = create_pipeline(root, data_dir=a.data_dir, sequential=[f"{m}/export" for m in sequential])
     users = [int(u) for u in a.users.split(",") if u.strip()]
     for rec in pipeline.recommend(users):
@@ -266,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "popularity": popularity_report(pipeline.split, a.stage, n_boot=a.n_boot),
         **pipeline.evaluate(a.stage, n_boot=a.n_boot),
     }
-    final = f"{pipeline.candidate_source} + ranker"
+    final = pipeline.served
     print(
         f"\n{pipeline.dataset.name} {a.stage}, {reports['two-tower'].num_users} users, full ranking, seen items "
         f"excluded (95% CI over users):"
@@ -276,12 +301,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         mark = "  <- served" if name == final else ""
         print(f"{name:22s} | " + " | ".join(f"{cell(rep, m):>23s}" for m in METRICS) + mark)
     gains = {}
-    others = [src.name for src in pipeline.sources] + [name for name in reports if name.endswith("+ ranker")]
-    for single in dict.fromkeys(n for n in others if n != final):
-        gains[single] = gain = paired_difference(reports[final], reports[single], n_boot=a.n_boot)
+    for other in (n for n in reports if n not in (final, "popularity")):
+        gains[other] = gain = paired_difference(reports[final], reports[other], n_boot=a.n_boot)
         lo, hi = gain["NDCG@10_ci95"]
-        alone = "" if single.endswith("+ ranker") else " alone"
-        print(f"{final} minus {single}{alone}, NDCG@10: {gain['NDCG@10']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+        print(f"{final} minus {other}, NDCG@10: {gain['NDCG@10']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
     results = {
         "trained": trained,
         "users": [r.to_dict() for r in pipeline.recommend(users)],

@@ -44,6 +44,7 @@ from common.data.split import Split, split_dataset
 from common.metrics import RankingReport, evaluate_topk
 from golden_training.ranking_data import Examples, RankingFeatures, reference_time
 from inference_legacy.dlrm_predict import DLRMPredictor
+from integration.ensemble import EnsembleSource, choice_file
 from retrieval.two_tower_retrieval import Retriever
 from retrieval.two_tower_retrieval import read_manifest as read_retrieval_manifest
 
@@ -60,10 +61,12 @@ class ArtifactMismatch(ValueError):
 class Recommendation:
     user_id: int  # raw MovieLens user ID (-1: described by features only)
     item_ids: list[int]  # raw MovieLens item IDs, best first
-    scores: list[float]  # ranker probabilities (retrieval scores when stage == "retrieval")
+    scores: list[float]  # ranker probabilities; the source's own scores when not re-ranked
     titles: list[str]
-    stage: str = "ranked"  # "ranked", "retrieval" (no ranker for this user) or "popular" (cold start)
-    candidates: int = 0  # how many candidates the ranker re-ordered
+    # "ranked"; "candidates" (the served system is a candidate source's own order, e.g. the
+    # ensemble's); "retrieval" (no ranker for this user) or "popular" (cold start)
+    stage: str = "ranked"
+    candidates: int = 0  # how many candidates the ranker re-ordered (or the source returned)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -150,11 +153,23 @@ class TwoTowerSource:
 
     name = "two-tower"
 
-    def __init__(self, retriever: Retriever) -> None:
+    def __init__(self, retriever: Retriever, item_embeddings: np.ndarray | None = None) -> None:
         self.retriever = retriever
+        self._items = item_embeddings
+
+    @property
+    def item_embeddings(self) -> np.ndarray:
+        """The candidate tower's item vectors ``[num_items, dim]`` (the FAISS index's), loaded once."""
+        if self._items is None:
+            self._items = np.load(self.retriever.export_dir / "item_embeddings.npy")
+        return self._items
 
     def top_k(self, users: np.ndarray, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.retriever.top_k_indices(users, k, exclude_seen=True, histories=histories)
+
+    def scores(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        """The dot product of each user's query with every item ``[B, num_items]`` (exact, no index)."""
+        return self.retriever.query_embeddings(users, histories) @ self.item_embeddings.T
 
 
 class SequenceSource:
@@ -166,12 +181,20 @@ class SequenceSource:
         self.name = SEQUENCE_SOURCES[scorer.name]
         self.order = np.array([scorer.index_of[int(i)] for i in self.raw])  # data set index -> scorer index
 
+    def scores(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        """Next-item scores of every item ``[B, num_items]`` (data set indices)."""
+        return self.scorer.score_indices([self.order[h] for h in histories])[:, self.order]
+
     def top_k(self, users: np.ndarray, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-        s = self.scorer.score_indices([self.order[h] for h in histories])[:, self.order]
-        for r, h in enumerate(histories):
-            s[r, h] = -np.inf
-        top = np.argsort(-s, axis=1, kind="stable")[:, :k]
-        return top, np.take_along_axis(s, top, 1)
+        return top_unseen(self.scores(users, histories), histories, k)
+
+
+def top_unseen(scores: np.ndarray, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best-scored items of each row that are not in its history, and their scores."""
+    for r, h in enumerate(histories):
+        scores[r, h] = -np.inf
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return top, np.take_along_axis(scores, top, 1)
 
 
 def union(lists: list[np.ndarray], interleave: bool = False) -> np.ndarray:
@@ -207,6 +230,10 @@ class RecommendationPipeline:
         candidate_source: str = "two-tower",
         identity: str | None = None,
         source_rankers: dict[str, DLRMPredictor] | None = None,
+        ensemble_weights: dict[str, float] | None = None,
+        rerank: bool = True,
+        artifacts_dir: Path | None = None,
+        model_digests: dict[str, dict[str, str]] | None = None,
     ) -> None:
         self.retriever, self.rankers, self.store = retriever, rankers, store
         # each source's own ranker (trained on its candidates), for evaluating "<source> + ranker";
@@ -215,10 +242,14 @@ class RecommendationPipeline:
         self.dataset, self.split = dataset, split
         self.sources = sources or [TwoTowerSource(retriever)]
         self.item_embeddings = item_embeddings
-        names = [src.name for src in self.sources]
-        if candidate_source not in [*names, "union"]:
-            raise ValueError(f"candidate_source {candidate_source!r}: the pipeline has sources {names} (or 'union')")
+        # the weighted fusion of the sources' scores (integration/ensemble.py), when fitted
+        self.ensemble = EnsembleSource(self.sources, ensemble_weights) if ensemble_weights else None
+        names = [src.name for src in self.sources] + ["union"] + (["ensemble"] if self.ensemble else [])
+        if candidate_source not in names:
+            raise ValueError(f"candidate_source {candidate_source!r}: the pipeline has {names}")
         self.candidate_source = candidate_source
+        self.rerank = rerank  # False: serve the candidate source's own order
+        self.artifacts_dir, self.model_digests = artifacts_dir, model_digests or {}
         # What the candidates depend on besides a user's history: a cache keyed by it never mixes
         # entries from other models, data or settings.
         self.identity = identity or _digest({"data": dataset.fingerprint, "source": candidate_source})
@@ -226,17 +257,45 @@ class RecommendationPipeline:
         self.item_index = {int(i): n for n, i in enumerate(dataset.item_raw_ids)}
         self.default_arm = next(iter(rankers))
 
+    @property
+    def served(self) -> str:
+        """The served system's name, as in :meth:`evaluate`'s rows."""
+        return f"{self.candidate_source} + ranker" if self.rerank else self.candidate_source
+
+    def with_ensemble(self, weights: dict[str, float]) -> RecommendationPipeline:
+        """The same pipeline with the sources' scores fused by ``weights`` (an ``ensemble`` source)."""
+        p = copy.copy(self)
+        p.ensemble = EnsembleSource(self.sources, weights)
+        return p
+
     # -- the stages, on dense indices ---------------------------------------------------------
 
     def candidates(self, users: np.ndarray, k: int = CANDIDATES) -> tuple[np.ndarray, np.ndarray]:
-        """Unseen candidate items per user and their retrieval scores (the ranker's feature): the
-        top ``k`` of ``candidate_source`` ``[B, k]``, or the union of every source's top ``k``."""
+        """Unseen candidate items per user ``[B, k]`` and their scores: the top ``k`` of
+        ``candidate_source``, or the union of every source's top ``k``. The scores are the two-tower
+        dot products (the ranker's ``retrieval_score`` feature) when the candidates are re-ranked,
+        else the source's own."""
         hists = [self.store.history(u) for u in users]
-        if self.candidate_source == "two-tower":  # the index's scores are the two-tower dot products
+        source = self.candidate_source
+        if source == "two-tower":  # the index's scores are the two-tower dot products
             return self.sources[0].top_k(users, hists, k)
-        found = [src.top_k(users, hists, k)[0] for src in self.sources if self.candidate_source in ("union", src.name)]
-        items = union(found) if len(found) > 1 else found[0]
-        return items, self.retrieval_scores(users, hists, items)
+        if source == "union":
+            items = union([src.top_k(users, hists, k)[0] for src in self.sources], interleave=not self.rerank)
+            return items, self.retrieval_scores(users, hists, items)
+        src = self.ensemble if source == "ensemble" else next(s for s in self.sources if s.name == source)
+        items, scores = src.top_k(users, hists, k)
+        return (items, self.retrieval_scores(users, hists, items)) if self.rerank else (items, scores)
+
+    def order(
+        self, users: np.ndarray, items: np.ndarray, scores: np.ndarray, arm: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The served order of :meth:`candidates`' output: re-ranked by ``arm``'s ranker, or as it is."""
+        return self.rank(users, items, scores, arm=arm) if self.rerank else (items, scores)
+
+    @property
+    def stage(self) -> str:
+        """What a known user's recommendations are (:class:`Recommendation`'s ``stage``)."""
+        return "ranked" if self.rerank else "candidates"
 
     def candidate_key(self, user: int) -> str:
         """A user's candidates are a function of the models (``identity``) and the user's history,
@@ -278,11 +337,11 @@ class RecommendationPipeline:
         out: list[Recommendation | None] = [None] * len(user_ids)
         if known:
             users = np.array([u for _, u in known], dtype=np.int64)
-            items, scores = self.rank(users, *self.candidates(users), arm=arm)
+            items, scores = self.order(users, *self.candidates(users), arm=arm)
             for (n, _), row_i, row_s in zip(known, items, scores):
                 keep = row_i[:k] >= 0
                 out[n] = self.recommendation(
-                    int(user_ids[n]), row_i[:k][keep], row_s[:k][keep], "ranked", int((row_i >= 0).sum())
+                    int(user_ids[n]), row_i[:k][keep], row_s[:k][keep], self.stage, int((row_i >= 0).sum())
                 )
         for n, u in enumerate(user_ids):
             if out[n] is None:
@@ -348,7 +407,8 @@ class RecommendationPipeline:
         """Every system the pipeline can be, under the shared protocol (full ranking, seen items
         excluded): each candidate source alone, and with its ranker on top (the one trained on its
         candidates where the pipeline has it); with several sources, their union (interleaved) and
-        the union re-ranked by the served ranker. ``stage="valid"`` for model selection."""
+        the union re-ranked by the served ranker; the fitted ensemble (no ranker has been trained
+        on its candidates). ``stage="valid"`` for model selection."""
         p = self.at_stage(stage)
         users_all, _ = p.split.targets(stage)
         lists: dict[str, dict[int, np.ndarray]] = {}
@@ -374,6 +434,8 @@ class RecommendationPipeline:
                 keep("union", users, union(list(found.values()), interleave=True))
                 items = union(list(found.values()))
                 keep("union + ranker", users, p.rank(users, items, p.retrieval_scores(users, hists, items))[0])
+            if p.ensemble is not None:
+                keep("ensemble", users, p.ensemble.top_k(users, hists, CANDIDATES)[0])
         return {
             name: evaluate_topk(
                 lambda u, by=by: np.stack([by[x] for x in u.tolist()]),
@@ -395,15 +457,21 @@ def create_pipeline(
     dataset: MovieLens | None = None,
     sequential: str | list[str] | None = "auto",
     candidate_source: str = "auto",
+    served: bool = True,
 ) -> RecommendationPipeline:
     """Load the exported stages from ``artifacts_dir`` and check that they fit together.
 
     Candidate sources: the two-tower retriever, plus each sequential export in ``sequential``
     (paths relative to ``artifacts_dir``; "auto": those of ``sasrec/export`` and
-    ``bert4rec/export`` that exist; None: none). ``candidate_source`` is what the served ranker
-    re-orders: "two-tower", "SASRec", "BERT4Rec" or "union" (of every source's top 100); "auto"
-    takes SASRec's when it is there, the best re-ranked system on ml-100k validation
-    (integration/README.md), then BERT4Rec's, else the two-tower's.
+    ``bert4rec/export`` that exist; None: none).
+
+    The served system: with ``candidate_source="auto"`` and ``ranking="auto"``, the one chosen on
+    validation for these sources by ``python -m integration.ensemble`` (``serving/served-<sources>.json``,
+    which also holds the ensemble's weights; refused if any model changed since). Without that
+    file: SASRec's candidates re-ranked by their ranker when SASRec is there, then BERT4Rec's, else
+    the two-tower's. ``candidate_source`` names one: "two-tower", "SASRec", "BERT4Rec", "union" (of
+    every source's top 100), re-ranked, or "ensemble", served in its own order. ``served=False``
+    ignores the choice file (the choice itself is made that way).
 
     Rankers: each source's own, trained on its candidates, is ``serving/dlrm-int8-<model>`` for a
     sequential source and ``serving/dlrm-int8`` for the two-tower (a source without one falls back
@@ -445,10 +513,33 @@ def create_pipeline(
         scorers[name] = (path, scorer)
     digests = {name: file_digest(root / path / "weights.pt", "sha256") for name, (path, _) in scorers.items()}
     names = ["two-tower", *scorers]
-    if candidate_source == "auto":
-        candidate_source = next((n for n in ("SASRec", "BERT4Rec") if n in scorers), "two-tower")
-    if candidate_source not in [*names, "union"]:
-        raise ArtifactMismatch(f"candidate source {candidate_source!r}: this pipeline has {names} (or 'union')")
+    choice_path = choice_file(root, names)
+    choice = json.loads(choice_path.read_text()) if served and choice_path.is_file() else None
+    fix = (
+        f"choose again with python -m integration.ensemble --artifacts {root} "
+        f"--sequential {','.join(scorers[n][1].name for n in scorers) or 'none'}"
+    )
+    if candidate_source == "ensemble" and choice is None:
+        raise ArtifactMismatch(f"no ensemble was fitted for {names} ({choice_path} is missing): {fix}")
+    auto = candidate_source == "auto"
+    if auto:
+        candidate_source = (
+            choice["candidate_source"]
+            if choice
+            else next((n for n in ("SASRec", "BERT4Rec") if n in scorers), "two-tower")
+        )
+    if candidate_source not in [*names, "union", "ensemble"]:
+        raise ArtifactMismatch(
+            f"candidate source {candidate_source!r}: this pipeline has {names} (or 'union', 'ensemble')"
+        )
+    # re-ranked unless serving the ensemble (no ranker is trained on its candidates) or what the
+    # choice says; an explicit ranker (A/B arms) always re-ranks
+    if ranking != "auto":
+        rerank = True
+    elif auto and choice:
+        rerank = bool(choice["rerank"])
+    else:
+        rerank = candidate_source != "ensemble"
 
     def own_ranker(name: str) -> str:
         if name in scorers:
@@ -536,19 +627,51 @@ def create_pipeline(
             f"retrieval export {r_dir} maps raw IDs to indices differently from {ds.name}: its "
             f"features.json is from another data set; export it again"
         )
-    sources: list = [TwoTowerSource(retriever)] + [SequenceSource(sc, ds.item_raw_ids) for _, sc in scorers.values()]
     item_embeddings = np.load(r_dir / "item_embeddings.npy")
+    sources: list = [TwoTowerSource(retriever, item_embeddings)]
+    sources += [SequenceSource(sc, ds.item_raw_ids) for _, sc in scorers.values()]
+    models = {
+        "sources": {"two-tower": _digest(r_manifest["files"]), **digests},
+        "rankers": {name: _digest(p.manifest) for name, p in by_source.items()},
+    }
+    if choice is not None and choice["models"] != models:
+        changed = [
+            f"{kind[:-1]} {name}"
+            for kind in ("sources", "rankers")
+            for name in sorted(set(models[kind]) | set(choice["models"].get(kind, {})))
+            if models[kind].get(name) != choice["models"].get(kind, {}).get(name)
+        ]
+        raise ArtifactMismatch(
+            f"{choice_path} chose the served system among other models than these "
+            f"({', '.join(changed)} changed since): {fix}"
+        )
+    weights = choice["weights"] if choice else None
     identity = _digest(
         {
             "data": ds.fingerprint,
             "source": candidate_source,
             "k": CANDIDATES,
             "retrieval": r_manifest["files"],
+            "rerank": rerank,
+            "weights": weights,
             **digests,
         }
     )
     return RecommendationPipeline(
-        retriever, rankers, store, ds, split, sources, item_embeddings, candidate_source, identity, by_source
+        retriever,
+        rankers,
+        store,
+        ds,
+        split,
+        sources,
+        item_embeddings,
+        candidate_source,
+        identity,
+        by_source,
+        weights,
+        rerank,
+        root,
+        models,
     )
 
 

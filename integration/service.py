@@ -15,7 +15,10 @@ Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``):
 - ``GET /health``, ``GET /ready``, ``GET /metrics`` (Prometheus; with per-arm request counts and
   latency).
 
-Candidates (retrieval's top 100) are cached per user and history, in process with a TTL by default,
+It serves the system chosen on validation for the sources it finds (``python -m integration.ensemble``,
+which the demo runs): the fused ensemble of the candidate sources, in its own order, or a source's
+top 100 re-ranked by the ranker trained on them; ``--candidates`` picks another, ``--arm`` re-ranks.
+Candidates (the served source's top 100) are cached per user and history, in process with a TTL by default,
 in Redis when ``--redis-url`` is given; while Redis is down or hung the service answers without it
 (``/ready`` says ``degraded``) and takes it up again when it is back. Ranking can be split
 between A/B arms: a stable hash of the user ID picks the arm, so a user always lands in the same
@@ -129,8 +132,11 @@ class Item(BaseModel):
 
 class RecommendResponse(BaseModel):
     user_id: int
-    stage: str = Field(description="ranked | retrieval (described by features) | popular (cold start)")
-    arm: str | None = Field(description="the A/B arm that ranked the list")
+    stage: str = Field(
+        description="ranked | candidates (the served system is a candidate source's own order, e.g. the "
+        "ensemble's) | retrieval (described by features) | popular (cold start)"
+    )
+    arm: str | None = Field(description="the A/B arm that ranked the list (null when no ranker did)")
     cached: bool = Field(description="whether the candidates came from the cache")
     items: list[Item]
 
@@ -440,14 +446,14 @@ def create_service(
             width = max(len(c[0]) for c in cands)
             items = np.stack([np.pad(c[0], (0, width - len(c[0])), constant_values=-1) for c in cands])
             scores = np.stack([np.pad(c[1], (0, width - len(c[1]))) for c in cands])
-            ranked, probs = pipeline.rank(np.array(users), items, scores, arm=arm)
+            ranked, probs = pipeline.order(np.array(users), items, scores, arm=arm)
             for (n, _), row_i, row_p, hit in zip(rows, ranked, probs, cached):
                 k = reqs[n].k
                 keep = row_i[:k] >= 0
                 rec = pipeline.recommendation(
-                    reqs[n].user_id, row_i[:k][keep], row_p[:k][keep], "ranked", int((row_i >= 0).sum())
+                    reqs[n].user_id, row_i[:k][keep], row_p[:k][keep], pipeline.stage, int((row_i >= 0).sum())
                 )
-                out[n] = (rec, arm, hit)
+                out[n] = (rec, arm if pipeline.rerank else None, hit)
         return out
 
     batcher = DynamicBatcher(run, max_batch_rows=256, max_wait_ms=0.0, enabled=True, metrics=metrics)
@@ -625,9 +631,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--candidates",
         default="auto",
-        choices=["auto", "two-tower", "SASRec", "BERT4Rec", "union"],
-        help="what the ranker re-orders; auto: SASRec's when <artifacts>/sasrec/export exists, then "
-        "BERT4Rec's, else the two-tower's (default: %(default)s)",
+        choices=["auto", "two-tower", "SASRec", "BERT4Rec", "union", "ensemble"],
+        help="what the ranker re-orders, or 'ensemble' (the sources' fused scores, served as they are); auto: the "
+        "system chosen on validation (python -m integration.ensemble), else SASRec's when "
+        "<artifacts>/sasrec/export exists, then BERT4Rec's, else the two-tower's (default: %(default)s)",
     )
     p.add_argument(
         "--data-dir", default=None, help="MovieLens cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)"
@@ -657,8 +664,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"cannot serve: {err}") from None
     app, _ = create_service(pipeline, cache, router, client_timeout=a.client_timeout)
     print(
-        f"serving {pipeline.dataset.name}: {pipeline.candidate_source} candidates, arms {router.shares}, "
-        f"cache {cache.backend}",
+        f"serving {pipeline.dataset.name}: {pipeline.served}, arms {router.shares}, cache {cache.backend}",
         flush=True,
     )
     serve(app, a.host, a.port, sock=sock, header_timeout=a.client_timeout)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from bench.service_chaos import RedisServer, free_port
+from common.metrics import paired_difference
 from inference_legacy import dlrm_packager
 from integration.pipeline import ArtifactMismatch, create_pipeline
 from integration.service import ABRouter, MemoryCache, RedisCache, create_service, pack, unpack
@@ -353,8 +354,9 @@ def test_demo_trains_missing_stages_then_recommends(tmp_path, capsys) -> None:
     from integration.demo import main as demo
 
     res = demo(["--artifacts", str(tmp_path), "--quick", "--users", "1", "--n-boot", "10"])
-    assert len(res["trained"]) == 6 and "user 1:" in capsys.readouterr().out
-    assert res["served"] == "SASRec + ranker"
+    assert len(res["trained"]) == 7 and "user 1:" in capsys.readouterr().out
+    choice = json.loads((tmp_path / "serving" / "served-two-tower-sasrec.json").read_text())
+    assert res["served"] == choice["system"] and set(choice["valid"]) >= {"ensemble", "SASRec + ranker", "union"}
     for made in (
         "retrieval/export/manifest.json",
         "ranking/results.json",
@@ -371,6 +373,7 @@ def test_demo_trains_missing_stages_then_recommends(tmp_path, capsys) -> None:
         "4-sasrec.log",
         "5-golden_training.log",
         "6-inference_legacy.log",
+        "7-integration.log",
     ]
     assert demo(["--artifacts", str(tmp_path), "--users", "1", "--n-boot", "10"])["trained"] == []
 
@@ -380,9 +383,11 @@ def test_a_retrained_stage_retrains_every_stage_that_reads_it(tmp_path) -> None:
 
     todo = stages(tmp_path, sequential=("sasrec", "bert4rec"))
     names = [s.name for s in todo]
-    assert len(todo) == 9 and names[3].startswith("SASRec") and names[6].startswith("BERT4Rec")
-    # every ranker reads the retrieval export; each sequential ranker also its source; artifacts their ranker
-    assert [s.after for s in todo] == [[], [0], [1], [], [0, 3], [4], [], [0, 6], [7]]
+    assert len(todo) == 10 and names[3].startswith("SASRec") and names[6].startswith("BERT4Rec")
+    # every ranker reads the retrieval export; each sequential ranker also its source; artifacts their
+    # ranker; the choice of the served system every model
+    assert [s.after for s in todo] == [[], [0], [1], [], [0, 3], [4], [], [0, 6], [7], list(range(9))]
+    assert todo[9].output == tmp_path / "serving" / "served-two-tower-sasrec-bert4rec.json"
     assert "--candidates-export" in todo[4].command and str(tmp_path / "sasrec" / "export") in todo[4].command
 
 
@@ -417,14 +422,10 @@ def test_with_bert4rec_candidates_the_served_system_beats_each_source_on_validat
     assert rec.stage == "ranked" and rec.candidates == 100
 
 
-def test_with_sasrec_each_source_is_re_ranked_by_its_own_ranker(
-    artifacts, sasrec_run, sasrec_reranking_run, tmp_path
-) -> None:
-    """SASRec's candidates are served with the ranker trained on them, the two-tower's with its own;
-    a ranker trained on another SASRec model's candidates is refused."""
-
-    root = tmp_path / "with-sasrec"
-    root.mkdir()
+@pytest.fixture(scope="module")
+def with_sasrec(artifacts, sasrec_run, sasrec_reranking_run, tmp_path_factory) -> Path:
+    """The run directory with SASRec's export and the INT8 artifact of the ranker trained on its candidates."""
+    root = tmp_path_factory.mktemp("with-sasrec")
     for part in ("retrieval", "ranking"):
         (root / part).symlink_to((artifacts / part).resolve())
     shutil.copytree(artifacts / "serving", root / "serving")
@@ -437,10 +438,18 @@ def test_with_sasrec_each_source_is_re_ranked_by_its_own_ranker(
             str(root / "serving" / "dlrm-int8-sasrec"),
         ]
     )
-    pipeline = create_pipeline(root)
+    return root
+
+
+def test_with_sasrec_each_source_is_re_ranked_by_its_own_ranker(
+    with_sasrec, sasrec_run, sasrec_reranking_run, tmp_path
+) -> None:
+    """SASRec's candidates are served with the ranker trained on them, the two-tower's with its own;
+    a ranker trained on another SASRec model's candidates is refused."""
+    pipeline = create_pipeline(with_sasrec, served=False)
     assert [s.name for s in pipeline.sources] == ["two-tower", "SASRec"] and pipeline.candidate_source == "SASRec"
-    assert pipeline.rankers["A"].path == root / "serving" / "dlrm-int8-sasrec"
-    assert pipeline.source_rankers["two-tower"].path == root / "serving" / "dlrm-int8"
+    assert pipeline.rankers["A"].path == with_sasrec / "serving" / "dlrm-int8-sasrec"
+    assert pipeline.source_rankers["two-tower"].path == with_sasrec / "serving" / "dlrm-int8"
     ev = pipeline.evaluate("valid", n_boot=20)
     # the SASRec row is the export's own validation figure; its re-ranked row uses the SASRec ranker
     assert ev["SASRec"].means["NDCG@10"] == pytest.approx(sasrec_run[0]["valid"]["full"]["NDCG@10"])
@@ -449,10 +458,61 @@ def test_with_sasrec_each_source_is_re_ranked_by_its_own_ranker(
     (rec,) = pipeline.recommend([196])
     assert rec.stage == "ranked" and rec.candidates == 100
     # a ranker trained on another SASRec model's candidates is refused
+    root = tmp_path / "other"
+    shutil.copytree(with_sasrec, root, symlinks=True)
     other = json.loads((root / "serving" / "dlrm-int8-sasrec" / "manifest.json").read_text())
     other["source"]["candidates_weights"] = "0" * 64
     (root / "serving" / "dlrm-int8-sasrec" / "manifest.json").write_text(json.dumps(other))
     with pytest.raises(ArtifactMismatch, match="trained on the candidates of another SASRec model"):
+        create_pipeline(root, served=False)
+
+
+def test_the_ensemble_chosen_on_validation_beats_sasrec_and_is_served(with_sasrec, tmp_path) -> None:
+    """Issue 20: the sources' fused scores, weights fitted on validation, beat SASRec alone there
+    with a paired interval over users that excludes 0; the choice is what the pipeline and the
+    service serve, and a retrained model makes the pipeline refuse the stale choice."""
+    from integration import ensemble
+
+    root = tmp_path / "chosen"
+    shutil.copytree(with_sasrec, root, symlinks=True)
+    with pytest.raises(ArtifactMismatch, match="no ensemble was fitted"):
+        create_pipeline(root, candidate_source="ensemble")
+    choice = ensemble.main(["--artifacts", str(root), "--n-boot", "20"])
+    assert Path(choice["file"]) == root / "serving" / "served-two-tower-sasrec.json"
+    assert json.loads(Path(choice["file"]).read_text())["system"] == choice["system"]
+    # seed 0: two-tower 0.6 + SASRec 0.4; NDCG@10 ensemble 0.0967, SASRec 0.0857, two-tower 0.0857
+    assert choice["system"] == "ensemble" and choice["rerank"] is False
+    assert sum(choice["weights"].values()) == pytest.approx(1.0) and min(choice["weights"].values()) > 0
+    assert len(choice["grid"]) == 11  # two sources, step 0.1
+
+    pipeline = create_pipeline(root)
+    assert pipeline.served == "ensemble" and pipeline.ensemble.weights == choice["weights"]
+    ev = pipeline.evaluate("valid", n_boot=20)
+    assert ev["ensemble"].means["NDCG@10"] == pytest.approx(choice["grid"][0]["NDCG@10"])  # fit and protocol agree
+    assert ev["ensemble"].means["NDCG@10"] == pytest.approx(choice["valid"]["ensemble"]["NDCG@10"])
+    gain = paired_difference(ev["ensemble"], ev["SASRec"], n_boot=1000)
+    assert gain["NDCG@10_ci95"][0] > 0, gain  # seed 0: +0.0110 [+0.0016, +0.0213]
+    assert all(ev["ensemble"].means["NDCG@10"] >= r.means["NDCG@10"] for r in ev.values())
+
+    # what is served: the ensemble's own order, from the pipeline and the service alike
+    (rec,) = pipeline.recommend([196])
+    assert rec.stage == "candidates" and rec.candidates == 100 and rec.scores == sorted(rec.scores, reverse=True)
+    user = pipeline.user_index[196]
+    items, _ = pipeline.ensemble.top_k(np.array([user]), [pipeline.store.history(user)], 10)
+    assert rec.item_ids == pipeline.dataset.item_raw_ids[items[0]].tolist()
+    app, batcher = create_service(pipeline, MemoryCache(ttl=60), ABRouter({"A": 1.0}))
+    with ready_client(app, batcher) as c:
+        body = c.post("/recommend", json={"user_id": 196}).json()
+    assert body["stage"] == "candidates" and body["arm"] is None
+    assert [x["item_id"] for x in body["items"]] == rec.item_ids
+    # an explicit candidate source is re-ranked as before; explicit arms always re-rank
+    assert create_pipeline(root, candidate_source="SASRec").served == "SASRec + ranker"
+
+    # a model retrained since the choice: the pipeline refuses and says how to choose again
+    m = json.loads((root / "serving" / "dlrm-int8" / "manifest.json").read_text())
+    m["created"] = "retrained"
+    (root / "serving" / "dlrm-int8" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactMismatch, match=r"ranker two-tower changed since.*integration.ensemble"):
         create_pipeline(root)
 
 
