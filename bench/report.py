@@ -10,6 +10,8 @@ Each chart is drawn only when its results file exists, so the command works on a
   ``curves_zch.png``: the loss of every ZCH run in one chart;
 - ``systems_test.png`` from ``demo_results.json`` (``make demo``): every system's test HR@10 and
   NDCG@10 with their 95% intervals, the demo's table as a chart;
+- ``systems_compare.png`` from ``compare_ml100k.json`` (``make compare``): the same for every system,
+  each the mean of three training seeds, the served row marked;
 - ``serving_load.png`` from ``serving_load.json`` (``bench.serving_load``): requests/s and p99 against
   the number of clients, with and without dynamic batching;
 - ``faiss_recall_qps.png`` from ``faiss_indexes.json`` (``bench.faiss_indexes``): recall@100 against
@@ -94,9 +96,20 @@ def systems(results: dict, out: Path) -> Path:
         colors = ["#2d6cdf" if n == served else "#9fb3d9" for n in names]
         ax.barh(names, means, xerr=[lo, hi], color=colors, capsize=3)
         ax.set_xlabel(f"{metric} ({results.get('stage', 'test')}, 95% interval over users)")
-    users = table[names[0]].get("num_users")
+    users = table[names[0]].get("num_users", results.get("users"))
     fig.suptitle(f"{users} users, full ranking, seen items excluded; dark: the served system ({served})", fontsize=10)
     return _save(fig, out)
+
+
+def compare_systems(results: dict, out: Path) -> Path:
+    """:func:`systems` for ``integration.compare``'s results: means of the seeds, the served row marked."""
+    one = len(set(results["served"])) == 1  # every seed chose the same system: mark its row
+    table = {n: row for n, row in results["test"].items() if not (one and n == "served")}
+    served = results["served"][0] if one else "served"
+    seeds = ", ".join(str(s) for s in results["seeds"])
+    return systems(
+        {"test": table, "served": served, "users": results.get("users"), "stage": f"test, seeds {seeds}"}, out
+    )
 
 
 def serving_load(results: dict, out: Path) -> Path:
@@ -240,6 +253,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         made.append(zch_curves(zch_runs, out / "curves_zch.png"))
     for name, draw, chart in (
         ("demo_results.json", systems, "systems_test.png"),
+        ("compare_ml100k.json", compare_systems, "systems_compare.png"),
         ("serving_load.json", serving_load, "serving_load.png"),
         ("faiss_indexes.json", faiss_recall, "faiss_recall_qps.png"),
         ("zch.json", zch, "zch.png"),

@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "seeds": a.seeds,
         "served": list(systems),  # each seed's, chosen on its validation by integration.ensemble
         "chosen_on": "valid NDCG@10",
+        "users": int(len(valid_runs[0]["popularity"]["HR@10"])),
         "valid": valid,
     }
     runs = list(valid_runs)

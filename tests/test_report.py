@@ -132,6 +132,15 @@ def _fixture_results(root: Path) -> None:
     (root / "demo_results.json").write_text(
         json.dumps({"test": table, "served": "two-tower + ranker", "stage": "test"})
     )
+    compare = {n: {k: v for k, v in row.items() if k != "num_users"} for n, row in table.items()}
+    compare["ensemble"] = compare["served"] = {
+        **compare["two-tower + ranker"],
+        "NDCG@10": 0.11,
+        "NDCG@10_ci95": [0.1, 0.12],
+    }
+    (root / "compare_ml100k.json").write_text(
+        json.dumps({"test": compare, "served": ["ensemble", "ensemble", "two-tower + ranker"], "seeds": [0, 1, 2]})
+    )
     level = {"errors": 0, "p50_ms": 3.0, "max_ms": 9.0}
     (root / "serving_load.json").write_text(
         json.dumps(
@@ -181,6 +190,7 @@ def test_make_report_draws_every_chart_as_a_valid_image(tmp_path) -> None:
         "curves_dlrm.png",
         "faiss_recall_qps.png",
         "serving_load.png",
+        "systems_compare.png",
         "systems_test.png",
         "zch.png",
     ]
