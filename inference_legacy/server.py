@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import queue
+import re
 import socket
 import subprocess
 import sys
@@ -570,8 +571,9 @@ def spawn(args: list[str], timeout: float = 120.0) -> tuple[subprocess.Popen, st
         if not line:
             raise RuntimeError(f"service exited with {proc.wait()}:\n" + "".join(lines[-20:]))
         lines.append(line)
-        if line.startswith("listening on "):
-            url = line.split()[-1]
+        found = re.search(r"listening on (http://\S+?:\d+)", line)  # stderr may share the line
+        if found:
+            url = found.group(1)
         elif time.monotonic() > deadline:
             proc.kill()
             raise TimeoutError("service did not start:\n" + "".join(lines[-20:]))
