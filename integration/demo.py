@@ -124,8 +124,10 @@ def stages(
         ),
         *ranker(1, "two-tower", "ranking", "serving/dlrm-int8", [0], []),
     ]
+    names = ["two-tower"]  # the sources, as the pipeline names them
     for model in sequential:
         label = {"sasrec": "SASRec", "bert4rec": "BERT4Rec"}[model]
+        names.append(label)
         export = root / model / "export"
         todo.append(
             Stage(
@@ -145,7 +147,6 @@ def stages(
     if not sequential:  # the two-tower alone: re-ranked by its ranker, which its training shows beats its order
         return todo
     models = list(range(len(todo)))
-    names = ["two-tower"] + [{"sasrec": "SASRec", "bert4rec": "BERT4Rec"}[m] for m in sequential]
     todo.append(
         Stage(
             "served system: ensemble fitted and systems compared on validation",

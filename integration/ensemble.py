@@ -133,8 +133,7 @@ def choose(pipeline, step: float = STEP, n_boot: int = 100) -> dict[str, object]
     t0 = time.perf_counter()
     weights, grid = fit_weights(valid.sources, users, hists, targets, step) if len(valid.sources) > 1 else (None, [])
     fit_seconds = time.perf_counter() - t0
-    valid = (pipeline.with_ensemble(weights) if weights else pipeline).at_stage("valid")
-    reports = valid.evaluate("valid", n_boot=n_boot)
+    reports = (valid.with_ensemble(weights) if weights else valid).evaluate("valid", n_boot=n_boot)
     system = max(reports, key=lambda n: reports[n].means["NDCG@10"])
     source, rerank = (system[: -len(" + ranker")], True) if system.endswith(" + ranker") else (system, False)
     return {

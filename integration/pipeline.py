@@ -153,16 +153,9 @@ class TwoTowerSource:
 
     name = "two-tower"
 
-    def __init__(self, retriever: Retriever, item_embeddings: np.ndarray | None = None) -> None:
+    def __init__(self, retriever: Retriever, item_embeddings: np.ndarray) -> None:
         self.retriever = retriever
-        self._items = item_embeddings
-
-    @property
-    def item_embeddings(self) -> np.ndarray:
-        """The candidate tower's item vectors ``[num_items, dim]`` (the FAISS index's), loaded once."""
-        if self._items is None:
-            self._items = np.load(self.retriever.export_dir / "item_embeddings.npy")
-        return self._items
+        self.item_embeddings = item_embeddings  # the candidate tower's item vectors (the FAISS index's)
 
     def top_k(self, users: np.ndarray, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.retriever.top_k_indices(users, k, exclude_seen=True, histories=histories)
@@ -240,7 +233,7 @@ class RecommendationPipeline:
         # the served source is re-ranked by ``rankers`` (its A/B arms)
         self.source_rankers = source_rankers or {}
         self.dataset, self.split = dataset, split
-        self.sources = sources or [TwoTowerSource(retriever)]
+        self.sources = sources or [TwoTowerSource(retriever, item_embeddings)]
         self.item_embeddings = item_embeddings
         # the weighted fusion of the sources' scores (integration/ensemble.py), when fitted
         self.ensemble = EnsembleSource(self.sources, ensemble_weights) if ensemble_weights else None
