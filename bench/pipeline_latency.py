@@ -8,8 +8,8 @@ Three measurements, on the ml-100k artifacts of the demo (``python -m integratio
 - **single user**: ``pipeline.recommend([user])`` for users one at a time, serving what the
   pipeline serves by default (the system chosen on validation, integration/ensemble.py): the
   candidates (the two-tower's query tower and FAISS top 100, a sequential model's top 100 over the
-  catalog, or the ensemble: every source's catalog scores, standardized and summed), and when the
-  system re-ranks, feature enrichment of the 100 candidates and the INT8 DLRM over them; the top 10.
+  catalog, or the ensemble: every source's catalog scores, as reciprocal ranks, weighted and summed),
+  and when the system re-ranks, feature enrichment of the 100 candidates and the INT8 DLRM over them; the top 10.
   p50 / p99 over every user, and each stage's median.
 - **batched**: ``pipeline.recommend(users)`` in batches of 256, users per second, with torch
   using every core (offline batch inference).

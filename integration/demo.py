@@ -71,12 +71,14 @@ def stages(
 ) -> list[Stage]:
     """Every stage, in order: the two-tower retriever, a ranker on its candidates and its INT8
     artifact; then for each sequential model (``sasrec``, ``bert4rec``) the model, a ranker trained
-    on its candidates and that ranker's artifact; with a sequential model, last the choice of the
-    served system on validation (integration/ensemble.py), which reads every model before it.
+    on its candidates and that ranker's artifact; with a sequential model, the item-to-item sources
+    (EASE and transitions, fitted in a second) and last the choice of the served system on validation
+    (integration/ensemble.py), which reads every model before it.
     ``quick``: tiny runs; ``data``: the data flags (--dataset, --data-dir) for the trainers."""
     data = data or []
     extra = {k: [*data, *(v if quick else [])] for k, v in QUICK.items()}
     data_dir = data[data.index("--data-dir") :][:2] if "--data-dir" in data else []
+    dataset = data[data.index("--dataset") :][:2] if "--dataset" in data else []
     retrieval_export = str(root / "retrieval" / "export")
 
     def ranker(at: int, src: str, out: str, serving: str, after: list[int], cands: list[str]) -> list[Stage]:
@@ -146,6 +148,15 @@ def stages(
         )
     if not sequential:  # the two-tower alone: re-ranked by its ranker, which its training shows beats its order
         return todo
+    todo.append(
+        Stage(
+            "item-to-item: EASE + transitions",
+            root / "item-item" / "export" / "manifest.json",
+            ["-m", "retrieval.item_item", "--out", str(root / "item-item"), *dataset, *data_dir]
+            + (["--n-boot", "10"] if quick else []),
+        )
+    )
+    names.append("item-item")
     models = list(range(len(todo)))
     todo.append(
         Stage(

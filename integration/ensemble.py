@@ -1,14 +1,21 @@
 """Score fusion of the candidate sources, and the served system chosen on validation.
 
     python -m integration.ensemble --artifacts runs                       # the sources runs/ has
-    python -m integration.ensemble --artifacts runs --sequential sasrec   # two-tower + SASRec only
+    python -m integration.ensemble --artifacts runs --sequential sasrec --item-item none   # two-tower + SASRec
 
 Each source scores the whole catalog for a user: the two-tower its dot products, SASRec and
-BERT4Rec their next-item logits. Their scales have nothing in common, so each user's scores are
-standardized over the items the user has not seen (z-scores), then summed with one weight per
-source. The weights are the point of a grid over the simplex (step 0.1: 66 points for three
-sources) with the best validation NDCG@10, every point scored by full ranking of the validation
-targets (the protocol of every other figure).
+BERT4Rec their next-item logits, EASE and the transitions (retrieval/item_item.py) their item-to-item
+sums over the user's history. Their scales have nothing in common, so each source's scores become
+ranks among the items the user has not seen (0 for its best), and the ensemble scores an item by
+its weighted reciprocal ranks, ``sum_s w_s / (10 + rank_s)`` (reciprocal rank fusion, Cormack et
+al. 2009, there with 60 in place of 10): a source counts only through its order, and its top items
+count most. On ml-100k validation (seed 0, two-tower, SASRec, EASE and transitions) this fusion
+gained +0.018 NDCG@10 over SASRec held out (below), z-scored scores summed +0.008, and 10 beat 1, 3,
+5, 20 and 40 there. The weights are the point of a grid over the simplex (step 0.1: 66 points for
+three sources, 286 for four) with the best validation NDCG@10, every point scored by full ranking
+of the validation targets (the protocol of every other figure). Picking the best of many points
+flatters it, so beside it the choice reports a cross-fitted figure: weights fitted on one half of
+the validation users and scored on the other, in turn (:func:`cross_fitted`).
 
 Then every system the pipeline can be is evaluated on validation (each source alone and re-ranked
 by the ranker trained on its candidates, the union alone and re-ranked, the fitted ensemble) and
@@ -28,13 +35,18 @@ from pathlib import Path
 import numpy as np
 
 from common.runtime import write_json_atomic
+from retrieval.item_item import NAMES as ITEM_ITEM
 
 STEP = 0.1  # the weight grid's step
+RANK_OFFSET = 10  # reciprocal rank fusion: a source's item of rank r (0: its best) adds w / (RANK_OFFSET + r)
 
 
 def choice_file(root: str | Path, sources: list[str]) -> Path:
-    """Where the served system chosen among ``sources`` (names, two-tower first) is written."""
-    return Path(root) / "serving" / f"served-{'-'.join(n.lower() for n in sources)}.json"
+    """Where the served system chosen among ``sources`` (names, two-tower first) is written. The
+    item-to-item sources count as one, "item-item": one export holds them (EASE is left out of it
+    for catalogs too large for its dense inverse)."""
+    names = dict.fromkeys("item-item" if n in ITEM_ITEM else n.lower() for n in sources)
+    return Path(root) / "serving" / f"served-{'-'.join(names)}.json"
 
 
 def unseen_mask(shape: tuple[int, int], histories: list[np.ndarray]) -> np.ndarray:
@@ -44,17 +56,17 @@ def unseen_mask(shape: tuple[int, int], histories: list[np.ndarray]) -> np.ndarr
     return mask
 
 
-def standardize(scores: np.ndarray, unseen: np.ndarray) -> np.ndarray:
-    """Each row's scores minus their mean over the unseen items, over their standard deviation there."""
-    s = scores.astype(np.float64)
-    n = np.maximum(unseen.sum(axis=1, keepdims=True), 1)
-    mean = np.where(unseen, s, 0.0).sum(axis=1, keepdims=True) / n
-    std = np.sqrt(np.where(unseen, (s - mean) ** 2, 0.0).sum(axis=1, keepdims=True) / n)
-    return ((s - mean) / np.maximum(std, 1e-12)).astype(np.float32)
+def reciprocal_ranks(scores: np.ndarray, unseen: np.ndarray, offset: float = RANK_OFFSET) -> np.ndarray:
+    """``1 / (offset + rank)`` per item, its rank the 0-based position in the row's order of the unseen
+    items (ties: the lower index first, as everywhere); seen items rank after every unseen one."""
+    order = np.argsort(-np.where(unseen, scores, -np.inf), axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(scores.shape[1]), scores.shape), axis=1)
+    return 1.0 / (offset + rank)
 
 
 class EnsembleSource:
-    """Candidates by the weighted sum of the member sources' standardized scores."""
+    """Candidates by the weighted sum of the member sources' reciprocal ranks."""
 
     name = "ensemble"
 
@@ -74,7 +86,7 @@ class EnsembleSource:
         for src, w in self.members:
             s = src.scores(users, histories)
             unseen = unseen_mask(s.shape, histories) if unseen is None else unseen
-            z = w * standardize(s, unseen)
+            z = w * reciprocal_ranks(s, unseen)
             total = z if total is None else total + z
         return total
 
@@ -91,11 +103,11 @@ def simplex(names: list[str], step: float = STEP) -> list[dict[str, float]]:
     return [{name: round(c * step, 10) for name, c in zip(names, point)} for point in points]
 
 
-def fit_weights(
+def grid_ndcg(
     sources: list, users: np.ndarray, histories: list[np.ndarray], targets: np.ndarray, step: float = STEP
-) -> tuple[dict[str, float], list[dict[str, object]]]:
-    """The grid point with the best NDCG@10 of ``targets`` (ties: the first in grid order), and
-    every point's HR@10 and NDCG@10, best first."""
+) -> tuple[list[dict[str, float]], np.ndarray]:
+    """Every grid point's weights, and each user's NDCG@10 of their target under each ``[points, users]``
+    (0 beyond rank 10), by full ranking of the unseen items."""
     scores = {
         src.name: np.concatenate(
             [src.scores(users[lo : lo + 256], histories[lo : lo + 256]) for lo in range(0, len(users), 256)]
@@ -103,25 +115,60 @@ def fit_weights(
         for src in sources
     }
     unseen = unseen_mask(next(iter(scores.values())).shape, histories)
-    z = {name: standardize(s, unseen) for name, s in scores.items()}
+    z = {name: reciprocal_ranks(s, unseen) for name, s in scores.items()}
     del scores
     rows = np.arange(len(users))
     before = np.arange(unseen.shape[1])[None, :] < targets[:, None]
-    grid = []
-    for weights in simplex(list(z), step):
+    points = simplex(list(z), step)
+    ndcg = np.empty((len(points), len(users)))
+    for n, weights in enumerate(points):
         s = sum(w * z[name] for name, w in weights.items())
         t = s[rows, targets][:, None]
         rank = ((s > t) & unseen).sum(axis=1) + ((s == t) & unseen & before).sum(axis=1)  # as a stable sort ranks
-        hit = rank < 10
-        grid.append(
-            {
-                "weights": weights,
-                "HR@10": float(hit.mean()),
-                "NDCG@10": float(np.where(hit, 1.0 / np.log2(rank + 2.0), 0.0).mean()),
-            }
-        )
+        ndcg[n] = np.where(rank < 10, 1.0 / np.log2(rank + 2.0), 0.0)
+    return points, ndcg
+
+
+def fit_weights(
+    sources: list, users: np.ndarray, histories: list[np.ndarray], targets: np.ndarray, step: float = STEP
+) -> tuple[dict[str, float], list[dict[str, object]]]:
+    """The grid point with the best NDCG@10 of ``targets`` (ties: the first in grid order), and
+    every point's HR@10 and NDCG@10, best first."""
+    points, ndcg = grid_ndcg(sources, users, histories, targets, step)
+    return fit_from_grid(points, ndcg)
+
+
+def fit_from_grid(points: list[dict[str, float]], ndcg: np.ndarray) -> tuple[dict[str, float], list[dict[str, object]]]:
+    grid = [
+        {"weights": w, "HR@10": float((row > 0).mean()), "NDCG@10": float(row.mean())} for w, row in zip(points, ndcg)
+    ]
     best = max(grid, key=lambda g: g["NDCG@10"])  # max keeps the first of equals
     return dict(best["weights"]), sorted(grid, key=lambda g: -g["NDCG@10"])
+
+
+def cross_fitted(points: list[dict[str, float]], ndcg: np.ndarray, folds: int = 2, seed: int = 0) -> dict[str, object]:
+    """An estimate of the fitted ensemble's NDCG@10 that is not its own selection: the users in
+    ``folds`` random folds, the weights fitted on all but one fold and scored on that one, in turn.
+    Beside it, each source alone (its weight 1) on the same users, and the gain over the best of them
+    ("best_source" is chosen on all users, so the gain is, if anything, understated)."""
+    fold = np.random.default_rng(seed).permutation(ndcg.shape[1]) % folds
+    held_out = np.empty(ndcg.shape[1])
+    per_fold = []
+    for f in range(folds):
+        best = int(np.argmax(ndcg[:, fold != f].mean(axis=1)))
+        held_out[fold == f] = ndcg[best, fold == f]
+        per_fold.append(points[best])
+    alone = {name: float(ndcg[n].mean()) for n, w in enumerate(points) for name, v in w.items() if v == 1.0}
+    best_source = max(alone, key=alone.get)
+    return {
+        "folds": folds,
+        "seed": seed,
+        "NDCG@10": float(held_out.mean()),
+        "weights_per_fold": per_fold,
+        "sources_alone": alone,
+        "gain_over_best_source": float(held_out.mean() - alone[best_source]),
+        "best_source": best_source,
+    }
 
 
 def choose(pipeline, step: float = STEP, n_boot: int = 100) -> dict[str, object]:
@@ -131,7 +178,12 @@ def choose(pipeline, step: float = STEP, n_boot: int = 100) -> dict[str, object]
     users, targets = valid.split.targets("valid")
     hists = [valid.store.history(u) for u in users]
     t0 = time.perf_counter()
-    weights, grid = fit_weights(valid.sources, users, hists, targets, step) if len(valid.sources) > 1 else (None, [])
+    sources = valid.all_sources
+    weights, grid, honest = None, [], None
+    if len(sources) > 1:
+        points, ndcg = grid_ndcg(sources, users, hists, targets, step)
+        weights, grid = fit_from_grid(points, ndcg)
+        honest = cross_fitted(points, ndcg)
     fit_seconds = time.perf_counter() - t0
     reports = (valid.with_ensemble(weights) if weights else valid).evaluate("valid", n_boot=n_boot)
     system = max(reports, key=lambda n: reports[n].means["NDCG@10"])
@@ -145,9 +197,10 @@ def choose(pipeline, step: float = STEP, n_boot: int = 100) -> dict[str, object]
         "models": pipeline.model_digests,
         "valid": {name: rep.means for name, rep in reports.items()},
         "grid": grid,
+        "cross_fitted": honest,
         "step": step,
         "fit_seconds": fit_seconds,
-        "file": str(choice_file(pipeline.artifacts_dir, [s.name for s in pipeline.sources])),
+        "file": str(choice_file(pipeline.artifacts_dir, [s.name for s in pipeline.all_sources])),
     }
 
 
@@ -159,6 +212,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         default="auto",
         help="sequential sources beside the two-tower: sasrec, bert4rec, both (sasrec,bert4rec), none, or auto: "
         "those whose export is there (default: %(default)s)",
+    )
+    p.add_argument(
+        "--item-item",
+        default="auto",
+        choices=["auto", "none"],
+        help="the item-to-item sources (EASE, transitions) of <artifacts>/item-item/export: auto (if there) or "
+        "none (default: %(default)s)",
     )
     p.add_argument("--step", type=float, default=STEP, help="the weight grid's step (default: %(default)s)")
     p.add_argument("--n-boot", type=int, default=100, help="bootstrap resamples (default: %(default)s)")
@@ -172,12 +232,23 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     names = [m for m in a.sequential.split(",") if m and m != "none"]
     sequential = "auto" if names == ["auto"] else [f"{m}/export" for m in names]
-    pipeline = create_pipeline(a.artifacts, data_dir=a.data_dir, sequential=sequential, served=False)
+    pipeline = create_pipeline(
+        a.artifacts,
+        data_dir=a.data_dir,
+        sequential=sequential,
+        served=False,
+        item_item=None if a.item_item == "none" else "auto",
+    )
     result = choose(pipeline, a.step, a.n_boot)
     write_json_atomic(result["file"], result)
     if result["weights"]:
         w = ", ".join(f"{n} {v:g}" for n, v in result["weights"].items())
         print(f"ensemble weights (validation NDCG@10 {result['grid'][0]['NDCG@10']:.4f}): {w}")
+        c = result["cross_fitted"]
+        print(
+            f"cross-fitted over {c['folds']} folds of users (weights fitted on one, scored on the other): NDCG@10 "
+            f"{c['NDCG@10']:.4f}, {c['gain_over_best_source']:+.4f} over the best source alone ({c['best_source']})"
+        )
     print(f"{pipeline.dataset.name} valid, NDCG@10 of every system:")
     for name, means in sorted(result["valid"].items(), key=lambda kv: -kv[1]["NDCG@10"]):
         print(f"  {name:22s} {means['NDCG@10']:.4f}" + ("  <- served" if name == result["system"] else ""))

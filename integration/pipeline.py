@@ -45,6 +45,7 @@ from common.metrics import RankingReport, evaluate_topk
 from golden_training.ranking_data import Examples, RankingFeatures, reference_time
 from inference_legacy.dlrm_predict import DLRMPredictor
 from integration.ensemble import EnsembleSource, choice_file
+from retrieval.item_item import ItemItem, ItemItemSource
 from retrieval.two_tower_retrieval import Retriever
 from retrieval.two_tower_retrieval import read_manifest as read_retrieval_manifest
 
@@ -227,6 +228,7 @@ class RecommendationPipeline:
         rerank: bool = True,
         artifacts_dir: Path | None = None,
         model_digests: dict[str, dict[str, str]] | None = None,
+        item_sources: list | None = None,
     ) -> None:
         self.retriever, self.rankers, self.store = retriever, rankers, store
         # each source's own ranker (trained on its candidates), for evaluating "<source> + ranker";
@@ -234,10 +236,13 @@ class RecommendationPipeline:
         self.source_rankers = source_rankers or {}
         self.dataset, self.split = dataset, split
         self.sources = sources or [TwoTowerSource(retriever, item_embeddings)]
+        # the item-to-item sources (retrieval/item_item.py: EASE, transitions): no ranker is trained on
+        # their candidates, so they are not in the union; they are in the ensemble and served alone
+        self.item_sources = item_sources or []
         self.item_embeddings = item_embeddings
         # the weighted fusion of the sources' scores (integration/ensemble.py), when fitted
-        self.ensemble = EnsembleSource(self.sources, ensemble_weights) if ensemble_weights else None
-        names = [src.name for src in self.sources] + ["union"] + (["ensemble"] if self.ensemble else [])
+        self.ensemble = EnsembleSource(self.all_sources, ensemble_weights) if ensemble_weights else None
+        names = [src.name for src in self.all_sources] + ["union"] + (["ensemble"] if self.ensemble else [])
         if candidate_source not in names:
             raise ValueError(f"candidate_source {candidate_source!r}: the pipeline has {names}")
         self.candidate_source = candidate_source
@@ -251,6 +256,11 @@ class RecommendationPipeline:
         self.default_arm = next(iter(rankers))
 
     @property
+    def all_sources(self) -> list:
+        """Every candidate source: the learned ones (two-tower first), then the item-to-item ones."""
+        return self.sources + self.item_sources
+
+    @property
     def served(self) -> str:
         """The served system's name, as in :meth:`evaluate`'s rows."""
         return f"{self.candidate_source} + ranker" if self.rerank else self.candidate_source
@@ -258,7 +268,7 @@ class RecommendationPipeline:
     def with_ensemble(self, weights: dict[str, float]) -> RecommendationPipeline:
         """The same pipeline with the sources' scores fused by ``weights`` (an ``ensemble`` source)."""
         p = copy.copy(self)
-        p.ensemble = EnsembleSource(self.sources, weights)
+        p.ensemble = EnsembleSource(self.all_sources, weights)
         return p
 
     # -- the stages, on dense indices ---------------------------------------------------------
@@ -275,7 +285,7 @@ class RecommendationPipeline:
         if source == "union":
             items = union([src.top_k(users, hists, k)[0] for src in self.sources], interleave=not self.rerank)
             return items, self.retrieval_scores(users, hists, items)
-        src = self.ensemble if source == "ensemble" else next(s for s in self.sources if s.name == source)
+        src = self.ensemble if source == "ensemble" else next(s for s in self.all_sources if s.name == source)
         items, scores = src.top_k(users, hists, k)
         return (items, self.retrieval_scores(users, hists, items)) if self.rerank else (items, scores)
 
@@ -398,10 +408,11 @@ class RecommendationPipeline:
 
     def evaluate(self, stage: str = "test", n_boot: int = 1000, batch_size: int = 256) -> dict[str, RankingReport]:
         """Every system the pipeline can be, under the shared protocol (full ranking, seen items
-        excluded): each candidate source alone, and with its ranker on top (the one trained on its
-        candidates where the pipeline has it); with several sources, their union (interleaved) and
-        the union re-ranked by the served ranker; the fitted ensemble (no ranker has been trained
-        on its candidates). ``stage="valid"`` for model selection."""
+        excluded): each learned candidate source alone, and with its ranker on top (the one trained
+        on its candidates where the pipeline has it); with several, their union (interleaved) and
+        the union re-ranked by the served ranker; each item-to-item source alone; the fitted
+        ensemble (no ranker has been trained on the candidates of these two). ``stage="valid"`` for
+        model selection."""
         p = self.at_stage(stage)
         users_all, _ = p.split.targets(stage)
         lists: dict[str, dict[int, np.ndarray]] = {}
@@ -427,6 +438,8 @@ class RecommendationPipeline:
                 keep("union", users, union(list(found.values()), interleave=True))
                 items = union(list(found.values()))
                 keep("union + ranker", users, p.rank(users, items, p.retrieval_scores(users, hists, items))[0])
+            for src in p.item_sources:
+                keep(src.name, users, src.top_k(users, hists, CANDIDATES)[0])
             if p.ensemble is not None:
                 keep("ensemble", users, p.ensemble.top_k(users, hists, CANDIDATES)[0])
         return {
@@ -451,19 +464,21 @@ def create_pipeline(
     sequential: str | list[str] | None = "auto",
     candidate_source: str = "auto",
     served: bool = True,
+    item_item: str | None = "auto",
 ) -> RecommendationPipeline:
     """Load the exported stages from ``artifacts_dir`` and check that they fit together.
 
     Candidate sources: the two-tower retriever, plus each sequential export in ``sequential``
     (paths relative to ``artifacts_dir``; "auto": those of ``sasrec/export`` and
-    ``bert4rec/export`` that exist; None: none).
+    ``bert4rec/export`` that exist; None: none), plus the item-to-item sources EASE and transitions
+    of ``item_item`` (retrieval/item_item.py's export; "auto": ``item-item/export`` if it exists).
 
     The served system: with ``candidate_source="auto"`` and ``ranking="auto"``, the one chosen on
     validation for these sources by ``python -m integration.ensemble`` (``serving/served-<sources>.json``,
     which also holds the ensemble's weights; refused if any model changed since). Without that
     file: SASRec's candidates re-ranked by their ranker when SASRec is there, then BERT4Rec's, else
     the two-tower's. ``candidate_source`` names one: "two-tower", "SASRec", "BERT4Rec", "union" (of
-    every source's top 100), re-ranked, or "ensemble", served in its own order. ``served=False``
+    every source's top 100), re-ranked, "EASE" or "transitions", or "ensemble", served in its own order. ``served=False``
     ignores the choice file (the choice itself is made that way).
 
     Rankers: each source's own, trained on its candidates, is ``serving/dlrm-int8-<model>`` for a
@@ -505,12 +520,28 @@ def create_pipeline(
             )
         scorers[name] = (path, scorer)
     digests = {name: file_digest(root / path / "weights.pt", "sha256") for name, (path, _) in scorers.items()}
-    names = ["two-tower", *scorers]
+    if item_item == "auto":
+        item_item = "item-item/export" if (root / "item-item/export/manifest.json").is_file() else None
+    item_model = None
+    if item_item:
+        item_model = ItemItem.load(root / item_item)
+        if item_model.manifest["data_fingerprint"] != ds.fingerprint or item_model.manifest["item_raw_ids"] != [
+            int(i) for i in ds.item_raw_ids
+        ]:
+            raise ArtifactMismatch(
+                f"item-to-item export {root / item_item} was fitted on other data (fingerprint "
+                f"{item_model.manifest['data_fingerprint'][:16]}, not {ds.name}'s {ds.fingerprint[:16]}): fit it "
+                f"again with python -m retrieval.item_item --out {(root / item_item).parent}"
+            )
+        digests.update({name: item_model.digest(name) for name in item_model.names})
+    item_sources = [ItemItemSource(name, item_model) for name in (item_model.names if item_model else [])]
+    names = ["two-tower", *scorers, *(src.name for src in item_sources)]
     choice_path = choice_file(root, names)
     choice = json.loads(choice_path.read_text()) if served and choice_path.is_file() else None
     fix = (
         f"choose again with python -m integration.ensemble --artifacts {root} "
         f"--sequential {','.join(scorers[n][1].name for n in scorers) or 'none'}"
+        + ("" if item_sources else " --item-item none")
     )
     if candidate_source == "ensemble" and choice is None:
         raise ArtifactMismatch(f"no ensemble was fitted for {names} ({choice_path} is missing): {fix}")
@@ -532,7 +563,7 @@ def create_pipeline(
     elif auto and choice:
         rerank = bool(choice["rerank"])
     else:
-        rerank = candidate_source != "ensemble"
+        rerank = candidate_source not in ("ensemble", *(src.name for src in item_sources))
 
     def own_ranker(name: str) -> str:
         if name in scorers:
@@ -547,7 +578,7 @@ def create_pipeline(
     rankers = {arm: DLRMPredictor(root / path) for arm, path in arms.items()}
     loaded = {path: rankers[arm] for arm, path in arms.items()}
     by_source = {}
-    for name in names:
+    for name in ["two-tower", *scorers]:  # the item-to-item sources have no ranker of their own
         path = own_ranker(name)
         if path not in loaded:
             loaded[path] = DLRMPredictor(root / path)
@@ -665,6 +696,7 @@ def create_pipeline(
         rerank,
         root,
         models,
+        item_sources,
     )
 
 

@@ -354,9 +354,10 @@ def test_demo_trains_missing_stages_then_recommends(tmp_path, capsys) -> None:
     from integration.demo import main as demo
 
     res = demo(["--artifacts", str(tmp_path), "--quick", "--users", "1", "--n-boot", "10"])
-    assert len(res["trained"]) == 7 and "user 1:" in capsys.readouterr().out
-    choice = json.loads((tmp_path / "serving" / "served-two-tower-sasrec.json").read_text())
-    assert res["served"] == choice["system"] and set(choice["valid"]) >= {"ensemble", "SASRec + ranker", "union"}
+    assert len(res["trained"]) == 8 and "user 1:" in capsys.readouterr().out
+    choice = json.loads((tmp_path / "serving" / "served-two-tower-sasrec-item-item.json").read_text())
+    assert res["served"] == choice["system"]
+    assert set(choice["valid"]) >= {"ensemble", "SASRec + ranker", "union", "EASE", "transitions"}
     for made in (
         "retrieval/export/manifest.json",
         "ranking/results.json",
@@ -364,6 +365,7 @@ def test_demo_trains_missing_stages_then_recommends(tmp_path, capsys) -> None:
         "sasrec/export/manifest.json",
         "ranking-sasrec/results.json",
         "serving/dlrm-int8-sasrec/manifest.json",
+        "item-item/export/manifest.json",
     ):
         assert (tmp_path / made).is_file()
     assert sorted(p.name for p in (tmp_path / "demo-logs").iterdir()) == [
@@ -373,7 +375,8 @@ def test_demo_trains_missing_stages_then_recommends(tmp_path, capsys) -> None:
         "4-sasrec.log",
         "5-golden_training.log",
         "6-inference_legacy.log",
-        "7-integration.log",
+        "7-retrieval.log",
+        "8-integration.log",
     ]
     assert demo(["--artifacts", str(tmp_path), "--users", "1", "--n-boot", "10"])["trained"] == []
 
@@ -383,11 +386,12 @@ def test_a_retrained_stage_retrains_every_stage_that_reads_it(tmp_path) -> None:
 
     todo = stages(tmp_path, sequential=("sasrec", "bert4rec"))
     names = [s.name for s in todo]
-    assert len(todo) == 10 and names[3].startswith("SASRec") and names[6].startswith("BERT4Rec")
+    assert len(todo) == 11 and names[3].startswith("SASRec") and names[6].startswith("BERT4Rec")
+    assert names[9].startswith("item-to-item")
     # every ranker reads the retrieval export; each sequential ranker also its source; artifacts their
     # ranker; the choice of the served system every model
-    assert [s.after for s in todo] == [[], [0], [1], [], [0, 3], [4], [], [0, 6], [7], list(range(9))]
-    assert todo[9].output == tmp_path / "serving" / "served-two-tower-sasrec-bert4rec.json"
+    assert [s.after for s in todo] == [[], [0], [1], [], [0, 3], [4], [], [0, 6], [7], [], list(range(10))]
+    assert todo[10].output == tmp_path / "serving" / "served-two-tower-sasrec-bert4rec-item-item.json"
     assert "--candidates-export" in todo[4].command and str(tmp_path / "sasrec" / "export") in todo[4].command
 
 
@@ -480,7 +484,7 @@ def test_the_ensemble_chosen_on_validation_beats_sasrec_and_is_served(with_sasre
     choice = ensemble.main(["--artifacts", str(root), "--n-boot", "20"])
     assert Path(choice["file"]) == root / "serving" / "served-two-tower-sasrec.json"
     assert json.loads(Path(choice["file"]).read_text())["system"] == choice["system"]
-    # seed 0: two-tower 0.6 + SASRec 0.4; NDCG@10 ensemble 0.0967, SASRec 0.0857, two-tower 0.0857
+    # seed 0: two-tower 0.4 + SASRec 0.6; NDCG@10 ensemble 0.0965, SASRec 0.0857, two-tower 0.0870
     assert choice["system"] == "ensemble" and choice["rerank"] is False
     assert sum(choice["weights"].values()) == pytest.approx(1.0) and min(choice["weights"].values()) > 0
     assert len(choice["grid"]) == 11  # two sources, step 0.1
@@ -491,7 +495,7 @@ def test_the_ensemble_chosen_on_validation_beats_sasrec_and_is_served(with_sasre
     assert ev["ensemble"].means["NDCG@10"] == pytest.approx(choice["grid"][0]["NDCG@10"])  # fit and protocol agree
     assert ev["ensemble"].means["NDCG@10"] == pytest.approx(choice["valid"]["ensemble"]["NDCG@10"])
     gain = paired_difference(ev["ensemble"], ev["SASRec"], n_boot=1000)
-    assert gain["NDCG@10_ci95"][0] > 0, gain  # seed 0: +0.0110 [+0.0016, +0.0213]
+    assert gain["NDCG@10_ci95"][0] > 0, gain
     assert all(ev["ensemble"].means["NDCG@10"] >= r.means["NDCG@10"] for r in ev.values())
 
     # what is served: the ensemble's own order, from the pipeline and the service alike
@@ -513,6 +517,47 @@ def test_the_ensemble_chosen_on_validation_beats_sasrec_and_is_served(with_sasre
     m["created"] = "retrained"
     (root / "serving" / "dlrm-int8" / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ArtifactMismatch, match=r"ranker two-tower changed since.*integration.ensemble"):
+        create_pipeline(root)
+
+
+def test_the_item_to_item_sources_join_the_ensemble_and_lift_it(with_sasrec, tmp_path) -> None:
+    """Issue 20: EASE and the transitions (retrieval/item_item.py) beside the two-tower and SASRec in the
+    ensemble: each is a row of its own, the four-source ensemble beats the two-source one on the same
+    grid and SASRec with a paired interval over users that excludes 0 (validation), and a refitted or
+    foreign item-to-item export makes the pipeline refuse the choice."""
+    from integration import ensemble
+    from retrieval import item_item
+
+    root = tmp_path / "with-item-item"
+    shutil.copytree(with_sasrec, root, symlinks=True)
+    item_item.main(["--no-test", "--out", str(root / "item-item"), "--n-boot", "10"])
+    choice = ensemble.main(["--artifacts", str(root), "--n-boot", "20"])
+    assert Path(choice["file"]) == root / "serving" / "served-two-tower-sasrec-item-item.json"
+    assert len(choice["grid"]) == 286 and choice["system"] == "ensemble"  # four sources, step 0.1
+    two = max(g["NDCG@10"] for g in choice["grid"] if g["weights"]["EASE"] == g["weights"]["transitions"] == 0)
+    # seed 0: 0.1153 with all four (two-tower 0.1, SASRec 0.3, EASE 0.3, transitions 0.3); SASRec 0.0857
+    assert choice["grid"][0]["NDCG@10"] > two + 0.005, (choice["grid"][0], two)
+
+    pipeline = create_pipeline(root)
+    assert [s.name for s in pipeline.all_sources] == ["two-tower", "SASRec", "EASE", "transitions"]
+    assert pipeline.served == "ensemble" and "EASE + ranker" not in choice["valid"]
+    ev = pipeline.evaluate("valid", n_boot=20)
+    assert {"EASE", "transitions", "union", "ensemble"} <= set(ev)
+    assert ev["ensemble"].means["NDCG@10"] == pytest.approx(choice["grid"][0]["NDCG@10"])
+    gain = paired_difference(ev["ensemble"], ev["SASRec"], n_boot=1000)
+    assert gain["NDCG@10_ci95"][0] > 0, gain
+    (rec,) = pipeline.recommend([196])
+    assert rec.stage == "candidates" and len(rec.item_ids) == 10
+    assert create_pipeline(root, candidate_source="transitions").served == "transitions"  # its own order
+
+    # refitted with other settings since the choice: refused, with the command that chooses again
+    item_item.main(["--no-test", "--out", str(root / "item-item"), "--n-boot", "10", "--ease-lambda", "50"])
+    with pytest.raises(ArtifactMismatch, match=r"source EASE changed since.*integration.ensemble"):
+        create_pipeline(root)
+    manifest = json.loads((root / "item-item" / "export" / "manifest.json").read_text())
+    manifest["data_fingerprint"] = "0" * 64
+    (root / "item-item" / "export" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactMismatch, match="item-to-item export .* fitted on other data"):
         create_pipeline(root)
 
 
