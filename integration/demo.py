@@ -11,14 +11,15 @@
 If the artifacts are missing it trains them first, each stage a subprocess with a progress line
 (logs in <artifacts>/demo-logs/): the two-tower retrieval model and its FAISS index, the DLRM ranker
 on retrieval's candidates and its INT8 serving artifact (under 2 minutes on 2 CPU cores); then
-SASRec (``--sequential``; 7-14 minutes), a ranker trained on SASRec's candidates and its artifact;
-with ``--with-bert4rec`` also BERT4Rec (about 10 minutes) and its ranker. Last, the served system
-is chosen on validation (``integration.ensemble``, under a minute): the sources' scores fused with
-weights fitted there, and every system compared there. An interrupted run resumes from its
+SASRec (``--sequential``; 7-20 minutes), a ranker trained on SASRec's candidates and its artifact;
+with ``--with-bert4rec`` also BERT4Rec (about 20 minutes) and its ranker; EASE and the item-to-item
+transitions (``retrieval.item_item``, seconds). Last, the served system is chosen on validation
+(``integration.ensemble``, under a minute): the sources fused by reciprocal ranks with weights
+fitted there, and every system compared there. An interrupted run resumes from its
 checkpoints; a retrained stage retrains every stage that reads it. Then it:
 
 - builds the pipeline (``integration.pipeline.create_pipeline``, which checks the stages fit),
-  serving the chosen system: on ml-100k the ensemble of the two-tower and SASRec, in its own order
+  serving the chosen system: on ml-100k the ensemble of the four sources, in its own order
   (each source re-ranked by the ranker trained on its candidates is compared, and loses);
 - prints, for a few users, their most recent movies and their top 10 with scores;
 - prints the offline evaluation on the test split (``--stage valid``: validation, the split that
