@@ -25,7 +25,7 @@ demo: $(STAMP)
 
 # Every system on ml-100k, each row the mean of three training seeds: the two-tower and SASRec,
 # each with its ranker, EASE and the transitions, their ensemble, and the served system (about 60 minutes on 2 CPU
-# cores). SEQUENTIAL=sasrec,bert4rec adds BERT4Rec as a third source (10-30 more minutes a seed).
+# cores). SEQUENTIAL=sasrec,bert4rec adds BERT4Rec as another source (about 20 more minutes a seed).
 SEQUENTIAL ?= sasrec
 compare: $(STAMP)
 	$(PY) -m integration.compare --sequential $(SEQUENTIAL)

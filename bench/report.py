@@ -12,6 +12,8 @@ Each chart is drawn only when its results file exists, so the command works on a
   NDCG@10 with their 95% intervals, the demo's table as a chart;
 - ``systems_compare.png`` from ``compare_ml100k.json`` (``make compare``): the same for every system,
   each the mean of three training seeds, the served row marked;
+- ``systems_compare_bert4rec.png`` from ``compare_ml100k_bert4rec.json`` (``make compare
+  SEQUENTIAL=sasrec,bert4rec``): the same with BERT4Rec as a source;
 - ``serving_load.png`` from ``serving_load.json`` (``bench.serving_load``): requests/s and p99 against
   the number of clients, with and without dynamic batching;
 - ``faiss_recall_qps.png`` from ``faiss_indexes.json`` (``bench.faiss_indexes``): recall@100 against
@@ -254,6 +256,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     for name, draw, chart in (
         ("demo_results.json", systems, "systems_test.png"),
         ("compare_ml100k.json", compare_systems, "systems_compare.png"),
+        ("compare_ml100k_bert4rec.json", compare_systems, "systems_compare_bert4rec.png"),
         ("serving_load.json", serving_load, "serving_load.png"),
         ("faiss_indexes.json", faiss_recall, "faiss_recall_qps.png"),
         ("zch.json", zch, "zch.png"),
