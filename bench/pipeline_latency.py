@@ -92,34 +92,13 @@ def batched(pipeline, users: list[int], batch_size: int, repeats: int) -> dict[s
     return {"users_per_s": float(np.median(rates)), "batch_size": batch_size, "users": len(users)}
 
 
-def synthetic_movielens(num_users: int, num_items: int, seed: int = 0):
-    """A MovieLens-shaped data set over synthetic interactions (common.data.synthetic): raw IDs
-    1..N, one genre per item from its planted topic, random years and user features."""
-    from common.data.movielens import MovieLens
-    from common.data.synthetic import generate_interactions
+def synthetic_data(num_users: int, num_items: int, seed: int = 0):
+    """The synthetic generator's data set in canonical form (common.data.synthetic): 64-bit raw IDs,
+    a category and a price per item, a region and an age per user."""
+    from common.data.synthetic import generate_interactions, synthetic_dataset
 
     d = generate_interactions(num_users, num_items, interactions_per_user=20.0, seed=seed)
-    rng = np.random.default_rng(seed)
-    occupations = ["artist", "doctor", "engineer", "student", "writer", "other"]
-    return MovieLens(
-        name=f"synthetic-{num_items}",
-        source="synthetic",
-        user=d.user,
-        item=d.item,
-        rating=np.ones(len(d.user), np.float32),
-        timestamp=d.timestamp,
-        user_raw_ids=np.arange(1, num_users + 1),
-        item_raw_ids=np.arange(1, num_items + 1),
-        item_title=[f"item {i}" for i in range(1, num_items + 1)],
-        item_year=rng.integers(1930, 2020, num_items),
-        genre_vocab=[f"genre {g}" for g in range(19)],
-        item_genres=[[g] for g in (d.item_topic % 19).tolist()],
-        user_age=rng.integers(18, 70, num_users),
-        user_gender=rng.integers(0, 2, num_users),
-        occupation_vocab=occupations,
-        user_occupation=rng.integers(0, len(occupations), num_users),
-        user_zip=[f"{z}0000" for z in rng.integers(0, 10, num_users)],
-    )
+    return synthetic_dataset(d, name=f"synthetic-{num_items}", seed=seed)
 
 
 def synthetic_pipeline(root, num_items: int, num_users: int = 20_000):
@@ -142,7 +121,7 @@ def synthetic_pipeline(root, num_items: int, num_users: int = 20_000):
     rt = init_runtime("cpu")
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    ds = synthetic_movielens(num_users, num_items)
+    ds = synthetic_data(num_users, num_items)
     split = split_dataset(ds)
     features = TwoTowerFeatures.from_dataset(ds, history_len=50)
     rcfg = RetrievalConfig(dataset=ds.name, index_type="ivf_pq")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.data.movielens import add_dataset_args, load_movielens
+from common.data.load import add_dataset_args, load_dataset
 from common.data.split import Split, split_dataset
 from common.metrics import RankingReport, evaluate_scores
 from common.runtime import write_results
@@ -26,6 +26,8 @@ class Config:
     dataset: str
     data_dir: str | None
     source: str
+    on_bad_row: str
+    eval_users: int
     out: str | None
     n_boot: int
 
@@ -37,7 +39,15 @@ def parse_args(argv: list[str] | None = None) -> Config:
     out.add_argument("--out", default=None, help="directory for results.json (default: print only)")
     out.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CI (default: 1000)")
     a = p.parse_args(argv)
-    return Config(dataset=a.dataset, data_dir=a.data_dir, source=a.source, out=a.out, n_boot=a.n_boot)
+    return Config(
+        dataset=a.dataset,
+        data_dir=a.data_dir,
+        source=a.source,
+        on_bad_row=a.on_bad_row,
+        eval_users=a.eval_users,
+        out=a.out,
+        n_boot=a.n_boot,
+    )
 
 
 def popularity_report(split: Split, stage: str, n_boot: int = 1000) -> RankingReport:
@@ -52,8 +62,8 @@ def format_report(name: str, rep: RankingReport) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
     cfg = parse_args(argv)
-    ds = load_movielens(cfg.dataset, cfg.data_dir, cfg.source)
-    split = split_dataset(ds)
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.source, cfg.on_bad_row)
+    split = split_dataset(ds, cfg.eval_users)
     results: dict[str, dict[str, object]] = {}
     print(
         f"{ds.name} ({ds.source}): {ds.num_users} users, {ds.num_items} items, "

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.data.download import DataIntegrityError
-from common.data.movielens import DataUnavailable, add_dataset_args, load_movielens
+from common.data.load import add_dataset_args, load_dataset
+from common.data.logs import LogError
+from common.data.movielens import DataUnavailable
 from common.data.split import split_dataset
 from common.runtime import write_results
 
@@ -25,6 +27,8 @@ class Config:
     dataset: str
     data_dir: str | None
     source: str
+    on_bad_row: str
+    eval_users: int
     out: str | None
 
 
@@ -33,16 +37,23 @@ def parse_args(argv: list[str] | None = None) -> Config:
     add_dataset_args(p)
     p.add_argument("--out", default=None, help="directory for results.json with the statistics (default: print only)")
     a = p.parse_args(argv)
-    return Config(dataset=a.dataset, data_dir=a.data_dir, source=a.source, out=a.out)
+    return Config(
+        dataset=a.dataset,
+        data_dir=a.data_dir,
+        source=a.source,
+        on_bad_row=a.on_bad_row,
+        eval_users=a.eval_users,
+        out=a.out,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     cfg = parse_args(argv)
     try:
-        ds = load_movielens(cfg.dataset, cfg.data_dir, cfg.source)
-    except (DataUnavailable, DataIntegrityError) as err:
+        ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.source, cfg.on_bad_row)
+    except (DataUnavailable, DataIntegrityError, LogError) as err:
         raise SystemExit(f"error: {err}") from None  # one line that says what to do, not a traceback
-    split = split_dataset(ds)
+    split = split_dataset(ds, cfg.eval_users)
     stats = {
         **ds.stats(),
         "train_interactions": len(split.train_user),
@@ -55,14 +66,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     )
     print(
         f"  per user: min {stats['interactions_per_user_min']}, median {stats['interactions_per_user_median']:.0f}; "
-        f"{stats['genres']} genres; user features: {'yes' if ds.has_user_features else 'no'}"
+        f"item features: {', '.join(stats['item_features']) or 'none'}; "
+        f"user features: {', '.join(stats['user_features']) or 'none'}"
     )
     print(
         f"  split (temporal leave-last-out): train {stats['train_interactions']}, "
         f"valid {stats['valid_users']} users, test {stats['test_users']} users"
     )
     top = np.argsort(-np.bincount(ds.item, minlength=ds.num_items), kind="stable")[:3]
-    print("  most interacted: " + "; ".join(f"{ds.item_title[i]} ({ds.item_year[i]})" for i in top))
+    print("  most interacted: " + "; ".join(ds.title(i) for i in top))
     print(f"  fingerprint {stats['fingerprint'][:16]}")
     if cfg.out:
         write_results(cfg.out, stats)

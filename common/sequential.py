@@ -43,7 +43,8 @@ from common.checkpoint import (
     run_config,
     save_checkpoint,
 )
-from common.data.movielens import add_dataset_args, load_movielens
+from common.data.dataset import id_key, raw_ids
+from common.data.load import add_dataset_args, load_dataset
 from common.data.split import Split, split_dataset
 from common.metrics import RankingReport, evaluate_scores, sampled_report
 from common.runtime import (
@@ -71,6 +72,8 @@ class SeqConfig:
     dataset: str = "ml-100k"
     data_dir: str | None = None
     source: str = "auto"
+    on_bad_row: str = "error"
+    eval_users: int = 0
     max_len: int = 50
     window_step: int = 10
     embedding_dim: int = 64
@@ -348,8 +351,8 @@ def train_and_evaluate(
     rt = init_runtime(cfg.device)
     seed_everything(cfg.seed)
     out = Path(cfg.out)
-    ds = load_movielens(cfg.dataset, cfg.data_dir, cfg.source)
-    split = split_dataset(ds)
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.source, cfg.on_bad_row)
+    split = split_dataset(ds, cfg.eval_users)
     windows = training_windows(split, cfg.max_len, cfg.window_step)
     model, optimizer = build(name, cfg, ds.num_items, rt)
     net = model.module.model
@@ -517,8 +520,8 @@ class NextItemScorer:
         self.name = self.manifest.get("model", "bert4rec")
         if self.name not in MODELS:
             raise ValueError(f"{manifest_path}: model {self.name!r} is none of {sorted(MODELS)}")
-        self.item_raw_ids = np.asarray(self.manifest["item_raw_ids"])
-        self.index_of = {int(r): i for i, r in enumerate(self.item_raw_ids.tolist())}
+        self.item_raw_ids = raw_ids(self.manifest["item_raw_ids"])
+        self.index_of = {id_key(r): i for i, r in enumerate(self.item_raw_ids.tolist())}
         self.model = make_model(
             self.name, self.manifest["config"], self.manifest["num_items"], torch.device("cpu"), dropout=0.0
         )
@@ -549,15 +552,15 @@ class NextItemScorer:
         for h in histories:
             if not isinstance(h, (list, tuple, np.ndarray)):
                 raise TypeError(f"each history must be a list of raw item IDs, got {type(h).__name__}")
-            known.append(np.array([self.index_of[int(i)] for i in h if int(i) in self.index_of], dtype=np.int64))
-            unknown.append([int(i) for i in h if int(i) not in self.index_of])
+            known.append(np.array([self.index_of[id_key(i)] for i in h if id_key(i) in self.index_of], dtype=np.int64))
+            unknown.append([id_key(i) for i in h if id_key(i) not in self.index_of])
         return Scored(self.score_indices(known, batch_size), unknown)
 
     def recommend(self, history: list[int], k: int = 10, exclude_seen: bool = True) -> list[tuple[int, float]]:
         """The top ``k`` (raw item ID, score) for one history, its own items left out."""
         s = self.score([history]).scores[0].copy()
         if exclude_seen:
-            seen = [self.index_of[int(i)] for i in history if int(i) in self.index_of]
+            seen = [self.index_of[id_key(i)] for i in history if id_key(i) in self.index_of]
             s[seen] = -np.inf
         top = np.argsort(-s, kind="stable")[:k]
         return [(int(self.item_raw_ids[i]), float(s[i])) for i in top]

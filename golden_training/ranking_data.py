@@ -1,15 +1,17 @@
-"""MovieLens as a ranking task: (user, candidate item) -> did the user interact with it next?
+"""An interaction data set as a ranking task: (user, candidate item) -> did the user interact with it next?
 
 A training example is one training interaction (label 1) or a sampled negative for it (label 0),
 with the user's earlier items as history. Negatives are drawn by popularity and, given a
 retrieval export, also from retrieval's candidates for the user (hard negatives): the items the
 ranker will actually have to re-order.
 
-Features:
-- sparse: ``user_id``, ``item_id`` and ``history`` (sharing the item table), ``genres``
-  (jagged), and where the set has them ``age_bucket``, ``gender``, ``occupation``, ``zip_region``;
+Features (built from the data set's columns, common/data/tables.py):
+- sparse: ``user_id``, ``item_id`` and ``history`` (sharing the item table), the item's
+  multi-valued and categorical columns (on MovieLens ``genres``) and the user's categoricals (on
+  MovieLens ``age_bucket``, ``gender``, ``occupation``, ``zip_region``);
 - dense: ``user_activity`` (log1p of items seen so far), ``item_popularity`` (log1p of training
-  interactions), ``item_year`` (scaled), ``user_age`` (scaled), ``retrieval_score`` (the
+  interactions), the item's and the user's numeric columns normalised, as ``item_<name>`` and
+  ``user_<name>`` (on MovieLens ``item_year`` and ``user_age``), ``retrieval_score`` (the
   two-tower dot product for this user and item, 0 without a retrieval export), and two kinds of
   sequence statistics from ``SequenceStats``: ``after_last_1..3`` (how often the candidate came
   right after the user's last, second-to-last and third-to-last item, in other users' training
@@ -26,54 +28,75 @@ import numpy as np
 import torch
 from torchrec.datasets.utils import Batch
 
-from common.data.movielens import MovieLens
-from common.data.movielens_features import MovieLensTables, last_n
+from common.data.dataset import InteractionData
 from common.data.split import Split
+from common.data.tables import FeatureTables, last_n
 from common.features import DenseFeature, FeatureSchema, SparseFeature
 
 TRANSITION_LAGS = 3
 SEQUENCE_FEATURES = (*(f"after_last_{k}" for k in range(1, TRANSITION_LAGS + 1)), "item_trend")  # SequenceStats
-DENSE_FEATURES = ("user_activity", "item_popularity", "item_year", "user_age", "retrieval_score", *SEQUENCE_FEATURES)
 DAY = 86_400
 
 
 @dataclass
-class RankingFeatures(MovieLensTables):
+class RankingFeatures(FeatureTables):
     """The shared tables plus what the ranker's dense features need."""
 
     history_len: int = 50
     item_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # training interactions
-    item_year: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    user_age: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     sequence: SequenceStats | None = None  # None: the sequence features are zeros
 
     @classmethod
     def build(
-        cls, ds: MovieLens, split: Split, history_len: int = 50, sequence: bool = True, trend_days: float = 30.0
+        cls,
+        ds: InteractionData,
+        split: Split,
+        history_len: int = 50,
+        sequence: bool = True,
+        trend_days: float = 30.0,
     ) -> RankingFeatures:
         """Features for ``ds``, with popularity and sequence statistics from ``split``'s training part."""
-        ages = ds.user_age if ds.user_age is not None else np.zeros(ds.num_users, dtype=np.int64)
         return cls.from_dataset(
             ds,
             history_len=history_len,
             item_counts=split.item_counts("valid"),
-            item_year=ds.item_year.astype(np.int64),
-            user_age=ages.astype(np.int64),
             sequence=SequenceStats.build(split, trend_days) if sequence else None,
         )
 
     @property
+    def item_sparse(self) -> list[str]:
+        """The item columns the ranker takes as ID features: multi-valued and categorical ones."""
+        return [name for name in self.item_order if name in self.item_multi or name in self.item_categorical]
+
+    @property
+    def dense_names(self) -> list[str]:
+        return [
+            "user_activity",
+            "item_popularity",
+            *(f"item_{name}" for name in self.item_dense),
+            *(f"user_{name}" for name in self.user_dense),
+            "retrieval_score",
+            *SEQUENCE_FEATURES,
+        ]
+
+    @property
     def schema(self) -> FeatureSchema:
-        user = tuple(SparseFeature(name, self.user_cardinality[name]) for name in self.user_columns)
+        user = tuple(SparseFeature(name, self.user_cardinality[name]) for name in self.user_categorical)
+        item = tuple(
+            SparseFeature(name, self.item_cardinality[name], pooling="mean", max_length=None)
+            if name in self.item_multi
+            else SparseFeature(name, self.item_cardinality[name])
+            for name in self.item_sparse
+        )
         return FeatureSchema(
             sparse=(
                 SparseFeature("user_id", self.num_users),
                 SparseFeature("item_id", self.num_items, pooling="mean", table="item"),
                 SparseFeature("history", self.num_items, pooling="mean", max_length=self.history_len, table="item"),
-                SparseFeature("genres", self.num_genres, pooling="mean", max_length=None),
+                *item,
                 *user,
             ),
-            dense=tuple(DenseFeature(n) for n in DENSE_FEATURES),
+            dense=tuple(DenseFeature(n) for n in self.dense_names),
         )
 
     def batch(
@@ -89,17 +112,16 @@ class RankingFeatures(MovieLensTables):
         ``sequence`` holds ``SequenceStats.features`` for the rows (zeros without it)."""
         users, items = np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64)
         n = len(users)
-        year = self.item_year[items]
         cols: dict[str, Any] = {
             "user_id": users,
             "item_id": items,
             "history": history,
-            "genres": self.item_genres(items),
-            **{name: col[users] for name, col in self.user_columns.items()},
+            **self.item_id_columns(items, self.item_sparse),
+            **{name: self.user_columns[name][users] for name in self.user_categorical},
             "user_activity": np.log1p(history[1]).astype(np.float32),
             "item_popularity": np.log1p(self.item_counts[items]).astype(np.float32),
-            "item_year": np.where(year > 0, (year - 1990) / 20.0, 0.0).astype(np.float32),
-            "user_age": (self.user_age[users] / 50.0).astype(np.float32),
+            **{f"item_{name}": col[items] for name, col in self.item_dense.items()},
+            **{f"user_{name}": col[users] for name, col in self.user_dense.items()},
             "retrieval_score": (
                 np.zeros(n, np.float32) if retrieval_score is None else np.asarray(retrieval_score, dtype=np.float32)
             ),

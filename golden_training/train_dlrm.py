@@ -28,6 +28,7 @@ Click logs are measured by AUC, NE and log loss on their valid and test rows. Re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -46,8 +47,9 @@ from tqdm import tqdm
 
 from common.checkpoint import resume_if_possible, run_config, save_checkpoint
 from common.data.criteo import CriteoArrays
-from common.data.movielens import add_dataset_args, load_movielens
+from common.data.load import add_dataset_args, load_dataset
 from common.data.split import Split, split_dataset
+from common.data.tables import FeatureTables
 from common.features import FeatureSchema
 from common.metrics import MAX_K, BinaryMetrics, RankingReport, paired_difference, report_from_ranks
 from common.runtime import (
@@ -78,6 +80,8 @@ class Config:
     dataset: str = "ml-100k"
     data_dir: str | None = None
     source: str = "auto"
+    on_bad_row: str = "error"
+    eval_users: int = 0
     history_len: int = 50
     retrieval_export: str | None = None
     train_retrieval_export: str | None = None
@@ -92,7 +96,6 @@ class Config:
     num_embeddings_per_feature: tuple[int, ...] | None = None
     random_rows: int = 100_000
     max_rows: int | None = None
-    on_bad_line: str = "error"
     negative_counts: str = "clamp"
     embedding_dim: int = 64
     dense_arch: tuple[int, ...] = (64, 64)
@@ -210,12 +213,6 @@ def parse_args(argv: list[str] | None = None) -> Config:
         default=d.negative_counts,
         choices=["clamp", "bad_line"],
         help="negative Criteo counts (int_1 has them in the real logs): set to 0 and counted, as DLRM's preprocessing does, or treated as a malformed line (default: clamp)",
-    )
-    logs.add_argument(
-        "--on-bad-line",
-        default=d.on_bad_line,
-        choices=["error", "skip"],
-        help="a malformed Criteo line is an error naming file and line, or skipped and counted (default: error)",
     )
     model = p.add_argument_group("model")
     model.add_argument(
@@ -357,27 +354,12 @@ class RetrievalScorer:
             )
         self.tower = load_query_tower(export_dir, manifest, quantize="none")
         self.items = np.load(Path(export_dir) / "item_embeddings.npy")
-        self.tt = TwoTowerFeatures(
-            **{
-                k: getattr(features, k)
-                for k in (
-                    "num_users",
-                    "num_items",
-                    "user_columns",
-                    "user_cardinality",
-                    "item_genre_values",
-                    "item_genre_lengths",
-                    "num_genres",
-                    "item_year_bucket",
-                    "occupation_vocab",
-                )
-            },
-            history_len=manifest["config"]["history_len"],
-        )
+        shared = {f.name: getattr(features, f.name) for f in dataclasses.fields(FeatureTables)}
+        self.tt = TwoTowerFeatures(**shared, history_len=manifest["config"]["history_len"])
 
     @torch.no_grad()
     def queries(self, users: np.ndarray, hist_items: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-        from common.data.movielens_features import last_n
+        from common.data.tables import last_n
 
         out = []
         for lo in range(0, len(users), 4096):
@@ -758,8 +740,8 @@ def _report(ev: EvalSet, lists: np.ndarray, cfg: Config) -> RankingReport:
 
 def train_movielens(cfg: Config, rt: Runtime) -> dict[str, object]:
     out = Path(cfg.out)
-    ds = load_movielens(cfg.dataset, cfg.data_dir, cfg.source)
-    split = split_dataset(ds)
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.source, cfg.on_bad_row)
+    split = split_dataset(ds, cfg.eval_users)
     features = RankingFeatures.build(ds, split, cfg.history_len, cfg.sequence_features, cfg.trend_days)
     retr = RetrievalScorer(cfg.retrieval_export, ds.fingerprint, features) if cfg.retrieval_export else None
     if retr is None and cfg.hard_negatives:
@@ -871,7 +853,7 @@ def train_click_logs(cfg: Config, rt: Runtime) -> dict[str, object]:
         cfg.seed,
         cfg.random_rows,
         cfg.max_rows,
-        cfg.on_bad_line,
+        cfg.on_bad_row,
         cfg.negative_counts,
     )
     schema = criteo_schema(sizes)

@@ -43,7 +43,9 @@ from tqdm import tqdm
 
 from common.baselines import popularity_report
 from common.data.download import DataIntegrityError
-from common.data.movielens import ARCHIVES, DataUnavailable, load_movielens
+from common.data.load import dataset_ref, load_dataset
+from common.data.logs import LogError
+from common.data.movielens import DataUnavailable
 from common.metrics import RankingReport, paired_difference
 from common.runtime import write_json_atomic
 from integration.ensemble import choice_file
@@ -216,12 +218,11 @@ def show_user(pipeline, rec, recent: int = 5) -> None:
         f"most recent:"
     )
     for i in hist[::-1]:
-        print(f"    {ds.item_title[i]} ({ds.item_year[i]})")
+        print(f"    {ds.title(i)}")
     how = f"re-ranked from {rec.candidates} candidates" if rec.stage == "ranked" else pipeline.served
     print(f"  top {len(rec.item_ids)} ({rec.stage}: {how}):")
-    for n, (t, i, s) in enumerate(zip(rec.titles, rec.item_ids, rec.scores), 1):
-        year = ds.item_year[pipeline.item_index[i]]
-        print(f"    {n:2d}. {t} ({year})  {s:.3f}")
+    for n, (i, s) in enumerate(zip(rec.item_ids, rec.scores), 1):
+        print(f"    {n:2d}. {ds.title(pipeline.item_index[i])}  {s:.3f}")
 
 
 def cell(rep: RankingReport, m: str) -> str:
@@ -234,17 +235,20 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument(
         "--dataset",
         default="ml-100k",
-        choices=sorted(ARCHIVES),
-        help="MovieLens variant; the larger ones come from GroupLens (default: %(default)s)",
+        type=dataset_ref,
+        help="a MovieLens variant (the larger ones come from GroupLens) or an interaction log's spec file "
+        "(common/data/logs.py) (default: %(default)s)",
     )
     p.add_argument(
         "--artifacts",
         default=None,
         help="run directory holding every stage (default: runs, or runs/<dataset> for other data sets)",
     )
-    p.add_argument("--users", default="196,186,22", help="raw MovieLens user IDs to show (default: %(default)s)")
     p.add_argument(
-        "--data-dir", default=None, help="MovieLens cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)"
+        "--users", default=None, help="raw user IDs to show (default: 196,186,22 on ml-100k, else the first three)"
+    )
+    p.add_argument(
+        "--data-dir", default=None, help="data cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)"
     )
     p.add_argument(
         "--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals (default: %(default)s)"
@@ -276,12 +280,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     a = p.parse_args(argv)
     from integration.pipeline import create_pipeline  # after argparse: --help stays fast
 
-    root = Path(a.artifacts or ("runs" if a.dataset == "ml-100k" else f"runs/{a.dataset}"))
     t0 = time.perf_counter()
-    try:  # fetch and verify it now: a data problem is reported before training, in one line
-        load_movielens(a.dataset, a.data_dir)
-    except (DataUnavailable, DataIntegrityError) as err:
+    try:  # fetch, verify or prepare it now: a data problem is reported before training, in one line
+        ds = load_dataset(a.dataset, a.data_dir)
+    except (DataUnavailable, DataIntegrityError, LogError) as err:
         raise SystemExit(f"error: {err}") from None
+    root = Path(a.artifacts or ("runs" if a.dataset == "ml-100k" else f"runs/{ds.name}"))
     data = ["--dataset", a.dataset] + (["--data-dir", a.data_dir] if a.data_dir else [])
     sequential = tuple(dict.fromkeys(a.sequential + (("bert4rec",) if a.with_bert4rec else ())))
     bad = [m for m in sequential if m not in ("sasrec", "bert4rec")]
@@ -290,7 +294,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     trained = train_missing(root, a.quick, sequential, data)
     # served: the system chosen on validation (the last stage above)
     pipeline = create_pipeline(root, data_dir=a.data_dir, sequential=[f"{m}/export" for m in sequential])
-    users = [int(u) for u in a.users.split(",") if u.strip()]
+    if a.users is None:
+        users = [196, 186, 22] if a.dataset == "ml-100k" else ds.user_raw_ids[:3].tolist()
+    else:
+        users = [u.strip() if ds.user_raw_ids.dtype == object else int(u) for u in a.users.split(",") if u.strip()]
     for rec in pipeline.recommend(users):
         if rec.stage == "popular":
             print(

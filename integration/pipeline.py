@@ -38,8 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.data.dataset import InteractionData, id_key
 from common.data.download import file_digest
-from common.data.movielens import MovieLens, load_movielens
+from common.data.load import load_dataset
 from common.data.split import Split, split_dataset
 from common.metrics import RankingReport, evaluate_topk
 from golden_training.ranking_data import Examples, RankingFeatures, reference_time
@@ -94,7 +95,7 @@ class FeatureStore:
 
     @classmethod
     def build(
-        cls, ds: MovieLens, split: Split, history_len: int, sequence: bool, trend_days: float, stage: str = "test"
+        cls, ds: InteractionData, split: Split, history_len: int, sequence: bool, trend_days: float, stage: str = "test"
     ) -> FeatureStore:
         """Histories up to ``stage``'s targets: training plus validation for "test" (serving),
         training only for "valid" (model selection)."""
@@ -173,7 +174,7 @@ class SequenceSource:
     def __init__(self, scorer, item_raw_ids: np.ndarray) -> None:
         self.scorer, self.raw = scorer, np.asarray(item_raw_ids)
         self.name = SEQUENCE_SOURCES[scorer.name]
-        self.order = np.array([scorer.index_of[int(i)] for i in self.raw])  # data set index -> scorer index
+        self.order = np.array([scorer.index_of[id_key(i)] for i in self.raw])  # data set index -> scorer index
 
     def scores(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
         """Next-item scores of every item ``[B, num_items]`` (data set indices)."""
@@ -217,7 +218,7 @@ class RecommendationPipeline:
         retriever: Retriever,
         rankers: dict[str, DLRMPredictor],
         store: FeatureStore,
-        dataset: MovieLens,
+        dataset: InteractionData,
         split: Split,
         sources: list | None = None,
         item_embeddings: np.ndarray | None = None,
@@ -251,8 +252,8 @@ class RecommendationPipeline:
         # What the candidates depend on besides a user's history: a cache keyed by it never mixes
         # entries from other models, data or settings.
         self.identity = identity or _digest({"data": dataset.fingerprint, "source": candidate_source})
-        self.user_index = {int(u): n for n, u in enumerate(dataset.user_raw_ids)}
-        self.item_index = {int(i): n for n, i in enumerate(dataset.item_raw_ids)}
+        self.user_index = {id_key(u): n for n, u in enumerate(dataset.user_raw_ids)}
+        self.item_index = {id_key(i): n for n, i in enumerate(dataset.item_raw_ids)}
         self.default_arm = next(iter(rankers))
 
     @property
@@ -336,7 +337,7 @@ class RecommendationPipeline:
 
     def recommend(self, user_ids: list[int], k: int = 10, arm: str | None = None) -> list[Recommendation]:
         """Top ``k`` per raw user ID. An unknown user gets the most popular items (``stage="popular"``)."""
-        known = [(n, self.user_index[int(u)]) for n, u in enumerate(user_ids) if int(u) in self.user_index]
+        known = [(n, self.user_index[id_key(u)]) for n, u in enumerate(user_ids) if id_key(u) in self.user_index]
         out: list[Recommendation | None] = [None] * len(user_ids)
         if known:
             users = np.array([u for _, u in known], dtype=np.int64)
@@ -344,12 +345,12 @@ class RecommendationPipeline:
             for (n, _), row_i, row_s in zip(known, items, scores):
                 keep = row_i[:k] >= 0
                 out[n] = self.recommendation(
-                    int(user_ids[n]), row_i[:k][keep], row_s[:k][keep], self.stage, int((row_i >= 0).sum())
+                    id_key(user_ids[n]), row_i[:k][keep], row_s[:k][keep], self.stage, int((row_i >= 0).sum())
                 )
         for n, u in enumerate(user_ids):
             if out[n] is None:
                 top = self.retriever.popular[:k]
-                out[n] = self.recommendation(int(u), top, self.retriever.popularity[top], "popular", 0)
+                out[n] = self.recommendation(id_key(u), top, self.retriever.popularity[top], "popular", 0)
         return out  # type: ignore[return-value]
 
     def recommend_features(self, record: dict, k: int = 10) -> Recommendation:
@@ -358,7 +359,7 @@ class RecommendationPipeline:
         needs a known user (its user-ID table has no row for a new one), so these lists stay in
         retrieval order (``stage="retrieval"``), or popular items with no history."""
         (rec,) = self.retriever.recommend_features([record], k)
-        idx = np.array([self.item_index[int(i)] for i in rec.item_ids], dtype=np.int64)
+        idx = np.array([self.item_index[id_key(i)] for i in rec.item_ids], dtype=np.int64)
         return self.recommendation(-1, idx, np.asarray(rec.scores), "popular" if rec.cold_start else "retrieval", 0)
 
     def add_interaction(self, user_id: int, item_id: int, timestamp: int | None = None) -> int:
@@ -385,13 +386,12 @@ class RecommendationPipeline:
     def recommendation(
         self, user_id: int, items: np.ndarray, scores: np.ndarray, stage: str, candidates: int
     ) -> Recommendation:
-        """A ``Recommendation`` of dense item indices, with raw IDs and titles."""
-        titles = self.dataset.item_title
+        """A ``Recommendation`` of dense item indices, with raw IDs and titles (raw IDs without titles)."""
         return Recommendation(
             user_id,
             self.dataset.item_raw_ids[items].tolist(),
             [float(s) for s in scores],
-            [titles[i] for i in items.tolist()],
+            [self.dataset.title(i) for i in items.tolist()],
             stage,
             candidates,
         )
@@ -460,7 +460,7 @@ def create_pipeline(
     ranking: str | dict[str, str] = "auto",
     data_dir: str | None = None,
     device: str = "auto",
-    dataset: MovieLens | None = None,
+    dataset: InteractionData | None = None,
     sequential: str | list[str] | None = "auto",
     candidate_source: str = "auto",
     served: bool = True,
@@ -498,7 +498,7 @@ def create_pipeline(
         )
     r_dir = root / retrieval
     r_manifest = read_retrieval_manifest(r_dir)
-    ds = dataset if dataset is not None else load_movielens(r_manifest["dataset"], data_dir)
+    ds = dataset if dataset is not None else load_dataset(r_manifest["dataset"], data_dir)
     if sequential == "auto":
         sequential = [p for p in ("sasrec/export", "bert4rec/export") if (root / p / "manifest.json").is_file()]
     elif isinstance(sequential, str):
@@ -512,7 +512,7 @@ def create_pipeline(
                 f"{name} export {root / path} was trained on data with fingerprint "
                 f"{scorer.data_fingerprint[:16]}, not {ds.name}'s {ds.fingerprint[:16]}: retrain it"
             )
-        missing = [int(i) for i in ds.item_raw_ids if int(i) not in scorer.index_of]
+        missing = [id_key(i) for i in ds.item_raw_ids if id_key(i) not in scorer.index_of]
         if missing:
             raise ArtifactMismatch(
                 f"{name} export {root / path} lacks {len(missing)} of {ds.name}'s items "
@@ -526,7 +526,7 @@ def create_pipeline(
     if item_item:
         item_model = ItemItem.load(root / item_item)
         if item_model.manifest["data_fingerprint"] != ds.fingerprint or item_model.manifest["item_raw_ids"] != [
-            int(i) for i in ds.item_raw_ids
+            id_key(i) for i in ds.item_raw_ids
         ]:
             raise ArtifactMismatch(
                 f"item-to-item export {root / item_item} was fitted on other data (fingerprint "

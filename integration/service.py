@@ -43,6 +43,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
+from common.data.movielens import user_record as movielens_user_record
 from common.features import FeatureError
 from inference_legacy.dlrm_predict import integer_id
 from inference_legacy.server import (
@@ -106,22 +107,47 @@ class RecommendRequest(BaseModel):
         return self
 
 
+MOVIELENS_USER = ("age_bucket", "gender", "occupation", "zip_region", "age")  # common.data.movielens.user_features
+
+
 def request_model(pipeline) -> type[RecommendRequest]:
-    """``RecommendRequest`` with ``features.occupation`` one of the data set's occupations, so
-    that the OpenAPI schema lists them."""
-    vocab = getattr(pipeline.retriever.features, "occupation_vocab", None)
-    if not vocab:
-        return RecommendRequest
-    features = create_model(
-        "UserFeatures",
-        __base__=UserFeatures,
-        occupation=(Literal[tuple(vocab)], Field(description=f"one of {pipeline.dataset.name}'s occupations")),
-    )
+    """The request model for the served data set's user features, so that the OpenAPI schema lists
+    them. MovieLens takes its raw fields (``UserFeatures``: age in years, zip code) with the
+    occupation one of the data set's; any other data set takes its own user columns by name (a
+    categorical's value as its data spells it, a number for a numeric column) and ``history``."""
+    tables = pipeline.retriever.features
+    if tuple(tables.user_vocab) + tuple(tables.user_numeric) == MOVIELENS_USER:
+        vocab = tables.user_vocab["occupation"]
+        features = create_model(
+            "UserFeatures",
+            __base__=UserFeatures,
+            occupation=(Literal[tuple(vocab)], Field(description=f"one of {pipeline.dataset.name}'s occupations")),
+        )
+    else:
+        fields: dict[str, Any] = {
+            name: (Literal[tuple(vocab)] | None, Field(None, description=f"one of {pipeline.dataset.name}'s {name}s"))
+            for name, vocab in tables.user_vocab.items()
+        }
+        fields.update({name: (float | None, Field(None)) for name in tables.user_numeric})
+        fields["history"] = (
+            list[RawID],
+            Field(default_factory=list, max_length=1000, description="raw item IDs, oldest first"),
+        )
+        features = create_model("UserFeatures", __config__=ConfigDict(extra="forbid"), **fields)
     return create_model(
         "RecommendRequest",
         __base__=RecommendRequest,
         features=(features | None, Field(None, description="for a user without a known ID")),
     )
+
+
+def user_record(features: BaseModel) -> dict[str, Any]:
+    """A request's features as the canonical record the retriever takes (MovieLens's raw fields
+    mapped onto its columns; a generic data set's are already its columns)."""
+    d = features.model_dump()
+    if isinstance(features, UserFeatures):
+        return {**movielens_user_record(d["age"], d["gender"], d["occupation"], d["zip"]), "history": d["history"]}
+    return {k: v for k, v in d.items() if v is not None}
 
 
 class Item(BaseModel):
@@ -143,8 +169,7 @@ class RecommendResponse(BaseModel):
 
 class Movie(BaseModel):
     item_id: int
-    title: str = Field(description="empty when the data set has no titles")
-    year: int | None = Field(None, description="release year, when known")
+    title: str = Field(description="the raw item ID when the data set has no titles")
 
 
 class UserView(BaseModel):
@@ -431,7 +456,7 @@ def create_service(
         for n, r in enumerate(reqs):
             if r.features is not None:
                 try:
-                    rec = pipeline.recommend_features(r.features.model_dump(), r.k)
+                    rec = pipeline.recommend_features(user_record(r.features), r.k)
                 except (FeatureError, KeyError, ValueError) as err:
                     out[n] = BadRequest(f"features: {err}")
                     continue
@@ -479,15 +504,13 @@ def create_service(
     )(recommend)
 
     recent: OrderedDict[str, tuple[tuple[int, int, int | None], int]] = OrderedDict()
-    titles = [str(t) for t in dataset.item_title] if getattr(dataset, "item_title", None) is not None else None
-    years = getattr(dataset, "item_year", None)
+    titles = [str(t) for t in dataset.item_title] if dataset.item_title is not None else None
     folded = [t.casefold() for t in titles] if titles else []
     by_popularity = np.argsort(-np.asarray(pipeline.retriever.popularity), kind="stable")
     page = (Path(__file__).parent / "static" / "index.html").read_text()
 
     def movie(item: int) -> dict[str, Any]:
-        year = int(years[item]) if years is not None and years[item] > 0 else None
-        return {"item_id": int(dataset.item_raw_ids[item]), "title": titles[item] if titles else "", "year": year}
+        return {"item_id": int(dataset.item_raw_ids[item]), "title": dataset.title(item)}
 
     @app.get("/", response_class=HTMLResponse, summary="A page to try the recommender in a browser")
     async def index() -> HTMLResponse:

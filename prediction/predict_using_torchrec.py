@@ -25,7 +25,8 @@ from torchrec.models.dlrm import DLRM, DLRM_DCN
 from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
 from common.checkpoint import latest_checkpoint, load_checkpoint
-from common.data.movielens import load_movielens
+from common.data.dataset import id_key
+from common.data.load import load_dataset
 from common.data.split import split_dataset
 from common.features import FeatureError, FeatureSchema
 from common.runtime import write_json_atomic
@@ -94,7 +95,7 @@ class Ranker:
                 f"{path} is a DLRM trained on {self.cfg.dataset} click logs; the Ranker scores MovieLens "
                 f"(user, item) pairs. Evaluate click-log models with golden_training.train_dlrm's results.json"
             )
-        ds = load_movielens(self.cfg.dataset, data_dir)
+        ds = load_dataset(self.cfg.dataset, data_dir)
         if ds.fingerprint != run["data_fingerprint"]:
             raise ValueError(
                 f"{path} was trained on data with fingerprint {run['data_fingerprint'][:16]}, "
@@ -131,16 +132,16 @@ class Ranker:
     def score(self, user_ids: list[int], item_ids: list[int], batch_size: int = 8192) -> np.ndarray:
         """Click probability for each (raw user ID, raw item ID) pair, with the user's history up
         to the test item (training plus validation)."""
-        uidx = {int(u): k for k, u in enumerate(self.dataset.user_raw_ids)}
-        iidx = {int(i): k for k, i in enumerate(self.dataset.item_raw_ids)}
-        bad_u = [u for u in user_ids if int(u) not in uidx]
-        bad_i = [i for i in item_ids if int(i) not in iidx]
+        uidx = {id_key(u): k for k, u in enumerate(self.dataset.user_raw_ids)}
+        iidx = {id_key(i): k for k, i in enumerate(self.dataset.item_raw_ids)}
+        bad_u = [u for u in user_ids if id_key(u) not in uidx]
+        bad_i = [i for i in item_ids if id_key(i) not in iidx]
         if bad_u or bad_i:
             raise FeatureError(
                 f"unknown IDs: users {bad_u[:5]}, items {bad_i[:5]}; the ranker scores known users and items"
             )
-        users = np.array([uidx[int(u)] for u in user_ids], dtype=np.int64)
-        items = np.array([iidx[int(i)] for i in item_ids], dtype=np.int64)
+        users = np.array([uidx[id_key(u)] for u in user_ids], dtype=np.int64)
+        items = np.array([iidx[id_key(i)] for i in item_ids], dtype=np.int64)
         indptr, hist = self.split.history("test")
         queries = None if self.retr is None else self.retr.queries(users, hist, indptr[users], indptr[users + 1])
         ex = Examples(

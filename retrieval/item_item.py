@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from common.data.download import file_digest
-from common.data.movielens import add_dataset_args, load_movielens
+from common.data.load import add_dataset_args, load_dataset
 from common.data.split import Split, split_dataset
 from common.metrics import evaluate_scores
 from common.runtime import write_json_atomic, write_results
@@ -60,6 +60,8 @@ class Config:
     dataset: str = "ml-100k"
     data_dir: str | None = None
     source: str = "auto"
+    on_bad_row: str = "error"
+    eval_users: int = 0
     ease_lambda: float = 100.0
     max_ease_items: int = 20_000
     window: int = 8
@@ -319,8 +321,8 @@ def search(split: Split, cfg: Config) -> list[dict[str, object]]:
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     cfg = parse_args(argv)
-    ds = load_movielens(cfg.dataset, cfg.data_dir, cfg.source)
-    split = split_dataset(ds)
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.source, cfg.on_bad_row)
+    split = split_dataset(ds, cfg.eval_users)
     print(f"{ds.name}: {ds.num_users} users, {ds.num_items} items, {len(split.train_user)} training interactions")
     results: dict[str, object] = {"model": "item-item", "dataset": ds.name, "config": asdict(cfg)}
     if cfg.search:

@@ -33,9 +33,10 @@ from torchrec import EmbeddingBagCollection
 from torchrec.inference.modules import quantize_embeddings
 from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
-from common.data.movielens import load_movielens
-from common.data.movielens_features import last_n
+from common.data.dataset import id_key, raw_ids
+from common.data.load import load_dataset
 from common.data.split import split_dataset
+from common.data.tables import last_n
 from common.features import FeatureError, FeatureSchema
 from common.metrics import evaluate_topk
 from common.runtime import autodetect_device, write_json_atomic
@@ -117,9 +118,9 @@ class Retriever:
         self.device = autodetect_device(device)
         serving = json.loads((self.export_dir / "features.json").read_text())
         self.features = TwoTowerFeatures.from_dict(serving["features"])
-        self.user_raw_ids = np.asarray(serving["user_raw_ids"], dtype=np.int64)
-        self.item_raw_ids = np.asarray(serving["item_raw_ids"], dtype=np.int64)
-        self.user_index = {int(u): k for k, u in enumerate(self.user_raw_ids)}
+        self.user_raw_ids = raw_ids(serving["user_raw_ids"])
+        self.item_raw_ids = raw_ids(serving["item_raw_ids"])
+        self.user_index = {id_key(u): k for k, u in enumerate(self.user_raw_ids.tolist())}
         self.history_indptr = np.asarray(serving["history_indptr"], dtype=np.int64)
         self.history_items = np.asarray(serving["history_items"], dtype=np.int64)
         counts = np.asarray(serving["item_counts"], dtype=np.float64)
@@ -212,8 +213,8 @@ class Retriever:
         """Top-K raw item IDs per raw user ID. An unknown user gets the most popular items
         (``cold_start=True``). ``extra_history`` appends newly seen raw item IDs per user."""
         k = k or self.k
-        item_index = {int(i): n for n, i in enumerate(self.item_raw_ids)}
-        known = [(pos, self.user_index[int(u)]) for pos, u in enumerate(user_ids) if int(u) in self.user_index]
+        item_index = {id_key(i): n for n, i in enumerate(self.item_raw_ids)}
+        known = [(pos, self.user_index[id_key(u)]) for pos, u in enumerate(user_ids) if id_key(u) in self.user_index]
         out: list[Recommendation | None] = [None] * len(user_ids)
         if known:
             users = np.array([u for _, u in known])
@@ -221,7 +222,11 @@ class Retriever:
                 np.concatenate(
                     [
                         self.history_of(u),
-                        [item_index[i] for i in (extra_history or {}).get(int(user_ids[pos]), []) if i in item_index],
+                        [
+                            item_index[i]
+                            for i in (extra_history or {}).get(id_key(user_ids[pos]), [])
+                            if i in item_index
+                        ],
                     ]
                 ).astype(np.int64)
                 for pos, u in known
@@ -230,13 +235,13 @@ class Retriever:
             for (pos, _), row_i, row_s in zip(known, items, scores):
                 valid = row_i >= 0
                 out[pos] = Recommendation(
-                    int(user_ids[pos]), self.item_raw_ids[row_i[valid]].tolist(), row_s[valid].astype(float).tolist()
+                    id_key(user_ids[pos]), self.item_raw_ids[row_i[valid]].tolist(), row_s[valid].astype(float).tolist()
                 )
         for pos, u in enumerate(user_ids):
             if out[pos] is None:
                 top = self.popular[:k]
                 out[pos] = Recommendation(
-                    int(u),
+                    id_key(u),
                     self.item_raw_ids[top].tolist(),
                     self.popularity[top].astype(float).tolist(),
                     cold_start=True,
@@ -255,14 +260,14 @@ class Retriever:
         the popular items (``cold_start=True``). Unknown item IDs in a history are an error.
         """
         k = k or self.k
-        item_index = {int(i): n for n, i in enumerate(self.item_raw_ids)}
+        item_index = {id_key(i): n for n, i in enumerate(self.item_raw_ids)}
         users, hists = [], []
         for r, rec in enumerate(records):
-            bad = [i for i in rec.get("history", []) if int(i) not in item_index]
+            bad = [i for i in rec.get("history", []) if id_key(i) not in item_index]
             if bad:
                 raise FeatureError(f"record {r}: history has item IDs not in the catalog: {bad[:5]}")
-            users.append(self.user_index.get(int(rec["user_id"]), -1) if rec.get("user_id") is not None else -1)
-            hists.append(np.array([item_index[int(i)] for i in rec.get("history", [])], dtype=np.int64))
+            users.append(self.user_index.get(id_key(rec["user_id"]), -1) if rec.get("user_id") is not None else -1)
+            hists.append(np.array([item_index[id_key(i)] for i in rec.get("history", [])], dtype=np.int64))
         cols = self.features.raw_user_columns(records)
         serve = [n for n, (u, h) in enumerate(zip(users, hists)) if u >= 0 or len(h)]
         out: list[Recommendation | None] = [None] * len(records)
@@ -349,7 +354,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, object]:
     a = parse_args(argv)
     manifest = read_manifest(a.export)
-    ds = load_movielens(manifest["dataset"], a.data_dir)
+    ds = load_dataset(manifest["dataset"], a.data_dir)
     if ds.fingerprint != manifest["data_fingerprint"]:
         raise ArtifactError(
             f"the export was trained on data with fingerprint {manifest['data_fingerprint'][:16]}, "

@@ -37,9 +37,9 @@ from tqdm import tqdm
 
 from common.baselines import popularity_report
 from common.checkpoint import gathered_state_dict, resume_if_possible, run_config, save_checkpoint
-from common.data.movielens import add_dataset_args, load_movielens
-from common.data.movielens_features import last_n
+from common.data.load import add_dataset_args, load_dataset
 from common.data.split import Split, split_dataset
+from common.data.tables import last_n
 from common.metrics import RankingReport, evaluate_scores
 from common.runtime import (
     MetricsLog,
@@ -62,6 +62,8 @@ class Config:
     dataset: str = "ml-100k"
     data_dir: str | None = None
     source: str = "auto"
+    on_bad_row: str = "error"
+    eval_users: int = 0
     history_len: int = 50
     embedding_dim: int = 64
     layer_sizes: tuple[int, ...] = (128, 64)
@@ -448,8 +450,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     seed_everything(cfg.seed)
     out = Path(cfg.out)
 
-    ds = load_movielens(cfg.dataset, cfg.data_dir, cfg.source)
-    split = split_dataset(ds)
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.source, cfg.on_bad_row)
+    split = split_dataset(ds, cfg.eval_users)
     features = TwoTowerFeatures.from_dataset(ds, history_len=cfg.history_len)
     examples = TrainExamples(
         features, split, cfg.batch_size, rt.rank, rt.world_size, cfg.seed, cfg.user_id_dropout, cfg.holdout_last
@@ -548,7 +550,16 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     for name, rep in (("popularity", pop), ("two-tower", test), ("two-tower, no user ID", new_users)):
         print0(f"{name:<22} | " + " | ".join(f"{v:>10.4f}" for v in rep.means.values()))
     export_dir = export(
-        out / "export", cfg, model, features, ds.name, ds.fingerprint, ds.user_raw_ids, ds.item_raw_ids, item_emb, split
+        out / "export",
+        cfg,
+        model,
+        features,
+        cfg.dataset,
+        ds.fingerprint,
+        ds.user_raw_ids,
+        ds.item_raw_ids,
+        item_emb,
+        split,
     )
     results = {
         "dataset": ds.name,

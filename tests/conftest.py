@@ -12,17 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from common.data.movielens import MovieLens, load_movielens
+from common.data.dataset import InteractionData
+from common.data.movielens import load_movielens
 from common.data.split import Split, split_dataset
 
 
 @pytest.fixture(scope="session")
-def ml100k() -> MovieLens:
+def ml100k() -> InteractionData:
     return load_movielens("ml-100k")
 
 
 @pytest.fixture(scope="session")
-def ml100k_split(ml100k: MovieLens) -> Split:
+def ml100k_split(ml100k: InteractionData) -> Split:
     return split_dataset(ml100k)
 
 

@@ -60,7 +60,7 @@ def test_criteo_bad_line_is_named_or_skipped_and_counted(criteo_tsv, tmp_path) -
     args = ["--dataset", "criteo", "--criteo-path", str(bad), "--batch-size", "64", "--limit-batches", "2", *QUICK]
     with pytest.raises(ValueError, match=r"bad.tsv: line 1001: cat_6 must be a hex hash, got 'not-hex'"):
         train_dlrm(args + ["--out", str(tmp_path / "a")])
-    res = train_dlrm(args + ["--on-bad-line", "skip", "--out", str(tmp_path / "b")])
+    res = train_dlrm(args + ["--on-bad-row", "skip", "--out", str(tmp_path / "b")])
     assert sum(res["skipped_lines"].values()) == 1
     with pytest.raises(ValueError, match=r"bad.tsv: line \d+: int_1 is a negative count"):
         train_dlrm(args + ["--negative-counts", "bad_line", "--out", str(tmp_path / "c")])

@@ -13,18 +13,26 @@ import numpy as np
 import pytest
 
 from common.data import movielens as ml
+from common.data.dataset import InteractionData
 from common.data.download import DataIntegrityError, extract_zip
-from common.data.movielens import Archive, MovieLens, load_movielens
+from common.data.movielens import Archive, load_movielens
 from common.data.split import tie_keys
 
 
-def test_ml100k_statistics(ml100k: MovieLens) -> None:
+def test_ml100k_statistics(ml100k: InteractionData) -> None:
     assert (ml100k.num_users, ml100k.num_items, ml100k.num_interactions) == (943, 1682, 100_000)
-    assert ml100k.item_title[0] == "Toy Story" and ml100k.item_year[0] == 1995
-    assert [ml100k.genre_vocab[g] for g in ml100k.item_genres[0]] == ["Animation", "Children's", "Comedy"]
-    assert ml100k.user_age[0] == 24 and ml100k.user_gender[0] == 1 and ml100k.user_zip[0] == "85711"
-    assert ml100k.occupation_vocab[ml100k.user_occupation[0]] == "technician"
-    assert len(ml100k.occupation_vocab) == 21 and len(ml100k.genre_vocab) == 19
+    users, items = ml100k.user_features, ml100k.item_features
+    assert ml100k.item_title[0] == "Toy Story (1995)" and items["year"].raw()[0] == 1995
+    assert items["genres"].raw()[0] == ["Animation", "Children's", "Comedy"]
+    assert [users[f].raw()[0] for f in ("age", "age_bucket", "gender", "occupation", "zip_region")] == [
+        24.0,
+        "18",
+        "M",
+        "technician",
+        "8",
+    ]  # 24, M, technician, 85711
+    assert users["occupation"].cardinality == 21 and items["genres"].cardinality == 19
+    assert items["year"].buckets()[0] == 1 + (1995 - 1920) // 5
     # Canonical order: per user by time, ties by the split's SHA-256 tie key.
     u, t, i = ml100k.user, ml100k.timestamp, ml100k.item
     same = u[1:] == u[:-1]
@@ -33,25 +41,27 @@ def test_ml100k_statistics(ml100k: MovieLens) -> None:
     tie = same & (t[1:] == t[:-1])
     key = tie_keys(ml100k.user_raw_ids[u], ml100k.item_raw_ids[i])
     assert (key[1:][tie] > key[:-1][tie]).all()
-    assert set(ml100k.age_bucket()) <= set(range(7))
+    assert set(users["age_bucket"].values.tolist()) <= set(range(7))
 
 
-def _write_official_ml100k_zip(ds: MovieLens, path: Path) -> None:
+def _write_official_ml100k_zip(ds: InteractionData, path: Path) -> None:
     """ml-100k.zip in GroupLens's own layout, built from the parsed data."""
     u_data = "".join(
         f"{ds.user_raw_ids[u]}\t{ds.item_raw_ids[i]}\t{int(r)}\t{t}\n"
         for u, i, r, t in zip(ds.user, ds.item, ds.rating, ds.timestamp)
     )
     items = []
+    year, genres = ds.item_features["year"].raw(), ds.item_features["genres"].raw()
+    genre_names = list(ml.ML100K_GENRES)
     for k, raw in enumerate(ds.item_raw_ids):
-        year = ds.item_year[k]
-        title = f"{ds.item_title[k]} ({year})" if year else ds.item_title[k]
-        flags = ["1" if g in ds.item_genres[k] else "0" for g in range(19)]
-        date = f"01-Jan-{year}" if year else ""
-        items.append("|".join([str(raw), title, date, "", "http://example.invalid/", *flags]))
+        flags = ["1" if g in genres[k] else "0" for g in genre_names]
+        date = f"01-Jan-{int(year[k])}" if year[k] else ""
+        items.append("|".join([str(raw), ds.item_title[k], date, "", "http://example.invalid/", *flags]))
+    # The canonical form keeps the zip's region (first digit), so any zip in the region will do.
+    f = {name: feat.raw() for name, feat in ds.user_features.items()}
     users = [
-        f"{raw}|{ds.user_age[k]}|{'M' if ds.user_gender[k] else 'F'}|"
-        f"{ds.occupation_vocab[ds.user_occupation[k]]}|{ds.user_zip[k]}"
+        f"{raw}|{int(f['age'][k])}|{f['gender'][k]}|{f['occupation'][k]}|"
+        f"{f['zip_region'][k] + '0000' if f['zip_region'][k] != 'other' else 'T8H1N'}"
         for k, raw in enumerate(ds.user_raw_ids)
     ]
     with zipfile.ZipFile(path, "w") as zf:
@@ -67,7 +77,7 @@ def _publish(monkeypatch: pytest.MonkeyPatch, name: str, path: Path, size: int |
 
 
 @pytest.fixture
-def served_ml100k(ml100k: MovieLens, http_dir, monkeypatch: pytest.MonkeyPatch) -> Path:
+def served_ml100k(ml100k: InteractionData, http_dir, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The official-format ml-100k.zip, published (checksums patched) and served on loopback."""
     served, url = http_dir
     _write_official_ml100k_zip(ml100k, served / "ml-100k.zip")
@@ -77,21 +87,22 @@ def served_ml100k(ml100k: MovieLens, http_dir, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_grouplens_format_matches_recbole(
-    ml100k: MovieLens, served_ml100k: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ml100k: InteractionData, served_ml100k: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     got = load_movielens("ml-100k", tmp_path / "cache", source="grouplens")
     assert got.source == "grouplens"
     assert got.fingerprint == ml100k.fingerprint
-    assert got.item_title == ml100k.item_title and got.item_genres == ml100k.item_genres
-    assert (got.item_year == ml100k.item_year).all() and got.user_zip == ml100k.user_zip
-    assert got.occupation_vocab == ml100k.occupation_vocab
+    assert got.item_title == ml100k.item_title
+    for side in ("user_features", "item_features"):
+        a, b = getattr(got, side), getattr(ml100k, side)
+        assert list(a) == list(b) and all(a[n].raw() == b[n].raw() and a[n].vocab == b[n].vocab for n in a)
     # Cached now: no server needed the second time.
     monkeypatch.setenv("RECSYS_MOVIELENS_BASE_URL", "http://127.0.0.1:9")
     assert load_movielens("ml-100k", tmp_path / "cache", source="grouplens").fingerprint == ml100k.fingerprint
 
 
 def test_truncated_download_is_detected_and_never_used(
-    ml100k: MovieLens, http_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ml100k: InteractionData, http_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     served, url = http_dir
     good = tmp_path / "ml-100k.zip"
@@ -107,7 +118,7 @@ def test_truncated_download_is_detected_and_never_used(
 
 
 def test_corrupt_download_with_right_size_is_rejected(
-    ml100k: MovieLens, http_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ml100k: InteractionData, http_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     served, url = http_dir
     good = tmp_path / "ml-100k.zip"
@@ -125,7 +136,7 @@ def test_corrupt_download_with_right_size_is_rejected(
 
 
 def test_corrupt_cached_archive_is_moved_aside_and_refetched(
-    ml100k: MovieLens, served_ml100k: Path, tmp_path: Path
+    ml100k: InteractionData, served_ml100k: Path, tmp_path: Path
 ) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -171,11 +182,15 @@ def test_ml1m_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _publish(monkeypatch, "ml-1m", cache / "ml-1m.zip")
     ds = load_movielens("ml-1m", cache, source="grouplens")
     assert (ds.num_users, ds.num_items, ds.num_interactions) == (2, 3, 4)  # the catalog is rated items
-    assert ds.item_title == ["James and the Giant Peach", "One Flew Over the Cuckoo's Nest", "Erin Brockovich"]
-    assert list(ds.item_year) == [1996, 1975, 2000]
-    assert [ds.genre_vocab[g] for g in ds.item_genres[0]] == ["Animation", "Children's", "Musical"]
-    assert ds.occupation_vocab[ds.user_occupation[0]] == "K-12 student"
-    assert list(ds.age_bucket()) == [0, 6] and list(ds.user_gender) == [0, 1]
+    assert ds.item_title == [
+        "James and the Giant Peach (1996)",
+        "One Flew Over the Cuckoo's Nest (1975)",
+        "Erin Brockovich (2000)",
+    ]
+    assert ds.item_features["year"].raw() == [1996, 1975, 2000]
+    assert ds.item_features["genres"].raw()[0] == ["Animation", "Children's", "Musical"]
+    assert ds.user_features["occupation"].raw()[0] == "K-12 student"
+    assert ds.user_features["age_bucket"].raw() == ["1", "56"] and ds.user_features["gender"].raw() == ["F", "M"]
     # User 1's items by time: 1193 (978300760) after 661 (978302109)? No: 1193 is earlier.
     assert [ds.item_raw_ids[i] for i in ds.item[ds.user == 0]] == [1193, 661]
 
@@ -199,10 +214,9 @@ def test_ml25m_csv_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     _publish(monkeypatch, "ml-25m", cache / "ml-25m.zip")
     ds = load_movielens("ml-25m", cache, source="grouplens")
     assert (ds.num_users, ds.num_items, ds.num_interactions) == (2, 2, 3)
-    assert ds.item_title == ["Pulp Fiction", "Three Colors: Red (Trois couleurs: Rouge)"]
+    assert ds.item_title == ["Pulp Fiction (1994)", "Three Colors: Red (Trois couleurs: Rouge) (1994)"]
     assert not ds.has_user_features and ds.rating.min() == 0.5
-    with pytest.raises(ValueError, match="no user features"):
-        ds.age_bucket()
+    assert list(ds.item_features) == ["genres", "year"]
 
 
 def test_bad_arguments_name_the_fix(tmp_path: Path) -> None:
@@ -218,7 +232,7 @@ def test_unreachable_grouplens_says_how_to_fix(tmp_path: Path, monkeypatch: pyte
         load_movielens("ml-1m", tmp_path)
 
 
-def test_recbole_files_are_verified(tmp_path: Path, ml100k: MovieLens) -> None:
+def test_recbole_files_are_verified(tmp_path: Path, ml100k: InteractionData) -> None:
     folder = ml.fetch_recbole_ml100k(tmp_path)
     inter = folder / "ml-100k.inter"
     inter.write_bytes(inter.read_bytes()[:-100])  # damaged after extraction
@@ -260,7 +274,7 @@ def _cache_with_recbole(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("damage", ["truncate", "half_the_lines", "same_size_edit"])
 def test_a_damaged_cache_file_is_noticed_and_extracted_again(
-    tmp_path: Path, ml100k: MovieLens, damage: str, capsys
+    tmp_path: Path, ml100k: InteractionData, damage: str, capsys
 ) -> None:
     """Issue 17.2: the .complete manifest records every extracted file's size and SHA-256."""
     cache = _cache_with_recbole(tmp_path)

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import torch
 
-from common.data.movielens import MovieLens
+from common.data.dataset import InteractionData
 from common.data.split import Split, split_dataset
 
 STAGES = {"valid": ("valid", "test"), "test": ("test",)}  # stage predicted -> targets replaced
 
 
-def perturb(ds: MovieLens, replace: tuple[str, ...], seed: int = 0) -> MovieLens:
+def perturb(ds: InteractionData, replace: tuple[str, ...], seed: int = 0) -> InteractionData:
     """``ds`` with each user's validation and/or test interaction moved to another item and a later,
     distinct time (still the user's last two, so still the targets)."""
     counts = np.bincount(ds.user, minlength=ds.num_users)
@@ -69,7 +69,7 @@ def _top100(scores: torch.Tensor, split: Split, stage: str) -> np.ndarray:
 # Each stage's training batches, served features and candidates, as named arrays.
 
 
-def _two_tower(ds: MovieLens, split: Split):
+def _two_tower(ds: InteractionData, split: Split):
     from retrieval.modules.feature_processor import TwoTowerFeatures
     from retrieval.modules.two_tower import TwoTower
     from retrieval.two_tower_train import TrainExamples
@@ -81,7 +81,7 @@ def _two_tower(ds: MovieLens, split: Split):
     return features, examples, model.eval()
 
 
-def retrieval_arrays(ds: MovieLens, stage: str) -> dict[str, np.ndarray]:
+def retrieval_arrays(ds: InteractionData, stage: str) -> dict[str, np.ndarray]:
     from retrieval import two_tower_train
 
     split = split_dataset(ds)
@@ -102,7 +102,7 @@ def retrieval_arrays(ds: MovieLens, stage: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _retrieval_scorer(ds: MovieLens, split: Split, features):
+def _retrieval_scorer(ds: InteractionData, split: Split, features):
     """train_dlrm's RetrievalScorer over the seeded untrained two-tower (no export on disk)."""
     from golden_training.train_dlrm import RetrievalScorer
 
@@ -120,7 +120,7 @@ def _ranking_batch(out: dict, prefix: str, batch) -> None:
     out |= _kjt(prefix, batch.sparse_features)
 
 
-def ranker_arrays(ds: MovieLens, stage: str) -> dict[str, np.ndarray]:
+def ranker_arrays(ds: InteractionData, stage: str) -> dict[str, np.ndarray]:
     from golden_training import train_dlrm
     from golden_training.ranking_data import RankingFeatures
 
@@ -154,7 +154,7 @@ def ranker_arrays(ds: MovieLens, stage: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _sequential_arrays(ds: MovieLens, stage: str, name: str) -> dict[str, np.ndarray]:
+def _sequential_arrays(ds: InteractionData, stage: str, name: str) -> dict[str, np.ndarray]:
     """Training batches and candidates of a sequential stage (bert4rec/, sasrec/), built its way."""
     import importlib
 
@@ -186,15 +186,15 @@ def _sequential_arrays(ds: MovieLens, stage: str, name: str) -> dict[str, np.nda
     return out
 
 
-def bert4rec_arrays(ds: MovieLens, stage: str) -> dict[str, np.ndarray]:
+def bert4rec_arrays(ds: InteractionData, stage: str) -> dict[str, np.ndarray]:
     return _sequential_arrays(ds, stage, "bert4rec")
 
 
-def sasrec_arrays(ds: MovieLens, stage: str) -> dict[str, np.ndarray]:
+def sasrec_arrays(ds: InteractionData, stage: str) -> dict[str, np.ndarray]:
     return _sequential_arrays(ds, stage, "sasrec")
 
 
-def feature_store_arrays(ds: MovieLens, stage: str) -> dict[str, np.ndarray]:
+def feature_store_arrays(ds: InteractionData, stage: str) -> dict[str, np.ndarray]:
     from integration.pipeline import FeatureStore
 
     split = split_dataset(ds)
@@ -349,8 +349,8 @@ def test_no_test_flag_never_reads_a_test_target(trainer: str, args: list[str], t
         split_dataset(_tiny()).targets("test")
 
 
-def _tiny() -> MovieLens:
-    return MovieLens(
+def _tiny() -> InteractionData:
+    return InteractionData(
         "tiny",
         "test",
         np.array([0, 0, 0]),
@@ -359,8 +359,4 @@ def _tiny() -> MovieLens:
         np.array([1, 2, 3]),
         np.array([1]),
         np.array([1, 2, 3]),
-        ["a", "b", "c"],
-        np.zeros(3, np.int64),
-        [],
-        [[], [], []],
     )

@@ -74,12 +74,15 @@ def test_recommend_excludes_seen_and_handles_cold_start(trained, ml100k) -> None
 
 
 def test_recommend_from_raw_features(trained, ml100k) -> None:
+    from common.data.movielens import user_record
+
     _, out = trained
     r = Retriever(out / "export", k=10)
     history = [50, 181, 172]  # Star Wars, Return of the Jedi, The Empire Strikes Back
-    new = {"user_id": None, "age": 30, "gender": "F", "occupation": "engineer", "zip": "94043", "history": history}
-    known = {"user_id": 1, "age": 24, "gender": "M", "occupation": "technician", "zip": "85711", "history": history}
-    nothing = {"user_id": 123_456, "age": 30, "gender": "M", "occupation": "writer", "zip": "10001", "history": []}
+    # Records hold the data set's own user columns (MovieLens's raw fields mapped onto them).
+    new = {"user_id": None, **user_record(30, "F", "engineer", "94043"), "history": history}
+    known = {"user_id": 1, **user_record(24, "M", "technician", "85711"), "history": history}
+    nothing = {"user_id": 123_456, **user_record(30, "M", "writer", "10001"), "history": []}
     recs = r.recommend_features([new, known, nothing])
     assert not recs[0].cold_start and len(recs[0].item_ids) == 10 and not set(history) & set(recs[0].item_ids)
     assert not recs[1].cold_start and recs[1].item_ids != recs[0].item_ids  # the ID embedding counts
@@ -88,8 +91,8 @@ def test_recommend_from_raw_features(trained, ml100k) -> None:
 
     with pytest.raises(FeatureError, match="record 0: unknown occupation 'astronaut'"):
         r.recommend_features([{**new, "occupation": "astronaut"}])
-    with pytest.raises(FeatureError, match=r"record 0: missing user field\(s\) \['zip'\]"):
-        r.recommend_features([{k: v for k, v in new.items() if k != "zip"}])
+    with pytest.raises(FeatureError, match=r"record 0: missing user field 'zip_region'"):
+        r.recommend_features([{k: v for k, v in new.items() if k != "zip_region"}])
     with pytest.raises(FeatureError, match="not in the catalog: \\[99999\\]"):
         r.recommend_features([{**new, "history": [99_999]}])
 

@@ -8,8 +8,9 @@ zero-collision hashing buys over plain modulo hashing.
     python -m zch.main --epochs 1 --limit-batches 20     # smoke run
 
 The task: predict whether a user liked a movie (rating >= 4) from the user's and the movie's IDs
-(each a salted 63-bit hash of the MovieLens ID, so the model never sees dense indices) and a few
-dense features (age, gender, release year, genres). Examples are read in time order: the first 80%
+(each a salted 63-bit hash of the raw ID, so the model never sees dense indices) and the data set's
+dense columns (on MovieLens: age, gender, release year, genres). Any data set with ratings works
+(``--dataset path/to/spec.json``, common/data/logs.py). Examples are read in time order: the first 80%
 train, the next 10% validate, the last 10% test, so users and movies that arrive late are unseen
 at the start, as in production. Tables are sized as a share (``--ratios``) of the distinct IDs in
 the data; ``full`` has one row per ID (the unhashed upper bound).
@@ -38,7 +39,7 @@ from torchrec.models.dlrm import DLRM
 from tqdm import tqdm
 
 from common.checkpoint import resume_if_possible, run_config, save_checkpoint
-from common.data.movielens import add_dataset_args, load_movielens
+from common.data.load import add_dataset_args, load_dataset
 from common.data.split import time_order
 from common.metrics import BinaryMetrics
 from common.runtime import (
@@ -62,6 +63,8 @@ class Config:
     dataset: str = "ml-100k"
     data_dir: str | None = None
     source: str = "auto"
+    on_bad_row: str = "error"
+    eval_users: int = 0
     synthetic_ids: int = 2_500_000
     synthetic_events: int = 4_000_000
     variants: tuple[str, ...] = VARIANTS
@@ -206,25 +209,50 @@ def _time_split(n: int) -> tuple[slice, slice, slice]:
     return slice(0, a), slice(a, b), slice(b, n)
 
 
+def _dense_columns(features: dict, n: int) -> np.ndarray:
+    """Dense inputs from a data set's columns: numeric ones normalised, two-valued categoricals as
+    0 / 1, multi-valued ones with up to 64 values multi-hot (on MovieLens: age, gender; year, genres)."""
+    cols = []
+    for f in features.values():
+        if f.kind == "numeric":
+            cols.append(f.dense()[:, None])
+        elif f.kind == "categorical" and f.cardinality == 2:
+            cols.append(np.asarray(f.values, np.float32)[:, None])
+        elif f.kind == "multi" and f.cardinality <= 64:
+            hot = np.zeros((n, f.cardinality), np.float32)
+            hot[np.repeat(np.arange(n), f.lengths), f.values] = 1.0
+            cols.append(hot)
+    return np.concatenate(cols, axis=1) if cols else np.zeros((n, 1), np.float32)
+
+
+def _integer_ids(raw: np.ndarray) -> np.ndarray:
+    """Raw IDs as 64-bit integers: as they are, or the first 8 bytes of SHA-256 of a text ID."""
+    if raw.dtype != object:
+        return raw
+    import hashlib
+
+    return np.array([int.from_bytes(hashlib.sha256(str(r).encode()).digest()[:8], "big") >> 1 for r in raw], np.int64)
+
+
 def movielens_stream(cfg: Config) -> Stream:
-    ds = load_movielens(cfg.dataset, cfg.data_dir, cfg.source)
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.source, cfg.on_bad_row)
     # One global time order; same-second ties by the split's SHA-256 tie key (common/data/split.py),
     # not by ID, so the 80/10/10 boundaries do not favour low or high IDs.
     order = time_order(ds.timestamp, ds.user_raw_ids[ds.user], ds.item_raw_ids[ds.item])
     user, item = ds.user[order], ds.item[order]
-    genres = np.zeros((ds.num_items, len(ds.genre_vocab)), dtype=np.float32)
-    for i, g in enumerate(ds.item_genres):
-        genres[i, g] = 1.0
-    year = np.where(ds.item_year > 0, (ds.item_year - 1900) / 100.0, 0.0).astype(np.float32)
-    if ds.has_user_features:
-        user_dense = np.stack([ds.user_age / 100.0, ds.user_gender], axis=1).astype(np.float32)
-    else:
-        user_dense = np.zeros((ds.num_users, 2), dtype=np.float32)
-    dense = np.concatenate([user_dense[user], year[item, None], genres[item]], axis=1)
+    dense = np.concatenate(
+        [_dense_columns(ds.user_features, ds.num_users)[user], _dense_columns(ds.item_features, ds.num_items)[item]],
+        axis=1,
+    )
     raw = {
-        "user_id": salted_raw_ids(ds.user_raw_ids[user], salt=1),
-        "item_id": salted_raw_ids(ds.item_raw_ids[item], salt=2),
+        "user_id": salted_raw_ids(_integer_ids(ds.user_raw_ids)[user], salt=1),
+        "item_id": salted_raw_ids(_integer_ids(ds.item_raw_ids)[item], salt=2),
     }
+    if np.all(ds.rating == ds.rating[0]):
+        raise SystemExit(
+            f"error: {ds.name} has no ratings to learn from (every interaction weighs {ds.rating[0]}); the ZCH "
+            f"task predicts rating >= 4, so give the log's spec a rating column"
+        )
     label = (ds.rating[order] >= 4).astype(np.float32)
     return Stream(
         raw,

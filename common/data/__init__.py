@@ -1,6 +1,7 @@
 """Data sets and the shared split. See each module's docstring."""
 
-from common.data.movielens import MovieLens, add_dataset_args, load_movielens
+from common.data.dataset import Feature, InteractionData
+from common.data.load import add_dataset_args, load_dataset
 from common.data.split import Split, leave_last_out, split_dataset
 
-__all__ = ["MovieLens", "Split", "add_dataset_args", "leave_last_out", "load_movielens", "split_dataset"]
+__all__ = ["Feature", "InteractionData", "Split", "add_dataset_args", "leave_last_out", "load_dataset", "split_dataset"]

@@ -1,9 +1,9 @@
-"""MovieLens 100K / 1M / 20M / 25M: verified download, parsing, and one canonical in-memory form.
+"""MovieLens 100K / 1M / 20M / 25M: verified download and parsing into the canonical form.
 
-Every variant is parsed into :class:`MovieLens`: dense user and item indices (``0..N-1``, in
-order of raw ID), the interactions sorted per user by time (ties broken by the split's SHA-256 tie
-key, common/data/split.py), item features
-(title, year, genres) and, where the set has them, user features (age, gender, occupation, zip).
+Every variant becomes an :class:`~common.data.dataset.InteractionData` (the form every stage reads):
+titles "Title (1995)", item features ``genres`` (multi-valued) and ``year`` (numeric, bucketed
+into 5-year bins for ID-only models) and, where the set has them, user features ``age_bucket``,
+``gender``, ``occupation``, ``zip_region`` (categorical) and ``age`` (numeric, years).
 
 Sources:
 - ``grouplens``: the official archives, checked against GroupLens's published MD5 and size.
@@ -15,19 +15,19 @@ Sources:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import os
 import re
 import sys
 import urllib.error
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from common.data.dataset import Feature, InteractionData, build_dataset
 from common.data.download import (
     DataIntegrityError,
     default_data_dir,
@@ -36,7 +36,6 @@ from common.data.download import (
     extracted_ok,
     pip_download,
 )
-from common.data.split import time_order
 
 GROUPLENS_BASE_URL = "https://files.grouplens.org/datasets/movielens"
 
@@ -118,113 +117,66 @@ class DataUnavailable(RuntimeError):
     """The data set cannot be had here (offline, cache not writable, ...); the message says what to do."""
 
 
-@dataclass
-class MovieLens:
-    """One MovieLens variant in canonical form. Arrays are indexed by dense IDs."""
+# The canonical features of MovieLens (common/data/dataset.py): what every stage sees of it.
+YEAR_BOUNDARIES = tuple(float(y) for y in range(1925, 2031, 5))  # 5-year buckets from 1920; 0 = unknown
+ZIP_REGIONS = tuple(str(d) for d in range(10)) + ("other",)  # first digit of a US zip code
 
-    name: str
-    source: str
-    user: np.ndarray  # int64 [n], dense user index, sorted by (user, timestamp, tie key)
-    item: np.ndarray  # int64 [n], dense item index
-    rating: np.ndarray  # float32 [n]
-    timestamp: np.ndarray  # int64 [n], seconds since the epoch
-    user_raw_ids: np.ndarray  # int64 [num_users]: raw MovieLens user ID of each dense index
-    item_raw_ids: np.ndarray  # int64 [num_items]
-    item_title: list[str]  # title without the "(year)" suffix
-    item_year: np.ndarray  # int64 [num_items], 0 where unknown
-    genre_vocab: list[str]
-    item_genres: list[list[int]]  # genre indices per item (jagged); [] where none listed
-    user_age: np.ndarray | None = None  # int64 [num_users]: years (100k) or bucket code (1m)
-    user_gender: np.ndarray | None = None  # int64: 0 = F, 1 = M
-    occupation_vocab: list[str] = field(default_factory=list)
-    user_occupation: np.ndarray | None = None  # int64 index into occupation_vocab
-    user_zip: list[str] | None = None
 
-    @property
-    def num_users(self) -> int:
-        return len(self.user_raw_ids)
+def age_bucket(age: np.ndarray) -> np.ndarray:
+    """Index 0..6 into :data:`AGE_BUCKETS` for ages in years (ml-100k) or ml-1m's bucket codes."""
+    return (np.searchsorted(np.array(AGE_BUCKETS), np.asarray(age), side="right") - 1).astype(np.int64)
 
-    @property
-    def num_items(self) -> int:
-        return len(self.item_raw_ids)
 
-    @property
-    def num_interactions(self) -> int:
-        return len(self.user)
+def zip_region(zips: list[str]) -> np.ndarray:
+    """Index into :data:`ZIP_REGIONS`: the first digit of a US zip code, "other" for anything else."""
+    return np.array([int(z[0]) if z[:1].isdigit() else 10 for z in zips], dtype=np.int64)
 
-    @property
-    def has_user_features(self) -> bool:
-        return self.user_age is not None
 
-    @property
-    def fingerprint(self) -> str:
-        """SHA-256 of the interactions (raw IDs, ratings, timestamps) in canonical order.
+def user_features(age: np.ndarray, gender: np.ndarray, occupation: np.ndarray, occupations, zips) -> dict:
+    """MovieLens user columns as canonical features: the bucketed age, gender, occupation and zip
+    region as categoricals (ID features for every model), the age in years as a number (dense)."""
+    return {
+        "age_bucket": Feature("categorical", age_bucket(age), vocab=tuple(str(a) for a in AGE_BUCKETS)),
+        "gender": Feature("categorical", np.asarray(gender, np.int64), vocab=("F", "M")),
+        "occupation": Feature("categorical", np.asarray(occupation, np.int64), vocab=tuple(occupations)),
+        "zip_region": Feature("categorical", zip_region(list(zips)), vocab=ZIP_REGIONS),
+        "age": Feature("numeric", np.asarray(age, np.float64), scale=50.0),
+    }
 
-        Equal for the same data whatever the source, so artifacts trained on one copy can be
-        checked against the data they are served with.
-        """
-        h = hashlib.sha256(self.name.encode())
-        for arr in (
-            self.user_raw_ids[self.user],
-            self.item_raw_ids[self.item],
-            np.round(self.rating * 2).astype(np.int64),
-            self.timestamp,
-        ):
-            h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
-        return h.hexdigest()
 
-    def age_bucket(self) -> np.ndarray:
-        """Index 0..6 into :data:`AGE_BUCKETS` for every user (ml-1m codes or exact ages)."""
-        if self.user_age is None:
-            raise ValueError(f"{self.name} has no user features (age); only ml-100k and ml-1m do")
-        return np.searchsorted(np.array(AGE_BUCKETS), self.user_age, side="right") - 1
+def user_record(age: int, gender: str, occupation: str, zip: str) -> dict[str, object]:
+    """A new MovieLens user's raw fields as canonical feature values (what the service receives)."""
+    return {
+        "age_bucket": str(AGE_BUCKETS[int(age_bucket(np.array([age]))[0])]),
+        "gender": gender,
+        "occupation": occupation,
+        "zip_region": ZIP_REGIONS[int(zip_region([str(zip)])[0])],
+        "age": float(age),
+    }
 
-    def stats(self) -> dict[str, object]:
-        n_per_user = np.bincount(self.user, minlength=self.num_users)
-        return {
-            "dataset": self.name,
-            "source": self.source,
-            "users": self.num_users,
-            "items": self.num_items,
-            "interactions": self.num_interactions,
-            "density": self.num_interactions / (self.num_users * self.num_items),
-            "interactions_per_user_min": int(n_per_user.min()),
-            "interactions_per_user_median": float(np.median(n_per_user)),
-            "genres": len(self.genre_vocab),
-            "has_user_features": self.has_user_features,
-            "first_timestamp": int(self.timestamp.min()),
-            "last_timestamp": int(self.timestamp.max()),
-            "fingerprint": self.fingerprint,
-        }
+
+def item_features(genres: list[list[int]], genre_vocab: list[str], year: np.ndarray) -> dict:
+    """MovieLens item columns: genres (multi-valued) and the release year (a number, bucketed into
+    5-year bins for the ID-only towers; 0 / unknown is NaN)."""
+    year = np.asarray(year, np.float64)
+    return {
+        "genres": Feature(
+            "multi",
+            np.array([g for gs in genres for g in gs], dtype=np.int64),
+            lengths=np.array([len(g) for g in genres], dtype=np.int64),
+            vocab=tuple(genre_vocab),
+        ),
+        "year": Feature(
+            "numeric", np.where(year > 0, year, np.nan), center=1990.0, scale=20.0, boundaries=YEAR_BOUNDARIES
+        ),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading
 
 
-def add_dataset_args(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup, others: tuple[str, ...] = (), others_help: str = ""
-) -> None:
-    """The data flags every script shares: --dataset, --data-dir, --source. ``others`` are
-    extra --dataset choices a script supports besides MovieLens."""
-    parser.add_argument(
-        "--dataset",
-        default="ml-100k",
-        choices=sorted(ARCHIVES) + list(others),
-        help=f"MovieLens variant{others_help} (default: ml-100k)",
-    )
-    parser.add_argument(
-        "--data-dir", default=None, help="cache directory (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)"
-    )
-    parser.add_argument(
-        "--source",
-        default="auto",
-        choices=["auto", "grouplens", "recbole"],
-        help="auto: cache, then GroupLens, then (ml-100k) the recbole wheel from PyPI (default: auto)",
-    )
-
-
-def load_movielens(name: str = "ml-100k", data_dir: str | Path | None = None, source: str = "auto") -> MovieLens:
+def load_movielens(name: str = "ml-100k", data_dir: str | Path | None = None, source: str = "auto") -> InteractionData:
     """Load a MovieLens variant, downloading and verifying it into ``data_dir`` if needed.
 
     ``source`` is ``auto``, ``grouplens`` or ``recbole`` (ml-100k only). The GroupLens base URL
@@ -258,7 +210,7 @@ def load_movielens(name: str = "ml-100k", data_dir: str | Path | None = None, so
         ) from None
 
 
-def _load(name: str, root: Path, source: str) -> MovieLens:
+def _load(name: str, root: Path, source: str) -> InteractionData:
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(20, "Not a directory", str(root))
     if source == "recbole":
@@ -318,7 +270,7 @@ def fetch_recbole_ml100k(root: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Parsers: each returns the canonical MovieLens.
+# Parsers: each returns the canonical InteractionData.
 
 # "Title (1995)", also "Title (1995) (V)" (video releases in ml-100k) and "Title (2007-2013)".
 _YEAR_SUFFIX = re.compile(r"\s*\((\d{4})(?:[–-]\d{0,4})?\)(?:\s*\(V\))?\s*$")
@@ -343,50 +295,48 @@ def _build(
     genre_vocab: list[str],
     users: pd.DataFrame | None = None,
     occupation_vocab: list[str] | None = None,
-) -> MovieLens:
-    """Map raw IDs to dense indices, sort interactions, align feature tables to the indices.
+) -> InteractionData:
+    """The canonical data set from parsed MovieLens tables.
 
     ``items`` has columns item (raw id), title, year, genres (list of genre indices).
     ``users`` has columns user, age, gender (0/1), occupation (index), zip.
     The catalog is the set of items that have at least one interaction.
     """
-    user_ids, user = np.unique(user_raw, return_inverse=True)
-    item_ids, item = np.unique(item_raw, return_inverse=True)
-    order = time_order(timestamp, user_raw, item_raw, group=user)  # per user, by time, ties by tie key
-    items = items.set_index("item")
-    missing = np.setdiff1d(item_ids, items.index.to_numpy())
+    missing = np.setdiff1d(np.unique(item_raw), items["item"].to_numpy())
     if len(missing):
         raise DataIntegrityError(f"{name}: {len(missing)} rated items have no item record, e.g. {missing[:5]}")
-    items = items.loc[item_ids]
-    ds = MovieLens(
-        name=name,
-        source=source,
-        user=user[order].astype(np.int64),
-        item=item[order].astype(np.int64),
-        rating=rating[order].astype(np.float32),
-        timestamp=timestamp[order].astype(np.int64),
-        user_raw_ids=user_ids.astype(np.int64),
-        item_raw_ids=item_ids.astype(np.int64),
-        item_title=items["title"].tolist(),
-        item_year=items["year"].to_numpy(np.int64),
-        genre_vocab=genre_vocab,
-        item_genres=[list(g) for g in items["genres"]],
-    )
+    item_ids = items["item"].to_numpy(np.int64)
+    titles = [f"{t} ({y})" if y > 0 else t for t, y in zip(items["title"], items["year"])]
+    user_table = None
     if users is not None:
-        users = users.set_index("user").loc[user_ids]
-        ds.user_age = users["age"].to_numpy(np.int64)
-        ds.user_gender = users["gender"].to_numpy(np.int64)
-        ds.occupation_vocab = list(occupation_vocab or [])
-        ds.user_occupation = users["occupation"].to_numpy(np.int64)
-        ds.user_zip = users["zip"].astype(str).tolist()
-    return ds
+        user_table = (
+            users["user"].to_numpy(np.int64),
+            user_features(
+                users["age"].to_numpy(np.int64),
+                users["gender"].to_numpy(np.int64),
+                users["occupation"].to_numpy(np.int64),
+                occupation_vocab or [],
+                users["zip"].astype(str).tolist(),
+            ),
+        )
+    return build_dataset(
+        name,
+        source,
+        np.asarray(user_raw, np.int64),
+        np.asarray(item_raw, np.int64),
+        np.asarray(timestamp, np.int64),
+        np.asarray(rating, np.float32),
+        users=user_table,
+        items=(item_ids, item_features(list(items["genres"]), genre_vocab, items["year"].to_numpy(np.int64))),
+        item_title=(item_ids, titles),
+    )
 
 
 def _read_lines(path: Path, encoding: str = "latin-1") -> list[str]:
     return path.read_bytes().decode(encoding).splitlines()
 
 
-def _parse_ml100k(folder: Path) -> MovieLens:
+def _parse_ml100k(folder: Path) -> InteractionData:
     d = folder / "ml-100k"
     inter = pd.read_csv(d / "u.data", sep="\t", header=None, names=["u", "i", "r", "t"], dtype=np.int64)
     rows = [line.split("|") for line in _read_lines(d / "u.item") if line]
@@ -424,7 +374,7 @@ def _parse_ml100k(folder: Path) -> MovieLens:
     )
 
 
-def _parse_recbole_ml100k(folder: Path) -> MovieLens:
+def _parse_recbole_ml100k(folder: Path) -> InteractionData:
     inter = pd.read_csv(folder / "ml-100k.inter", sep="\t")
     inter.columns = ["u", "i", "r", "t"]
     item = pd.read_csv(folder / "ml-100k.item", sep="\t", dtype=str, keep_default_na=False)
@@ -481,7 +431,7 @@ def _genre_lists(genre_strings: list[str]) -> tuple[list[list[int]], list[str]]:
     return [sorted(index[g] for g in s.split("|") if g in index) for s in genre_strings], vocab
 
 
-def _parse_ml1m(folder: Path) -> MovieLens:
+def _parse_ml1m(folder: Path) -> InteractionData:
     d = folder / "ml-1m"
     r = _read_dat(d / "ratings.dat", ["u", "i", "r", "t"]).astype(np.int64)
     m = _read_dat(d / "movies.dat", ["item", "title", "genres"])
@@ -519,7 +469,7 @@ def _parse_ml1m(folder: Path) -> MovieLens:
     )
 
 
-def _parse_csv_variant(name: str, folder: Path) -> MovieLens:
+def _parse_csv_variant(name: str, folder: Path) -> InteractionData:
     d = folder / name
     r = pd.read_csv(
         d / "ratings.csv", dtype={"userId": np.int64, "movieId": np.int64, "rating": np.float32, "timestamp": np.int64}

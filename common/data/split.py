@@ -22,6 +22,7 @@ training plus the validation item. That history is also what gets excluded from 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from typing import Protocol
@@ -74,11 +75,26 @@ class Split:
     test_user: np.ndarray  # int64 [n_test]
     test_item: np.ndarray
     test_time: np.ndarray
+    eval_users: np.ndarray | None = None  # sorted; when set, only these users' targets are evaluated
 
     def targets(self, stage: str) -> tuple[np.ndarray, np.ndarray]:
-        """(users, target items) of ``stage`` ("valid" or "test")."""
+        """(users, target items) of ``stage`` ("valid" or "test"), of the evaluation sample if any."""
         _check_stage(stage)
-        return (self.valid_user, self.valid_item) if stage == "valid" else (self.test_user, self.test_item)
+        users, items = (self.valid_user, self.valid_item) if stage == "valid" else (self.test_user, self.test_item)
+        if self.eval_users is not None:
+            keep = np.isin(users, self.eval_users)
+            users, items = users[keep], items[keep]
+        return users, items
+
+    def sample_eval_users(self, n: int, seed: int = 0) -> Split:
+        """The same split, evaluated on a fixed sample of ``n`` users with a test target (drawn with
+        ``seed`` and sorted; the same users for validation where they have a target). Training and
+        histories are unchanged, and each sampled user is still ranked against the whole catalog.
+        ``n <= 0`` or ``n`` at least the number of such users: everyone."""
+        if n <= 0 or n >= len(self.test_user):
+            return self
+        chosen = np.sort(np.random.default_rng(seed).choice(self.test_user, size=n, replace=False))
+        return dataclasses.replace(self, eval_users=chosen)
 
     def history(self, stage: str) -> tuple[np.ndarray, np.ndarray]:
         """The interactions a model may see when predicting ``stage``'s targets, as CSR
@@ -168,8 +184,9 @@ class Interactions(Protocol):
     def num_items(self) -> int: ...
 
 
-def split_dataset(ds: Interactions) -> Split:
-    """The shared split of a data set, its raw IDs feeding the tie key."""
+def split_dataset(ds: Interactions, eval_users: int = 0) -> Split:
+    """The shared split of a data set, its raw IDs feeding the tie key; ``eval_users`` > 0
+    evaluates a fixed sample of that many users (:meth:`Split.sample_eval_users`)."""
     return leave_last_out(
         ds.user,
         ds.item,
@@ -178,7 +195,7 @@ def split_dataset(ds: Interactions) -> Split:
         ds.num_items,
         user_raw_ids=ds.user_raw_ids,
         item_raw_ids=ds.item_raw_ids,
-    )
+    ).sample_eval_users(eval_users)
 
 
 def _check_stage(stage: str) -> None:

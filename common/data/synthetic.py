@@ -136,3 +136,138 @@ def _segment_searchsorted(
     flat = cdf + offset
     idx = np.searchsorted(flat, values * 1.0 + seg * 2.0, side="right") - seg_start[seg]
     return np.minimum(idx, seg_size[seg] - 1).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# As a data set and as a log. Raw IDs are 64-bit integers (an offset, so that dense indices and raw
+# IDs differ, as in real logs); features are what a shop's catalog would have: a category that
+# mostly agrees with the planted topic, a price; users have a region and an age that carry nothing.
+
+USER_ID_BASE, ITEM_ID_BASE = 10**12, 5 * 10**11
+CATEGORY_AGREEMENT = 0.7  # share of items whose category is their planted topic
+
+
+def synthetic_features(data: SyntheticInteractions, seed: int = 0) -> tuple[dict, dict]:
+    """(user columns, item columns) as canonical features over the generator's indices."""
+    from common.data.dataset import Feature
+
+    rng = np.random.default_rng([seed, 7])
+    k = data.num_clusters
+    noisy = rng.random(data.num_items) >= CATEGORY_AGREEMENT
+    category = np.where(noisy, rng.integers(0, k, data.num_items), data.item_topic)
+    price = np.round(np.exp(rng.normal(3.0, 1.0, data.num_items)), 2)
+    items = {
+        "category": Feature("categorical", category.astype(np.int64), vocab=tuple(f"c{t:04d}" for t in range(k))),
+        # Decile buckets for the ID-only towers: what the log's spec ("buckets": 10) makes of it.
+        "price": Feature(
+            "numeric",
+            price,
+            center=float(price.mean()),
+            scale=float(price.std()),
+            boundaries=tuple(float(b) for b in np.unique(np.quantile(price, np.linspace(0, 1, 11)[1:-1]))),
+        ),
+    }
+    users = {
+        "region": Feature(
+            "categorical",
+            rng.integers(0, 20, data.num_users).astype(np.int64),
+            vocab=tuple(f"r{r:02d}" for r in range(20)),
+        ),
+        "age": Feature("numeric", rng.integers(18, 70, data.num_users).astype(np.float64), center=40.0, scale=15.0),
+    }
+    return users, items
+
+
+def synthetic_dataset(data: SyntheticInteractions, name: str = "synthetic", seed: int = 0):
+    """The generator's output in the canonical form (in memory; :func:`write_synthetic_log` writes
+    the same as a log)."""
+    from common.data.dataset import build_dataset
+
+    users, items = synthetic_features(data, seed)
+    return build_dataset(
+        name,
+        "synthetic",
+        USER_ID_BASE + data.user,
+        ITEM_ID_BASE + data.item,
+        data.timestamp,
+        users=(USER_ID_BASE + np.arange(data.num_users), users),
+        items=(ITEM_ID_BASE + np.arange(data.num_items), items),
+    )
+
+
+def write_synthetic_log(data: SyntheticInteractions, folder, name: str = "synthetic", shards: int = 1, seed: int = 0):
+    """Write the generator's output as a Parquet log with a spec, the way a team's own log would
+    arrive: interactions in global time order split into ``shards`` files, a users table and an
+    items table (quantile price buckets). Returns the spec's path; :func:`truth_of` maps a dense
+    index of the loaded data set back to the generator's."""
+    import json
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    (folder / "interactions").mkdir(parents=True, exist_ok=True)
+    order = np.argsort(data.timestamp, kind="stable")
+    bounds = np.linspace(0, len(order), shards + 1).astype(np.int64)
+    for s in range(shards):
+        rows = order[bounds[s] : bounds[s + 1]]
+        pq.write_table(
+            pa.table(
+                {
+                    "user_id": pa.array(USER_ID_BASE + data.user[rows]),
+                    "item_id": pa.array(ITEM_ID_BASE + data.item[rows]),
+                    "ts": pa.array(data.timestamp[rows] * 1000),  # milliseconds, as event logs have them
+                }
+            ),
+            folder / "interactions" / f"part-{s:05d}.parquet",
+        )
+    users, items = synthetic_features(data, seed)
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": pa.array(USER_ID_BASE + np.arange(data.num_users)),
+                "region": pa.array(users["region"].raw()),
+                "age": pa.array(users["age"].values),
+            }
+        ),
+        folder / "users.parquet",
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "item_id": pa.array(ITEM_ID_BASE + np.arange(data.num_items)),
+                "category": pa.array(items["category"].raw()),
+                "price": pa.array(items["price"].values),
+            }
+        ),
+        folder / "items.parquet",
+    )
+    spec = {
+        "name": name,
+        "interactions": {
+            "path": "interactions",
+            "user": "user_id",
+            "item": "item_id",
+            "timestamp": "ts",
+            "timestamp_unit": "ms",
+        },
+        "users": {
+            "path": "users.parquet",
+            "id": "user_id",
+            "features": {"region": {"type": "categorical"}, "age": {"type": "numeric", "center": 40.0, "scale": 15.0}},
+        },
+        "items": {
+            "path": "items.parquet",
+            "id": "item_id",
+            "features": {"category": {"type": "categorical"}, "price": {"type": "numeric", "buckets": 10}},
+        },
+    }
+    path = folder / "dataset.json"
+    path.write_text(json.dumps(spec, indent=1))
+    return path
+
+
+def truth_of(ds) -> tuple[np.ndarray, np.ndarray]:
+    """(generator user index, generator item index) of each dense user / item of a loaded synthetic log."""
+    return (np.asarray(ds.user_raw_ids) - USER_ID_BASE, np.asarray(ds.item_raw_ids) - ITEM_ID_BASE)

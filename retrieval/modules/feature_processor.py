@@ -1,11 +1,12 @@
-"""MovieLens -> the two towers' features.
+"""A data set's feature tables -> the two towers' features (ID features only).
 
-Query (user) tower: ``user_id``, and where the data set has them ``age_bucket``, ``gender``,
-``occupation``, ``zip_region`` (first zip digit); plus ``history``, the user's last
-``history_len`` items in time order (jagged, mean-pooled). ``user_id`` holds zero IDs for a user
+Query (user) tower: ``user_id``, the user's ID features (categoricals and bucketed numbers; on
+MovieLens ``age_bucket``, ``gender``, ``occupation``, ``zip_region``); plus ``history``, the user's
+last ``history_len`` items in time order (jagged, mean-pooled). ``user_id`` holds zero IDs for a user
 the model has no embedding for (a new user described by features and history), which sum-pools
 to a zero vector; training can drop IDs at random so the tower learns to work without them.
-Candidate (item) tower: ``item_id``, ``genres`` (jagged, mean-pooled) and ``year_bucket``.
+Candidate (item) tower: ``item_id`` and the item's ID features in column order (multi-valued ones
+mean-pooled; on MovieLens ``genres`` and ``year_bucket``).
 
 The same code builds training examples, evaluation queries and serving requests, so the towers
 always see features made the same way.
@@ -18,13 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from common.data.movielens_features import NUM_YEAR_BUCKETS, MovieLensTables
+from common.data.tables import FeatureTables
 from common.features import FeatureBatch, FeatureSchema, SparseFeature
 
 
 @dataclass
-class TwoTowerFeatures(MovieLensTables):
-    """The shared MovieLens tables plus the two towers' schemas and batch builders."""
+class TwoTowerFeatures(FeatureTables):
+    """The shared feature tables plus the two towers' schemas and batch builders."""
 
     history_len: int = 50
 
@@ -46,8 +47,12 @@ class TwoTowerFeatures(MovieLensTables):
         return FeatureSchema(
             sparse=(
                 SparseFeature("item_id", self.num_items),
-                SparseFeature("genres", self.num_genres, pooling="mean", max_length=None),
-                SparseFeature("year_bucket", NUM_YEAR_BUCKETS),
+                *(
+                    SparseFeature(name, self.item_cardinality[name], pooling="mean", max_length=None)
+                    if name in self.item_multi
+                    else SparseFeature(name, self.item_cardinality[name])
+                    for name in self.item_order
+                ),
             )
         )
 
@@ -76,7 +81,6 @@ class TwoTowerFeatures(MovieLensTables):
 
     def candidate_batch(self, items: np.ndarray) -> FeatureBatch:
         items = np.asarray(items, dtype=np.int64)
-        genres = self.item_genres(items)
         return self.candidate_schema.from_columns(
-            {"item_id": items, "genres": genres, "year_bucket": self.item_year_bucket[items]}, batch_size=len(items)
+            {"item_id": items, **self.item_id_columns(items)}, batch_size=len(items)
         )

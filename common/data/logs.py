@@ -1,0 +1,729 @@
+"""Interaction logs of one's own: Parquet or CSV files described by a small spec, read into the
+canonical form (common/data/dataset.py) and cached as memory-mappable arrays.
+
+A spec (JSON, or TOML) names the files and columns; paths are relative to the spec's folder::
+
+    {
+      "name": "shop",
+      "interactions": {"path": "clicks/", "user": "customer", "item": "sku", "timestamp": "ts",
+                       "timestamp_unit": "ms", "rating": "quantity"},
+      "users": {"path": "customers.csv", "id": "customer",
+                "features": {"segment": {"type": "categorical"}, "age": {"type": "numeric", "buckets": 8}}},
+      "items": {"path": "products.parquet", "id": "sku", "title": "name",
+                "features": {"brand": {"type": "categorical"},
+                             "tags": {"type": "multi", "separator": "|"},
+                             "price": {"type": "numeric", "boundaries": [5, 10, 20, 50, 100]}}}
+    }
+
+- ``path``: a Parquet file, a folder of Parquet shards (``*.parquet``, read in name order), or a
+  CSV file (``.csv``, ``.tsv``, optionally gzipped); ``users`` and ``items`` are optional.
+- IDs: ``"id_type": "int64"`` or ``"string"`` per table (interactions: ``user_type``,
+  ``item_type``); by default integers where the column holds integers, strings otherwise.
+- ``timestamp``: integers in ``timestamp_unit`` (``s`` default, ``ms``, ``us``, ``ns``), a Parquet
+  timestamp, or ISO 8601 text; stored as whole seconds.
+- ``rating`` (optional): a number per interaction (a rating, a quantity); 1 without it.
+- Features: ``categorical`` (any value, kept as text; ``vocab`` fixes the order of the IDs,
+  else sorted), ``multi`` (a Parquet list, or text split on ``separator``), ``numeric`` (``center``
+  and ``scale`` default to the column's mean and standard deviation; ``boundaries`` or ``buckets``
+  (quantiles) give the ID-only models a bucketed copy).
+
+Bad input stops with the file, row (1-based, counting data rows) and column, and the fix: a
+missing file or column, an empty ID, a non-integer ID where integers were declared, an empty or
+unparsable timestamp, a non-numeric rating or numeric feature. With ``on_bad_row="skip"``
+(``--on-bad-row skip``) a bad interaction row is left out and counted instead.
+
+Prepared data is cached under ``<data dir>/logs/<name>-<fingerprint>/``: the fingerprint hashes the
+spec and every input file's bytes, so a changed file is read again and an unchanged one is
+memory-mapped in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.data.dataset import Feature, InteractionData, build_dataset
+
+READER_VERSION = "logs/1"
+TIME_UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+ID_TYPES = ("int64", "string")
+
+
+class LogError(ValueError):
+    """Bad log input; the message names the file, row and column, and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec
+
+
+def read_spec(path: str | Path) -> dict[str, Any]:
+    """The spec at ``path`` (JSON or TOML), checked, with paths resolved against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise LogError(f"{path}: no such dataset spec file; --dataset takes a MovieLens name or a spec path")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            spec = tomllib.loads(text)
+        else:
+            spec = json.loads(text)
+    except ValueError as err:
+        raise LogError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {err}") from None
+    where = str(path)
+    _require(spec, "interactions", where)
+    inter = spec["interactions"]
+    for key in ("path", "user", "item", "timestamp"):
+        _require(inter, key, f"{where}: interactions")
+    unit = inter.get("timestamp_unit", "s")
+    if unit not in TIME_UNITS:
+        raise LogError(f"{where}: interactions.timestamp_unit must be one of {sorted(TIME_UNITS)}, got {unit!r}")
+    for key in ("user_type", "item_type"):
+        if inter.get(key, "int64") not in ID_TYPES:
+            raise LogError(f"{where}: interactions.{key} must be one of {ID_TYPES}, got {inter[key]!r}")
+    for table in ("users", "items"):
+        if table in spec:
+            _require(spec[table], "path", f"{where}: {table}")
+            _require(spec[table], "id", f"{where}: {table}")
+            for name, f in spec[table].get("features", {}).items():
+                kind = f.get("type")
+                if kind not in ("categorical", "multi", "numeric"):
+                    raise LogError(
+                        f"{where}: {table}.features.{name}.type must be categorical, multi or numeric, got {kind!r}"
+                    )
+                if kind == "multi" and table == "users":
+                    raise LogError(f"{where}: users.features.{name}: multi-valued features are for items only")
+    spec = json.loads(json.dumps(spec))  # a plain copy
+    spec.setdefault("name", path.stem)
+    base = path.resolve().parent
+    for table in ("interactions", "users", "items"):
+        if table in spec:
+            spec[table]["path"] = str((base / spec[table]["path"]).resolve())
+    return spec
+
+
+def _require(d: dict, key: str, where: str) -> None:
+    if not isinstance(d, dict) or key not in d:
+        raise LogError(f"{where}: missing {key!r}; see common/data/logs.py for the spec's fields")
+
+
+def _files(path: str) -> list[Path]:
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*.parquet"))
+        if not files:
+            raise LogError(f"{p}: a folder with no *.parquet files")
+        return files
+    if not p.is_file():
+        raise LogError(f"{p}: no such file")
+    return [p]
+
+
+def fingerprint_inputs(spec: dict[str, Any], on_bad_row: str) -> str:
+    """SHA-256 of the spec, the reader version and every input file's name and bytes."""
+    h = hashlib.sha256(json.dumps([READER_VERSION, on_bad_row, spec], sort_keys=True).encode())
+    for table in ("interactions", "users", "items"):
+        if table in spec:
+            for f in _files(spec[table]["path"]):
+                h.update(f.name.encode())
+                with open(f, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 22), b""):
+                        h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading tables
+
+
+def _read(path: Path, columns: list[str], where: str):
+    """A pyarrow table of ``columns`` from one Parquet or CSV file; text stays text for CSV."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    name = path.name.removesuffix(".gz")
+    if name.endswith((".csv", ".tsv")):
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rb") as fh:
+            header = fh.readline().decode("utf-8", "replace").rstrip("\r\n")
+        sep = "\t" if name.endswith(".tsv") else ","
+        have = next(csv.reader([header], delimiter=sep)) if header else []
+        _check_columns(path, columns, have, where)
+        table = pcsv.read_csv(
+            path,
+            parse_options=pcsv.ParseOptions(delimiter=sep),
+            convert_options=pcsv.ConvertOptions(
+                include_columns=columns,
+                column_types={c: pa.string() for c in columns},  # typed below, with row-exact errors
+                strings_can_be_null=True,
+            ),
+        )
+        return table
+    try:
+        schema = pq.read_schema(path)
+    except Exception as err:  # noqa: BLE001 (pyarrow raises several types for a non-Parquet file)
+        raise LogError(f"{path}: not a Parquet or CSV file ({err}); Parquet, .csv or .tsv (optionally .gz)") from None
+    _check_columns(path, columns, schema.names, where)
+    return pq.read_table(path, columns=columns)
+
+
+def _check_columns(path: Path, want: list[str], have: list[str], where: str) -> None:
+    missing = [c for c in want if c not in have]
+    if missing:
+        raise LogError(f"{path}: no column {missing[0]!r} (named by {where} in the spec); the file has {have}")
+
+
+class _Rows:
+    """Row bookkeeping across shards, for errors that name the file and row."""
+
+    def __init__(self) -> None:
+        self.files: list[tuple[Path, int]] = []  # (file, rows)
+
+    def locate(self, row: int) -> tuple[Path, int]:
+        for f, n in self.files:
+            if row < n:
+                return f, row + 1
+            row -= n
+        raise IndexError(row)
+
+
+def _concat(files: list[Path], columns: list[str], where: str) -> tuple[dict[str, Any], _Rows]:
+    import pyarrow as pa
+
+    tables, rows = [], _Rows()
+    for f in files:
+        t = _read(f, columns, where)
+        rows.files.append((f, t.num_rows))
+        tables.append(t)
+    # Shards may type a column differently (int32 in one, int64 in another): unify, as text if need be.
+    out = {}
+    for c in columns:
+        parts = [t.column(c) for t in tables]
+        types = {p.type for p in parts}
+        if len(types) > 1:
+            try:
+                target = pa.int64() if all(pa.types.is_integer(t) for t in types) else pa.string()
+                parts = [p.cast(target) for p in parts]
+            except pa.ArrowInvalid as err:
+                raise LogError(
+                    f"{files[0].parent}: column {c!r} has different types across shards ({types}): {err}"
+                ) from None
+        out[c] = pa.chunked_array([ch for p in parts for ch in p.chunks], type=parts[0].type)
+    return out, rows
+
+
+def _bad(rows: _Rows, row: int, column: str, problem: str, fix: str) -> LogError:
+    f, r = rows.locate(int(row))
+    return LogError(f"{f}: row {r}, column {column!r}: {problem}; {fix}")
+
+
+def _ids(col, kind: str | None, rows: _Rows, column: str, bad: np.ndarray, skip: bool) -> np.ndarray:
+    """IDs as int64 or str (object) numpy; empty or non-integer IDs are errors, or marked in ``bad``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    null = np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        null |= np.asarray(pc.equal(pc.utf8_trim_whitespace(col), "").fill_null(True).to_numpy(zero_copy_only=False))
+    if null.any():
+        if not skip:
+            raise _bad(rows, np.flatnonzero(null)[0], column, "empty ID", "fill it, or pass --on-bad-row skip")
+        bad |= null
+    if pa.types.is_integer(col.type):
+        if kind == "string":
+            return np.asarray(col.cast(pa.string()).to_numpy(zero_copy_only=False), dtype=object)
+        return col.fill_null(0).to_numpy().astype(np.int64)
+    if pa.types.is_floating(col.type) or not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        col = col.cast(pa.string())
+    text = col.fill_null("")
+    if kind == "string":
+        return np.asarray(text.to_numpy(zero_copy_only=False), dtype=object)
+    if not null.any():
+        try:  # the fast path: every ID is an integer
+            return pc.cast(pc.utf8_trim_whitespace(text), pa.int64()).to_numpy()
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
+    is_int = np.asarray(pc.match_substring_regex(text, r"^\s*[-+]?\d{1,19}\s*$").to_numpy(zero_copy_only=False))
+    wrong = ~is_int & ~null
+    if kind is None and wrong.any():  # not declared: text IDs
+        return np.asarray(text.to_numpy(zero_copy_only=False), dtype=object)
+    if wrong.any():
+        if not skip:
+            first = int(np.flatnonzero(wrong)[0])
+            raise _bad(
+                rows,
+                first,
+                column,
+                f"ID {text[first].as_py()!r} is not an integer",
+                'declare "id_type": "string" in the spec for text IDs, or fix the row',
+            )
+        bad |= wrong
+    out = np.zeros(len(text), dtype=np.int64)
+    ok = ~wrong & ~null
+    out[ok] = np.asarray(text.to_numpy(zero_copy_only=False)[ok], dtype=object).astype(np.int64)
+    return out
+
+
+def _timestamps(col, unit: str, rows: _Rows, column: str, bad: np.ndarray, skip: bool) -> np.ndarray:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    null = np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
+        secs = col.cast(pa.timestamp("s")).cast(pa.int64()).fill_null(0).to_numpy()
+        wrong = np.zeros(len(secs), bool)
+    elif pa.types.is_integer(col.type):
+        secs = col.fill_null(0).to_numpy().astype(np.int64) // TIME_UNITS[unit]
+        wrong = np.zeros(len(secs), bool)
+    else:
+        text = col.cast(pa.string()).fill_null("")
+        numeric = np.asarray(pc.match_substring_regex(text, r"^\s*\d{1,19}\s*$").to_numpy(zero_copy_only=False))
+        arr = np.asarray(text.to_numpy(zero_copy_only=False), dtype=object)
+        secs = np.zeros(len(arr), dtype=np.int64)
+        secs[numeric] = arr[numeric].astype(np.int64) // TIME_UNITS[unit]
+        wrong = ~numeric & ~null
+        if wrong.any():  # ISO 8601 text, with or without a zone (UTC when none)
+            rows_ = np.flatnonzero(wrong)
+            parsed = _iso_seconds(pa.array(arr[rows_].tolist(), type=pa.string()))
+            if parsed is None:  # mixed forms: row by row (the slow path, for the odd one out)
+                parsed = np.array([_iso_one(v) for v in arr[rows_].tolist()], dtype=object)
+                good = parsed != None  # noqa: E711 (an object array)
+                secs[rows_[good]] = parsed[good].astype(np.int64)
+                wrong[rows_[good]] = False
+            else:
+                secs[rows_] = parsed
+                wrong[:] = False
+    null &= ~wrong
+    for mask, problem in ((null, "empty timestamp"), (wrong, "unparsable timestamp")):
+        if mask.any():
+            if not skip:
+                first = int(np.flatnonzero(mask)[0])
+                shown = "" if problem.startswith("empty") else f" {col[first].as_py()!r}"
+                raise _bad(
+                    rows,
+                    first,
+                    column,
+                    problem + shown,
+                    f"integers in timestamp_unit ({unit}), a Parquet timestamp or ISO 8601 text; or --on-bad-row skip",
+                )
+            bad |= mask
+    return secs
+
+
+def _iso_seconds(text) -> np.ndarray | None:
+    """Seconds since the epoch of ISO 8601 strings, all naive (read as UTC) or all zoned; None if
+    some do not parse."""
+    import pyarrow as pa
+
+    text = pa.compute.utf8_trim_whitespace(text)
+    for unit in (pa.timestamp("us"), pa.timestamp("us", tz="UTC")):
+        try:
+            return text.cast(unit).cast(pa.int64()).to_numpy() // 1_000_000
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            continue
+    return None
+
+
+def _iso_one(value: str) -> int | None:
+    import pyarrow as pa
+
+    got = _iso_seconds(pa.array([value], type=pa.string()))
+    return None if got is None else int(got[0])
+
+
+def _numbers(col, rows: _Rows, column: str, what: str, bad: np.ndarray | None = None) -> np.ndarray:
+    """Floats (NaN where empty); text that is not a number is an error, or marked in ``bad``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type):
+        return col.cast(pa.float64()).fill_null(np.nan).to_numpy()
+    text = pc.utf8_trim_whitespace(col.cast(pa.string()))
+    arr = np.asarray(text.fill_null("").to_numpy(zero_copy_only=False), dtype=object)
+    out = np.full(len(arr), np.nan)
+    for r, v in enumerate(arr.tolist()):
+        if v == "":
+            continue
+        try:
+            out[r] = float(v)
+        except ValueError:
+            if bad is None:
+                raise _bad(
+                    rows, r, column, f"{what} {v!r} is not a number", "fix the value, or leave it empty"
+                ) from None
+            bad[r] = True
+    return out
+
+
+def _feature(col, spec: dict[str, Any], rows: _Rows, column: str) -> Feature:
+    import pyarrow as pa
+
+    kind = spec["type"]
+    if kind == "numeric":
+        x = _numbers(col, rows, column, "value")
+        known = x[~np.isnan(x)]
+        center = float(spec.get("center", known.mean() if len(known) else 0.0))
+        scale = float(spec.get("scale", known.std() if len(known) > 1 and known.std() > 0 else 1.0))
+        if "boundaries" in spec:
+            boundaries = tuple(float(b) for b in spec["boundaries"])
+        elif "buckets" in spec:
+            qs = np.quantile(known, np.linspace(0, 1, int(spec["buckets"]) + 1)[1:-1]) if len(known) else []
+            boundaries = tuple(float(b) for b in np.unique(qs))
+        else:
+            boundaries = None
+        return Feature("numeric", x, center=center, scale=scale, boundaries=boundaries)
+    if kind == "multi":
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            lists = [[str(v) for v in (row or [])] for row in col.to_pylist()]
+        else:
+            sep = spec.get("separator", "|")
+            lists = [[v for v in (row or "").split(sep) if v] for row in col.cast(pa.string()).to_pylist()]
+        values = [v for row in lists for v in row]
+        vocab = _vocab(values, spec, rows, column, [r for r, row in enumerate(lists) for _ in row])
+        index = {v: k for k, v in enumerate(vocab)}
+        return Feature(
+            "multi",
+            np.array([index[v] for v in values], dtype=np.int64),
+            lengths=np.array([len(row) for row in lists], dtype=np.int64),
+            vocab=vocab,
+        )
+    text = col.cast(pa.string()) if not pa.types.is_string(col.type) else col
+    values = ["" if v is None else v for v in text.to_pylist()]
+    vocab = _vocab(values, spec, rows, column, list(range(len(values))))
+    index = {v: k for k, v in enumerate(vocab)}
+    return Feature("categorical", np.array([index[v] for v in values], dtype=np.int64), vocab=vocab)
+
+
+def _vocab(values: list[str], spec: dict[str, Any], rows: _Rows, column: str, row_of: list[int]) -> tuple[str, ...]:
+    if "vocab" not in spec:
+        return tuple(sorted(set(values)))
+    vocab = tuple(str(v) for v in spec["vocab"])
+    known = set(vocab)
+    for n, v in enumerate(values):
+        if v not in known:
+            raise _bad(
+                rows, row_of[n], column, f"value {v!r} is not in the declared vocab", "add it to the spec's vocab"
+            )
+    return vocab
+
+
+def _table(spec: dict[str, Any], kind_of_id: str | None, where: str):
+    """(raw IDs, {name: Feature}, titles or None) of a users or items table."""
+    columns = [spec["id"], *spec.get("features", {})]
+    if spec.get("title"):
+        columns.append(spec["title"])
+    cols, rows = _concat(_files(spec["path"]), list(dict.fromkeys(columns)), where)
+    ids = _ids(cols[spec["id"]], spec.get("id_type", kind_of_id), rows, spec["id"], np.zeros(0, bool), False)
+    features = {name: _feature(cols[name], f, rows, name) for name, f in spec.get("features", {}).items()}
+    titles = None
+    if spec.get("title"):
+        titles = ["" if t is None else str(t) for t in cols[spec["title"]].to_pylist()]
+    return ids, features, titles
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole log
+
+
+def read_log(spec_path: str | Path, on_bad_row: str = "error") -> tuple[InteractionData, dict[str, Any]]:
+    """Read a log through its spec into the canonical form (no cache); also return a report of
+    what was read and skipped."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    skip = on_bad_row == "skip"
+    spec = read_spec(spec_path)
+    inter = spec["interactions"]
+    names = [inter["user"], inter["item"], inter["timestamp"], *([inter["rating"]] if inter.get("rating") else [])]
+    cols, rows = _concat(_files(inter["path"]), list(dict.fromkeys(names)), "interactions")
+    n = len(cols[inter["user"]])
+    if n == 0:
+        raise LogError(f"{inter['path']}: the interaction log has no rows")
+    skipped: dict[str, int] = {}
+    bads = {}
+    bads["user"] = np.zeros(n, bool)
+    user = _ids(cols[inter["user"]], inter.get("user_type"), rows, inter["user"], bads["user"], skip)
+    bads["item"] = np.zeros(n, bool)
+    item = _ids(cols[inter["item"]], inter.get("item_type"), rows, inter["item"], bads["item"], skip)
+    bads["timestamp"] = np.zeros(n, bool)
+    ts = _timestamps(
+        cols[inter["timestamp"]], inter.get("timestamp_unit", "s"), rows, inter["timestamp"], bads["timestamp"], skip
+    )
+    rating = None
+    if inter.get("rating"):
+        bads["rating"] = np.zeros(n, bool)
+        rating = _numbers(cols[inter["rating"]], rows, inter["rating"], "rating", bads["rating"] if skip else None)
+        empty = np.isnan(rating) & ~bads["rating"]
+        if empty.any() and not skip:
+            raise _bad(rows, np.flatnonzero(empty)[0], inter["rating"], "empty rating", "fill it, or --on-bad-row skip")
+        bads["rating"] |= empty
+    bad = np.zeros(n, bool)
+    for what, mask in bads.items():
+        if mask.any():
+            skipped[what] = int((mask & ~bad).sum())
+            bad |= mask
+    if bad.any():
+        keep = ~bad
+        user, item, ts = user[keep], item[keep], ts[keep]
+        rating = rating[keep] if rating is not None else None
+        print(f"note: skipped {int(bad.sum()):,} bad interaction rows of {n:,} ({skipped})", file=sys.stderr)
+        if not keep.any():
+            raise LogError(f"{inter['path']}: every interaction row is bad ({skipped})")
+
+    # Dense IDs: sorted unique raw IDs. Integers by numpy; text through Arrow's dictionary encoding.
+    def dense(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if raw.dtype.kind in "iu":
+            ids, index = np.unique(raw, return_inverse=True)
+            return ids, index.astype(np.int64)
+        enc = pc.dictionary_encode(pa.array(raw, type=pa.string()))
+        uniq = np.asarray(enc.dictionary.to_numpy(zero_copy_only=False), dtype=object)
+        order = np.argsort(uniq.astype(str), kind="stable")
+        rank = np.empty(len(order), np.int64)
+        rank[order] = np.arange(len(order))
+        return uniq[order], rank[enc.indices.to_numpy()]
+
+    tables: dict[str, Any] = {}
+    for table, raw in (("users", user), ("items", item)):
+        if table in spec:
+            declared = spec[table].get("id_type") or ("string" if raw.dtype == object else "int64")
+            ids, features, titles = _table(spec[table], declared, table)
+            if (ids.dtype == object) != (raw.dtype == object):
+                raise LogError(
+                    f"{spec[table]['path']}: its IDs are {'text' if ids.dtype == object else 'integers'} but the "
+                    f"interactions' are {'text' if raw.dtype == object else 'integers'}; declare the same id_type"
+                )
+            tables[table] = (ids, features, titles)
+    items_table = tables.get("items")
+    ds = build_dataset(
+        spec["name"],
+        f"log:{spec_path}",
+        user,
+        item,
+        ts,
+        rating,
+        users=(tables["users"][0], tables["users"][1]) if "users" in tables else None,
+        items=(items_table[0], items_table[1]) if items_table else None,
+        item_title=(items_table[0], items_table[2]) if items_table and items_table[2] is not None else None,
+        dense=(dense(user), dense(item)),
+    )
+    report = {"rows": n, "skipped": skipped, "kept": int(n - bad.sum())}
+    return ds, report
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
+
+
+def load_log(
+    spec_path: str | Path, data_dir: str | Path | None = None, on_bad_row: str = "error", cache: bool = True
+) -> InteractionData:
+    """The log described by ``spec_path`` in canonical form, from the cache when its inputs are
+    unchanged (arrays memory-mapped), else read and cached."""
+    from common.data.download import default_data_dir
+
+    spec = read_spec(spec_path)
+    if not cache:
+        return read_log(spec_path, on_bad_row)[0]
+    key = fingerprint_inputs(spec, on_bad_row)
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    folder = root / "logs" / f"{_safe(spec['name'])}-{key[:16]}"
+    if (folder / "meta.json").is_file():
+        return _load_cached(folder, spec_path)
+    t0 = time.perf_counter()
+    ds, report = read_log(spec_path, on_bad_row)
+    _save_cached(ds, folder, {**report, "inputs_fingerprint": key, "read_s": round(time.perf_counter() - t0, 2)})
+    return ds
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:64] or "log"
+
+
+def _save_ids(path: Path, ids: np.ndarray) -> None:
+    np.save(path, ids.astype(str) if ids.dtype == object else ids, allow_pickle=False)
+
+
+def _save_cached(ds: InteractionData, folder: Path, report: dict[str, Any]) -> None:
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("user", "item", "rating", "timestamp"):
+        np.save(tmp / f"{name}.npy", getattr(ds, name), allow_pickle=False)
+    _save_ids(tmp / "user_raw_ids.npy", ds.user_raw_ids)
+    _save_ids(tmp / "item_raw_ids.npy", ds.item_raw_ids)
+    features: dict[str, Any] = {}
+    for side, fs in (("user", ds.user_features), ("item", ds.item_features)):
+        for name, f in fs.items():
+            stem = f"{side}.{_safe(name)}"
+            np.save(tmp / f"{stem}.values.npy", f.values, allow_pickle=False)
+            if f.lengths is not None:
+                np.save(tmp / f"{stem}.lengths.npy", f.lengths, allow_pickle=False)
+            features.setdefault(side, {})[name] = {
+                "file": stem,
+                "kind": f.kind,
+                "vocab": list(f.vocab),
+                "center": f.center,
+                "scale": f.scale,
+                "boundaries": list(f.boundaries) if f.boundaries is not None else None,
+            }
+    if ds.item_title is not None:
+        (tmp / "titles.json").write_text(json.dumps(ds.item_title))
+    meta = {
+        "format": READER_VERSION,
+        "name": ds.name,
+        "string_ids": {"user": ds.user_raw_ids.dtype == object, "item": ds.item_raw_ids.dtype == object},
+        "features": features,
+        "report": report,
+        "fingerprint": ds.fingerprint,
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)  # whole or not at all: a crash mid-write leaves only the .tmp folder
+
+
+def _load_cached(folder: Path, spec_path: str | Path) -> InteractionData:
+    meta = json.loads((folder / "meta.json").read_text())
+
+    def arr(name: str) -> np.ndarray:
+        return np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+
+    def ids(side: str) -> np.ndarray:
+        a = np.load(folder / f"{side}_raw_ids.npy", allow_pickle=False)
+        return a.astype(object) if meta["string_ids"][side] else a
+
+    features: dict[str, dict[str, Feature]] = {"user": {}, "item": {}}
+    for side, fs in meta["features"].items():
+        for name, f in fs.items():
+            features[side][name] = Feature(
+                f["kind"],
+                np.load(folder / f"{f['file']}.values.npy", allow_pickle=False),
+                lengths=np.load(folder / f"{f['file']}.lengths.npy") if f["kind"] == "multi" else None,
+                vocab=tuple(f["vocab"]),
+                center=f["center"],
+                scale=f["scale"],
+                boundaries=tuple(f["boundaries"]) if f["boundaries"] is not None else None,
+            )
+    titles = folder / "titles.json"
+    return InteractionData(
+        name=meta["name"],
+        source=f"log:{spec_path}",
+        user=arr("user"),
+        item=arr("item"),
+        rating=arr("rating"),
+        timestamp=arr("timestamp"),
+        user_raw_ids=ids("user"),
+        item_raw_ids=ids("item"),
+        item_title=json.loads(titles.read_text()) if titles.is_file() else None,
+        user_features=features["user"],
+        item_features=features["item"],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a data set as a log (the exactness check, the synthetic generator's output)
+
+
+def write_log(ds: InteractionData, folder: str | Path, fmt: str = "parquet", shards: int = 1) -> Path:
+    """Write ``ds`` as an interaction log with users / items tables and a spec that reads it back
+    into the same canonical form (vocab orders, numeric scaling and buckets declared); return the
+    spec's path. ``fmt``: ``parquet`` (``shards`` files in a folder when > 1) or ``csv``."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    string_ids = ds.user_raw_ids.dtype == object
+
+    def ids(raw: np.ndarray, index: np.ndarray):
+        return pa.array(
+            raw[index].astype(str) if raw.dtype == object else raw[index],
+            type=pa.string() if raw.dtype == object else pa.int64(),
+        )
+
+    def write(table, stem: str) -> str:
+        if fmt == "csv":
+            pcsv.write_csv(table, folder / f"{stem}.csv")
+            return f"{stem}.csv"
+        if shards > 1 and stem == "interactions":
+            (folder / stem).mkdir(exist_ok=True)
+            bounds = np.linspace(0, table.num_rows, shards + 1).astype(int)
+            for s in range(shards):
+                pq.write_table(
+                    table.slice(bounds[s], bounds[s + 1] - bounds[s]), folder / stem / f"part-{s:05d}.parquet"
+                )
+            return stem
+        pq.write_table(table, folder / f"{stem}.parquet")
+        return f"{stem}.parquet"
+
+    inter = pa.table(
+        {
+            "user_id": ids(ds.user_raw_ids, np.asarray(ds.user)),
+            "item_id": ids(ds.item_raw_ids, np.asarray(ds.item)),
+            "timestamp": pa.array(np.asarray(ds.timestamp), type=pa.int64()),
+            "rating": pa.array(np.asarray(ds.rating), type=pa.float32()),
+        }
+    )
+    spec: dict[str, Any] = {
+        "name": ds.name,
+        "interactions": {
+            "path": write(inter, "interactions"),
+            "user": "user_id",
+            "item": "item_id",
+            "timestamp": "timestamp",
+            "rating": "rating",
+            "user_type": "string" if string_ids else "int64",
+            "item_type": "string" if ds.item_raw_ids.dtype == object else "int64",
+        },
+    }
+    for side, raw, fs in (("users", ds.user_raw_ids, ds.user_features), ("items", ds.item_raw_ids, ds.item_features)):
+        if not fs and not (side == "items" and ds.item_title is not None):
+            continue
+        cols: dict[str, Any] = {"id": ids(raw, np.arange(len(raw)))}
+        fspec: dict[str, Any] = {}
+        for name, f in fs.items():
+            if f.kind == "numeric":
+                cols[name] = pa.array(np.asarray(f.values, np.float64), mask=np.isnan(f.values), type=pa.float64())
+                fspec[name] = {"type": "numeric", "center": f.center, "scale": f.scale}
+                if f.boundaries is not None:
+                    fspec[name]["boundaries"] = list(f.boundaries)
+            elif f.kind == "categorical":
+                cols[name] = pa.array(np.asarray(f.vocab, dtype=object)[f.values].astype(str))
+                fspec[name] = {"type": "categorical", "vocab": list(f.vocab)}
+            else:
+                vocab = np.asarray(f.vocab, dtype=object)
+                starts = np.r_[0, np.cumsum(f.lengths)[:-1]]
+                rows = [vocab[f.values[s : s + n]].tolist() for s, n in zip(starts, f.lengths)]
+                if fmt == "csv":
+                    cols[name] = pa.array(["|".join(r) for r in rows])
+                    fspec[name] = {"type": "multi", "vocab": list(f.vocab), "separator": "|"}
+                else:
+                    cols[name] = pa.array(rows, type=pa.list_(pa.string()))
+                    fspec[name] = {"type": "multi", "vocab": list(f.vocab)}
+        if side == "items" and ds.item_title is not None:
+            cols["title"] = pa.array(list(ds.item_title), type=pa.string())
+        spec[side] = {
+            "path": write(pa.table(cols), side),
+            "id": "id",
+            "id_type": "string" if raw.dtype == object else "int64",
+            "features": fspec,
+            **({"title": "title"} if "title" in cols else {}),
+        }
+    path = folder / "dataset.json"
+    path.write_text(json.dumps(spec, indent=1))
+    return path
