@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(DEVICE)
 DATASET ?= ml-100k
 
-.PHONY: compare demo data test test-fast lint report baseline bench notebooks lab setup clean-venv screenshot
+.PHONY: compare demo data test test-fast lint report baseline bench scale notebooks lab setup clean-venv screenshot
 
 $(STAMP): requirements/base.txt requirements/$(DEVICE).txt requirements/torchrec.txt scripts/install.sh
 	PYTHON=$(PYTHON) bash scripts/install.sh $(DEVICE) $(VENV)
@@ -73,6 +73,11 @@ baseline: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all
+
+# The whole chain on synthetic logs of 1e5, 1e6, 1e7 and 2e7 interactions (about 1.5 hours on 2 cores):
+# bench/results/scale.json and docs/charts/scale.png. SIZES="1e5 1e6" for some.
+scale: $(STAMP)
+	$(PY) -m bench.scale $(if $(SIZES),--sizes $(SIZES))
 
 clean-venv:
 	rm -rf $(VENV)

@@ -176,13 +176,20 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         default=0,
         help="also time the pipeline over a synthetic catalog of this many items, e.g. 1000000",
     )
+    p.add_argument("--users", type=int, default=0, help="time this many users (seed 0), not every user")
+    p.add_argument("--no-http", action="store_true", help="skip the HTTP runs")
+    p.add_argument(
+        "--data-dir", default=None, help="data cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)"
+    )
     p.add_argument("--out", default="bench/results/pipeline_latency.json", help="(default: %(default)s)")
     a = p.parse_args(argv)
     from integration.pipeline import create_pipeline
 
     torch.set_num_threads(1)
-    pipeline = create_pipeline(a.artifacts)
+    pipeline = create_pipeline(a.artifacts, data_dir=a.data_dir)
     users = pipeline.dataset.user_raw_ids.tolist()[: 100 if a.quick else None]
+    if a.users and a.users < len(users):
+        users = [users[i] for i in np.sort(np.random.default_rng(0).choice(len(users), a.users, replace=False))]
     repeats, duration = (1, 3.0) if a.quick else (a.repeats, a.duration)
     pipeline.recommend(users[:8])  # warm-up
     results: dict[str, object] = {
@@ -208,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     del pipeline
     bodies = [json.dumps({"user_id": u}).encode() for u in users]
     results["http"] = {}
-    for mode, ttl in (("cache off", "0"), ("cache on", "300")):
+    for mode, ttl in () if a.no_http else (("cache off", "0"), ("cache on", "300")):
         proc, url = spawn(["-m", "integration.service", "--artifacts", a.artifacts, "--cache-ttl", ttl])
         try:
             run_load(url, "/recommend", bodies, a.clients, min(duration, 2.0))  # warm-up, not reported

@@ -4,7 +4,7 @@ into TorchRec ``Batch``es in order, as Criteo's days are in time order.
 
 - ``criteo`` with a ``.tsv`` / ``.txt`` file: the Kaggle / Terabyte format, read by
   ``common.data.criteo`` (bad lines are an error naming file and line, or skipped and counted
-  with ``--on-bad-line skip``; negative counts are clamped to 0 and counted, or with
+  with ``--on-bad-row skip``; negative counts are clamped to 0 and counted, or with
   ``--negative-counts bad_line`` treated as bad lines). The first 80% of rows train, the next 10% validate, the last 10%
   test.
 - ``criteo`` with a directory: TorchRec's preprocessed ``day_{d}_{dense,sparse,labels}.npy``.
@@ -54,7 +54,7 @@ class CTRData:
     train: CriteoArrays
     valid: CriteoArrays
     test: CriteoArrays
-    skipped: dict[str, int]  # malformed lines skipped under --on-bad-line skip, by problem
+    skipped: dict[str, int]  # malformed lines skipped under --on-bad-row skip, by problem
     clamped: dict[str, int]  # negative counts set to 0, by column (--negative-counts clamp)
 
 

@@ -87,6 +87,7 @@ class Config:
     train_retrieval_export: str | None = None
     candidates_export: str | None = None
     train_last: int = 0
+    train_users: int = 0
     negatives: int = 4
     hard_negatives: int = 4
     sequence_features: bool = True
@@ -155,6 +156,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
         type=int,
         default=d.train_last,
         help="train on each user's last N training interactions only (0 = all) (default: 0)",
+    )
+    data.add_argument(
+        "--train-users",
+        type=int,
+        default=d.train_users,
+        help="train on a fixed random sample of N users' interactions only, for large data sets (0 = all) (default: 0)",
     )
     data.add_argument(
         "--negatives",
@@ -369,10 +376,31 @@ class RetrievalScorer:
         return np.concatenate(out) if out else np.zeros((0, self.items.shape[1]), np.float32)
 
     def top_k(self, queries: np.ndarray, exclude: list[np.ndarray], k: int = 100) -> np.ndarray:
+        """The ``k`` best items per query, best first (ties by lower index), ``exclude``'d items left
+        out; in chunks of about 0.5 GB of scores."""
+        chunk = max(64, min(4096, (1 << 27) // max(1, len(self.items))))
+        parts = [
+            self._top_k(queries[lo : lo + chunk], exclude[lo : lo + chunk], k) for lo in range(0, len(queries), chunk)
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, min(k, len(self.items))), np.int64)
+
+    def _top_k(self, queries: np.ndarray, exclude: list[np.ndarray], k: int) -> np.ndarray:
+        # A partial selection, then a sort of the k: the same order as a full stable sort.
         scores = queries @ self.items.T
         for r, seen in enumerate(exclude):
             scores[r, seen] = -np.inf
-        return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        k = min(k, scores.shape[1])
+        if k < scores.shape[1]:
+            part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            # Items tied with the k-th score: keep the lowest indices, as a stable sort would.
+            kth = np.take_along_axis(scores, part, 1).min(axis=1, keepdims=True)
+            if (np.sum(scores >= kth, axis=1) > k).any():
+                return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        else:
+            part = np.broadcast_to(np.arange(k), scores.shape).copy()
+        top = np.take_along_axis(scores, part, 1)
+        order = np.lexsort((part, -top), axis=1)
+        return np.take_along_axis(part, order, 1)
 
 
 class SequenceCandidates:
@@ -418,6 +446,9 @@ def train_examples(
     rows = np.arange(n_all)
     if cfg.train_last:
         rows = rows[rows >= user_end[split.train_user] - cfg.train_last]
+    if 0 < cfg.train_users < split.num_users:
+        chosen = np.random.default_rng([cfg.seed, 5]).choice(split.num_users, cfg.train_users, replace=False)
+        rows = rows[np.isin(split.train_user[rows], chosen)]
     n = len(rows)
     users = split.train_user[rows]
     # "now" for a training positive: the time of the user's previous interaction (its own if first)
@@ -642,6 +673,7 @@ def train(
         print0(f"{kind}: resumed from step {global_step} (epoch {first_epoch}, step {start_step})")
     per_step = cfg.batch_size * rt.world_size
     log = MetricsLog(out, kind, cfg.tensorboard)  # the curves: <out>/metrics.jsonl
+    loop_seconds, trained = 0.0, 0  # the training loop alone (no validation), for throughput
 
     def checkpoint(ep: int, st: int) -> None:
         save_checkpoint(
@@ -664,6 +696,7 @@ def train(
             total=steps, initial=start_step, desc=f"{kind} epoch {epoch}", leave=False, disable=not rt.is_rank0 or None
         )
         step, t0, seen = start_step, time.perf_counter(), 0
+        epoch_start, first_step = time.perf_counter(), start_step
         while True:
             try:
                 loss, _, _ = pipeline.progress(it)
@@ -683,6 +716,8 @@ def train(
                 checkpoint(epoch, step)
         bar.close()
         pipeline.detach()
+        loop_seconds += time.perf_counter() - epoch_start
+        trained += (step - first_step) * per_step
         metrics = validate(model)
         history.append({"epoch": epoch, **metrics})
         log.log("valid", global_step, epoch, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -693,7 +728,17 @@ def train(
         start_step = 0
         checkpoint(epoch + 1, 0)
     log.close()
-    return model, history, {"resumed_from_step": resumed_from, "steps": global_step, "final_loss": last_loss}
+    rate = trained / loop_seconds if loop_seconds else None
+    return (
+        model,
+        history,
+        {
+            "resumed_from_step": resumed_from,
+            "steps": global_step,
+            "final_loss": last_loss,
+            "train_examples_per_s": rate,
+        },
+    )
 
 
 @torch.no_grad()

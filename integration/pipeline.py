@@ -499,6 +499,11 @@ def create_pipeline(
     r_dir = root / retrieval
     r_manifest = read_retrieval_manifest(r_dir)
     ds = dataset if dataset is not None else load_dataset(r_manifest["dataset"], data_dir)
+    if r_manifest["data_fingerprint"] != ds.fingerprint:
+        raise ArtifactMismatch(
+            f"retrieval export {r_dir} was trained on data with fingerprint {r_manifest['data_fingerprint'][:16]} "
+            f"({r_manifest['dataset']}), not {ds.name}'s {ds.fingerprint[:16]}: serve the data set it was trained on"
+        )
     if sequential == "auto":
         sequential = [p for p in ("sasrec/export", "bert4rec/export") if (root / p / "manifest.json").is_file()]
     elif isinstance(sequential, str):

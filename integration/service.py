@@ -43,6 +43,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
+from common.data.load import dataset_ref, load_dataset
 from common.data.movielens import user_record as movielens_user_record
 from common.features import FeatureError
 from inference_legacy.dlrm_predict import integer_id
@@ -129,8 +130,9 @@ def request_model(pipeline) -> type[RecommendRequest]:
             for name, vocab in tables.user_vocab.items()
         }
         fields.update({name: (float | None, Field(None)) for name in tables.user_numeric})
+        text_ids = pipeline.dataset.item_raw_ids.dtype == object
         fields["history"] = (
-            list[RawID],
+            list[Annotated[str, Field(max_length=256)]] if text_ids else list[RawID],
             Field(default_factory=list, max_length=1000, description="raw item IDs, oldest first"),
         )
         features = create_model("UserFeatures", __config__=ConfigDict(extra="forbid"), **fields)
@@ -660,7 +662,14 @@ def main(argv: list[str] | None = None) -> None:
         "<artifacts>/sasrec/export exists, then BERT4Rec's, else the two-tower's (default: %(default)s)",
     )
     p.add_argument(
-        "--data-dir", default=None, help="MovieLens cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)"
+        "--dataset",
+        default=None,
+        type=dataset_ref,
+        help="the data set to serve: a MovieLens variant or an interaction log's spec file; it must be the one "
+        "the artifacts were trained on (default: the one their manifests name)",
+    )
+    p.add_argument(
+        "--data-dir", default=None, help="data cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)"
     )
     a = p.parse_args(argv)
     sock = listen_socket(a.host, a.port)  # before the models load: a busy or invalid port fails at once
@@ -670,8 +679,10 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(1)
     try:
+        dataset = load_dataset(a.dataset, a.data_dir) if a.dataset else None
         pipeline = create_pipeline(
             a.artifacts,
+            dataset=dataset,
             ranking={name: path for name, path, _ in a.arm} if a.arm else "auto",
             data_dir=a.data_dir,
             sequential=None if a.candidates == "two-tower" else "auto",

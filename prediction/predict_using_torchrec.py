@@ -101,7 +101,7 @@ class Ranker:
                 f"{path} was trained on data with fingerprint {run['data_fingerprint'][:16]}, "
                 f"but {ds.name} here has {ds.fingerprint[:16]}"
             )
-        self.dataset, self.split = ds, split_dataset(ds)
+        self.dataset, self.split = ds, split_dataset(ds, self.cfg.eval_users)  # the sample it was evaluated on
         self.features = RankingFeatures.build(
             ds, self.split, self.cfg.history_len, self.cfg.sequence_features, self.cfg.trend_days
         )

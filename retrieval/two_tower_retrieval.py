@@ -342,10 +342,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--data-dir",
         default=None,
-        help="MovieLens cache, to evaluate on test (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)",
+        help="data cache, to evaluate on test (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)",
     )
     p.add_argument(
         "--write-candidates", default=None, help="write every user's top-K to this JSON-lines file (default: off)"
+    )
+    p.add_argument(
+        "--eval-users",
+        type=int,
+        default=0,
+        help="evaluate (and time the index on) a fixed sample of this many users (default: 0, every user)",
     )
     p.add_argument("--out", default=None, help="results JSON (default: <export>/../serving_results.json)")
     return p.parse_args(argv)
@@ -360,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             f"the export was trained on data with fingerprint {manifest['data_fingerprint'][:16]}, "
             f"but {ds.name} here has {ds.fingerprint[:16]}"
         )
-    split = split_dataset(ds)
+    split = split_dataset(ds, a.eval_users)
     results: dict[str, object] = {"export": a.export, "k": a.k, "index": manifest["index"]}
     retrievers = {}
     for mode in ("none", "int8"):
@@ -386,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     # The index against exact search over the same item embeddings, and latency per batch.
     r = retrievers[a.quantize]
-    users = np.arange(len(r.user_raw_ids))
+    users = split.eval_users if split.eval_users is not None else np.arange(len(r.user_raw_ids))
     queries = np.concatenate(
         [
             r.model.embed(

@@ -406,7 +406,9 @@ def export(
     torch.save({"query_tower": query_w, "candidate_tower": cand_w}, out_dir / "weights.pt")
     emb = item_emb.detach().cpu().numpy().astype(np.float32)
     np.save(out_dir / "item_embeddings.npy", emb)
+    t0 = time.perf_counter()
     index, kind, params = build_index(cfg.index_type, emb, seed=cfg.seed)
+    index_seconds = time.perf_counter() - t0
     faiss.write_index(index, str(out_dir / "index.faiss"))
     # Serving by user ID needs each known user's history: everything before test (train + valid).
     indptr, hist = split.history("test")
@@ -431,7 +433,13 @@ def export(
         "output_dim": cfg.layer_sizes[-1],
         "num_users": features.num_users,
         "num_items": features.num_items,
-        "index": {"type": kind, "params": params, "ntotal": int(index.ntotal), "metric": "inner_product"},
+        "index": {
+            "type": kind,
+            "params": params,
+            "ntotal": int(index.ntotal),
+            "metric": "inner_product",
+            "build_seconds": round(index_seconds, 3),
+        },
         "item_embeddings_sha256": _sha256(out_dir / "item_embeddings.npy"),
         "files": {f: _sha256(out_dir / f) for f in files},
         "config": asdict(cfg),
@@ -499,6 +507,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     log = MetricsLog(out, "two_tower", cfg.tensorboard)  # the curves: <out>/metrics.jsonl
     train_start = time.perf_counter()
+    loop_seconds, trained = 0.0, 0  # the training loop alone (no evaluation), for throughput
     for epoch in range(first_epoch, cfg.epochs):
         pipeline = TrainPipelineSparseDist(model, optimizer, rt.device, execute_all_batches=True)
         batches = examples.batches(epoch, start_step, cfg.limit_batches)
@@ -510,7 +519,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             leave=False,
         )
         t0, n0 = time.perf_counter(), 0
-        step = start_step
+        epoch_start, step = time.perf_counter(), start_step
         while True:
             try:
                 loss, acc = pipeline.progress(batches)
@@ -533,6 +542,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 checkpoint(epoch, step)
         bar.close()
         pipeline.detach()
+        loop_seconds += time.perf_counter() - epoch_start
+        trained += (step - start_step) * cfg.batch_size * rt.world_size
         report, _, _ = evaluate(model, features, split, "valid", rt.device, cfg)
         history.append({"epoch": epoch, **report.means})
         print0(f"epoch {epoch} | valid | {report.line()}")
@@ -574,6 +585,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             else {"test": test.to_dict(), "popularity_test": pop.to_dict(), "test_without_user_id": new_users.to_dict()}
         ),
         "train_seconds": train_seconds,
+        "train_examples_per_s": trained / loop_seconds if loop_seconds else None,  # loop only, this run
         "resumed_from_step": resumed_from,
         "steps": global_step,
         "export": str(export_dir) if export_dir else None,

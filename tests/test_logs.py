@@ -252,3 +252,39 @@ def test_the_synthetic_generator_writes_a_log_that_reads_back_as_itself(tmp_path
     assert (users == np.arange(1000)).all()
     assert np.array_equal(items[np.asarray(ds.item)[np.asarray(ds.user) == 0]], d.item[d.user == 0])
     assert len(ds.item_features["price"].boundaries) == 9  # deciles
+
+
+def test_the_service_request_model_follows_the_data_sets_user_columns(tmp_path: Path) -> None:
+    """POST /recommend's "features" for a log: the log's own user columns by name (a categorical's
+    values listed in the OpenAPI schema), and MovieLens keeps its raw fields (age, zip)."""
+    from types import SimpleNamespace
+
+    from pydantic import ValidationError
+
+    from common.data.movielens import load_movielens
+    from common.data.tables import FeatureTables
+    from integration.service import request_model, user_record
+
+    def model(ds):
+        tables = FeatureTables.from_dataset(ds)
+        return request_model(SimpleNamespace(retriever=SimpleNamespace(features=tables), dataset=ds))
+
+    shop = model(read_log(_shop(tmp_path / "shop"))[0])
+    req = shop.model_validate({"features": {"segment": "gold", "history": ["sku-003", "sku-004"]}, "k": 5})
+    assert user_record(req.features) == {"segment": "gold", "history": ["sku-003", "sku-004"]}
+    schema = shop.model_json_schema()
+    assert "basic" in json.dumps(schema) and "zip" not in json.dumps(schema)
+    with pytest.raises(ValidationError, match="segment"):
+        shop.model_validate({"features": {"segment": "platinum"}})
+    with pytest.raises(ValidationError, match="zip"):
+        shop.model_validate({"features": {"zip": "55414"}})
+    ml = model(load_movielens("ml-100k"))
+    req = ml.model_validate({"features": {"age": 25, "gender": "F", "occupation": "student", "zip": "55414"}})
+    assert user_record(req.features) == {
+        "age_bucket": "25",
+        "gender": "F",
+        "occupation": "student",
+        "zip_region": "5",
+        "age": 25.0,
+        "history": [],
+    }

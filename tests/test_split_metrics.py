@@ -146,6 +146,26 @@ def test_popularity_golden_numbers_on_ml100k(ml100k_split) -> None:
     assert lo < rep.means["HR@10"] < hi and hi - lo < 0.04
 
 
+def test_sampled_users_are_a_fixed_subset_ranked_against_the_whole_catalog(ml100k, ml100k_split) -> None:
+    """--eval-users N: N users with a test target, seed 0, sorted; their per-user results equal the
+    full evaluation's for the same users (only the users are sampled, never the items), and training
+    and histories do not change."""
+    sampled = split_dataset(ml100k, eval_users=200)
+    users, items = sampled.targets("test")
+    assert len(users) == 200 and (np.diff(users) > 0).all() and np.isin(users, ml100k_split.test_user).all()
+    assert np.array_equal(users, split_dataset(ml100k, eval_users=200).eval_users)  # fixed
+    assert len(sampled.targets("valid")[0]) == 200  # every ml-100k user has a validation target too
+    for stage in ("valid", "test"):
+        a, b = sampled.history(stage), ml100k_split.history(stage)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    full = popularity_report(ml100k_split, "test", n_boot=10)
+    part = popularity_report(sampled, "test", n_boot=10)
+    assert part.num_users == 200
+    assert np.array_equal(full.ranks[np.isin(full.users, users)], part.ranks)
+    assert split_dataset(ml100k, eval_users=0).eval_users is None
+    assert split_dataset(ml100k, eval_users=5000).eval_users is None  # more than there are: everyone
+
+
 def test_popularity_matches_an_independent_numpy_implementation(ml100k) -> None:
     """Recompute from raw arrays with no shared code: sort, hold out, count, rank."""
     u, i, t = ml100k.user, ml100k.item, ml100k.timestamp

@@ -592,8 +592,14 @@ def _save_cached(ds: InteractionData, folder: Path, report: dict[str, Any]) -> N
         "fingerprint": ds.fingerprint,
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)  # whole or not at all: a crash mid-write leaves only the .tmp folder
+    # Whole or not at all: a crash mid-write leaves only the .tmp folder. Under torchrun every rank may
+    # prepare the same log at once; the first rename wins and the others drop their copy.
+    try:
+        tmp.rename(folder)
+    except OSError:
+        if not (folder / "meta.json").is_file():
+            raise
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_cached(folder: Path, spec_path: str | Path) -> InteractionData:
