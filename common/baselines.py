@@ -39,15 +39,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     out.add_argument("--out", default=None, help="directory for results.json (default: print only)")
     out.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CI (default: 1000)")
     a = p.parse_args(argv)
-    return Config(
-        dataset=a.dataset,
-        data_dir=a.data_dir,
-        source=a.source,
-        on_bad_row=a.on_bad_row,
-        eval_users=a.eval_users,
-        out=a.out,
-        n_boot=a.n_boot,
-    )
+    return Config(**vars(a))
 
 
 def popularity_report(split: Split, stage: str, n_boot: int = 1000) -> RankingReport:

@@ -37,14 +37,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     add_dataset_args(p)
     p.add_argument("--out", default=None, help="directory for results.json with the statistics (default: print only)")
     a = p.parse_args(argv)
-    return Config(
-        dataset=a.dataset,
-        data_dir=a.data_dir,
-        source=a.source,
-        on_bad_row=a.on_bad_row,
-        eval_users=a.eval_users,
-        out=a.out,
-    )
+    return Config(**vars(a))
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:

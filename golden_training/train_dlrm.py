@@ -361,7 +361,7 @@ class RetrievalScorer:
             )
         self.tower = load_query_tower(export_dir, manifest, quantize="none")
         self.items = np.load(Path(export_dir) / "item_embeddings.npy")
-        shared = {f.name: getattr(features, f.name) for f in dataclasses.fields(FeatureTables)}
+        shared = {f.name: getattr(features, f.name) for f in dataclasses.fields(FeatureTables) if f.init}
         self.tt = TwoTowerFeatures(**shared, history_len=manifest["config"]["history_len"])
 
     @torch.no_grad()

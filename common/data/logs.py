@@ -352,6 +352,10 @@ def _numbers(col, rows: _Rows, column: str, what: str, bad: np.ndarray | None = 
     if pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type):
         return col.cast(pa.float64()).fill_null(np.nan).to_numpy()
     text = pc.utf8_trim_whitespace(col.cast(pa.string()))
+    try:  # the fast path: every value a number or empty
+        return pc.if_else(pc.equal(text, ""), None, text).cast(pa.float64()).fill_null(np.nan).to_numpy()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass  # find the bad value, row by row, to name it
     arr = np.asarray(text.fill_null("").to_numpy(zero_copy_only=False), dtype=object)
     out = np.full(len(arr), np.nan)
     for r, v in enumerate(arr.tolist()):

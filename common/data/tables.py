@@ -71,6 +71,7 @@ class FeatureTables:
     item_categorical: list[str] = field(default_factory=list)
     user_vocab: dict[str, list[str]] = field(default_factory=dict)  # raw value of each ID, per categorical
     user_numeric: dict[str, dict[str, Any]] = field(default_factory=dict)  # center / scale / boundaries
+    _starts: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_dataset(cls, ds: InteractionData, **extra: Any):
@@ -105,7 +106,9 @@ class FeatureTables:
         """Multi-valued item feature ``name`` of ``items`` as jagged (values, lengths)."""
         values, lengths = self.item_multi[name]
         items = np.asarray(items, dtype=np.int64)
-        starts = np.r_[0, np.cumsum(lengths)[:-1]]
+        starts = self._starts.get(name)
+        if starts is None:  # once per column, not per batch
+            starts = self._starts[name] = np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64)
         return last_n(values, starts[items], starts[items] + lengths[items], 1 << 30)
 
     def item_id_columns(self, items: np.ndarray, names: list[str] | None = None) -> dict[str, Any]:
@@ -149,7 +152,8 @@ class FeatureTables:
         """JSON-able form (for exports); :meth:`from_dict` inverts it, for subclasses too."""
         out: dict[str, Any] = {"format": "feature-tables/1"}
         for f in dataclasses.fields(self):
-            out[f.name] = _jsonable(getattr(self, f.name))
+            if f.init:
+                out[f.name] = _jsonable(getattr(self, f.name))
         return out
 
     @classmethod
@@ -159,7 +163,7 @@ class FeatureTables:
                 "these feature tables were written by an older version (before the canonical data form); "
                 "export the model again"
             )
-        kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+        kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.init and f.name in d}
         ints = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
         kw["user_columns"] = {k: ints(v) for k, v in d["user_columns"].items()}
         kw["item_columns"] = {k: ints(v) for k, v in d["item_columns"].items()}
