@@ -20,6 +20,7 @@ a data set's name.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 
@@ -65,11 +66,11 @@ class Feature:
         """The column for ``rows`` (a reindexing: dense order, a subset)."""
         rows = np.asarray(rows, dtype=np.int64)
         if self.lengths is None:
-            return _replace(self, values=self.values[rows])
+            return dataclasses.replace(self, values=self.values[rows])
         starts = np.r_[0, np.cumsum(self.lengths)[:-1]].astype(np.int64)
         lengths = self.lengths[rows]
         begin = np.repeat(starts[rows] - np.r_[0, np.cumsum(lengths)[:-1]], lengths) + np.arange(lengths.sum())
-        return _replace(self, values=self.values[begin.astype(np.int64)], lengths=lengths)
+        return dataclasses.replace(self, values=self.values[begin.astype(np.int64)], lengths=lengths)
 
     def dense(self) -> np.ndarray:
         """Numeric: the normalised float32 column (0 where unknown)."""
@@ -92,12 +93,6 @@ class Feature:
             return vocab[np.asarray(self.values)].tolist()
         ends = np.cumsum(self.lengths)
         return [vocab[self.values[e - n : e]].tolist() for e, n in zip(ends.tolist(), self.lengths.tolist())]
-
-
-def _replace(f: Feature, **kw) -> Feature:
-    d = {k: getattr(f, k) for k in f.__dataclass_fields__}
-    d.update(kw)
-    return Feature(**d)
 
 
 @dataclass
@@ -264,12 +259,12 @@ def align_features(ids: np.ndarray, table_ids: np.ndarray, columns: dict[str, Fe
         if not found.all():
             if f.kind == "categorical":
                 vocab = f.vocab if MISSING in f.vocab else (*f.vocab, MISSING)
-                g = _replace(g, values=np.where(found, g.values, vocab.index(MISSING)), vocab=vocab)
+                g = dataclasses.replace(g, values=np.where(found, g.values, vocab.index(MISSING)), vocab=vocab)
             elif f.kind == "numeric":
-                g = _replace(g, values=np.where(found, g.values, np.nan))
+                g = dataclasses.replace(g, values=np.where(found, g.values, np.nan))
             else:
                 lengths = np.where(found, g.lengths, 0)
                 keep = np.repeat(found, g.lengths)
-                g = _replace(g, values=g.values[keep], lengths=lengths)
+                g = dataclasses.replace(g, values=g.values[keep], lengths=lengths)
         out[name] = g
     return out
