@@ -319,14 +319,14 @@ def chart(results: dict[str, object], path: Path) -> None:
         x = [n for n, _ in rows]
         k = results["exponents"].get(name, {})
         axes[0].plot(
-            x, [r["seconds"] for _, r in rows], marker="o", label=f"{name} (n^{k.get('time', float('nan')):.2f})"
+            x, [r["seconds"] for _, r in rows], marker="o", label=f"{name} (n^{k['time']:.2f})" if "time" in k else name
         )
         if all("peak_rss_gb" in r for _, r in rows):
             axes[1].plot(
                 x,
                 [r["peak_rss_gb"] for _, r in rows],
                 marker="o",
-                label=f"{name} (n^{k.get('peak_rss', float('nan')):.2f})",
+                label=f"{name} (n^{k['peak_rss']:.2f})" if "peak_rss" in k else name,
             )
     for ax, label in ((axes[0], "wall time (s)"), (axes[1], "peak RSS of the stage's process (GB)")):
         ax.set_xscale("log")
@@ -358,7 +358,8 @@ def markdown(results: dict[str, object]) -> str:
             else:
                 cells.append(f"{r['seconds']:.2f} ({r['type']})")
         k = results.get("exponents", {}).get(name, {})
-        lines.append(f"| {name} (n^{k.get('time', float('nan')):.2f}) | " + " | ".join(cells) + " |")
+        fit = f" (n^{k['time']:.2f})" if "time" in k else ""  # an exact index builds nothing to fit
+        lines.append(f"| {name}{fit} | " + " | ".join(cells) + " |")
     lines.append(
         "| whole chain | " + " | ".join(f"{s['chain_seconds']:.0f} ({s['peak_rss_gb']:.2f})" for s in sizes) + " |"
     )
