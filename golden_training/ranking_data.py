@@ -16,7 +16,9 @@ Features (built from the data set's columns, common/data/tables.py):
   sequence statistics from ``SequenceStats``: ``after_last_1..3`` (how often the candidate came
   right after the user's last, second-to-last and third-to-last item, in other users' training
   sequences) and ``item_trend`` (the candidate's training interactions in the days before the
-  user's last interaction).
+  user's last interaction); for each single-valued item categorical ``<col>``, ``last_<col>_match``
+  and ``recent_<col>_share`` (does the user's latest item, and what share of the last 10, have the
+  candidate's value; none on MovieLens, whose genres are multi-valued).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from common.data.tables import FeatureTables, last_n
 from common.features import DenseFeature, FeatureSchema, SparseFeature
 
 TRANSITION_LAGS = 3
+HISTORY_MATCH = (("last", "match"), ("recent", "share"))  # RankingFeatures.history_match, per item categorical
+RECENT_ITEMS = 10
 SEQUENCE_FEATURES = (*(f"after_last_{k}" for k in range(1, TRANSITION_LAGS + 1)), "item_trend")  # SequenceStats
 DAY = 86_400
 
@@ -77,7 +81,29 @@ class RankingFeatures(FeatureTables):
             *(f"user_{name}" for name in self.user_dense),
             "retrieval_score",
             *SEQUENCE_FEATURES,
+            *(f"{kind}_{name}_{what}" for name in self.item_categorical for kind, what in HISTORY_MATCH),
         ]
+
+    def history_match(self, items: np.ndarray, history: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+        """For each single-valued item categorical (a shop's brand, a synthetic log's category): whether
+        the user's most recent item has the candidate's value (``last_<col>_match``) and the share of the
+        last ``RECENT_ITEMS`` items that do (``recent_<col>_share``). Users often stay on what they just
+        looked at, which a mean-pooled history blurs; on MovieLens (genres are multi-valued) there are none."""
+        values, lengths = history
+        n = len(items)
+        ends = np.cumsum(lengths)
+        recent, recent_len = last_n(values, ends - lengths, ends, RECENT_ITEMS)
+        row = np.repeat(np.arange(n), recent_len)
+        has = lengths > 0
+        last = values[np.where(has, ends - 1, 0)] if len(values) else np.zeros(n, np.int64)
+        out = {}
+        for name in self.item_categorical:
+            col = self.item_columns[name]
+            cand = col[items]
+            hits = np.bincount(row, weights=col[recent] == cand[row], minlength=n)
+            out[f"last_{name}_match"] = (has & (col[last] == cand)).astype(np.float32)
+            out[f"recent_{name}_share"] = (hits / np.maximum(recent_len, 1)).astype(np.float32)
+        return out
 
     @property
     def schema(self) -> FeatureSchema:
@@ -126,6 +152,7 @@ class RankingFeatures(FeatureTables):
                 np.zeros(n, np.float32) if retrieval_score is None else np.asarray(retrieval_score, dtype=np.float32)
             ),
             **{name: (np.zeros(n, np.float32) if sequence is None else sequence[name]) for name in SEQUENCE_FEATURES},
+            **self.history_match(items, history),
         }
         fb = self.schema.from_columns(cols, batch_size=n)
         lab = torch.zeros(n) if labels is None else torch.as_tensor(labels, dtype=torch.float32)

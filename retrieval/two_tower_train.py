@@ -36,7 +36,14 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
 from common.baselines import popularity_report
-from common.checkpoint import gathered_state_dict, resume_if_possible, run_config, save_checkpoint
+from common.checkpoint import (
+    CheckpointSchedule,
+    checkpoint_interval,
+    gathered_state_dict,
+    resume_if_possible,
+    run_config,
+    save_checkpoint,
+)
 from common.data.load import add_dataset_args, load_dataset
 from common.data.split import Split, split_dataset
 from common.data.tables import last_n
@@ -54,7 +61,7 @@ from common.runtime import (
 from common.sharding import SHARDING_TYPES, shard_model
 from retrieval.modules.feature_processor import TwoTowerFeatures
 from retrieval.modules.index import INDEX_TYPES, build_index
-from retrieval.modules.two_tower import TwoTower, TwoTowerBatch
+from retrieval.modules.two_tower import EXPORT_FORMAT, TwoTower, TwoTowerBatch
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,7 @@ class Config:
     device: str = "auto"
     sharding_type: str = "table_wise"
     out: str = "runs/retrieval"
-    checkpoint_every: int = 100
+    checkpoint_every: str = "5min"
     resume: bool = False
     log_every: int = 50
     eval_batch_size: int = 1024
@@ -162,9 +169,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
     train.add_argument(
         "--checkpoint-every",
-        type=int,
+        type=checkpoint_interval,
         default=d.checkpoint_every,
-        help=f"steps between DCP checkpoints; 0 = epoch ends only (default: {d.checkpoint_every})",
+        help="DCP checkpoints mid-epoch every N steps (200) or every interval of wall time (30s, 5min, 1h); "
+        f"0 = epoch ends only (default: {d.checkpoint_every})",
     )
     train.add_argument(
         "--resume",
@@ -396,7 +404,8 @@ def export(
     split: Split,
 ) -> Path | None:
     """Write the serving artifacts (rank 0): weights.pt, item_embeddings.npy, index.faiss,
-    features.json (feature tables, ID maps, histories, popularity) and manifest.json last."""
+    features.json (feature tables), the ID maps, histories and popularity as .npy, and
+    manifest.json last."""
     weights = gathered_state_dict(model)  # collective
     if torch.distributed.get_rank() != 0:
         return None
@@ -411,19 +420,22 @@ def export(
     index_seconds = time.perf_counter() - t0
     faiss.write_index(index, str(out_dir / "index.faiss"))
     # Serving by user ID needs each known user's history: everything before test (train + valid).
+    # The per-user and per-item arrays are .npy (memory-mappable; JSON lists of 20M histories took
+    # 631 MB and minutes to write and parse); features.json keeps the feature tables.
     indptr, hist = split.history("test")
-    serving = {
-        "features": features.to_dict(),
-        "user_raw_ids": user_raw_ids.tolist(),
-        "item_raw_ids": item_raw_ids.tolist(),
-        "history_indptr": indptr.tolist(),
-        "history_items": hist.tolist(),
-        "item_counts": split.item_counts("test").tolist(),
+    (out_dir / "features.json").write_text(json.dumps({"features": features.to_dict()}))
+    arrays = {
+        "user_raw_ids": user_raw_ids,
+        "item_raw_ids": item_raw_ids,
+        "history_indptr": indptr,
+        "history_items": hist,
+        "item_counts": split.item_counts("test"),
     }
-    (out_dir / "features.json").write_text(json.dumps(serving))
-    files = ["weights.pt", "item_embeddings.npy", "index.faiss", "features.json"]
+    for name, a in arrays.items():
+        np.save(out_dir / f"{name}.npy", a.astype(str) if a.dtype == object else a, allow_pickle=False)
+    files = ["weights.pt", "item_embeddings.npy", "index.faiss", "features.json", *(f"{n}.npy" for n in arrays)]
     manifest = {
-        "format": "two_tower_retrieval/1",
+        "format": EXPORT_FORMAT,
         "dataset": ds_name,
         "data_fingerprint": fingerprint,
         "query_schema": features.query_schema.to_dict(),
@@ -506,6 +518,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         )
 
     log = MetricsLog(out, "two_tower", cfg.tensorboard)  # the curves: <out>/metrics.jsonl
+    schedule = CheckpointSchedule(cfg.checkpoint_every)
     train_start = time.perf_counter()
     loop_seconds, trained = 0.0, 0  # the training loop alone (no evaluation), for throughput
     for epoch in range(first_epoch, cfg.epochs):
@@ -538,8 +551,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 )
                 log.log("train", global_step, epoch, loss=loss.item(), in_batch_acc=acc.item(), examples_per_s=rate)
                 t0, n0 = time.perf_counter(), 0
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps_this_epoch:
+            if schedule.due(step) and step < steps_this_epoch:
                 checkpoint(epoch, step)
+                schedule.saved()
         bar.close()
         pipeline.detach()
         loop_seconds += time.perf_counter() - epoch_start

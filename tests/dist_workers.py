@@ -148,3 +148,22 @@ def zch_mapping(out: str, batch_size: int) -> str:
         ]
     )
     return summary["results"][0]["mapping_digest"]
+
+
+def checkpoint_schedule_answers() -> list[bool]:
+    """Two ranks whose own clocks disagree about a timed checkpoint: rank 0's clock decides for both."""
+    import time
+
+    from common.checkpoint import CheckpointSchedule
+    from common.runtime import init_runtime, shutdown
+
+    rt = init_runtime("cpu")
+    schedule = CheckpointSchedule("1h", poll_steps=2)
+    if rt.rank == 1:
+        schedule.last = time.monotonic() - 7200  # rank 1 alone thinks a save is due
+    answers = [schedule.due(1), schedule.due(2)]
+    if rt.rank == 0:
+        schedule.last = time.monotonic() - 7200
+    answers += [schedule.due(3), schedule.due(4)]  # step 3 is not a polling step
+    shutdown()
+    return answers

@@ -203,3 +203,26 @@ def test_sequence_features_leave_the_rows_own_transition_out() -> None:
     # item_trend: training interactions in the 30 days before "now" (day 4): items 0,1,2 of user 0
     # (days 1-3), items 0 and 1 of user 1 (days 1, 2); item 3 of user 1 is on day 40.
     assert np.expm1(f["item_trend"]).round().tolist() == [1.0, 0.0]
+
+
+def test_the_rankers_exact_top_k_is_a_stable_sort_with_exclusions() -> None:
+    """RetrievalScorer.top_k selects with torch.topk; it must equal a full stable sort (ties by the
+    lower index), with excluded items left out, with and without ties at the k-th score."""
+    import numpy as np
+
+    from golden_training.train_dlrm import RetrievalScorer
+
+    rng = np.random.default_rng(0)
+    scorer = RetrievalScorer.__new__(RetrievalScorer)
+    for grid in (None, 4.0):  # continuous scores, then coarse ones full of ties
+        items = rng.standard_normal((3000, 8)).astype(np.float32)
+        queries = rng.standard_normal((50, 8)).astype(np.float32)
+        if grid:
+            items, queries = np.round(items * grid) / grid, np.round(queries * grid) / grid
+        scorer.items = items
+        exclude = [rng.choice(3000, size=rng.integers(0, 40), replace=False) for _ in range(50)]
+        scores = queries @ items.T
+        for r, seen in enumerate(exclude):
+            scores[r, seen] = -np.inf
+        want = np.argsort(-scores, axis=1, kind="stable")[:, :100]
+        assert np.array_equal(scorer.top_k(queries, exclude, 100), want)

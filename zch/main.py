@@ -38,7 +38,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from torchrec.models.dlrm import DLRM
 from tqdm import tqdm
 
-from common.checkpoint import resume_if_possible, run_config, save_checkpoint
+from common.checkpoint import CheckpointSchedule, checkpoint_interval, resume_if_possible, run_config, save_checkpoint
 from common.data.load import add_dataset_args, load_dataset
 from common.data.split import time_order
 from common.metrics import BinaryMetrics
@@ -78,7 +78,7 @@ class Config:
     dense_lr: float = 3e-3
     seed: int = 0
     limit_batches: int | None = None
-    checkpoint_every: int = 0
+    checkpoint_every: str = "0"
     resume: bool = False
     log_every: int = 100
     device: str = "auto"
@@ -152,9 +152,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
     train.add_argument(
         "--checkpoint-every",
-        type=int,
+        type=checkpoint_interval,
         default=d.checkpoint_every,
-        help="steps between DCP checkpoints; 0 = end of training only (default: 0)",
+        help="DCP checkpoints every N steps (200) or every interval of wall time (30s, 5min, 1h); "
+        "0 = end of training only (default: 0)",
     )
     train.add_argument("--resume", action="store_true", help="continue each run from its latest checkpoint under --out")
     train.add_argument(
@@ -449,6 +450,7 @@ def train_variant(
     log = MetricsLog(
         run_dir, f"zch-{variant}-{label}".replace(" ", "-"), cfg.tensorboard
     )  # the curves: <run>/metrics.jsonl
+    schedule = CheckpointSchedule(cfg.checkpoint_every)
     for epoch in range(epoch0, cfg.epochs):
         bar = tqdm(
             total=steps,
@@ -476,10 +478,11 @@ def train_variant(
                     "train", global_step, epoch, loss=loss.item(), examples_per_s=n_log / (time.perf_counter() - t_log)
                 )
                 t_log, n_log = time.perf_counter(), 0
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
+            if schedule.due(step) and step < steps:
                 seconds += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 checkpoint(epoch, step)
+                schedule.saved()
         seconds += time.perf_counter() - t0
         bar.close()
         step0 = 0
