@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from inference_legacy.server import spawn
+from retrieval.two_tower_retrieval import read_manifest, read_serving_arrays
 
 
 class RedisServer:
@@ -266,10 +267,10 @@ def main(argv: list[str] | None = None) -> dict:
     for name, (_, hi) in (("--outage", a.outage), ("--hang", a.hang)):
         if hi > a.duration:
             p.error(f"{name} ends at {hi} s, after the run's {a.duration} s")
-    export = Path(a.artifacts) / "retrieval" / "export" / "features.json"
-    if not export.is_file():
-        raise SystemExit(f"{export} not found: train the stages first (make demo), or pass --artifacts")
-    raw_users = json.loads(export.read_text())["user_raw_ids"]
+    export = Path(a.artifacts) / "retrieval" / "export"
+    if not (export / "manifest.json").is_file():
+        raise SystemExit(f"{export} holds no export: train the stages first (make demo), or pass --artifacts")
+    raw_users = read_serving_arrays(export, read_manifest(export, verify_files=False))["user_raw_ids"].tolist()
     users = random.Random(a.seed).sample(raw_users, min(a.users, len(raw_users)))
 
     redis = RedisServer(tempfile.mkdtemp(prefix="redis-chaos-")).start()

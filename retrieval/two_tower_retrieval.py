@@ -42,7 +42,7 @@ from common.metrics import evaluate_topk
 from common.runtime import autodetect_device, write_json_atomic
 from retrieval.modules.feature_processor import TwoTowerFeatures
 from retrieval.modules.index import recall_against_exact, to_gpu_if_available
-from retrieval.modules.two_tower import Tower, TwoTowerRetrieval
+from retrieval.modules.two_tower import EXPORT_FORMATS, Tower, TwoTowerRetrieval
 
 
 class ArtifactError(ValueError):
@@ -66,8 +66,8 @@ def read_manifest(export_dir: str | Path, verify_files: bool = True) -> dict:
             f"at a directory written by it"
         )
     manifest = json.loads(path.read_text())
-    if manifest.get("format") != "two_tower_retrieval/1":
-        raise ArtifactError(f"{path}: format {manifest.get('format')!r}, expected 'two_tower_retrieval/1'")
+    if manifest.get("format") not in EXPORT_FORMATS:
+        raise ArtifactError(f"{path}: format {manifest.get('format')!r}, expected one of {list(EXPORT_FORMATS)}")
     if verify_files:
         for name, sha in manifest["files"].items():
             f = export_dir / name
@@ -79,6 +79,17 @@ def read_manifest(export_dir: str | Path, verify_files: bool = True) -> dict:
                     f"another export; re-export or restore it"
                 )
     return manifest
+
+
+def read_serving_arrays(export_dir: str | Path, manifest: dict) -> dict:
+    """features.json's feature tables, and the ID maps, histories and popularity (``.npy`` files, or
+    JSON lists in a ``two_tower_retrieval/1`` export's features.json)."""
+    export_dir = Path(export_dir)
+    serving = json.loads((export_dir / "features.json").read_text())
+    if manifest["format"] != "two_tower_retrieval/1":
+        for name in ("user_raw_ids", "item_raw_ids", "history_indptr", "history_items", "item_counts"):
+            serving[name] = np.load(export_dir / f"{name}.npy", allow_pickle=False)
+    return serving
 
 
 def load_query_tower(
@@ -116,7 +127,7 @@ class Retriever:
         self.export_dir = Path(export_dir)
         self.manifest = m = read_manifest(self.export_dir)
         self.device = autodetect_device(device)
-        serving = json.loads((self.export_dir / "features.json").read_text())
+        serving = read_serving_arrays(self.export_dir, m)
         self.features = TwoTowerFeatures.from_dict(serving["features"])
         self.user_raw_ids = raw_ids(serving["user_raw_ids"])
         self.item_raw_ids = raw_ids(serving["item_raw_ids"])

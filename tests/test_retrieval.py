@@ -73,6 +73,23 @@ def test_recommend_excludes_seen_and_handles_cold_start(trained, ml100k) -> None
     assert seen & set(with_seen.item_ids)
 
 
+def test_an_export_in_the_older_json_layout_still_serves_the_same(trained, tmp_path: Path) -> None:
+    """two_tower_retrieval/2 keeps ID maps, histories and popularity as .npy; a /1 export (JSON lists
+    in features.json) still loads and answers the same."""
+    _, out = trained
+    assert json.loads((out / "export" / "manifest.json").read_text())["format"] == "two_tower_retrieval/2"
+    old = _copy_export(out, tmp_path)
+    serving = json.loads((old / "features.json").read_text())
+    assert set(serving) == {"features"}  # the arrays are not in the JSON any more
+    for name in ("user_raw_ids", "item_raw_ids", "history_indptr", "history_items", "item_counts"):
+        serving[name] = np.load(old / f"{name}.npy").tolist()
+        (old / f"{name}.npy").unlink()
+    (old / "features.json").write_text(json.dumps(serving))
+    _edit_manifest(old, lambda m: m.update(format="two_tower_retrieval/1", files={}))
+    users = [1, 2, 99_999]
+    assert Retriever(old, k=20).recommend(users) == Retriever(out / "export", k=20).recommend(users)
+
+
 def test_recommend_from_raw_features(trained, ml100k) -> None:
     from common.data.movielens import user_record
 

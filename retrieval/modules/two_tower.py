@@ -22,6 +22,11 @@ from torchrec.streamable import Pipelineable
 
 from common.features import FeatureSchema
 
+# The serving export's layout (retrieval/two_tower_train.py ``export``): /2 keeps the ID maps,
+# histories and popularity as .npy files; /1 (read still) had them as JSON lists in features.json.
+EXPORT_FORMAT = "two_tower_retrieval/2"
+EXPORT_FORMATS = ("two_tower_retrieval/1", EXPORT_FORMAT)
+
 
 class Tower(nn.Module):
     """Embedding bags for a schema's sparse features -> concatenated by key -> MLP -> unit vector."""
