@@ -42,7 +42,7 @@ from common.metrics import evaluate_topk
 from common.runtime import autodetect_device, write_json_atomic
 from retrieval.modules.feature_processor import TwoTowerFeatures
 from retrieval.modules.index import recall_against_exact, to_gpu_if_available
-from retrieval.modules.two_tower import EXPORT_FORMATS, Tower, TwoTowerRetrieval
+from retrieval.modules.two_tower import EXPORT_FORMATS, SERVING_ARRAYS, Tower, TwoTowerRetrieval
 
 
 class ArtifactError(ValueError):
@@ -87,7 +87,7 @@ def read_serving_arrays(export_dir: str | Path, manifest: dict) -> dict:
     export_dir = Path(export_dir)
     serving = json.loads((export_dir / "features.json").read_text())
     if manifest["format"] != "two_tower_retrieval/1":
-        for name in ("user_raw_ids", "item_raw_ids", "history_indptr", "history_items", "item_counts"):
+        for name in SERVING_ARRAYS:
             serving[name] = np.load(export_dir / f"{name}.npy", allow_pickle=False)
     return serving
 

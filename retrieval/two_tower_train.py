@@ -61,7 +61,7 @@ from common.runtime import (
 from common.sharding import SHARDING_TYPES, shard_model
 from retrieval.modules.feature_processor import TwoTowerFeatures
 from retrieval.modules.index import INDEX_TYPES, build_index
-from retrieval.modules.two_tower import EXPORT_FORMAT, TwoTower, TwoTowerBatch
+from retrieval.modules.two_tower import EXPORT_FORMAT, SERVING_ARRAYS, TwoTower, TwoTowerBatch
 
 
 @dataclass(frozen=True)
@@ -424,13 +424,9 @@ def export(
     # 631 MB and minutes to write and parse); features.json keeps the feature tables.
     indptr, hist = split.history("test")
     (out_dir / "features.json").write_text(json.dumps({"features": features.to_dict()}))
-    arrays = {
-        "user_raw_ids": user_raw_ids,
-        "item_raw_ids": item_raw_ids,
-        "history_indptr": indptr,
-        "history_items": hist,
-        "item_counts": split.item_counts("test"),
-    }
+    arrays = dict(
+        zip(SERVING_ARRAYS, (user_raw_ids, item_raw_ids, indptr, hist, split.item_counts("test")), strict=True)
+    )
     for name, a in arrays.items():
         np.save(out_dir / f"{name}.npy", a.astype(str) if a.dtype == object else a, allow_pickle=False)
     files = ["weights.pt", "item_embeddings.npy", "index.faiss", "features.json", *(f"{n}.npy" for n in arrays)]

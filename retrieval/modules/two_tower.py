@@ -26,6 +26,7 @@ from common.features import FeatureSchema
 # histories and popularity as .npy files; /1 (read still) had them as JSON lists in features.json.
 EXPORT_FORMAT = "two_tower_retrieval/2"
 EXPORT_FORMATS = ("two_tower_retrieval/1", EXPORT_FORMAT)
+SERVING_ARRAYS = ("user_raw_ids", "item_raw_ids", "history_indptr", "history_items", "item_counts")  # <name>.npy
 
 
 class Tower(nn.Module):
