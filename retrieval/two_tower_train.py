@@ -338,13 +338,15 @@ def embed_queries(
     device: torch.device,
     batch_size: int = 4096,
     hide_user_id: bool = False,
+    users: np.ndarray | None = None,
 ) -> torch.Tensor:
-    """Query embeddings of all users (row = dense user index) with their history before ``stage``;
-    ``hide_user_id`` treats every user as new (features and history only)."""
+    """Query embeddings of ``users`` (default all; row i = ``users[i]``) with their history before
+    ``stage``; ``hide_user_id`` treats every user as new (features and history only)."""
     tower = _unwrap(model).query_tower
+    every = np.arange(features.num_users) if users is None else np.asarray(users, dtype=np.int64)
     out = []
-    for lo in range(0, features.num_users, batch_size):
-        users = np.arange(lo, min(lo + batch_size, features.num_users))
+    for lo in range(0, len(every), batch_size):
+        users = every[lo : lo + batch_size]
         cols = {name: col[users] for name, col in features.user_columns.items()}
         batch = features.query_batch(
             np.full_like(users, -1) if hide_user_id else users,
@@ -363,12 +365,16 @@ def evaluate(
     device: torch.device,
     cfg: Config,
     hide_user_id: bool = False,
-) -> tuple[RankingReport, torch.Tensor, torch.Tensor]:
+) -> tuple[RankingReport, torch.Tensor]:
     model.eval()
     items = embed_items(model, features, device)
-    queries = embed_queries(model, features, split, stage, device, hide_user_id=hide_user_id)
+    # Only the evaluated users (the --eval-users sample at scale: 10,000 of 1,000,000).
+    users, _ = split.targets(stage)
+    queries = embed_queries(model, features, split, stage, device, hide_user_id=hide_user_id, users=users)
+    row = torch.full((features.num_users,), -1, dtype=torch.long, device=queries.device)
+    row[torch.from_numpy(users).to(queries.device)] = torch.arange(len(users), device=queries.device)
     report = evaluate_scores(
-        lambda users: queries[users.to(queries.device)] @ items.T,
+        lambda users: queries[row[users.to(queries.device)]] @ items.T,
         split,
         stage,
         batch_size=cfg.eval_batch_size,
@@ -376,7 +382,7 @@ def evaluate(
         n_boot=cfg.n_boot,
     )
     model.train()
-    return report, queries, items
+    return report, items
 
 
 def _unwrap(model: torch.nn.Module) -> TwoTower:
@@ -554,7 +560,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         pipeline.detach()
         loop_seconds += time.perf_counter() - epoch_start
         trained += (step - start_step) * cfg.batch_size * rt.world_size
-        report, _, _ = evaluate(model, features, split, "valid", rt.device, cfg)
+        report, _ = evaluate(model, features, split, "valid", rt.device, cfg)
         history.append({"epoch": epoch, **report.means})
         print0(f"epoch {epoch} | valid | {report.line()}")
         log.log("valid", global_step, epoch, **report.means)
@@ -564,8 +570,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     log.close()
 
     stage = "valid" if cfg.no_test else "test"  # --no-test: the final table on validation, test never scored
-    test, _, item_emb = evaluate(model, features, split, stage, rt.device, cfg)
-    new_users, _, _ = evaluate(model, features, split, stage, rt.device, cfg, hide_user_id=True)
+    test, item_emb = evaluate(model, features, split, stage, rt.device, cfg)
+    new_users, _ = evaluate(model, features, split, stage, rt.device, cfg, hide_user_id=True)
     pop = popularity_report(split, stage, n_boot=cfg.n_boot)
     print0(f"{stage:<22} | " + " | ".join(f"{k:>10}" for k in test.means))
     for name, rep in (("popularity", pop), ("two-tower", test), ("two-tower, no user ID", new_users)):
