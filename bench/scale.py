@@ -194,7 +194,7 @@ def run_size(n: int, work: Path, a: argparse.Namespace) -> dict[str, object]:
         "--train-last",
         str(a.train_last),
         "--train-users",
-        str(min(a.train_users, num_users)),
+        str(min(a.train_users, num_users) if a.train_users else 0),
         "--eval-users",
         str(eval_users),
         "--no-baseline",
@@ -426,8 +426,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "--eval-users", type=int, default=EVAL_USERS, help="users in the quality sample (default: %(default)s)"
     )
     p.add_argument("--epochs", type=int, default=1, help="two-tower epochs (default: %(default)s)")
-    p.add_argument("--train-users", type=int, default=50_000, help="users the ranker trains on (default: %(default)s)")
-    p.add_argument("--train-last", type=int, default=2, help="their last N interactions (default: %(default)s)")
+    p.add_argument(
+        "--train-users", type=int, default=0, help="users the ranker trains on, 0 = all (default: %(default)s)"
+    )
+    p.add_argument("--train-last", type=int, default=1, help="their last N interactions (default: %(default)s)")
     p.add_argument("--latency-users", type=int, default=1_000, help="users timed (default: %(default)s)")
     p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)

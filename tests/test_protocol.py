@@ -108,7 +108,7 @@ def _retrieval_scorer(ds: InteractionData, split: Split, features):
 
     tt, _, model = _two_tower(ds, split)
     scorer = RetrievalScorer.__new__(RetrievalScorer)
-    scorer.tower, scorer.tt = model.query_tower, tt
+    scorer.tower, scorer.tt, scorer.index = model.query_tower, tt, None
     with torch.no_grad():
         scorer.items = model.candidate_tower(tt.candidate_batch(np.arange(ds.num_items)).sparse).numpy()
     return scorer

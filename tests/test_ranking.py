@@ -226,3 +226,47 @@ def test_the_rankers_exact_top_k_is_a_stable_sort_with_exclusions() -> None:
             scores[r, seen] = -np.inf
         want = np.argsort(-scores, axis=1, kind="stable")[:, :100]
         assert np.array_equal(scorer.top_k(queries, exclude, 100), want)
+
+
+def test_hard_negatives_come_from_the_exports_ivf_index_with_exclusions() -> None:
+    """With an approximate (IVF) index in the export, RetrievalScorer.serving_top_k searches it:
+    probing every list it finds exactly the exact top-k, in order, excluded items left out; probing
+    one list it returns only items of that list (the index, not a scan), and rows the index has too
+    few items for fall back to the exact top-k."""
+    import faiss
+    import numpy as np
+
+    from golden_training.train_dlrm import RetrievalScorer
+
+    rng = np.random.default_rng(1)
+    items = rng.standard_normal((2000, 8)).astype(np.float32)
+    queries = rng.standard_normal((40, 8)).astype(np.float32)
+    exclude = [rng.choice(2000, size=rng.integers(0, 30), replace=False) for _ in range(40)]
+    scorer = RetrievalScorer.__new__(RetrievalScorer)
+    scorer.items, scorer.index = items, None
+    exact = scorer.top_k(queries, exclude, 50)
+    assert np.array_equal(scorer.serving_top_k(queries, exclude, 50), exact)  # no index: the exact top-k
+
+    quantizer = faiss.IndexFlatIP(8)
+    index = faiss.IndexIVFFlat(quantizer, 8, 16, faiss.METRIC_INNER_PRODUCT)
+    index.train(items)
+    index.add(items)
+    scorer.index = index
+    index.nprobe = 16  # every list: an exhaustive search
+    assert np.array_equal(scorer.serving_top_k(queries, exclude, 50), exact)
+    index.nprobe = 1
+    _, lists = quantizer.search(queries, 1)
+    _, assigned = quantizer.search(items, 1)
+    branches = set()
+    for k in (50, 400):
+        got, exact = scorer.serving_top_k(queries, exclude, k), scorer.top_k(queries, exclude, k)
+        for r in range(len(queries)):
+            assert not np.isin(got[r], exclude[r]).any() and len(set(got[r])) == k
+            probed = np.setdiff1d(np.where(assigned[:, 0] == lists[r, 0])[0], exclude[r])
+            if len(probed) >= k:
+                assert np.isin(got[r], probed).all()  # the probed list had enough: all come from it
+                branches.add("index")
+            else:
+                assert np.array_equal(got[r], exact[r])  # too few: the exact top-k
+                branches.add("exact")
+    assert branches == {"index", "exact"}
