@@ -494,6 +494,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     a.reference_rate = None
     if not a.smoke:
         ref = work / "ml-100k"
+        shutil.rmtree(ref, ignore_errors=True)  # scratch: an earlier run's checkpoints would be refused
         r = run_stage(
             "ml-100k",
             ["-m", "retrieval.two_tower_train", "--epochs", "1", "--n-boot", "10", "--out", str(ref)],
