@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument(
         "--train-users", type=int, default=0, help="users the ranker trains on, 0 = all (default: %(default)s)"
     )
-    p.add_argument("--train-last", type=int, default=1, help="their last N interactions (default: %(default)s)")
+    p.add_argument("--train-last", type=int, default=2, help="their last N interactions (default: %(default)s)")
     p.add_argument("--latency-users", type=int, default=1_000, help="users timed (default: %(default)s)")
     p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
