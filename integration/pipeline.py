@@ -362,8 +362,8 @@ class RecommendationPipeline:
         idx = np.array([self.item_index[id_key(i)] for i in rec.item_ids], dtype=np.int64)
         return self.recommendation(-1, idx, np.asarray(rec.scores), "popular" if rec.cold_start else "retrieval", 0)
 
-    def add_interaction(self, user_id: int, item_id: int, timestamp: int | None = None) -> int:
-        return self.store.add_interaction(self.user_index[int(user_id)], self.item_index[int(item_id)], timestamp)
+    def add_interaction(self, user_id: int | str, item_id: int | str, timestamp: int | None = None) -> int:
+        return self.store.add_interaction(self.user_index[id_key(user_id)], self.item_index[id_key(item_id)], timestamp)
 
     def write_topk(self, path: str | Path, k: int = 10, batch_size: int = 256) -> int:
         """Every known user's top ``k`` as JSON lines: ``{"user_id", "item_ids", "scores"}`` (raw IDs)."""

@@ -43,6 +43,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
+from common.data.dataset import id_key
 from common.data.load import dataset_ref, load_dataset
 from common.data.movielens import user_record as movielens_user_record
 from common.features import FeatureError
@@ -62,6 +63,8 @@ from inference_legacy.server import (
 )
 
 RawID = Annotated[int, Field(ge=0, le=2**31 - 1), BeforeValidator(integer_id)]
+Int64ID = Annotated[int, Field(ge=-(2**63), le=2**63 - 1), BeforeValidator(integer_id)]
+TextID = Annotated[str, Field(min_length=1, max_length=256)]
 # An event may be at most this far after the data's last interaction (MovieLens's clock stopped in
 # 1998): a timestamp years ahead would move the user's "now", and with it the trend features, for good.
 EVENT_CLOCK_SLACK_S = 86_400
@@ -130,16 +133,26 @@ def request_model(pipeline) -> type[RecommendRequest]:
             for name, vocab in tables.user_vocab.items()
         }
         fields.update({name: (float | None, Field(None)) for name in tables.user_numeric})
-        text_ids = pipeline.dataset.item_raw_ids.dtype == object
         fields["history"] = (
-            list[Annotated[str, Field(max_length=256)]] if text_ids else list[RawID],
+            list[id_type(pipeline.dataset.item_raw_ids)],
             Field(default_factory=list, max_length=1000, description="raw item IDs, oldest first"),
         )
         features = create_model("UserFeatures", __config__=ConfigDict(extra="forbid"), **fields)
     return create_model(
         "RecommendRequest",
         __base__=RecommendRequest,
+        user_id=(id_type(pipeline.dataset.user_raw_ids) | None, Field(None, description="a raw user ID")),
         features=(features | None, Field(None, description="for a user without a known ID")),
+    )
+
+
+def event_model(dataset) -> type[EventRequest]:
+    """The event model with the data set's kinds of raw IDs (integers, or text)."""
+    return create_model(
+        "EventRequest",
+        __base__=EventRequest,
+        user_id=(id_type(dataset.user_raw_ids), ...),
+        item_id=(id_type(dataset.item_raw_ids), ...),
     )
 
 
@@ -152,14 +165,22 @@ def user_record(features: BaseModel) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is not None}
 
 
+def id_type(raw_ids: np.ndarray) -> Any:
+    """A data set's raw IDs as a request field: text where its IDs are text (a log's "sku-001"),
+    else integers (MovieLens's and most logs' within 0..2**31-1, else any 64-bit integer)."""
+    if raw_ids.dtype.kind in "OUS":
+        return TextID
+    return RawID if len(raw_ids) == 0 or (raw_ids.min() >= 0 and raw_ids.max() <= 2**31 - 1) else Int64ID
+
+
 class Item(BaseModel):
-    item_id: int
+    item_id: int | str
     title: str
     score: float
 
 
 class RecommendResponse(BaseModel):
-    user_id: int
+    user_id: int | str
     stage: str = Field(
         description="ranked | candidates (the served system is a candidate source's own order, e.g. the "
         "ensemble's) | retrieval (described by features) | popular (cold start)"
@@ -170,12 +191,12 @@ class RecommendResponse(BaseModel):
 
 
 class Movie(BaseModel):
-    item_id: int
+    item_id: int | str
     title: str = Field(description="the raw item ID when the data set has no titles")
 
 
 class UserView(BaseModel):
-    user_id: int
+    user_id: int | str
     history_length: int
     recent: list[Movie] = Field(description="the latest interactions, most recent first")
 
@@ -214,7 +235,7 @@ class EventRequest(BaseModel):
 
 
 class EventResponse(BaseModel):
-    user_id: int
+    user_id: int | str
     history_length: int = Field(description="the user's history after the event (at most 1,000, the latest)")
     duplicate: bool = Field(False, description="an event_id seen before: acknowledged again, not applied twice")
 
@@ -512,7 +533,7 @@ def create_service(
     page = (Path(__file__).parent / "static" / "index.html").read_text()
 
     def movie(item: int) -> dict[str, Any]:
-        return {"item_id": int(dataset.item_raw_ids[item]), "title": dataset.title(item)}
+        return {"item_id": id_key(dataset.item_raw_ids[item]), "title": dataset.title(item)}
 
     @app.get("/", response_class=HTMLResponse, summary="A page to try the recommender in a browser")
     async def index() -> HTMLResponse:
@@ -522,22 +543,28 @@ def create_service(
 
     @app.get("/users/random", response_model=UserView, summary="A random known user")
     async def random_user(recent: Annotated[int, Query(ge=0, le=100)] = 10) -> dict[str, Any]:
-        return user_view(int(rng.choice(dataset.user_raw_ids)), recent)
+        return user_view(id_key(dataset.user_raw_ids[rng.integers(len(dataset.user_raw_ids))]), recent)
 
-    @app.get(
-        "/users/{user_id}",
-        response_model=UserView,
-        summary="A user's latest movies",
-        responses=error_responses(_404="unknown user"),
-    )
-    async def user(
-        user_id: Annotated[int, Path_(ge=0, le=2**31 - 1)], recent: Annotated[int, Query(ge=0, le=100)] = 10
-    ) -> dict[str, Any]:
+    async def user(user_id, recent: Annotated[int, Query(ge=0, le=100)] = 10) -> dict[str, Any]:
         if user_id not in pipeline.user_index:
             raise HTTPException(404, f"user_id {user_id} is not a known user of {dataset.name}")
         return user_view(user_id, recent)
 
-    def user_view(user_id: int, recent: int) -> dict[str, Any]:
+    kind = id_type(dataset.user_raw_ids)
+    if kind is TextID:
+        user.__annotations__["user_id"] = Annotated[str, Path_(min_length=1, max_length=256)]
+    elif kind is RawID:
+        user.__annotations__["user_id"] = Annotated[int, Path_(ge=0, le=2**31 - 1)]
+    else:
+        user.__annotations__["user_id"] = Annotated[int, Path_(ge=-(2**63), le=2**63 - 1)]
+    app.get(
+        "/users/{user_id}",
+        response_model=UserView,
+        summary="A user's latest movies",
+        responses=error_responses(_404="unknown user"),
+    )(user)
+
+    def user_view(user_id: int | str, recent: int) -> dict[str, Any]:
         history = pipeline.store.history(pipeline.user_index[user_id])
         return {
             "user_id": user_id,
@@ -557,18 +584,7 @@ def create_service(
         contains = [int(i) for i in by_popularity if needle in folded[i] and not folded[i].startswith(needle)]
         return {"query": q, "items": [movie(i) for i in (starts + contains)[:limit]]}
 
-    @app.post(
-        "/events",
-        response_model=EventResponse,
-        summary="Record an interaction",
-        responses=error_responses(
-            _404="unknown user",
-            _408="body not sent in time",
-            _409="event_id reused for another event",
-            _413="body over the size limit",
-        ),
-    )
-    async def events(ev: EventRequest) -> EventResponse:
+    async def events(ev) -> EventResponse:
         # No await below: on the event loop, each event is applied whole before the next starts.
         if ev.user_id not in pipeline.user_index:
             raise HTTPException(
@@ -600,9 +616,22 @@ def create_service(
                 recent.popitem(last=False)
         return EventResponse(user_id=ev.user_id, history_length=n, duplicate=False)
 
+    events.__annotations__["ev"] = event_model(dataset)  # built at run time, like /recommend's
+    app.post(
+        "/events",
+        response_model=EventResponse,
+        summary="Record an interaction",
+        responses=error_responses(
+            _404="unknown user",
+            _408="body not sent in time",
+            _409="event_id reused for another event",
+            _413="body over the size limit",
+        ),
+    )(events)
+
     def warm_up() -> None:
         try:
-            pipeline.recommend([int(dataset.user_raw_ids[0])])
+            pipeline.recommend([id_key(dataset.user_raw_ids[0])])
             readiness.event.set()
         except Exception as err:  # reported by /ready
             readiness.error = f"warm-up failed: {err}"

@@ -288,3 +288,42 @@ def test_the_service_request_model_follows_the_data_sets_user_columns(tmp_path: 
         "age": 25.0,
         "history": [],
     }
+
+
+def test_the_demo_and_the_service_on_a_log_with_text_ids(tmp_path: Path, capsys) -> None:
+    """`make demo DATASET=<spec>` and the HTTP service on the shop log, whose IDs are text: every
+    stage trains (quick), the demo prints a user's list, and the API takes and returns the raw text
+    IDs (recommend, a user's page, events, features with a history), refusing an integer user_id."""
+    from integration.demo import main as demo
+    from integration.pipeline import create_pipeline
+    from integration.service import ABRouter, MemoryCache, create_service
+    from tests.conftest import ready_client
+
+    spec, cache, root = _shop(tmp_path / "shop", n_users=200), str(tmp_path / "cache"), tmp_path / "runs"
+    res = demo(
+        ["--dataset", str(spec), "--data-dir", cache, "--artifacts", str(root), "--quick", "--sequential", "none"]
+        + ["--users", "cust-0007", "--n-boot", "10"]
+    )
+    assert len(res["trained"]) == 3 and "user cust-0007:" in capsys.readouterr().out
+    pipeline = create_pipeline(root, data_dir=cache)
+    app, batcher = create_service(pipeline, MemoryCache(ttl=60), ABRouter({"A": 1.0}))
+    with ready_client(app, batcher) as c:
+        rec = c.post("/recommend", json={"user_id": "cust-0007", "k": 5}).json()
+        assert rec["user_id"] == "cust-0007" and rec["stage"] == "ranked" and len(rec["items"]) == 5
+        assert all(x["item_id"].startswith("sku-") and x["title"] == x["item_id"] for x in rec["items"])
+        view = c.get("/users/cust-0007").json()
+        assert view["user_id"] == "cust-0007" and all(x["item_id"].startswith("sku-") for x in view["recent"])
+        top = rec["items"][0]["item_id"]
+        ev = c.post("/events", json={"user_id": "cust-0007", "item_id": top, "event_id": "e1"}).json()
+        assert ev == {"user_id": "cust-0007", "history_length": view["history_length"] + 1, "duplicate": False}
+        after = c.post("/recommend", json={"user_id": "cust-0007", "k": 5}).json()
+        assert top not in [x["item_id"] for x in after["items"]]
+        assert c.get("/users/random").json()["user_id"].startswith("cust-")
+        assert c.post("/recommend", json={"user_id": "nobody", "k": 3}).json()["stage"] == "popular"
+        new = c.post("/recommend", json={"features": {"segment": "gold", "history": ["sku-001"]}, "k": 5}).json()
+        assert new["stage"] == "retrieval" and "sku-001" not in [x["item_id"] for x in new["items"]]
+        assert c.get("/users/nobody").status_code == 404
+        bad = c.post("/recommend", json={"user_id": 7})
+        assert bad.status_code == 422 and "user_id" in json.dumps(bad.json())
+        unknown = c.post("/events", json={"user_id": "cust-0007", "item_id": "sku-999"})
+        assert unknown.status_code == 422 and "sku-999" in json.dumps(unknown.json())
