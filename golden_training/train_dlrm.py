@@ -423,12 +423,17 @@ class RetrievalScorer:
             scores[r, seen] = -np.inf
         k = min(k, scores.shape[1])
         if k < scores.shape[1]:
-            # torch.topk selects the same set as np.argpartition, 26x faster over 200,000 items.
-            part = torch.topk(torch.from_numpy(scores), k, dim=1, sorted=False).indices.numpy()
-            # Items tied with the k-th score: keep the lowest indices, as a stable sort would.
-            kth = np.take_along_axis(scores, part, 1).min(axis=1, keepdims=True)
-            if (np.sum(scores >= kth, axis=1) > k).any():
+            # torch.topk selects the same set as np.argpartition, 26x faster over 200,000 items. It
+            # takes k + 1: when the (k+1)-th score equals the k-th, which items make the top k is a
+            # tie, settled by a stable sort (lowest indices first); otherwise the top k are the k + 1
+            # less the lowest, and finding that out needs no second pass over the scores.
+            vals, part = torch.topk(torch.from_numpy(scores), k + 1, dim=1, sorted=False)
+            vals, part = vals.numpy(), part.numpy()
+            two = np.partition(vals, 1, axis=1)[:, :2]
+            if (two[:, 0] == two[:, 1]).any():
                 return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            keep = np.argsort(vals, axis=1, kind="stable")[:, 1:]  # drop the lowest of the k + 1
+            part = np.take_along_axis(part, keep, 1)
         else:
             part = np.broadcast_to(np.arange(k), scores.shape).copy()
         top = np.take_along_axis(scores, part, 1)
