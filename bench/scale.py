@@ -312,20 +312,25 @@ def chart(results: dict[str, object], path: Path) -> None:
 
     sizes = results["sizes"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    for name in STAGES:
+    for c, name in enumerate(STAGES):  # one colour per stage in both panels
         rows = [(s["interactions"], s["stages"][name]) for s in sizes if name in s["stages"]]
         if not rows:
             continue
         x = [n for n, _ in rows]
         k = results["exponents"].get(name, {})
         axes[0].plot(
-            x, [r["seconds"] for _, r in rows], marker="o", label=f"{name} (n^{k['time']:.2f})" if "time" in k else name
+            x,
+            [r["seconds"] for _, r in rows],
+            marker="o",
+            color=f"C{c}",
+            label=f"{name} (n^{k['time']:.2f})" if "time" in k else name,
         )
         if all("peak_rss_gb" in r for _, r in rows):
             axes[1].plot(
                 x,
                 [r["peak_rss_gb"] for _, r in rows],
                 marker="o",
+                color=f"C{c}",
                 label=f"{name} (n^{k['peak_rss']:.2f})" if "peak_rss" in k else name,
             )
     for ax, label in ((axes[0], "wall time (s)"), (axes[1], "peak RSS of the stage's process (GB)")):
