@@ -81,8 +81,12 @@ class RankingFeatures(FeatureTables):
             *(f"user_{name}" for name in self.user_dense),
             "retrieval_score",
             *SEQUENCE_FEATURES,
-            *(f"{kind}_{name}_{what}" for name in self.item_categorical for kind, what in HISTORY_MATCH),
+            *self.history_match_names,
         ]
+
+    @property
+    def history_match_names(self) -> list[str]:
+        return [f"{kind}_{name}_{what}" for name in self.item_categorical for kind, what in HISTORY_MATCH]
 
     def history_match(self, items: np.ndarray, history: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
         """For each single-valued item categorical (a shop's brand, a synthetic log's category): whether
@@ -152,7 +156,11 @@ class RankingFeatures(FeatureTables):
                 np.zeros(n, np.float32) if retrieval_score is None else np.asarray(retrieval_score, dtype=np.float32)
             ),
             **{name: (np.zeros(n, np.float32) if sequence is None else sequence[name]) for name in SEQUENCE_FEATURES},
-            **self.history_match(items, history),
+            **(
+                self.history_match(items, history)
+                if self.sequence is not None
+                else {name: np.zeros(n, np.float32) for name in self.history_match_names}
+            ),
         }
         fb = self.schema.from_columns(cols, batch_size=n)
         lab = torch.zeros(n) if labels is None else torch.as_tensor(labels, dtype=torch.float32)

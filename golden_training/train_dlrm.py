@@ -180,7 +180,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "--no-sequence-features",
         dest="sequence_features",
         action="store_false",
-        help="set the after_last_k and item_trend features to zero (an ablation)",
+        help="set the after_last_k, item_trend and history-match (last_<col>_match, recent_<col>_share) "
+        "features to zero (an ablation)",
     )
     data.add_argument(
         "--trend-days",
