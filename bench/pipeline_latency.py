@@ -141,7 +141,9 @@ def synthetic_pipeline(root, num_items: int, num_users: int = 20_000):
     )
     build_s = time.perf_counter() - t0
     cfg = RankConfig(dataset=ds.name, retrieval_export=str(root / "retrieval" / "export"))
-    store = FeatureStore.build(ds, split, cfg.history_len, cfg.sequence_features, cfg.trend_days)
+    store = FeatureStore.build(
+        ds, split, cfg.history_len, cfg.sequence_features, cfg.trend_days, history_match=cfg.history_match
+    )
     dlrm = TorchRecDLRM(store.features.schema, cfg.embedding_dim, list(cfg.dense_arch), list(cfg.over_arch))
     users = np.arange(256)
     items = np.random.default_rng(1).integers(0, num_items, (256, 100))

@@ -49,6 +49,7 @@ class RankingFeatures(FeatureTables):
     history_len: int = 50
     item_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # training interactions
     sequence: SequenceStats | None = None  # None: the sequence features are zeros
+    match_features: bool = False  # the history-match features (history_match) exist
 
     @classmethod
     def build(
@@ -58,13 +59,16 @@ class RankingFeatures(FeatureTables):
         history_len: int = 50,
         sequence: bool = True,
         trend_days: float = 30.0,
+        history_match: bool = False,
     ) -> RankingFeatures:
-        """Features for ``ds``, with popularity and sequence statistics from ``split``'s training part."""
+        """Features for ``ds``, with popularity and sequence statistics from ``split``'s training part;
+        ``history_match`` adds the history-match features (:meth:`history_match`)."""
         return cls.from_dataset(
             ds,
             history_len=history_len,
             item_counts=split.item_counts("valid"),
             sequence=SequenceStats.build(split, trend_days) if sequence else None,
+            match_features=history_match,
         )
 
     @property
@@ -86,6 +90,8 @@ class RankingFeatures(FeatureTables):
 
     @property
     def history_match_names(self) -> list[str]:
+        if not self.match_features:
+            return []
         return [f"{kind}_{name}_{what}" for name in self.item_categorical for kind, what in HISTORY_MATCH]
 
     def history_match(self, items: np.ndarray, history: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
@@ -158,7 +164,7 @@ class RankingFeatures(FeatureTables):
             **{name: (np.zeros(n, np.float32) if sequence is None else sequence[name]) for name in SEQUENCE_FEATURES},
             **(
                 self.history_match(items, history)
-                if self.sequence is not None
+                if self.sequence is not None and self.match_features
                 else {name: np.zeros(n, np.float32) for name in self.history_match_names}
             ),
         }

@@ -207,6 +207,7 @@ def package_model(
             "history_len": cfg.history_len,
             "sequence_features": cfg.sequence_features,
             "trend_days": cfg.trend_days,
+            "history_match": cfg.history_match,
         },
         "quantization": {
             "embeddings": precision,

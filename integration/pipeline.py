@@ -95,18 +95,30 @@ class FeatureStore:
 
     @classmethod
     def build(
-        cls, ds: InteractionData, split: Split, history_len: int, sequence: bool, trend_days: float, stage: str = "test"
+        cls,
+        ds: InteractionData,
+        split: Split,
+        history_len: int,
+        sequence: bool,
+        trend_days: float,
+        stage: str = "test",
+        history_match: bool = False,
     ) -> FeatureStore:
         """Histories up to ``stage``'s targets: training plus validation for "test" (serving),
         training only for "valid" (model selection)."""
         indptr, hist = split.history(stage)
         users = np.arange(ds.num_users)
         return cls(
-            RankingFeatures.build(ds, split, history_len, sequence, trend_days),
+            RankingFeatures.build(ds, split, history_len, sequence, trend_days, history_match),
             [hist[indptr[u] : indptr[u + 1]].tolist() for u in users],
             reference_time(split, stage, users).astype(np.int64),
             stage,
-            {"history_len": history_len, "sequence": sequence, "trend_days": trend_days},
+            {
+                "history_len": history_len,
+                "sequence": sequence,
+                "trend_days": trend_days,
+                "history_match": history_match,
+            },
         )
 
     def history(self, user: int) -> np.ndarray:
@@ -634,7 +646,15 @@ def create_pipeline(
             f"({sorted(feats)}); they must share one feature store"
         )
     cfg = next(iter(rankers.values())).manifest["features"]
-    store = FeatureStore.build(ds, split, cfg["history_len"], cfg["sequence_features"], cfg["trend_days"])
+    # Rankers packaged before --history-match existed had the features whenever the data had the columns.
+    store = FeatureStore.build(
+        ds,
+        split,
+        cfg["history_len"],
+        cfg["sequence_features"],
+        cfg["trend_days"],
+        history_match=cfg.get("history_match", True),
+    )
     for path, p in loaded.items():
         if p.schema != store.features.schema:
             raise ArtifactMismatch(

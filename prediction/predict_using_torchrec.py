@@ -87,6 +87,7 @@ class Ranker:
         run = json.loads((path / "meta.json").read_text()).get("run_config")
         if run is None:
             raise ValueError(f"{path} has no run_config in meta.json; it was not written by golden_training.train_dlrm")
+        run = {"history_match": True, **run}  # runs from before --history-match had those features
         self.cfg = Config(
             **{k: tuple(v) if isinstance(v, list) else v for k, v in run.items() if k in Config.__dataclass_fields__}
         )
@@ -103,7 +104,12 @@ class Ranker:
             )
         self.dataset, self.split = ds, split_dataset(ds, self.cfg.eval_users)  # the sample it was evaluated on
         self.features = RankingFeatures.build(
-            ds, self.split, self.cfg.history_len, self.cfg.sequence_features, self.cfg.trend_days
+            ds,
+            self.split,
+            self.cfg.history_len,
+            self.cfg.sequence_features,
+            self.cfg.trend_days,
+            self.cfg.history_match,
         )
         self.retr = (
             RetrievalScorer(self.cfg.retrieval_export, ds.fingerprint, self.features)

@@ -270,3 +270,36 @@ def test_hard_negatives_come_from_the_exports_ivf_index_with_exclusions() -> Non
                 assert np.array_equal(got[r], exact[r])  # too few: the exact top-k
                 branches.add("exact")
     assert branches == {"index", "exact"}
+
+
+def test_history_match_features_are_opt_in_and_count_the_candidates_category_in_the_history() -> None:
+    """--history-match adds last_<col>_match (the latest item shares the candidate's value) and
+    recent_<col>_share (the share of the last 10 that do) per single-valued item categorical; without
+    it (the default) the ranker has no such columns."""
+    import numpy as np
+
+    from common.data.split import split_dataset
+    from common.data.synthetic import generate_interactions, synthetic_dataset
+    from golden_training.ranking_data import RankingFeatures
+
+    ds = synthetic_dataset(generate_interactions(200, 100, seed=0))
+    split = split_dataset(ds)
+    off = RankingFeatures.build(ds, split)
+    on = RankingFeatures.build(ds, split, history_match=True)
+    assert "category" in on.item_categorical
+    assert not [n for n in off.dense_names if n.endswith(("_match", "_share"))]
+    assert {"last_category_match", "recent_category_share"} <= set(on.dense_names)
+    assert len(on.dense_names) == len(off.dense_names) + 2 * len(on.item_categorical)
+    cat = on.item_columns["category"]
+    hist = np.array([3, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 9], dtype=np.int64)  # 12 items, the last 10 from index 2
+    lengths = np.array([12, 12, 0], dtype=np.int64)
+    values = np.concatenate([hist, hist])
+    items = np.array([9, 7, 9], dtype=np.int64)
+    got = on.history_match(items, (values, lengths))
+    recent = hist[-10:]
+    assert got["last_category_match"].tolist() == [1.0, float(cat[7] == cat[9]), 0.0]  # no history: 0
+    assert np.allclose(
+        got["recent_category_share"], [np.mean(cat[recent] == cat[9]), np.mean(cat[recent] == cat[7]), 0]
+    )
+    cols = dict(zip(on.dense_names, on.batch(np.zeros(3, np.int64), items, (values, lengths)).dense_features.T))
+    assert cols["last_category_match"].tolist() == got["last_category_match"].tolist()
