@@ -132,12 +132,9 @@ def synthetic_pipeline(root, num_items: int, num_users: int = 20_000):
         rcfg,
         model,
         features,
+        ds,
         ds.name,
-        ds.fingerprint,
-        ds.user_raw_ids,
-        ds.item_raw_ids,
         item_emb,
-        split,
     )
     build_s = time.perf_counter() - t0
     cfg = RankConfig(dataset=ds.name, retrieval_export=str(root / "retrieval" / "export"))

@@ -80,7 +80,7 @@ def data_path_rate(spec: str, data_dir: str, steps: int = 300, batch_size: int =
     ds = load_dataset(spec, data_dir)
     split = split_dataset(ds)
     features = TwoTowerFeatures.from_dataset(ds, history_len=50)
-    examples = TrainExamples(features, split, batch_size, 0, 1, seed=0)
+    examples = TrainExamples(features, split, batch_size, 0, seed=0)
     batches = examples.batches(0, 0, steps + 20)
     for _ in range(20):  # the epoch's permutation and warm-up
         next(batches)

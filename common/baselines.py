@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from common.data.load import add_dataset_args, load_dataset
@@ -42,8 +43,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return Config(**vars(a))
 
 
-def popularity_report(split: Split, stage: str, n_boot: int = 1000) -> RankingReport:
-    counts = torch.as_tensor(split.item_counts(stage), dtype=torch.float32)
+def popularity_report(split: Split, stage: str, n_boot: int = 1000, counts: np.ndarray | None = None) -> RankingReport:
+    """Items ranked by their interactions before ``stage``: ``split``'s, or ``counts`` where the
+    split holds only some users (the evaluated ones, a rank's share)."""
+    counts = torch.as_tensor(split.item_counts(stage) if counts is None else counts, dtype=torch.float32)
     return evaluate_scores(lambda users: counts.expand(len(users), -1).clone(), split, stage, n_boot=n_boot)
 
 

@@ -131,6 +131,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def all_reduce(value: np.ndarray | int, op: str = "sum", device: torch.device | None = None) -> np.ndarray:
+    """``value`` (a number or an integer / float array) reduced over the ranks of the default group
+    with ``op`` ("sum", "min" or "max"); returned as an array, unchanged in a single process.
+    ``device`` is where the collective runs (CUDA for nccl)."""
+    a = np.asarray(value)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return a
+    ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64 if a.dtype.kind == "f" else np.int64))
+    t = t.to(device or "cpu")
+    dist.all_reduce(t, op=ops[op])
+    return t.cpu().numpy().reshape(a.shape)  # ascontiguousarray makes a 0-d value 1-d
+
+
 def get_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else _env_int("RANK", 0)
 

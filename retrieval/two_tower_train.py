@@ -44,13 +44,15 @@ from common.checkpoint import (
     run_config,
     save_checkpoint,
 )
+from common.data.dataset import InteractionData
 from common.data.load import add_dataset_args, load_dataset
-from common.data.split import Split, split_dataset
+from common.data.split import Split, history_before_test, rank_splits
 from common.data.tables import last_n
 from common.metrics import RankingReport, evaluate_scores
 from common.runtime import (
     MetricsLog,
     Runtime,
+    all_reduce,
     init_runtime,
     print0,
     seed_everything,
@@ -230,11 +232,14 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 class TrainExamples:
-    """Every training interaction as an example; this rank's batches for one epoch.
+    """This rank's training interactions as examples, and its batches for one epoch.
 
-    The order is a permutation seeded by (seed, epoch), so a resumed run sees the same batches.
-    Each step consumes ``batch_size * world_size`` examples; rank r takes its slice. The last
-    partial step is dropped so that every rank runs the same number of steps.
+    ``split`` is the rank's share of the users (:func:`common.data.split.rank_splits`: a contiguous
+    range of the data set, balanced by interactions; everyone in one process), so a rank reads only
+    its share. The order is a permutation seeded by (seed, epoch), so a resumed run sees the same
+    batches; the last partial batch is dropped. ``steps_per_epoch`` and ``item_counts`` are the
+    share's: a distributed run lowers the first to the smallest share's (every rank must run the
+    same number of steps) and sums the second over the ranks (:func:`main`).
     """
 
     def __init__(
@@ -243,13 +248,12 @@ class TrainExamples:
         split: Split,
         batch_size: int,
         rank: int,
-        world_size: int,
         seed: int,
         user_id_dropout: float = 0.0,
         holdout_last: int = 0,
     ) -> None:
         self.features, self.split = features, split
-        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.batch_size, self.rank, self.seed = batch_size, rank, seed
         self.user_id_dropout = user_id_dropout
         user = split.train_user
         self.user_start = np.searchsorted(user, np.arange(split.num_users))  # train rows are sorted by user
@@ -258,14 +262,14 @@ class TrainExamples:
         user_end = np.r_[self.user_start[1:], len(user)]
         self.rows = np.where(np.arange(len(user)) < user_end[user] - holdout_last)[0]
         self.num_examples = len(self.rows)
-        self.steps_per_epoch = self.num_examples // (batch_size * world_size)
+        self.steps_per_epoch = self.num_examples // batch_size
         self.item_counts = np.bincount(split.train_item[self.rows], minlength=split.num_items)
 
     def batches(self, epoch: int, start_step: int = 0, limit: int | None = None):
         perm = self.rows[np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)]
         steps = self.steps_per_epoch if limit is None else min(limit, self.steps_per_epoch)
         for step in range(start_step, steps):
-            lo = (step * self.world_size + self.rank) * self.batch_size
+            lo = step * self.batch_size
             drop = (
                 np.random.default_rng([self.seed, epoch, step, self.rank]).random(self.batch_size)
                 < self.user_id_dropout
@@ -402,12 +406,9 @@ def export(
     cfg: Config,
     model: torch.nn.Module,
     features: TwoTowerFeatures,
+    ds: InteractionData,
     ds_name: str,
-    fingerprint: str,
-    user_raw_ids: np.ndarray,
-    item_raw_ids: np.ndarray,
     item_emb: torch.Tensor,
-    split: Split,
 ) -> Path | None:
     """Write the serving artifacts (rank 0): weights.pt, item_embeddings.npy, index.faiss,
     features.json (feature tables), the ID maps, histories and popularity as .npy, and
@@ -428,18 +429,18 @@ def export(
     # Serving by user ID needs each known user's history: everything before test (train + valid).
     # The per-user and per-item arrays are .npy (memory-mappable; JSON lists of 20M histories took
     # 631 MB and minutes to write and parse); features.json keeps the feature tables.
-    indptr, hist = split.history("test")
+    # Rank 0 reads every user's interactions here (and only here).
+    indptr, hist = history_before_test(ds)
     (out_dir / "features.json").write_text(json.dumps({"features": features.to_dict()}))
-    arrays = dict(
-        zip(SERVING_ARRAYS, (user_raw_ids, item_raw_ids, indptr, hist, split.item_counts("test")), strict=True)
-    )
+    counts = np.bincount(hist, minlength=ds.num_items)
+    arrays = dict(zip(SERVING_ARRAYS, (ds.user_raw_ids, ds.item_raw_ids, indptr, hist, counts), strict=True))
     for name, a in arrays.items():
         np.save(out_dir / f"{name}.npy", a.astype(str) if a.dtype == object else a, allow_pickle=False)
     files = ["weights.pt", "item_embeddings.npy", "index.faiss", "features.json", *(f"{n}.npy" for n in arrays)]
     manifest = {
         "format": EXPORT_FORMAT,
         "dataset": ds_name,
-        "data_fingerprint": fingerprint,
+        "data_fingerprint": ds.fingerprint,
         "query_schema": features.query_schema.to_dict(),
         "candidate_schema": features.candidate_schema.to_dict(),
         "embedding_dim": cfg.embedding_dim,
@@ -473,19 +474,20 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     out = Path(cfg.out)
 
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.source, cfg.on_bad_row)
-    split = split_dataset(ds, cfg.eval_users)
+    # This rank's share of the users to train on, and the evaluated users (the same on every rank).
+    share, split = rank_splits(ds, rt.rank, rt.world_size, cfg.eval_users)
     features = TwoTowerFeatures.from_dataset(ds, history_len=cfg.history_len)
-    examples = TrainExamples(
-        features, split, cfg.batch_size, rt.rank, rt.world_size, cfg.seed, cfg.user_id_dropout, cfg.holdout_last
-    )
+    examples = TrainExamples(features, share, cfg.batch_size, rt.rank, cfg.seed, cfg.user_id_dropout, cfg.holdout_last)
+    examples.steps_per_epoch = int(all_reduce(examples.steps_per_epoch, "min", rt.device))
+    num_examples = int(all_reduce(examples.num_examples, "sum", rt.device))
     if examples.steps_per_epoch == 0:
         raise ValueError(
-            f"batch size {cfg.batch_size} x {rt.world_size} ranks exceeds the {examples.num_examples} "
-            f"training examples; lower --batch-size"
+            f"batch size {cfg.batch_size} exceeds the {examples.num_examples} training examples of rank "
+            f"{rt.rank}'s share ({rt.world_size} ranks); lower --batch-size"
         )
-    model, optimizer = build_model(cfg, features, examples.item_counts, rt)
+    model, optimizer = build_model(cfg, features, all_reduce(examples.item_counts, "sum", rt.device), rt)
     print0(
-        f"{ds.name}: {ds.num_users} users, {ds.num_items} items, {examples.num_examples} training examples; "
+        f"{ds.name}: {ds.num_users} users, {ds.num_items} items, {num_examples} training examples; "
         f"{rt.world_size} x {rt.device.type} ({rt.backend}); {examples.steps_per_epoch} steps/epoch"
     )
     print0(str(model.plan))
@@ -572,7 +574,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     stage = "valid" if cfg.no_test else "test"  # --no-test: the final table on validation, test never scored
     test, item_emb = evaluate(model, features, split, stage, rt.device, cfg)
     new_users, _ = evaluate(model, features, split, stage, rt.device, cfg, hide_user_id=True)
-    pop = popularity_report(split, stage, n_boot=cfg.n_boot)
+    # Popularity counts every user's interactions before the stage: each rank counts its share's.
+    pop = popularity_report(split, stage, cfg.n_boot, all_reduce(share.item_counts(stage), "sum", rt.device))
     print0(f"{stage:<22} | " + " | ".join(f"{k:>10}" for k in test.means))
     for name, rep in (("popularity", pop), ("two-tower", test), ("two-tower, no user ID", new_users)):
         print0(f"{name:<22} | " + " | ".join(f"{v:>10.4f}" for v in rep.means.values()))
@@ -581,12 +584,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         cfg,
         model,
         features,
+        ds,
         cfg.dataset,
-        ds.fingerprint,
-        ds.user_raw_ids,
-        ds.item_raw_ids,
         item_emb,
-        split,
     )
     results = {
         "dataset": ds.name,

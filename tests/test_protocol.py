@@ -75,7 +75,7 @@ def _two_tower(ds: InteractionData, split: Split):
     from retrieval.two_tower_train import TrainExamples
 
     features = TwoTowerFeatures.from_dataset(ds, history_len=50)
-    examples = TrainExamples(features, split, batch_size=512, rank=0, world_size=1, seed=0, user_id_dropout=0.1)
+    examples = TrainExamples(features, split, batch_size=512, rank=0, seed=0, user_id_dropout=0.1)
     torch.manual_seed(0)
     model = TwoTower(features.query_schema, features.candidate_schema, 32, [32], examples.item_counts, 0.05)
     return features, examples, model.eval()

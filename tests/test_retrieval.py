@@ -248,8 +248,8 @@ def test_holdout_last_leaves_each_users_latest_interactions_out(ml100k, ml100k_s
     from retrieval.two_tower_train import TrainExamples
 
     feats = TwoTowerFeatures.from_dataset(ml100k)
-    full = TrainExamples(feats, ml100k_split, 512, 0, 1, seed=0)
-    held = TrainExamples(feats, ml100k_split, 512, 0, 1, seed=0, holdout_last=2)
+    full = TrainExamples(feats, ml100k_split, 512, 0, seed=0)
+    held = TrainExamples(feats, ml100k_split, 512, 0, seed=0, holdout_last=2)
     assert full.num_examples - held.num_examples == 2 * 943
     last_row = np.r_[np.flatnonzero(np.diff(ml100k_split.train_user)), len(ml100k_split.train_user) - 1]
     assert not set(last_row.tolist()) & set(held.rows.tolist())

@@ -4,6 +4,7 @@ and the popularity baseline's golden numbers on real ml-100k."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import math
 
@@ -14,7 +15,15 @@ import torch
 from common.baselines import main as baselines_main
 from common.baselines import popularity_report
 from common.data.download import default_data_dir
-from common.data.split import leave_last_out, split_dataset, tie_keys
+from common.data.split import (
+    STAGES,
+    history_before_test,
+    leave_last_out,
+    rank_splits,
+    split_dataset,
+    tie_keys,
+    user_share,
+)
 from common.metrics import (
     BinaryMetrics,
     bootstrap_ci,
@@ -228,3 +237,92 @@ def test_binary_metrics_auc_and_ne() -> None:
     assert m2.compute()["ne"] == pytest.approx(1.0, rel=1e-6)
     with pytest.raises(ValueError, match="before any update"):
         BinaryMetrics().compute()
+
+
+# ---------------------------------------------------------------------------------------------
+# What each rank of a distributed run reads (common/data/split.py: rank_splits)
+
+SPLIT_FIELDS = ("train_user", "train_item", "train_time", "valid_user", "valid_item", "valid_time")
+SPLIT_FIELDS += ("test_user", "test_item", "test_time")
+
+
+def test_the_split_read_in_place_equals_the_sorting_split(ml100k, ml100k_split) -> None:
+    """split_dataset reads the data set's own order; leave_last_out sorts shuffled rows again by the
+    rule (time, then tie key): the same split."""
+    perm = np.random.default_rng(0).permutation(ml100k.num_interactions)
+    sorted_again = leave_last_out(
+        ml100k.user[perm],
+        ml100k.item[perm],
+        ml100k.timestamp[perm],
+        ml100k.num_users,
+        ml100k.num_items,
+        user_raw_ids=ml100k.user_raw_ids,
+        item_raw_ids=ml100k.item_raw_ids,
+    )
+    for f in SPLIT_FIELDS:
+        assert np.array_equal(getattr(ml100k_split, f), getattr(sorted_again, f)), f
+    backwards = dataclasses.replace(ml100k, timestamp=ml100k.timestamp[::-1].copy())
+    with pytest.raises(ValueError, match="not in split order"):
+        split_dataset(backwards)
+
+
+def test_rank_shares_and_the_evaluated_users_split_exactly_as_the_whole(ml100k, ml100k_split) -> None:
+    full, indptr = ml100k_split, ml100k.indptr
+    for world in (2, 3):
+        shares = [user_share(indptr, r, world) for r in range(world)]
+        assert shares[0][0] == 0 and shares[-1][1] == ml100k.num_users
+        assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
+        rows = [int(indptr[hi] - indptr[lo]) for lo, hi in shares]
+        assert max(rows) - min(rows) <= np.diff(indptr).max(), rows  # balanced to one user's rows
+        parts = [rank_splits(ml100k, r, world)[0] for r in range(world)]
+        for f in SPLIT_FIELDS:
+            assert np.array_equal(np.concatenate([getattr(p, f) for p in parts]), getattr(full, f)), f
+        for stage in STAGES:
+            assert np.array_equal(sum(p.item_counts(stage) for p in parts), full.item_counts(stage))
+    sampled = split_dataset(ml100k, eval_users=200)
+    for world, rank in ((1, 0), (2, 1)):
+        _, ev = rank_splits(ml100k, rank, world, eval_users=200)
+        assert np.array_equal(ev.eval_users, sampled.eval_users)
+        for stage in STAGES:
+            (u, t), (u0, t0) = ev.targets(stage), sampled.targets(stage)
+            assert np.array_equal(u, u0) and np.array_equal(t, t0)
+            (ip, h), (ip0, h0) = ev.history(stage), full.history(stage)
+            for user in u.tolist():
+                assert np.array_equal(h[ip[user] : ip[user + 1]], h0[ip0[user] : ip0[user + 1]])
+    everyone = rank_splits(ml100k, 1, 2)[1]
+    assert everyone.eval_users is None and np.array_equal(everyone.test_item, full.test_item)
+    ip, h = history_before_test(ml100k)
+    ip0, h0 = full.history("test")
+    assert np.array_equal(ip, ip0) and np.array_equal(h, h0)
+
+
+class _Recorded:
+    """An interaction column that records which rows are read, and refuses to be read whole."""
+
+    def __init__(self, a: np.ndarray) -> None:
+        self.a, self.read = np.asarray(a), np.zeros(len(a), dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def __getitem__(self, key):
+        self.read[key] = True
+        return self.a[key]
+
+    def __array__(self, dtype=None, copy=None):
+        raise AssertionError("the whole column was read")
+
+
+def test_a_rank_reads_only_its_share_and_the_evaluated_users(ml100k) -> None:
+    cols = {name: _Recorded(getattr(ml100k, name)) for name in ("user", "item", "timestamp", "rating")}
+    ds = dataclasses.replace(ml100k, **cols, known_indptr=ml100k.indptr, known_fingerprint=ml100k.fingerprint)
+    share, ev = rank_splits(ds, 1, 2, eval_users=50)
+    lo, hi = user_share(ml100k.indptr, 1, 2)
+    mine = np.zeros(ml100k.num_interactions, dtype=bool)
+    mine[ml100k.indptr[lo] : ml100k.indptr[hi]] = True
+    evaluated = np.isin(ml100k.user, ev.eval_users)
+    assert 0.4 < mine.mean() < 0.6 and not evaluated[mine].all()
+    for name in ("user", "item", "timestamp"):
+        assert np.array_equal(cols[name].read, mine | evaluated), name
+    assert not cols["rating"].read.any()
+    assert len(share.train_user) + len(share.valid_user) + len(share.test_user) == mine.sum()

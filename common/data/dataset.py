@@ -110,6 +110,10 @@ class InteractionData:
     item_title: list[str] | None = None  # display title of each item, None where the data set has none
     user_features: dict[str, Feature] = field(default_factory=dict)
     item_features: dict[str, Feature] = field(default_factory=dict)
+    # Known from a prepared cache (common/data/logs.py), so that a rank need not read every
+    # interaction to get them; None: computed from the arrays when asked.
+    known_indptr: np.ndarray | None = field(default=None, repr=False)
+    known_fingerprint: str | None = field(default=None, repr=False)
 
     @property
     def num_users(self) -> int:
@@ -128,12 +132,23 @@ class InteractionData:
         return bool(self.user_features)
 
     @property
+    def indptr(self) -> np.ndarray:
+        """int64 [num_users + 1]: user ``u``'s interactions are rows ``indptr[u]:indptr[u + 1]``."""
+        if self.known_indptr is not None:
+            return self.known_indptr
+        out = np.zeros(self.num_users + 1, dtype=np.int64)
+        np.cumsum(np.bincount(self.user, minlength=self.num_users), out=out[1:])
+        return out
+
+    @property
     def fingerprint(self) -> str:
         """SHA-256 of the interactions (raw IDs, ratings, timestamps) in canonical order.
 
         Equal for the same data whatever the source, so artifacts trained on one copy can be
         checked against the data they are served with.
         """
+        if self.known_fingerprint is not None:
+            return self.known_fingerprint
         h = hashlib.sha256(self.name.encode())
         for ids, index in ((self.user_raw_ids, self.user), (self.item_raw_ids, self.item)):
             h.update(raw_id_bytes(ids)[index].tobytes() if ids.dtype.kind in "iu" else _string_digest(ids, index))

@@ -548,6 +548,13 @@ def load_log(
     folder = root / "logs" / f"{_safe(spec['name'])}-{key[:16]}"
     if (folder / "meta.json").is_file():
         return _load_cached(folder, spec_path)
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1 and int(os.environ.get("LOCAL_RANK") or 0) != 0:
+        # Under torchrun the first process on this host prepares the log; the others wait for its
+        # cache instead of each reading the whole log (torchrun stops them if it fails).
+        print(f"waiting for local rank 0 to prepare {spec_path} into {folder}", file=sys.stderr)
+        while not (folder / "meta.json").is_file():
+            time.sleep(1.0)
+        return _load_cached(folder, spec_path)
     t0 = time.perf_counter()
     ds, report = read_log(spec_path, on_bad_row)
     _save_cached(ds, folder, {**report, "inputs_fingerprint": key, "read_s": round(time.perf_counter() - t0, 2)})
@@ -566,7 +573,7 @@ def _save_cached(ds: InteractionData, folder: Path, report: dict[str, Any]) -> N
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in ("user", "item", "rating", "timestamp"):
+    for name in ("user", "item", "rating", "timestamp", "indptr"):
         np.save(tmp / f"{name}.npy", getattr(ds, name), allow_pickle=False)
     _save_ids(tmp / "user_raw_ids.npy", ds.user_raw_ids)
     _save_ids(tmp / "item_raw_ids.npy", ds.item_raw_ids)
@@ -629,7 +636,7 @@ def _load_cached(folder: Path, spec_path: str | Path) -> InteractionData:
                 boundaries=tuple(f["boundaries"]) if f["boundaries"] is not None else None,
             )
     titles = folder / "titles.json"
-    return InteractionData(
+    ds = InteractionData(
         name=meta["name"],
         source=f"log:{spec_path}",
         user=arr("user"),
@@ -641,7 +648,12 @@ def _load_cached(folder: Path, spec_path: str | Path) -> InteractionData:
         item_title=json.loads(titles.read_text()) if titles.is_file() else None,
         user_features=features["user"],
         item_features=features["item"],
+        known_indptr=arr("indptr") if (folder / "indptr.npy").is_file() else None,
+        known_fingerprint=meta["fingerprint"],
     )
+    if ds.known_indptr is None:  # a cache from before the offsets were saved: once, from the user column
+        ds.known_indptr = ds.indptr
+    return ds
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,9 +25,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from common.data.dataset import InteractionData
 
 STAGES = ("valid", "test")
 
@@ -91,10 +94,8 @@ class Split:
         ``seed`` and sorted; the same users for validation where they have a target). Training and
         histories are unchanged, and each sampled user is still ranked against the whole catalog.
         ``n <= 0`` or ``n`` at least the number of such users: everyone."""
-        if n <= 0 or n >= len(self.test_user):
-            return self
-        chosen = np.sort(np.random.default_rng(seed).choice(self.test_user, size=n, replace=False))
-        return dataclasses.replace(self, eval_users=chosen)
+        chosen = _choose(self.test_user, n, seed)
+        return self if chosen is None else dataclasses.replace(self, eval_users=chosen)
 
     def history(self, stage: str) -> tuple[np.ndarray, np.ndarray]:
         """The interactions a model may see when predicting ``stage``'s targets, as CSR
@@ -143,7 +144,12 @@ def leave_last_out(
     raw_user = user if user_raw_ids is None else np.asarray(user_raw_ids)[user]
     raw_item = item if item_raw_ids is None else np.asarray(item_raw_ids)[item]
     order = time_order(timestamp, raw_user, raw_item, group=user)
-    user, item, timestamp = user[order], item[order], timestamp[order]
+    return _split_ordered(user[order], item[order], timestamp[order], num_users, num_items)
+
+
+def _split_ordered(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, num_users: int, num_items: int) -> Split:
+    """The split of interactions already in split order (grouped by user, ascending; by time and
+    tie key within a user). Any subset of whole users: absent users simply have no rows."""
     count = np.bincount(user, minlength=num_users)
     end = np.cumsum(count)  # one past each user's last interaction
     has_test = count >= 2
@@ -168,34 +174,89 @@ def leave_last_out(
     )
 
 
-class Interactions(Protocol):
-    """What :func:`split_dataset` reads: MovieLens, the synthetic generator's output."""
-
-    user: np.ndarray
-    item: np.ndarray
-    timestamp: np.ndarray
-    user_raw_ids: np.ndarray
-    item_raw_ids: np.ndarray
-
-    @property
-    def num_users(self) -> int: ...
-
-    @property
-    def num_items(self) -> int: ...
+def split_dataset(ds: InteractionData, eval_users: int = 0) -> Split:
+    """The shared split of a data set; ``eval_users`` > 0 evaluates a fixed sample of that many
+    users (:meth:`Split.sample_eval_users`). An :class:`InteractionData` is already in split order
+    (``build_dataset`` sorts it by the tie rule), so this reads it without sorting again."""
+    return split_users(ds).sample_eval_users(eval_users)
 
 
-def split_dataset(ds: Interactions, eval_users: int = 0) -> Split:
-    """The shared split of a data set, its raw IDs feeding the tie key; ``eval_users`` > 0
-    evaluates a fixed sample of that many users (:meth:`Split.sample_eval_users`)."""
-    return leave_last_out(
-        ds.user,
-        ds.item,
-        ds.timestamp,
-        ds.num_users,
-        ds.num_items,
-        user_raw_ids=ds.user_raw_ids,
-        item_raw_ids=ds.item_raw_ids,
-    ).sample_eval_users(eval_users)
+def split_users(ds: InteractionData, users: np.ndarray | tuple[int, int] | None = None) -> Split:
+    """The split of ``users`` only (sorted dense indices, a ``(lo, hi)`` range, or ``None`` for
+    everyone), read from the data set's split order through its per-user row offsets: only those
+    users' rows are touched (a range is one contiguous slice of a memory-mapped cache). Each user's
+    targets and history are exactly those of :func:`split_dataset`."""
+    indptr = ds.indptr
+    if users is None:
+        users = (0, ds.num_users)
+    if isinstance(users, tuple):
+        lo, hi = users
+        rows: slice | np.ndarray = slice(int(indptr[lo]), int(indptr[hi]))
+    else:
+        users = np.asarray(users, dtype=np.int64)
+        if len(users) > 1 and not (np.diff(users) > 0).all():
+            raise ValueError("users must be sorted and distinct")
+        start, count = indptr[users], indptr[users + 1] - indptr[users]
+        rows = np.repeat(start - np.r_[0, np.cumsum(count)[:-1]], count) + np.arange(count.sum())
+    user = np.asarray(ds.user[rows], dtype=np.int64)
+    timestamp = np.asarray(ds.timestamp[rows], dtype=np.int64)
+    same_user = user[1:] == user[:-1]
+    if (user[1:] < user[:-1]).any() or (timestamp[1:][same_user] < timestamp[:-1][same_user]).any():
+        raise ValueError(
+            f"{ds.name}: interactions are not in split order (by user, then time); build the data set "
+            f"with common.data.dataset.build_dataset, which sorts them"
+        )
+    return _split_ordered(user, np.asarray(ds.item[rows], dtype=np.int64), timestamp, ds.num_users, ds.num_items)
+
+
+def eval_user_sample(indptr: np.ndarray, n: int, seed: int = 0) -> np.ndarray | None:
+    """The users :meth:`Split.sample_eval_users` picks, from per-user row offsets alone (users with
+    a test target are those with 2 interactions or more); ``None``: evaluate everyone."""
+    return _choose(np.flatnonzero(np.diff(indptr) >= 2), n, seed)
+
+
+def _choose(test_users: np.ndarray, n: int, seed: int) -> np.ndarray | None:
+    if n <= 0 or n >= len(test_users):
+        return None
+    return np.sort(np.random.default_rng(seed).choice(test_users, size=n, replace=False))
+
+
+def user_share(indptr: np.ndarray, rank: int, world_size: int) -> tuple[int, int]:
+    """The users ``[lo, hi)`` whose interactions are ``rank``'s share of ``world_size``: contiguous
+    in split order and balanced by interactions (each boundary is the first user starting at or
+    after ``rank / world_size`` of the rows)."""
+    n, num_users = int(indptr[-1]), len(indptr) - 1
+
+    def bound(r: int) -> int:
+        return num_users if r == world_size else int(np.searchsorted(indptr, r * n // world_size, side="left"))
+
+    return bound(rank), bound(rank + 1)
+
+
+def rank_splits(ds: InteractionData, rank: int, world_size: int, eval_users: int = 0) -> tuple[Split, Split]:
+    """What a rank of a distributed run reads: (its share of the users, as a split, to train on;
+    the evaluated users, as a split, to evaluate on). The share is :func:`user_share`'s range; the
+    evaluated users are ``eval_users``' fixed sample (everyone when 0) and the same on every rank,
+    with their targets and histories as in :func:`split_dataset`. In one process both are the whole
+    split (one copy), so a single-process run reads what it read before."""
+    sample = eval_user_sample(ds.indptr, eval_users)
+    if world_size == 1:
+        train = split_users(ds)
+        return train, dataclasses.replace(train, eval_users=sample)
+    train = split_users(ds, user_share(ds.indptr, rank, world_size))
+    return train, dataclasses.replace(split_users(ds, sample), eval_users=sample)
+
+
+def history_before_test(ds: InteractionData) -> tuple[np.ndarray, np.ndarray]:
+    """Every user's interactions before their test target, as CSR ``(indptr, items)`` in split
+    order: :meth:`Split.history` ("test") of the whole split, without building the split."""
+    indptr = ds.indptr
+    count = np.diff(indptr)
+    keep = np.ones(int(indptr[-1]), dtype=bool)
+    keep[indptr[1:][count >= 2] - 1] = False  # each test target: the user's last row
+    out = np.zeros_like(indptr)
+    np.cumsum(count - (count >= 2), out=out[1:])
+    return out, np.asarray(ds.item, dtype=np.int64)[keep]
 
 
 def _check_stage(stage: str) -> None:
