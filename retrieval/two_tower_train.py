@@ -235,8 +235,9 @@ class TrainExamples:
     """This rank's training interactions as examples, and its batches for one epoch.
 
     ``split`` is the rank's share of the users (:func:`common.data.split.rank_splits`: a contiguous
-    range of the data set, balanced by interactions; everyone in one process), so a rank reads only
-    its share. The order is a permutation seeded by (seed, epoch), so a resumed run sees the same
+    range of the data set, balanced by training examples; everyone in one process), so a rank reads
+    only its share, and its in-batch negatives are its own users' items (the logQ correction counts
+    every rank's). The order is a permutation seeded by (seed, epoch), so a resumed run sees the same
     batches; the last partial batch is dropped. ``steps_per_epoch`` and ``item_counts`` are the
     share's: a distributed run lowers the first to the smallest share's (every rank must run the
     same number of steps) and sums the second over the ranks (:func:`main`).
@@ -475,15 +476,17 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.source, cfg.on_bad_row)
     # This rank's share of the users to train on, and the evaluated users (the same on every rank).
-    share, split = rank_splits(ds, rt.rank, rt.world_size, cfg.eval_users)
+    # (With --eval-users 0, every user is evaluated, so every rank also reads every user's rows.)
+    share, split = rank_splits(ds, rt.rank, rt.world_size, cfg.eval_users, cfg.holdout_last)
     features = TwoTowerFeatures.from_dataset(ds, history_len=cfg.history_len)
     examples = TrainExamples(features, share, cfg.batch_size, rt.rank, cfg.seed, cfg.user_id_dropout, cfg.holdout_last)
     examples.steps_per_epoch = int(all_reduce(examples.steps_per_epoch, "min", rt.device))
     num_examples = int(all_reduce(examples.num_examples, "sum", rt.device))
     if examples.steps_per_epoch == 0:
+        fewest = int(all_reduce(examples.num_examples, "min", rt.device))
         raise ValueError(
-            f"batch size {cfg.batch_size} exceeds the {examples.num_examples} training examples of rank "
-            f"{rt.rank}'s share ({rt.world_size} ranks); lower --batch-size"
+            f"batch size {cfg.batch_size} exceeds the {fewest} training examples of the smallest rank "
+            f"share ({rt.world_size} ranks, {num_examples} examples in all); lower --batch-size"
         )
     model, optimizer = build_model(cfg, features, all_reduce(examples.item_counts, "sum", rt.device), rt)
     print0(

@@ -272,9 +272,12 @@ def test_rank_shares_and_the_evaluated_users_split_exactly_as_the_whole(ml100k, 
         shares = [user_share(indptr, r, world) for r in range(world)]
         assert shares[0][0] == 0 and shares[-1][1] == ml100k.num_users
         assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
-        rows = [int(indptr[hi] - indptr[lo]) for lo, hi in shares]
-        assert max(rows) - min(rows) <= np.diff(indptr).max(), rows  # balanced to one user's rows
         parts = [rank_splits(ml100k, r, world)[0] for r in range(world)]
+        examples = [len(p.train_user) for p in parts]  # balanced by training examples, to one user's
+        assert max(examples) - min(examples) <= np.diff(indptr).max(), examples
+        held = [user_share(indptr, r, world, holdout_last=5) for r in range(world)]
+        left = [int(np.maximum(np.diff(indptr)[lo:hi] - 2 - 5, 0).sum()) for lo, hi in held]
+        assert max(left) - min(left) <= np.diff(indptr).max(), left  # ... less --holdout-last's
         for f in SPLIT_FIELDS:
             assert np.array_equal(np.concatenate([getattr(p, f) for p in parts]), getattr(full, f)), f
         for stage in STAGES:
@@ -315,7 +318,7 @@ class _Recorded:
 
 def test_a_rank_reads_only_its_share_and_the_evaluated_users(ml100k) -> None:
     cols = {name: _Recorded(getattr(ml100k, name)) for name in ("user", "item", "timestamp", "rating")}
-    ds = dataclasses.replace(ml100k, **cols, known_indptr=ml100k.indptr, known_fingerprint=ml100k.fingerprint)
+    ds = dataclasses.replace(ml100k, **cols).with_known(ml100k.indptr, ml100k.fingerprint)
     share, ev = rank_splits(ds, 1, 2, eval_users=50)
     lo, hi = user_share(ml100k.indptr, 1, 2)
     mine = np.zeros(ml100k.num_interactions, dtype=bool)

@@ -110,10 +110,16 @@ class InteractionData:
     item_title: list[str] | None = None  # display title of each item, None where the data set has none
     user_features: dict[str, Feature] = field(default_factory=dict)
     item_features: dict[str, Feature] = field(default_factory=dict)
-    # Known from a prepared cache (common/data/logs.py), so that a rank need not read every
-    # interaction to get them; None: computed from the arrays when asked.
-    known_indptr: np.ndarray | None = field(default=None, repr=False)
-    known_fingerprint: str | None = field(default=None, repr=False)
+    # Known from a prepared cache (common/data/logs.py, :meth:`with_known`), so that a rank need not
+    # read every interaction to get them; else computed from the arrays (the offsets once). Not init
+    # fields: ``dataclasses.replace`` with other arrays starts without them.
+    known_indptr: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    known_fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    def with_known(self, indptr: np.ndarray | None, fingerprint: str | None) -> InteractionData:
+        """This data set with its user offsets and fingerprint as already computed (a cache's)."""
+        self.known_indptr, self.known_fingerprint = indptr, fingerprint
+        return self
 
     @property
     def num_users(self) -> int:
@@ -134,11 +140,11 @@ class InteractionData:
     @property
     def indptr(self) -> np.ndarray:
         """int64 [num_users + 1]: user ``u``'s interactions are rows ``indptr[u]:indptr[u + 1]``."""
-        if self.known_indptr is not None:
-            return self.known_indptr
-        out = np.zeros(self.num_users + 1, dtype=np.int64)
-        np.cumsum(np.bincount(self.user, minlength=self.num_users), out=out[1:])
-        return out
+        if self.known_indptr is None:
+            out = np.zeros(self.num_users + 1, dtype=np.int64)
+            np.cumsum(np.bincount(self.user, minlength=self.num_users), out=out[1:])
+            self.known_indptr = out
+        return self.known_indptr
 
     @property
     def fingerprint(self) -> str:

@@ -551,8 +551,16 @@ def load_log(
     if int(os.environ.get("WORLD_SIZE") or 1) > 1 and int(os.environ.get("LOCAL_RANK") or 0) != 0:
         # Under torchrun the first process on this host prepares the log; the others wait for its
         # cache instead of each reading the whole log (torchrun stops them if it fails).
+        limit = float(os.environ.get("RECSYS_PREPARE_WAIT_S") or 7200)
         print(f"waiting for local rank 0 to prepare {spec_path} into {folder}", file=sys.stderr)
+        deadline = time.monotonic() + limit
         while not (folder / "meta.json").is_file():
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{folder}: local rank 0 has not prepared {spec_path} in {limit:.0f} s "
+                    f"(RECSYS_PREPARE_WAIT_S); prepare it first with python -m common.prepare_data "
+                    f"--dataset {spec_path}, or check rank 0's output"
+                )
             time.sleep(1.0)
         return _load_cached(folder, spec_path)
     t0 = time.perf_counter()
@@ -648,12 +656,9 @@ def _load_cached(folder: Path, spec_path: str | Path) -> InteractionData:
         item_title=json.loads(titles.read_text()) if titles.is_file() else None,
         user_features=features["user"],
         item_features=features["item"],
-        known_indptr=arr("indptr") if (folder / "indptr.npy").is_file() else None,
-        known_fingerprint=meta["fingerprint"],
     )
-    if ds.known_indptr is None:  # a cache from before the offsets were saved: once, from the user column
-        ds.known_indptr = ds.indptr
-    return ds
+    # A cache from before the offsets were saved computes them once, from the user column.
+    return ds.with_known(arr("indptr") if (folder / "indptr.npy").is_file() else None, meta["fingerprint"])
 
 
 # ---------------------------------------------------------------------------------------------

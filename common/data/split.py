@@ -221,29 +221,37 @@ def _choose(test_users: np.ndarray, n: int, seed: int) -> np.ndarray | None:
     return np.sort(np.random.default_rng(seed).choice(test_users, size=n, replace=False))
 
 
-def user_share(indptr: np.ndarray, rank: int, world_size: int) -> tuple[int, int]:
-    """The users ``[lo, hi)`` whose interactions are ``rank``'s share of ``world_size``: contiguous
-    in split order and balanced by interactions (each boundary is the first user starting at or
-    after ``rank / world_size`` of the rows)."""
-    n, num_users = int(indptr[-1]), len(indptr) - 1
+def user_share(indptr: np.ndarray, rank: int, world_size: int, holdout_last: int = 0) -> tuple[int, int]:
+    """The users ``[lo, hi)`` that are ``rank``'s share of ``world_size``: contiguous in split order
+    and balanced by training examples (each user's training interactions less its last
+    ``holdout_last``), so that the ranks' step counts, cut to the smallest, lose at most about one
+    user's rows. Each boundary is the first user starting at or after ``rank / world_size`` of them."""
+    count = np.diff(indptr)
+    train = np.maximum(count - (count >= 2) - (count >= 3) - holdout_last, 0)
+    starts = np.zeros(len(indptr), dtype=np.int64)
+    np.cumsum(train, out=starts[1:])
+    n, num_users = int(starts[-1]), len(indptr) - 1
 
     def bound(r: int) -> int:
-        return num_users if r == world_size else int(np.searchsorted(indptr, r * n // world_size, side="left"))
+        return num_users if r == world_size else int(np.searchsorted(starts, r * n // world_size, side="left"))
 
     return bound(rank), bound(rank + 1)
 
 
-def rank_splits(ds: InteractionData, rank: int, world_size: int, eval_users: int = 0) -> tuple[Split, Split]:
+def rank_splits(
+    ds: InteractionData, rank: int, world_size: int, eval_users: int = 0, holdout_last: int = 0
+) -> tuple[Split, Split]:
     """What a rank of a distributed run reads: (its share of the users, as a split, to train on;
     the evaluated users, as a split, to evaluate on). The share is :func:`user_share`'s range; the
-    evaluated users are ``eval_users``' fixed sample (everyone when 0) and the same on every rank,
-    with their targets and histories as in :func:`split_dataset`. In one process both are the whole
-    split (one copy), so a single-process run reads what it read before."""
+    evaluated users are ``eval_users``' fixed sample (everyone when 0: then every rank also reads
+    every user's rows, to evaluate them) and the same on every rank, with their targets and
+    histories as in :func:`split_dataset`. In one process both are the whole split (one copy), so a
+    single-process run reads what it read before."""
     sample = eval_user_sample(ds.indptr, eval_users)
     if world_size == 1:
         train = split_users(ds)
         return train, dataclasses.replace(train, eval_users=sample)
-    train = split_users(ds, user_share(ds.indptr, rank, world_size))
+    train = split_users(ds, user_share(ds.indptr, rank, world_size, holdout_last))
     return train, dataclasses.replace(split_users(ds, sample), eval_users=sample)
 
 
