@@ -75,12 +75,13 @@ log = logging.getLogger("integration.service")
 
 class UserFeatures(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    age: int = Field(ge=1, le=129, description="years")
-    gender: Literal["M", "F"]
+    age: int = Field(ge=1, le=129, description="years", examples=[25])
+    gender: Literal["M", "F"] = Field(examples=["F"])
     occupation: str = Field(max_length=64, description="a MovieLens occupation, e.g. 'student'")
     zip: str = Field(
         pattern=r"^([0-9A-Za-z]{5}|[0-9]{5}-[0-9]{4})$",
         description="US zip code, or 5 letters and digits as MovieLens has for Canada (its first digit is the feature)",
+        examples=["55414"],
     )
     history: list[RawID] = Field(
         default_factory=list, max_length=1000, description="raw MovieLens item IDs, oldest first"
@@ -125,7 +126,13 @@ def request_model(pipeline) -> type[RecommendRequest]:
         features = create_model(
             "UserFeatures",
             __base__=UserFeatures,
-            occupation=(Literal[tuple(vocab)], Field(description=f"one of {pipeline.dataset.name}'s occupations")),
+            occupation=(
+                Literal[tuple(vocab)],
+                Field(
+                    description=f"one of {pipeline.dataset.name}'s occupations",
+                    examples=["student"] if "student" in vocab else list(vocab)[:1],
+                ),
+            ),
         )
     else:
         fields: dict[str, Any] = {
@@ -447,7 +454,11 @@ def create_service(
     cache_errors = Counter("candidate_cache_errors", "failed calls to the candidate cache", registry=metrics.registry)
     if isinstance(cache, RedisCache):
         cache.on_failure = cache_errors.inc
-    readiness.info = {"arms": router.shares, "dataset": pipeline.dataset.name}
+    readiness.info = {
+        "arms": router.shares,
+        "dataset": pipeline.dataset.name,
+        "titles": pipeline.dataset.item_title is not None,
+    }
     readiness.extra = lambda: {"cache": cache.status()}
     app = create_app(
         "Two-stage recommender", "1", __doc__.split("\n\n")[0], metrics, readiness, max_request_bytes, client_timeout
@@ -522,14 +533,14 @@ def create_service(
     app.post(
         "/recommend",
         response_model=RecommendResponse,
-        summary="Top K movies for a user",
+        summary="Top K items for a user",
         responses=error_responses(_408="body not sent in time", _413="body over the size limit", _503="not ready"),
     )(recommend)
 
     recent: OrderedDict[str, tuple[tuple[int, int, int | None], int]] = OrderedDict()
-    titles = [str(t) for t in dataset.item_title] if dataset.item_title is not None else None
-    folded = [t.casefold() for t in titles] if titles else []
-    by_popularity = np.argsort(-np.asarray(pipeline.retriever.popularity), kind="stable")
+    # Searched by title, or by raw ID where the data set has no titles (what the page then shows).
+    folded = [dataset.title(i).casefold() for i in range(num_items)]
+    by_popularity = np.argsort(-np.asarray(pipeline.retriever.popularity), kind="stable").tolist()
     page = (Path(__file__).parent / "static" / "index.html").read_text()
 
     def movie(item: int) -> dict[str, Any]:
@@ -560,7 +571,7 @@ def create_service(
     app.get(
         "/users/{user_id}",
         response_model=UserView,
-        summary="A user's latest movies",
+        summary="A user's latest items",
         responses=error_responses(_404="unknown user"),
     )(user)
 
@@ -572,16 +583,22 @@ def create_service(
             "recent": [movie(int(i)) for i in history[::-1][:recent]],
         }
 
-    @app.get("/items/search", response_model=SearchResults, summary="Movies by title", responses=error_responses())
-    async def search(
-        q: Annotated[str, Query(min_length=1, max_length=100, description="part of a title")],
+    @app.get("/items/search", response_model=SearchResults, summary="Items by title", responses=error_responses())
+    def search(  # a plain def: FastAPI runs it in a thread, so a scan of a large catalog blocks no request
+        q: Annotated[str, Query(min_length=1, max_length=100, description="part of a title (or raw item ID)")],
         limit: Annotated[int, Query(ge=1, le=50)] = 10,
     ) -> dict[str, Any]:
         needle = q.strip().casefold()
-        if not titles or not needle:
-            return {"query": q, "items": []}
-        starts = [int(i) for i in by_popularity if folded[i].startswith(needle)]
-        contains = [int(i) for i in by_popularity if needle in folded[i] and not folded[i].startswith(needle)]
+        starts: list[int] = []
+        contains: list[int] = []
+        for i in by_popularity if needle else ():  # one pass, stopped once `limit` titles start with it
+            title = folded[i]
+            if title.startswith(needle):
+                starts.append(i)
+                if len(starts) == limit:
+                    break
+            elif len(contains) < limit and needle in title:
+                contains.append(i)
         return {"query": q, "items": [movie(i) for i in (starts + contains)[:limit]]}
 
     async def events(ev) -> EventResponse:
@@ -593,7 +610,7 @@ def create_service(
                 f"new users take their features and history in POST /recommend",
             )
         if ev.item_id not in pipeline.item_index:
-            raise BadRequest(f"item_id: {ev.item_id} is not a movie in {dataset.name}'s catalog")
+            raise BadRequest(f"item_id: {ev.item_id} is not an item in {dataset.name}'s catalog")
         if ev.timestamp is not None and ev.timestamp > clock + EVENT_CLOCK_SLACK_S:
             raise BadRequest(
                 f"timestamp: {ev.timestamp} is more than {EVENT_CLOCK_SLACK_S} s after the last "

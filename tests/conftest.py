@@ -180,3 +180,32 @@ def sasrec_reranking_run(retrieval_run, sasrec_run, tmp_path_factory) -> tuple[d
             str(out),
         ]
     ), out
+
+
+def chrome():
+    """Headless Debian chromium through chromium-driver, or a skip naming what is missing (CI
+    installs both and sets RECSYS_REQUIRE_BROWSER=1, which turns the skip into a failure)."""
+    import os
+    import shutil as sh
+
+    binary = sh.which("chromium") or sh.which("chromium-browser")
+    driver = sh.which("chromedriver") or sh.which("chromium-driver")
+    if not (binary and driver):
+        message = "no chromium / chromedriver: apt-get install chromium chromium-driver (as .ci/run does)"
+        if os.environ.get("RECSYS_REQUIRE_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1160",
+        "--disable-gpu",
+    ):
+        options.add_argument(arg)
+    return webdriver.Chrome(options=options, service=Service(driver))

@@ -18,7 +18,7 @@ from common.metrics import paired_difference
 from inference_legacy import dlrm_packager
 from integration.pipeline import ArtifactMismatch, create_pipeline
 from integration.service import ABRouter, MemoryCache, RedisCache, create_service, pack, unpack
-from tests.conftest import ready_client
+from tests.conftest import chrome, ready_client
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def test_bad_input_gets_4xx_naming_the_field(service) -> None:
     r = service.post("/events", json={"user_id": 10**6, "item_id": 50})
     assert r.status_code == 404 and "not a known user" in r.json()["detail"]
     r = service.post("/events", json={"user_id": 1, "item_id": 10**6})
-    assert r.status_code == 422 and "item_id: 1000000 is not a movie" in r.json()["detail"]
+    assert r.status_code == 422 and "item_id: 1000000 is not an item" in r.json()["detail"]
 
 
 def test_ab_routing_is_stable_and_splits_traffic(pipeline) -> None:
@@ -632,35 +632,6 @@ def test_fuzzing_the_service_validates_every_response_against_its_schema(artifac
     assert all(s in (200, 404, 422) for s in statuses[("POST /events", "positive")])
 
 
-def _chrome():
-    """Headless Debian chromium through chromium-driver, or a skip naming what is missing (CI
-    installs both and sets RECSYS_REQUIRE_BROWSER=1, which turns the skip into a failure)."""
-    import os
-    import shutil as sh
-
-    binary = sh.which("chromium") or sh.which("chromium-browser")
-    driver = sh.which("chromedriver") or sh.which("chromium-driver")
-    if not (binary and driver):
-        message = "no chromium / chromedriver: apt-get install chromium chromium-driver (as .ci/run does)"
-        if os.environ.get("RECSYS_REQUIRE_BROWSER"):
-            pytest.fail(message)
-        pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-dev-shm-usage",
-        "--window-size=1400,1160",
-        "--disable-gpu",
-    ):
-        options.add_argument(arg)
-    return webdriver.Chrome(options=options, service=Service(driver))
-
-
 @pytest.mark.browser
 def test_the_web_page_in_a_real_browser(artifacts, tmp_path) -> None:
     """The page at GET /, driven in headless Chromium against a service subprocess: a user's recent
@@ -681,7 +652,7 @@ def test_the_web_page_in_a_real_browser(artifacts, tmp_path) -> None:
     rec = expected.recommend([user])[0]
     history = expected.store.history(expected.user_index[user])
     recent = [expected.dataset.item_title[i] for i in history[::-1][:10]]
-    browser = _chrome()
+    browser = chrome()
     proc, url = spawn(["-m", "integration.service", "--artifacts", str(artifacts)])
     try:
         # Lists are re-rendered as answers arrive: an element found just before may be replaced.

@@ -4,8 +4,11 @@ split and the same figures from a seeded run."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -290,22 +293,33 @@ def test_the_service_request_model_follows_the_data_sets_user_columns(tmp_path: 
     }
 
 
-def test_the_demo_and_the_service_on_a_log_with_text_ids(tmp_path: Path, capsys) -> None:
-    """`make demo DATASET=<spec>` and the HTTP service on the shop log, whose IDs are text: every
-    stage trains (quick), the demo prints a user's list, and the API takes and returns the raw text
-    IDs (recommend, a user's page, events, features with a history), refusing an integer user_id."""
+@pytest.fixture(scope="module")
+def shop_run(tmp_path_factory) -> SimpleNamespace:
+    """`make demo DATASET=<spec>` on a 200-user shop log, whose IDs are text and which has no
+    titles: every stage trained (quick), and what the demo printed."""
     from integration.demo import main as demo
+
+    tmp = tmp_path_factory.mktemp("shop-run")
+    spec, cache, root = _shop(tmp / "shop", n_users=200), str(tmp / "cache"), tmp / "runs"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        res = demo(
+            ["--dataset", str(spec), "--data-dir", cache, "--artifacts", str(root), "--quick", "--sequential", "none"]
+            + ["--users", "cust-0007", "--n-boot", "10"]
+        )
+    return SimpleNamespace(cache=cache, root=root, trained=res["trained"], printed=printed.getvalue())
+
+
+def test_the_demo_and_the_service_on_a_log_with_text_ids(shop_run: SimpleNamespace) -> None:
+    """The demo and the HTTP service on the shop log: the demo prints a user's list, and the API
+    takes and returns the raw text IDs (recommend, a user's page, events, features with a history),
+    refusing an integer user_id."""
     from integration.pipeline import create_pipeline
     from integration.service import ABRouter, MemoryCache, create_service
     from tests.conftest import ready_client
 
-    spec, cache, root = _shop(tmp_path / "shop", n_users=200), str(tmp_path / "cache"), tmp_path / "runs"
-    res = demo(
-        ["--dataset", str(spec), "--data-dir", cache, "--artifacts", str(root), "--quick", "--sequential", "none"]
-        + ["--users", "cust-0007", "--n-boot", "10"]
-    )
-    assert len(res["trained"]) == 3 and "user cust-0007:" in capsys.readouterr().out
-    pipeline = create_pipeline(root, data_dir=cache)
+    assert len(shop_run.trained) == 3 and "user cust-0007:" in shop_run.printed
+    pipeline = create_pipeline(shop_run.root, data_dir=shop_run.cache)
     app, batcher = create_service(pipeline, MemoryCache(ttl=60), ABRouter({"A": 1.0}))
     with ready_client(app, batcher) as c:
         rec = c.post("/recommend", json={"user_id": "cust-0007", "k": 5}).json()
@@ -327,3 +341,67 @@ def test_the_demo_and_the_service_on_a_log_with_text_ids(tmp_path: Path, capsys)
         assert bad.status_code == 422 and "user_id" in json.dumps(bad.json())
         unknown = c.post("/events", json={"user_id": "cust-0007", "item_id": "sku-999"})
         assert unknown.status_code == 422 and "sku-999" in json.dumps(unknown.json())
+
+
+@pytest.mark.browser
+def test_the_web_page_follows_the_served_data_set(shop_run: SimpleNamespace) -> None:
+    """The page at GET / on the shop log, in headless Chromium: a text user ID, the log's own user
+    feature (segment, its values listed) in the new-user form instead of MovieLens's, items shown by
+    raw ID and found by it where there are no titles, and an unknown user's message on the page."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from inference_legacy.server import spawn
+    from integration.pipeline import create_pipeline
+    from tests.conftest import chrome
+
+    expected = create_pipeline(shop_run.root, data_dir=shop_run.cache).recommend(["cust-0007"])[0]
+    browser = chrome()
+    proc, url = spawn(["-m", "integration.service", "--artifacts", str(shop_run.root), "--data-dir", shop_run.cache])
+    try:
+        wait = WebDriverWait(browser, 30, ignored_exceptions=(StaleElementReferenceException,))
+        browser.get(url + "/")
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "ready"))
+        assert browser.find_element(By.ID, "status").text.startswith("shop: ready")
+
+        def shown(table: str) -> list[str]:
+            rows = browser.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr")
+            return [r.find_elements(By.TAG_NAME, "td")[1].text for r in rows]
+
+        browser.find_element(By.ID, "user-id").send_keys("cust-0007")
+        browser.find_element(By.ID, "recommend").click()
+        wait.until(lambda _: len(shown("recommendations")) == 10)
+        assert shown("recommendations") == expected.titles and expected.titles[0].startswith("sku-")
+        assert all(li.text.startswith("sku-") for li in browser.find_elements(By.CSS_SELECTOR, "#recent li"))
+
+        fields = browser.find_elements(By.CSS_SELECTOR, "#features [data-field]")
+        assert [f.get_attribute("data-field") for f in fields] == ["segment"]
+        segment = Select(fields[0])
+        assert [o.text for o in segment.options] == ["(not given)", "basic", "gold", MISSING]  # the vocabulary
+        segment.select_by_visible_text("gold")
+        assert browser.find_element(By.ID, "search").get_attribute("placeholder") == "type an item ID"
+        browser.find_element(By.ID, "search").send_keys("sku-01")
+        results = browser.find_element(By.ID, "search-results")
+        wait.until(lambda _: results.get_attribute("data-query") == "sku-01")
+        found = results.find_elements(By.TAG_NAME, "li")
+        assert len(found) == 8 and all(li.text.startswith("sku-01") for li in found)  # sku-010..019, 8 shown
+        liked = found[0].text
+        found[0].click()
+        wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#liked .chip"))
+        browser.find_element(By.ID, "recommend-new").click()
+        wait.until(lambda _: len(shown("new-recommendations")) == 10)
+        assert browser.find_element(By.ID, "new-stage").text == "retrieval"
+        assert liked not in shown("new-recommendations")
+
+        box = browser.find_element(By.ID, "user-id")
+        box.clear()
+        box.send_keys("nobody")
+        browser.find_element(By.ID, "recommend").click()
+        wait.until(ec.visibility_of_element_located((By.ID, "error")))
+        assert "nobody is not a known user of shop" in browser.find_element(By.ID, "error").text
+    finally:
+        browser.quit()
+        proc.terminate()
+        proc.wait(timeout=30)
