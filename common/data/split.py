@@ -31,6 +31,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from common.data.dataset import InteractionData
+    from common.data.synthetic import SyntheticInteractions
 
 STAGES = ("valid", "test")
 
@@ -174,10 +175,21 @@ def _split_ordered(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, nu
     )
 
 
-def split_dataset(ds: InteractionData, eval_users: int = 0) -> Split:
+def split_dataset(ds: InteractionData | SyntheticInteractions, eval_users: int = 0) -> Split:
     """The shared split of a data set; ``eval_users`` > 0 evaluates a fixed sample of that many
     users (:meth:`Split.sample_eval_users`). An :class:`InteractionData` is already in split order
-    (``build_dataset`` sorts it by the tie rule), so this reads it without sorting again."""
+    (``build_dataset`` sorts it by the tie rule), so this reads it without sorting again; the
+    generator's raw output (``generate_interactions``) is sorted by the rule here."""
+    if not hasattr(ds, "indptr"):
+        return leave_last_out(
+            ds.user,
+            ds.item,
+            ds.timestamp,
+            ds.num_users,
+            ds.num_items,
+            user_raw_ids=ds.user_raw_ids,
+            item_raw_ids=ds.item_raw_ids,
+        ).sample_eval_users(eval_users)
     return split_users(ds).sample_eval_users(eval_users)
 
 
