@@ -209,3 +209,41 @@ def chrome():
     ):
         options.add_argument(arg)
     return webdriver.Chrome(options=options, service=Service(driver))
+
+
+@contextlib.contextmanager
+def page_in_browser(service_args: list[str]):
+    """``python -m integration.service <service_args>`` on a free port and headless Chromium on its
+    page, once the page says it is ready: yields (browser, wait); both are closed after."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from inference_legacy.server import spawn
+
+    browser = chrome()
+    proc, url = spawn(["-m", "integration.service", *service_args])
+    try:
+        # Lists are re-rendered as answers arrive: an element found just before may be replaced.
+        wait = WebDriverWait(browser, 30, ignored_exceptions=(StaleElementReferenceException,))
+        browser.get(url + "/")
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "ready"))
+        yield browser, wait
+    finally:
+        browser.quit()
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def page_error_for_user(browser, wait, user_id: str) -> str:
+    """The message the page shows after asking for ``user_id`` (an unknown one)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+
+    box = browser.find_element(By.ID, "user-id")
+    box.clear()
+    box.send_keys(user_id)
+    browser.find_element(By.ID, "recommend").click()
+    wait.until(ec.visibility_of_element_located((By.ID, "error")))
+    return browser.find_element(By.ID, "error").text

@@ -18,7 +18,7 @@ from common.metrics import paired_difference
 from inference_legacy import dlrm_packager
 from integration.pipeline import ArtifactMismatch, create_pipeline
 from integration.service import ABRouter, MemoryCache, RedisCache, create_service, pack, unpack
-from tests.conftest import chrome, ready_client
+from tests.conftest import page_error_for_user, page_in_browser, ready_client
 
 
 @pytest.fixture(scope="module")
@@ -640,25 +640,14 @@ def test_the_web_page_in_a_real_browser(artifacts, tmp_path) -> None:
     when set: `make screenshot` writes the README's)."""
     import os
 
-    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    from inference_legacy.server import spawn
 
     expected = create_pipeline(artifacts)  # the same artifacts, fresh histories: the service's answer
     user = 196
     rec = expected.recommend([user])[0]
     history = expected.store.history(expected.user_index[user])
     recent = [expected.dataset.item_title[i] for i in history[::-1][:10]]
-    browser = chrome()
-    proc, url = spawn(["-m", "integration.service", "--artifacts", str(artifacts)])
-    try:
-        # Lists are re-rendered as answers arrive: an element found just before may be replaced.
-        wait = WebDriverWait(browser, 30, ignored_exceptions=(StaleElementReferenceException,))
-        browser.get(url + "/")
-        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "ready"))
+    with page_in_browser(["--artifacts", str(artifacts)]) as (browser, wait):
         assert "ml-100k" in browser.find_element(By.ID, "status").text
 
         def rows(table: str) -> list:
@@ -699,13 +688,4 @@ def test_the_web_page_in_a_real_browser(artifacts, tmp_path) -> None:
         shot.parent.mkdir(parents=True, exist_ok=True)
         assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
 
-        box = browser.find_element(By.ID, "user-id")
-        box.clear()
-        box.send_keys("99999999")
-        browser.find_element(By.ID, "recommend").click()
-        wait.until(ec.visibility_of_element_located((By.ID, "error")))
-        assert "99999999 is not a known user of ml-100k" in browser.find_element(By.ID, "error").text
-    finally:
-        browser.quit()
-        proc.terminate()
-        proc.wait(timeout=30)
+        assert "99999999 is not a known user of ml-100k" in page_error_for_user(browser, wait, "99999999")

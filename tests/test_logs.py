@@ -348,22 +348,14 @@ def test_the_web_page_follows_the_served_data_set(shop_run: SimpleNamespace) -> 
     """The page at GET / on the shop log, in headless Chromium: a text user ID, the log's own user
     feature (segment, its values listed) in the new-user form instead of MovieLens's, items shown by
     raw ID and found by it where there are no titles, and an unknown user's message on the page."""
-    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import Select, WebDriverWait
+    from selenium.webdriver.support.ui import Select
 
-    from inference_legacy.server import spawn
     from integration.pipeline import create_pipeline
-    from tests.conftest import chrome
+    from tests.conftest import page_error_for_user, page_in_browser
 
     expected = create_pipeline(shop_run.root, data_dir=shop_run.cache).recommend(["cust-0007"])[0]
-    browser = chrome()
-    proc, url = spawn(["-m", "integration.service", "--artifacts", str(shop_run.root), "--data-dir", shop_run.cache])
-    try:
-        wait = WebDriverWait(browser, 30, ignored_exceptions=(StaleElementReferenceException,))
-        browser.get(url + "/")
-        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "ready"))
+    with page_in_browser(["--artifacts", str(shop_run.root), "--data-dir", shop_run.cache]) as (browser, wait):
         assert browser.find_element(By.ID, "status").text.startswith("shop: ready")
 
         def shown(table: str) -> list[str]:
@@ -395,13 +387,4 @@ def test_the_web_page_follows_the_served_data_set(shop_run: SimpleNamespace) -> 
         assert browser.find_element(By.ID, "new-stage").text == "retrieval"
         assert liked not in shown("new-recommendations")
 
-        box = browser.find_element(By.ID, "user-id")
-        box.clear()
-        box.send_keys("nobody")
-        browser.find_element(By.ID, "recommend").click()
-        wait.until(ec.visibility_of_element_located((By.ID, "error")))
-        assert "nobody is not a known user of shop" in browser.find_element(By.ID, "error").text
-    finally:
-        browser.quit()
-        proc.terminate()
-        proc.wait(timeout=30)
+        assert "nobody is not a known user of shop" in page_error_for_user(browser, wait, "nobody")
