@@ -153,8 +153,7 @@ def _split_ordered(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, nu
     tie key within a user). Any subset of whole users: absent users simply have no rows."""
     count = np.bincount(user, minlength=num_users)
     end = np.cumsum(count)  # one past each user's last interaction
-    has_test = count >= 2
-    has_valid = count >= 3
+    has_test, has_valid = held_out(count)
     test_idx = end[has_test] - 1
     valid_idx = end[has_valid] - 2
     is_train = np.ones(len(user), dtype=bool)
@@ -173,6 +172,13 @@ def _split_ordered(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, nu
         test_item=item[test_idx],
         test_time=timestamp[test_idx],
     )
+
+
+def held_out(count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which users have a test and a validation target, from their interaction counts: the last
+    interaction is the test target when a user has 2 or more, the one before it the validation
+    target when 3 or more; the rest is training."""
+    return count >= 2, count >= 3
 
 
 def split_dataset(ds: InteractionData | SyntheticInteractions, eval_users: int = 0) -> Split:
@@ -224,7 +230,7 @@ def split_users(ds: InteractionData, users: np.ndarray | tuple[int, int] | None 
 def eval_user_sample(indptr: np.ndarray, n: int, seed: int = 0) -> np.ndarray | None:
     """The users :meth:`Split.sample_eval_users` picks, from per-user row offsets alone (users with
     a test target are those with 2 interactions or more); ``None``: evaluate everyone."""
-    return _choose(np.flatnonzero(np.diff(indptr) >= 2), n, seed)
+    return _choose(np.flatnonzero(held_out(np.diff(indptr))[0]), n, seed)
 
 
 def _choose(test_users: np.ndarray, n: int, seed: int) -> np.ndarray | None:
@@ -239,7 +245,8 @@ def user_share(indptr: np.ndarray, rank: int, world_size: int, holdout_last: int
     ``holdout_last``), so that the ranks' step counts, cut to the smallest, lose at most about one
     user's rows. Each boundary is the first user starting at or after ``rank / world_size`` of them."""
     count = np.diff(indptr)
-    train = np.maximum(count - (count >= 2) - (count >= 3) - holdout_last, 0)
+    has_test, has_valid = held_out(count)
+    train = np.maximum(count - has_test - has_valid - holdout_last, 0)
     starts = np.zeros(len(indptr), dtype=np.int64)
     np.cumsum(train, out=starts[1:])
     n, num_users = int(starts[-1]), len(indptr) - 1
@@ -272,10 +279,11 @@ def history_before_test(ds: InteractionData) -> tuple[np.ndarray, np.ndarray]:
     order: :meth:`Split.history` ("test") of the whole split, without building the split."""
     indptr = ds.indptr
     count = np.diff(indptr)
+    has_test = held_out(count)[0]
     keep = np.ones(int(indptr[-1]), dtype=bool)
-    keep[indptr[1:][count >= 2] - 1] = False  # each test target: the user's last row
+    keep[indptr[1:][has_test] - 1] = False  # each test target: the user's last row
     out = np.zeros_like(indptr)
-    np.cumsum(count - (count >= 2), out=out[1:])
+    np.cumsum(count - has_test, out=out[1:])
     return out, np.asarray(ds.item, dtype=np.int64)[keep]
 
 
