@@ -134,15 +134,27 @@ def seed_everything(seed: int) -> None:
 def all_reduce(value: np.ndarray | int, op: str = "sum", device: torch.device | None = None) -> np.ndarray:
     """``value`` (a number or an integer / float array) reduced over the ranks of the default group
     with ``op`` ("sum", "min" or "max"); returned as an array, unchanged in a single process.
-    ``device`` is where the collective runs (CUDA for nccl)."""
+    ``device`` is where the collective runs (default: the current CUDA device under nccl, else CPU)."""
     a = np.asarray(value)
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return a
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
     ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
     t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64 if a.dtype.kind == "f" else np.int64))
-    t = t.to(device or "cpu")
+    t = t.to(device)
     dist.all_reduce(t, op=ops[op])
     return t.cpu().numpy().reshape(a.shape)  # ascontiguousarray makes a 0-d value 1-d
+
+
+def all_gather(local: Any) -> list[Any]:
+    """Every rank's ``local`` (any picklable value, e.g. a tuple of arrays), in rank order; ``[local]``
+    in a single process."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [local]
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return parts
 
 
 def get_rank() -> int:

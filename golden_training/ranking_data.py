@@ -34,6 +34,7 @@ from common.data.dataset import InteractionData
 from common.data.split import Split
 from common.data.tables import FeatureTables, last_n
 from common.features import DenseFeature, FeatureSchema, SparseFeature
+from common.runtime import all_gather, all_reduce
 
 TRANSITION_LAGS = 3
 HISTORY_MATCH = (("last", "match"), ("recent", "share"))  # RankingFeatures.history_match, per item categorical
@@ -60,14 +61,17 @@ class RankingFeatures(FeatureTables):
         sequence: bool = True,
         trend_days: float = 30.0,
         history_match: bool = False,
+        across_ranks: bool = False,
     ) -> RankingFeatures:
-        """Features for ``ds``, with popularity and sequence statistics from ``split``'s training part;
-        ``history_match`` adds the history-match features (:meth:`history_match`)."""
+        """Features for ``ds``, with popularity and sequence statistics from ``split``'s training part
+        (``across_ranks``: ``split`` is this rank's share of the users, and the counts are summed over
+        the ranks); ``history_match`` adds the history-match features (:meth:`history_match`)."""
+        counts = split.item_counts("valid")
         return cls.from_dataset(
             ds,
             history_len=history_len,
-            item_counts=split.item_counts("valid"),
-            sequence=SequenceStats.build(split, trend_days) if sequence else None,
+            item_counts=all_reduce(counts, "sum") if across_ranks else counts,
+            sequence=SequenceStats.build(split, trend_days, across_ranks) if sequence else None,
             match_features=history_match,
         )
 
@@ -271,21 +275,33 @@ class SequenceStats:
     trend_days: float = 30.0
 
     @classmethod
-    def build(cls, split, trend_days: float = 30.0) -> SequenceStats:
+    def build(cls, split: Split, trend_days: float = 30.0, across_ranks: bool = False) -> SequenceStats:
+        """The statistics of ``split``'s training part. ``across_ranks``: ``split`` is this rank's share
+        of the users (:func:`common.data.split.rank_splits`); each rank counts its share and the counts
+        are merged over the ranks (a user's transitions all lie in one share), so that every rank holds
+        the whole training split's statistics, with its own rows (``train_item``, ``same_user_next``)
+        for the own-transition correction of its own training examples."""
+        reduce = all_reduce if across_ranks else lambda a, op: np.asarray(a)
+        gather = all_gather if across_ranks else lambda a: [a]
         u, i, t = split.train_user, split.train_item, split.train_time
         n_items = split.num_items
         same = np.r_[u[1:] == u[:-1], False]
         keys, counts = np.unique(i[:-1][same[:-1]] * n_items + i[1:][same[:-1]], return_counts=True)
-        t0 = int(t.min()) if len(t) else 0
-        span = int(t.max()) - t0 + 2 if len(t) else 2
+        lo = int(reduce(t.min() if len(t) else np.iinfo(np.int64).max, "min"))
+        hi = int(reduce(t.max() if len(t) else np.iinfo(np.int64).min, "max"))
+        t0, span = (lo, hi - lo + 2) if hi >= lo else (0, 2)
+        parts = gather((keys, counts, np.sort(i * span + (t - t0))))
+        if len(parts) > 1:
+            keys, at = np.unique(np.concatenate([p[0] for p in parts]), return_inverse=True)
+            counts = np.bincount(at, weights=np.concatenate([p[1] for p in parts])).astype(np.int64)
         return cls(
             n_items,
             keys,
             counts,
-            np.bincount(i[same], minlength=n_items),
+            reduce(np.bincount(i[same], minlength=n_items), "sum"),
             i,
             same,
-            np.sort(i * span + (t - t0)),
+            parts[0][2] if len(parts) == 1 else np.sort(np.concatenate([p[2] for p in parts])),
             t0,
             span,
             trend_days,

@@ -47,14 +47,16 @@ from tqdm import tqdm
 
 from common.checkpoint import CheckpointSchedule, checkpoint_interval, resume_if_possible, run_config, save_checkpoint
 from common.data.criteo import CriteoArrays
+from common.data.dataset import InteractionData
 from common.data.load import add_dataset_args, load_dataset
-from common.data.split import Split, split_dataset
+from common.data.split import Split, rank_splits
 from common.data.tables import FeatureTables
 from common.features import FeatureSchema
 from common.metrics import MAX_K, BinaryMetrics, RankingReport, paired_difference, report_from_ranks
 from common.runtime import (
     MetricsLog,
     Runtime,
+    all_reduce,
     init_runtime,
     print0,
     seed_everything,
@@ -475,15 +477,32 @@ class SequenceCandidates:
 # Examples
 
 
-def sample_train_users(split: Split, n: int, seed: int) -> np.ndarray:
+def sample_train_users(num_users: int, eval_users: np.ndarray | None, n: int, seed: int) -> np.ndarray:
     """``n`` users to train on (seeded), the evaluation sample among them when there is one: a
     production ranker trains on every user it serves, and a user left out of training meets the
     ranker with an untrained ``user_id`` embedding. Only their training interactions are used."""
     rng = np.random.default_rng([seed, 5])
-    if split.eval_users is None or len(split.eval_users) >= n:
-        return rng.choice(split.num_users, n, replace=False)
-    others = np.setdiff1d(np.arange(split.num_users), split.eval_users)
-    return np.concatenate([split.eval_users, rng.choice(others, n - len(split.eval_users), replace=False)])
+    if eval_users is None or len(eval_users) >= n:
+        return rng.choice(num_users, n, replace=False)
+    others = np.setdiff1d(np.arange(num_users), eval_users)
+    return np.concatenate([eval_users, rng.choice(others, n - len(eval_users), replace=False)])
+
+
+def rank_seed(*key: int, rank: int) -> list[int]:
+    """The seed of ``key``'s draws on ``rank``: rank 0 keeps the single process's, the others add their rank."""
+    return [*key, rank] if rank else list(key)
+
+
+def rank_data(ds: InteractionData, cfg: Config, rt: Runtime) -> tuple[Split, Split, RankingFeatures]:
+    """What this rank reads: its share of the users to train on, the evaluated users' split (the
+    same on every rank; :func:`common.data.split.rank_splits`), and the features, whose counts
+    (popularity, sequence statistics) are summed over every rank's share. In one process: the
+    whole split, twice the same."""
+    share, split = rank_splits(ds, rt.rank, rt.world_size, cfg.eval_users)
+    features = RankingFeatures.build(
+        ds, share, cfg.history_len, cfg.sequence_features, cfg.trend_days, cfg.history_match, across_ranks=True
+    )
+    return share, split, features
 
 
 def train_examples(
@@ -493,11 +512,14 @@ def train_examples(
     retr: RetrievalScorer | None,
     source: SequenceCandidates | None = None,
     show_progress: bool = False,
+    eval_users: np.ndarray | None = None,
+    rank: int = 0,
 ) -> tuple[Examples, np.ndarray | None]:
-    """Positives (training interactions; with --train-last N only each user's last N) and their
-    negatives, with the retrieval query of each positive (its user and history at that time).
-    Hard negatives come from the candidates of ``source`` (else retrieval's, as served) for each positive's
-    history, the positive itself left out."""
+    """Positives (``split``'s training interactions, this rank's share under torchrun; with
+    --train-last N only each user's last N; with --train-users N only those of N users, the
+    evaluated ``eval_users`` among them) and their negatives, with the retrieval query of each
+    positive (its user and history at that time). Hard negatives come from the candidates of
+    ``source`` (else retrieval's, as served) for each positive's history, the positive itself left out."""
     n_all = len(split.train_user)
     user_start = np.searchsorted(split.train_user, np.arange(split.num_users))
     user_end = np.r_[user_start[1:], n_all]
@@ -505,7 +527,7 @@ def train_examples(
     if cfg.train_last:
         rows = rows[rows >= user_end[split.train_user] - cfg.train_last]
     if 0 < cfg.train_users < split.num_users:
-        chosen = sample_train_users(split, cfg.train_users, cfg.seed)
+        chosen = sample_train_users(split.num_users, eval_users, cfg.train_users, cfg.seed)
         rows = rows[np.isin(split.train_user[rows], chosen)]
     n = len(rows)
     users = split.train_user[rows]
@@ -522,7 +544,7 @@ def train_examples(
         split.train_item,
         own=True,
     )
-    sample = popularity_sampler(features.item_counts, [cfg.seed, 1])
+    sample = popularity_sampler(features.item_counts, rank_seed(cfg.seed, 1, rank=rank))
     parts = [pos]
     for _ in range(cfg.negatives):
         parts.append(
@@ -543,7 +565,7 @@ def train_examples(
         queries = retr.queries(pos.user, pos.hist_items, pos.hist_start, pos.hist_end)
         if cfg.hard_negatives:
             # Retrieval's candidates for each positive's query, as of that time, minus the history.
-            rng = np.random.default_rng([cfg.seed, 2])
+            rng = np.random.default_rng(rank_seed(cfg.seed, 2, rank=rank))
             picks = np.empty((n, cfg.hard_negatives), dtype=np.int64)
             bar = tqdm(total=n, desc="hard negatives", unit="query", leave=False, disable=not show_progress or None)
             for lo in range(0, n, 4096):
@@ -692,12 +714,20 @@ def build(
 # Training and evaluation
 
 
-def steps_per_epoch(num_examples: int, cfg: Config, rt: Runtime) -> int:
-    steps = num_examples // (cfg.batch_size * rt.world_size)
+def steps_per_epoch(num_examples: int, cfg: Config, rt: Runtime, own: bool = False) -> int:
+    """Steps of ``cfg.batch_size`` examples per rank: over ``num_examples`` that all ranks share
+    (each takes its slice of every step), or, ``own``, over each rank's own ``num_examples`` (as
+    many steps as the rank with the fewest has)."""
+    steps = (
+        int(all_reduce(num_examples // cfg.batch_size, "min"))
+        if own
+        else num_examples // (cfg.batch_size * rt.world_size)
+    )
     if steps == 0:
+        fewest = int(all_reduce(num_examples, "min")) if own else num_examples
         raise ValueError(
-            f"batch size {cfg.batch_size} x {rt.world_size} ranks exceeds the {num_examples} "
-            f"training examples; lower --batch-size"
+            f"batch size {cfg.batch_size} x {rt.world_size} ranks exceeds the {fewest} "
+            f"training examples{' of the smallest rank share' if own else ''}; lower --batch-size"
         )
     return steps if cfg.limit_batches is None else min(steps, cfg.limit_batches)
 
@@ -849,10 +879,9 @@ def _report(ev: EvalSet, lists: np.ndarray, cfg: Config) -> RankingReport:
 def train_movielens(cfg: Config, rt: Runtime) -> dict[str, object]:
     out = Path(cfg.out)
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.source, cfg.on_bad_row)
-    split = split_dataset(ds, cfg.eval_users)
-    features = RankingFeatures.build(
-        ds, split, cfg.history_len, cfg.sequence_features, cfg.trend_days, cfg.history_match
-    )
+    # This rank's share of the users to train on, and the evaluated users (the same on every rank).
+    # (With --eval-users 0, every user is evaluated, so every rank also reads every user's rows.)
+    share, split, features = rank_data(ds, cfg, rt)
     retr = RetrievalScorer(cfg.retrieval_export, ds.fingerprint, features) if cfg.retrieval_export else None
     if retr is None and cfg.hard_negatives:
         print0(
@@ -862,13 +891,14 @@ def train_movielens(cfg: Config, rt: Runtime) -> dict[str, object]:
         RetrievalScorer(cfg.train_retrieval_export, ds.fingerprint, features) if cfg.train_retrieval_export else retr
     )
     source = SequenceCandidates(cfg.candidates_export, ds.fingerprint) if cfg.candidates_export else None
-    examples, queries = train_examples(split, features, cfg, retr_train, source, rt.is_rank0)
+    examples, queries = train_examples(share, features, cfg, retr_train, source, rt.is_rank0, split.eval_users, rt.rank)
     valid = eval_set(split, features, "valid", cfg, retr, source)
     # --no-test: the end-of-run table is on validation and test is never scored (model selection).
     test = valid if cfg.no_test else eval_set(split, features, "test", cfg, retr, source)
     final = test.stage
+    num_examples, positives = all_reduce([len(examples), int(examples.label.sum())], "sum")
     print0(
-        f"{ds.name}: {len(examples)} training examples ({examples.label.mean():.3f} positive), "
+        f"{ds.name}: {num_examples} training examples ({positives / num_examples:.3f} positive), "
         f"{rt.world_size} x {rt.device.type} ({rt.backend}); candidates from {test.candidate_source}"
     )
 
@@ -888,12 +918,12 @@ def train_movielens(cfg: Config, rt: Runtime) -> dict[str, object]:
         f"valid | {valid.candidate_source} order | NDCG@10 {valid_original.means['NDCG@10']:.4f} | "
         f"HR@10 {valid_original.means['HR@10']:.4f} (what re-ranking must beat)"
     )
-    steps = steps_per_epoch(len(examples), cfg, rt)
+    steps = steps_per_epoch(len(examples), cfg, rt, own=True)
 
     def batches(epoch: int, first: int) -> Iterator[Batch]:
         perm = np.random.default_rng([cfg.seed, 10, epoch]).permutation(len(examples))
-        for step in range(first, steps):
-            lo = step * cfg.batch_size * rt.world_size + rt.rank * cfg.batch_size
+        for step in range(first, steps):  # each rank's batches from its own examples
+            lo = step * cfg.batch_size
             yield make_batch(
                 features, examples.take(perm[lo : lo + cfg.batch_size]), queries, retr_train, cfg.history_len
             )

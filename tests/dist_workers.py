@@ -167,3 +167,60 @@ def checkpoint_schedule_answers() -> list[bool]:
     answers += [schedule.due(3), schedule.due(4)]  # step 3 is not a polling step
     shutdown()
     return answers
+
+
+class RecordedColumn:
+    """An interaction column that records which rows are read, and refuses to be read whole."""
+
+    def __init__(self, a) -> None:
+        import numpy as np
+
+        self.a, self.read = np.asarray(a), np.zeros(len(a), dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def __getitem__(self, key):
+        self.read[key] = True
+        return self.a[key]
+
+    def __array__(self, dtype=None, copy=None):
+        raise AssertionError("the whole column was read")
+
+
+def recorded(ds):
+    """``ds`` with its interaction columns recording the rows read: (data set, {column: RecordedColumn})."""
+    import dataclasses
+
+    cols = {name: RecordedColumn(getattr(ds, name)) for name in ("user", "item", "timestamp", "rating")}
+    return dataclasses.replace(ds, **cols).with_known(ds.indptr, ds.fingerprint), cols
+
+
+def ranker_training_data(eval_users: int) -> dict:
+    """What this rank of the ranker's training reads and builds from ml-100k (train_dlrm.rank_data
+    and train_examples, as the script calls them): the rows read, the merged counts and sequence
+    statistics, and its training positives with their sequence features."""
+    import numpy as np
+
+    from common.data.movielens import load_movielens
+    from common.runtime import init_runtime, shutdown
+    from golden_training import train_dlrm
+
+    rt = init_runtime("cpu")
+    cfg = train_dlrm.Config(eval_users=eval_users)
+    ds, cols = recorded(load_movielens("ml-100k"))
+    share, split, features = train_dlrm.rank_data(ds, cfg, rt)
+    examples, _ = train_dlrm.train_examples(share, features, cfg, None, eval_users=split.eval_users, rank=rt.rank)
+    positives = examples.take(np.flatnonzero(examples.label == 1))
+    stats = features.sequence
+    out = {
+        "read": {name: c.read for name, c in cols.items()},
+        "item_counts": features.item_counts,
+        "stats": {f: getattr(stats, f) for f in ("pair_keys", "pair_counts", "out_counts", "item_time", "t0", "span")},
+        "positives": (positives.user, positives.item, positives.time),
+        "sequence": stats.features(positives),
+        "negatives": examples.item[examples.label == 0],
+        "steps": train_dlrm.steps_per_epoch(len(examples), cfg, rt, own=True),
+    }
+    shutdown()
+    return out

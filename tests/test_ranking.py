@@ -17,9 +17,9 @@ import pytest
 from golden_training.train_dlrm import main as train_dlrm
 
 # Loss after 20 steps of the TINY run, seed 0, on the project's x86-64 CPU machine (rank 0's
-# batch loss for 2 processes, each with its own 512 examples per step).
+# batch loss for 2 processes, each with 512 examples per step from its own share of the users).
 GOLDEN_LOSS_1PROC = 0.506852388381958
-GOLDEN_LOSS_2PROC = 0.5086023211479187
+GOLDEN_LOSS_2PROC = 0.506159245967865
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "--epochs",
@@ -93,6 +93,50 @@ def test_golden_loss_two_processes(tmp_path) -> None:
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["world_size"] == 2 and res["dlrm"]["steps"] == 20
     assert res["dlrm"]["final_loss"] == pytest.approx(GOLDEN_LOSS_2PROC, rel=1e-4)
+
+
+@pytest.mark.multiprocess
+def test_each_rank_trains_on_its_share_with_the_whole_splits_statistics(ml100k) -> None:
+    """2 ranks: each reads only its share of the users' rows (and the 50 evaluated users'), yet holds
+    one process's popularity and sequence statistics exactly; the two ranks' training positives are
+    together every training interaction once, with exactly one process's sequence features (the
+    own-transition correction included); both take the same number of steps."""
+    import numpy as np
+    import torch
+
+    from common.data.split import user_share
+    from common.runtime import Runtime
+    from golden_training import train_dlrm
+    from tests.dist_workers import launch, ranker_training_data
+
+    ranks = launch(ranker_training_data, 2, 50)
+    cfg = train_dlrm.Config(eval_users=50)
+    share, split, features = train_dlrm.rank_data(ml100k, cfg, Runtime(0, 0, 1, torch.device("cpu"), "gloo"))
+    examples, _ = train_dlrm.train_examples(share, features, cfg, None, eval_users=split.eval_users)
+    positives = examples.take(np.flatnonzero(examples.label == 1))
+    evaluated = np.isin(ml100k.user, split.eval_users)
+    for rank, got in ranks.items():
+        lo, hi = user_share(ml100k.indptr, rank, 2)
+        mine = np.zeros(ml100k.num_interactions, dtype=bool)
+        mine[ml100k.indptr[lo] : ml100k.indptr[hi]] = True
+        assert 0.4 < mine.mean() < 0.6
+        for name in ("user", "item", "timestamp"):
+            assert np.array_equal(got["read"][name], mine | evaluated), (rank, name)
+        assert not got["read"]["rating"].any()
+        assert np.array_equal(got["item_counts"], features.item_counts)
+        for name, value in got["stats"].items():
+            assert np.array_equal(value, getattr(features.sequence, name)), (rank, name)
+    for i, name in enumerate(("user", "item", "time")):
+        together = np.concatenate([ranks[r]["positives"][i] for r in (0, 1)])
+        assert np.array_equal(together, getattr(positives, name)), name
+    for name, value in features.sequence.features(positives).items():
+        assert np.array_equal(np.concatenate([ranks[r]["sequence"][name] for r in (0, 1)]), value), name
+    per_rank = [(1 + cfg.negatives) * len(ranks[r]["positives"][0]) // cfg.batch_size for r in (0, 1)]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == min(per_rank)
+    # Rank 0 draws one process's negatives (for its own positives); rank 1 draws its own.
+    n0, n1 = (len(ranks[r]["positives"][0]) for r in (0, 1))
+    assert np.array_equal(ranks[0]["negatives"][:n0], examples.item[examples.label == 0][:n0])
+    assert not np.array_equal(ranks[1]["negatives"][: min(n0, n1)], ranks[0]["negatives"][: min(n0, n1)])
 
 
 @pytest.mark.multiprocess

@@ -299,26 +299,10 @@ def test_rank_shares_and_the_evaluated_users_split_exactly_as_the_whole(ml100k, 
     assert np.array_equal(ip, ip0) and np.array_equal(h, h0)
 
 
-class _Recorded:
-    """An interaction column that records which rows are read, and refuses to be read whole."""
-
-    def __init__(self, a: np.ndarray) -> None:
-        self.a, self.read = np.asarray(a), np.zeros(len(a), dtype=bool)
-
-    def __len__(self) -> int:
-        return len(self.a)
-
-    def __getitem__(self, key):
-        self.read[key] = True
-        return self.a[key]
-
-    def __array__(self, dtype=None, copy=None):
-        raise AssertionError("the whole column was read")
-
-
 def test_a_rank_reads_only_its_share_and_the_evaluated_users(ml100k) -> None:
-    cols = {name: _Recorded(getattr(ml100k, name)) for name in ("user", "item", "timestamp", "rating")}
-    ds = dataclasses.replace(ml100k, **cols).with_known(ml100k.indptr, ml100k.fingerprint)
+    from tests.dist_workers import recorded
+
+    ds, cols = recorded(ml100k)
     share, ev = rank_splits(ds, 1, 2, eval_users=50)
     lo, hi = user_share(ml100k.indptr, 1, 2)
     mine = np.zeros(ml100k.num_interactions, dtype=bool)
