@@ -24,6 +24,7 @@ from torchrec.metrics.auc import compute_auc
 from torchrec.metrics.ne import compute_logloss, compute_ne, get_ne_states
 
 from common.data.split import Split
+from common.runtime import all_gather
 
 # The project's reported ranking metrics: (name, kind, K).
 RANKING_METRICS: tuple[tuple[str, str, int], ...] = (
@@ -120,11 +121,8 @@ def target_ranks(topk: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _gather(local: np.ndarray) -> np.ndarray:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return local
-    parts: list[np.ndarray | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, local)
-    return np.concatenate([p for p in parts if p is not None])
+    parts = all_gather(local)
+    return local if len(parts) == 1 else np.concatenate(parts)
 
 
 def _my_users(users: np.ndarray) -> np.ndarray:
@@ -206,6 +204,7 @@ def sampled_report(
     seed: int = 0,
     batch_size: int = 512,
     n_boot: int = 1000,
+    counts: np.ndarray | None = None,
 ) -> RankingReport:
     """The sampled protocol of many papers (and TorchRec's BERT4Rec example): the target ranked
     among ``n_negatives`` items the user has not seen, drawn uniformly (``by="uniform"``) or in
@@ -215,12 +214,17 @@ def sampled_report(
 
     ``score_fn(users)`` returns scores ``[len(users), num_items]``. Every user's negatives depend
     only on ``seed`` and the user, so any batching or number of ranks gives the same result.
+    Popularity is ``split``'s interactions before ``stage``, or ``counts`` where the split holds
+    only some users.
     """
     if by not in ("uniform", "popularity"):
         raise ValueError(f"by must be 'uniform' or 'popularity', got {by!r}")
     users_all, targets_all = split.targets(stage)
     indptr, hist = split.history(stage)
-    p = np.ones(split.num_items) if by == "uniform" else split.item_counts(stage).astype(np.float64)
+    if by == "uniform":
+        p = np.ones(split.num_items)
+    else:
+        p = np.asarray(split.item_counts(stage) if counts is None else counts, dtype=np.float64)
     cdf = np.cumsum(p / p.sum())
     target_of = dict(zip(users_all.tolist(), targets_all.tolist()))
     mine = _my_users(users_all)

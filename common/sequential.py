@@ -45,11 +45,12 @@ from common.checkpoint import (
 )
 from common.data.dataset import id_key, raw_ids
 from common.data.load import add_dataset_args, load_dataset
-from common.data.split import Split, split_dataset
+from common.data.split import STAGES, Split, rank_splits
 from common.metrics import RankingReport, evaluate_scores, sampled_report
 from common.runtime import (
     MetricsLog,
     Runtime,
+    all_reduce,
     init_runtime,
     print0,
     seed_everything,
@@ -256,7 +257,8 @@ class Scorer:
 
     def __init__(self, model: nn.Module, split: Split, stage: str, batch_size: int = 256) -> None:
         indptr, hist = split.history(stage)
-        seqs = model.query_sequences([hist[indptr[u] : indptr[u + 1]] for u in range(split.num_users)])
+        self.users = split.targets(stage)[0]  # the evaluated users (sorted), on every rank
+        seqs = model.query_sequences([hist[indptr[u] : indptr[u + 1]] for u in self.users.tolist()])
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
@@ -270,15 +272,25 @@ class Scorer:
         model.train(was_training)
 
     def __call__(self, users):
-        return self.scores[torch.as_tensor(users).cpu()]
+        users = torch.as_tensor(users).cpu().numpy()
+        at = np.minimum(np.searchsorted(self.users, users), len(self.users) - 1)
+        if len(users) and not np.array_equal(self.users[at], users):
+            raise KeyError(f"users {np.setdiff1d(users, self.users)[:5].tolist()} are not evaluated at this stage")
+        return self.scores[at]
 
 
-def evaluate(model: nn.Module, split: Split, stage: str, n_boot: int, sampled: bool = True) -> dict[str, RankingReport]:
+def evaluate(
+    model: nn.Module, split: Split, stage: str, n_boot: int, sampled: bool = True, counts: np.ndarray | None = None
+) -> dict[str, RankingReport]:
+    """The full-ranking report, and with ``sampled`` the sampled protocols' (popularity from
+    ``counts`` where ``split`` holds only the evaluated users, else from ``split``)."""
     score = Scorer(model, split, stage)
     reports = {"full": evaluate_scores(score, split, stage, n_boot=n_boot)}
     if sampled:
         for by in ("popularity", "uniform"):
-            reports[f"sampled_{by}"] = sampled_report(lambda u: score(u).numpy(), split, stage, by, n_boot=n_boot)
+            reports[f"sampled_{by}"] = sampled_report(
+                lambda u: score(u).numpy(), split, stage, by, n_boot=n_boot, counts=counts
+            )
     return reports
 
 
@@ -352,12 +364,15 @@ def train_and_evaluate(
     seed_everything(cfg.seed)
     out = Path(cfg.out)
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.source, cfg.on_bad_row)
-    split = split_dataset(ds, cfg.eval_users)
-    windows = training_windows(split, cfg.max_len, cfg.window_step)
+    # This rank's share of the users to train on, and the evaluated users (the same on every rank).
+    # (With --eval-users 0, every user is evaluated, so every rank also reads every user's rows.)
+    share, split = rank_splits(ds, rt.rank, rt.world_size, cfg.eval_users)
+    windows = training_windows(share, cfg.max_len, cfg.window_step)
+    num_windows = int(all_reduce(len(windows), "sum"))
     model, optimizer = build(name, cfg, ds.num_items, rt)
     net = model.module.model
     print0(
-        f"{ds.name}: {len(windows)} training windows from {split.num_users} users, {ds.num_items} items; "
+        f"{ds.name}: {num_windows} training windows from {split.num_users} users, {ds.num_items} items; "
         f"{rt.world_size} x {rt.device.type} ({rt.backend}); item table {cfg.sharding_type}"
     )
 
@@ -375,9 +390,13 @@ def train_and_evaluate(
     if first_epoch:
         print0(f"resumed after epoch {first_epoch - 1} (best valid NDCG@10 {best:.4f} at epoch {best_epoch})")
     per_step = cfg.batch_size * rt.world_size
-    steps = len(windows) // per_step
+    steps = int(all_reduce(len(windows) // cfg.batch_size, "min"))  # each rank steps through its own windows
     if steps == 0:
-        raise ValueError(f"{len(windows)} training windows are fewer than one step of {per_step}; lower --batch-size")
+        fewest = int(all_reduce(len(windows), "min"))
+        raise ValueError(
+            f"{fewest} training windows{' in the smallest rank share' if rt.world_size > 1 else ''} are fewer "
+            f"than one step of {cfg.batch_size}; lower --batch-size"
+        )
 
     if "valid_before_training" not in meta:  # the untrained model, for the record (and the tests)
         meta["valid_before_training"] = evaluate(net, split, "valid", n_boot=10, sampled=False)["full"].means
@@ -389,10 +408,10 @@ def train_and_evaluate(
         if stale >= cfg.patience:
             break
         rng = np.random.default_rng([cfg.seed, epoch, rt.rank])
-        order = length_buckets(windows, per_step, np.random.default_rng([cfg.seed, epoch]))
+        order = length_buckets(windows, cfg.batch_size, np.random.default_rng([cfg.seed, epoch]))
         total, epoch_start = 0.0, time.perf_counter()
         for step in range(steps):
-            rows = order[step * per_step + rt.rank * cfg.batch_size :][: cfg.batch_size]
+            rows = order[step * cfg.batch_size :][: cfg.batch_size]
             seq, at_row, at_col, labels = make_batch(cfg, [windows[i] for i in rows], rng, net)
             loss = model(seq.to(rt.device), at_row.to(rt.device), at_col.to(rt.device), labels.to(rt.device))
             optimizer.zero_grad()
@@ -444,17 +463,19 @@ def train_and_evaluate(
     train_s = time.perf_counter() - start
 
     load_checkpoint(latest_checkpoint(out / "best"), {"model": model})
-    valid = evaluate(net, split, "valid", cfg.n_boot)
+    # Popularity counts every user's interactions before the stage: each rank counts its share's.
+    counts = {stage: all_reduce(share.item_counts(stage), "sum") for stage in STAGES}
+    valid = evaluate(net, split, "valid", cfg.n_boot, counts=counts["valid"])
     final = "valid" if cfg.no_test else "test"  # --no-test: the final table on validation, test never scored
-    test = valid if cfg.no_test else evaluate(net, split, "test", cfg.n_boot)
-    pop = popularity_report(split, final, n_boot=cfg.n_boot)
+    test = valid if cfg.no_test else evaluate(net, split, "test", cfg.n_boot, counts=counts["test"])
+    pop = popularity_report(split, final, n_boot=cfg.n_boot, counts=counts[final])
     results = {
         "dataset": ds.name,
         "data_fingerprint": ds.fingerprint,
         "model": name,
         "world_size": rt.world_size,
         "config": asdict(cfg),
-        "num_windows": len(windows),
+        "num_windows": num_windows,
         "valid_before_training": meta["valid_before_training"],
         "best_epoch": best_epoch,
         "epochs_run": epochs_done,

@@ -41,6 +41,59 @@ def test_a_seeded_tiny_run_learns(sasrec_run) -> None:
     assert res["test"]["full"]["num_users"] == 943
 
 
+def test_the_rank_shares_training_windows_are_the_whole_splits(ml100k, ml100k_split) -> None:
+    from common.data.split import rank_splits
+    from common.sequential import training_windows
+
+    whole = training_windows(ml100k_split, 50, 10)
+    for world in (2, 3):
+        shares = [training_windows(rank_splits(ml100k, r, world)[0], 50, 10) for r in range(world)]
+        assert min(map(len, shares)) > 0.9 * len(whole) / world
+        together = [w for share in shares for w in share]
+        assert len(together) == len(whole) and all(np.array_equal(a, b) for a, b in zip(together, whole))
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_train_on_their_shares_and_evaluate_the_sample(sasrec_run, ml100k, tmp_path) -> None:
+    """torchrun with 2 ranks (the loop BERT4Rec shares, common/sequential.py), each training on its
+    share of the users, evaluating a fixed sample of 300: every training window is used once, the
+    popularity figures are exactly one process's on that sample (counted over both shares), and
+    SASRec beats them."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from common.baselines import popularity_report
+    from common.data.split import split_dataset
+    from tests.conftest import SASREC_TINY
+
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "sasrec.sasrec_main",
+        ]
+        + SASREC_TINY
+        + ["--eval-users", "300", "--out", str(tmp_path)],
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["world_size"] == 2 and res["num_windows"] == sasrec_run[0]["num_windows"]
+    pop = popularity_report(split_dataset(ml100k, eval_users=300), "test", n_boot=20)
+    assert res["test_popularity"]["num_users"] == res["test"]["sampled_popularity"]["num_users"] == 300
+    assert all(res["test_popularity"][k] == v for k, v in pop.means.items())
+    assert res["test"]["full"]["NDCG@10"] > pop.means["NDCG@10"] + 0.02  # seed 0: 0.093 against 0.056
+
+
 def test_export_scores_awkward_histories(sasrec_run, ml100k, ml100k_split) -> None:
     from common.sequential import NextItemScorer
 
