@@ -6,6 +6,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +18,36 @@ import pytest
 from common.data.dataset import InteractionData
 from common.data.movielens import load_movielens
 from common.data.split import Split, split_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun_command(module: str, args: list[str], nproc: int = 2) -> list[str]:
+    """``torchrun --standalone --nproc_per_node=<nproc> -m <module> <args>``, with this interpreter."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        module,
+        *args,
+    ]
+
+
+def torchrun(module: str, args: list[str], nproc: int = 2) -> None:
+    """Run a script under torchrun from the repository root, one thread per process (2 cores); a
+    failure raises with the workers' stderr."""
+    subprocess.run(
+        torchrun_command(module, args, nproc),
+        cwd=REPO,
+        env=TORCHRUN_ENV,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -8,19 +8,17 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from golden_training.train_dlrm import main as train_dlrm
+from tests.conftest import REPO, TORCHRUN_ENV, torchrun, torchrun_command
 
 # Loss after 20 steps of the TINY run, seed 0, on the project's x86-64 CPU machine (rank 0's
 # batch loss for 2 processes, each with 512 examples per step from its own share of the users).
 GOLDEN_LOSS_1PROC = 0.506852388381958
 GOLDEN_LOSS_2PROC = 0.506159245967865
-REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "--epochs",
     "1",
@@ -64,32 +62,13 @@ def test_dlrm_beats_logistic_regression_and_reranks_retrieval(reranking_run) -> 
     assert json.loads((out / "results.json").read_text())["dlrm"]["test"]["auc"] == dlrm["auc"]
 
 
-def _torchrun(args: list[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "golden_training.train_dlrm",
-        *args,
-    ]
-
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _torchrun(args: list[str]) -> None:
+    torchrun("golden_training.train_dlrm", args)
 
 
 @pytest.mark.multiprocess
 def test_golden_loss_two_processes(tmp_path) -> None:
-    subprocess.run(
-        _torchrun(TINY + ["--out", str(tmp_path)]),
-        cwd=REPO,
-        env=ENV,
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    _torchrun(TINY + ["--out", str(tmp_path)])
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["world_size"] == 2 and res["dlrm"]["steps"] == 20
     assert res["dlrm"]["final_loss"] == pytest.approx(GOLDEN_LOSS_2PROC, rel=1e-4)
@@ -156,21 +135,14 @@ def test_killed_two_process_run_resumes_to_the_same_metrics(tmp_path) -> None:
         "--log-every",
         "1000",
     ]
-    subprocess.run(
-        _torchrun(args + ["--out", str(tmp_path / "ref")]),
-        cwd=REPO,
-        env=ENV,
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    _torchrun(args + ["--out", str(tmp_path / "ref")])
     reference = json.loads((tmp_path / "ref" / "results.json").read_text())
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        _torchrun(args + ["--out", str(killed)]),
+        torchrun_command("golden_training.train_dlrm", args + ["--out", str(killed)]),
         cwd=REPO,
-        env=ENV,
+        env=TORCHRUN_ENV,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -181,14 +153,7 @@ def test_killed_two_process_run_resumes_to_the_same_metrics(tmp_path) -> None:
     os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, mid-training
     proc.wait()
     assert not (killed / "results.json").exists(), "the run finished before it could be killed"
-    subprocess.run(
-        _torchrun(args + ["--out", str(killed), "--resume"]),
-        cwd=REPO,
-        env=ENV,
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    _torchrun(args + ["--out", str(killed), "--resume"])
     resumed = json.loads((killed / "results.json").read_text())
     assert resumed["dlrm"]["resumed_from_step"] > 0
     assert resumed["dlrm"]["steps"] == reference["dlrm"]["steps"] == 60

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -209,34 +208,11 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path: Path) -> None:
 
 @pytest.mark.multiprocess
 def test_torchrun_two_processes(tmp_path: Path) -> None:
+    from tests.conftest import torchrun
+
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "retrieval.two_tower_train",
-            "--epochs",
-            "1",
-            "--limit-batches",
-            "40",
-            "--batch-size",
-            "256",
-            "--n-boot",
-            "20",
-            "--out",
-            str(out),
-        ],
-        cwd=REPO,
-        env=env,
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    args = ["--epochs", "1", "--limit-batches", "40", "--batch-size", "256", "--n-boot", "20", "--out", str(out)]
+    torchrun("retrieval.two_tower_train", args)
     res = json.loads((out / "results.json").read_text())
     assert res["world_size"] == 2 and res["test"]["num_users"] == 943
     assert res["test"]["Recall@100"] > res["popularity_test"]["Recall@100"]

@@ -59,33 +59,11 @@ def test_two_ranks_train_on_their_shares_and_evaluate_the_sample(sasrec_run, ml1
     share of the users, evaluating a fixed sample of 300: every training window is used once, the
     popularity figures are exactly one process's on that sample (counted over both shares), and
     SASRec beats them."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from common.baselines import popularity_report
     from common.data.split import split_dataset
-    from tests.conftest import SASREC_TINY
+    from tests.conftest import SASREC_TINY, torchrun
 
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "sasrec.sasrec_main",
-        ]
-        + SASREC_TINY
-        + ["--eval-users", "300", "--out", str(tmp_path)],
-        cwd=Path(__file__).resolve().parents[1],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    torchrun("sasrec.sasrec_main", SASREC_TINY + ["--eval-users", "300", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["world_size"] == 2 and res["num_windows"] == sasrec_run[0]["num_windows"]
     pop = popularity_report(split_dataset(ml100k, eval_users=300), "test", n_boot=20)
