@@ -8,7 +8,8 @@ bench/results/faiss_indexes.json.
 The catalog imitates trained item embeddings: unit vectors scattered around 2,000 topic
 directions. Queries are drawn the same way. "auto" is the type and parameters that
 retrieval/modules/index.py picks for this catalog size; the check printed at the end is the
-retrieval issue's bar: recall@100 >= 0.95 at >= 10x the exact search's queries/s.
+serving issue's bar: recall@100 >= 0.95 at >= 20x the exact search's queries/s, single-threaded
+and batched, both measured in this run. Queries/s are the best of 3 passes (this machine is shared).
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from retrieval.modules.index import (
     default_index_type,
     default_params,
     recall_against_exact,
+    set_search_params,
 )
+
+SEARCH_PARAMS = ("nprobe", "k_factor", "ef_search")  # set at search time: one built index serves them all
 
 
 def synthetic_catalog(n: int, dim: int, topics: int, spread: float, seed: int) -> np.ndarray:
@@ -46,15 +50,19 @@ def _resample(points: np.ndarray, spread: float, seed: int) -> np.ndarray:
     return q / np.linalg.norm(q, axis=1, keepdims=True)
 
 
-def qps(index: faiss.Index, queries: np.ndarray, k: int, threads: int, batch: bool) -> float:
+def qps(index: faiss.Index, queries: np.ndarray, k: int, threads: int, batch: bool, repeats: int = 3) -> float:
+    """Queries per second, the best of ``repeats`` passes: one batched search, or one query at a time."""
     faiss.omp_set_num_threads(threads)
-    start = time.perf_counter()
-    if batch:
-        index.search(queries, k)
-    else:
-        for q in queries:
-            index.search(q[None, :], k)
-    return len(queries) / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        if batch:
+            index.search(queries, k)
+        else:
+            for q in queries:
+                index.search(q[None, :], k)
+        best = max(best, len(queries) / (time.perf_counter() - start))
+    return best
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -78,14 +86,18 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     x = synthetic_catalog(a.items, a.dim, 2000, a.spread, seed=0)
     # Queries: new points around catalog items (so they live in the catalog's topics).
     queries = _resample(x[np.random.default_rng(2).choice(a.items, a.queries, replace=False)], a.spread, seed=1)
-    single = queries[: max(1, a.queries // 10)]
+    single = queries[: max(1, a.queries // 4)]
 
     auto_kind = default_index_type(a.items)
     nlist = default_params("ivf_flat", a.items, a.dim)["nlist"]
     sweep = sorted({max(1, nlist // f) for f in (64, 32, 16, 8)})
     default_nprobe = default_params("ivf_flat", a.items, a.dim)["nprobe"]
+    refine = default_params("ivf_pq_refine", a.items, a.dim)
+    refine_sweep = [{"nprobe": max(1, nlist // f), "k_factor": k} for f, k in ((32, 4), (12, 4), (20, 2), (20, 8))]
     configs = (
-        [("flat", {}), ("ivf_flat", {})]
+        [("flat", {}), ("ivf_pq_refine", {})]
+        + [("ivf_pq_refine", o) for o in refine_sweep if o != {k: refine[k] for k in o}]
+        + [("ivf_flat", {})]
         + [("ivf_flat", {"nprobe": n}) for n in sweep if n != default_nprobe]
         + [
             ("ivf_pq", {}),
@@ -99,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         configs = [c for c in configs if c[0] != "hnsw"]
     rows, exact_ids, built = [], None, {}
     for kind, override in configs:
-        key = (kind, tuple(sorted((k, v) for k, v in override.items() if k not in ("nprobe", "ef_search"))))
+        key = (kind, tuple(sorted((k, v) for k, v in override.items() if k not in SEARCH_PARAMS)))
         faiss.omp_set_num_threads(threads)
         if key not in built:
             start = time.perf_counter()
@@ -108,10 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             built[key] = (index, build_s)
         index, build_s = built[key]
         params = {**default_params(kind, a.items, a.dim), **override}
-        if "nprobe" in params:
-            index.nprobe = params["nprobe"]
-        if "ef_search" in params:
-            index.hnsw.efSearch = params["ef_search"]
+        set_search_params(index, params)
         _, ids = index.search(queries, a.k)
         if kind == "flat":
             exact_ids = ids
@@ -127,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         }
         rows.append(row)
         print(
-            f"{kind:<9} {str(params):<55} build {row['build_s']:>7.1f}s  mem {row['memory_mb']:>7.1f} MB  "
+            f"{kind:<13} {str(params):<62} build {row['build_s']:>7.1f}s  mem {row['memory_mb']:>7.1f} MB  "
             f"recall@{a.k} {row['recall_at_k']:.4f}  single {row['qps_single_thread']:>8.1f} q/s  "
             f"batched {row['qps_batched']:>8.1f} q/s{'  <- default' if row['is_default'] else ''}",
             flush=True,
@@ -141,12 +150,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "speedup_batched": default["qps_batched"] / exact["qps_batched"],
     }
     check["passes"] = bool(
-        check["recall_at_k"] >= 0.95 and min(check["speedup_single"], check["speedup_batched"]) >= 10
+        check["recall_at_k"] >= 0.95 and min(check["speedup_single"], check["speedup_batched"]) >= 20
     )
+    verdict = "PASS" if check["passes"] else "FAIL"
+    if default["type"] == "flat":  # exact search at this size: the bar is for the approximate default
+        check["passes"], verdict = None, "exact search at this size, no bar"
     print(
         f"default {check['default_type']}: recall@{a.k} {check['recall_at_k']:.4f}, "
         f"{check['speedup_single']:.1f}x exact single-threaded, {check['speedup_batched']:.1f}x batched -> "
-        f"{'PASS' if check['passes'] else 'FAIL'} (bar: recall >= 0.95 at >= 10x)"
+        f"{verdict} (bar: recall >= 0.95 at >= 20x)"
     )
     results = {
         "items": a.items,

@@ -231,3 +231,31 @@ def test_holdout_last_leaves_each_users_latest_interactions_out(ml100k, ml100k_s
     assert not set(last_row.tolist()) & set(held.rows.tolist())
     rows = np.concatenate([b.item_ids.numpy() for b in held.batches(epoch=0, limit=3)])
     assert len(rows) == 3 * 512
+
+
+def test_the_large_catalog_index_re_ranks_exactly_and_keeps_its_settings(tmp_path: Path) -> None:
+    """ivf_pq_refine, the default above 100k items: the scores it returns are the exact inner
+    products (its shortlist is re-ranked with the stored vectors), probing every list finds the
+    exact top 100, and written and read back it searches with the settings it was built with."""
+    from retrieval.modules.index import build_index, default_index_type, recall_against_exact, set_search_params
+
+    assert (default_index_type(100_000), default_index_type(100_001)) == ("flat", "ivf_pq_refine")
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((100, 32)).astype(np.float32)
+    x = centers[rng.integers(0, 100, 20_000)] + 0.3 * rng.standard_normal((20_000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index, kind, params = build_index("ivf_pq_refine", x)
+    assert params == {"nlist": 512, "nprobe": 25, "m": 32, "k_factor": 4}
+    queries = x[rng.choice(len(x), 200, replace=False)]
+    exact = np.argsort(-(queries @ x.T), axis=1, kind="stable")[:, :100]
+    scores, ids = index.search(queries, 100)
+    assert np.allclose(scores, np.take_along_axis(queries @ x.T, ids, 1), atol=1e-5)
+    assert recall_against_exact(ids, exact) > 0.9
+    path = tmp_path / "index.faiss"
+    faiss.write_index(index, str(path))
+    back = faiss.read_index(str(path))
+    assert np.array_equal(back.search(queries, 100)[1], ids)
+    set_search_params(back, {"nprobe": params["nlist"], "k_factor": 8})
+    assert recall_against_exact(back.search(queries, 100)[1], exact) > 0.99
+    set_search_params(back, params)
+    assert np.array_equal(back.search(queries, 100)[1], ids)
