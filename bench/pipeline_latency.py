@@ -2,6 +2,7 @@
 
     python -m bench.pipeline_latency                  # runs/ artifacts; about 3 minutes
     python -m bench.pipeline_latency --quick          # smoke run
+    python -m bench.pipeline_latency --candidates two-tower --out bench/results/pipeline_latency_two_tower.json
 
 Three measurements, on the ml-100k artifacts of the demo (``python -m integration.demo``):
 
@@ -13,6 +14,10 @@ Three measurements, on the ml-100k artifacts of the demo (``python -m integratio
   p50 / p99 over every user, and each stage's median.
 - **batched**: ``pipeline.recommend(users)`` in batches of 256, users per second, with torch
   using every core (offline batch inference).
+- **compute limit**: the same models alone on inputs built beforehand (the two-tower's query
+  tower and FAISS search, or a sequential model's forward; the ranker's forward over 100
+  candidates), for one user and for batches of 256; the single-user and batched figures are also
+  given as ratios to it (how far the serving path is from what its models cost).
 - **HTTP**: ``integration.service`` in its own process, 8 concurrent clients (one keep-alive
   connection each) posting ``{"user_id": ...}`` back to back for 60 s, with the candidate cache
   off (``--cache-ttl 0``: every request runs both stages) and on; errors and p50 / p99.
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
@@ -90,6 +96,97 @@ def batched(pipeline, users: list[int], batch_size: int, repeats: int) -> dict[s
             pipeline.recommend(users[lo : lo + batch_size])
         rates.append(len(users) / (time.perf_counter() - t))
     return {"users_per_s": float(np.median(rates)), "batch_size": batch_size, "users": len(users)}
+
+
+def _median_ms(fn, inputs: list, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        for x in inputs:
+            t = time.perf_counter()
+            fn(x)
+            times.append((time.perf_counter() - t) * 1000)
+    return float(np.median(times))
+
+
+def _total_s(fn, inputs: list, repeats: int) -> float:
+    """The fastest of ``repeats`` passes over ``inputs``, in seconds."""
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for x in inputs:
+            fn(x)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@torch.inference_mode()
+def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[str, object] | None:
+    """What the served path's models cost alone, on inputs built beforehand (no ID maps, feature
+    building, exclusion of seen items or other Python around them): the candidate source's model
+    (the two-tower's query tower forward and FAISS search, or a sequential model's forward over the
+    catalog) and the ranker's forward over each user's 100 candidates. For one user at a time (the
+    median of each, summed; torch on one thread) and for batches of ``batch_size`` users (users/s;
+    torch on every core, set by the caller). None for sources without one model (the ensemble, union,
+    item-to-item): their limit is not measured."""
+    from common.sequential import sequences_kjt
+    from integration.pipeline import CANDIDATES, SequenceSource
+
+    dense = np.array([pipeline.user_index[u] for u in users])
+    hists = [pipeline.store.history(u) for u in dense]
+    source = next((s for s in pipeline.sources if s.name == pipeline.candidate_source), None)
+    if source is None:
+        return None
+    batches = [slice(lo, lo + batch_size) for lo in range(0, len(dense), batch_size)]
+    parts: dict[str, tuple] = {}  # stage -> (function, one-user inputs, batch inputs)
+    if isinstance(source, SequenceSource):
+        model = source.scorer.model
+
+        def seqs(sl: slice):
+            return sequences_kjt(model.query_sequences([source.order[h] for h in hists[sl]]))
+
+        parts[f"{source.name} forward"] = (
+            model.last_scores,
+            [seqs(slice(i, i + 1)) for i in range(len(dense))],
+            [seqs(sl) for sl in batches],
+        )
+    else:
+        r = pipeline.retriever
+        k = CANDIDATES + max(len(h) for h in hists)  # what top_k_indices asks for: room for the exclusions
+
+        def kjt(sl: slice):
+            return r._query_batch(dense[sl], hists[sl]).sparse
+
+        one, many = [kjt(slice(i, i + 1)) for i in range(len(dense))], [kjt(sl) for sl in batches]
+        parts["query tower"] = (r.model.embed, one, many)
+        parts["ANN search"] = (
+            lambda q: r.model.faiss_index.search(q, k),
+            [r.model.embed(x).numpy() for x in one],
+            [r.model.embed(x).numpy() for x in many],
+        )
+    if pipeline.rerank:
+        items, scores = pipeline.candidates(dense)
+        ranker = pipeline.rankers[pipeline.default_arm].model
+
+        def rows(sl: slice):
+            return pipeline.store.ranking_inputs(dense[sl], items[sl], scores[sl])
+
+        parts[f"ranker forward, {items.shape[1]} rows"] = (
+            lambda x: ranker(*x),
+            [rows(slice(i, i + 1)) for i in range(len(dense))],
+            [rows(sl) for sl in batches],
+        )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    single = {name: _median_ms(fn, one, repeats) for name, (fn, one, _) in parts.items()}
+    torch.set_num_threads(threads)
+    batch_s = {name: _total_s(fn, many, repeats) for name, (fn, _, many) in parts.items()}
+    return {
+        "single_user_ms": single,
+        "single_user_limit_ms": sum(single.values()),
+        "batched_s": batch_s,
+        "batched_limit_users_per_s": len(dense) / sum(batch_s.values()),
+        "batch_size": batch_size,
+    }
 
 
 def synthetic_data(num_users: int, num_items: int, seed: int = 0):
@@ -188,6 +285,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         help="also time the pipeline over a synthetic catalog of this many items, e.g. 1000000",
     )
     p.add_argument("--users", type=int, default=0, help="time this many users (seed 0), not every user")
+    p.add_argument(
+        "--candidates",
+        default="auto",
+        help="the candidate source, as the service's --candidates: auto (the served system), two-tower, SASRec, "
+        "BERT4Rec, ... (default: %(default)s)",
+    )
     p.add_argument("--no-http", action="store_true", help="skip the HTTP runs")
     p.add_argument(
         "--data-dir", default=None, help="data cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)"
@@ -197,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     from integration.pipeline import create_pipeline
 
     torch.set_num_threads(1)
-    pipeline = create_pipeline(a.artifacts, data_dir=a.data_dir)
+    pipeline = create_pipeline(a.artifacts, data_dir=a.data_dir, candidate_source=a.candidates)
     users = pipeline.dataset.user_raw_ids.tolist()[: 100 if a.quick else None]
     if a.users and a.users < len(users):
         users = [users[i] for i in np.sort(np.random.default_rng(0).choice(len(users), a.users, replace=False))]
@@ -221,13 +324,35 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     )
     torch.set_num_threads(os.cpu_count() or 1)  # offline batch inference may use every core
     results["batched"] = b = batched(pipeline, users, 256, repeats)
-    torch.set_num_threads(1)
     print(f"batched: {b['users_per_s']:.0f} users/s (batches of {b['batch_size']})", flush=True)
+    results["limit"] = lim = compute_limit(pipeline, users, 256, repeats)
+    torch.set_num_threads(1)
+    if lim is None:
+        print(f"compute limit: not measured for {pipeline.candidate_source} candidates (several models)")
+    else:
+        results["ratio_to_limit"] = ratio = {
+            "single_user_p50": s["p50_ms"] / lim["single_user_limit_ms"],
+            "single_user_p99": s["p99_ms"] / lim["single_user_limit_ms"],
+            "batched": lim["batched_limit_users_per_s"] / b["users_per_s"],
+        }
+        print(
+            "compute limit, one user: "
+            + " + ".join(f"{k} {v:.2f} ms" for k, v in lim["single_user_ms"].items())
+            + f" = {lim['single_user_limit_ms']:.2f} ms; batched: {lim['batched_limit_users_per_s']:.0f} users/s",
+            flush=True,
+        )
+        print(
+            f"to the limit: single user p50 {ratio['single_user_p50']:.1f}x, p99 {ratio['single_user_p99']:.1f}x; "
+            f"batched {ratio['batched']:.1f}x",
+            flush=True,
+        )
     del pipeline
     bodies = [json.dumps({"user_id": u}).encode() for u in users]
     results["http"] = {}
     for mode, ttl in () if a.no_http else (("cache off", "0"), ("cache on", "300")):
-        proc, url = spawn(["-m", "integration.service", "--artifacts", a.artifacts, "--cache-ttl", ttl])
+        proc, url = spawn(
+            ["-m", "integration.service", "--artifacts", a.artifacts, "--cache-ttl", ttl, "--candidates", a.candidates]
+        )
         try:
             run_load(url, "/recommend", bodies, a.clients, min(duration, 2.0))  # warm-up, not reported
             r = run_load(url, "/recommend", bodies, a.clients, duration)

@@ -95,6 +95,25 @@ def test_artifact_loads_in_a_process_without_training_code(packaged) -> None:
     assert r.stdout.split("\n")[:2] == ["1000", "[]"], r.stdout
 
 
+def test_the_served_module_skips_the_exports_shape_hook_and_scores_the_same(packaged) -> None:
+    """load_program drops the exported module's per-call input-shape hook (the schema builds every
+    input); for 1 row and for 1000 the scores are the hooked module's exactly."""
+    _, out, _ = packaged
+    served = DLRMPredictor(out)
+    hooked = torch.export.load(out / "model.pt2").module()
+    names = {getattr(h, "__name__", "") for h in hooked._forward_pre_hooks.values()}
+    assert "_check_input_constraints_pre_hook" in names  # what the export adds, and load_program takes off
+    assert "_check_input_constraints_pre_hook" not in {
+        getattr(h, "__name__", "") for h in served.model._forward_pre_hooks.values()
+    }
+    rows = [r["features"] for r in art.read_heldout(out)]
+    for part in (rows[:1], rows):
+        fb = served.schema.from_records(part)
+        args = (fb.dense, fb.sparse.values().long(), fb.sparse.lengths().long())
+        with torch.inference_mode():
+            assert torch.equal(served.model(*args), hooked(*args))
+
+
 def _copy(out: Path, tmp_path: Path, name: str) -> Path:
     dst = tmp_path / name
     shutil.copytree(out, dst)
