@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -88,23 +89,34 @@ def shard_model(
     sparse_lr: float,
     dense_lr: float,
     qcomms: bool = False,
+    fused: bool = True,
 ) -> tuple[DistributedModelParallel, CombinedOptimizer]:
     """Shard ``model``'s tables (those of ``ebcs``, pooled or sequence embedding collections
     built on the meta device) with one sharding type, updating them with a fused RowWiseAdagrad
     applied in backward; Adam for everything else.
     ``qcomms`` quantizes the embeddings' all-to-all and reduce-scatter (``qcomms_precisions``).
+    ``fused=False`` is the comparison the guide's "in-backward optimizer fusion" claim is made
+    against (bench/optimizer_fusion.py): the tables as plain parameters (TorchRec's dense kernel)
+    whose gradients backward materializes, and the same RowWiseAdagrad as a separate optimizer step.
+    TorchRec offers that kernel only to data-parallel tables (replicated on every rank), so
+    ``sharding_type`` is ignored there: compare in one process, where data-parallel is one table.
 
     Returns the DMP-wrapped model and a ``CombinedOptimizer`` (fused part + Adam) for
     ``TrainPipelineSparseDist`` and checkpoints.
     """
-    if sharding_type not in SHARDING_TYPES:
+    if not fused:
+        sharding_type = "data_parallel"
+    elif sharding_type not in SHARDING_TYPES:
         raise ValueError(f"sharding type must be one of {SHARDING_TYPES}, got {sharding_type!r}")
     if sharding_type in CUDA_ONLY and rt.device.type != "cuda":
         raise ValueError(
             f"{sharding_type} sharding needs CUDA in TorchRec; on CPU use table_wise, column_wise or table_column_wise"
         )
     ebcs = list(ebcs)
-    apply_optimizer_in_backward(RowWiseAdagrad, [p for ebc in ebcs for p in ebc.parameters()], {"lr": sparse_lr})
+    table_params = [p for ebc in ebcs for p in ebc.parameters()]
+    if fused:
+        apply_optimizer_in_backward(RowWiseAdagrad, table_params, {"lr": sparse_lr})
+    kernels = None if fused else [EmbeddingComputeKernel.DENSE.value]
     tables = [
         c.name
         for ebc in ebcs
@@ -112,7 +124,7 @@ def shard_model(
     ]
     planner = EmbeddingShardingPlanner(
         topology=topology(rt.world_size, compute_device=rt.device.type),
-        constraints={t: ParameterConstraints(sharding_types=[sharding_type]) for t in tables},
+        constraints={t: ParameterConstraints(sharding_types=[sharding_type], compute_kernels=kernels) for t in tables},
         storage_reservation=FixedPercentageStorageReservation(RESERVED_SHARE),
     )
     sharders = get_default_sharders()
@@ -126,6 +138,12 @@ def shard_model(
         ]
     plan = planner.collective_plan(model, sharders, torch.distributed.GroupMember.WORLD)
     dmp = DistributedModelParallel(model, device=rt.device, plan=plan, sharders=sharders)
+    if not fused:
+        tables = {k: p for k, p in dmp.named_parameters() if "embedding" in k}
+        others = {k: p for k, p in dmp.named_parameters() if k not in tables}
+        sparse = KeyedOptimizerWrapper(tables, lambda params: RowWiseAdagrad(params, lr=sparse_lr))
+        dense = KeyedOptimizerWrapper(others, lambda params: torch.optim.Adam(params, lr=dense_lr))
+        return dmp, CombinedOptimizer([sparse, dense])
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda params: torch.optim.Adam(params, lr=dense_lr)
     )

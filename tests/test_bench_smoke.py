@@ -27,6 +27,18 @@ def test_dlrm_throughput_benchmark_quick(tmp_path) -> None:
     assert json.loads(out.read_text())["quick"] is True
 
 
+def test_optimizer_fusion_benchmark_quick(tmp_path) -> None:
+    """Fused and separate sparse updates of the same DLRM from the same weights reach the same loss
+    (the same model and optimizer, only where the update runs), and the fused one is faster."""
+    from bench import optimizer_fusion
+
+    out = tmp_path / "fusion.json"
+    res = optimizer_fusion.main(["--quick", "--batch-sizes", "32", "--out", str(out)])
+    (row,) = res["results"]
+    assert abs(row["fused"]["final_loss"] - row["separate"]["final_loss"]) < 1e-3, row
+    assert row["speedup"] > 1 and json.loads(out.read_text())["rows_per_table"] == 5_000
+
+
 def test_the_chain_at_scale_smoke(tmp_path) -> None:
     """`python -m bench.scale --sizes 1e5 --smoke`: every stage of the chain in its own process on a
     synthetic Parquet log (5,000 users, 1,000 items), with the quality sample and the oracle. Seeded:
