@@ -124,7 +124,8 @@ def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[
     """What the served path's models cost alone, on inputs built beforehand (no ID maps, feature
     building, exclusion of seen items or other Python around them): the candidate source's model
     (the two-tower's query tower forward and FAISS search, or a sequential model's forward over the
-    catalog) and the ranker's forward over each user's 100 candidates. For one user at a time (the
+    catalog, plus the query tower for the ranker's ``retrieval_score``) and the ranker's forward over
+    each user's 100 candidates. For one user at a time (the
     median of each, summed; torch on one thread) and for batches of ``batch_size`` users (users/s;
     torch on every core, set by the caller). None for sources without one model (the ensemble, union,
     item-to-item): their limit is not measured."""
@@ -149,15 +150,16 @@ def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[
             [seqs(slice(i, i + 1)) for i in range(len(dense))],
             [seqs(sl) for sl in batches],
         )
-    else:
+    if pipeline.rerank or not isinstance(source, SequenceSource):  # the ranker's retrieval_score needs the query
         r = pipeline.retriever
-        k = CANDIDATES + max(len(h) for h in hists)  # what top_k_indices asks for: room for the exclusions
 
         def kjt(sl: slice):
             return r._query_batch(dense[sl], hists[sl]).sparse
 
         one, many = [kjt(slice(i, i + 1)) for i in range(len(dense))], [kjt(sl) for sl in batches]
         parts["query tower"] = (r.model.embed, one, many)
+    if not isinstance(source, SequenceSource):
+        k = CANDIDATES + max(len(h) for h in hists)  # what top_k_indices asks for: room for the exclusions
         parts["ANN search"] = (
             lambda q: r.model.faiss_index.search(q, k),
             [r.model.embed(x).numpy() for x in one],
