@@ -139,9 +139,9 @@ def shard_model(
     plan = planner.collective_plan(model, sharders, torch.distributed.GroupMember.WORLD)
     dmp = DistributedModelParallel(model, device=rt.device, plan=plan, sharders=sharders)
     if not fused:
-        tables = {k: p for k, p in dmp.named_parameters() if "embedding" in k}
-        others = {k: p for k, p in dmp.named_parameters() if k not in tables}
-        sparse = KeyedOptimizerWrapper(tables, lambda params: RowWiseAdagrad(params, lr=sparse_lr))
+        weights = {k: p for k, p in dmp.named_parameters() if "embedding" in k}  # the sharded tables
+        others = {k: p for k, p in dmp.named_parameters() if k not in weights}
+        sparse = KeyedOptimizerWrapper(weights, lambda params: RowWiseAdagrad(params, lr=sparse_lr))
         dense = KeyedOptimizerWrapper(others, lambda params: torch.optim.Adam(params, lr=dense_lr))
         return dmp, CombinedOptimizer([sparse, dense])
     dense = KeyedOptimizerWrapper(

@@ -4,7 +4,6 @@ is smaller, pairs score from Python, bad input is named."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
@@ -12,7 +11,8 @@ import pytest
 from common.features import FeatureError
 from prediction.predict_using_torchrec import Ranker
 from prediction.predict_using_torchrec import main as predict_main
-from tests.test_ranking import ENV, REPO, TINY, _torchrun
+from tests.conftest import torchrun
+from tests.test_ranking import TINY
 
 
 def test_reload_reproduces_training_auc_and_int8_is_close_and_smaller(ranking_run, tmp_path) -> None:
@@ -51,14 +51,7 @@ def test_score_from_python_and_bad_input(ranking_run) -> None:
 
 @pytest.mark.multiprocess
 def test_checkpoint_of_two_processes_scores_in_one(tmp_path) -> None:
-    subprocess.run(
-        _torchrun(TINY + ["--out", str(tmp_path)]),
-        cwd=REPO,
-        env=ENV,
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    torchrun("golden_training.train_dlrm", TINY + ["--out", str(tmp_path)])
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["world_size"] == 2
     reloaded = Ranker(tmp_path / "checkpoints" / "dlrm").evaluate_test()
