@@ -401,6 +401,9 @@ def test_pipeline_benchmark_quick(artifacts, tmp_path) -> None:
     res = pipeline_latency.main(["--quick", "--artifacts", str(artifacts), "--out", str(tmp_path / "p.json")])
     assert res["single_user"]["n"] == 100 and res["batched"]["users_per_s"] > 0
     assert all(r["errors"] == 0 and r["requests"] > 0 for r in res["http"].values())
+    # the two-tower's candidates re-ranked: the models alone cost less than the whole path around them
+    assert set(res["limit"]["single_user_ms"]) == {"query tower", "ANN search", "ranker forward, 100 rows"}
+    assert res["ratio_to_limit"]["single_user_p50"] > 1 and res["ratio_to_limit"]["batched"] > 1
 
 
 def test_with_bert4rec_candidates_the_served_system_beats_each_source_on_validation(
