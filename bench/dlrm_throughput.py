@@ -28,7 +28,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.runtime import write_json_atomic
+from common.runtime import torchrun_command, write_json_atomic
 
 GOLDEN = {"num_embeddings": 1024**2, "embedding_dim": 128, "dense_arch": (64, 128), "over_arch": (64, 1)}
 QUICK = {"num_embeddings": 10_000, "embedding_dim": 128, "dense_arch": (64, 128), "over_arch": (64, 1)}
@@ -152,23 +151,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         for batch in a.batch_sizes:
             with tempfile.TemporaryDirectory() as tmp:
                 result = Path(tmp) / "result.json"
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "torch.distributed.run",
-                    "--standalone",
-                    f"--nproc_per_node={nproc}",
-                    "-m",
-                    "bench.dlrm_throughput",
-                    "--worker-result",
-                    str(result),
-                    "--batch-size",
-                    str(batch),
-                    "--steps",
-                    str(a.steps),
-                    "--repeats",
-                    str(a.repeats),
-                ] + (["--quick"] if a.quick else [])
+                args = ["--worker-result", str(result), "--batch-size", str(batch), "--steps", str(a.steps)]
+                args += ["--repeats", str(a.repeats)] + (["--quick"] if a.quick else [])
+                cmd = torchrun_command("bench.dlrm_throughput", args, nproc)
                 env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if proc.returncode != 0:

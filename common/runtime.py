@@ -123,6 +123,21 @@ def launch_local(fn: Callable[..., Any], nproc: int, *args: Any) -> dict[int, An
             signal.signal(sig, handler)
 
 
+def torchrun_command(module: str, args: list[str], nproc: int = 2) -> list[str]:
+    """``torchrun --standalone --nproc_per_node=<nproc> -m <module> <args>`` with this interpreter, for
+    a subprocess (the benchmarks and tests that run a script in several processes)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        module,
+        *args,
+    ]
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices). Give every rank the same seed so that model
     initialization agrees; data order is derived from the seed explicitly by each loader."""

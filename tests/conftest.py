@@ -8,7 +8,6 @@ import functools
 import http.server
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,23 +17,10 @@ import pytest
 from common.data.dataset import InteractionData
 from common.data.movielens import load_movielens
 from common.data.split import Split, split_dataset
+from common.runtime import torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def torchrun_command(module: str, args: list[str], nproc: int = 2) -> list[str]:
-    """``torchrun --standalone --nproc_per_node=<nproc> -m <module> <args>``, with this interpreter."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        module,
-        *args,
-    ]
 
 
 def torchrun(module: str, args: list[str], nproc: int = 2) -> None:

@@ -12,8 +12,9 @@ import time
 
 import pytest
 
+from common.runtime import torchrun_command
 from golden_training.train_dlrm import main as train_dlrm
-from tests.conftest import REPO, TORCHRUN_ENV, torchrun, torchrun_command
+from tests.conftest import REPO, TORCHRUN_ENV, torchrun
 
 # Loss after 20 steps of the TINY run, seed 0, on the project's x86-64 CPU machine (rank 0's
 # batch loss for 2 processes, each with 512 examples per step from its own share of the users).
