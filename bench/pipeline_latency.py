@@ -138,6 +138,7 @@ def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[
     if source is None:
         return None
     batches = [slice(lo, lo + batch_size) for lo in range(0, len(dense), batch_size)]
+    r = pipeline.retriever
     parts: dict[str, tuple] = {}  # stage -> (function, one-user inputs, batch inputs)
     if isinstance(source, SequenceSource):
         model = source.scorer.model
@@ -151,7 +152,6 @@ def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[
             [seqs(sl) for sl in batches],
         )
     if pipeline.rerank or not isinstance(source, SequenceSource):  # the ranker's retrieval_score needs the query
-        r = pipeline.retriever
 
         def kjt(sl: slice):
             return r._query_batch(dense[sl], hists[sl]).sparse
