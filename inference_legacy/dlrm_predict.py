@@ -34,6 +34,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from common.features import FeatureError, FeatureSchema
 from inference_legacy import artifact as art
+from inference_legacy.aot_compile import load_compiled
 from inference_legacy.server import (
     BODY_TIMEOUT_S,
     BadRequest,
@@ -56,7 +57,9 @@ MAX_IDS_PER_FEATURE = 1000
 class DLRMPredictor:
     """A packaged DLRM: ``predict(rows)`` -> click probabilities."""
 
-    def __init__(self, artifact_dir: str | Path) -> None:
+    def __init__(self, artifact_dir: str | Path, compiled: bool = True) -> None:
+        """``compiled``: serve the artifact's AOTInductor package (``model.aoti.pt2``) when it is there
+        and checks out (``inference_legacy.aot_compile``); otherwise, or with False, the exported program."""
         self.path = Path(artifact_dir)
         self.manifest = art.read_manifest(self.path)
         if self.manifest.get("model") != "dlrm" or "tolerance" not in self.manifest.get("verification", {}):
@@ -65,7 +68,11 @@ class DLRMPredictor:
                 f"package one with python -m inference_legacy.dlrm_packager"
             )
         self.schema = art.load_schema(self.path, self.manifest)
-        self.model = art.load_program(self.path, self.manifest)
+        self.program = art.load_program(self.path, self.manifest)
+        self.model, self.runtime = self.program, "exported program (--eager)"
+        if compiled:
+            runner, why = load_compiled(self.path, self.manifest, self.program, self.schema)
+            self.model, self.runtime = (runner, "AOTInductor") if runner else (self.program, f"exported program: {why}")
         m = self.manifest
         self.name = f"{m['model']}-{m['quantization']['embeddings']}-{m['files'][art.PROGRAM]['sha256'][:12]}"
 
@@ -153,13 +160,15 @@ def create_dlrm_app(
     max_request_bytes: int = 4_000_000,
     max_rows: int = 4096,
     client_timeout: float = BODY_TIMEOUT_S,
+    compiled: bool = True,
 ) -> tuple[FastAPI, DLRMPredictor, DynamicBatcher]:
     """Load the artifact (errors surface here, before anything is served), build the app, and
     start the self-check that turns ``/ready`` to 200."""
-    predictor = DLRMPredictor(artifact_dir)
+    predictor = DLRMPredictor(artifact_dir, compiled)
     metrics, readiness = Metrics(), Readiness()
     readiness.info = {
         "model": predictor.name,
+        "runtime": predictor.runtime,
         "batching": batching,
         "max_batch_rows": max_batch_rows,
         "max_wait_ms": max_wait_ms,
@@ -226,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-request-bytes", type=int, default=4_000_000, help="body size limit (default: %(default)s)")
     p.add_argument("--max-rows", type=int, default=4096, help="rows per request (default: %(default)s)")
     add_client_timeout(p)
+    p.add_argument("--eager", action="store_true", help="serve the exported program, not the compiled package")
     p.add_argument(
         "--threads",
         type=int,
@@ -248,11 +258,12 @@ def main(argv: list[str] | None = None) -> None:
             a.max_request_bytes,
             a.max_rows,
             a.client_timeout,
+            not a.eager,
         )
     except (art.ArtifactError, FileNotFoundError) as err:
         raise SystemExit(f"cannot serve {a.artifact}: {err}") from None
     print(
-        f"loaded {predictor.name} from {a.artifact} in {time.perf_counter() - t0:.1f} s "
+        f"loaded {predictor.name} from {a.artifact} in {time.perf_counter() - t0:.1f} s, {predictor.runtime} "
         f"(batching {'off' if a.no_batching else f'up to {a.max_batch_rows} rows / {a.max_wait_ms} ms'})",
         flush=True,
     )

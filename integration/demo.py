@@ -115,6 +115,7 @@ def stages(
                     "--out",
                     str(root / serving),
                     "--overwrite",
+                    *([] if quick else ["--compile"]),  # the AOTInductor package (tens of seconds)
                     *data_dir,
                 ],
                 [at],

@@ -23,8 +23,8 @@ import pytest
 import torch
 from starlette.testclient import TestClient
 
+from inference_legacy import aot_compile, dlrm_packager
 from inference_legacy import artifact as art
-from inference_legacy import dlrm_packager
 from inference_legacy.dlrm_client import DLRMClient, ServiceError
 from inference_legacy.dlrm_predict import DLRMPredictor, create_dlrm_app
 from inference_legacy.dlrm_predict import main as serve_main
@@ -104,14 +104,97 @@ def test_the_served_module_skips_the_exports_shape_hook_and_scores_the_same(pack
     names = {getattr(h, "__name__", "") for h in hooked._forward_pre_hooks.values()}
     assert "_check_input_constraints_pre_hook" in names  # what the export adds, and load_program takes off
     assert "_check_input_constraints_pre_hook" not in {
-        getattr(h, "__name__", "") for h in served.model._forward_pre_hooks.values()
+        getattr(h, "__name__", "") for h in served.program._forward_pre_hooks.values()
     }
     rows = [r["features"] for r in art.read_heldout(out)]
     for part in (rows[:1], rows):
         fb = served.schema.from_records(part)
         args = (fb.dense, fb.sparse.values().long(), fb.sparse.lengths().long())
         with torch.inference_mode():
-            assert torch.equal(served.model(*args), hooked(*args))
+            assert torch.equal(served.program(*args), hooked(*args))
+
+
+@pytest.fixture(scope="module")
+def compiled(packaged, tmp_path_factory) -> Path:
+    """A copy of the packaged artifact with its AOTInductor package (the CLI, as a user runs it)."""
+    _, out, _ = packaged
+    dst = tmp_path_factory.mktemp("compiled") / "dlrm-int8"
+    shutil.copytree(out, dst)
+    aot_compile.main([str(dst)])
+    return dst
+
+
+def _heldout_inputs(predictor: DLRMPredictor) -> tuple[torch.Tensor, ...]:
+    fb = predictor.schema.from_records([r["features"] for r in art.read_heldout(predictor.path)])
+    return fb.dense, fb.sparse.values().long(), fb.sparse.lengths().long()
+
+
+def test_the_compiled_package_scores_like_the_exported_program(compiled) -> None:
+    """AOTInductor's package: served by default, equal to the exported program within the recorded
+    tolerance on every held-out row, the fp32 self-check passed, and the ID check the compiled graph
+    leaves out done before the call."""
+    entry = json.loads((compiled / "manifest.json").read_text())["compiled"]
+    assert entry["removed_ops"] == {"fbgemm.bounds_check_indices": 2}  # one per quantized table group
+    assert entry["rows"] == 1000 and entry["max_abs_diff_vs_program"] <= entry["tolerance"] <= 1e-5
+    p = DLRMPredictor(compiled)
+    assert p.runtime == "AOTInductor" and isinstance(p.model, aot_compile.CompiledProgram)
+    inputs = _heldout_inputs(p)
+    with torch.inference_mode():
+        got, want = p.model(*inputs), p.program(*inputs)
+        fb = p.schema.from_records([art.read_heldout(p.path)[0]["features"]])
+        one = p.model(fb.dense, fb.sparse.values().long(), fb.sparse.lengths().long())
+    assert got.shape == (1000,) and float((got - want).abs().max()) <= entry["tolerance"]
+    assert one.shape == (1,) and float(one[0]) == pytest.approx(float(want[0]), abs=entry["tolerance"])
+    assert (
+        p.self_check()["max_abs_diff"]
+        <= json.loads((compiled / "manifest.json").read_text())["verification"]["tolerance"]
+    )
+    dense, values, lengths = inputs
+    bad = values.clone()
+    bad[0] = 10**6  # the first value belongs to the schema's first sparse feature
+    with pytest.raises(ValueError, match=rf"sparse feature '{p.schema.sparse_names[0]}': ID 1000000 is out of range"):
+        p.model(dense, bad, lengths)
+    eager = DLRMPredictor(compiled, compiled=False)
+    assert eager.model is eager.program and eager.runtime.startswith("exported program")
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ("absent", "no compiled package"),
+        ("missing", "is missing"),
+        ("altered", "does not match the manifest's size and SHA-256"),
+        ("other-torch", "compiled with torch 2.0.0"),
+        ("other-cpu", "compiled for cpu_capability VSX"),
+        ("different-scores", "away from the exported program"),
+    ],
+)
+def test_a_missing_or_mismatched_compiled_package_falls_back_with_the_reason(
+    compiled, tmp_path, caplog, damage, reason
+) -> None:
+    path = _copy(compiled, tmp_path, damage)
+    pkg = path / aot_compile.COMPILED
+    entry = lambda **kv: lambda c: {**c, **kv}  # noqa: E731
+    if damage == "absent":
+        _rewrite_manifest(path, compiled=None)
+        pkg.unlink()
+    elif damage == "missing":
+        pkg.unlink()
+    elif damage == "altered":
+        data = bytearray(pkg.read_bytes())
+        data[len(data) // 2] ^= 1
+        pkg.write_bytes(bytes(data))
+    elif damage == "other-torch":
+        _rewrite_manifest(path, compiled=lambda c: {**c, "versions": {**c["versions"], "torch": "2.0.0"}})
+    elif damage == "other-cpu":
+        _rewrite_manifest(path, compiled=entry(cpu_capability="VSX"))
+    else:  # a tolerance nothing meets: the load-time comparison with the exported program fails
+        _rewrite_manifest(path, compiled=entry(tolerance=-1.0))
+    caplog.set_level("INFO", logger="inference_legacy.aot_compile")
+    p = DLRMPredictor(path)
+    assert p.model is p.program and p.runtime.startswith("exported program") and reason in p.runtime
+    assert any(reason in r.getMessage() and "serving the exported program" in r.getMessage() for r in caplog.records)
+    assert p.self_check()["heldout_rows"] == 1000
 
 
 def _copy(out: Path, tmp_path: Path, name: str) -> Path:
