@@ -16,19 +16,18 @@ legacy weight files, sample inputs), and an artifact carrying any of them is ref
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
 import zipfile
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from common.compiled import export_program, sha256, versions  # noqa: F401  (part of this module's API)
 from common.features import FeatureSchema
 
 FORMAT = "recsys-examples-artifact"
@@ -41,39 +40,6 @@ HELDOUT = "heldout.jsonl"
 
 class ArtifactError(ValueError):
     """The artifact is incomplete, altered, from another version or unsafe; the message says which."""
-
-
-def versions() -> dict[str, str]:
-    """Versions that must match between packaging and serving."""
-    out = {"torch": torch.__version__}
-    for dist in ("fbgemm-gpu-cpu", "fbgemm-gpu", "torchrec"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    out["fbgemm"] = out.pop("fbgemm-gpu-cpu", out.pop("fbgemm-gpu", "absent"))
-    return out
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def export_program(
-    module: torch.nn.Module, example_args: tuple[torch.Tensor, ...], dynamic_shapes: dict[str, Any]
-) -> torch.export.ExportedProgram:
-    """``torch.export`` with size-oblivious symbolic shapes, so a batch of 1 takes the same graph
-    as a batch of 1000 (otherwise export specializes on 0/1 and guards out B == 1)."""
-    import torch.fx.experimental._config as fx_config
-
-    with fx_config.patch(backed_size_oblivious=True), torch.no_grad():
-        program = torch.export.export(module.eval(), example_args, dynamic_shapes=dynamic_shapes, strict=False)
-    program.example_inputs = None  # would be pickled into the archive
-    return program
 
 
 def write_artifact(

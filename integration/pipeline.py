@@ -477,6 +477,7 @@ def create_pipeline(
     candidate_source: str = "auto",
     served: bool = True,
     item_item: str | None = "auto",
+    compiled: bool = True,
 ) -> RecommendationPipeline:
     """Load the exported stages from ``artifacts_dir`` and check that they fit together.
 
@@ -498,7 +499,8 @@ def create_pipeline(
     to the two-tower's). ``ranking`` overrides the served one: an artifact or ``{arm: artifact}``
     for A/B tests ("auto": the served source's own). The ranking artifacts run on CPU; ``device``
     must agree ("auto" does). ``dataset`` passes a data set in memory (e.g. a synthetic one)
-    instead of loading it by name.
+    instead of loading it by name. ``compiled``: the query tower and the rankers run their
+    AOTInductor packages where they have checked-out ones (``python -m inference_legacy.aot_compile``).
     """
     from common.sequential import NextItemScorer
 
@@ -592,13 +594,13 @@ def create_pipeline(
     if ranking == "auto":
         ranking = own_ranker("two-tower" if candidate_source == "union" else candidate_source)
     arms = {"A": ranking} if isinstance(ranking, str) else dict(ranking)
-    rankers = {arm: DLRMPredictor(root / path) for arm, path in arms.items()}
+    rankers = {arm: DLRMPredictor(root / path, compiled) for arm, path in arms.items()}
     loaded = {path: rankers[arm] for arm, path in arms.items()}
     by_source = {}
     for name in ["two-tower", *scorers]:  # the item-to-item sources have no ranker of their own
         path = own_ranker(name)
         if path not in loaded:
-            loaded[path] = DLRMPredictor(root / path)
+            loaded[path] = DLRMPredictor(root / path, compiled)
         by_source[name] = loaded[path]
     for path, p in loaded.items():
         fp = p.manifest["source"]["data_fingerprint"]
@@ -668,7 +670,7 @@ def create_pipeline(
                 f"ranking artifact {root / path}: table dims {sorted(dims)} differ from its "
                 f"embedding_dim {p.manifest['dims']['embedding_dim']}; DLRM needs one dim"
             )
-    retriever = Retriever(r_dir, device="cpu", k=CANDIDATES)
+    retriever = Retriever(r_dir, device="cpu", k=CANDIDATES, compiled=compiled)
     if not np.array_equal(retriever.user_raw_ids, ds.user_raw_ids) or not np.array_equal(
         retriever.item_raw_ids, ds.item_raw_ids
     ):
@@ -681,7 +683,11 @@ def create_pipeline(
     sources += [SequenceSource(sc, ds.item_raw_ids) for _, sc in scorers.values()]
     models = {
         "sources": {"two-tower": _digest(r_manifest["files"]), **digests},
-        "rankers": {name: _digest(p.manifest) for name, p in by_source.items()},
+        # the model, not how it runs: an AOTInductor package added later (the manifest's "compiled"
+        # entry) scores like the exported program, so the choice still stands
+        "rankers": {
+            name: _digest({k: v for k, v in p.manifest.items() if k != "compiled"}) for name, p in by_source.items()
+        },
     }
     if choice is not None and choice["models"] != models:
         changed = [

@@ -717,6 +717,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--data-dir", default=None, help="data cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)"
     )
+    p.add_argument(
+        "--eager",
+        action="store_true",
+        help="run the exported models, not their AOTInductor packages (python -m inference_legacy.aot_compile)",
+    )
     a = p.parse_args(argv)
     sock = listen_socket(a.host, a.port)  # before the models load: a busy or invalid port fails at once
     import torch
@@ -733,6 +738,7 @@ def main(argv: list[str] | None = None) -> None:
             data_dir=a.data_dir,
             sequential=None if a.candidates == "two-tower" else "auto",
             candidate_source=a.candidates,
+            compiled=not a.eager,
         )
         router = ABRouter({name: share for name, _, share in a.arm} if a.arm else {"A": 1.0}, a.ab_salt)
         cache = (
@@ -744,7 +750,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"cannot serve: {err}") from None
     app, _ = create_service(pipeline, cache, router, client_timeout=a.client_timeout)
     print(
-        f"serving {pipeline.dataset.name}: {pipeline.served}, arms {router.shares}, cache {cache.backend}",
+        f"serving {pipeline.dataset.name}: {pipeline.served}, arms {router.shares}, cache {cache.backend}; "
+        f"query tower {pipeline.retriever.runtime}, rankers "
+        f"{', '.join(sorted({r.runtime.split(':')[0] for r in pipeline.rankers.values()}))}",
         flush=True,
     )
     serve(app, a.host, a.port, sock=sock, header_timeout=a.client_timeout)

@@ -29,10 +29,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-from torchrec import EmbeddingBagCollection
+from torch.export import Dim
+from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
 from torchrec.inference.modules import quantize_embeddings
 from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
+from common.compiled import compile_program, export_program, load_package, write_entry
 from common.data.dataset import id_key, raw_ids
 from common.data.load import load_dataset
 from common.data.split import split_dataset
@@ -116,6 +118,53 @@ def load_query_tower(
     return tower.to(device).eval()
 
 
+COMPILED_TOWER = "query_tower.aoti.pt2"
+CHECK_USERS = 256  # users whose queries both runtimes embed each time a compiled tower is loaded
+
+
+class TowerProgram(torch.nn.Module):
+    """(values, lengths) -> query vectors: the tower behind plain tensors, for torch.export."""
+
+    def __init__(self, tower: Tower) -> None:
+        super().__init__()
+        self.tower, self.output_dim = tower, tower.output_dim
+
+    def forward(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.tower(KeyedJaggedTensor.from_lengths_sync(self.tower.feature_names, values, lengths))
+
+
+class CompiledTower(torch.nn.Module):
+    """The AOTInductor-compiled query tower, called like the tower (a KeyedJaggedTensor in)."""
+
+    def __init__(self, runner, output_dim: int) -> None:
+        super().__init__()
+        self.runner, self.output_dim = runner, output_dim
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        return self.runner(features.values().long(), features.lengths().long())
+
+
+def compile_query_tower(export_dir: str | Path) -> dict:
+    """Export the INT8 query tower as ``Retriever`` serves it on CPU, compile it with AOTInductor to
+    ``query_tower.aoti.pt2`` (checked on the first users' queries against the eager tower) and add
+    the manifest's ``compiled`` entry. Returns that entry."""
+    export_dir = Path(export_dir)
+    r = Retriever(export_dir, device="cpu", compiled=False)
+    program = TowerProgram(r.tower)
+    example = r.check_inputs(64)
+    batch = Dim("batch", min=1, max=1 << 20)
+    exported = export_program(
+        program,
+        example,
+        {"values": {0: Dim("nnz", min=0, max=1 << 30)}, "lengths": {0: len(r.tower.feature_names) * batch}},
+    )
+    schema = r.features.query_schema
+    entry = compile_program(exported, example, export_dir / COMPILED_TOWER, schema, program, r.check_inputs())
+    entry["quantize"] = "int8"
+    write_entry(export_dir / "manifest.json", entry)
+    return entry
+
+
 def embedding_table_bytes(tower: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for k, t in tower.state_dict().items() if k.startswith("ebc."))
 
@@ -123,7 +172,11 @@ def embedding_table_bytes(tower: torch.nn.Module) -> int:
 class Retriever:
     """Top-K candidates for users of the exported model, by raw MovieLens user ID."""
 
-    def __init__(self, export_dir: str | Path, quantize: str = "int8", device: str = "auto", k: int = 100) -> None:
+    def __init__(
+        self, export_dir: str | Path, quantize: str = "int8", device: str = "auto", k: int = 100, compiled: bool = True
+    ) -> None:
+        """``compiled``: embed queries with the export's AOTInductor package (``query_tower.aoti.pt2``,
+        ``python -m inference_legacy.aot_compile``) when it is there and checks out; CPU, INT8 only."""
         self.export_dir = Path(export_dir)
         self.manifest = m = read_manifest(self.export_dir)
         self.device = autodetect_device(device)
@@ -145,8 +198,29 @@ class Retriever:
                 f"{m['num_items']} items and {m['output_dim']}-dim outputs: the index is from another model"
             )
         self.tower = load_query_tower(self.export_dir, m, quantize, self.device)
-        self.model = TwoTowerRetrieval(to_gpu_if_available(index), self.tower, k=k, device=self.device)
+        self.runtime = "eager"
+        tower: torch.nn.Module = self.tower
+        if compiled and quantize == "int8" and self.device.type == "cpu":
+            reference = TowerProgram(self.tower)
+            runner, why = load_package(
+                self.export_dir,
+                m.get("compiled"),
+                self.features.query_schema,
+                reference,
+                self.check_inputs,
+                f"python -m inference_legacy.aot_compile {self.export_dir}",
+            )
+            tower, self.runtime = (
+                (CompiledTower(runner, self.tower.output_dim), "AOTInductor") if runner else (tower, f"eager: {why}")
+            )
+        self.model = TwoTowerRetrieval(to_gpu_if_available(index), tower, k=k, device=self.device)
         self.k = k
+
+    def check_inputs(self, n: int = CHECK_USERS) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tower's (values, lengths) for the first ``n`` users with their stored histories."""
+        users = np.arange(min(n, len(self.user_raw_ids)))
+        kjt = self._query_batch(users, [self.history_of(u) for u in users]).sparse
+        return kjt.values().long(), kjt.lengths().long()
 
     def _check_consistency(self, m: dict) -> None:
         f = self.features

@@ -23,6 +23,7 @@ import pytest
 import torch
 from starlette.testclient import TestClient
 
+from common.compiled import IdChecked
 from inference_legacy import aot_compile, dlrm_packager
 from inference_legacy import artifact as art
 from inference_legacy.dlrm_client import DLRMClient, ServiceError
@@ -135,9 +136,9 @@ def test_the_compiled_package_scores_like_the_exported_program(compiled) -> None
     leaves out done before the call."""
     entry = json.loads((compiled / "manifest.json").read_text())["compiled"]
     assert entry["removed_ops"] == {"fbgemm.bounds_check_indices": 2}  # one per quantized table group
-    assert entry["rows"] == 1000 and entry["max_abs_diff_vs_program"] <= entry["tolerance"] <= 1e-5
+    assert entry["check_rows"] == 1000 and entry["max_abs_diff"] <= entry["tolerance"] <= 1e-5
     p = DLRMPredictor(compiled)
-    assert p.runtime == "AOTInductor" and isinstance(p.model, aot_compile.CompiledProgram)
+    assert p.runtime == "AOTInductor" and isinstance(p.model, IdChecked)
     inputs = _heldout_inputs(p)
     with torch.inference_mode():
         got, want = p.model(*inputs), p.program(*inputs)
@@ -166,7 +167,7 @@ def test_the_compiled_package_scores_like_the_exported_program(compiled) -> None
         ("altered", "does not match the manifest's size and SHA-256"),
         ("other-torch", "compiled with torch 2.0.0"),
         ("other-cpu", "compiled for cpu_capability VSX"),
-        ("different-scores", "away from the exported program"),
+        ("different-scores", "from the exported model's on the check inputs"),
     ],
 )
 def test_a_missing_or_mismatched_compiled_package_falls_back_with_the_reason(
@@ -190,10 +191,10 @@ def test_a_missing_or_mismatched_compiled_package_falls_back_with_the_reason(
         _rewrite_manifest(path, compiled=entry(cpu_capability="VSX"))
     else:  # a tolerance nothing meets: the load-time comparison with the exported program fails
         _rewrite_manifest(path, compiled=entry(tolerance=-1.0))
-    caplog.set_level("INFO", logger="inference_legacy.aot_compile")
+    caplog.set_level("INFO", logger="common.compiled")
     p = DLRMPredictor(path)
     assert p.model is p.program and p.runtime.startswith("exported program") and reason in p.runtime
-    assert any(reason in r.getMessage() and "serving the exported program" in r.getMessage() for r in caplog.records)
+    assert any(reason in r.getMessage() and "serving the exported model" in r.getMessage() for r in caplog.records)
     assert p.self_check()["heldout_rows"] == 1000
 
 

@@ -125,6 +125,50 @@ def _edit_manifest(export: Path, edit) -> None:
     (export / "manifest.json").write_text(json.dumps(m))
 
 
+def test_the_compiled_query_tower_serves_like_the_eager_one_and_falls_back_with_the_reason(
+    trained, tmp_path: Path, caplog
+) -> None:
+    """``python -m inference_legacy.aot_compile EXPORT`` compiles the INT8 query tower; the Retriever
+    serves it (the same top 100 as the eager tower, query vectors within the recorded tolerance), and
+    without its package, or with an altered one, serves the eager tower and logs why."""
+    from inference_legacy.aot_compile import main as compile_main
+
+    _, out = trained
+    export = _copy_export(out, tmp_path / "compiled")
+    entry = compile_main([str(export)])[str(export)]
+    assert entry["file"] == "query_tower.aoti.pt2" and entry["quantize"] == "int8"
+    assert entry["check_rows"] == 256 and entry["max_abs_diff"] <= entry["tolerance"] <= 1e-5
+    compiled, eager = Retriever(export), Retriever(export, compiled=False)
+    assert compiled.runtime == "AOTInductor" and eager.runtime == "eager"
+    users = np.arange(943)
+    hists = [compiled.history_of(u) for u in users]
+    q_c, q_e = compiled.query_embeddings(users, hists), eager.query_embeddings(users, hists)
+    assert np.abs(q_c - q_e).max() <= entry["tolerance"]
+    (items_c, _), (items_e, _) = compiled.top_k_indices(users, 100), eager.top_k_indices(users, 100)
+    assert (items_c == items_e).mean() > 0.999  # only near-ties may swap
+    assert [r.item_ids[:10] for r in compiled.recommend([1, 99_999])] == [
+        r.item_ids[:10] for r in eager.recommend([1, 99_999])
+    ]
+
+    caplog.set_level("INFO", logger="common.compiled")
+    data = bytearray((export / "query_tower.aoti.pt2").read_bytes())
+    data[-100] ^= 1
+    (export / "query_tower.aoti.pt2").write_bytes(bytes(data))
+    altered = Retriever(export)
+    assert altered.runtime.startswith("eager: ") and "does not match the manifest's size and SHA-256" in altered.runtime
+    (export / "query_tower.aoti.pt2").unlink()
+    assert "is missing" in Retriever(export).runtime
+    _edit_manifest(export, lambda m: m.pop("compiled"))
+    assert "no compiled package" in Retriever(export).runtime
+    messages = [r.getMessage() for r in caplog.records if r.name == "common.compiled"]
+    assert [("SHA-256" in m, "is missing" in m, "no compiled package" in m) for m in messages] == [
+        (True, False, False),
+        (False, True, False),
+        (False, False, True),
+    ]
+    assert Retriever(export).top_k_indices(users, 100)[0].tolist() == items_e.tolist()
+
+
 def test_mismatched_artifacts_fail_at_load_time(trained, tmp_path: Path) -> None:
     _, out = trained
     wrong_dim = _copy_export(out, tmp_path / "a")

@@ -1,0 +1,219 @@
+"""Ahead-of-time compiled models (AOTInductor) with the exported or eager model as the fallback.
+
+AOTInductor (``torch._inductor.aoti_compile_and_package``, PyTorch 2's deployment path after
+TorchScript) compiles a ``torch.export`` program into C++ kernels in a ``.pt2`` package. A stage
+writes the package next to its model with :func:`compile_program`, which returns the manifest entry
+that ties it to this torch / FBGEMM and this CPU; :func:`load_package` loads it only when that entry
+matches the file and the machine, and when it reproduces the reference model on check inputs within
+the recorded tolerance. Otherwise it logs why and returns ``None``: the caller serves its reference.
+
+One op is left out of a compiled graph: FBGEMM's ``bounds_check_indices``, which clamps
+out-of-range IDs in place and whose data-dependent sizes AOTInductor cannot trace
+(``GuardOnDataDependentSymNode``). :class:`IdChecked` checks every ID against its feature's
+cardinality before each call instead (an out-of-range ID is an error, not a silent clamp).
+
+A package is native code built on this machine: load only packages you built or trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.features import FeatureSchema
+
+log = logging.getLogger("common.compiled")
+
+
+def versions() -> dict[str, str]:
+    """Library versions an exported program or a compiled package is tied to."""
+    out = {"torch": torch.__version__}
+    for dist in ("fbgemm-gpu-cpu", "fbgemm-gpu", "torchrec"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    out["fbgemm"] = out.pop("fbgemm-gpu-cpu", out.pop("fbgemm-gpu", "absent"))
+    return out
+
+
+def target() -> dict[str, str]:
+    """What a package is tied to besides the versions: the CPU's instruction set (the kernels use
+    the widest vector unit torch found when compiling) and the architecture."""
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine()}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_program(
+    module: torch.nn.Module, example_args: tuple[torch.Tensor, ...], dynamic_shapes: dict[str, Any]
+) -> torch.export.ExportedProgram:
+    """``torch.export`` with size-oblivious symbolic shapes, so a batch of 1 takes the same graph
+    as a batch of 1000 (otherwise export specializes on 0/1 and guards out B == 1)."""
+    import torch.fx.experimental._config as fx_config
+
+    with fx_config.patch(backed_size_oblivious=True), torch.no_grad():
+        program = torch.export.export(module.eval(), example_args, dynamic_shapes=dynamic_shapes, strict=False)
+    program.example_inputs = None  # would be pickled into the archive
+    return program
+
+
+class IdChecked:
+    """A compiled program behind the ID check its graph leaves out. Its inputs are the exported
+    program's: ``(values, lengths)`` or ``(dense, values, lengths)``, sparse IDs feature-major."""
+
+    def __init__(self, runner: Callable[..., Any], schema: FeatureSchema) -> None:
+        self.runner = runner
+        self.names = schema.sparse_names
+        self.cardinality = torch.tensor([f.cardinality for f in schema.sparse], dtype=torch.int64)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        values, lengths = inputs[-2:]
+        per_feature = lengths.view(len(self.names), -1).sum(1)
+        limit = self.cardinality.repeat_interleave(per_feature, output_size=values.numel())
+        bad = (values < 0) | (values >= limit)
+        if bool(bad.any()):
+            j = int(bad.nonzero()[0])
+            f = int(torch.searchsorted(per_feature.cumsum(0), j, right=True))
+            raise ValueError(
+                f"sparse feature {self.names[f]!r}: ID {int(values[j])} is out of range [0, "
+                f"{int(self.cardinality[f])}); the compiled program has no in-graph bounds check"
+            )
+        return self.runner(*inputs)
+
+
+def strip_bounds_checks(program: torch.export.ExportedProgram) -> int:
+    """Remove FBGEMM's in-place bounds checks from the graph; returns how many there were."""
+    nodes = [
+        n
+        for n in program.graph.nodes
+        if n.op == "call_function" and n.target is torch.ops.fbgemm.bounds_check_indices.default
+    ]
+    for n in nodes:
+        if n.users:
+            raise RuntimeError(f"{n.name} has users {list(n.users)}; expected an op used only for its effect")
+        program.graph.erase_node(n)
+    program.graph_module.recompile()
+    return len(nodes)
+
+
+@torch.inference_mode()
+def max_diff(a: Callable[..., torch.Tensor], b: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> float:
+    out_a, out_b = a(*inputs), b(*inputs)
+    return float((out_a - out_b).abs().max()) if out_a.numel() else 0.0
+
+
+def compile_program(
+    program: torch.export.ExportedProgram,
+    example_inputs: tuple[torch.Tensor, ...],
+    out: Path,
+    schema: FeatureSchema,
+    reference: Callable[..., torch.Tensor],
+    check_inputs: tuple[torch.Tensor, ...],
+) -> dict[str, Any]:
+    """Compile ``program`` (its bounds checks stripped) to ``out``, written only after it matched
+    ``reference`` on ``check_inputs``; returns the manifest entry :func:`load_package` checks."""
+    import fbgemm_gpu  # noqa: F401  registers the ops the programs call
+
+    removed = strip_bounds_checks(program)
+    program.example_inputs = (example_inputs, {})
+    tmp = out.with_name(f".tmp{os.getpid()}.{out.name}")  # the compiler wants a name ending in .pt2
+    t0 = time.perf_counter()
+    try:
+        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
+        seconds = time.perf_counter() - t0
+        diff = max_diff(IdChecked(torch._inductor.aoti_load_package(str(tmp)), schema), reference, check_inputs)
+        entry = {
+            "file": out.name,
+            "bytes": tmp.stat().st_size,
+            "sha256": sha256(tmp),
+            "compiler": f"AOTInductor (torch {torch.__version__})",
+            "versions": versions(),
+            **target(),
+            "removed_ops": {"fbgemm.bounds_check_indices": removed},
+            "check_rows": len(check_inputs[-1]) // max(1, len(schema.sparse)),
+            "max_abs_diff": diff,
+            # what a load must reproduce: the measured difference, with room for float reordering
+            "tolerance": max(diff * 2, 1e-6),
+            "compile_seconds": seconds,
+        }
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return entry
+
+
+def write_entry(manifest_path: Path, entry: dict[str, Any]) -> None:
+    """Set the manifest's ``compiled`` entry (a new file moved into place: never half-written)."""
+    manifest = json.loads(manifest_path.read_text())
+    manifest["compiled"] = entry
+    new = manifest_path.with_name(f".{manifest_path.name}.tmp{os.getpid()}")
+    new.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(new, manifest_path)
+
+
+def load_package(
+    directory: Path,
+    entry: dict[str, Any] | None,
+    schema: FeatureSchema,
+    reference: Callable[..., torch.Tensor],
+    check_inputs: Callable[[], tuple[torch.Tensor, ...]],
+    how_to_build: str,
+) -> tuple[IdChecked | None, str]:
+    """The compiled model of ``directory`` described by ``entry`` (a manifest's ``compiled``), or
+    ``None`` and the reason (logged): the caller then serves ``reference``."""
+    if not entry:
+        reason = f"no compiled package ({how_to_build} builds one)"
+        log.info("%s: serving the exported model: %s", directory, reason)
+        return None, reason
+    reason = _mismatch(directory, entry)
+    compiled = None
+    if reason is None:
+        try:
+            import fbgemm_gpu  # noqa: F401
+
+            compiled = IdChecked(torch._inductor.aoti_load_package(str(directory / entry["file"])), schema)
+            diff = max_diff(compiled, reference, check_inputs())
+            if not diff <= entry["tolerance"]:
+                reason = (
+                    f"its outputs are {diff:.2e} from the exported model's on the check inputs, more than "
+                    f"its recorded tolerance {entry['tolerance']:.2e}"
+                )
+        except Exception as err:  # a package that will not load surfaces as many exception types
+            reason = f"it failed to load ({type(err).__name__}: {str(err)[:200]})"
+    if reason is not None:
+        log.warning("%s: serving the exported model, not %s: %s", directory, entry.get("file"), reason)
+        return None, reason
+    return compiled, "compiled"
+
+
+def _mismatch(directory: Path, entry: dict[str, Any]) -> str | None:
+    path = directory / str(entry.get("file"))
+    if not path.is_file():
+        return f"{path} is missing (the manifest lists it)"
+    if path.stat().st_size != entry.get("bytes") or sha256(path) != entry.get("sha256"):
+        return f"{path} does not match the manifest's size and SHA-256 (altered, or from another compile)"
+    here = versions()
+    for lib in ("torch", "fbgemm"):
+        if entry.get("versions", {}).get(lib) != here[lib]:
+            return f"compiled with {lib} {entry.get('versions', {}).get(lib)}, this environment has {here[lib]}"
+    for key, value in target().items():
+        if entry.get(key) != value:
+            return f"compiled for {key} {entry.get(key)}, this machine is {value}: compile it again here"
+    return None
