@@ -295,6 +295,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     )
     p.add_argument("--no-http", action="store_true", help="skip the HTTP runs")
     p.add_argument(
+        "--eager",
+        action="store_true",
+        help="run the exported models, not their AOTInductor packages (python -m inference_legacy.aot_compile)",
+    )
+    p.add_argument(
         "--data-dir", default=None, help="data cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)"
     )
     p.add_argument("--out", default="bench/results/pipeline_latency.json", help="(default: %(default)s)")
@@ -302,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     from integration.pipeline import create_pipeline
 
     torch.set_num_threads(1)
-    pipeline = create_pipeline(a.artifacts, data_dir=a.data_dir, candidate_source=a.candidates)
+    pipeline = create_pipeline(a.artifacts, data_dir=a.data_dir, candidate_source=a.candidates, compiled=not a.eager)
     users = pipeline.dataset.user_raw_ids.tolist()[: 100 if a.quick else None]
     if a.users and a.users < len(users):
         users = [users[i] for i in np.sort(np.random.default_rng(0).choice(len(users), a.users, replace=False))]
@@ -316,9 +321,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "torch_threads": 1,
+        # AOTInductor or the exported model (and why), as loaded
+        "runtimes": {
+            "query tower": pipeline.retriever.runtime,
+            **{f"ranker {arm}": r.runtime for arm, r in pipeline.rankers.items()},
+        },
     }
     results["single_user"] = s = single_user(pipeline, users, repeats)
-    print(f"served: {pipeline.served}", flush=True)
+    print(f"served: {pipeline.served}; " + ", ".join(f"{k}: {v}" for k, v in results["runtimes"].items()), flush=True)
     print(
         f"single user: p50 {s['p50_ms']:.2f} ms | p99 {s['p99_ms']:.2f} ms | max {s['max_ms']:.2f} ms over "
         f"{s['n']} requests (median {stages(s)})",
@@ -354,6 +364,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     for mode, ttl in () if a.no_http else (("cache off", "0"), ("cache on", "300")):
         proc, url = spawn(
             ["-m", "integration.service", "--artifacts", a.artifacts, "--cache-ttl", ttl, "--candidates", a.candidates]
+            + (["--eager"] if a.eager else [])
         )
         try:
             run_load(url, "/recommend", bodies, a.clients, min(duration, 2.0))  # warm-up, not reported
