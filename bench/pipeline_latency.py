@@ -324,6 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         # AOTInductor or the exported model (and why), as loaded
         "runtimes": {
             "query tower": pipeline.retriever.runtime,
+            **{f"{src.name} scorer": src.scorer.runtime for src in pipeline.sources if hasattr(src, "scorer")},
             **{f"ranker {arm}": r.runtime for arm, r in pipeline.rankers.items()},
         },
     }

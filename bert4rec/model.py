@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
@@ -58,10 +59,21 @@ class BERT4Rec(nn.Module):
         jt = self.item_embedding(seq)[FEATURE]
         lengths = jt.lengths()
         width = max(int(lengths.max()), 1) if lengths.numel() else 1
-        x = jt.to_padded_dense(width)
+        return self.encode(jt.to_padded_dense(width), lengths)
+
+    def encode(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Token embeddings ``[batch, width, dim]`` (left-aligned; rows past ``lengths`` are padding,
+        masked out of attention) -> contextual states."""
+        width = x.shape[1]
         pad = torch.arange(width, device=x.device)[None, :] >= lengths[:, None]
         x = self.dropout(self.input_norm(x + self.position.weight[None, :width]))
         return self.final_norm(self.encoder(x, src_key_padding_mask=pad))
+
+    def padded_scores(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """:meth:`last_scores` from tokens padded to ``[batch, width]``: the form torch.export and
+        AOTInductor compile (no shape depends on the data; see ``common.sequential.compile_scorer``)."""
+        h = self.encode(F.embedding(tokens, self.item_embedding.embeddings["item"].weight), lengths)
+        return self.head(h[torch.arange(h.shape[0], device=h.device), (lengths - 1).clamp(min=0)])
 
     def last_scores(self, seq: KeyedJaggedTensor) -> torch.Tensor:
         """[batch, num_items] scores at each sequence's last position (the appended [MASK])."""

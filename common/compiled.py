@@ -9,8 +9,9 @@ the recorded tolerance. Otherwise it logs why and returns ``None``: the caller s
 
 One op is left out of a compiled graph: FBGEMM's ``bounds_check_indices``, which clamps
 out-of-range IDs in place and whose data-dependent sizes AOTInductor cannot trace
-(``GuardOnDataDependentSymNode``). :class:`IdChecked` checks every ID against its feature's
-cardinality before each call instead (an out-of-range ID is an error, not a silent clamp).
+(``GuardOnDataDependentSymNode``). :class:`Guarded` checks every ID against its feature's
+cardinality before each call instead (:func:`id_guard`; an out-of-range ID is an error, not a
+silent clamp).
 
 A package is native code built on this machine: load only packages you built or trust.
 """
@@ -74,28 +75,37 @@ def export_program(
     return program
 
 
-class IdChecked:
-    """A compiled program behind the ID check its graph leaves out. Its inputs are the exported
-    program's: ``(values, lengths)`` or ``(dense, values, lengths)``, sparse IDs feature-major."""
+class Guarded:
+    """A compiled program behind the input check its graph leaves out (``guard`` raises on bad input)."""
 
-    def __init__(self, runner: Callable[..., Any], schema: FeatureSchema) -> None:
-        self.runner = runner
-        self.names = schema.sparse_names
-        self.cardinality = torch.tensor([f.cardinality for f in schema.sparse], dtype=torch.int64)
+    def __init__(self, runner: Callable[..., Any], guard: Callable[..., None]) -> None:
+        self.runner, self.guard = runner, guard
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        self.guard(*inputs)
+        return self.runner(*inputs)
+
+
+def id_guard(schema: FeatureSchema) -> Callable[..., None]:
+    """Checks the sparse IDs of a program whose last two inputs are ``(values, lengths)``,
+    feature-major in ``schema``'s order, against each feature's cardinality."""
+    names = schema.sparse_names
+    cardinality = torch.tensor([f.cardinality for f in schema.sparse], dtype=torch.int64)
+
+    def guard(*inputs: torch.Tensor) -> None:
         values, lengths = inputs[-2:]
-        per_feature = lengths.view(len(self.names), -1).sum(1)
-        limit = self.cardinality.repeat_interleave(per_feature, output_size=values.numel())
+        per_feature = lengths.view(len(names), -1).sum(1)
+        limit = cardinality.repeat_interleave(per_feature, output_size=values.numel())
         bad = (values < 0) | (values >= limit)
         if bool(bad.any()):
             j = int(bad.nonzero()[0])
             f = int(torch.searchsorted(per_feature.cumsum(0), j, right=True))
             raise ValueError(
-                f"sparse feature {self.names[f]!r}: ID {int(values[j])} is out of range [0, "
-                f"{int(self.cardinality[f])}); the compiled program has no in-graph bounds check"
+                f"sparse feature {names[f]!r}: ID {int(values[j])} is out of range [0, "
+                f"{int(cardinality[f])}); the compiled program has no in-graph bounds check"
             )
-        return self.runner(*inputs)
+
+    return guard
 
 
 def strip_bounds_checks(program: torch.export.ExportedProgram) -> int:
@@ -123,7 +133,7 @@ def compile_program(
     program: torch.export.ExportedProgram,
     example_inputs: tuple[torch.Tensor, ...],
     out: Path,
-    schema: FeatureSchema,
+    guard: Callable[..., None],
     reference: Callable[..., torch.Tensor],
     check_inputs: tuple[torch.Tensor, ...],
 ) -> dict[str, Any]:
@@ -138,7 +148,7 @@ def compile_program(
     try:
         torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
         seconds = time.perf_counter() - t0
-        diff = max_diff(IdChecked(torch._inductor.aoti_load_package(str(tmp)), schema), reference, check_inputs)
+        diff = max_diff(Guarded(torch._inductor.aoti_load_package(str(tmp)), guard), reference, check_inputs)
         entry = {
             "file": out.name,
             "bytes": tmp.stat().st_size,
@@ -147,7 +157,7 @@ def compile_program(
             "versions": versions(),
             **target(),
             "removed_ops": {"fbgemm.bounds_check_indices": removed},
-            "check_rows": len(check_inputs[-1]) // max(1, len(schema.sparse)),
+            "check_rows": len(reference(*check_inputs)),
             "max_abs_diff": diff,
             # what a load must reproduce: the measured difference, with room for float reordering
             "tolerance": max(diff * 2, 1e-6),
@@ -171,11 +181,11 @@ def write_entry(manifest_path: Path, entry: dict[str, Any]) -> None:
 def load_package(
     directory: Path,
     entry: dict[str, Any] | None,
-    schema: FeatureSchema,
+    guard: Callable[..., None],
     reference: Callable[..., torch.Tensor],
     check_inputs: Callable[[], tuple[torch.Tensor, ...]],
     how_to_build: str,
-) -> tuple[IdChecked | None, str]:
+) -> tuple[Guarded | None, str]:
     """The compiled model of ``directory`` described by ``entry`` (a manifest's ``compiled``), or
     ``None`` and the reason (logged): the caller then serves ``reference``."""
     if not entry:
@@ -188,7 +198,7 @@ def load_package(
         try:
             import fbgemm_gpu  # noqa: F401
 
-            compiled = IdChecked(torch._inductor.aoti_load_package(str(directory / entry["file"])), schema)
+            compiled = Guarded(torch._inductor.aoti_load_package(str(directory / entry["file"])), guard)
             diff = max_diff(compiled, reference, check_inputs())
             if not diff <= entry["tolerance"]:
                 reason = (

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.export import Dim
 from torch.nn import functional as F
 from torchrec import KeyedJaggedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -43,6 +44,7 @@ from common.checkpoint import (
     run_config,
     save_checkpoint,
 )
+from common.compiled import compile_program, export_program, load_package, write_entry
 from common.data.dataset import id_key, raw_ids
 from common.data.load import add_dataset_args, load_dataset
 from common.data.split import STAGES, Split, rank_splits
@@ -198,6 +200,48 @@ def sequences_kjt(seqs: list[np.ndarray]) -> KeyedJaggedTensor:
     return KeyedJaggedTensor.from_lengths_sync(
         keys=[FEATURE], values=torch.from_numpy(values), lengths=torch.from_numpy(lengths)
     )
+
+
+def padded_tokens(seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sequences as ``[batch, width]`` (0 after each sequence) and their lengths, for a model's
+    ``padded_scores``. At least 2 x 2: the exported program's shapes start there (export
+    specializes sizes of 1), so one sequence gets a padding row, scored and dropped."""
+    width = max([2, *(len(s) for s in seqs)])
+    tokens = np.zeros((max(2, len(seqs)), width), dtype=np.int64)
+    lengths = np.ones(len(tokens), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)], lengths[i] = s, len(s)
+    return torch.from_numpy(tokens), torch.from_numpy(lengths)
+
+
+COMPILED_SCORER = "scorer.aoti.pt2"
+
+
+def compile_scorer(export_dir: str | Path) -> dict:
+    """Export the sequential model's ``padded_scores`` and compile it with AOTInductor to
+    ``scorer.aoti.pt2`` (checked against the eager model on seeded histories of every length); adds
+    the manifest's ``compiled`` entry and returns it."""
+    export_dir = Path(export_dir)
+    scorer = NextItemScorer(export_dir, compiled=False)
+    model, inputs = scorer.model, scorer.check_inputs()
+
+    class Program(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            return self.model.padded_scores(tokens, lengths)
+
+    batch = Dim("batch", min=2, max=1 << 20)
+    program = export_program(
+        Program(), inputs, {"tokens": {0: batch, 1: Dim("width", min=2, max=model.max_len)}, "lengths": {0: batch}}
+    )
+    entry = compile_program(
+        program, inputs, export_dir / COMPILED_SCORER, scorer.token_guard, model.padded_scores, inputs
+    )
+    write_entry(export_dir / "manifest.json", entry)
+    return entry
 
 
 def training_windows(split: Split, max_len: int, step: int) -> list[np.ndarray]:
@@ -529,7 +573,9 @@ class NextItemScorer:
     list; a one-item history is an ordinary sequence.
     """
 
-    def __init__(self, export_dir: str | Path) -> None:
+    def __init__(self, export_dir: str | Path, compiled: bool = True) -> None:
+        """``compiled``: score with the export's AOTInductor package (``scorer.aoti.pt2``,
+        ``python -m inference_legacy.aot_compile``) when it is there and checks out."""
         export_dir = Path(export_dir)
         manifest_path = export_dir / "manifest.json"
         if not manifest_path.is_file():
@@ -550,6 +596,30 @@ class NextItemScorer:
             torch.load(export_dir / "weights.pt", map_location="cpu", weights_only=True), strict=True
         )
         self.model.eval()
+        self.export_dir, self.compiled, self.runtime = export_dir, None, "eager"
+        if compiled:
+            self.compiled, why = load_package(
+                export_dir,
+                self.manifest.get("compiled"),
+                self.token_guard,
+                self.model.padded_scores,
+                self.check_inputs,
+                f"python -m inference_legacy.aot_compile {export_dir}",
+            )
+            self.runtime = "AOTInductor" if self.compiled else f"eager: {why}"
+
+    def token_guard(self, tokens: torch.Tensor, lengths: torch.Tensor) -> None:
+        """What the compiled program leaves unchecked: tokens within the table, lengths within the width."""
+        rows = self.model.num_items + 2
+        if bool(((tokens < 0) | (tokens >= rows)).any()) or bool(((lengths < 1) | (lengths > tokens.shape[1])).any()):
+            raise ValueError(f"tokens must lie in [0, {rows}) and lengths in [1, {tokens.shape[1]}]")
+
+    def check_inputs(self, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded tokens of ``n`` seeded random histories of every length up to ``max_len`` (the
+        inputs a compiled scorer is checked on against the eager model)."""
+        rng = np.random.default_rng(0)
+        lengths = np.linspace(0, self.model.max_len + 5, n).astype(int)
+        return padded_tokens(self.model.query_sequences([rng.integers(0, self.model.num_items, k) for k in lengths]))
 
     @property
     def data_fingerprint(self) -> str:
@@ -559,10 +629,16 @@ class NextItemScorer:
     def score_indices(self, histories: list[np.ndarray], batch_size: int = 256) -> np.ndarray:
         """Scores ``[len(histories), num_items]`` for histories of the export's item indices."""
         seqs = self.model.query_sequences(histories)
-        parts = [
-            self.model.last_scores(sequences_kjt(seqs[lo : lo + batch_size])).numpy()
-            for lo in range(0, len(seqs), batch_size)
-        ]
+        if self.compiled is not None:
+            parts = [
+                self.compiled(*padded_tokens(seqs[lo : lo + batch_size]))[: len(seqs[lo : lo + batch_size])].numpy()
+                for lo in range(0, len(seqs), batch_size)
+            ]
+        else:
+            parts = [
+                self.model.last_scores(sequences_kjt(seqs[lo : lo + batch_size])).numpy()
+                for lo in range(0, len(seqs), batch_size)
+            ]
         return np.concatenate(parts) if parts else np.zeros((0, self.model.num_items), np.float32)
 
     def score(self, histories: list[list[int]], batch_size: int = 256) -> Scored:

@@ -3,12 +3,15 @@ package checks out, else as before.
 
     python -m inference_legacy.aot_compile runs/serving/dlrm-int8      # the ranker: model.aoti.pt2
     python -m inference_legacy.aot_compile runs/retrieval/export       # the query tower: query_tower.aoti.pt2
+    python -m inference_legacy.aot_compile runs/bert4rec/export        # BERT4Rec's scorer: scorer.aoti.pt2
 
 - A ranker artifact (``inference_legacy.dlrm_packager``): its ``torch.export`` program compiled;
   checked on the artifact's held-out rows against the exported program and against the fp32
   model's recorded probabilities (within the artifact's tolerance).
 - A retrieval export (``retrieval.two_tower_train``): the INT8 query tower as ``Retriever`` loads it,
   exported and compiled; checked on the first 256 users' queries against the eager tower.
+- A BERT4Rec or SASRec export: the model's next-item scores over the catalog from padded tokens
+  (``padded_scores``), exported and compiled; checked on 64 seeded histories of every length.
 
 Each adds its package and a ``compiled`` entry to the directory's manifest (see
 ``common/compiled.py`` for what the entry ties the package to). On this machine the ranker over
@@ -29,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.compiled import IdChecked, compile_program, load_package, write_entry
+from common.compiled import Guarded, compile_program, id_guard, load_package, write_entry
 from common.features import FeatureSchema
 from inference_legacy import artifact as art
 
@@ -54,9 +57,9 @@ def compile_artifact(artifact: str | Path) -> dict[str, Any]:
     eager = art.load_program(artifact, manifest)
     program = torch.export.load(artifact / art.PROGRAM)  # checked pickle-free by load_program
     inputs = _inputs(schema, rows)
-    entry = compile_program(program, _inputs(schema, rows[:64]), artifact / COMPILED, schema, eager, inputs)
+    entry = compile_program(program, _inputs(schema, rows[:64]), artifact / COMPILED, id_guard(schema), eager, inputs)
     with torch.inference_mode():
-        compiled = IdChecked(torch._inductor.aoti_load_package(str(artifact / COMPILED)), schema)
+        compiled = Guarded(torch._inductor.aoti_load_package(str(artifact / COMPILED)), id_guard(schema))
         entry["max_abs_diff_vs_fp32"] = float(
             np.abs(compiled(*inputs).numpy() - np.array([r["fp32"] for r in rows])).max()
         )
@@ -73,14 +76,14 @@ def compile_artifact(artifact: str | Path) -> dict[str, Any]:
 
 def load_compiled(
     artifact: str | Path, manifest: dict[str, Any], program: Any, schema: FeatureSchema
-) -> tuple[IdChecked | None, str]:
+) -> tuple[Guarded | None, str]:
     """A ranker artifact's compiled program, or ``None`` and why not (logged). ``program`` is the
     exported one, which the compiled one must match on held-out rows within the recorded tolerance."""
     artifact = Path(artifact)
     return load_package(
         artifact,
         manifest.get("compiled"),
-        schema,
+        id_guard(schema),
         program,
         lambda: _inputs(schema, art.read_heldout(artifact)[:CHECK_ROWS]),
         f"python -m inference_legacy.aot_compile {artifact}",
@@ -101,10 +104,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         manifest = Path(path) / "manifest.json"
         if not manifest.is_file():
             raise SystemExit(f"{manifest} not found: give a ranker artifact or a retrieval export directory")
-        if "query_schema" in json.loads(manifest.read_text()):
+        kind = json.loads(manifest.read_text())
+        if "query_schema" in kind:
             from retrieval.two_tower_retrieval import compile_query_tower
 
             entry, what = compile_query_tower(path), "query tower"
+        elif kind.get("model") in ("bert4rec", "sasrec"):
+            from common.sequential import compile_scorer
+
+            entry, what = compile_scorer(path), f"{kind['model']} scorer"
         else:
             entry, what = compile_artifact(path), "ranker"
         extra = (

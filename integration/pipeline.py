@@ -499,8 +499,8 @@ def create_pipeline(
     to the two-tower's). ``ranking`` overrides the served one: an artifact or ``{arm: artifact}``
     for A/B tests ("auto": the served source's own). The ranking artifacts run on CPU; ``device``
     must agree ("auto" does). ``dataset`` passes a data set in memory (e.g. a synthetic one)
-    instead of loading it by name. ``compiled``: the query tower and the rankers run their
-    AOTInductor packages where they have checked-out ones (``python -m inference_legacy.aot_compile``).
+    instead of loading it by name. ``compiled``: the query tower, the sequential scorers and the
+    rankers run their AOTInductor packages where they have checked-out ones (``python -m inference_legacy.aot_compile``).
     """
     from common.sequential import NextItemScorer
 
@@ -524,7 +524,7 @@ def create_pipeline(
         sequential = [sequential]
     scorers = {}
     for path in sequential or []:
-        scorer = NextItemScorer(root / path)
+        scorer = NextItemScorer(root / path, compiled)
         name = SEQUENCE_SOURCES[scorer.name]
         if scorer.data_fingerprint != ds.fingerprint:
             raise ArtifactMismatch(

@@ -34,7 +34,7 @@ from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
 from torchrec.inference.modules import quantize_embeddings
 from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
-from common.compiled import compile_program, export_program, load_package, write_entry
+from common.compiled import compile_program, export_program, id_guard, load_package, write_entry
 from common.data.dataset import id_key, raw_ids
 from common.data.load import load_dataset
 from common.data.split import split_dataset
@@ -159,7 +159,7 @@ def compile_query_tower(export_dir: str | Path) -> dict:
         {"values": {0: Dim("nnz", min=0, max=1 << 30)}, "lengths": {0: len(r.tower.feature_names) * batch}},
     )
     schema = r.features.query_schema
-    entry = compile_program(exported, example, export_dir / COMPILED_TOWER, schema, program, r.check_inputs())
+    entry = compile_program(exported, example, export_dir / COMPILED_TOWER, id_guard(schema), program, r.check_inputs())
     entry["quantize"] = "int8"
     write_entry(export_dir / "manifest.json", entry)
     return entry
@@ -205,7 +205,7 @@ class Retriever:
             runner, why = load_package(
                 self.export_dir,
                 m.get("compiled"),
-                self.features.query_schema,
+                id_guard(self.features.query_schema),
                 reference,
                 self.check_inputs,
                 f"python -m inference_legacy.aot_compile {self.export_dir}",

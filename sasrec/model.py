@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
@@ -77,9 +78,22 @@ class SASRec(nn.Module):
         x = torch.ops.fbgemm.jagged_to_padded_dense(
             emb[:-n], [torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)], [width], 0.0
         )
+        return self.encode(x)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Token embeddings ``[batch, width, dim]`` (left-aligned, padded after) -> causal states."""
+        width = x.shape[1]
         x = self.dropout(self.input_norm(x + self.position.weight[None, :width]))
         causal = nn.Transformer.generate_square_subsequent_mask(width, device=x.device, dtype=x.dtype)
         return self.final_norm(self.encoder(x, mask=causal, is_causal=True))
+
+    def padded_scores(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """:meth:`last_scores` from tokens padded to ``[batch, width]``: the form torch.export and
+        AOTInductor compile (no shape depends on the data; see ``common.sequential.compile_scorer``)."""
+        weight = self.item_embedding.embeddings["item"].weight
+        h = self.encode(F.embedding(tokens, weight))
+        last = h[torch.arange(h.shape[0], device=h.device), (lengths - 1).clamp(min=0)]
+        return last @ weight[1 : self.num_items + 1].T + self.bias
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Scores of every item for output states ``h`` of the last ``hidden`` call."""

@@ -23,7 +23,7 @@ import pytest
 import torch
 from starlette.testclient import TestClient
 
-from common.compiled import IdChecked
+from common.compiled import Guarded
 from inference_legacy import aot_compile, dlrm_packager
 from inference_legacy import artifact as art
 from inference_legacy.dlrm_client import DLRMClient, ServiceError
@@ -138,7 +138,7 @@ def test_the_compiled_package_scores_like_the_exported_program(compiled) -> None
     assert entry["removed_ops"] == {"fbgemm.bounds_check_indices": 2}  # one per quantized table group
     assert entry["check_rows"] == 1000 and entry["max_abs_diff"] <= entry["tolerance"] <= 1e-5
     p = DLRMPredictor(compiled)
-    assert p.runtime == "AOTInductor" and isinstance(p.model, IdChecked)
+    assert p.runtime == "AOTInductor" and isinstance(p.model, Guarded)
     inputs = _heldout_inputs(p)
     with torch.inference_mode():
         got, want = p.model(*inputs), p.program(*inputs)

@@ -1,0 +1,66 @@
+"""BERT4Rec's and SASRec's scorers compiled with AOTInductor (``python -m inference_legacy.aot_compile
+EXPORT``): the padded form they compile equals the model's own, the compiled scorer serves the same
+scores and top items as the eager one, and an altered or foreign package falls back to the eager
+model with the reason logged."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from common.sequential import NextItemScorer, sequences_kjt
+from inference_legacy.aot_compile import main as compile_main
+
+
+@pytest.fixture(params=["bert4rec_run", "sasrec_run"])
+def export(request, tmp_path):
+    """A copy of a seeded tiny run's export (the session's), to compile and damage."""
+    _, out = request.getfixturevalue(request.param)
+    dst = tmp_path / "export"
+    shutil.copytree(out / "export", dst)
+    return dst
+
+
+def test_the_padded_form_scores_like_the_model(export) -> None:
+    scorer = NextItemScorer(export, compiled=False)
+    tokens, lengths = scorer.check_inputs()
+    seqs = [t[:n].numpy() for t, n in zip(tokens, lengths)]
+    assert min(len(s) for s in seqs) == 1 and max(len(s) for s in seqs) == scorer.model.max_len
+    with torch.no_grad():
+        padded = scorer.model.padded_scores(tokens, lengths)
+        own = scorer.model.last_scores(sequences_kjt(seqs))
+    assert float((padded - own).abs().max()) < 1e-4
+
+
+def test_the_compiled_scorer_serves_the_same_scores_and_falls_back_with_the_reason(
+    export, ml100k_split, caplog
+) -> None:
+    entry = compile_main([str(export)])[str(export)]
+    assert entry["file"] == "scorer.aoti.pt2" and entry["check_rows"] == 64
+    assert entry["max_abs_diff"] <= entry["tolerance"] <= 1e-4
+    compiled, eager = NextItemScorer(export), NextItemScorer(export, compiled=False)
+    assert compiled.runtime == "AOTInductor" and eager.runtime == "eager"
+    indptr, hist = ml100k_split.history("test")
+    histories = [hist[indptr[u] : indptr[u + 1]] for u in range(300)]
+    histories[0] = histories[0][:0]  # an empty history: [MASK] / [BOS] alone
+    got, want = compiled.score_indices(histories), eager.score_indices(histories)
+    assert got.shape == want.shape == (300, compiled.model.num_items)
+    assert np.abs(got - want).max() <= entry["tolerance"] + 1e-4
+    top = lambda s: np.argsort(-s, axis=1, kind="stable")[:, :10]  # noqa: E731
+    assert (top(got) == top(want)).mean() > 0.99  # only near-ties may swap
+    assert compiled.score_indices(histories[5:6]).shape == (1, compiled.model.num_items)  # one user: padded to 2
+    with pytest.raises(ValueError, match="tokens must lie in"):
+        compiled.compiled(torch.full((2, 3), 10**6), torch.tensor([3, 3]))
+
+    caplog.set_level("INFO", logger="common.compiled")
+    m = json.loads((export / "manifest.json").read_text())
+    m["compiled"]["machine"] = "riscv64"
+    (export / "manifest.json").write_text(json.dumps(m))
+    foreign = NextItemScorer(export)
+    assert foreign.compiled is None and "compiled for machine riscv64" in foreign.runtime
+    assert any("compiled for machine riscv64" in r.getMessage() for r in caplog.records)
+    assert np.array_equal(foreign.score_indices(histories), want)
