@@ -125,11 +125,12 @@ def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[
     building, exclusion of seen items or other Python around them): the candidate source's model
     (the two-tower's query tower forward and FAISS search, or a sequential model's forward over the
     catalog, plus the query tower for the ranker's ``retrieval_score``) and the ranker's forward over
-    each user's 100 candidates. For one user at a time (the
+    each user's 100 candidates; each as the pipeline runs it (its AOTInductor package where one was
+    loaded). For one user at a time (the
     median of each, summed; torch on one thread) and for batches of ``batch_size`` users (users/s;
     torch on every core, set by the caller). None for sources without one model (the ensemble, union,
     item-to-item): their limit is not measured."""
-    from common.sequential import sequences_kjt
+    from common.sequential import padded_tokens, sequences_kjt
     from integration.pipeline import CANDIDATES, SequenceSource
 
     dense = np.array([pipeline.user_index[u] for u in users])
@@ -141,13 +142,14 @@ def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[
     r = pipeline.retriever
     parts: dict[str, tuple] = {}  # stage -> (function, one-user inputs, batch inputs)
     if isinstance(source, SequenceSource):
-        model = source.scorer.model
+        model, compiled = source.scorer.model, source.scorer.compiled
 
         def seqs(sl: slice):
-            return sequences_kjt(model.query_sequences([source.order[h] for h in hists[sl]]))
+            tokens = model.query_sequences([source.order[h] for h in hists[sl]])
+            return (padded_tokens(tokens),) if compiled else (sequences_kjt(tokens),)
 
         parts[f"{source.name} forward"] = (
-            model.last_scores,
+            (lambda x: compiled(*x[0])) if compiled else (lambda x: model.last_scores(x[0])),
             [seqs(slice(i, i + 1)) for i in range(len(dense))],
             [seqs(sl) for sl in batches],
         )
