@@ -214,9 +214,10 @@ def synthetic_data(num_users: int, num_items: int, seed: int = 0):
     return synthetic_dataset(d, name=f"synthetic-{num_items}", seed=seed)
 
 
-def synthetic_pipeline(root, num_items: int, num_users: int = 20_000):
+def synthetic_pipeline(root, num_items: int, num_users: int = 20_000, compiled: bool = True):
     """The pipeline over a synthetic catalog: untrained towers exported with an IVF-PQ index and
-    an untrained DLRM packaged INT8, through the same export and packaging code as the real ones."""
+    an untrained DLRM packaged INT8, through the same export and packaging code as the real ones
+    (and, with ``compiled``, the query tower and the ranker compiled with AOTInductor)."""
     from pathlib import Path
 
     from common.data.split import split_dataset
@@ -272,7 +273,13 @@ def synthetic_pipeline(root, num_items: int, num_users: int = 20_000):
         root / "serving" / "dlrm-int8",
         heldout_rows=200,
     )
-    return create_pipeline(root, dataset=ds), build_s
+    if compiled:  # as a user would: python -m inference_legacy.aot_compile on both
+        from inference_legacy.aot_compile import compile_artifact
+        from retrieval.two_tower_retrieval import compile_query_tower
+
+        compile_query_tower(root / "retrieval" / "export")
+        compile_artifact(root / "serving" / "dlrm-int8")
+    return create_pipeline(root, dataset=ds, compiled=compiled), build_s
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -386,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
         torch.set_num_threads(1)
         with tempfile.TemporaryDirectory() as tmp:
-            big, build_s = synthetic_pipeline(tmp, a.catalog)
+            big, build_s = synthetic_pipeline(tmp, a.catalog, compiled=not a.eager)
             index = big.retriever.manifest["index"]
             some = big.dataset.user_raw_ids[: 200 if a.quick else 2000].tolist()
             big.recommend(some[:8])
