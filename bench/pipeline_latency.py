@@ -174,7 +174,8 @@ def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[
         def rows(sl: slice):
             return pipeline.store.ranking_inputs(dense[sl], items[sl], scores[sl])
 
-        parts[f"ranker forward, {items.shape[1]} rows"] = (
+        rank_key = f"ranker forward, {items.shape[1]} rows"
+        parts[rank_key] = (
             lambda x: ranker(*x),
             [rows(slice(i, i + 1)) for i in range(len(dense))],
             [rows(sl) for sl in batches],
@@ -184,13 +185,37 @@ def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[
     single = {name: _median_ms(fn, one, repeats) for name, (fn, one, _) in parts.items()}
     torch.set_num_threads(threads)
     batch_s = {name: _total_s(fn, many, repeats) for name, (fn, _, many) in parts.items()}
-    return {
+    out = {
         "single_user_ms": single,
         "single_user_limit_ms": sum(single.values()),
         "batched_s": batch_s,
         "batched_limit_users_per_s": len(dense) / sum(batch_s.values()),
         "batch_size": batch_size,
     }
+    names = pipeline.store.features.schema.sparse_names
+    if pipeline.rerank and "history" in names:
+        # What the ranker's batched forward costs without the history IDs (their lookups are the
+        # user side each candidate row repeats): how much computing it once per user could save.
+        out["batched_ranker_without_history_s"] = _total_s(
+            lambda x: ranker(*x),
+            [without_feature(x, names, "history") for x in parts[rank_key][2]],
+            repeats,
+        )
+        out["batched_ranker_s"] = batch_s[rank_key]
+    return out
+
+
+def without_feature(inputs: tuple, names: list[str], name: str) -> tuple:
+    """(dense, values, lengths) with feature ``name``'s IDs removed (its bags left empty)."""
+    dense, values, lengths = inputs
+    per = lengths.view(len(names), -1)
+    f = names.index(name)
+    bounds = torch.cat([per.new_zeros(1), per.sum(1).cumsum(0)])
+    keep = torch.ones(values.numel(), dtype=torch.bool)
+    keep[int(bounds[f]) : int(bounds[f + 1])] = False
+    per = per.clone()
+    per[f] = 0
+    return dense, values[keep], per.reshape(-1)
 
 
 def synthetic_data(num_users: int, num_items: int, seed: int = 0):
@@ -368,6 +393,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             f"batched {ratio['batched']:.1f}x",
             flush=True,
         )
+        if "batched_ranker_without_history_s" in lim:
+            print(
+                f"the ranker's batched forward: {len(users) / lim['batched_ranker_s']:.0f} users/s, without the "
+                f"history IDs {len(users) / lim['batched_ranker_without_history_s']:.0f} users/s",
+                flush=True,
+            )
     del pipeline
     bodies = [json.dumps({"user_id": u}).encode() for u in users]
     results["http"] = {}

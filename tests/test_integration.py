@@ -404,6 +404,8 @@ def test_pipeline_benchmark_quick(artifacts, tmp_path) -> None:
     # the two-tower's candidates re-ranked: the models alone cost less than the whole path around them
     assert set(res["limit"]["single_user_ms"]) == {"query tower", "ANN search", "ranker forward, 100 rows"}
     assert res["ratio_to_limit"]["single_user_p50"] > 1 and res["ratio_to_limit"]["batched"] > 1
+    assert res["limit"]["batched_ranker_without_history_s"] > 0  # the ranker with empty history bags ran
+    assert set(res["runtimes"]) >= {"query tower", "ranker A"}
 
 
 def test_with_bert4rec_candidates_the_served_system_beats_each_source_on_validation(
