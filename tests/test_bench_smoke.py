@@ -86,3 +86,13 @@ def test_without_feature_empties_one_features_bags_and_keeps_the_others() -> Non
     assert d is dense and v.tolist() == [4, 5, 6] and n.tolist() == [0, 0, 3, 0]
     _, v, n = without_feature((dense, values, lengths), ["a", "b"], "b")
     assert v.tolist() == [1, 2, 3] and n.tolist() == [1, 2, 0, 0]
+
+
+def test_run_all_runs_each_benchmark_in_its_own_process_and_says_what_it_skipped(capsys) -> None:
+    from bench import run_all
+
+    summary = run_all.main(["--quick", "--only", "data_layer", "service_chaos"])
+    assert summary["data_layer"]["status"] == "ok" and summary["data_layer"]["seconds"] > 0
+    assert summary["service_chaos"] == {"status": "skipped", "why": "no quick mode"}
+    out = capsys.readouterr().out
+    assert "== bench.data_layer --quick --out" in out and "service_chaos        skipped: no quick mode" in out
