@@ -281,7 +281,13 @@ def test_the_large_catalog_index_re_ranks_exactly_and_keeps_its_settings(tmp_pat
     """ivf_pq_refine, the default above 100k items: the scores it returns are the exact inner
     products (its shortlist is re-ranked with the stored vectors), probing every list finds the
     exact top 100, and written and read back it searches with the settings it was built with."""
-    from retrieval.modules.index import build_index, default_index_type, recall_against_exact, set_search_params
+    from retrieval.modules.index import (
+        build_index,
+        default_index_type,
+        recall_against_exact,
+        refine_nprobe,
+        set_search_params,
+    )
 
     assert (default_index_type(100_000), default_index_type(100_001)) == ("flat", "ivf_pq_refine")
     rng = np.random.default_rng(0)
@@ -289,7 +295,13 @@ def test_the_large_catalog_index_re_ranks_exactly_and_keeps_its_settings(tmp_pat
     x = centers[rng.integers(0, 100, 20_000)] + 0.3 * rng.standard_normal((20_000, 32)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     index, kind, params = build_index("ivf_pq_refine", x)
-    assert params == {"nlist": 512, "nprobe": 25, "m": 32, "k_factor": 4}
+    # 20k items probe about half the lists (refine_nprobe: 1/20 x (1M / N)^0.6), 1M items 1/20
+    assert params == {"nlist": 512, "nprobe": 268, "m": 32, "k_factor": 4}
+    assert [refine_nprobe(4000, 1_000_000), refine_nprobe(1788, 200_000), refine_nprobe(8000, 4_000_000)] == [
+        200,
+        235,
+        400,
+    ]
     queries = x[rng.choice(len(x), 200, replace=False)]
     exact = np.argsort(-(queries @ x.T), axis=1, kind="stable")[:, :100]
     scores, ids = index.search(queries, 100)
