@@ -305,6 +305,9 @@ class FeatureSchema:
         return FeatureBatch(dense=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)), sparse=kjt)
 
     def _sparse_column(self, f: SparseFeature, col: Any) -> tuple[np.ndarray, np.ndarray]:
+        fast = _fast_sparse(f, col)
+        if fast is not None:
+            return fast
         if isinstance(col, tuple) and len(col) == 2:
             vals, lens = _int_array(f, col[0], "values"), _int_array(f, col[1], "lengths")
             if (lens < 0).any():
@@ -343,6 +346,8 @@ class FeatureSchema:
         return vals, lens.astype(np.int32)
 
     def _dense_column(self, f: DenseFeature, col: Any) -> np.ndarray:
+        if isinstance(col, np.ndarray) and col.dtype == np.float32 and col.ndim == 1 and np.isfinite(col).all():
+            return col  # the common case, checked in one pass; anything else gets the checks below
         arr = col.detach().cpu().numpy() if isinstance(col, torch.Tensor) else np.asarray(col)
         if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
             raise FeatureError(
@@ -360,6 +365,35 @@ class FeatureSchema:
                 f"clip infinities before batching"
             )
         return arr
+
+
+def _is_int_array(x: Any) -> bool:
+    return isinstance(x, np.ndarray) and x.ndim == 1 and x.dtype.kind in "iu"
+
+
+def _fast_sparse(f: SparseFeature, col: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """The checks of ``_sparse_column`` in as few passes as possible for the common, valid case:
+    a 1-D integer array (one ID each) or a ``(values, lengths)`` pair of them, IDs in range. None for
+    anything else, or anything wrong: the full checks then run and name the problem."""
+    if _is_int_array(col):
+        vals, lens = col, None
+    elif isinstance(col, tuple) and len(col) == 2 and _is_int_array(col[0]) and _is_int_array(col[1]):
+        vals, lens = col
+        if len(lens) and (lens.min() < 0 or int(lens.sum()) != len(vals)):
+            return None
+        if f.single_valued and len(lens) and (lens.min() != 1 or lens.max() != 1):
+            return None
+    else:
+        return None
+    if len(vals) and (vals.min() < 0 or vals.max() >= f.cardinality):
+        return None
+    vals = vals.astype(np.int64, copy=False)
+    if lens is None:
+        return vals, np.ones(len(vals), dtype=np.int32)
+    lens = lens.astype(np.int64, copy=False)
+    if f.max_length is not None and len(lens) and lens.max() > f.max_length:
+        vals, lens = _keep_last(vals, lens, f.max_length)
+    return vals, lens.astype(np.int32)
 
 
 def _is_scalar(x: Any) -> bool:

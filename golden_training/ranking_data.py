@@ -24,6 +24,7 @@ Features (built from the data set's columns, common/data/tables.py):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -119,7 +120,7 @@ class RankingFeatures(FeatureTables):
             out[f"recent_{name}_share"] = (hits / np.maximum(recent_len, 1)).astype(np.float32)
         return out
 
-    @property
+    @cached_property  # built once: every batch (and every served request) converts through it
     def schema(self) -> FeatureSchema:
         user = tuple(SparseFeature(name, self.user_cardinality[name]) for name in self.user_categorical)
         item = tuple(

@@ -151,3 +151,49 @@ def test_bad_schemas_are_rejected() -> None:
         FeatureSchema(
             sparse=(SparseFeature("a", 3, table="t"), SparseFeature("b", 3, table="t", pooling="mean"))
         ).embedding_bag_configs(4)
+
+
+def test_array_columns_take_the_fast_checks_and_give_what_lists_give() -> None:
+    """NumPy columns (what the pipeline and the trainers pass) are checked in a few passes; the batch
+    equals the one built from Python lists, and any bad array still gets the error naming it."""
+    rng = np.random.default_rng(0)
+    n = 50
+    hist_len = rng.integers(0, 6, n)  # some over max_length 3: the last 3 are kept
+    hist = rng.integers(0, 20, int(hist_len.sum()))
+    genre_len = rng.integers(0, 3, n)
+    genres = rng.integers(0, 5, int(genre_len.sum()))
+    cols = {
+        "user_id": rng.integers(0, 10, n),
+        "history": (hist, hist_len),
+        "item_id": rng.integers(0, 20, n).astype(np.int32),
+        "genres": (genres, genre_len),
+        "age": rng.random(n).astype(np.float32),
+        "popularity": rng.random(n).astype(np.float32),
+    }
+    split = lambda v, lens: [x.tolist() for x in np.split(v, np.cumsum(lens)[:-1])]  # noqa: E731
+    lists = {
+        "user_id": cols["user_id"].tolist(),
+        "history": split(hist, hist_len),
+        "item_id": cols["item_id"].tolist(),
+        "genres": split(genres, genre_len),
+        "age": cols["age"].tolist(),
+        "popularity": cols["popularity"].tolist(),
+    }
+    fast, slow = SCHEMA.from_columns(cols), SCHEMA.from_columns(lists)
+    assert torch.equal(fast.sparse.values(), slow.sparse.values()) and fast.sparse.values().dtype == torch.int64
+    assert torch.equal(fast.sparse.lengths(), slow.sparse.lengths()) and fast.sparse.lengths().dtype == torch.int32
+    assert torch.equal(fast.dense, slow.dense)
+    assert fast.sparse.to_dict()["history"].lengths().max() == 3
+
+    bad = {
+        "user_id": (np.r_[cols["user_id"][:-1], 10], r"'user_id': ID 10 in example 49 is out of range \[0, 10\)"),
+        "history": ((hist, np.r_[hist_len[:-1], hist_len[-1] + 1]), "lengths sum to"),
+        "genres": ((genres, np.r_[-1, genre_len[1:]]), "negative length"),
+        "item_id": (np.r_[-1, cols["item_id"][1:]], r"'item_id': ID -1 in example 0 is out of range"),
+        "age": (np.r_[np.nan, cols["age"][1:]].astype(np.float32), "'age': nan in example 0"),
+    }
+    for name, (col, message) in bad.items():
+        with pytest.raises(FeatureError, match=message):
+            SCHEMA.from_columns({**cols, name: col})
+    with pytest.raises(FeatureError, match="'user_id' is single-valued but example 0 has 2 IDs"):
+        SCHEMA.from_columns({**cols, "user_id": (np.arange(n + 1) % 10, np.r_[2, np.ones(n - 1, np.int64)])})
