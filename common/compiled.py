@@ -137,9 +137,11 @@ def compile_program(
     guard: Callable[..., None],
     reference: Callable[..., torch.Tensor],
     check_inputs: tuple[torch.Tensor, ...],
+    limit: float = 1e-3,
 ) -> dict[str, Any]:
-    """Compile ``program`` (its bounds checks stripped) to ``out``, written only after it matched
-    ``reference`` on ``check_inputs``; returns the manifest entry :func:`load_package` checks."""
+    """Compile ``program`` (its bounds checks stripped) to ``out``, written only if it matches
+    ``reference`` on ``check_inputs`` within ``limit``; returns the manifest entry :func:`load_package`
+    checks."""
     import fbgemm_gpu  # noqa: F401  registers the ops the programs call
 
     removed = strip_bounds_checks(program)
@@ -150,6 +152,11 @@ def compile_program(
         torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
         seconds = time.perf_counter() - t0
         diff = max_diff(Guarded(torch._inductor.aoti_load_package(str(tmp)), guard), reference, check_inputs)
+        if not diff <= limit:
+            raise RuntimeError(
+                f"the compiled program's outputs are {diff:.2e} from the exported model's on the check inputs "
+                f"(limit {limit:.0e}); {out.name} not written: serve the exported model"
+            )
         entry = {
             "file": out.name,
             "bytes": tmp.stat().st_size,

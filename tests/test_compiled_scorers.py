@@ -64,3 +64,16 @@ def test_the_compiled_scorer_serves_the_same_scores_and_falls_back_with_the_reas
     assert foreign.compiled is None and "compiled for machine riscv64" in foreign.runtime
     assert any("compiled for machine riscv64" in r.getMessage() for r in caplog.records)
     assert np.array_equal(foreign.score_indices(histories), want)
+
+
+def test_a_compiled_program_that_does_not_match_its_model_is_not_written(tmp_path) -> None:
+    from torch.export import Dim
+
+    from common.compiled import compile_program, export_program
+
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(4, 2).eval(), torch.randn(8, 4)
+    program = export_program(model, (x,), {"input": {0: Dim("batch", min=2, max=1024)}})
+    with pytest.raises(RuntimeError, match=r"1\.00e\+00 from the exported model's .* m\.pt2 not written"):
+        compile_program(program, (x,), tmp_path / "m.pt2", lambda *a: None, lambda t: model(t) + 1, (x,))
+    assert list(tmp_path.iterdir()) == []
