@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "paths",
         nargs="+",
-        help="ranker artifacts (inference_legacy.dlrm_packager) or retrieval exports (retrieval.two_tower_train)",
+        help="ranker artifacts (inference_legacy.dlrm_packager), retrieval exports (retrieval.two_tower_train) or "
+        "BERT4Rec / SASRec exports",
     )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
