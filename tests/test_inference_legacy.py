@@ -117,11 +117,11 @@ def test_the_served_module_skips_the_exports_shape_hook_and_scores_the_same(pack
 
 @pytest.fixture(scope="module")
 def compiled(packaged, tmp_path_factory) -> Path:
-    """A copy of the packaged artifact with its AOTInductor package (the CLI, as a user runs it)."""
-    _, out, _ = packaged
+    """The tiny DLRM packaged again with ``--compile`` (what the demo runs): with its AOTInductor package."""
+    _, _, checkpoints = packaged
     dst = tmp_path_factory.mktemp("compiled") / "dlrm-int8"
-    shutil.copytree(out, dst)
-    aot_compile.main([str(dst)])
+    manifest = dlrm_packager.main(["--checkpoints", str(checkpoints), "--out", str(dst), "--compile"])
+    assert manifest["compiled"]["file"] == aot_compile.COMPILED
     return dst
 
 
