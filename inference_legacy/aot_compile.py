@@ -14,11 +14,12 @@ package checks out, else as before.
   (``padded_scores``), exported and compiled; checked on 64 seeded histories of every length.
 
 Each adds its package and a ``compiled`` entry to the directory's manifest (see
-``common/compiled.py`` for what the entry ties the package to). On this machine the ranker over
-100 candidate rows runs about 3x faster compiled and the query tower about 4x (the graph no longer
-runs through Python). The loaders (``DLRMPredictor``, ``Retriever``) use a package only when it
-matches its entry and reproduces the exported model on check inputs; otherwise they log why and
-serve the exported model. The servers' ``--eager`` ignores packages.
+``common/compiled.py`` for what the entry ties the package to). On this machine, one thread, the
+ranker over 100 candidate rows takes 0.28 ms compiled against 0.70 ms, the query tower 0.09 against
+0.20, BERT4Rec's scores 0.43 against 0.69 (the graph no longer runs node by node through Python). The
+loaders (``DLRMPredictor``, ``Retriever``, ``NextItemScorer``) use a package only when it matches its
+entry and reproduces the exported model on check inputs; otherwise they log why and serve the
+exported model. The servers' ``--eager`` ignores packages.
 """
 
 from __future__ import annotations
