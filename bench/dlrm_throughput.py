@@ -68,10 +68,11 @@ def worker(a: argparse.Namespace) -> None:
     prebuilt = [my_batch(s) for s in range(a.steps)]
     pipeline = TrainPipelineSparseDist(model, optimizer, rt.device)
 
-    def run_pipeline() -> float:
+    def run_pipeline(prebuilt_batches: bool = False) -> float:
         """One pass over the steps; the first step (which fills the pipeline and, after a detach,
-        rewrites the model) is left out of the timing."""
-        it = (my_batch(s) for s in range(a.steps))
+        rewrites the model) is left out of the timing. ``prebuilt_batches``: fed the batches built
+        beforehand, so the difference to the compute-only loop is the pipeline's own cost."""
+        it = iter(prebuilt) if prebuilt_batches else (my_batch(s) for s in range(a.steps))
         pipeline.progress(it)
         torch.distributed.barrier()
         start, done = time.perf_counter(), 0
@@ -97,11 +98,19 @@ def worker(a: argparse.Namespace) -> None:
         torch.distributed.barrier()
         return per_step * a.steps / (time.perf_counter() - start)
 
+    def build_ms() -> float:
+        start = time.perf_counter()
+        for s in range(a.steps):
+            my_batch(s)
+        return (time.perf_counter() - start) / a.steps * 1e3
+
     run_compute()  # warm-up: first steps allocate optimizer state and caches
-    pipeline_rates, compute_rates = [], []
+    pipeline_rates, compute_rates, prebuilt_rates, build = [], [], [], []
     for _ in range(a.repeats):
         pipeline_rates.append(run_pipeline())
         compute_rates.append(run_compute())
+        prebuilt_rates.append(run_pipeline(prebuilt_batches=True))
+        build.append(build_ms())
     if rt.is_rank0:
         p, c = statistics.median(pipeline_rates), statistics.median(compute_rates)
         overhead = statistics.median(1 - x / y for x, y in zip(pipeline_rates, compute_rates))
@@ -118,6 +127,14 @@ def worker(a: argparse.Namespace) -> None:
                     "pipeline_ex_per_s": round(p),
                     "compute_only_ex_per_s": round(c),
                     "overhead": round(overhead, 4),
+                    # where the overhead goes: the pipeline fed pre-built batches (its own per-step cost,
+                    # paired with the compute-only blocks) and building a batch alone
+                    "pipeline_prebuilt_ex_per_s": round(statistics.median(prebuilt_rates)),
+                    "pipeline_own_overhead": round(
+                        statistics.median(1 - x / y for x, y in zip(prebuilt_rates, compute_rates)), 4
+                    ),
+                    "batch_build_ms": round(statistics.median(build), 3),
+                    "step_ms_compute_only": round(per_step / c * 1e3, 3),
                     "pipeline_runs": [round(x) for x in pipeline_rates],
                     "compute_runs": [round(x) for x in compute_rates],
                 }
@@ -163,6 +180,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             print(
                 f"{nproc} process(es), batch {batch:>4}: pipeline {row['pipeline_ex_per_s']:>8,} ex/s | "
                 f"compute only {row['compute_only_ex_per_s']:>8,} ex/s | overhead {row['overhead']:+.1%} "
+                f"(the pipeline on pre-built batches {row['pipeline_own_overhead']:+.1%}, building a batch "
+                f"{row['batch_build_ms']:.2f} ms of a {row['step_ms_compute_only']:.2f} ms step) "
                 f"(tables {row['table_gb']} GB, init {row['model_init_s']} s)",
                 flush=True,
             )

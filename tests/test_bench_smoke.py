@@ -27,6 +27,7 @@ def test_dlrm_throughput_benchmark_quick(tmp_path) -> None:
     )
     (row,) = res["rows"]
     assert row["processes"] == 1 and row["pipeline_ex_per_s"] > 0 and row["compute_only_ex_per_s"] > 0
+    assert row["pipeline_prebuilt_ex_per_s"] > 0 and 0 < row["batch_build_ms"] < row["step_ms_compute_only"]
     assert json.loads(out.read_text())["quick"] is True
 
 
