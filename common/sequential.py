@@ -237,7 +237,7 @@ def compile_scorer(export_dir: str | Path) -> dict:
     program = export_program(
         Program(), inputs, {"tokens": {0: batch, 1: Dim("width", min=2, max=model.max_len)}, "lengths": {0: batch}}
     )
-    entry = compile_program(
+    entry, _ = compile_program(
         program, inputs, export_dir / COMPILED_SCORER, scorer.token_guard, model.padded_scores, inputs
     )
     write_entry(export_dir / "manifest.json", entry)
@@ -629,16 +629,13 @@ class NextItemScorer:
     def score_indices(self, histories: list[np.ndarray], batch_size: int = 256) -> np.ndarray:
         """Scores ``[len(histories), num_items]`` for histories of the export's item indices."""
         seqs = self.model.query_sequences(histories)
-        if self.compiled is not None:
-            parts = [
-                self.compiled(*padded_tokens(seqs[lo : lo + batch_size]))[: len(seqs[lo : lo + batch_size])].numpy()
-                for lo in range(0, len(seqs), batch_size)
-            ]
-        else:
-            parts = [
-                self.model.last_scores(sequences_kjt(seqs[lo : lo + batch_size])).numpy()
-                for lo in range(0, len(seqs), batch_size)
-            ]
+
+        def scores(part: list[np.ndarray]) -> torch.Tensor:
+            if self.compiled is None:
+                return self.model.last_scores(sequences_kjt(part))
+            return self.compiled(*padded_tokens(part))[: len(part)]  # less the padding row of a lone sequence
+
+        parts = [scores(seqs[lo : lo + batch_size]).numpy() for lo in range(0, len(seqs), batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0, self.model.num_items), np.float32)
 
     def score(self, histories: list[list[int]], batch_size: int = 256) -> Scored:

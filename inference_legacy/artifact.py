@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from common.compiled import export_program, sha256, versions  # noqa: F401  (part of this module's API)
-from common.features import FeatureSchema
+from common.features import FeatureBatch, FeatureSchema
 
 FORMAT = "recsys-examples-artifact"
 FORMAT_VERSION = 1
@@ -247,6 +247,11 @@ def load_schema(artifact: str | Path, manifest: dict[str, Any] | None = None) ->
                     f"package the model again"
                 )
     return schema
+
+
+def program_inputs(fb: FeatureBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A feature batch as the program's inputs: (dense, values, lengths)."""
+    return fb.dense, fb.sparse.values().long(), fb.sparse.lengths().long()
 
 
 def read_heldout(artifact: str | Path) -> list[dict[str, Any]]:

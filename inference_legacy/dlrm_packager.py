@@ -92,13 +92,9 @@ def table_bytes(model: nn.Module) -> int:
     return total
 
 
-def _inputs(fb: FeatureBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return fb.dense, fb.sparse.values().long(), fb.sparse.lengths().long()
-
-
 @torch.no_grad()
 def _score(fn, batches: list[FeatureBatch]) -> np.ndarray:
-    return torch.cat([fn(*_inputs(b)).reshape(-1) for b in batches]).numpy()
+    return torch.cat([fn(*art.program_inputs(b)).reshape(-1) for b in batches]).numpy()
 
 
 def _auc(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -168,7 +164,7 @@ def package_model(
     batch = Dim("batch", min=1, max=1 << 20)
     program = art.export_program(
         served,
-        _inputs(example),
+        art.program_inputs(example),
         dynamic_shapes={
             "dense": {0: batch},
             "values": {0: Dim("nnz", min=0, max=1 << 30)},

@@ -82,7 +82,7 @@ class DLRMPredictor:
             fb = self.schema.from_records(rows)
         except FeatureError as err:
             raise BadRequest(str(err)) from err
-        out = self.model(fb.dense, fb.sparse.values().long(), fb.sparse.lengths().long()).numpy()
+        out = self.model(*art.program_inputs(fb)).numpy()
         bad = np.flatnonzero(~np.isfinite(out))
         if len(bad):
             raise BadRequest(

@@ -159,7 +159,9 @@ def compile_query_tower(export_dir: str | Path) -> dict:
         {"values": {0: Dim("nnz", min=0, max=1 << 30)}, "lengths": {0: len(r.tower.feature_names) * batch}},
     )
     schema = r.features.query_schema
-    entry = compile_program(exported, example, export_dir / COMPILED_TOWER, id_guard(schema), program, r.check_inputs())
+    entry, _ = compile_program(
+        exported, example, export_dir / COMPILED_TOWER, id_guard(schema), program, r.check_inputs()
+    )
     entry["quantize"] = "int8"
     write_entry(export_dir / "manifest.json", entry)
     return entry
