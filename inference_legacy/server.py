@@ -467,14 +467,17 @@ def add_client_timeout(parser: Any) -> None:
     )
 
 
-def listen_socket(host: str, port: int) -> socket.socket:
+def listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """A TCP socket bound to ``host:port`` (0: any free port). Services bind before they load their
-    models, so a port in use or out of range is one line at once, not a traceback minutes later."""
+    models, so a port in use or out of range is one line at once, not a traceback minutes later.
+    ``reuse_port``: SO_REUSEPORT, so that several processes can bind and serve the one port."""
     if not 0 <= port <= 65535:
         raise SystemExit(f"--port {port} is not a TCP port (0-65535; 0 picks a free one)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # else small responses wait on delayed ACKs
     try:
         sock.bind((host, port))

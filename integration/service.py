@@ -30,9 +30,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
 import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -61,6 +61,7 @@ from inference_legacy.server import (
     listen_socket,
     serve,
 )
+from integration.journal import EventConflict, EventJournal
 
 RawID = Annotated[int, Field(ge=0, le=2**31 - 1), BeforeValidator(integer_id)]
 Int64ID = Annotated[int, Field(ge=-(2**63), le=2**63 - 1), BeforeValidator(integer_id)]
@@ -68,7 +69,6 @@ TextID = Annotated[str, Field(min_length=1, max_length=256)]
 # An event may be at most this far after the data's last interaction (MovieLens's clock stopped in
 # 1998): a timestamp years ahead would move the user's "now", and with it the trend features, for good.
 EVENT_CLOCK_SLACK_S = 86_400
-RECENT_EVENT_IDS = 100_000  # event IDs remembered for idempotent retries
 
 log = logging.getLogger("integration.service")
 
@@ -423,8 +423,10 @@ def create_service(
     router: ABRouter | None = None,
     max_request_bytes: int = 100_000,
     client_timeout: float = BODY_TIMEOUT_S,
+    events_log: str | Path | None = None,
 ) -> tuple[FastAPI, DynamicBatcher]:
-    """The FastAPI app over a ``RecommendationPipeline`` (see ``integration.pipeline``)."""
+    """The FastAPI app over a ``RecommendationPipeline`` (see ``integration.pipeline``); events go
+    through an :class:`~integration.journal.EventJournal` on ``events_log`` (in memory when None)."""
     cache = cache if cache is not None else MemoryCache()
     router = router or ABRouter({arm: 1.0 / len(pipeline.rankers) for arm in pipeline.rankers})
     if set(router.shares) != set(pipeline.rankers):
@@ -465,6 +467,11 @@ def create_service(
     )
     dataset = pipeline.dataset
     clock, num_items = int(dataset.timestamp.max()), len(dataset.item_raw_ids)
+    journal = EventJournal(pipeline.add_interaction, events_log, dataset.name)  # replays events_log's lines
+    if journal.replayed:
+        log.warning("replayed %d events from %s", journal.replayed, events_log)
+    readiness.info["worker"] = os.getpid()  # which process answered, where several serve one port
+    app.state.readiness, app.state.journal = readiness, journal
 
     def cached_candidates(users: list[int]) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[bool]]:
         """Each user's candidates from the cache, or computed (in one batch) and written back."""
@@ -484,6 +491,7 @@ def create_service(
         return found, [n not in computed for n in range(len(users))]  # type: ignore[return-value]
 
     def run(batch: list[list[RecommendRequest]]) -> list[Any]:
+        journal.catch_up()  # events other workers acknowledged before these requests arrived
         reqs = [r for (r,) in batch]
         out: list[Any] = [None] * len(reqs)
         known: dict[str, list[tuple[int, int]]] = {}
@@ -537,7 +545,6 @@ def create_service(
         responses=error_responses(_408="body not sent in time", _413="body over the size limit", _503="not ready"),
     )(recommend)
 
-    recent: OrderedDict[str, tuple[tuple[int, int, int | None], int]] = OrderedDict()
     # Searched by title, or by raw ID where the data set has no titles (what the page then shows).
     folded = [dataset.title(i).casefold() for i in range(num_items)]
     by_popularity = np.argsort(-np.asarray(pipeline.retriever.popularity), kind="stable").tolist()
@@ -576,6 +583,7 @@ def create_service(
     )(user)
 
     def user_view(user_id: int | str, recent: int) -> dict[str, Any]:
+        journal.catch_up()
         history = pipeline.store.history(pipeline.user_index[user_id])
         return {
             "user_id": user_id,
@@ -602,7 +610,8 @@ def create_service(
         return {"query": q, "items": [movie(i) for i in (starts + contains)[:limit]]}
 
     async def events(ev) -> EventResponse:
-        # No await below: on the event loop, each event is applied whole before the next starts.
+        # No await below: on the event loop, each event is applied whole before the next starts
+        # (across workers, the journal's file lock orders them).
         if ev.user_id not in pipeline.user_index:
             raise HTTPException(
                 404,
@@ -616,22 +625,11 @@ def create_service(
                 f"timestamp: {ev.timestamp} is more than {EVENT_CLOCK_SLACK_S} s after the last "
                 f"interaction in {dataset.name} ({clock}); send times on the data's clock, or none"
             )
-        what = (ev.user_id, ev.item_id, ev.timestamp)
-        if ev.event_id is not None and ev.event_id in recent:
-            seen, n = recent[ev.event_id]
-            if seen != what:
-                raise HTTPException(
-                    409,
-                    f"event_id {ev.event_id!r} was already used for user {seen[0]}, item "
-                    f"{seen[1]}: give each event its own ID",
-                )
-            return EventResponse(user_id=ev.user_id, history_length=n, duplicate=True)
-        n = pipeline.add_interaction(ev.user_id, ev.item_id, ev.timestamp)
-        if ev.event_id is not None:
-            recent[ev.event_id] = (what, n)
-            if len(recent) > RECENT_EVENT_IDS:
-                recent.popitem(last=False)
-        return EventResponse(user_id=ev.user_id, history_length=n, duplicate=False)
+        try:
+            n, duplicate = journal.record(ev.user_id, ev.item_id, ev.timestamp, ev.event_id)
+        except EventConflict as err:
+            raise HTTPException(409, str(err)) from None
+        return EventResponse(user_id=ev.user_id, history_length=n, duplicate=duplicate)
 
     events.__annotations__["ev"] = event_model(dataset)  # built at run time, like /recommend's
     app.post(
@@ -722,8 +720,32 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="run the exported models, not their AOTInductor packages (python -m inference_legacy.aot_compile)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes serving the one port, each with its own models and a core's worth of Python; they share "
+        "events through a journal file (Linux: SO_REUSEPORT spreads connections) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--events-log",
+        default=None,
+        help="append every event to this file and replay it at start, so a restart loses none "
+        "(default: events live in memory, or in a temporary journal with --workers > 1)",
+    )
     a = p.parse_args(argv)
+    if a.workers < 1:
+        p.error(f"--workers must be at least 1, got {a.workers}")
+    if a.workers > 1:
+        supervise(a)
+        return
     sock = listen_socket(a.host, a.port)  # before the models load: a busy or invalid port fails at once
+    serve_one(a, sock, a.events_log)
+
+
+def serve_one(a: argparse.Namespace, sock, events_log: str | None, ready=None) -> None:
+    """Load the pipeline and serve it on ``sock``; ``ready`` (a multiprocessing Event), when given,
+    is set once the service answers (a worker of :func:`supervise`, which prints the address)."""
     import torch
 
     from integration.pipeline import ArtifactMismatch, create_pipeline
@@ -748,14 +770,112 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"cannot serve {Path(a.artifacts)}: {err}") from None
     except ConnectionError as err:  # Redis not there at start-up
         raise SystemExit(f"cannot serve: {err}") from None
-    app, _ = create_service(pipeline, cache, router, client_timeout=a.client_timeout)
+    try:
+        app, _ = create_service(pipeline, cache, router, client_timeout=a.client_timeout, events_log=events_log)
+    except ValueError as err:  # an events log that is not this data set's
+        raise SystemExit(f"cannot serve: {err}") from None
     print(
-        f"serving {pipeline.dataset.name}: {pipeline.served}, arms {router.shares}, cache {cache.backend}; "
-        f"query tower {pipeline.retriever.runtime}, rankers "
+        f"{'' if ready is None else f'worker {os.getpid()}: '}serving {pipeline.dataset.name}: {pipeline.served}, "
+        f"arms {router.shares}, cache {cache.backend}; query tower {pipeline.retriever.runtime}, rankers "
         f"{', '.join(sorted({r.runtime.split(':')[0] for r in pipeline.rankers.values()}))}",
         flush=True,
     )
-    serve(app, a.host, a.port, sock=sock, header_timeout=a.client_timeout)
+    if ready is not None:
+
+        def signal_ready(readiness: Readiness = app.state.readiness) -> None:
+            while not readiness.event.wait(0.2):
+                if readiness.error is not None:  # a worker that can never answer stops, and says why
+                    print(f"worker {os.getpid()}: {readiness.error}", flush=True)
+                    os._exit(1)
+            ready.set()
+
+        threading.Thread(target=signal_ready, daemon=True).start()
+    serve(
+        app,
+        a.host,
+        a.port,
+        sock=sock,
+        header_timeout=a.client_timeout,
+        on_bind=None if ready is None else (lambda url: None),  # the supervisor prints it, once all are ready
+    )
+
+
+def _worker(a: argparse.Namespace, port: int, events_log: str, ready) -> None:
+    """One of :func:`supervise`'s processes: its own socket on the shared port; it stops when the
+    supervisor is gone (even killed), rather than serve on alone."""
+    import signal
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown
+
+    threading.Thread(target=watch, daemon=True).start()
+    serve_one(a, listen_socket(a.host, port, reuse_port=True), events_log, ready)
+
+
+def supervise(a: argparse.Namespace) -> None:
+    """``--workers N``: N processes, each binding the port with SO_REUSEPORT (the kernel spreads
+    connections over them by address hash) and loading its own pipeline. Events reach all of them
+    through one journal file (``--events-log``, or a temporary one). The address is printed once
+    every worker is ready; a worker that dies is started again (it replays the journal), unless it
+    dies within 30 s of starting, which stops the service. SIGTERM / SIGINT stop every worker."""
+    import multiprocessing
+    import shutil
+    import signal
+    import socket
+    import tempfile
+
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise SystemExit("--workers > 1 needs SO_REUSEPORT (Linux); run one service per port behind a proxy instead")
+    reserve = listen_socket(a.host, a.port, reuse_port=True)  # holds the port (bound, never listening)
+    port = reserve.getsockname()[1]
+    url = f"http://{a.host if ':' not in a.host else f'[{a.host}]'}:{port}"
+    tmp = None if a.events_log else tempfile.mkdtemp(prefix="recsys-events-")
+    events_log = a.events_log or os.path.join(tmp, "events.jsonl")
+    ctx = multiprocessing.get_context("spawn")  # nothing of this process (threads, locks) in the workers
+
+    def start(k: int) -> tuple[Any, Any, float]:
+        ready = ctx.Event()
+        proc = ctx.Process(target=_worker, args=(a, port, events_log, ready), name=f"worker-{k}")
+        proc.start()
+        return proc, ready, time.monotonic()
+
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    workers = [start(k) for k in range(a.workers)]
+    try:
+        while not all(ready.is_set() for _, ready, _ in workers):
+            for k, (proc, _, _) in enumerate(workers):
+                if not proc.is_alive():
+                    raise SystemExit(f"worker {k} exited with code {proc.exitcode} while loading (its output above)")
+            if stopping.wait(0.1):
+                return
+        pids = ", ".join(str(proc.pid) for proc, _, _ in workers)
+        print(f"listening on {url} ({a.workers} workers: {pids}; events journal {events_log})", flush=True)
+        while not stopping.wait(0.5):
+            for k, (proc, _, started) in enumerate(workers):
+                if proc.is_alive():
+                    continue
+                lived = time.monotonic() - started
+                if lived < 30:
+                    raise SystemExit(f"worker {k} exited with code {proc.exitcode} {lived:.0f} s after it started")
+                log.warning("worker %d (pid %d) exited with code %s; starting another", k, proc.pid, proc.exitcode)
+                workers[k] = start(k)
+    finally:
+        for proc, _, _ in workers:
+            if proc.is_alive():
+                proc.terminate()
+        for proc, _, _ in workers:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+        reserve.close()
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -699,3 +699,53 @@ def test_the_web_page_in_a_real_browser(artifacts, tmp_path) -> None:
         assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
 
         assert "99999999 is not a known user of ml-100k" in page_error_for_user(browser, wait, "99999999")
+
+
+def test_two_workers_serve_one_port_share_events_and_a_restart_replays_them(artifacts, tmp_path) -> None:
+    """``--workers 2``: both processes answer on one port; an event acknowledged by either is in
+    every later answer of both, a retry through either is recognised; ``--events-log`` replays it all
+    after a restart."""
+    import http.client
+    from urllib.parse import urlparse
+
+    from inference_legacy.server import spawn
+
+    log = tmp_path / "events.jsonl"
+
+    def call(url: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        u = urlparse(url)  # a fresh connection each time: the kernel picks the worker per connection
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+        conn.request(method, path, json.dumps(body) if body else None, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        out = r.status, json.loads(r.read())
+        conn.close()
+        return out
+
+    args = ["-m", "integration.service", "--artifacts", str(artifacts), "--cache-ttl", "60", "--events-log", str(log)]
+    proc, url = spawn([*args, "--workers", "2"])
+    try:
+        assert len({call(url, "GET", "/health")[1]["worker"] for _ in range(40)}) == 2
+        first = [x["item_id"] for x in call(url, "POST", "/recommend", {"user_id": 13})[1]["items"]]
+        for _ in range(10):  # both workers cache user 13's candidates before the event
+            call(url, "POST", "/recommend", {"user_id": 13})
+        status, ev = call(url, "POST", "/events", {"user_id": 13, "item_id": first[0], "event_id": "w-1"})
+        assert status == 200 and ev["duplicate"] is False
+        for _ in range(20):
+            assert first[0] not in [x["item_id"] for x in call(url, "POST", "/recommend", {"user_id": 13})[1]["items"]]
+            assert call(url, "GET", "/users/13?recent=1")[1]["history_length"] == ev["history_length"]
+            retry = call(url, "POST", "/events", {"user_id": 13, "item_id": first[0], "event_id": "w-1"})[1]
+            assert retry == {**ev, "duplicate": True}
+        assert call(url, "POST", "/events", {"user_id": 13, "item_id": first[1], "event_id": "w-1"})[0] == 409
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+    proc, url = spawn(args)  # one worker, on the same log
+    try:
+        view = call(url, "GET", "/users/13?recent=1")[1]
+        assert view["history_length"] == ev["history_length"] and view["recent"][0]["item_id"] == first[0]
+        assert first[0] not in [x["item_id"] for x in call(url, "POST", "/recommend", {"user_id": 13})[1]["items"]]
+        assert call(url, "POST", "/events", {"user_id": 13, "item_id": first[0], "event_id": "w-1"})[1]["duplicate"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
