@@ -220,11 +220,16 @@ class FeatureSchema:
 
     # -- columns ---------------------------------------------------------------------------
 
-    def from_columns(self, columns: Mapping[str, Any], batch_size: int | None = None) -> FeatureBatch:
+    def from_columns(
+        self, columns: Mapping[str, Any], batch_size: int | None = None, sync: bool = True
+    ) -> FeatureBatch:
         """Convert columns to a batch.
 
         A sparse column is a 1-D integer array (one ID per example), a list of ID lists, or a
         ``(values, lengths)`` pair of 1-D integer arrays. A dense column is a 1-D float array.
+        ``sync``: compute the KJT's offsets and per-key lengths now, on the CPU (what a training
+        batch wants before it moves to a GPU); False leaves them to first use, which a model that
+        takes only values and lengths (a compiled serving program) never makes.
         """
         unknown = sorted(set(columns) - set(self.sparse_names) - set(self.dense_names))
         if unknown:
@@ -260,7 +265,7 @@ class FeatureSchema:
             if dense_cols
             else torch.zeros(batch_size, 0, dtype=torch.float32)
         )
-        kjt = KeyedJaggedTensor.from_lengths_sync(
+        kjt = (KeyedJaggedTensor.from_lengths_sync if sync else KeyedJaggedTensor)(
             keys=self.sparse_names,
             values=torch.from_numpy(np.concatenate(values)) if values else torch.zeros(0, dtype=torch.int64),
             lengths=torch.from_numpy(np.concatenate(lengths)) if lengths else torch.zeros(0, dtype=torch.int32),

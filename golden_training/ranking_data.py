@@ -148,9 +148,11 @@ class RankingFeatures(FeatureTables):
         retrieval_score: np.ndarray | None = None,
         labels: np.ndarray | None = None,
         sequence: dict[str, np.ndarray] | None = None,
+        sync: bool = True,
     ) -> Batch:
         """A TorchRec ``Batch`` (dense, KJT, labels) for (user, item) pairs with their histories;
-        ``sequence`` holds ``SequenceStats.features`` for the rows (zeros without it)."""
+        ``sequence`` holds ``SequenceStats.features`` for the rows (zeros without it); ``sync``: as
+        :meth:`FeatureSchema.from_columns` (the serving path, which reads values and lengths, passes False)."""
         users, items = np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64)
         n = len(users)
         cols: dict[str, Any] = {
@@ -173,7 +175,7 @@ class RankingFeatures(FeatureTables):
                 else {name: np.zeros(n, np.float32) for name in self.history_match_names}
             ),
         }
-        fb = self.schema.from_columns(cols, batch_size=n)
+        fb = self.schema.from_columns(cols, batch_size=n, sync=sync)
         lab = torch.zeros(n) if labels is None else torch.as_tensor(labels, dtype=torch.float32)
         return Batch(dense_features=fb.dense, sparse_features=fb.sparse, labels=lab)
 

@@ -158,7 +158,7 @@ class FeatureStore:
         )
         f = self.features
         seq = None if f.sequence is None else f.sequence.features(ex)
-        b = f.batch(ex.user, ex.item, ex.history(f.history_len), retrieval_scores.reshape(-1), None, seq)
+        b = f.batch(ex.user, ex.item, ex.history(f.history_len), retrieval_scores.reshape(-1), None, seq, sync=False)
         return b.dense_features, b.sparse_features.values().long(), b.sparse_features.lengths().long()
 
 

@@ -265,14 +265,17 @@ class Retriever:
             self._query_batch(users, hists, user_columns).sparse, min(k + extra, self.features.num_items)
         )
         scores, items = scores.numpy(), items.numpy()
+        keep = items >= 0
+        if extra:  # each row's seen items, as row * num_items + item keys, out in one pass
+            n_items, rows = self.features.num_items, np.arange(len(users))
+            seen = np.repeat(rows, lengths) * n_items + np.concatenate(hists).astype(np.int64)
+            keep &= ~np.isin(rows[:, None] * n_items + items, seen)
+        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # the kept ones first, in score order
+        kept = np.take_along_axis(keep, order, 1)
         out_items = np.full((len(users), k), -1, dtype=np.int64)
         out_scores = np.full((len(users), k), -np.inf, dtype=np.float32)
-        for r in range(len(users)):
-            keep = items[r] >= 0
-            if exclude_seen:
-                keep &= ~np.isin(items[r], hists[r])
-            row_items, row_scores = items[r][keep][:k], scores[r][keep][:k]
-            out_items[r, : len(row_items)], out_scores[r, : len(row_items)] = row_items, row_scores
+        out_items[:, : order.shape[1]] = np.where(kept, np.take_along_axis(items, order, 1), -1)
+        out_scores[:, : order.shape[1]] = np.where(kept, np.take_along_axis(scores, order, 1), -np.inf)
         return out_items, out_scores
 
     def _query_batch(
@@ -282,7 +285,7 @@ class Retriever:
         values = np.concatenate(hists).astype(np.int64) if len(hists) else np.zeros(0, np.int64)
         ends = np.cumsum(lengths)
         return self.features.query_batch(
-            users, last_n(values, ends - lengths, ends, self.features.history_len), user_columns
+            users, last_n(values, ends - lengths, ends, self.features.history_len), user_columns, sync=False
         )
 
     @torch.no_grad()

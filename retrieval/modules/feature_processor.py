@@ -63,8 +63,10 @@ class TwoTowerFeatures(FeatureTables):
         users: np.ndarray,
         history: tuple[np.ndarray, np.ndarray],
         user_columns: dict[str, np.ndarray] | None = None,
+        sync: bool = True,
     ) -> FeatureBatch:
-        """Query features for dense user indices with their (values, lengths) histories.
+        """Query features for dense user indices with their (values, lengths) histories
+        (``sync``: as :meth:`FeatureSchema.from_columns`; the serving path passes False).
 
         A user index of -1 means "no ID embedding" (a new user). User features come from the
         tables unless ``user_columns`` gives them (e.g. from a request's raw features).
@@ -77,7 +79,7 @@ class TwoTowerFeatures(FeatureTables):
                 raise ValueError("users without an ID (-1) need their features in user_columns")
             user_columns = {name: col[users] for name, col in self.user_columns.items()}
         cols.update(user_columns)
-        return self.query_schema.from_columns(cols, batch_size=len(users))
+        return self.query_schema.from_columns(cols, batch_size=len(users), sync=sync)
 
     def candidate_batch(self, items: np.ndarray) -> FeatureBatch:
         items = np.asarray(items, dtype=np.int64)
