@@ -2,6 +2,7 @@
 
     python -m bench.dlrm_throughput                       # 1 and 2 processes x batch 512 and 32
     python -m bench.dlrm_throughput --quick               # small tables, few steps (a smoke run)
+    python -m bench.dlrm_throughput --pipeline sparse-dist  # TrainPipelineSparseDist in every configuration
 
 TorchRec's golden example (examples/golden_training/train_dlrm.py): random data, 26 tables of
 1,048,576 rows x 128 (about 14 GB of fp32 tables), dense MLP 64-128, over MLP 64-1, fused
@@ -10,7 +11,9 @@ on the same sharded model, in alternating blocks (the median of each is reported
 
 - **pipeline**: what ``golden_training/train_dlrm.py --dataset random`` runs, batches cut from
   arrays in memory by ``golden_training/ctr_data.py`` (with its ID checks) and fed through
-  ``TrainPipelineSparseDist``;
+  the pipeline ``--pipeline`` picks, as the training script does (auto: ``TrainPipelineSparseDist``
+  with several processes or on CUDA, ``TrainPipelineBase`` in one CPU process), also fed
+  the batches built beforehand (its own per-step cost);
 - **compute only**: the same model's forward, backward and optimizer step on batches built
   beforehand and held in memory, with no data loading and no pipeline.
 
@@ -36,6 +39,7 @@ import numpy as np
 import torch
 
 from common.runtime import torchrun_command, write_json_atomic
+from common.sharding import PIPELINE_HELP, PIPELINES
 
 GOLDEN = {"num_embeddings": 1024**2, "embedding_dim": 128, "dense_arch": (64, 128), "over_arch": (64, 1)}
 QUICK = {"num_embeddings": 10_000, "embedding_dim": 128, "dense_arch": (64, 128), "over_arch": (64, 1)}
@@ -43,10 +47,9 @@ QUICK = {"num_embeddings": 10_000, "embedding_dim": 128, "dense_arch": (64, 128)
 
 def worker(a: argparse.Namespace) -> None:
     """One configuration, in every process of a torchrun job; rank 0 writes the result."""
-    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-
     from common.data.criteo import table_sizes
     from common.runtime import init_runtime, shutdown
+    from common.sharding import release_pipeline, train_pipeline
     from golden_training.ctr_data import criteo_schema, make_batch, random_ctr
     from golden_training.train_dlrm import Config, build
 
@@ -66,7 +69,7 @@ def worker(a: argparse.Namespace) -> None:
         return make_batch(schema, data, slice(lo, lo + a.batch_size))
 
     prebuilt = [my_batch(s) for s in range(a.steps)]
-    pipeline = TrainPipelineSparseDist(model, optimizer, rt.device)
+    pipeline = train_pipeline(model, optimizer, rt, a.pipeline)  # as train_dlrm.py --pipeline picks it
 
     def run_pipeline(prebuilt_batches: bool = False) -> float:
         """One pass over the steps; the first step (which fills the pipeline and, after a detach,
@@ -84,7 +87,7 @@ def worker(a: argparse.Namespace) -> None:
             done += 1
         torch.distributed.barrier()
         elapsed = time.perf_counter() - start
-        pipeline.detach()  # give the model its own forward back for the compute-only loop
+        release_pipeline(pipeline)  # give the model its own forward back for the compute-only loop
         return per_step * done / elapsed
 
     def run_compute() -> float:
@@ -120,6 +123,7 @@ def worker(a: argparse.Namespace) -> None:
                 {
                     "processes": rt.world_size,
                     "batch_size_per_rank": a.batch_size,
+                    "pipeline": type(pipeline).__name__,
                     "steps_per_block": a.steps,
                     "repeats": a.repeats,
                     "model_init_s": round(init_s, 1),
@@ -154,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument(
         "--repeats", type=int, default=5, help="timed blocks of each mode, alternating (default: %(default)s)"
     )
+    p.add_argument("--pipeline", default="auto", choices=PIPELINES, help=PIPELINE_HELP)
     p.add_argument("--out", default="bench/results/dlrm_throughput.json", help="results file (default: %(default)s)")
     p.add_argument("--worker-result", default=None, help=argparse.SUPPRESS)  # internal: run one configuration
     p.add_argument("--batch-size", type=int, default=None, help=argparse.SUPPRESS)
@@ -169,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             with tempfile.TemporaryDirectory() as tmp:
                 result = Path(tmp) / "result.json"
                 args = ["--worker-result", str(result), "--batch-size", str(batch), "--steps", str(a.steps)]
-                args += ["--repeats", str(a.repeats)] + (["--quick"] if a.quick else [])
+                args += ["--repeats", str(a.repeats), "--pipeline", a.pipeline] + (["--quick"] if a.quick else [])
                 cmd = torchrun_command("bench.dlrm_throughput", args, nproc)
                 env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -178,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 row = json.loads(result.read_text())
             rows.append(row)
             print(
-                f"{nproc} process(es), batch {batch:>4}: pipeline {row['pipeline_ex_per_s']:>8,} ex/s | "
+                f"{nproc} process(es), batch {batch:>4}, {row['pipeline']}: {row['pipeline_ex_per_s']:>8,} ex/s | "
                 f"compute only {row['compute_only_ex_per_s']:>8,} ex/s | overhead {row['overhead']:+.1%} "
                 f"(the pipeline on pre-built batches {row['pipeline_own_overhead']:+.1%}, building a batch "
                 f"{row['batch_build_ms']:.2f} ms of a {row['step_ms_compute_only']:.2f} ms step) "

@@ -325,6 +325,7 @@ RESUMABLE_CHANGES = frozenset(
         "data_dir",
         "source",
         "index_type",
+        "pipeline",  # how steps are scheduled, not what they compute
     }
 )
 

@@ -27,6 +27,7 @@ from torchrec.distributed.planner.types import (
     TrainerConfig,
 )
 from torchrec.distributed.sharding_plan import get_default_sharders
+from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -148,3 +149,37 @@ def shard_model(
         dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda params: torch.optim.Adam(params, lr=dense_lr)
     )
     return dmp, CombinedOptimizer([dmp.fused_optimizer, dense])
+
+
+PIPELINES = ("auto", "sparse-dist", "base")
+PIPELINE_HELP = (
+    "TorchRec's training pipeline: sparse-dist (TrainPipelineSparseDist: the next batch's input all-to-all "
+    "and device copy overlap this step's compute) or base (TrainPipelineBase: the next batch is fetched "
+    "ahead); auto: sparse-dist on CUDA or with several processes, base in one CPU process, which has no "
+    "comms or copies to overlap and where sparse-dist's own per-step work costs 6-13%% at batch 32 "
+    "(bench.dlrm_throughput) (default: %(default)s)"
+)
+
+
+def train_pipeline(
+    model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, kind: str = "auto"
+) -> TrainPipelineBase | TrainPipelineSparseDist:
+    """The training pipeline for ``kind`` (see :data:`PIPELINE_HELP`). Both run the same forward,
+    backward and optimizer step on the same batches in the same order: the choice changes when
+    the next batch's work starts, not what a step computes. Call ``detach()`` on a
+    ``TrainPipelineSparseDist`` when done (it rewrites the model's forward), ``reset()`` on the other."""
+    if kind not in PIPELINES:
+        raise ValueError(f"pipeline must be one of {PIPELINES}, got {kind!r}")
+    if kind == "auto":
+        kind = "sparse-dist" if rt.device.type == "cuda" or rt.world_size > 1 else "base"
+    if kind == "sparse-dist":
+        return TrainPipelineSparseDist(model, optimizer, rt.device, execute_all_batches=True)
+    return TrainPipelineBase(model, optimizer, rt.device)
+
+
+def release_pipeline(pipeline: TrainPipelineBase | TrainPipelineSparseDist) -> None:
+    """Give the model its own forward back (sparse-dist) or drop the batch held ahead (base)."""
+    if isinstance(pipeline, TrainPipelineSparseDist):
+        pipeline.detach()
+    else:
+        pipeline.reset()

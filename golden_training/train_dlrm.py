@@ -11,8 +11,10 @@ DLRM on click logs (Criteo, random data: golden_training/ctr_data.py).
 The task (golden_training/ranking_data.py): given a user, their history and a candidate item,
 predict whether the user interacted with it next. TorchRec's DLRM (``--interaction dcn`` for
 DCNv2) with its tables sharded by DistributedModelParallel, a fused RowWiseAdagrad applied in
-backward for the embeddings, Adam for the MLPs, and TrainPipelineSparseDist. A logistic
-regression on the same features is trained the same way as the baseline.
+backward for the embeddings, Adam for the MLPs, and TorchRec's training pipeline
+(TrainPipelineSparseDist with several processes or on CUDA, TrainPipelineBase in one CPU process,
+where there is nothing to overlap; ``--pipeline``). A logistic regression on the same features is
+trained the same way as the baseline.
 
 Measured on validation each epoch and on test at the end (shared split; ``--no-test`` ends on
 validation instead and never scores test):
@@ -41,7 +43,6 @@ from torchrec import EmbeddingBagCollection
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.fbgemm_qcomm_codec import CommType
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 from tqdm import tqdm
 
@@ -63,7 +64,15 @@ from common.runtime import (
     shutdown,
     write_results,
 )
-from common.sharding import SHARDING_TYPES, qcomms_precisions, shard_model
+from common.sharding import (
+    PIPELINE_HELP,
+    PIPELINES,
+    SHARDING_TYPES,
+    qcomms_precisions,
+    release_pipeline,
+    shard_model,
+    train_pipeline,
+)
 from golden_training.ctr_data import criteo_schema, load_ctr
 from golden_training.ctr_data import make_batch as ctr_batch
 from golden_training.ranking_data import (
@@ -114,6 +123,7 @@ class Config:
     limit_eval_batches: int | None = None
     device: str = "auto"
     sharding_type: str = "table_wise"
+    pipeline: str = "auto"
     qcomms: bool = False
     out: str = "runs/ranking"
     checkpoint_every: str = "5min"
@@ -326,6 +336,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         choices=SHARDING_TYPES,
         help="embedding sharding; row-wise kinds need CUDA (default: table_wise)",
     )
+    dist.add_argument("--pipeline", default=d.pipeline, choices=PIPELINES, help=PIPELINE_HELP)
     out = p.add_argument_group("evaluation and output")
     out.add_argument("--out", default=d.out, help=f"run directory (default: {d.out})")
     out.add_argument(
@@ -782,7 +793,7 @@ def train(
 
     schedule = CheckpointSchedule(cfg.checkpoint_every)
     for epoch in range(first_epoch, cfg.epochs):
-        pipeline = TrainPipelineSparseDist(model, optimizer, rt.device, execute_all_batches=True)
+        pipeline = train_pipeline(model, optimizer, rt, cfg.pipeline)
         it = batches(epoch, start_step)
         bar = tqdm(
             total=steps, initial=start_step, desc=f"{kind} epoch {epoch}", leave=False, disable=not rt.is_rank0 or None
@@ -808,7 +819,7 @@ def train(
                 checkpoint(epoch, step)
                 schedule.saved()
         bar.close()
-        pipeline.detach()
+        release_pipeline(pipeline)
         loop_seconds += time.perf_counter() - epoch_start
         trained += (step - first_step) * per_step
         metrics = validate(model)

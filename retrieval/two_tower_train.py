@@ -8,7 +8,8 @@ The query tower sees the user ID, age bucket, gender, occupation, zip region and
 50 items; the candidate tower sees the item ID, genres and year. Embeddings live in TorchRec
 EmbeddingBagCollections sharded by DistributedModelParallel, updated by a fused RowWiseAdagrad
 applied in backward; the MLPs use Adam. TrainPipelineSparseDist overlaps batch loading and the
-sparse-feature all-to-all with compute. Loss: in-batch sampled softmax with logQ correction and
+sparse-feature all-to-all with compute (with several processes or on CUDA; one CPU process, with
+nothing to overlap, runs TrainPipelineBase: ``--pipeline``). Loss: in-batch sampled softmax with logQ correction and
 accidental hits masked (Yi et al., RecSys 2019; see retrieval/modules/two_tower.py).
 
 Each epoch ends with validation under the shared protocol (common/metrics.py); the run ends with
@@ -32,7 +33,6 @@ import faiss
 import numpy as np
 import torch
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
 from common.baselines import popularity_report
@@ -60,7 +60,7 @@ from common.runtime import (
     write_json_atomic,
     write_results,
 )
-from common.sharding import SHARDING_TYPES, shard_model
+from common.sharding import PIPELINE_HELP, PIPELINES, SHARDING_TYPES, release_pipeline, shard_model, train_pipeline
 from retrieval.modules.feature_processor import TwoTowerFeatures
 from retrieval.modules.index import INDEX_TYPES, build_index
 from retrieval.modules.two_tower import EXPORT_FORMAT, SERVING_ARRAYS, TwoTower, TwoTowerBatch
@@ -87,6 +87,7 @@ class Config:
     limit_batches: int | None = None
     device: str = "auto"
     sharding_type: str = "table_wise"
+    pipeline: str = "auto"
     out: str = "runs/retrieval"
     checkpoint_every: str = "5min"
     resume: bool = False
@@ -202,6 +203,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         choices=SHARDING_TYPES,
         help="how embedding tables are sharded; row-wise kinds need CUDA (default: table_wise)",
     )
+    dist.add_argument("--pipeline", default=d.pipeline, choices=PIPELINES, help=PIPELINE_HELP)
     out = p.add_argument_group("evaluation and export")
     out.add_argument(
         "--out", default=d.out, help=f"run directory: checkpoints/, export/, results.json (default: {d.out})"
@@ -529,7 +531,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     train_start = time.perf_counter()
     loop_seconds, trained = 0.0, 0  # the training loop alone (no evaluation), for throughput
     for epoch in range(first_epoch, cfg.epochs):
-        pipeline = TrainPipelineSparseDist(model, optimizer, rt.device, execute_all_batches=True)
+        pipeline = train_pipeline(model, optimizer, rt, cfg.pipeline)
         batches = examples.batches(epoch, start_step, cfg.limit_batches)
         bar = tqdm(
             total=steps_this_epoch,
@@ -562,7 +564,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 checkpoint(epoch, step)
                 schedule.saved()
         bar.close()
-        pipeline.detach()
+        release_pipeline(pipeline)
         loop_seconds += time.perf_counter() - epoch_start
         trained += (step - start_step) * cfg.batch_size * rt.world_size
         report, _ = evaluate(model, features, split, "valid", rt.device, cfg)

@@ -36,13 +36,33 @@ TINY = [
 
 
 def test_golden_loss_of_a_seeded_tiny_run(tmp_path) -> None:
-    """20 steps from seed 0, popularity negatives only: the loss is pinned (same machine type as CI)."""
+    """20 steps from seed 0, popularity negatives only: the loss is pinned (same machine type as CI).
+    Run again with TrainPipelineSparseDist (one CPU process picks TrainPipelineBase): the same loss,
+    since the pipelines schedule the same steps differently and compute nothing differently."""
     res = train_dlrm(TINY + ["--out", str(tmp_path)])
     assert res["dlrm"]["steps"] == 20
     assert res["dlrm"]["final_loss"] == pytest.approx(GOLDEN_LOSS_1PROC, rel=1e-4)
     assert res["candidate_source"] == "popularity"
-    again = train_dlrm(TINY + ["--out", str(tmp_path / "again")])
+    again = train_dlrm(TINY + ["--out", str(tmp_path / "again"), "--pipeline", "sparse-dist"])
     assert again["dlrm"]["final_loss"] == res["dlrm"]["final_loss"]
+    assert again["dlrm"]["test"] == res["dlrm"]["test"]
+
+
+def test_the_pipeline_is_chosen_by_what_it_can_overlap() -> None:
+    import torch
+    from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
+
+    from common.runtime import Runtime
+    from common.sharding import train_pipeline
+
+    model, opt = torch.nn.Linear(2, 1), None
+    one_cpu = Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
+    two_cpu = Runtime(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"), backend="gloo")
+    assert type(train_pipeline(model, opt, one_cpu)) is TrainPipelineBase
+    assert type(train_pipeline(model, opt, two_cpu)) is TrainPipelineSparseDist
+    assert type(train_pipeline(model, opt, one_cpu, "sparse-dist")) is TrainPipelineSparseDist
+    with pytest.raises(ValueError, match="pipeline must be one of"):
+        train_pipeline(model, opt, one_cpu, "overlapped")
 
 
 def test_dlrm_beats_logistic_regression_and_reranks_retrieval(reranking_run) -> None:
