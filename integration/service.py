@@ -3,6 +3,7 @@
     python -m integration.service                                   # runs/, http://127.0.0.1:8000
     python -m integration.service --redis-url redis://127.0.0.1:6379/0
     python -m integration.service --arm A=serving/dlrm-int8:0.9 --arm B=serving/dlrm-fp16:0.1
+    python -m integration.service --workers 2 --events-log runs/events.jsonl   # a process per core
 
 Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``):
 
@@ -23,6 +24,11 @@ in Redis when ``--redis-url`` is given; while Redis is down or hung the service 
 (``/ready`` says ``degraded``) and takes it up again when it is back. Ranking can be split
 between A/B arms: a stable hash of the user ID picks the arm, so a user always lands in the same
 one. Concurrent requests are batched (``inference_legacy.server.DynamicBatcher``).
+
+``--workers N`` serves the port from N processes (Linux's SO_REUSEPORT spreads connections), each
+with its own models and candidate cache (share one with ``--redis-url``); events reach every worker
+through one journal file (``integration.journal``), so an acknowledged event is in the next answer
+of whichever worker takes it. ``--events-log PATH`` keeps that journal and replays it at start.
 """
 
 from __future__ import annotations
@@ -836,6 +842,11 @@ def supervise(a: argparse.Namespace) -> None:
     tmp = None if a.events_log else tempfile.mkdtemp(prefix="recsys-events-")
     events_log = a.events_log or os.path.join(tmp, "events.jsonl")
     ctx = multiprocessing.get_context("spawn")  # nothing of this process (threads, locks) in the workers
+    # Each worker's BLAS and OpenMP pools get its share of the cores (unless the caller chose): a
+    # pool per worker as wide as the machine would spin against the others' (the ensemble's
+    # catalog-wide matrix products ran at half the one-worker rate before this).
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(max(1, (os.cpu_count() or 1) // a.workers)))
 
     def start(k: int) -> tuple[Any, Any, float]:
         ready = ctx.Event()
