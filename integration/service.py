@@ -742,6 +742,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.workers < 1:
         p.error(f"--workers must be at least 1, got {a.workers}")
+    if a.events_log and not os.access(Path(a.events_log).resolve().parent, os.W_OK):  # before the models load
+        p.error(f"--events-log {a.events_log}: its directory does not exist or is not writable")
     if a.workers > 1:
         supervise(a)
         return
@@ -780,6 +782,8 @@ def serve_one(a: argparse.Namespace, sock, events_log: str | None, ready=None) -
         app, _ = create_service(pipeline, cache, router, client_timeout=a.client_timeout, events_log=events_log)
     except ValueError as err:  # an events log that is not this data set's
         raise SystemExit(f"cannot serve: {err}") from None
+    except OSError as err:  # an events log that cannot be opened
+        raise SystemExit(f"cannot serve: --events-log {events_log}: {err.strerror}") from None
     print(
         f"{'' if ready is None else f'worker {os.getpid()}: '}serving {pipeline.dataset.name}: {pipeline.served}, "
         f"arms {router.shares}, cache {cache.backend}; query tower {pipeline.retriever.runtime}, rankers "

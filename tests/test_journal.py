@@ -115,3 +115,15 @@ def test_concurrent_writers_in_two_processes_agree_on_one_order(tmp_path) -> Non
         assert mine == [f"w{w}-{k}" for k in range(2000)]
     lines = open(path).read().splitlines()
     assert len(lines) == 4001 and all(json.loads(x) for x in lines)
+
+
+def test_service_refuses_bad_worker_and_log_flags_before_loading(tmp_path, capsys) -> None:
+    from integration.service import main
+
+    for flags, message in (
+        (["--workers", "0"], "--workers must be at least 1, got 0"),
+        (["--events-log", str(tmp_path / "missing" / "events.jsonl")], "its directory does not exist"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["--artifacts", str(tmp_path / "no-artifacts-here"), *flags])
+        assert message in capsys.readouterr().err
