@@ -133,7 +133,7 @@ def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[
     torch on every core, set by the caller). None for sources without one model (the ensemble, union,
     item-to-item): their limit is not measured."""
     from common.sequential import padded_tokens, sequences_kjt
-    from integration.pipeline import CANDIDATES, SequenceSource
+    from integration.pipeline import CANDIDATES, SequenceSource, rank_chunk
 
     dense = np.array([pipeline.user_index[u] for u in users])
     hists = [pipeline.store.history(u) for u in dense]
@@ -177,10 +177,15 @@ def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[
             return pipeline.store.ranking_inputs(dense[sl], items[sl], scores[sl])
 
         rank_key = f"ranker forward, {items.shape[1]} rows"
+        step = rank_chunk(items.shape[1])  # a batch's rows go to the ranker in chunks, as rank() sends them
         parts[rank_key] = (
             lambda x: ranker(*x),
             [rows(slice(i, i + 1)) for i in range(len(dense))],
-            [rows(sl) for sl in batches],
+            [
+                rows(slice(lo, min(lo + step, sl.stop)))
+                for sl in batches
+                for lo in range(sl.start, min(sl.stop, len(dense)), step)
+            ],
         )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -53,6 +53,9 @@ from retrieval.two_tower_retrieval import read_manifest as read_retrieval_manife
 CANDIDATES = 100
 SEQUENCE_SOURCES = {"sasrec": "SASRec", "bert4rec": "BERT4Rec"}  # export's model -> source name
 MAX_HISTORY = 1000  # per user in the feature store, after events (ml-100k's longest history: 737)
+# Rows per ranker call: the compiled ranker scored 256 users' 25,600 rows at once at 2,848 users/s
+# and 1,600 rows at a time at 6,902 (2 threads; 1,931 and 4,436 on one): its activations stay in cache.
+RANK_CHUNK_ROWS = 2048
 
 
 class ArtifactMismatch(ValueError):
@@ -160,6 +163,11 @@ class FeatureStore:
         seq = None if f.sequence is None else f.sequence.features(ex)
         b = f.batch(ex.user, ex.item, ex.history(f.history_len), retrieval_scores.reshape(-1), None, seq, sync=False)
         return b.dense_features, b.sparse_features.values().long(), b.sparse_features.lengths().long()
+
+
+def rank_chunk(k: int) -> int:
+    """Users per ranker call when each has ``k`` candidates (:data:`RANK_CHUNK_ROWS` rows)."""
+    return max(1, RANK_CHUNK_ROWS // max(1, k))
 
 
 class TwoTowerSource:
@@ -339,8 +347,15 @@ class RecommendationPipeline:
         probabilities ``[B, K]``. Padding (-1, when fewer than K unseen items exist) stays last."""
         ranker = ranker or self.rankers[arm or self.default_arm]
         valid = items >= 0
-        safe = np.where(valid, items, 0)
-        probs = ranker.model(*self.store.ranking_inputs(users, safe, np.where(valid, scores, 0.0))).numpy()
+        safe, scores = np.where(valid, items, 0), np.where(valid, scores, 0.0)
+        step = rank_chunk(items.shape[1])
+        parts = [
+            ranker.model(
+                *self.store.ranking_inputs(users[lo : lo + step], safe[lo : lo + step], scores[lo : lo + step])
+            )
+            for lo in range(0, len(users), step)
+        ]
+        probs = torch.cat(parts).numpy() if parts else np.zeros(0, np.float32)
         probs = np.where(valid.reshape(-1), probs, -np.inf).reshape(items.shape)
         order = np.argsort(-probs, axis=1, kind="stable")
         return np.take_along_axis(items, order, 1), np.take_along_axis(probs, order, 1)
