@@ -797,6 +797,9 @@ def serve_one(a: argparse.Namespace, sock, events_log: str | None, ready=None) -
                 if readiness.error is not None:  # a worker that can never answer stops, and says why
                     print(f"worker {os.getpid()}: {readiness.error}", flush=True)
                     os._exit(1)
+            # Listening joins the port's SO_REUSEPORT group: only then do connections hash to this
+            # worker (uvicorn may not have reached its own listen() yet; a second call is harmless).
+            sock.listen(2048)
             ready.set()
 
         threading.Thread(target=signal_ready, daemon=True).start()
