@@ -24,7 +24,8 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -131,20 +132,14 @@ class EventJournal:
         self._offset += end
         return applied
 
-    def _locked(self):
-        return _Flock(self._fd)
-
-
-class _Flock:
-    """An exclusive ``flock`` on ``fd`` for a ``with`` block (nothing when there is no file)."""
-
-    def __init__(self, fd: int | None) -> None:
-        self.fd = fd
-
-    def __enter__(self) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """An exclusive ``flock`` on the file for a ``with`` block (nothing when there is none)."""
+        if self._fd is None:
+            yield
+            return
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
