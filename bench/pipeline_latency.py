@@ -171,21 +171,22 @@ def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[
         )
     if pipeline.rerank:
         items, scores = pipeline.candidates(dense)
-        ranker = pipeline.rankers[pipeline.default_arm].model
-
-        def rows(sl: slice):
-            return pipeline.store.ranking_inputs(dense[sl], items[sl], scores[sl])
-
-        rank_key = f"ranker forward, {items.shape[1]} rows"
+        predictor = pipeline.rankers[pipeline.default_arm]
+        # as rank() runs it: the per-user program where the artifact has one
+        by_user = predictor.by_user is not None
+        ranker = predictor.by_user if by_user else predictor.model
+        build = pipeline.store.ranking_inputs_by_user if by_user else pipeline.store.ranking_inputs
         step = rank_chunk(items.shape[1])  # a batch's rows go to the ranker in chunks, as rank() sends them
+        chunks = [
+            slice(lo, min(lo + step, sl.stop))
+            for sl in batches
+            for lo in range(sl.start, min(sl.stop, len(dense)), step)
+        ]
+        rank_key = f"ranker forward, {items.shape[1]} rows" + (" (per-user program)" if by_user else "")
         parts[rank_key] = (
             lambda x: ranker(*x),
-            [rows(slice(i, i + 1)) for i in range(len(dense))],
-            [
-                rows(slice(lo, min(lo + step, sl.stop)))
-                for sl in batches
-                for lo in range(sl.start, min(sl.stop, len(dense)), step)
-            ],
+            [build(dense[i : i + 1], items[i : i + 1], scores[i : i + 1]) for i in range(len(dense))],
+            [build(dense[c], items[c], scores[c]) for c in chunks],
         )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -199,30 +200,15 @@ def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[
         "batched_limit_users_per_s": len(dense) / sum(batch_s.values()),
         "batch_size": batch_size,
     }
-    names = pipeline.store.features.schema.sparse_names
-    if pipeline.rerank and "history" in names:
-        # What the ranker's batched forward costs without the history IDs (their lookups are the
-        # user side each candidate row repeats): how much computing it once per user could save.
-        out["batched_ranker_without_history_s"] = _total_s(
-            lambda x: ranker(*x),
-            [without_feature(x, names, "history") for x in parts[rank_key][2]],
+    if pipeline.rerank and by_user:
+        # the per-row program on the same rows: what looking each user's features up once saves
+        out["batched_ranker_s"] = batch_s[rank_key]
+        out["batched_ranker_per_row_s"] = _total_s(
+            lambda x: predictor.model(*x),
+            [pipeline.store.ranking_inputs(dense[c], items[c], scores[c]) for c in chunks],
             repeats,
         )
-        out["batched_ranker_s"] = batch_s[rank_key]
     return out
-
-
-def without_feature(inputs: tuple, names: list[str], name: str) -> tuple:
-    """(dense, values, lengths) with feature ``name``'s IDs removed (its bags left empty)."""
-    dense, values, lengths = inputs
-    per = lengths.view(len(names), -1)
-    f = names.index(name)
-    bounds = torch.cat([per.new_zeros(1), per.sum(1).cumsum(0)])
-    keep = torch.ones(values.numel(), dtype=torch.bool)
-    keep[int(bounds[f]) : int(bounds[f + 1])] = False
-    per = per.clone()
-    per[f] = 0
-    return dense, values[keep], per.reshape(-1)
 
 
 def synthetic_data(num_users: int, num_items: int, seed: int = 0):
@@ -304,6 +290,7 @@ def synthetic_pipeline(root, num_items: int, num_users: int = 20_000, compiled: 
         labels,
         root / "serving" / "dlrm-int8",
         heldout_rows=200,
+        user_features=store.features.user_features,
     )
     if compiled:  # as a user would: python -m inference_legacy.aot_compile on both
         from inference_legacy.aot_compile import compile_artifact
@@ -373,6 +360,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "query tower": pipeline.retriever.runtime,
             **{f"{src.name} scorer": src.scorer.runtime for src in pipeline.sources if hasattr(src, "scorer")},
             **{f"ranker {arm}": r.runtime for arm, r in pipeline.rankers.items()},
+            **{f"ranker {arm}, per-user program": r.by_user_runtime for arm, r in pipeline.rankers.items()},
         },
     }
     results["single_user"] = s = single_user(pipeline, users, repeats)
@@ -406,10 +394,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             f"batched {ratio['batched']:.1f}x",
             flush=True,
         )
-        if "batched_ranker_without_history_s" in lim:
+        if "batched_ranker_per_row_s" in lim:
             print(
-                f"the ranker's batched forward: {len(users) / lim['batched_ranker_s']:.0f} users/s, without the "
-                f"history IDs {len(users) / lim['batched_ranker_without_history_s']:.0f} users/s",
+                f"the ranker's batched forward: {len(users) / lim['batched_ranker_s']:.0f} users/s with the "
+                f"per-user program, {len(users) / lim['batched_ranker_per_row_s']:.0f} with the per-row one",
                 flush=True,
             )
     del pipeline

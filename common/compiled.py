@@ -109,6 +109,25 @@ def id_guard(schema: FeatureSchema) -> Callable[..., None]:
     return guard
 
 
+def by_user_guard(schema: FeatureSchema, user_features: list[str]) -> Callable[..., None]:
+    """:func:`id_guard` for a per-user ranker program's inputs (dense, row_user, user_values,
+    user_lengths, values, lengths): both sides' IDs, and every row's user index in range (the
+    compiled gather reads memory unchecked)."""
+    user_ids = id_guard(schema.subset(user_features))
+    row_ids = id_guard(schema.subset([n for n in schema.sparse_names if n not in user_features]))
+    features = len(user_features)
+
+    def guard(*inputs: torch.Tensor) -> None:
+        dense, row_user, user_values, user_lengths, values, lengths = inputs
+        user_ids(user_values, user_lengths)
+        row_ids(values, lengths)
+        users, r = user_lengths.shape[0] // features, row_user.numpy()
+        if r.shape != (dense.shape[0],) or (len(r) and (r.min() < 0 or r.max() >= users)):
+            raise ValueError(f"row_user must hold one user index in [0, {users}) per row ({dense.shape[0]} rows)")
+
+    return guard
+
+
 def strip_bounds_checks(program: torch.export.ExportedProgram) -> int:
     """Remove FBGEMM's in-place bounds checks from the graph; returns how many there were."""
     nodes = [
@@ -180,10 +199,10 @@ def compile_program(
     return entry, compiled
 
 
-def write_entry(manifest_path: Path, entry: dict[str, Any]) -> None:
-    """Set the manifest's ``compiled`` entry (a new file moved into place: never half-written)."""
+def write_entry(manifest_path: Path, entry: dict[str, Any], key: str = "compiled") -> None:
+    """Set the manifest's ``key`` entry (a new file moved into place: never half-written)."""
     manifest = json.loads(manifest_path.read_text())
-    manifest["compiled"] = entry
+    manifest[key] = entry
     new = manifest_path.with_name(f".{manifest_path.name}.tmp{os.getpid()}")
     new.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     os.replace(new, manifest_path)

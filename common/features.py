@@ -20,7 +20,7 @@ fix, instead of an index error deep inside an embedding kernel.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -118,6 +118,11 @@ class FeatureSchema:
     @property
     def dense_names(self) -> list[str]:
         return [f.name for f in self.dense]
+
+    def subset(self, sparse: Collection[str], dense: bool = True) -> FeatureSchema:
+        """The schema of the sparse features named in ``sparse`` (in this schema's order), with the
+        dense features or without: one side of a split batch (a per-user ranker's users and rows)."""
+        return FeatureSchema(tuple(f for f in self.sparse if f.name in sparse), self.dense if dense else ())
 
     def embedding_bag_configs(self, embedding_dim: int | Mapping[str, int]) -> list[EmbeddingBagConfig]:
         """One ``EmbeddingBagConfig`` per table, listing the features that look it up.

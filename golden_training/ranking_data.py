@@ -34,7 +34,7 @@ from torchrec.datasets.utils import Batch
 from common.data.dataset import InteractionData
 from common.data.split import Split
 from common.data.tables import FeatureTables, last_n
-from common.features import DenseFeature, FeatureSchema, SparseFeature
+from common.features import DenseFeature, FeatureBatch, FeatureSchema, SparseFeature
 from common.runtime import all_gather, all_reduce
 
 TRANSITION_LAGS = 3
@@ -153,6 +153,66 @@ class RankingFeatures(FeatureTables):
         """A TorchRec ``Batch`` (dense, KJT, labels) for (user, item) pairs with their histories;
         ``sequence`` holds ``SequenceStats.features`` for the rows (zeros without it); ``sync``: as
         :meth:`FeatureSchema.from_columns` (the serving path, which reads values and lengths, passes False)."""
+        cols = self.columns(users, items, history, retrieval_score, sequence)
+        fb = self.schema.from_columns(cols, batch_size=len(cols["user_id"]), sync=sync)
+        lab = torch.zeros(len(cols["user_id"])) if labels is None else torch.as_tensor(labels, dtype=torch.float32)
+        return Batch(dense_features=fb.dense, sparse_features=fb.sparse, labels=lab)
+
+    @property
+    def user_features(self) -> list[str]:
+        """The sparse features that depend on the user alone (the same in every row of a user's candidates)."""
+        return ["user_id", "history", *self.user_categorical]
+
+    def batch_by_user(
+        self,
+        users: np.ndarray,
+        items: np.ndarray,
+        row_user: np.ndarray,
+        history: tuple[np.ndarray, np.ndarray],
+        retrieval_score: np.ndarray,
+        sequence: dict[str, np.ndarray] | None = None,
+    ) -> tuple[FeatureBatch, FeatureBatch]:
+        """The rows of :meth:`batch` split for a ranker that looks up each user's features once
+        (``inference_legacy.dlrm_packager.DLRMByUser``): ``users`` and ``history`` (values, lengths)
+        are per user, ``items``, ``row_user`` (each row's index into ``users``), the scores and
+        ``sequence`` per row. Returns the rows' batch (the dense features and the item-side IDs) and
+        the users' batch (the user-side IDs), in :attr:`by_user_schemas`."""
+        users, items = np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64)
+        row_user = np.asarray(row_user, dtype=np.int64)
+        n, b = len(items), len(users)
+        hist_lengths = history[1][row_user]
+        if self.sequence is not None and self.match_features:  # per-row histories, only for these features
+            ends = np.cumsum(history[1])
+            row_history = last_n(history[0], (ends - history[1])[row_user], ends[row_user], self.history_len)
+        else:  # the lengths are all the row's dense features read of its history
+            row_history = (np.zeros(0, np.int64), hist_lengths)
+        cols = self.columns(users[row_user], items, row_history, retrieval_score, sequence)
+        row_schema, user_schema = self.by_user_schemas
+        rows = row_schema.from_columns(
+            {k: v for k, v in cols.items() if k not in self.user_features}, batch_size=n, sync=False
+        )
+        per_user = {
+            "user_id": users,
+            "history": history,
+            **{name: self.user_columns[name][users] for name in self.user_categorical},
+        }
+        return rows, user_schema.from_columns(per_user, batch_size=b, sync=False)
+
+    @cached_property
+    def by_user_schemas(self) -> tuple[FeatureSchema, FeatureSchema]:
+        """:meth:`batch_by_user`'s two halves: the rows' (item-side IDs and the dense features) and the users'."""
+        item_side = [name for name in self.schema.sparse_names if name not in self.user_features]
+        return self.schema.subset(item_side), self.schema.subset(self.user_features, dense=False)
+
+    def columns(
+        self,
+        users: np.ndarray,
+        items: np.ndarray,
+        history: tuple[np.ndarray, np.ndarray],
+        retrieval_score: np.ndarray | None = None,
+        sequence: dict[str, np.ndarray] | None = None,
+    ) -> dict[str, Any]:
+        """Every schema column (see :meth:`batch`) for (user, item) rows."""
         users, items = np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64)
         n = len(users)
         cols: dict[str, Any] = {
@@ -175,9 +235,7 @@ class RankingFeatures(FeatureTables):
                 else {name: np.zeros(n, np.float32) for name in self.history_match_names}
             ),
         }
-        fb = self.schema.from_columns(cols, batch_size=n, sync=sync)
-        lab = torch.zeros(n) if labels is None else torch.as_tensor(labels, dtype=torch.float32)
-        return Batch(dense_features=fb.dense, sparse_features=fb.sparse, labels=lab)
+        return cols
 
 
 @dataclass

@@ -33,11 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.compiled import Guarded, compile_program, id_guard, load_package, write_entry
+from common.compiled import Guarded, by_user_guard, compile_program, id_guard, load_package, write_entry
 from common.features import FeatureSchema
 from inference_legacy import artifact as art
 
 COMPILED = "model.aoti.pt2"
+COMPILED_BY_USER = "model_by_user.aoti.pt2"  # the per-user program (manifest key "compiled_by_user")
 CHECK_ROWS = 256  # held-out rows scored by both runtimes each time the package is loaded
 
 
@@ -72,6 +73,39 @@ def compile_artifact(artifact: str | Path) -> dict[str, Any]:
             f"held-out rows, more than the artifact's tolerance {limit:.2e}; serve the exported program"
         )
     write_entry(artifact / art.MANIFEST, entry)
+    if "by_user" in manifest:
+        entry["by_user"] = _compile_by_user(artifact, manifest, schema, rows, limit)
+    return entry
+
+
+def _compile_by_user(
+    artifact: Path, manifest: dict[str, Any], schema: FeatureSchema, rows: list[dict[str, Any]], limit: float
+) -> dict[str, Any]:
+    """The per-user program (``model_by_user.pt2``) compiled the same way, checked on the held-out
+    rows grouped by user against its exported program and the fp32 model's probabilities."""
+    features = manifest["by_user"]["user_features"]
+    eager = art.load_program(artifact, manifest, art.BY_USER)
+    program = torch.export.load(artifact / art.BY_USER)  # checked pickle-free by load_program
+    inputs = art.by_user_inputs(schema, features, _inputs(schema, rows))
+    entry, compiled = compile_program(
+        program,
+        art.by_user_inputs(schema, features, _inputs(schema, rows[:64])),
+        artifact / COMPILED_BY_USER,
+        by_user_guard(schema, features),
+        eager,
+        inputs,
+    )
+    with torch.inference_mode():
+        entry["max_abs_diff_vs_fp32"] = float(
+            np.abs(compiled(*inputs).numpy() - np.array([r["fp32"] for r in rows])).max()
+        )
+    if entry["max_abs_diff_vs_fp32"] > limit:
+        (artifact / COMPILED_BY_USER).unlink()
+        raise art.ArtifactError(
+            f"{artifact}: the compiled per-user program is {entry['max_abs_diff_vs_fp32']:.2e} from the fp32 model "
+            f"on the held-out rows, more than the artifact's tolerance {limit:.2e}"
+        )
+    write_entry(artifact / art.MANIFEST, entry, "compiled_by_user")
     return entry
 
 
@@ -87,6 +121,22 @@ def load_compiled(
         id_guard(schema),
         program,
         lambda: _inputs(schema, art.read_heldout(artifact)[:CHECK_ROWS]),
+        f"python -m inference_legacy.aot_compile {artifact}",
+    )
+
+
+def load_compiled_by_user(
+    artifact: str | Path, manifest: dict[str, Any], program: Any, schema: FeatureSchema
+) -> tuple[Guarded | None, str]:
+    """:func:`load_compiled` for the per-user program (``program``: its exported twin)."""
+    artifact = Path(artifact)
+    features = manifest["by_user"]["user_features"]
+    return load_package(
+        artifact,
+        manifest.get("compiled_by_user"),
+        by_user_guard(schema, features),
+        program,
+        lambda: art.by_user_inputs(schema, features, _inputs(schema, art.read_heldout(artifact)[:CHECK_ROWS])),
         f"python -m inference_legacy.aot_compile {artifact}",
     )
 
@@ -120,6 +170,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         extra = (
             f", max |compiled - fp32| {entry['max_abs_diff_vs_fp32']:.1e}" if "max_abs_diff_vs_fp32" in entry else ""
         )
+        if "by_user" in entry:
+            extra += (
+                f"; the per-user program to {entry['by_user']['file']} "
+                f"(max |compiled - exported| {entry['by_user']['max_abs_diff']:.1e})"
+            )
         print(
             f"{path}: {what} compiled to {entry['file']} ({entry['bytes'] / 1e6:.1f} MB) in "
             f"{entry['compile_seconds']:.0f} s; {entry['check_rows']} check rows: max |compiled - exported| "

@@ -4,6 +4,8 @@ An artifact is a directory:
 
     manifest.json    format, versions, dims, quantization, file sizes and SHA-256, verification
     model.pt2        the exported program (torch.export.save), inputs (dense, values, lengths)
+    model_by_user.pt2  (optional) the same model taking each user's features once per user: a batch
+                     of many candidates per user (see ``by_user_inputs``); the manifest's ``by_user``
     schema.json      the FeatureSchema that turns requests into those inputs
     heldout.jsonl    held-out request rows with the eager fp32 model's probabilities
 
@@ -25,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from common.compiled import export_program, sha256, versions  # noqa: F401  (part of this module's API)
@@ -36,6 +39,7 @@ MANIFEST = "manifest.json"
 PROGRAM = "model.pt2"
 SCHEMA = "schema.json"
 HELDOUT = "heldout.jsonl"
+BY_USER = "model_by_user.pt2"
 
 
 class ArtifactError(ValueError):
@@ -50,11 +54,12 @@ def write_artifact(
     heldout: list[dict[str, Any]],
     overwrite: bool = False,
     verify: Callable[[Path], dict[str, Any]] | None = None,
+    by_user: torch.export.ExportedProgram | None = None,
 ) -> Path:
     """Write the artifact to a temporary directory, check it, then move it into place: a crash
     never leaves a half-written artifact at ``out``. ``verify(tmp_dir)`` runs on the written files
     before the move; what it returns is merged into the manifest (which is not in its own
-    checksum list)."""
+    checksum list). ``by_user``: the optional per-user program (:data:`BY_USER`)."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
@@ -62,15 +67,19 @@ def write_artifact(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.export.save(program, tmp / PROGRAM)
+    if by_user is not None:
+        torch.export.save(by_user, tmp / BY_USER)
     (tmp / SCHEMA).write_text(json.dumps(schema.to_dict(), indent=2) + "\n")
     (tmp / HELDOUT).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in heldout))
     files = {
         name: {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
-        for name in (PROGRAM, SCHEMA, HELDOUT)
+        for name in (PROGRAM, SCHEMA, HELDOUT, *([BY_USER] if by_user is not None else []))
     }
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), **manifest, "files": files}
     (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
-    check_pickle_free(tmp / PROGRAM)
+    for name in (PROGRAM, BY_USER):
+        if (tmp / name).exists():
+            check_pickle_free(tmp / name)
     if verify is not None:
         full.update(verify(tmp))
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
@@ -198,11 +207,13 @@ def check_pickle_free(pt2: str | Path) -> None:
             )
 
 
-def load_program(artifact: str | Path, manifest: dict[str, Any]) -> torch.nn.Module:
-    """The exported program as a callable module (checked pickle-free first)."""
+def load_program(artifact: str | Path, manifest: dict[str, Any], name: str = PROGRAM) -> torch.nn.Module:
+    """The exported program ``name`` as a callable module (checked pickle-free first)."""
     import fbgemm_gpu  # noqa: F401  registers the fbgemm ops the quantized tables call
 
-    path = Path(artifact) / PROGRAM
+    if name not in manifest.get("files", {}):
+        raise ArtifactError(f"{artifact}: the manifest lists no {name}")
+    path = Path(artifact) / name
     check_pickle_free(path)
     # torch.export.load warns once per unbacked symbol that has no use after deserialization.
     logging.getLogger("torch._export.serde.serialize").setLevel(logging.ERROR)
@@ -257,3 +268,38 @@ def program_inputs(fb: FeatureBatch) -> tuple[torch.Tensor, torch.Tensor, torch.
 def read_heldout(artifact: str | Path) -> list[dict[str, Any]]:
     path = Path(artifact) / HELDOUT
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def by_user_inputs(
+    schema: FeatureSchema, user_features: list[str], inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
+    """Per-row program inputs (dense, values, lengths) as the :data:`BY_USER` program's: rows whose
+    ``user_features`` are all equal share one user. Returns (dense, row_user, user_values,
+    user_lengths, values, lengths): ``row_user [B]`` indexes each row's user; the user-side IDs come
+    once per user, the others once per row, each side feature-major in schema order
+    (``schema.subset(user_features)`` and the rest)."""
+    dense, values, lengths = inputs
+    names, rows = schema.sparse_names, dense.shape[0]
+    unknown = sorted(set(user_features) - set(names))
+    if unknown or not user_features:
+        raise ArtifactError(f"user features {list(user_features)}: not a non-empty subset of the schema's {names}")
+    v, lens = values.numpy(), lengths.numpy().reshape(len(names), rows)
+    starts = (np.cumsum(lens.reshape(-1)) - lens.reshape(-1)).reshape(len(names), rows)
+    side = [j for j, n in enumerate(names) if n in user_features]
+    keys = [b"|".join(v[starts[j, r] : starts[j, r] + lens[j, r]].tobytes() for j in side) for r in range(rows)]
+    index: dict[bytes, int] = {}
+    row_user = np.array([index.setdefault(k, len(index)) for k in keys], dtype=np.int64)
+    first = np.zeros(len(index), dtype=np.int64)
+    first[row_user[::-1]] = np.arange(rows)[::-1]  # each user's first row (the last write wins)
+
+    def gather(features: list[int], pick: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        out_values, out_lengths = [], []
+        for j in features:
+            take = lens[j, pick]
+            at = np.repeat(starts[j, pick] - (np.cumsum(take) - take), take) + np.arange(take.sum())
+            out_values.append(v[at])
+            out_lengths.append(take)
+        return tuple(torch.from_numpy(np.concatenate(x).astype(np.int64)) for x in (out_values, out_lengths))
+
+    item_side = [j for j in range(len(names)) if j not in side]
+    return (dense, torch.from_numpy(row_user), *gather(side, first), *gather(item_side, np.arange(rows)))

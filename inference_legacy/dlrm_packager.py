@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -44,6 +45,8 @@ from inference_legacy import artifact as art
 from inference_legacy.aot_compile import compile_artifact
 from prediction.predict_using_torchrec import Ranker, TorchRecDLRM
 
+# how far the per-user program may be from the per-row one: the same arithmetic, grouped differently
+BY_USER_TOLERANCE = 1e-5
 PRECISIONS = {"int8": torch.qint8, "int4": torch.quint4x2, "fp16": torch.float16, "none": None}
 
 
@@ -61,7 +64,60 @@ class DLRMServing(nn.Module):
         return torch.sigmoid(self.dlrm(dense, kjt))
 
 
-def quantize(dlrm: TorchRecDLRM, precision: str) -> nn.Module:
+class DLRMByUser(nn.Module):
+    """The same DLRM for many candidates per user: the user-side features (ID, demographics,
+    history) are looked up and pooled once per user, not once per candidate row, then gathered to
+    the rows. Its own two embedding modules, one per side, hold the tables each side reads (a table
+    both read, the item table for item_id and history, is in both), quantized like
+    :func:`quantize`'s from the same fp32 weights. Inputs as ``inference_legacy.artifact.by_user_inputs``
+    makes them; the same output as :class:`DLRMServing` on the rows they came from."""
+
+    def __init__(self, dlrm: TorchRecDLRM, schema: FeatureSchema, user_features: list[str], precision: str) -> None:
+        super().__init__()
+        m = dlrm.model
+        ebc = m.sparse_arch.embedding_bag_collection
+        self.user_keys = [n for n in schema.sparse_names if n in user_features]
+        self.row_keys = [n for n in schema.sparse_names if n not in user_features]
+        sides = nn.Module()
+        sides.users, sides.rows = _side(ebc, self.user_keys), _side(ebc, self.row_keys)
+        sides = quantize(sides, precision)
+        self.users, self.rows = sides.users, sides.rows
+        self.dense_arch, self.inter_arch, self.over_arch = m.dense_arch, m.inter_arch, m.over_arch
+        self.order = list(m.sparse_arch.sparse_feature_names)
+
+    def forward(
+        self,
+        dense: torch.Tensor,
+        row_user: torch.Tensor,
+        user_values: torch.Tensor,
+        user_lengths: torch.Tensor,
+        values: torch.Tensor,
+        lengths: torch.Tensor,
+    ) -> torch.Tensor:
+        # TorchRec DLRM's forward (DLRM_DCN's too), with the lookups split by side
+        per_row = self.rows(KeyedJaggedTensor.from_lengths_sync(self.row_keys, values, lengths)).to_dict()
+        per_user = self.users(KeyedJaggedTensor.from_lengths_sync(self.user_keys, user_values, user_lengths)).to_dict()
+        sparse = torch.stack(
+            [per_user[n].index_select(0, row_user) if n in per_user else per_row[n] for n in self.order], dim=1
+        )
+        logits = self.over_arch(self.inter_arch(dense_features=self.dense_arch(dense), sparse_features=sparse))
+        return torch.sigmoid(logits.reshape(-1))
+
+
+def _side(ebc: EmbeddingBagCollection, features: list[str]) -> EmbeddingBagCollection:
+    """An fp32 EmbeddingBagCollection of ``ebc``'s tables that ``features`` read, sharing its weights."""
+    configs = []
+    for c in ebc.embedding_bag_configs():
+        mine = [f for f in c.feature_names if f in features]
+        if mine:
+            configs.append(dataclasses.replace(c, feature_names=mine))
+    side = EmbeddingBagCollection(tables=configs, device=torch.device("meta"))
+    for c in configs:
+        side.embedding_bags[c.name].weight = ebc.embedding_bags[c.name].weight
+    return side
+
+
+def quantize(dlrm: nn.Module, precision: str) -> nn.Module:
     """A quantized copy (``precision="none"`` keeps fp32). FBGEMM's CPU kernels take rows padded to 4
     bytes; TorchRec's default 16-byte alignment would cost INT8 tables at dim 64 ~20% more."""
     model = copy.deepcopy(dlrm)
@@ -139,6 +195,7 @@ def package(
         heldout_rows,
         seed,
         overwrite,
+        user_features=features.user_features,
     )
 
 
@@ -154,9 +211,11 @@ def package_model(
     heldout_rows: int = 1000,
     seed: int = 0,
     overwrite: bool = False,
+    user_features: list[str] | None = None,
 ) -> dict[str, object]:
     """Package any fp32 ``TorchRecDLRM`` built by ``cfg`` (train_dlrm's settings) for ``schema``,
-    verified on ``batches`` (with their ``labels_np``, for AUC)."""
+    verified on ``batches`` (with their ``labels_np``, for AUC). With ``user_features`` (the sparse
+    features that depend on the user alone) the artifact also holds the :class:`DLRMByUser` program."""
     fp32 = DLRMServing(dlrm, schema.sparse_names).eval()
     served = DLRMServing(quantize(dlrm, precision), schema.sparse_names).eval()
     t0 = time.perf_counter()
@@ -171,6 +230,21 @@ def package_model(
             "lengths": {0: len(schema.sparse) * batch},
         },
     )
+    by_user = None
+    if user_features:
+        rows, users = Dim("rows", min=1, max=1 << 24), Dim("users", min=1, max=1 << 20)
+        by_user = art.export_program(
+            DLRMByUser(dlrm, schema, user_features, precision).eval(),
+            art.by_user_inputs(schema, user_features, art.program_inputs(example)),
+            dynamic_shapes={
+                "dense": {0: rows},
+                "row_user": {0: rows},
+                "user_values": {0: Dim("user_nnz", min=0, max=1 << 30)},
+                "user_lengths": {0: sum(n in user_features for n in schema.sparse_names) * users},
+                "values": {0: Dim("nnz", min=0, max=1 << 30)},
+                "lengths": {0: sum(n not in user_features for n in schema.sparse_names) * rows},
+            },
+        )
     export_s = time.perf_counter() - t0
 
     fp32_bytes, served_bytes = table_bytes(fp32), table_bytes(served)
@@ -220,6 +294,19 @@ def package_model(
             "lengths": f"int64 [{len(schema.sparse)} * B]: IDs per (feature, example), feature-major",
         },
         "output": "float32 [B] click probability",
+        **(
+            {
+                "by_user": {
+                    "file": art.BY_USER,
+                    "user_features": list(user_features),
+                    "inputs": "dense [B, dense], row_user int64 [B] (each row's user), user_values, user_lengths "
+                    "[user features * U] (each user's IDs once), values, lengths [other features * B] (each "
+                    "row's own IDs); feature-major in schema order: inference_legacy.artifact.by_user_inputs",
+                }
+            }
+            if user_features
+            else {}
+        ),
         "dims": {
             "embedding_dim": cfg.embedding_dim,
             "dense_arch": list(cfg.dense_arch),
@@ -243,6 +330,21 @@ def package_model(
         p_art = _score(loaded, batches)
         diff = np.abs(p_art - p_fp32)
         auc_fp32, auc_art = _auc(p_fp32, labels_np), _auc(p_art, labels_np)
+        extra = {}
+        if user_features:
+            # the same quantized model with the lookups split: equal to the per-row program
+            per_user = art.load_program(tmp, art.read_manifest(tmp), art.BY_USER)
+            with torch.no_grad():
+                got = torch.cat(
+                    [per_user(*art.by_user_inputs(schema, user_features, art.program_inputs(b))) for b in batches]
+                ).numpy()
+            gap = float(np.abs(got - p_art).max())
+            if not gap <= BY_USER_TOLERANCE:
+                raise art.ArtifactError(
+                    f"the per-user program differs from the per-row one by {gap:.2e} on the held-out rows "
+                    f"(limit {BY_USER_TOLERANCE:.0e}); package without it (user features None)"
+                )
+            extra = {"by_user": {**manifest["by_user"], "max_abs_diff_vs_program": gap}}
         return {
             "verification": {
                 "rows": int(len(diff)),
@@ -256,9 +358,10 @@ def package_model(
                 "export_seconds": export_s,
             },
             "sizes": {**manifest["sizes"], "program_bytes": (tmp / art.PROGRAM).stat().st_size},
+            **extra,
         }
 
-    path = art.write_artifact(out, program, schema, manifest, rows, overwrite=overwrite, verify=verify)
+    path = art.write_artifact(out, program, schema, manifest, rows, overwrite=overwrite, verify=verify, by_user=by_user)
     manifest = json.loads((path / art.MANIFEST).read_text())
     return manifest
 
@@ -332,12 +435,22 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         f"max |p_artifact - p_fp32| {v['max_abs_diff']:.2e} (p99 {v['p99_abs_diff']:.2e}): the tolerance written "
         f"to {out / art.MANIFEST}"
     )
+    if "by_user" in m:
+        print(
+            f"per-user program {art.BY_USER} (each user's {', '.join(m['by_user']['user_features'])} looked up "
+            f"once for all their candidates): max |per-user - per-row| {m['by_user']['max_abs_diff_vs_program']:.1e}"
+        )
     if a.compile:
         m["compiled"] = c = compile_artifact(out)
         print(
             f"compiled {out / c['file']} with AOTInductor in {c['compile_seconds']:.0f} s: max |compiled - "
             f"exported| {c['max_abs_diff']:.1e} over the held-out rows"
         )
+        if "by_user" in c:
+            print(
+                f"compiled {out / c['by_user']['file']} in {c['by_user']['compile_seconds']:.0f} s: max |compiled - "
+                f"exported| {c['by_user']['max_abs_diff']:.1e}"
+            )
     return m
 
 

@@ -34,7 +34,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from common.features import FeatureError, FeatureSchema
 from inference_legacy import artifact as art
-from inference_legacy.aot_compile import load_compiled
+from inference_legacy.aot_compile import load_compiled, load_compiled_by_user
 from inference_legacy.server import (
     BODY_TIMEOUT_S,
     BadRequest,
@@ -73,6 +73,16 @@ class DLRMPredictor:
         if compiled:
             runner, why = load_compiled(self.path, self.manifest, self.program, self.schema)
             self.model, self.runtime = (runner, "AOTInductor") if runner else (self.program, f"exported program: {why}")
+        # the per-user program (many candidates per user: each user's features looked up once), if packaged
+        self.by_user, self.by_user_runtime = None, "not packaged (an artifact from before it, or no user features)"
+        if "by_user" in self.manifest:
+            self.by_user = art.load_program(self.path, self.manifest, art.BY_USER)
+            self.by_user_runtime = "exported program (--eager)"
+            if compiled:
+                runner, why = load_compiled_by_user(self.path, self.manifest, self.by_user, self.schema)
+                self.by_user, self.by_user_runtime = (
+                    (runner, "AOTInductor") if runner else (self.by_user, f"exported program: {why}")
+                )
         m = self.manifest
         self.name = f"{m['model']}-{m['quantization']['embeddings']}-{m['files'][art.PROGRAM]['sha256'][:12]}"
 

@@ -42,7 +42,9 @@ from common.data.dataset import InteractionData, id_key
 from common.data.download import file_digest
 from common.data.load import load_dataset
 from common.data.split import Split, split_dataset
+from common.data.tables import last_n
 from common.metrics import RankingReport, evaluate_topk
+from common.runtime import retain_freed_memory
 from golden_training.ranking_data import Examples, RankingFeatures, reference_time
 from inference_legacy.dlrm_predict import DLRMPredictor
 from integration.ensemble import EnsembleSource, choice_file
@@ -55,7 +57,9 @@ SEQUENCE_SOURCES = {"sasrec": "SASRec", "bert4rec": "BERT4Rec"}  # export's mode
 MAX_HISTORY = 1000  # per user in the feature store, after events (ml-100k's longest history: 737)
 # Rows per ranker call: the compiled ranker scored 256 users' 25,600 rows at once at 2,848 users/s
 # and 1,600 rows at a time at 6,902 (2 threads; 1,931 and 4,436 on one): its activations stay in cache.
-RANK_CHUNK_ROWS = 2048
+# The per-user program, with inputs built, in rank(): 500 rows a call 3,950-4,010 users/s, 1,000 rows
+# 4,660-4,990, 1,500 4,620-5,180, 2,048 4,000-4,990, 3,000 3,900-4,700 (2 threads, freed memory kept).
+RANK_CHUNK_ROWS = 1024
 
 
 class ArtifactMismatch(ValueError):
@@ -163,6 +167,42 @@ class FeatureStore:
         seq = None if f.sequence is None else f.sequence.features(ex)
         b = f.batch(ex.user, ex.item, ex.history(f.history_len), retrieval_scores.reshape(-1), None, seq, sync=False)
         return b.dense_features, b.sparse_features.values().long(), b.sparse_features.lengths().long()
+
+    def ranking_inputs_by_user(
+        self, users: np.ndarray, items: np.ndarray, retrieval_scores: np.ndarray
+    ) -> tuple[torch.Tensor, ...]:
+        """The same rows as :meth:`ranking_inputs` for a ranker that looks each user's features up
+        once (``DLRMPredictor.by_user``): (dense, row_user, user_values, user_lengths, values, lengths)."""
+        b, k = items.shape
+        hists = [self.history(u) for u in users]
+        lens = np.array([len(h) for h in hists], dtype=np.int64)
+        ends = np.cumsum(lens)
+        hist_items = np.concatenate(hists) if len(hists) else np.zeros(0, np.int64)
+        rows = np.repeat(np.arange(b), k)
+        f = self.features
+        seq = None
+        if f.sequence is not None:
+            ex = Examples(
+                np.repeat(users, k),
+                items.reshape(-1),
+                np.zeros(rows.size, np.float32),
+                (ends - lens)[rows],
+                ends[rows],
+                rows,
+                self.last_time[users][rows],
+                hist_items,
+            )
+            seq = f.sequence.features(ex)
+        history = last_n(hist_items, ends - lens, ends, f.history_len)
+        per_row, per_user = f.batch_by_user(users, items.reshape(-1), rows, history, retrieval_scores.reshape(-1), seq)
+        return (
+            per_row.dense,
+            torch.from_numpy(rows),
+            per_user.sparse.values().long(),
+            per_user.sparse.lengths().long(),
+            per_row.sparse.values().long(),
+            per_row.sparse.lengths().long(),
+        )
 
 
 def rank_chunk(k: int) -> int:
@@ -349,10 +389,14 @@ class RecommendationPipeline:
         valid = items >= 0
         safe, scores = np.where(valid, items, 0), np.where(valid, scores, 0.0)
         step = rank_chunk(items.shape[1])
+        # the per-user program looks each user's features (the 50-item history among them) up once, not per row
+        model, inputs = (
+            (ranker.by_user, self.store.ranking_inputs_by_user)
+            if ranker.by_user is not None
+            else (ranker.model, self.store.ranking_inputs)
+        )
         parts = [
-            ranker.model(
-                *self.store.ranking_inputs(users[lo : lo + step], safe[lo : lo + step], scores[lo : lo + step])
-            )
+            model(*inputs(users[lo : lo + step], safe[lo : lo + step], scores[lo : lo + step]))
             for lo in range(0, len(users), step)
         ]
         probs = torch.cat(parts).numpy() if parts else np.zeros(0, np.float32)
@@ -516,8 +560,11 @@ def create_pipeline(
     must agree ("auto" does). ``dataset`` passes a data set in memory (e.g. a synthetic one)
     instead of loading it by name. ``compiled``: the query tower, the sequential scorers and the
     rankers run their AOTInductor packages where they have checked-out ones (``python -m inference_legacy.aot_compile``).
+    Serving settings for the process: freed memory stays in the heap (:func:`common.runtime.retain_freed_memory`).
     """
     from common.sequential import NextItemScorer
+
+    retain_freed_memory()
 
     root = Path(artifacts_dir)
     if device not in ("auto", "cpu"):
@@ -698,10 +745,11 @@ def create_pipeline(
     sources += [SequenceSource(sc, ds.item_raw_ids) for _, sc in scorers.values()]
     models = {
         "sources": {"two-tower": _digest(r_manifest["files"]), **digests},
-        # the model, not how it runs: an AOTInductor package added later (the manifest's "compiled"
-        # entry) scores like the exported program, so the choice still stands
+        # the model, not how it runs: AOTInductor packages added later (the manifest's "compiled" and
+        # "compiled_by_user" entries) score like the exported programs, so the choice still stands
         "rankers": {
-            name: _digest({k: v for k, v in p.manifest.items() if k != "compiled"}) for name, p in by_source.items()
+            name: _digest({k: v for k, v in p.manifest.items() if k not in ("compiled", "compiled_by_user")})
+            for name, p in by_source.items()
         },
     }
     if choice is not None and choice["models"] != models:

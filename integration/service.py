@@ -787,7 +787,8 @@ def serve_one(a: argparse.Namespace, sock, events_log: str | None, ready=None) -
     print(
         f"{'' if ready is None else f'worker {os.getpid()}: '}serving {pipeline.dataset.name}: {pipeline.served}, "
         f"arms {router.shares}, cache {cache.backend}; query tower {pipeline.retriever.runtime}, rankers "
-        f"{', '.join(sorted({r.runtime.split(':')[0] for r in pipeline.rankers.values()}))}",
+        f"{', '.join(sorted({r.runtime.split(':')[0] for r in pipeline.rankers.values()}))} (per-user programs: "
+        f"{', '.join(sorted({r.by_user_runtime.split(':')[0] for r in pipeline.rankers.values()}))})",
         flush=True,
     )
     if ready is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from bench import data_layer
 
@@ -76,17 +75,6 @@ def test_the_chain_at_scale_smoke(tmp_path) -> None:
     assert 0.5 < q["two-tower"]["share_of_oracle_HR@10"] < 1.0
     assert size["stages"]["latency"]["single_user_p99_ms"] > 0
     assert json.loads(out.read_text())["sizes"][0]["eval_users"] == 5_000
-
-
-def test_without_feature_empties_one_features_bags_and_keeps_the_others() -> None:
-    from bench.pipeline_latency import without_feature
-
-    # 2 features x 2 examples, feature-major: a = [1], [2, 3]; b = [4, 5, 6], []
-    dense, values, lengths = torch.zeros(2, 1), torch.tensor([1, 2, 3, 4, 5, 6]), torch.tensor([1, 2, 3, 0])
-    d, v, n = without_feature((dense, values, lengths), ["a", "b"], "a")
-    assert d is dense and v.tolist() == [4, 5, 6] and n.tolist() == [0, 0, 3, 0]
-    _, v, n = without_feature((dense, values, lengths), ["a", "b"], "b")
-    assert v.tolist() == [1, 2, 3] and n.tolist() == [1, 2, 0, 0]
 
 
 def test_run_all_runs_each_benchmark_in_its_own_process_and_says_what_it_skipped(capsys) -> None:

@@ -159,6 +159,77 @@ def test_the_compiled_package_scores_like_the_exported_program(compiled) -> None
     assert eager.model is eager.program and eager.runtime.startswith("exported program")
 
 
+def _one_user_many_items(p: DLRMPredictor, users: int = 4, items: int = 25) -> tuple[torch.Tensor, ...]:
+    """Per-row inputs for ``users`` held-out users with ``items`` candidates each (the serving shape)."""
+    rows = art.read_heldout(p.path)
+    firsts = list({r["features"]["user_id"]: r["features"] for r in rows}.values())[:users]
+    item_ids = [r["features"]["item_id"] for r in rows[:items]]
+    recs = [{**f, "item_id": i} for f in firsts for i in item_ids]
+    fb = p.schema.from_records(recs)
+    return fb.dense, fb.sparse.values().long(), fb.sparse.lengths().long()
+
+
+def test_the_per_user_program_scores_like_the_per_row_one(compiled) -> None:
+    """The per-user program (each user's features looked up once for all their candidates): packaged,
+    compiled and served by default, equal to the per-row program on held-out users' candidates, and
+    its inputs checked before the compiled gather reads them."""
+    m = json.loads((compiled / "manifest.json").read_text())
+    assert (
+        m["by_user"]["user_features"][:2] == ["user_id", "history"] and m["by_user"]["max_abs_diff_vs_program"] <= 1e-5
+    )
+    assert m["compiled_by_user"]["file"] == aot_compile.COMPILED_BY_USER
+    p, eager = DLRMPredictor(compiled), DLRMPredictor(compiled, compiled=False)
+    assert p.by_user_runtime == "AOTInductor" and eager.by_user_runtime.startswith("exported program")
+    per_row = _one_user_many_items(p)
+    inputs = art.by_user_inputs(p.schema, m["by_user"]["user_features"], per_row)
+    dense, row_user, user_values, user_lengths, values, lengths = inputs
+    assert row_user.tolist() == [u for u in range(4) for _ in range(25)]  # 100 rows, 4 users
+    assert user_lengths.numel() == 4 * len(m["by_user"]["user_features"])
+    with torch.inference_mode():
+        want = p.model(*per_row)
+        for served in (p.by_user, eager.by_user):
+            assert float((served(*inputs) - want).abs().max()) <= m["compiled_by_user"]["tolerance"] + 1e-6
+        # the held-out rows, each its own group of rows: the same as the per-row program
+        held = _heldout_inputs(p)
+        got = p.by_user(*art.by_user_inputs(p.schema, m["by_user"]["user_features"], held))
+        assert float((got - p.model(*held)).abs().max()) <= m["compiled_by_user"]["tolerance"] + 1e-6
+    with pytest.raises(ValueError, match=r"row_user must hold one user index in \[0, 4\)"):
+        p.by_user(dense, row_user + 1, user_values, user_lengths, values, lengths)
+    bad = user_values.clone()
+    bad[0] = 10**6  # the first user-side value: the user ID
+    with pytest.raises(ValueError, match=r"sparse feature 'user_id': ID 1000000 is out of range"):
+        p.by_user(dense, row_user, bad, user_lengths, values, lengths)
+    # an artifact from before the per-user program: served per row
+    old = _copy(compiled, Path(str(compiled) + "-old"), "old")
+    mm = json.loads((old / "manifest.json").read_text())
+    for key in ("by_user", "compiled_by_user"):
+        mm.pop(key)
+    mm["files"].pop(art.BY_USER)
+    (old / "manifest.json").write_text(json.dumps(mm))
+    legacy = DLRMPredictor(old)
+    assert legacy.by_user is None and legacy.by_user_runtime.startswith("not packaged")
+    assert legacy.runtime == "AOTInductor"
+
+
+def test_by_user_inputs_share_each_users_ids_and_keep_each_rows_own() -> None:
+    from common.features import FeatureSchema, SparseFeature
+
+    schema = FeatureSchema(
+        sparse=(SparseFeature("u", 10), SparseFeature("i", 10), SparseFeature("h", 10, max_length=None))
+    )
+    # rows: (u=7, i=1, h=[2,3]), (u=8, i=2, h=[]), (u=7, i=4, h=[2,3]); feature-major
+    values = torch.tensor([7, 8, 7, 1, 2, 4, 2, 3, 2, 3])
+    lengths = torch.tensor([1, 1, 1, 1, 1, 1, 2, 0, 2])
+    dense = torch.zeros(3, 0)
+    _, row_user, uv, ul, v, n = art.by_user_inputs(schema, ["u", "h"], (dense, values, lengths))
+    assert row_user.tolist() == [0, 1, 0]
+    assert uv.tolist() == [7, 8, 2, 3] and ul.tolist() == [1, 1, 2, 0]  # u for users 0, 1; then h
+    assert v.tolist() == [1, 2, 4] and n.tolist() == [1, 1, 1]
+    assert schema.subset(["h", "u"]).sparse_names == ["u", "h"]
+    with pytest.raises(art.ArtifactError, match="not a non-empty subset"):
+        art.by_user_inputs(schema, ["zip"], (dense, values, lengths))
+
+
 @pytest.mark.parametrize(
     "damage, reason",
     [
