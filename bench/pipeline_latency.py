@@ -163,11 +163,12 @@ def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[
         one, many = [kjt(slice(i, i + 1)) for i in range(len(dense))], [kjt(sl) for sl in batches]
         parts["query tower"] = (r.model.embed, one, many)
     if not isinstance(source, SequenceSource):
-        k = CANDIDATES + max(len(h) for h in hists)  # what top_k_indices asks for: room for the exclusions
+        # as top_k_indices searches: room for each user's seen items (a batch in groups by history length)
+        room = np.array([len(h) for h in hists], dtype=np.int64)
         parts["ANN search"] = (
-            lambda q: r.model.faiss_index.search(q, k),
-            [r.model.embed(x).numpy() for x in one],
-            [r.model.embed(x).numpy() for x in many],
+            lambda x: r.search(x[0], CANDIDATES, x[1]),
+            [(r.model.embed(x).numpy(), room[i : i + 1]) for i, x in enumerate(one)],
+            [(r.model.embed(x).numpy(), room[sl]) for x, sl in zip(many, batches)],
         )
     if pipeline.rerank:
         items, scores = pipeline.candidates(dense)

@@ -72,6 +72,28 @@ def test_recommend_excludes_seen_and_handles_cold_start(trained, ml100k) -> None
     assert seen & set(with_seen.item_ids)
 
 
+def test_a_batch_searched_in_groups_by_history_length_answers_as_one_search(trained) -> None:
+    """top_k_indices searches a batch in groups by history length (power-of-two room for the seen
+    items): the same items and scores as one search with room for the batch's longest history."""
+    _, out = trained
+    r = Retriever(out / "export", k=100)
+    users = np.arange(300)
+    hists = [r.history_of(u) for u in users]
+    room = np.array([len(h) for h in hists])
+    assert len(np.unique(np.ceil(np.log2(room)))) >= 3  # several groups
+    q = r.query_embeddings(users, hists)
+    scores, items = r.search(q, 100, room)
+    want_scores, want_items = r.model.faiss_index.search(q, 100 + int(room.max()))
+    for i in range(len(users)):  # each row: its first 100 + its own room agree; the rest is padding or more
+        n = 100 + int(room[i])
+        assert items[i, :n].tolist() == want_items[i, :n].tolist()
+        assert np.allclose(scores[i, :n], want_scores[i, :n])
+    got, got_scores = r.top_k_indices(users, 100, histories=hists)
+    one = [r.top_k_indices(users[i : i + 1], 100, histories=hists[i : i + 1])[0][0] for i in range(0, 300, 37)]
+    assert all(set(got[i * 37]) == set(o) for i, o in enumerate(one))
+    assert not any(set(got[i]) & set(hists[i].tolist()) for i in range(len(users)))
+
+
 def test_an_export_in_the_older_json_layout_still_serves_the_same(trained, tmp_path: Path) -> None:
     """two_tower_retrieval/2 keeps ID maps, histories and popularity as .npy; a /1 export (JSON lists
     in features.json) still loads and answers the same."""
