@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from bench.service_chaos import RedisServer, free_port
 from common.metrics import paired_difference
@@ -76,7 +77,7 @@ def test_one_user_batch_and_file_paths_agree(pipeline, tmp_path) -> None:
 def test_the_per_user_ranker_orders_candidates_as_the_per_row_one(pipeline) -> None:
     """rank() feeds the artifact's per-user program (each user's features once, with a user-side
     batch beside the rows'): the same probabilities and order as the per-row program on 300 users'
-    candidates, across several ranker calls (300 users > one call's 1,024 rows)."""
+    candidates, across several ranker calls (300 users: 30,000 rows, 15 calls of 2,048)."""
     ranker = pipeline.rankers[pipeline.default_arm]
     assert ranker.by_user is not None and ranker.by_user_runtime.startswith("exported program")
     users = np.arange(300)
@@ -88,6 +89,21 @@ def test_the_per_user_ranker_orders_candidates_as_the_per_row_one(pipeline) -> N
     want_items, want = pipeline.rank(users, items, scores, ranker=per_row)
     assert np.allclose(got, want, atol=1e-6)  # -inf (padding) in the same places
     assert (got_items == want_items).mean() > 0.999 and (got_items[3, 90:] == -1).all()
+
+
+def test_user_chunks_split_the_per_user_inputs_at_user_boundaries(pipeline) -> None:
+    """Each chunk holds whole users: the chunks' concatenated rows and users rebuild the batch."""
+    from integration.pipeline import user_chunks
+
+    users = np.arange(7)
+    items, scores = pipeline.candidates(users)
+    x = pipeline.store.ranking_inputs_by_user(users, np.where(items >= 0, items, 0), scores)
+    chunks = list(user_chunks(x, len(pipeline.store.features.user_features), 3))
+    assert [c[0].shape[0] for c in chunks] == [300, 300, 100]
+    assert [c[1].tolist() for c in chunks] == [np.repeat(np.arange(n), 100).tolist() for n in (3, 3, 1)]
+    ranker = pipeline.rankers[pipeline.default_arm].by_user
+    with torch.inference_mode():
+        assert torch.allclose(torch.cat([ranker(*c) for c in chunks]), ranker(*x), atol=1e-6)  # batch-size rounding
 
 
 def _edit_manifest(root: Path, name: str, edit) -> Path:
