@@ -173,21 +173,28 @@ def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[
     if pipeline.rerank:
         items, scores = pipeline.candidates(dense)
         predictor = pipeline.rankers[pipeline.default_arm]
-        # as rank() runs it: the per-user program where the artifact has one
+        # as rank() runs it: a batch through the per-user program where the artifact has one, one user per row
         by_user = predictor.by_user is not None
-        ranker = predictor.by_user if by_user else predictor.model
-        build = pipeline.store.ranking_inputs_by_user if by_user else pipeline.store.ranking_inputs
         step = rank_chunk(items.shape[1])  # a batch's rows go to the ranker in chunks, as rank() sends them
         chunks = [
             slice(lo, min(lo + step, sl.stop))
             for sl in batches
             for lo in range(sl.start, min(sl.stop, len(dense)), step)
         ]
-        rank_key = f"ranker forward, {items.shape[1]} rows" + (" (per-user program)" if by_user else "")
+        store = pipeline.store
+        batch_inputs = (
+            [(predictor.by_user, store.ranking_inputs_by_user(dense[c], items[c], scores[c])) for c in chunks]
+            if by_user
+            else [(predictor.model, store.ranking_inputs(dense[c], items[c], scores[c])) for c in chunks]
+        )
+        rank_key = f"ranker forward, {items.shape[1]} rows"
         parts[rank_key] = (
-            lambda x: ranker(*x),
-            [build(dense[i : i + 1], items[i : i + 1], scores[i : i + 1]) for i in range(len(dense))],
-            [build(dense[c], items[c], scores[c]) for c in chunks],
+            lambda x: x[0](*x[1]),
+            [
+                (predictor.model, store.ranking_inputs(dense[i : i + 1], items[i : i + 1], scores[i : i + 1]))
+                for i in range(len(dense))
+            ],
+            batch_inputs,
         )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -203,6 +210,7 @@ def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[
     }
     if pipeline.rerank and by_user:
         # the per-row program on the same rows: what looking each user's features up once saves
+        out["batched_ranker_program"] = "per-user"
         out["batched_ranker_s"] = batch_s[rank_key]
         out["batched_ranker_per_row_s"] = _total_s(
             lambda x: predictor.model(*x),
