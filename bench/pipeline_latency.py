@@ -174,6 +174,7 @@ def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[
         items, scores = pipeline.candidates(dense)
         predictor = pipeline.rankers[pipeline.default_arm]
         # as rank() runs it: a batch through the per-user program where the artifact has one, one user per row
+        # (integration.pipeline.BY_USER_MIN_USERS)
         by_user = predictor.by_user is not None
         step = rank_chunk(items.shape[1])  # a batch's rows go to the ranker in chunks, as rank() sends them
         chunks = [

@@ -61,6 +61,10 @@ MAX_HISTORY = 1000  # per user in the feature store, after events (ml-100k's lon
 # two runs each): 512 rows a call 4,655 / 4,795 users/s, 1,024 5,061 / 5,381, 1,536 5,431 / 5,500,
 # 2,048 5,389 / 5,645, 4,096 5,124 / 5,335.
 RANK_CHUNK_ROWS = 2048
+# Fewer users than this go through the per-row program: one user p50 1.35-1.37 ms per row against
+# 1.44-1.46 per user; recommend() per user at 1 thread, 2 / 4 / 8 / 16 users a call: 798-829 / 552-575
+# / 427-450 / 397-407 us a user per row, 834-848 / 548-552 / 395-435 / 346-351 per user.
+BY_USER_MIN_USERS = 4
 
 
 class ArtifactMismatch(ValueError):
@@ -420,11 +424,10 @@ class RecommendationPipeline:
         valid = items >= 0
         safe, scores = np.where(valid, items, 0), np.where(valid, scores, 0.0)
         step = rank_chunk(items.shape[1])
-        if ranker.by_user is not None and len(users) > 1:
+        if ranker.by_user is not None and len(users) >= BY_USER_MIN_USERS:
             # the per-user program looks each user's features (the 50-item history among them) up once,
             # not per row; the inputs are built for the whole batch (fewer, larger NumPy calls: 77 -> 49
-            # us a user on ml-100k), the program fed a chunk of users at a time. One user goes per row:
-            # p50 1.35-1.37 ms against 1.44-1.46 (its second batch and inputs cost more than they save)
+            # us a user on ml-100k), the program fed a chunk of users at a time
             inputs = self.store.ranking_inputs_by_user(users, safe, scores)
             parts = [ranker.by_user(*x) for x in user_chunks(inputs, len(self.store.features.user_features), step)]
         else:
