@@ -147,16 +147,14 @@ class FeatureStore:
                 self.last_time[user] = max(int(self.last_time[user]), int(timestamp))
             return len(self.histories[user])
 
-    def ranking_inputs(
-        self, users: np.ndarray, items: np.ndarray, retrieval_scores: np.ndarray
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(dense, values, lengths) for the DLRM: one row per (user, candidate); ``items`` and
-        ``retrieval_scores`` are ``[len(users), K]``."""
+    def _examples(self, users: np.ndarray, items: np.ndarray) -> tuple[Examples, np.ndarray, np.ndarray]:
+        """One row per (user, candidate) of ``items [len(users), K]``, rows by user (``query``: each
+        row's index into ``users``; ``time``: the user's now), and each user's history bounds in
+        ``hist_items`` (start, end)."""
         k = items.shape[1]
         hists = [self.history(u) for u in users]
         lens = np.array([len(h) for h in hists], dtype=np.int64)
         ends = np.cumsum(lens)
-        hist_items = np.concatenate(hists) if len(hists) else np.zeros(0, np.int64)
         rows = np.repeat(np.arange(len(users)), k)
         ex = Examples(
             np.repeat(users, k),
@@ -166,8 +164,16 @@ class FeatureStore:
             ends[rows],
             rows,
             self.last_time[users][rows],
-            hist_items,
+            np.concatenate(hists) if len(hists) else np.zeros(0, np.int64),
         )
+        return ex, ends - lens, ends
+
+    def ranking_inputs(
+        self, users: np.ndarray, items: np.ndarray, retrieval_scores: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dense, values, lengths) for the DLRM: one row per (user, candidate); ``items`` and
+        ``retrieval_scores`` are ``[len(users), K]``."""
+        ex, _, _ = self._examples(users, items)
         f = self.features
         seq = None if f.sequence is None else f.sequence.features(ex)
         b = f.batch(ex.user, ex.item, ex.history(f.history_len), retrieval_scores.reshape(-1), None, seq, sync=False)
@@ -178,31 +184,20 @@ class FeatureStore:
     ) -> tuple[torch.Tensor, ...]:
         """The same rows as :meth:`ranking_inputs` for a ranker that looks each user's features up
         once (``DLRMPredictor.by_user``): (dense, row_user, user_values, user_lengths, values, lengths)."""
-        b, k = items.shape
-        hists = [self.history(u) for u in users]
-        lens = np.array([len(h) for h in hists], dtype=np.int64)
-        ends = np.cumsum(lens)
-        hist_items = np.concatenate(hists) if len(hists) else np.zeros(0, np.int64)
-        rows = np.repeat(np.arange(b), k)
+        ex, starts, ends = self._examples(users, items)
         f = self.features
-        seq = None
-        if f.sequence is not None:
-            ex = Examples(
-                np.repeat(users, k),
-                items.reshape(-1),
-                np.zeros(rows.size, np.float32),
-                (ends - lens)[rows],
-                ends[rows],
-                rows,
-                self.last_time[users][rows],
-                hist_items,
-            )
-            seq = f.sequence.features(ex)
-        history = last_n(hist_items, ends - lens, ends, f.history_len)
-        per_row, per_user = f.batch_by_user(users, items.reshape(-1), rows, history, retrieval_scores.reshape(-1), seq)
+        seq = None if f.sequence is None else f.sequence.features(ex)
+        per_row, per_user = f.batch_by_user(
+            users,
+            ex.item,
+            ex.query,
+            last_n(ex.hist_items, starts, ends, f.history_len),
+            retrieval_scores.reshape(-1),
+            seq,
+        )
         return (
             per_row.dense,
-            torch.from_numpy(rows),
+            torch.from_numpy(ex.query),
             per_user.sparse.values().long(),
             per_user.sparse.lengths().long(),
             per_row.sparse.values().long(),

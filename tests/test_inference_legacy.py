@@ -61,9 +61,10 @@ def test_packager_measures_size_auc_and_tolerance(packaged) -> None:
     assert abs(v["auc_change"]) <= 0.002, v  # on every held-out test row
     assert v["rows"] > 1000 and 0 < v["tolerance"] < 0.01
     assert manifest["quantization"]["embeddings"] == "int8" and manifest["exporter"] == "torch.export"
-    assert set(manifest["files"]) == {"model.pt2", "schema.json", "heldout.jsonl"}
+    assert set(manifest["files"]) == {"model.pt2", "schema.json", "heldout.jsonl", "model_by_user.pt2"}
     assert len(art.read_heldout(out)) == 1000
     art.check_pickle_free(out / "model.pt2")
+    art.check_pickle_free(out / "model_by_user.pt2")
 
 
 def test_round_trip_through_a_server_subprocess(packaged) -> None:
