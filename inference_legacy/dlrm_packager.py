@@ -342,7 +342,7 @@ def package_model(
             if not gap <= BY_USER_TOLERANCE:
                 raise art.ArtifactError(
                     f"the per-user program differs from the per-row one by {gap:.2e} on the held-out rows "
-                    f"(limit {BY_USER_TOLERANCE:.0e}); package without it (user features None)"
+                    f"(limit {BY_USER_TOLERANCE:.0e}); package_model(..., user_features=None) packages without it"
                 )
             extra = {"by_user": {**manifest["by_user"], "max_abs_diff_vs_program": gap}}
         return {
