@@ -212,6 +212,42 @@ def test_the_per_user_program_scores_like_the_per_row_one(compiled) -> None:
     assert legacy.runtime == "AOTInductor"
 
 
+@pytest.mark.parametrize("interaction", ["dot", "dcn"])
+@pytest.mark.parametrize("precision", ["none", "int8"])
+def test_the_per_user_module_equals_the_per_row_one(interaction, precision) -> None:
+    """DLRMByUser against DLRMServing, eager, on 5 users x 7 rows (some with empty histories): the
+    same probabilities for TorchRec's DLRM and DLRM_DCN, fp32 and INT8 tables."""
+    from common.features import DenseFeature, FeatureSchema, SparseFeature
+    from prediction.predict_using_torchrec import TorchRecDLRM
+
+    torch.manual_seed(0)
+    schema = FeatureSchema(
+        sparse=(
+            SparseFeature("user_id", 50),
+            SparseFeature("item_id", 40, pooling="mean", table="item"),
+            SparseFeature("history", 40, pooling="mean", max_length=None, table="item"),
+            SparseFeature("age", 7),
+        ),
+        dense=(DenseFeature("a"), DenseFeature("b")),
+    )
+    rng = np.random.default_rng(0)
+    rows = []
+    for u in range(5):
+        history = rng.integers(0, 40, u).tolist()  # user 0 has none
+        rows += [
+            {"user_id": u, "item_id": int(i), "history": history, "age": u, "a": float(rng.random()), "b": 1.0}
+            for i in rng.integers(0, 40, 7)
+        ]
+    x = art.program_inputs(schema.from_records(rows))
+    model = TorchRecDLRM(schema, 16, [16, 16], [32, 1], interaction=interaction).eval()
+    per_row = dlrm_packager.DLRMServing(dlrm_packager.quantize(model, precision), schema.sparse_names).eval()
+    per_user = dlrm_packager.DLRMByUser(model, schema, ["user_id", "history", "age"], precision).eval()
+    by_user = art.by_user_inputs(schema, ["user_id", "history", "age"], x)
+    assert by_user[1].tolist() == [u for u in range(5) for _ in range(7)]
+    with torch.no_grad():
+        assert torch.allclose(per_user(*by_user), per_row(*x), atol=1e-6)
+
+
 def test_by_user_inputs_share_each_users_ids_and_keep_each_rows_own() -> None:
     from common.features import FeatureSchema, SparseFeature
 
