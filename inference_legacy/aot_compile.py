@@ -46,20 +46,50 @@ def _inputs(schema: FeatureSchema, rows: list[dict[str, Any]]) -> tuple[torch.Te
     return art.program_inputs(schema.from_records([r["features"] for r in rows]))
 
 
+class _Program:
+    """One of a ranker artifact's programs: the per-row one (``model.pt2``) or, with ``by_user``, the
+    per-user one (``model_by_user.pt2``): its files, manifest key, input guard and held-out inputs."""
+
+    def __init__(self, manifest: dict[str, Any], schema: FeatureSchema, by_user: bool = False) -> None:
+        self.schema, self.by_user = schema, by_user
+        if by_user:
+            self.features = manifest["by_user"]["user_features"]
+            self.exported, self.file, self.key = art.BY_USER, COMPILED_BY_USER, "compiled_by_user"
+            self.guard, self.name = by_user_guard(schema, self.features), "per-user program"
+        else:
+            self.exported, self.file, self.key = art.PROGRAM, COMPILED, "compiled"
+            self.guard, self.name = id_guard(schema), "program"
+
+    def inputs(self, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, ...]:
+        x = _inputs(self.schema, rows)
+        return art.by_user_inputs(self.schema, self.features, x) if self.by_user else x
+
+
 def compile_artifact(artifact: str | Path) -> dict[str, Any]:
-    """Compile a ranker artifact's program, check it on the held-out rows, and add ``model.aoti.pt2``
-    and the manifest's ``compiled`` entry. Returns that entry."""
+    """Compile a ranker artifact's program (and its per-user program, where it has one), check each on
+    the held-out rows, and add ``model.aoti.pt2`` and the manifest's ``compiled`` entry (and
+    ``model_by_user.aoti.pt2``, ``compiled_by_user``). Returns the ``compiled`` entry, with the per-user
+    one under ``by_user``."""
     artifact = Path(artifact)
     manifest = art.read_manifest(artifact)
     schema = art.load_schema(artifact, manifest)
     rows = art.read_heldout(artifact)
     if not rows:
         raise art.ArtifactError(f"{artifact}: no held-out rows to check a compiled program on; package it again")
-    eager = art.load_program(artifact, manifest)
-    program = torch.export.load(artifact / art.PROGRAM)  # checked pickle-free by load_program
-    inputs = _inputs(schema, rows)
+    entry = _compile(artifact, manifest, _Program(manifest, schema), rows)
+    if "by_user" in manifest:
+        entry["by_user"] = _compile(artifact, manifest, _Program(manifest, schema, by_user=True), rows)
+    return entry
+
+
+def _compile(artifact: Path, manifest: dict[str, Any], which: _Program, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Compile ``which``, check it against its exported program and the fp32 model's recorded
+    probabilities on the held-out rows, and write its manifest entry."""
+    eager = art.load_program(artifact, manifest, which.exported)
+    program = torch.export.load(artifact / which.exported)  # checked pickle-free by load_program
+    inputs = which.inputs(rows)
     entry, compiled = compile_program(
-        program, _inputs(schema, rows[:64]), artifact / COMPILED, id_guard(schema), eager, inputs
+        program, which.inputs(rows[:64]), artifact / which.file, which.guard, eager, inputs
     )
     with torch.inference_mode():
         entry["max_abs_diff_vs_fp32"] = float(
@@ -67,76 +97,29 @@ def compile_artifact(artifact: str | Path) -> dict[str, Any]:
         )
     limit = manifest["verification"]["tolerance"] + 1e-6
     if entry["max_abs_diff_vs_fp32"] > limit:
-        (artifact / COMPILED).unlink()
+        (artifact / which.file).unlink()
         raise art.ArtifactError(
-            f"{artifact}: the compiled program is {entry['max_abs_diff_vs_fp32']:.2e} from the fp32 model on the "
-            f"held-out rows, more than the artifact's tolerance {limit:.2e}; serve the exported program"
+            f"{artifact}: the compiled {which.name} is {entry['max_abs_diff_vs_fp32']:.2e} from the fp32 model on "
+            f"the held-out rows, more than the artifact's tolerance {limit:.2e}; serve the exported program"
         )
-    write_entry(artifact / art.MANIFEST, entry)
-    if "by_user" in manifest:
-        entry["by_user"] = _compile_by_user(artifact, manifest, schema, rows, limit)
-    return entry
-
-
-def _compile_by_user(
-    artifact: Path, manifest: dict[str, Any], schema: FeatureSchema, rows: list[dict[str, Any]], limit: float
-) -> dict[str, Any]:
-    """The per-user program (``model_by_user.pt2``) compiled the same way, checked on the held-out
-    rows grouped by user against its exported program and the fp32 model's probabilities."""
-    features = manifest["by_user"]["user_features"]
-    eager = art.load_program(artifact, manifest, art.BY_USER)
-    program = torch.export.load(artifact / art.BY_USER)  # checked pickle-free by load_program
-    inputs = art.by_user_inputs(schema, features, _inputs(schema, rows))
-    entry, compiled = compile_program(
-        program,
-        art.by_user_inputs(schema, features, _inputs(schema, rows[:64])),
-        artifact / COMPILED_BY_USER,
-        by_user_guard(schema, features),
-        eager,
-        inputs,
-    )
-    with torch.inference_mode():
-        entry["max_abs_diff_vs_fp32"] = float(
-            np.abs(compiled(*inputs).numpy() - np.array([r["fp32"] for r in rows])).max()
-        )
-    if entry["max_abs_diff_vs_fp32"] > limit:
-        (artifact / COMPILED_BY_USER).unlink()
-        raise art.ArtifactError(
-            f"{artifact}: the compiled per-user program is {entry['max_abs_diff_vs_fp32']:.2e} from the fp32 model "
-            f"on the held-out rows, more than the artifact's tolerance {limit:.2e}"
-        )
-    write_entry(artifact / art.MANIFEST, entry, "compiled_by_user")
+    write_entry(artifact / art.MANIFEST, entry, which.key)
     return entry
 
 
 def load_compiled(
-    artifact: str | Path, manifest: dict[str, Any], program: Any, schema: FeatureSchema
+    artifact: str | Path, manifest: dict[str, Any], program: Any, schema: FeatureSchema, by_user: bool = False
 ) -> tuple[Guarded | None, str]:
-    """A ranker artifact's compiled program, or ``None`` and why not (logged). ``program`` is the
-    exported one, which the compiled one must match on held-out rows within the recorded tolerance."""
+    """A ranker artifact's compiled program (``by_user``: its per-user program), or ``None`` and why not
+    (logged). ``program`` is the exported one, which the compiled one must match on held-out rows
+    within the recorded tolerance."""
     artifact = Path(artifact)
+    which = _Program(manifest, schema, by_user)
     return load_package(
         artifact,
-        manifest.get("compiled"),
-        id_guard(schema),
+        manifest.get(which.key),
+        which.guard,
         program,
-        lambda: _inputs(schema, art.read_heldout(artifact)[:CHECK_ROWS]),
-        f"python -m inference_legacy.aot_compile {artifact}",
-    )
-
-
-def load_compiled_by_user(
-    artifact: str | Path, manifest: dict[str, Any], program: Any, schema: FeatureSchema
-) -> tuple[Guarded | None, str]:
-    """:func:`load_compiled` for the per-user program (``program``: its exported twin)."""
-    artifact = Path(artifact)
-    features = manifest["by_user"]["user_features"]
-    return load_package(
-        artifact,
-        manifest.get("compiled_by_user"),
-        by_user_guard(schema, features),
-        program,
-        lambda: art.by_user_inputs(schema, features, _inputs(schema, art.read_heldout(artifact)[:CHECK_ROWS])),
+        lambda: which.inputs(art.read_heldout(artifact)[:CHECK_ROWS]),
         f"python -m inference_legacy.aot_compile {artifact}",
     )
 

@@ -34,7 +34,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from common.features import FeatureError, FeatureSchema
 from inference_legacy import artifact as art
-from inference_legacy.aot_compile import load_compiled, load_compiled_by_user
+from inference_legacy.aot_compile import load_compiled
 from inference_legacy.server import (
     BODY_TIMEOUT_S,
     BadRequest,
@@ -79,7 +79,7 @@ class DLRMPredictor:
             self.by_user = art.load_program(self.path, self.manifest, art.BY_USER)
             self.by_user_runtime = "exported program (--eager)"
             if compiled:
-                runner, why = load_compiled_by_user(self.path, self.manifest, self.by_user, self.schema)
+                runner, why = load_compiled(self.path, self.manifest, self.by_user, self.schema, by_user=True)
                 self.by_user, self.by_user_runtime = (
                     (runner, "AOTInductor") if runner else (self.by_user, f"exported program: {why}")
                 )
