@@ -372,7 +372,7 @@ class SequenceStats:
         if not len(self.pair_keys):
             return np.zeros(len(prev), np.int64)
         keys = prev * self.num_items + nxt
-        at = np.minimum(np.searchsorted(self.pair_keys, keys), len(self.pair_keys) - 1)
+        at = np.minimum(_searchsorted(self.pair_keys, keys), len(self.pair_keys) - 1)
         return np.where(self.pair_keys[at] == keys, self.pair_counts[at], 0)
 
     def features(self, ex: Examples) -> dict[str, np.ndarray]:
@@ -392,8 +392,19 @@ class SequenceStats:
         lo_t = ex.time - self.t0 - int(self.trend_days * DAY)
         hi_t = ex.time - self.t0
         base = ex.item * self.span
-        count = np.searchsorted(self.item_time, base + np.clip(hi_t, 0, self.span - 1)) - np.searchsorted(
+        count = _searchsorted(self.item_time, base + np.clip(hi_t, 0, self.span - 1)) - _searchsorted(
             self.item_time, base + np.clip(lo_t, 0, self.span - 1)
         )
         out["item_trend"] = np.log1p(count).astype(np.float32)
         return out
+
+
+def _searchsorted(a: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``np.searchsorted(a, v)`` on torch's threads. These binary searches are most of the serving
+    features' cost (a batch of 256 users x 100 candidates makes 128,000 of them); numpy's run on one
+    core, torch's on all: 2 cores here, about 2x faster at 25,600 keys. Under 1,000 keys (one user's
+    candidates) numpy's call costs less than torch's overhead."""
+    if len(v) < 1000:
+        return np.searchsorted(a, v)
+    v = np.ascontiguousarray(v, dtype=a.dtype)
+    return torch.searchsorted(torch.from_numpy(a), torch.from_numpy(v)).numpy()

@@ -233,6 +233,12 @@ def test_sequence_features_leave_the_rows_own_transition_out() -> None:
     # item_trend: training interactions in the 30 days before "now" (day 4): items 0,1,2 of user 0
     # (days 1-3), items 0 and 1 of user 1 (days 1, 2); item 3 of user 1 is on day 40.
     assert np.expm1(f["item_trend"]).round().tolist() == [1.0, 0.0]
+    # a serving batch's worth of rows (1,000 keys and more search on torch's threads): the same features
+    many = Examples(
+        *(np.tile(getattr(ev, c), 600) for c in ("user", "item", "label", "hist_start", "hist_end", "query", "time")),
+        hist,
+    )
+    assert all((stats.features(many)[k] == np.tile(v, 600)).all() for k, v in f.items())
 
 
 def test_the_rankers_exact_top_k_is_a_stable_sort_with_exclusions() -> None:
