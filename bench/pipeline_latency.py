@@ -124,8 +124,8 @@ def _total_s(fn, inputs: list, repeats: int) -> float:
 @torch.inference_mode()
 def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[str, object] | None:
     """What the served path's models cost alone, on inputs built beforehand (no ID maps, feature
-    building, exclusion of seen items or other Python around them): the candidate source's model
-    (the two-tower's query tower forward and FAISS search, or a sequential model's forward over the
+    building or other Python around them): the candidate source's model (the two-tower's query
+    tower forward and index search without each user's seen items, or a sequential model's forward over the
     catalog, plus the query tower for the ranker's ``retrieval_score``) and the ranker's forward over
     each user's 100 candidates; each as the pipeline runs it (its AOTInductor package where one was
     loaded). For one user at a time (the
@@ -163,12 +163,12 @@ def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[
         one, many = [kjt(slice(i, i + 1)) for i in range(len(dense))], [kjt(sl) for sl in batches]
         parts["query tower"] = (r.model.embed, one, many)
     if not isinstance(source, SequenceSource):
-        # as top_k_indices searches: room for each user's seen items (a batch in groups by history length)
-        room = np.array([len(h) for h in hists], dtype=np.int64)
+        # as top_k_indices searches: each user's seen items left out (masked in an exact index's scores,
+        # or filtered from a search with room for them)
         parts["ANN search"] = (
-            lambda x: r.search(x[0], CANDIDATES, x[1]),
-            [(r.model.embed(x).numpy(), room[i : i + 1]) for i, x in enumerate(one)],
-            [(r.model.embed(x).numpy(), room[sl]) for x, sl in zip(many, batches)],
+            lambda x: r.search_unseen(x[0], CANDIDATES, x[1]),
+            [(r.model.embed(x).numpy(), hists[i : i + 1]) for i, x in enumerate(one)],
+            [(r.model.embed(x).numpy(), hists[sl]) for x, sl in zip(many, batches)],
         )
     if pipeline.rerank:
         items, scores = pipeline.candidates(dense)

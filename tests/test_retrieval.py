@@ -94,6 +94,39 @@ def test_a_batch_searched_in_groups_by_history_length_answers_as_one_search(trai
     assert not any(set(got[i]) & set(hists[i].tolist()) for i in range(len(users)))
 
 
+def test_the_exact_search_in_torch_is_the_flat_index_search_without_the_seen_items(trained) -> None:
+    """A flat index is served as torch ops (scores, seen items masked, top-k); its answer is the exact
+    top 100 of the unseen items: each score is the query's dot product with that item, no seen item is
+    in it, and no unseen item left out scores higher than the last one kept. FAISS's own search with
+    the seen items removed afterwards (the path of every other index type) gives the same lists."""
+    _, out = trained
+    r = Retriever(out / "export", k=100)
+    assert r.item_vectors is not None  # ml-100k's export: a flat index
+    users = np.arange(300)
+    hists = [r.history_of(u) for u in users]
+    hists[5] = np.zeros(0, np.int64)  # a user with no history
+    q = r.query_embeddings(users, hists)
+    items, scores = r.search_unseen(q, 100, hists)
+    all_scores = q @ r.item_vectors.numpy().T
+    for i in range(len(users)):
+        assert (items[i] >= 0).all() and len(set(items[i].tolist())) == 100
+        assert not set(items[i].tolist()) & set(hists[i].tolist())
+        assert np.allclose(scores[i], all_scores[i, items[i]], atol=1e-5)
+        assert (np.diff(scores[i]) <= 0).all()
+        left_out = np.setdiff1d(np.arange(len(all_scores[i])), np.r_[items[i], hists[i]])
+        assert all_scores[i, left_out].max() <= scores[i, -1] + 1e-5
+    vectors, r.item_vectors = r.item_vectors, None  # FAISS's search, then the seen items filtered out
+    faiss_items, faiss_scores = r.search_unseen(q, 100, hists)
+    r.item_vectors = vectors
+    assert np.allclose(faiss_scores, scores, atol=1e-5)
+    assert (faiss_items == items).mean() > 0.99  # the same lists, up to the order of float ties
+    # fewer unseen items than k: the rest is padding; no exclusion: the seen items come back
+    few_items, few_scores = r.search_unseen(q[:2], 100, [np.arange(r.features.num_items - 40)] * 2)
+    assert (few_items[:, :40] >= 0).all() and (few_items[:, 40:] == -1).all() and np.isneginf(few_scores[:, 40:]).all()
+    with_seen, _ = r.search_unseen(q[:1], 100, None)
+    assert set(with_seen[0].tolist()) & set(hists[0].tolist())
+
+
 def test_an_export_in_the_older_json_layout_still_serves_the_same(trained, tmp_path: Path) -> None:
     """two_tower_retrieval/2 keeps ID maps, histories and popularity as .npy; a /1 export (JSON lists
     in features.json) still loads and answers the same."""
