@@ -61,10 +61,10 @@ MAX_HISTORY = 1000  # per user in the feature store, after events (ml-100k's lon
 # two runs each): 512 rows a call 4,655 / 4,795 users/s, 1,024 5,061 / 5,381, 1,536 5,431 / 5,500,
 # 2,048 5,389 / 5,645, 4,096 5,124 / 5,335.
 RANK_CHUNK_ROWS = 2048
-# Fewer users than this go through the per-row program: one user p50 1.35-1.37 ms per row against
-# 1.44-1.46 per user; recommend() per user at 1 thread, 2 / 4 / 8 / 16 users a call: 798-829 / 552-575
-# / 427-450 / 397-407 us a user per row, 834-848 / 548-552 / 395-435 / 346-351 per user.
-BY_USER_MIN_USERS = 4
+# Fewer users than this go through the per-row program. recommend() at 1 thread, median us a user in
+# three runs, per row against per user: one user a call 1,220-1,292 / 1,294-1,316; 2 users 780-800 /
+# 761-786; 4 users 552-561 / 492-496.
+BY_USER_MIN_USERS = 2
 
 
 class ArtifactMismatch(ValueError):
