@@ -105,13 +105,13 @@ class DLRMByUser(nn.Module):
             own = [i for i in range(n) if i not in user_at]
             pairs = [tuple(p) for p in torch.triu_indices(n, n, offset=1).T.tolist()]
             by_user = [(i, j) for i, j in pairs if i in user_at and j in user_at]
-            by_row = [(i, j) if i in own else (j, i) for i, j in pairs if (i, j) not in by_user]
-            computed = by_user + [tuple(sorted(p)) for p in by_row]
+            by_row = [(i, j) for i, j in pairs if i in own or j in own]
             self.own = own
             for name, values in (
                 ("user_pairs", [user_at[i] * len(user_at) + user_at[j] for i, j in by_user]),
-                ("row_pairs", [own.index(i) * n + j for i, j in by_row]),
-                ("unpermute", [computed.index(p) for p in pairs]),  # back to TorchRec's order
+                # (own vector, other vector) of each row pair: i when it is the row's own, else j
+                ("row_pairs", [own.index(i) * n + j if i in own else own.index(j) * n + i for i, j in by_row]),
+                ("unpermute", [(by_user + by_row).index(p) for p in pairs]),  # back to TorchRec's order
             ):
                 self.register_buffer(name, torch.tensor(values, dtype=torch.int64), persistent=False)
 

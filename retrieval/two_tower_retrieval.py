@@ -316,7 +316,7 @@ class Retriever:
         """The FAISS index's top ``k`` + ``room[i]`` items for each query embedding (room for a user's seen
         items), ``[B, k + max(room)]`` padded with -1 / -inf. A search costs more the more results it
         keeps (ml-100k's flat index through FAISS: 40 us a user at k = 100 + the batch's longest history,
-        19 us grouped), so a batch is searched in groups by room rounded up to a power of two."""
+        21 us grouped), so a batch is searched in groups by room rounded up to a power of two."""
         width = min(k + int(room.max()) if len(room) else k, self.features.num_items)
         if len(q) > 1:
             room = np.where(room > 0, np.left_shift(1, np.ceil(np.log2(np.maximum(room, 1))).astype(np.int64)), 0)
