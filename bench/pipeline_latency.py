@@ -384,7 +384,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     torch.set_num_threads(os.cpu_count() or 1)  # offline batch inference may use every core
     results["batched"] = b = batched(pipeline, users, 256, repeats)
     passes = ", ".join(f"{r:.0f}" for r in b["passes"])
-    print(f"batched: {b['users_per_s']:.0f} users/s (batches of {b['batch_size']}; median of passes {passes})", flush=True)
+    print(
+        f"batched: {b['users_per_s']:.0f} users/s (batches of {b['batch_size']}; median of passes {passes})", flush=True
+    )
     results["limit"] = lim = compute_limit(pipeline, users, 256, repeats)
     torch.set_num_threads(1)
     if lim is None:
