@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 
 from common.data import movielens as ml
-from common.data.dataset import InteractionData
+from common.data.dataset import InteractionData, tie_keys
 from common.data.download import DataIntegrityError, extract_zip
 from common.data.movielens import Archive, load_movielens
-from common.data.split import tie_keys
 
 
 def test_ml100k_statistics(ml100k: InteractionData) -> None:

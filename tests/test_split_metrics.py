@@ -14,6 +14,7 @@ import torch
 
 from common.baselines import main as baselines_main
 from common.baselines import popularity_report
+from common.data.dataset import tie_keys
 from common.data.download import default_data_dir
 from common.data.split import (
     STAGES,
@@ -21,7 +22,6 @@ from common.data.split import (
     leave_last_out,
     rank_splits,
     split_dataset,
-    tie_keys,
     user_share,
 )
 from common.metrics import (

@@ -39,8 +39,8 @@ from torchrec.models.dlrm import DLRM
 from tqdm import tqdm
 
 from common.checkpoint import CheckpointSchedule, checkpoint_interval, resume_if_possible, run_config, save_checkpoint
+from common.data.dataset import time_order
 from common.data.load import add_dataset_args, load_dataset
-from common.data.split import time_order
 from common.metrics import BinaryMetrics
 from common.runtime import (
     MetricsLog,

@@ -10,8 +10,8 @@ a data set's name.
 - Raw IDs are 64-bit integers or strings. Dense indices ``0..N-1`` follow the sorted raw IDs
   (numeric order for integers, code-point order for strings); the maps travel with every artifact.
 - The catalog is the set of items with at least one interaction, the users are those with one.
-- Interactions are sorted per user by ``(timestamp, tie key)``, the split's order
-  (common/data/split.py).
+- Interactions are sorted per user by ``(timestamp, tie key)`` (:func:`time_order`): the form owns
+  its order, and the split (common/data/split.py) only reads it.
 - A feature column is one of three kinds:
   ``categorical`` (one value per row, an index into ``vocab``), ``multi`` (a list of vocab indices
   per row, jagged) or ``numeric`` (a float, NaN where unknown; ``center`` / ``scale`` normalise it
@@ -26,10 +26,39 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.data.split import time_order
-
 KINDS = ("categorical", "multi", "numeric")
 MISSING = "<missing>"  # vocab entry of a categorical value an entity has no record for
+
+
+def tie_keys(raw_user: np.ndarray, raw_item: np.ndarray) -> np.ndarray:
+    """uint64 tie key of each (raw user ID, raw item ID) pair, as the protocol defines it
+    (common/data/split.py's docstring says why a hash)."""
+    sha = hashlib.sha256
+    digests = b"".join(
+        sha(f"{u}:{i}".encode("ascii")).digest()[:8]
+        for u, i in zip(np.asarray(raw_user).tolist(), np.asarray(raw_item).tolist())
+    )
+    return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
+
+
+def time_order(
+    timestamp: np.ndarray, raw_user: np.ndarray, raw_item: np.ndarray, group: np.ndarray | None = None
+) -> np.ndarray:
+    """The permutation that sorts interactions by ``(group, timestamp, tie_key)``; ``group`` is the
+    dense user index for per-user order, ``None`` for one global order. Only rows that share
+    ``(group, timestamp)`` with another are hashed: elsewhere the key cannot change the order."""
+    timestamp = np.asarray(timestamp, dtype=np.int64)
+    group = np.zeros(len(timestamp), np.int64) if group is None else np.asarray(group, dtype=np.int64)
+    order = np.lexsort((timestamp, group))
+    g, t = group[order], timestamp[order]
+    same = (g[1:] == g[:-1]) & (t[1:] == t[:-1])
+    tied = np.zeros(len(order), dtype=bool)
+    tied[1:] |= same
+    tied[:-1] |= same
+    rows = order[tied]
+    key = np.zeros(len(order), dtype=np.uint64)
+    key[rows] = tie_keys(np.asarray(raw_user)[rows], np.asarray(raw_item)[rows])
+    return np.lexsort((key, timestamp, group))
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,9 @@ an order-aware model could learn "next = a higher ID among the items rated toget
 split rewarded it. It also biased targets towards high IDs, which on MovieLens are obscure titles.
 The hash orders ties in a way unrelated to the items, fixed and reproducible by anyone's scorer.
 
+The order itself is the canonical form's (:func:`common.data.dataset.time_order`): every data set is
+stored in it, and the split reads it as it is.
+
 Evaluation on ``valid`` sees the training items as the user's history; on ``test`` it sees
 training plus the validation item. That history is also what gets excluded from the ranking.
 """
@@ -23,47 +26,13 @@ training plus the validation item. That history is also what gets excluded from 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from common.data.dataset import InteractionData
-    from common.data.synthetic import SyntheticInteractions
+from common.data.dataset import InteractionData, time_order
 
 STAGES = ("valid", "test")
-
-
-def tie_keys(raw_user: np.ndarray, raw_item: np.ndarray) -> np.ndarray:
-    """uint64 tie key of each (raw user ID, raw item ID) pair, as defined in the module docstring."""
-    sha = hashlib.sha256
-    digests = b"".join(
-        sha(f"{u}:{i}".encode("ascii")).digest()[:8]
-        for u, i in zip(np.asarray(raw_user).tolist(), np.asarray(raw_item).tolist())
-    )
-    return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
-
-
-def time_order(
-    timestamp: np.ndarray, raw_user: np.ndarray, raw_item: np.ndarray, group: np.ndarray | None = None
-) -> np.ndarray:
-    """The permutation that sorts interactions by ``(group, timestamp, tie_key)``; ``group`` is the
-    dense user index for per-user order, ``None`` for one global order. Only rows that share
-    ``(group, timestamp)`` with another are hashed: elsewhere the key cannot change the order."""
-    timestamp = np.asarray(timestamp, dtype=np.int64)
-    group = np.zeros(len(timestamp), np.int64) if group is None else np.asarray(group, dtype=np.int64)
-    order = np.lexsort((timestamp, group))
-    g, t = group[order], timestamp[order]
-    same = (g[1:] == g[:-1]) & (t[1:] == t[:-1])
-    tied = np.zeros(len(order), dtype=bool)
-    tied[1:] |= same
-    tied[:-1] |= same
-    rows = order[tied]
-    key = np.zeros(len(order), dtype=np.uint64)
-    key[rows] = tie_keys(np.asarray(raw_user)[rows], np.asarray(raw_item)[rows])
-    return np.lexsort((key, timestamp, group))
 
 
 @dataclass
@@ -181,21 +150,10 @@ def held_out(count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return count >= 2, count >= 3
 
 
-def split_dataset(ds: InteractionData | SyntheticInteractions, eval_users: int = 0) -> Split:
+def split_dataset(ds: InteractionData, eval_users: int = 0) -> Split:
     """The shared split of a data set; ``eval_users`` > 0 evaluates a fixed sample of that many
-    users (:meth:`Split.sample_eval_users`). An :class:`InteractionData` is already in split order
-    (``build_dataset`` sorts it by the tie rule), so this reads it without sorting again; the
-    generator's raw output (``generate_interactions``) is sorted by the rule here."""
-    if not hasattr(ds, "indptr"):
-        return leave_last_out(
-            ds.user,
-            ds.item,
-            ds.timestamp,
-            ds.num_users,
-            ds.num_items,
-            user_raw_ids=ds.user_raw_ids,
-            item_raw_ids=ds.item_raw_ids,
-        ).sample_eval_users(eval_users)
+    users (:meth:`Split.sample_eval_users`). The data set is already in split order
+    (``build_dataset`` sorts it by the tie rule), so this reads it without sorting again."""
     return split_users(ds).sample_eval_users(eval_users)
 
 
