@@ -38,11 +38,13 @@ data: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# ruff over the whole repository, notebooks included: lint rules, then the formatting (check only).
+# ruff over the whole repository, notebooks included: lint rules, then the formatting (check only); then
+# the import contracts (pyproject.toml's [tool.importlinter]: common, the stages, integration, bench and tests).
 lint: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/dev.txt
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 # Charts (docs/charts/*.png) from the results files in bench/results/; with runs/ there, its curves and
 # results are collected first.

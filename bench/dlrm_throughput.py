@@ -9,7 +9,7 @@ TorchRec's golden example (examples/golden_training/train_dlrm.py): random data,
 RowWiseAdagrad in backward, TrainPipelineSparseDist. Each configuration is measured two ways
 on the same sharded model, in alternating blocks (the median of each is reported):
 
-- **pipeline**: what ``golden_training/train_dlrm.py --dataset random`` runs, batches cut from
+- **pipeline**: what ``golden_training/train_click_logs.py --dataset random`` runs, batches cut from
   arrays in memory by ``golden_training/ctr_data.py`` (with its ID checks) and fed through
   the pipeline ``--pipeline`` picks, as the training script does (auto: ``TrainPipelineSparseDist``
   with several processes or on CUDA, ``TrainPipelineBase`` in one CPU process), also fed
@@ -47,11 +47,12 @@ QUICK = {"num_embeddings": 10_000, "embedding_dim": 128, "dense_arch": (64, 128)
 
 def worker(a: argparse.Namespace) -> None:
     """One configuration, in every process of a torchrun job; rank 0 writes the result."""
-    from common.data.criteo import table_sizes
     from common.runtime import init_runtime, shutdown
     from common.sharding import release_pipeline, train_pipeline
+    from golden_training.criteo import table_sizes
     from golden_training.ctr_data import criteo_schema, make_batch, random_ctr
-    from golden_training.train_dlrm import Config, build
+    from golden_training.train_click_logs import Config
+    from golden_training.train_dlrm import build
 
     shape = QUICK if a.quick else GOLDEN
     rt = init_runtime("auto")

@@ -43,9 +43,9 @@ def worker(a: argparse.Namespace) -> None:
     from torchrec import EmbeddingBagCollection
     from torchrec.models.dlrm import DLRM, DLRMTrain
 
-    from common.data.criteo import table_sizes
     from common.runtime import init_runtime, shutdown
     from common.sharding import local_shards, shard_model
+    from golden_training.criteo import table_sizes
     from golden_training.ctr_data import criteo_schema, make_batch, random_ctr
 
     rt = init_runtime("cpu")

@@ -133,8 +133,9 @@ def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[
     median of each, summed; torch on one thread) and for batches of ``batch_size`` users (users/s;
     torch on every core, set by the caller). None for sources without one model (the ensemble, union,
     item-to-item): their limit is not measured."""
+    from candidates.sources import SequenceSource
     from common.sequential import padded_tokens, sequences_kjt
-    from integration.pipeline import CANDIDATES, SequenceSource, rank_chunk
+    from integration.pipeline import CANDIDATES, rank_chunk
 
     dense = np.array([pipeline.user_index[u] for u in users])
     hists = [pipeline.store.history(u) for u in dense]
@@ -252,10 +253,10 @@ def synthetic_pipeline(root, num_items: int, num_users: int = 20_000, compiled: 
     from common.data.split import split_dataset
     from common.features import FeatureBatch
     from common.runtime import init_runtime
+    from golden_training.model import TorchRecDLRM
     from golden_training.train_dlrm import Config as RankConfig
     from inference_legacy.dlrm_packager import package_model
     from integration.pipeline import FeatureStore, create_pipeline
-    from prediction.predict_using_torchrec import TorchRecDLRM
     from retrieval.modules.feature_processor import TwoTowerFeatures
     from retrieval.two_tower_train import Config as RetrievalConfig
     from retrieval.two_tower_train import build_model, embed_items, export

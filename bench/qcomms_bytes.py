@@ -4,7 +4,7 @@ to the collectives in a training step, without and with TorchRec's quantized com
     python -m bench.qcomms_bytes                 # 2 gloo processes, 26 tables x 10,000 x 128, batch 512
     python -m bench.qcomms_bytes --quick         # smaller, fewer steps
 
-The DLRM of ``golden_training/train_dlrm.py --dataset random`` (TorchRec's golden shape, smaller
+The DLRM of ``golden_training/train_click_logs.py --dataset random`` (TorchRec's golden shape, smaller
 tables), sharded table-wise over 2 gloo processes, trained for ``--steps`` steps with and without
 ``--qcomms`` (FP16 forward; FP16 backward, because gloo has no BF16). Every call TorchRec makes to
 ``torch.distributed``'s all-to-all, reduce-scatter and all-gather is counted (the bytes of the tensor
@@ -44,10 +44,11 @@ def worker(qcomms: bool, rows: int, batch_size: int, steps: int) -> dict[str, ob
     """In each of the processes: train ``steps`` steps, counting the bytes sent per collective."""
     import torch.distributed as dist
 
-    from common.data.criteo import table_sizes
     from common.runtime import init_runtime, shutdown
+    from golden_training.criteo import table_sizes
     from golden_training.ctr_data import criteo_schema, make_batch, random_ctr
-    from golden_training.train_dlrm import Config, build
+    from golden_training.train_click_logs import Config
+    from golden_training.train_dlrm import build
 
     sent: dict[str, int] = defaultdict(int)
     calls: dict[str, int] = defaultdict(int)

@@ -120,6 +120,43 @@ def target_ranks(topk: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return pos.to(torch.int64)
 
 
+def top_unseen(scores, histories: list[np.ndarray] | None, k: int):
+    """The ``k`` best-scored items of each row that are not in its ``histories`` entry, best first,
+    and their scores: the protocol's ranking (seen items out, ties to the lower item index). The one
+    implementation of "top k without the user's seen items": every candidate source, scorer and
+    evaluation goes through it.
+
+    ``scores`` ``[B, N]`` is a tensor (any device) or a NumPy array, and its seen entries are set to
+    -inf in place; the result is ``(items, scores)`` ``[B, min(k, N)]`` of the same kind. A row with
+    fewer than ``k`` unseen items ends in seen ones, scored -inf (callers that pad, pad those).
+    ``torch.topk`` selects ``k + 1``: when the ``k``-th and ``k + 1``-th scores differ, the top ``k``
+    are a set that needs no full sort, ordered here by (score, index); a row tied there is sorted in
+    full (stable), which decides the tie as the protocol does.
+    """
+    as_numpy = isinstance(scores, np.ndarray)
+    s = torch.from_numpy(scores) if as_numpy else scores
+    if histories is not None and len(histories):
+        lengths = torch.tensor([len(h) for h in histories], dtype=torch.int64)
+        if int(lengths.sum()):
+            rows = torch.repeat_interleave(torch.arange(len(histories)), lengths).to(s.device)
+            cols = torch.from_numpy(np.concatenate(histories).astype(np.int64)).to(s.device)
+            s[rows, cols] = -math.inf
+    k = min(k, s.shape[1])
+    if k < s.shape[1]:
+        vals, items = torch.topk(s, k + 1, dim=1)
+        tied = vals[:, k - 1] == vals[:, k]
+        items, by_index = items[:, :k].sort(dim=1)
+        vals, by_score = vals[:, :k].gather(1, by_index).sort(dim=1, descending=True, stable=True)
+        items = items.gather(1, by_score)
+        if bool(tied.any()):
+            rows = tied.nonzero().flatten()
+            full = torch.sort(s[rows], dim=1, descending=True, stable=True)
+            vals[rows], items[rows] = full.values[:, :k], full.indices[:, :k]
+    else:
+        vals, items = torch.sort(s, dim=1, descending=True, stable=True)
+    return (items.numpy(), vals.numpy()) if as_numpy else (items, vals)
+
+
 def _gather(local: np.ndarray) -> np.ndarray:
     parts = all_gather(local)
     return local if len(parts) == 1 else np.concatenate(parts)
@@ -161,10 +198,7 @@ def evaluate_scores(
                 f"score_fn returned shape {tuple(scores.shape)}, expected "
                 f"({len(batch)}, {split.num_items}) = (users in batch, num_items)"
             )
-        rows = np.repeat(np.arange(len(batch)), indptr[batch + 1] - indptr[batch])
-        cols = np.concatenate([hist[indptr[u] : indptr[u + 1]] for u in batch]) if len(batch) else hist[:0]
-        scores[torch.as_tensor(rows, device=scores.device), torch.as_tensor(cols, device=scores.device)] = -math.inf
-        topk = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+        topk = top_unseen(scores, [hist[indptr[u] : indptr[u + 1]] for u in batch], k)[0]
         target = torch.as_tensor([target_of[u] for u in batch.tolist()], device=topk.device)
         ranks[start : start + len(batch)] = target_ranks(topk, target).cpu().numpy()
     ranks = np.where(ranks >= k, MAX_K, ranks)

@@ -48,7 +48,7 @@ from common.compiled import compile_program, export_program, load_package, write
 from common.data.dataset import id_key, raw_ids
 from common.data.load import add_dataset_args, load_dataset
 from common.data.split import STAGES, Split, rank_splits
-from common.metrics import RankingReport, evaluate_scores, sampled_report
+from common.metrics import RankingReport, evaluate_scores, sampled_report, top_unseen
 from common.runtime import (
     MetricsLog,
     Runtime,
@@ -652,9 +652,6 @@ class NextItemScorer:
 
     def recommend(self, history: list[int], k: int = 10, exclude_seen: bool = True) -> list[tuple[int, float]]:
         """The top ``k`` (raw item ID, score) for one history, its own items left out."""
-        s = self.score([history]).scores[0].copy()
-        if exclude_seen:
-            seen = [self.index_of[id_key(i)] for i in history if id_key(i) in self.index_of]
-            s[seen] = -np.inf
-        top = np.argsort(-s, kind="stable")[:k]
-        return [(int(self.item_raw_ids[i]), float(s[i])) for i in top]
+        seen = [self.index_of[id_key(i)] for i in history if id_key(i) in self.index_of] if exclude_seen else []
+        top, scores = top_unseen(self.score([history]).scores[:1].copy(), [np.array(seen, np.int64)], k)
+        return [(int(self.item_raw_ids[i]), float(s)) for i, s in zip(top[0], scores[0])]

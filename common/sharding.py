@@ -28,6 +28,7 @@ from torchrec.distributed.planner.types import (
 )
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
+from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -82,47 +83,32 @@ def qcomms_precisions(device: torch.device) -> tuple[CommType, CommType]:
     return CommType.FP16, (CommType.BF16 if device.type == "cuda" else CommType.FP16)
 
 
-def shard_model(
+def table_names(ebcs: Iterable[EmbeddingBagCollection | EmbeddingCollection]) -> list[str]:
+    return [
+        c.name
+        for ebc in ebcs
+        for c in (ebc.embedding_bag_configs() if isinstance(ebc, EmbeddingBagCollection) else ebc.embedding_configs())
+    ]
+
+
+def plan_sharding(
     model: nn.Module,
-    ebcs: Iterable[EmbeddingBagCollection | EmbeddingCollection],
+    tables: list[str],
     rt: Runtime,
     sharding_type: str,
-    sparse_lr: float,
-    dense_lr: float,
     qcomms: bool = False,
-    fused: bool = True,
-) -> tuple[DistributedModelParallel, CombinedOptimizer]:
-    """Shard ``model``'s tables (those of ``ebcs``, pooled or sequence embedding collections
-    built on the meta device) with one sharding type, updating them with a fused RowWiseAdagrad
-    applied in backward; Adam for everything else.
-    ``qcomms`` quantizes the embeddings' all-to-all and reduce-scatter (``qcomms_precisions``).
-    ``fused=False`` is the comparison the guide's "in-backward optimizer fusion" claim is made
-    against (bench/optimizer_fusion.py): the tables as plain parameters (TorchRec's dense kernel)
-    whose gradients backward materializes, and the same RowWiseAdagrad as a separate optimizer step.
-    TorchRec offers that kernel only to data-parallel tables (replicated on every rank), so
-    ``sharding_type`` is ignored there: compare in one process, where data-parallel is one table.
-
-    Returns the DMP-wrapped model and a ``CombinedOptimizer`` (fused part + Adam) for
-    ``TrainPipelineSparseDist`` and checkpoints.
-    """
-    if not fused:
-        sharding_type = "data_parallel"
-    elif sharding_type not in SHARDING_TYPES:
+    kernels: list[str] | None = None,
+) -> tuple[ShardingPlan, list]:
+    """TorchRec's planner over ``model`` (built on the meta device): every table of ``tables`` sharded
+    ``sharding_type`` across ``rt.world_size`` devices, the same plan on every rank (a collective).
+    Returns the plan and the sharders DistributedModelParallel needs for it; ``qcomms`` quantizes the
+    embeddings' all-to-all and reduce-scatter (:func:`qcomms_precisions`)."""
+    if sharding_type not in (*SHARDING_TYPES, "data_parallel"):
         raise ValueError(f"sharding type must be one of {SHARDING_TYPES}, got {sharding_type!r}")
     if sharding_type in CUDA_ONLY and rt.device.type != "cuda":
         raise ValueError(
             f"{sharding_type} sharding needs CUDA in TorchRec; on CPU use table_wise, column_wise or table_column_wise"
         )
-    ebcs = list(ebcs)
-    table_params = [p for ebc in ebcs for p in ebc.parameters()]
-    if fused:
-        apply_optimizer_in_backward(RowWiseAdagrad, table_params, {"lr": sparse_lr})
-    kernels = None if fused else [EmbeddingComputeKernel.DENSE.value]
-    tables = [
-        c.name
-        for ebc in ebcs
-        for c in (ebc.embedding_bag_configs() if isinstance(ebc, EmbeddingBagCollection) else ebc.embedding_configs())
-    ]
     planner = EmbeddingShardingPlanner(
         topology=topology(rt.world_size, compute_device=rt.device.type),
         constraints={t: ParameterConstraints(sharding_types=[sharding_type], compute_kernels=kernels) for t in tables},
@@ -137,7 +123,48 @@ def shard_model(
         sharders = [EmbeddingBagCollectionSharder(qcomm_codecs_registry=registry)] + [
             s for s in sharders if type(s) is not EmbeddingBagCollectionSharder
         ]
-    plan = planner.collective_plan(model, sharders, torch.distributed.GroupMember.WORLD)
+    return planner.collective_plan(model, sharders, torch.distributed.GroupMember.WORLD), sharders
+
+
+def adam_for_the_rest(dmp: DistributedModelParallel, lr: float) -> KeyedOptimizerWrapper:
+    """Adam over every parameter no optimizer in backward updates: the dense layers."""
+    return KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda params: torch.optim.Adam(params, lr=lr)
+    )
+
+
+def shard_model(
+    model: nn.Module,
+    ebcs: Iterable[EmbeddingBagCollection | EmbeddingCollection],
+    rt: Runtime,
+    sharding_type: str,
+    sparse_lr: float,
+    dense_lr: float,
+    qcomms: bool = False,
+    fused: bool = True,
+) -> tuple[DistributedModelParallel, CombinedOptimizer]:
+    """The four steps every trainer takes (golden_training/train_dlrm.py's ``build`` shows them one by
+    one): a fused RowWiseAdagrad applied in backward to the tables of ``ebcs`` (pooled or sequence
+    embedding collections built on the meta device), :func:`plan_sharding` with one sharding type,
+    DistributedModelParallel, and Adam for everything else.
+    ``fused=False`` is the comparison the guide's "in-backward optimizer fusion" claim is made
+    against (bench/optimizer_fusion.py): the tables as plain parameters (TorchRec's dense kernel)
+    whose gradients backward materializes, and the same RowWiseAdagrad as a separate optimizer step.
+    TorchRec offers that kernel only to data-parallel tables (replicated on every rank), so
+    ``sharding_type`` is ignored there: compare in one process, where data-parallel is one table.
+
+    Returns the DMP-wrapped model and a ``CombinedOptimizer`` (fused part + Adam) for
+    ``TrainPipelineSparseDist`` and checkpoints.
+    """
+    ebcs = list(ebcs)
+    if fused:
+        if sharding_type not in SHARDING_TYPES:
+            raise ValueError(f"sharding type must be one of {SHARDING_TYPES}, got {sharding_type!r}")
+        apply_optimizer_in_backward(RowWiseAdagrad, [p for ebc in ebcs for p in ebc.parameters()], {"lr": sparse_lr})
+        plan, sharders = plan_sharding(model, table_names(ebcs), rt, sharding_type, qcomms)
+    else:
+        kernels = [EmbeddingComputeKernel.DENSE.value]
+        plan, sharders = plan_sharding(model, table_names(ebcs), rt, "data_parallel", qcomms, kernels)
     dmp = DistributedModelParallel(model, device=rt.device, plan=plan, sharders=sharders)
     if not fused:
         weights = {k: p for k, p in dmp.named_parameters() if "embedding" in k}  # the sharded tables
@@ -145,10 +172,7 @@ def shard_model(
         sparse = KeyedOptimizerWrapper(weights, lambda params: RowWiseAdagrad(params, lr=sparse_lr))
         dense = KeyedOptimizerWrapper(others, lambda params: torch.optim.Adam(params, lr=dense_lr))
         return dmp, CombinedOptimizer([sparse, dense])
-    dense = KeyedOptimizerWrapper(
-        dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda params: torch.optim.Adam(params, lr=dense_lr)
-    )
-    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense])
+    return dmp, CombinedOptimizer([dmp.fused_optimizer, adam_for_the_rest(dmp, dense_lr)])
 
 
 PIPELINES = ("auto", "sparse-dist", "base")
@@ -168,13 +192,18 @@ def train_pipeline(
     backward and optimizer step on the same batches in the same order: the choice changes when
     the next batch's work starts, not what a step computes. Call ``detach()`` on a
     ``TrainPipelineSparseDist`` when done (it rewrites the model's forward), ``reset()`` on the other."""
+    if pipeline_kind(kind, rt) == "sparse-dist":
+        return TrainPipelineSparseDist(model, optimizer, rt.device, execute_all_batches=True)
+    return TrainPipelineBase(model, optimizer, rt.device)
+
+
+def pipeline_kind(kind: str, rt: Runtime) -> str:
+    """ "sparse-dist" or "base" for a --pipeline value (see :data:`PIPELINE_HELP`)."""
     if kind not in PIPELINES:
         raise ValueError(f"pipeline must be one of {PIPELINES}, got {kind!r}")
     if kind == "auto":
-        kind = "sparse-dist" if rt.device.type == "cuda" or rt.world_size > 1 else "base"
-    if kind == "sparse-dist":
-        return TrainPipelineSparseDist(model, optimizer, rt.device, execute_all_batches=True)
-    return TrainPipelineBase(model, optimizer, rt.device)
+        return "sparse-dist" if rt.device.type == "cuda" or rt.world_size > 1 else "base"
+    return kind
 
 
 def release_pipeline(pipeline: TrainPipelineBase | TrainPipelineSparseDist) -> None:

@@ -3,7 +3,7 @@ random data for throughput runs. Rows live in arrays (memory-mapped for ``.npy``
 into TorchRec ``Batch``es in order, as Criteo's days are in time order.
 
 - ``criteo`` with a ``.tsv`` / ``.txt`` file: the Kaggle / Terabyte format, read by
-  ``common.data.criteo`` (bad lines are an error naming file and line, or skipped and counted
+  ``golden_training.criteo`` (bad lines are an error naming file and line, or skipped and counted
   with ``--on-bad-row skip``; negative counts are clamped to 0 and counted, or with
   ``--negative-counts bad_line`` treated as bad lines). The first 80% of rows train, the next 10% validate, the last 10%
   test.
@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torchrec.datasets.utils import Batch
 
-from common.data.criteo import (
+from common.features import DenseFeature, FeatureSchema, SparseFeature
+from golden_training.criteo import (
     DENSE_NAMES,
     NUM_DENSE,
     NUM_SPARSE,
@@ -35,7 +36,8 @@ from common.data.criteo import (
     read_criteo_tsv,
     table_sizes,
 )
-from common.features import DenseFeature, FeatureSchema, SparseFeature
+
+CLICK_LOGS = ("criteo", "random")  # the --dataset values of train_click_logs.py
 
 
 def criteo_schema(num_embeddings: int | list[int]) -> FeatureSchema:

@@ -23,6 +23,7 @@ Features (built from the data set's columns, common/data/tables.py):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -30,11 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 from torchrec.datasets.utils import Batch
+from tqdm import tqdm
 
+from candidates.sources import RetrievalScorer, SequenceSource
 from common.data.dataset import InteractionData
 from common.data.split import Split
 from common.data.tables import FeatureTables, last_n
 from common.features import DenseFeature, FeatureBatch, FeatureSchema, SparseFeature
+from common.metrics import MAX_K, top_unseen
 from common.runtime import all_gather, all_reduce
 
 TRANSITION_LAGS = 3
@@ -173,7 +177,7 @@ class RankingFeatures(FeatureTables):
         sequence: dict[str, np.ndarray] | None = None,
     ) -> tuple[FeatureBatch, FeatureBatch]:
         """The rows of :meth:`batch` split for a ranker that looks up each user's features once
-        (``inference_legacy.dlrm_packager.DLRMByUser``): ``users`` and ``history`` (values, lengths)
+        (``golden_training.model.DLRMByUser``): ``users`` and ``history`` (values, lengths)
         are per user, ``items``, ``row_user`` (each row's index into ``users``), the scores and
         ``sequence`` per row. Returns the rows' batch (the dense features and the item-side IDs) and
         the users' batch (the user-side IDs), in :attr:`by_user_schemas`."""
@@ -274,6 +278,10 @@ class Examples:
 
     def history(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         return last_n(self.hist_items, self.hist_start, self.hist_end, n)
+
+    def negatives(self, items: np.ndarray) -> Examples:
+        """Rows of ``items`` labelled 0, each in its row's context here (user, history, query, time)."""
+        return dataclasses.replace(self, item=items, label=np.zeros(len(items), np.float32))
 
 
 def reference_time(split: Split, stage: str, users: np.ndarray) -> np.ndarray:
@@ -408,3 +416,90 @@ def _searchsorted(a: np.ndarray, v: np.ndarray) -> np.ndarray:
         return np.searchsorted(a, v)
     v = np.ascontiguousarray(v, dtype=a.dtype)
     return torch.searchsorted(torch.from_numpy(a), torch.from_numpy(v)).numpy()
+
+
+# ------------------------------------------------------------------------------------------
+# Training examples: the ranker's positives and negatives
+
+
+def sample_train_users(num_users: int, eval_users: np.ndarray | None, n: int, seed: int) -> np.ndarray:
+    """``n`` users to train on (seeded), the evaluation sample among them when there is one: a
+    production ranker trains on every user it serves, and a user left out of training meets the
+    ranker with an untrained ``user_id`` embedding. Only their training interactions are used."""
+    rng = np.random.default_rng([seed, 5])
+    if eval_users is None or len(eval_users) >= n:
+        return rng.choice(num_users, n, replace=False)
+    others = np.setdiff1d(np.arange(num_users), eval_users)
+    return np.concatenate([eval_users, rng.choice(others, n - len(eval_users), replace=False)])
+
+
+def rank_seed(*key: int, rank: int) -> list[int]:
+    """The seed of ``key``'s draws on ``rank``: rank 0 keeps the single process's, the others add their rank."""
+    return [*key, rank] if rank else list(key)
+
+
+def train_examples(
+    split: Split,
+    features: RankingFeatures,
+    cfg: Any,
+    retr: RetrievalScorer | None,
+    source: SequenceSource | None = None,
+    show_progress: bool = False,
+    eval_users: np.ndarray | None = None,
+    rank: int = 0,
+) -> tuple[Examples, np.ndarray | None]:
+    """Positives (``split``'s training interactions, this rank's share under torchrun; with
+    --train-last N only each user's last N; with --train-users N only those of N users, the
+    evaluated ``eval_users`` among them) and their negatives, with the retrieval query of each
+    positive (its user and history at that time). Hard negatives come from the candidates of
+    ``source`` (else retrieval's, as served) for each positive's history, the positive itself left out."""
+    n_all = len(split.train_user)
+    user_start = np.searchsorted(split.train_user, np.arange(split.num_users))
+    user_end = np.r_[user_start[1:], n_all]
+    rows = np.arange(n_all)
+    if cfg.train_last:
+        rows = rows[rows >= user_end[split.train_user] - cfg.train_last]
+    if 0 < cfg.train_users < split.num_users:
+        chosen = sample_train_users(split.num_users, eval_users, cfg.train_users, cfg.seed)
+        rows = rows[np.isin(split.train_user[rows], chosen)]
+    n = len(rows)
+    users = split.train_user[rows]
+    # "now" for a training positive: the time of the user's previous interaction (its own if first)
+    now = split.train_time[np.where(rows > user_start[users], rows - 1, rows)]
+    pos = Examples(
+        users,
+        split.train_item[rows],
+        np.ones(n, np.float32),
+        user_start[users],
+        rows,
+        np.arange(n),
+        now,
+        split.train_item,
+        own=True,
+    )
+    sample = popularity_sampler(features.item_counts, rank_seed(cfg.seed, 1, rank=rank))
+    parts = [pos] + [pos.negatives(sample(n)) for _ in range(cfg.negatives)]
+    queries = None
+    if retr is not None:
+        queries = retr.queries(pos.user, pos.hist_items, pos.hist_start, pos.hist_end)
+        if cfg.hard_negatives:
+            # Retrieval's candidates for each positive's query, as of that time, minus the history.
+            rng = np.random.default_rng(rank_seed(cfg.seed, 2, rank=rank))
+            picks = np.empty((n, cfg.hard_negatives), dtype=np.int64)
+            bar = tqdm(total=n, desc="hard negatives", unit="query", leave=False, disable=not show_progress or None)
+            for lo in range(0, n, 4096):
+                sl = slice(lo, min(lo + 4096, n))
+                seen = [pos.hist_items[a:b] for a, b in zip(pos.hist_start[sl], pos.hist_end[sl])]
+                drop = [np.append(h, i) for h, i in zip(seen, pos.item[sl])]  # the positive is no negative
+                cands = (
+                    retr.serving_top_k(queries[sl], drop)
+                    if source is None
+                    else top_unseen(source.scores(None, seen), drop, MAX_K)[0]
+                )
+                picks[sl] = np.take_along_axis(
+                    cands, rng.integers(0, cands.shape[1], size=(len(seen), cfg.hard_negatives)), 1
+                )
+                bar.update(len(seen))
+            bar.close()
+            parts += [pos.negatives(picks[:, j]) for j in range(cfg.hard_negatives)]
+    return concat(parts), queries

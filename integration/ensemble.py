@@ -34,11 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
+from candidates.sources import reciprocal_ranks, unseen_mask
 from common.runtime import write_json_atomic
 from retrieval.item_item import NAMES as ITEM_ITEM
 
 STEP = 0.1  # the weight grid's step
-RANK_OFFSET = 10  # reciprocal rank fusion: a source's item of rank r (0: its best) adds w / (RANK_OFFSET + r)
 
 
 def choice_file(root: str | Path, sources: list[str]) -> Path:
@@ -47,53 +47,6 @@ def choice_file(root: str | Path, sources: list[str]) -> Path:
     for catalogs too large for its dense inverse)."""
     names = dict.fromkeys("item-item" if n in ITEM_ITEM else n.lower() for n in sources)
     return Path(root) / "serving" / f"served-{'-'.join(names)}.json"
-
-
-def unseen_mask(shape: tuple[int, int], histories: list[np.ndarray]) -> np.ndarray:
-    mask = np.ones(shape, dtype=bool)
-    for r, h in enumerate(histories):
-        mask[r, h] = False
-    return mask
-
-
-def reciprocal_ranks(scores: np.ndarray, unseen: np.ndarray, offset: float = RANK_OFFSET) -> np.ndarray:
-    """``1 / (offset + rank)`` per item, its rank the 0-based position in the row's order of the unseen
-    items (ties: the lower index first, as everywhere); seen items rank after every unseen one."""
-    order = np.argsort(-np.where(unseen, scores, -np.inf), axis=1, kind="stable")
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.broadcast_to(np.arange(scores.shape[1]), scores.shape), axis=1)
-    return 1.0 / (offset + rank)
-
-
-class EnsembleSource:
-    """Candidates by the weighted sum of the member sources' reciprocal ranks."""
-
-    name = "ensemble"
-
-    def __init__(self, sources: list, weights: dict[str, float]) -> None:
-        names = [src.name for src in sources]
-        unknown = [n for n in weights if n not in names]
-        if unknown:
-            raise ValueError(f"ensemble weights name sources {unknown} the pipeline does not have ({names})")
-        self.weights = {n: float(w) for n, w in weights.items()}
-        self.members = [(src, self.weights[src.name]) for src in sources if self.weights.get(src.name, 0.0) > 0]
-        if not self.members:
-            raise ValueError(f"ensemble weights {weights}: at least one must be positive")
-
-    def scores(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
-        unseen = None
-        total = None
-        for src, w in self.members:
-            s = src.scores(users, histories)
-            unseen = unseen_mask(s.shape, histories) if unseen is None else unseen
-            z = w * reciprocal_ranks(s, unseen)
-            total = z if total is None else total + z
-        return total
-
-    def top_k(self, users: np.ndarray, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-        from integration.pipeline import top_unseen
-
-        return top_unseen(self.scores(users, histories), histories, k)
 
 
 def simplex(names: list[str], step: float = STEP) -> list[dict[str, float]]:

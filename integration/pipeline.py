@@ -32,12 +32,19 @@ import hashlib
 import json
 import threading
 from dataclasses import dataclass, field
-from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from candidates.sources import (
+    SEQUENCE_SOURCES,
+    EnsembleSource,
+    ItemItemSource,
+    SequenceSource,
+    TwoTowerSource,
+    union,
+)
 from common.data.dataset import InteractionData, id_key
 from common.data.download import file_digest
 from common.data.load import load_dataset
@@ -47,13 +54,12 @@ from common.metrics import RankingReport, evaluate_topk
 from common.runtime import retain_freed_memory
 from golden_training.ranking_data import Examples, RankingFeatures, reference_time
 from inference_legacy.dlrm_predict import DLRMPredictor
-from integration.ensemble import EnsembleSource, choice_file
-from retrieval.item_item import ItemItem, ItemItemSource
+from integration.ensemble import choice_file
+from retrieval.item_item import ItemItem
 from retrieval.two_tower_retrieval import Retriever
 from retrieval.two_tower_retrieval import read_manifest as read_retrieval_manifest
 
 CANDIDATES = 100
-SEQUENCE_SOURCES = {"sasrec": "SASRec", "bert4rec": "BERT4Rec"}  # export's model -> source name
 MAX_HISTORY = 1000  # per user in the feature store, after events (ml-100k's longest history: 737)
 # Rows per ranker call: the compiled ranker scored 256 users' 25,600 rows at once at 2,848 users/s
 # and 1,600 rows at a time at 6,902 (2 threads; 1,931 and 4,436 on one): its activations stay in cache.
@@ -238,66 +244,6 @@ def user_chunks(inputs: tuple[torch.Tensor, ...], user_features: int, users_per_
     for c, u0 in enumerate(range(0, n_users, users_per_chunk)):
         u1, r0, r1 = min(u0 + users_per_chunk, n_users), int(at_row[c]), int(at_row[c + 1])
         yield (dense[r0:r1], row_user[r0:r1] - u0, *per_user(u0, u1), *per_row(r0, r1))
-
-
-class TwoTowerSource:
-    """Candidates from the two-tower model's FAISS index."""
-
-    name = "two-tower"
-
-    def __init__(self, retriever: Retriever, item_embeddings: np.ndarray) -> None:
-        self.retriever = retriever
-        self.item_embeddings = item_embeddings  # the candidate tower's item vectors (the FAISS index's)
-
-    def top_k(self, users: np.ndarray, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.retriever.top_k_indices(users, k, exclude_seen=True, histories=histories)
-
-    def scores(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
-        """The dot product of each user's query with every item ``[B, num_items]`` (exact, no index)."""
-        return self.retriever.query_embeddings(users, histories) @ self.item_embeddings.T
-
-
-class SequenceSource:
-    """Candidates from a sequential model's next-item scores over the whole catalog (seen items
-    excluded): SASRec or BERT4Rec, from its export."""
-
-    def __init__(self, scorer, item_raw_ids: np.ndarray) -> None:
-        self.scorer, self.raw = scorer, np.asarray(item_raw_ids)
-        self.name = SEQUENCE_SOURCES[scorer.name]
-        self.order = np.array([scorer.index_of[id_key(i)] for i in self.raw])  # data set index -> scorer index
-
-    def scores(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
-        """Next-item scores of every item ``[B, num_items]`` (data set indices)."""
-        return self.scorer.score_indices([self.order[h] for h in histories])[:, self.order]
-
-    def top_k(self, users: np.ndarray, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-        return top_unseen(self.scores(users, histories), histories, k)
-
-
-def top_unseen(scores: np.ndarray, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` best-scored items of each row that are not in its history, and their scores."""
-    for r, h in enumerate(histories):
-        scores[r, h] = -np.inf
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return top, np.take_along_axis(scores, top, 1)
-
-
-def union(lists: list[np.ndarray], interleave: bool = False) -> np.ndarray:
-    """Per row, the items of every list once (-1 padding dropped): concatenated in list order, or
-    taken in turn from each list (``interleave``). Padded with -1 to the longest row."""
-    rows = []
-    for r in range(lists[0].shape[0]):
-        parts = [x[r][x[r] >= 0].tolist() for x in lists]
-        order = (
-            [i for group in zip_longest(*parts) for i in group if i is not None]
-            if interleave
-            else [i for part in parts for i in part]
-        )
-        rows.append(list(dict.fromkeys(order)))
-    out = np.full((len(rows), max((len(r) for r in rows), default=0)), -1, dtype=np.int64)
-    for r, row in enumerate(rows):
-        out[r, : len(row)] = row
-    return out
 
 
 class RecommendationPipeline:

@@ -15,49 +15,26 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection
 from torchrec.inference.modules import quantize_embeddings
-from torchrec.models.dlrm import DLRM, DLRM_DCN
 from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
+from candidates.sources import RetrievalScorer
 from common.checkpoint import latest_checkpoint, load_checkpoint
 from common.data.dataset import id_key
 from common.data.load import load_dataset
 from common.data.split import split_dataset
-from common.features import FeatureError, FeatureSchema
+from common.features import FeatureError
 from common.runtime import write_json_atomic
+from golden_training.ctr_data import CLICK_LOGS
+from golden_training.evaluation import eval_set, evaluate, make_batch
+from golden_training.model import TorchRecDLRM
 from golden_training.ranking_data import Examples, RankingFeatures, reference_time
-from golden_training.train_dlrm import CLICK_LOGS, Config, RetrievalScorer, eval_set, evaluate, make_batch
-
-
-class TorchRecDLRM(nn.Module):
-    """TorchRec's DLRM (or DLRM_DCN) for a ranking schema; ``forward`` returns logits ``[B]``."""
-
-    def __init__(
-        self,
-        schema: FeatureSchema,
-        embedding_dim: int,
-        dense_arch: list[int],
-        over_arch: list[int],
-        interaction: str = "dot",
-    ) -> None:
-        super().__init__()
-        ebc = EmbeddingBagCollection(tables=schema.embedding_bag_configs(embedding_dim))
-        kw = dict(
-            embedding_bag_collection=ebc,
-            dense_in_features=len(schema.dense),
-            dense_arch_layer_sizes=list(dense_arch),
-            over_arch_layer_sizes=list(over_arch),
-        )
-        # Same attribute name as DLRMTrain's, so checkpoint keys ("model.sparse_arch...") match.
-        self.model = DLRM_DCN(**kw, dcn_num_layers=2, dcn_low_rank_dim=16) if interaction == "dcn" else DLRM(**kw)
-
-    def forward(self, dense_features: torch.Tensor, sparse_features) -> torch.Tensor:
-        return self.model(dense_features, sparse_features).reshape(-1)
 
 
 class DLRMRatingWrapper(nn.Module):
@@ -87,14 +64,13 @@ class Ranker:
         run = json.loads((path / "meta.json").read_text()).get("run_config")
         if run is None:
             raise ValueError(f"{path} has no run_config in meta.json; it was not written by golden_training.train_dlrm")
-        run = {"history_match": True, **run}  # runs from before --history-match had those features
-        self.cfg = Config(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in run.items() if k in Config.__dataclass_fields__}
-        )
+        # The run's own settings, as its checkpoint recorded them (runs from before --history-match
+        # had those features; n_boot is not part of a run)
+        self.cfg = SimpleNamespace(**{"history_match": True, "n_boot": 1000, **run})
         if self.cfg.dataset in CLICK_LOGS:
             raise ValueError(
                 f"{path} is a DLRM trained on {self.cfg.dataset} click logs; the Ranker scores MovieLens "
-                f"(user, item) pairs. Evaluate click-log models with golden_training.train_dlrm's results.json"
+                f"(user, item) pairs. Evaluate click-log models with golden_training.train_click_logs's results.json"
             )
         ds = load_dataset(self.cfg.dataset, data_dir)
         if ds.fingerprint != run["data_fingerprint"]:

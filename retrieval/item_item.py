@@ -189,24 +189,6 @@ class Transitions:
         return out.reshape(len(histories), n).astype(np.float32)
 
 
-class ItemItemSource:
-    """One of the export's sources as a candidate source of the pipeline: ``scores`` of the whole
-    catalog ``[B, num_items]`` from each user's history (dense data set indices, oldest first)."""
-
-    def __init__(self, name: str, export: ItemItem) -> None:
-        if name not in NAMES:
-            raise ValueError(f"item-to-item source {name!r}: one of {NAMES}")
-        self.name, self.export = name, export
-
-    def scores(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
-        return self.export.scores(self.name, histories)
-
-    def top_k(self, users: np.ndarray, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-        from integration.pipeline import top_unseen
-
-        return top_unseen(self.scores(users, histories), histories, k)
-
-
 class ItemItem:
     """The fitted sources: from :meth:`fit`, or loaded from an export directory."""
 

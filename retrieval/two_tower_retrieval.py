@@ -40,7 +40,7 @@ from common.data.load import load_dataset
 from common.data.split import split_dataset
 from common.data.tables import last_n
 from common.features import FeatureError, FeatureSchema
-from common.metrics import evaluate_topk
+from common.metrics import evaluate_topk, top_unseen
 from common.runtime import autodetect_device, write_json_atomic
 from retrieval.modules.feature_processor import TwoTowerFeatures
 from retrieval.modules.index import recall_against_exact, to_gpu_if_available
@@ -301,13 +301,8 @@ class Retriever:
         step = max(1, EXACT_SCORES_PER_CALL // max(1, n_items))
         for lo in range(0, len(q), step):
             s = queries[lo : lo + step] @ self.item_vectors.T
-            if hists is not None and len(s):
-                part = hists[lo : lo + step]
-                cols = np.concatenate(part).astype(np.int64)
-                rows = np.repeat(np.arange(len(part)), [len(h) for h in part])
-                ok = (cols >= 0) & (cols < n_items)
-                s[torch.from_numpy(rows[ok]), torch.from_numpy(cols[ok])] = -torch.inf
-            top, at = torch.topk(s, found)
+            part = None if hists is None else [h[(h >= 0) & (h < n_items)] for h in hists[lo : lo + step]]
+            at, top = top_unseen(s, part, found)
             scores[lo : lo + len(s), :found] = top.numpy()
             items[lo : lo + len(s), :found] = np.where(np.isneginf(scores[lo : lo + len(s), :found]), -1, at.numpy())
         return items, scores

@@ -205,12 +205,13 @@ def ranker_training_data(eval_users: int) -> dict:
     from common.data.movielens import load_movielens
     from common.runtime import init_runtime, shutdown
     from golden_training import train_dlrm
+    from golden_training.ranking_data import train_examples
 
     rt = init_runtime("cpu")
     cfg = train_dlrm.Config(eval_users=eval_users)
     ds, cols = recorded(load_movielens("ml-100k"))
     share, split, features = train_dlrm.rank_data(ds, cfg, rt)
-    examples, _ = train_dlrm.train_examples(share, features, cfg, None, eval_users=split.eval_users, rank=rt.rank)
+    examples, _ = train_examples(share, features, cfg, None, eval_users=split.eval_users, rank=rt.rank)
     positives = examples.take(np.flatnonzero(examples.label == 1))
     stats = features.sequence
     out = {

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.data.criteo import NUM_DENSE, NUM_SPARSE, generate_criteo_tsv
-from golden_training.train_dlrm import main as train_dlrm
+from golden_training.criteo import NUM_DENSE, NUM_SPARSE, generate_criteo_tsv
+from golden_training.train_click_logs import main as train_click_logs
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--no-baseline", "--log-every", "1000", "--checkpoint-every", "0"]
@@ -27,7 +27,7 @@ def criteo_tsv(tmp_path_factory) -> Path:
 
 
 def test_criteo_tsv_trains_beyond_chance_and_beats_nothing_silently(criteo_tsv, tmp_path) -> None:
-    res = train_dlrm(
+    res = train_click_logs(
         [
             "--dataset",
             "criteo",
@@ -59,11 +59,11 @@ def test_criteo_bad_line_is_named_or_skipped_and_counted(criteo_tsv, tmp_path) -
     bad.write_text("".join(lines))
     args = ["--dataset", "criteo", "--criteo-path", str(bad), "--batch-size", "64", "--limit-batches", "2", *QUICK]
     with pytest.raises(ValueError, match=r"bad.tsv: line 1001: cat_6 must be a hex hash, got 'not-hex'"):
-        train_dlrm(args + ["--out", str(tmp_path / "a")])
-    res = train_dlrm(args + ["--on-bad-row", "skip", "--out", str(tmp_path / "b")])
+        train_click_logs(args + ["--out", str(tmp_path / "a")])
+    res = train_click_logs(args + ["--on-bad-row", "skip", "--out", str(tmp_path / "b")])
     assert sum(res["skipped_lines"].values()) == 1
     with pytest.raises(ValueError, match=r"bad.tsv: line \d+: int_1 is a negative count"):
-        train_dlrm(args + ["--negative-counts", "bad_line", "--out", str(tmp_path / "c")])
+        train_click_logs(args + ["--negative-counts", "bad_line", "--out", str(tmp_path / "c")])
 
 
 def test_criteo_npy_layout_and_an_id_beyond_the_table(tmp_path) -> None:
@@ -74,7 +74,7 @@ def test_criteo_npy_layout_and_an_id_beyond_the_table(tmp_path) -> None:
         np.save(tmp_path / f"day_{day}_dense.npy", rng.exponential(1, size=(n, NUM_DENSE)).astype(np.float32))
         np.save(tmp_path / f"day_{day}_sparse.npy", sparse)
         np.save(tmp_path / f"day_{day}_labels.npy", (sparse[:, :1] % 3 == 0).astype(np.int32))
-    res = train_dlrm(
+    res = train_click_logs(
         [
             "--dataset",
             "criteo",
@@ -102,7 +102,7 @@ def test_criteo_npy_layout_and_an_id_beyond_the_table(tmp_path) -> None:
 
 
 def test_random_data_has_a_learnable_signal(tmp_path) -> None:
-    res = train_dlrm(RANDOM + ["--out", str(tmp_path)])
+    res = train_click_logs(RANDOM + ["--out", str(tmp_path)])
     assert res["dataset"] == "random" and res["dlrm"]["test"]["auc"] > 0.65
     from prediction.predict_using_torchrec import Ranker
 
@@ -117,7 +117,7 @@ def _env() -> dict[str, str]:
 
 @pytest.mark.multiprocess
 def test_torchx_ddp_launch_with_quantized_comms(tmp_path) -> None:
-    """`torchx run -s local_cwd dist.ddp -j 1x2 --script golden_training/train_dlrm.py` as the
+    """`torchx run -s local_cwd dist.ddp -j 1x2 --script golden_training/train_click_logs.py` as the
     README shows it, with and without --qcomms: quantized all-to-alls change the numbers a little."""
     runs = {}
     for name, extra in (("fp32", []), ("qcomms", ["--qcomms"])):
@@ -130,7 +130,7 @@ def test_torchx_ddp_launch_with_quantized_comms(tmp_path) -> None:
             "-j",
             "1x2",
             "--script",
-            "golden_training/train_dlrm.py",
+            "golden_training/train_click_logs.py",
             "--",
             *RANDOM,
             *extra,
@@ -165,7 +165,7 @@ def test_criteo_reader_gaps_are_named_or_skipped(
     file:line error, or a counted skip under on_bad_line='skip'; never accepted, never a crash."""
     from collections import Counter
 
-    from common.data.criteo import read_criteo_tsv
+    from golden_training.criteo import read_criteo_tsv
 
     lines = criteo_tsv.read_bytes().splitlines(keepends=True)[:3000]
     fields = lines[1500].split(b"\t")
@@ -183,7 +183,7 @@ def test_criteo_reader_gaps_are_named_or_skipped(
 
 def test_criteo_keeps_full_64_bit_ids(tmp_path) -> None:
     """IDs from 2**63 to 2**64 - 1 fit no int64 but are valid 64-bit hashes: taken modulo the table."""
-    from common.data.criteo import read_criteo_tsv
+    from golden_training.criteo import read_criteo_tsv
 
     row = ["1"] + ["1"] * NUM_DENSE + ["ffffffffffffffff"] + ["0a"] * (NUM_SPARSE - 1)
     path = tmp_path / "wide.tsv"

@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from common.data.criteo import (
+from common.data.split import split_dataset
+from common.data.synthetic import generate_interactions, oracle_scores
+from common.metrics import BinaryMetrics, evaluate_scores
+from golden_training.criteo import (
     NUM_DENSE,
     NUM_SPARSE,
     generate_criteo_tsv,
     read_criteo_npy,
     read_criteo_tsv,
 )
-from common.data.split import split_dataset
-from common.data.synthetic import generate_interactions, oracle_scores
-from common.metrics import BinaryMetrics, evaluate_scores
 
 
 def test_criteo_tsv_parsing_hashing_and_missing_values(tmp_path) -> None:

@@ -6,16 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from integration.ensemble import (
-    EnsembleSource,
-    cross_fitted,
-    fit_from_grid,
-    fit_weights,
-    grid_ndcg,
-    reciprocal_ranks,
-    simplex,
-    unseen_mask,
-)
+from candidates.sources import EnsembleSource, reciprocal_ranks, unseen_mask
+from integration.ensemble import cross_fitted, fit_from_grid, fit_weights, grid_ndcg, simplex
 
 
 class Planted:

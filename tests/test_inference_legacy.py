@@ -218,7 +218,7 @@ def test_the_per_user_module_equals_the_per_row_one(interaction, precision) -> N
     """DLRMByUser against DLRMServing, eager, on 5 users x 7 rows (some with empty histories): the
     same probabilities for TorchRec's DLRM and DLRM_DCN, fp32 and INT8 tables."""
     from common.features import DenseFeature, FeatureSchema, SparseFeature
-    from prediction.predict_using_torchrec import TorchRecDLRM
+    from golden_training.model import DLRMByUser, DLRMServing, TorchRecDLRM, quantize
 
     torch.manual_seed(0)
     schema = FeatureSchema(
@@ -240,8 +240,8 @@ def test_the_per_user_module_equals_the_per_row_one(interaction, precision) -> N
         ]
     x = art.program_inputs(schema.from_records(rows))
     model = TorchRecDLRM(schema, 16, [16, 16], [32, 1], interaction=interaction).eval()
-    per_row = dlrm_packager.DLRMServing(dlrm_packager.quantize(model, precision), schema.sparse_names).eval()
-    per_user = dlrm_packager.DLRMByUser(model, schema, ["user_id", "history", "age"], precision).eval()
+    per_row = DLRMServing(quantize(model, precision), schema.sparse_names).eval()
+    per_user = DLRMByUser(model, schema, ["user_id", "history", "age"], precision).eval()
     by_user = art.by_user_inputs(schema, ["user_id", "history", "age"], x)
     assert by_user[1].tolist() == [u for u in range(5) for _ in range(7)]
     with torch.no_grad():

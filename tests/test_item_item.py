@@ -9,9 +9,10 @@ import json
 import numpy as np
 import pytest
 
+from candidates.sources import ItemItemSource
 from common.data.split import Split
 from retrieval import item_item
-from retrieval.item_item import Config, ItemItem, ItemItemSource, Transitions, fit_ease
+from retrieval.item_item import Config, ItemItem, Transitions, fit_ease
 
 
 def split_of(sequences: list[list[int]], num_items: int) -> Split:

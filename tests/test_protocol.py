@@ -104,7 +104,7 @@ def retrieval_arrays(ds: InteractionData, stage: str) -> dict[str, np.ndarray]:
 
 def _retrieval_scorer(ds: InteractionData, split: Split, features):
     """train_dlrm's RetrievalScorer over the seeded untrained two-tower (no export on disk)."""
-    from golden_training.train_dlrm import RetrievalScorer
+    from candidates.sources import RetrievalScorer
 
     tt, _, model = _two_tower(ds, split)
     scorer = RetrievalScorer.__new__(RetrievalScorer)
@@ -122,13 +122,14 @@ def _ranking_batch(out: dict, prefix: str, batch) -> None:
 
 def ranker_arrays(ds: InteractionData, stage: str) -> dict[str, np.ndarray]:
     from golden_training import train_dlrm
-    from golden_training.ranking_data import RankingFeatures
+    from golden_training.evaluation import candidate_rows, eval_set, make_batch
+    from golden_training.ranking_data import RankingFeatures, train_examples
 
     split = split_dataset(ds)
     cfg = train_dlrm.Config()
     features = RankingFeatures.build(ds, split, cfg.history_len, cfg.sequence_features, cfg.trend_days)
     retr = _retrieval_scorer(ds, split, features)
-    examples, queries = train_dlrm.train_examples(split, features, cfg, retr)
+    examples, queries = train_examples(split, features, cfg, retr)
     seq = features.sequence
     out = {
         "features.item_counts": features.item_counts,
@@ -141,15 +142,13 @@ def ranker_arrays(ds: InteractionData, stage: str) -> dict[str, np.ndarray]:
     perm = np.random.default_rng([cfg.seed, 10, 0]).permutation(len(examples))
     for k in range(20):  # the first 20 batches the trainer feeds, built the trainer's way
         rows = perm[k * cfg.batch_size : (k + 1) * cfg.batch_size]
-        _ranking_batch(
-            out, f"train.{k}", train_dlrm.make_batch(features, examples.take(rows), queries, retr, cfg.history_len)
-        )
-    ev = train_dlrm.eval_set(split, features, stage, cfg, retr)
+        _ranking_batch(out, f"train.{k}", make_batch(features, examples.take(rows), queries, retr, cfg.history_len))
+    ev = eval_set(split, features, stage, cfg, retr)
     out[f"{stage}.candidates"], out[f"{stage}.queries"], out[f"{stage}.time"] = ev.candidates, ev.queries, ev.time
     _ranking_batch(
         out,
         f"{stage}.candidate_rows",
-        train_dlrm.make_batch(features, train_dlrm.candidate_rows(ev), ev.queries, retr, cfg.history_len),
+        make_batch(features, candidate_rows(ev), ev.queries, retr, cfg.history_len),
     )
     return out
 
@@ -242,13 +241,13 @@ def _leak_retrieval(monkeypatch) -> None:
 
 def _leak_ranker(monkeypatch) -> None:
     """'Now' for a prediction is the target's own timestamp (so item_trend counts up to it)."""
-    from golden_training import train_dlrm
+    from golden_training import evaluation
 
     def target_time(split, stage, users):
         tu, tt = (split.valid_user, split.valid_time) if stage == "valid" else (split.test_user, split.test_time)
         return tt[np.searchsorted(tu, users)]
 
-    monkeypatch.setattr(train_dlrm, "reference_time", target_time)
+    monkeypatch.setattr(evaluation, "reference_time", target_time)
 
 
 def _leak_sequential(monkeypatch) -> None:

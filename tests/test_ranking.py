@@ -107,12 +107,13 @@ def test_each_rank_trains_on_its_share_with_the_whole_splits_statistics(ml100k) 
     from common.data.split import user_share
     from common.runtime import Runtime
     from golden_training import train_dlrm
+    from golden_training.ranking_data import train_examples
     from tests.dist_workers import launch, ranker_training_data
 
     ranks = launch(ranker_training_data, 2, 50)
     cfg = train_dlrm.Config(eval_users=50)
     share, split, features = train_dlrm.rank_data(ml100k, cfg, Runtime(0, 0, 1, torch.device("cpu"), "gloo"))
-    examples, _ = train_dlrm.train_examples(share, features, cfg, None, eval_users=split.eval_users)
+    examples, _ = train_examples(share, features, cfg, None, eval_users=split.eval_users)
     positives = examples.take(np.flatnonzero(examples.label == 1))
     evaluated = np.isin(ml100k.user, split.eval_users)
     for rank, got in ranks.items():
@@ -242,11 +243,14 @@ def test_sequence_features_leave_the_rows_own_transition_out() -> None:
 
 
 def test_the_rankers_exact_top_k_is_a_stable_sort_with_exclusions() -> None:
-    """RetrievalScorer.top_k selects with torch.topk; it must equal a full stable sort (ties by the
-    lower index), with excluded items left out, with and without ties at the k-th score."""
+    """top_unseen (every source's top k, here through RetrievalScorer.top_k, on NumPy and on torch
+    scores) selects with torch.topk; it must equal a full stable sort (ties by the lower index), with
+    excluded items left out, with and without ties at the k-th score."""
     import numpy as np
+    import torch
 
-    from golden_training.train_dlrm import RetrievalScorer
+    from candidates.sources import RetrievalScorer
+    from common.metrics import top_unseen
 
     rng = np.random.default_rng(0)
     scorer = RetrievalScorer.__new__(RetrievalScorer)
@@ -262,6 +266,9 @@ def test_the_rankers_exact_top_k_is_a_stable_sort_with_exclusions() -> None:
             scores[r, seen] = -np.inf
         want = np.argsort(-scores, axis=1, kind="stable")[:, :100]
         assert np.array_equal(scorer.top_k(queries, exclude, 100), want)
+        items_t, scores_t = top_unseen(torch.from_numpy(queries @ items.T), exclude, 100)
+        assert np.array_equal(items_t.numpy(), want)
+        assert np.array_equal(scores_t.numpy(), np.take_along_axis(scores, want, 1))
 
 
 def test_hard_negatives_come_from_the_exports_ivf_index_with_exclusions() -> None:
@@ -272,7 +279,7 @@ def test_hard_negatives_come_from_the_exports_ivf_index_with_exclusions() -> Non
     import faiss
     import numpy as np
 
-    from golden_training.train_dlrm import RetrievalScorer
+    from candidates.sources import RetrievalScorer
 
     rng = np.random.default_rng(1)
     items = rng.standard_normal((2000, 8)).astype(np.float32)
