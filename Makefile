@@ -34,9 +34,9 @@ compare: $(STAMP)
 data: $(STAMP)
 	$(PY) -m common.prepare_data --dataset $(DATASET)
 
-# Every tier: fast unit tests, then the multi-process (gloo) tests.
+# Every tier: -m "" lifts pyproject.toml's default selection (plain pytest is the fast tier).
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -m ""
 
 # ruff over the whole repository, notebooks included: lint rules, then the formatting (check only); then
 # the import contracts (pyproject.toml's [tool.importlinter]: common, the stages, integration, bench and tests).
@@ -51,13 +51,13 @@ lint: $(STAMP)
 report: $(STAMP)
 	$(PY) -m bench.report $(if $(wildcard runs),--collect runs)
 
-# The fast tier only: no multi-process runs, no notebooks, no minute-long load runs.
+# The fast tier only (plain pytest): no multi-process runs, no notebooks, no chains of trained stages.
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not multiprocess and not notebook and not slow and not browser"
+	$(PY) -m pytest
 
 # The README's picture of the web page (integration/page.png), taken by the browser test in headless Chromium.
 screenshot: $(STAMP)
-	RECSYS_SCREENSHOT=integration/page.png RECSYS_REQUIRE_BROWSER=1 $(PY) -m pytest tests/test_integration.py -k web_page
+	RECSYS_SCREENSHOT=integration/page.png RECSYS_REQUIRE_BROWSER=1 $(PY) -m pytest -m "" tests/test_integration.py -k web_page
 
 # Execute the sharding notebooks from fresh kernels and store their outputs in the .ipynb files.
 notebooks: $(STAMP)

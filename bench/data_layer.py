@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.synthetic import generate_interactions
 from common.baselines import popularity_report
 from common.data.movielens import load_movielens
 from common.data.split import split_dataset
-from common.data.synthetic import generate_interactions
 from common.features import DenseFeature, FeatureSchema, SparseFeature
 from common.runtime import write_json_atomic
 from golden_training.criteo import generate_criteo_tsv, read_criteo_tsv

@@ -46,7 +46,7 @@ import torch
 
 from bench.serving_load import run_load
 from common.runtime import write_json_atomic
-from inference_legacy.server import spawn
+from inference_legacy.dlrm_client import spawn
 
 
 def percentiles(ms: list[float]) -> dict[str, float]:
@@ -133,9 +133,10 @@ def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[
     median of each, summed; torch on one thread) and for batches of ``batch_size`` users (users/s;
     torch on every core, set by the caller). None for sources without one model (the ensemble, union,
     item-to-item): their limit is not measured."""
+    from bert4rec.sequences import padded_tokens, sequences_kjt
     from candidates.sources import SequenceSource
-    from common.sequential import padded_tokens, sequences_kjt
-    from integration.pipeline import CANDIDATES, rank_chunk
+    from integration.feature_store import rank_chunk
+    from integration.pipeline import CANDIDATES
 
     dense = np.array([pipeline.user_index[u] for u in users])
     hists = [pipeline.store.history(u) for u in dense]
@@ -224,13 +225,13 @@ def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[
 
 
 def synthetic_data(num_users: int, num_items: int, seed: int = 0):
-    """The synthetic generator's data set in canonical form (common.data.synthetic): 64-bit raw IDs,
+    """The synthetic generator's data set in canonical form (bench.synthetic): 64-bit raw IDs,
     a category and a price per item, a region and an age per user. The canonical form keeps only
     items with interactions, and 20 per user leave most of a 1M catalog unseen: each unseen item
     gets one interaction, from a random user at a random time, so that the catalog is whole."""
     import dataclasses
 
-    from common.data.synthetic import generate_interactions, synthetic_dataset
+    from bench.synthetic import generate_interactions, synthetic_dataset
 
     d = generate_interactions(num_users, num_items, interactions_per_user=20.0, seed=seed)
     unseen = np.setdiff1d(np.arange(num_items), d.item)
@@ -256,7 +257,8 @@ def synthetic_pipeline(root, num_items: int, num_users: int = 20_000, compiled: 
     from golden_training.model import TorchRecDLRM
     from golden_training.train_dlrm import Config as RankConfig
     from inference_legacy.dlrm_packager import package_model
-    from integration.pipeline import FeatureStore, create_pipeline
+    from integration.feature_store import FeatureStore
+    from integration.loader import create_pipeline
     from retrieval.modules.feature_processor import TwoTowerFeatures
     from retrieval.two_tower_train import Config as RetrievalConfig
     from retrieval.two_tower_train import build_model, embed_items, export
@@ -305,8 +307,7 @@ def synthetic_pipeline(root, num_items: int, num_users: int = 20_000, compiled: 
         user_features=store.features.user_features,
     )
     if compiled:  # as a user would: python -m inference_legacy.aot_compile on both
-        from inference_legacy.aot_compile import compile_artifact
-        from retrieval.two_tower_retrieval import compile_query_tower
+        from inference_legacy.aot_compile import compile_artifact, compile_query_tower
 
         compile_query_tower(root / "retrieval" / "export")
         compile_artifact(root / "serving" / "dlrm-int8")
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     )
     p.add_argument("--out", default="bench/results/pipeline_latency.json", help="(default: %(default)s)")
     a = p.parse_args(argv)
-    from integration.pipeline import create_pipeline
+    from integration.loader import create_pipeline
 
     torch.set_num_threads(1)
     pipeline = create_pipeline(a.artifacts, data_dir=a.data_dir, candidate_source=a.candidates, compiled=not a.eager)

@@ -4,7 +4,7 @@
     python -m bench.scale --sizes 1e5 1e6          # some of them
     python -m bench.scale --sizes 1e5 --smoke      # the CI-sized run (make test runs it)
 
-For each size N the synthetic generator (common/data/synthetic.py) writes N interactions over N/20
+For each size N the synthetic generator (bench/synthetic.py) writes N interactions over N/20
 users and N/100 items (planted topics, power-law popularity, order within a session) as a sharded
 Parquet log with a spec, and every stage runs in its own process on that spec, as on a user's log:
 
@@ -95,9 +95,9 @@ def folder_bytes(path: Path) -> int:
 
 def oracle_report(spec: Path, data_dir: Path, n: int, eval_users: int, n_boot: int, seed: int) -> dict[str, object]:
     """The generator's planted probabilities as a scorer, under the same protocol."""
+    from bench.synthetic import generate_interactions, oracle_scores, truth_of
     from common.data.logs import load_log
     from common.data.split import split_dataset
-    from common.data.synthetic import generate_interactions, oracle_scores, truth_of
     from common.metrics import MAX_K, report_from_ranks
 
     ds = load_log(spec, data_dir)
@@ -124,7 +124,7 @@ def oracle_report(spec: Path, data_dir: Path, n: int, eval_users: int, n_boot: i
 
 
 def run_size(n: int, work: Path, a: argparse.Namespace) -> dict[str, object]:
-    from common.data.synthetic import generate_interactions, write_synthetic_log
+    from bench.synthetic import generate_interactions, write_synthetic_log
 
     num_users, num_items = shape(n)
     root, cache, logs = work / f"n{n}", work / f"n{n}" / "cache", work / f"n{n}" / "logs"
@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         write_json_atomic(a.out, results)
         return results
     if a.data_path_only:
-        from common.data.synthetic import generate_interactions, write_synthetic_log
+        from bench.synthetic import generate_interactions, write_synthetic_log
 
         results = json.loads(Path(a.out).read_text())
         for n in a.sizes:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inference_legacy.server import spawn
+from inference_legacy.dlrm_client import spawn
 from retrieval.two_tower_retrieval import read_manifest, read_serving_arrays
 
 

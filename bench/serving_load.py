@@ -33,7 +33,7 @@ import numpy as np
 
 from common.runtime import write_json_atomic
 from inference_legacy.artifact import read_heldout
-from inference_legacy.server import spawn
+from inference_legacy.dlrm_client import spawn
 
 
 def run_load(url: str, path: str, bodies: list[bytes], concurrency: int, duration: float) -> dict[str, float]:

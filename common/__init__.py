@@ -6,5 +6,5 @@
 - ``sharding``: TorchRec's planner, DistributedModelParallel, fused and dense optimizers, train pipeline.
 - ``metrics``: the shared ranking protocol (HR, NDCG, Recall with bootstrap CIs, ``top_unseen``) and AUC / NE.
 - ``features``: a declarative feature schema and the one converter to ``KeyedJaggedTensor``.
-- ``data``: the canonical data form, MovieLens, interaction logs and synthetic data, and the shared split.
+- ``data``: the canonical data form, MovieLens and interaction logs of one's own, and the shared split.
 """

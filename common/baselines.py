@@ -5,7 +5,7 @@
 
 Scores every item by its interaction count in what the model may see (training for valid;
 training plus validation for test), excludes the user's history, breaks ties by item index.
-On ml-100k test it gives HR@10 0.0870, NDCG@10 0.0423, Recall@100 0.3319.
+Its ml-100k figures are the first row of the README's demo table.
 """
 
 from __future__ import annotations

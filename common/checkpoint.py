@@ -202,8 +202,8 @@ def checkpoint_interval(text: str) -> str:
 class CheckpointSchedule:
     """When to save mid-epoch under ``--checkpoint-every`` (see :func:`checkpoint_interval`).
 
-    A step interval is the same for every table size, so its cost grows with the tables: a 1M-user
-    two-tower's checkpoint is 349 MB, and every 100 steps it took 60% of the training time. A time
+    A step interval is the same for every table size, so its cost grows with the tables (at a million
+    users, saving every 100 steps took most of the training time: retrieval/README.md). A time
     interval bounds both the cost (one save per interval) and the work lost in a crash (at most the
     interval). Under ``torchrun`` the ranks must save together: rank 0's clock decides and
     broadcasts its decision every ``poll_steps`` steps (one 1-element collective), so a timed save

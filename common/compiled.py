@@ -1,9 +1,12 @@
-"""Ahead-of-time compiled models (AOTInductor) with the exported or eager model as the fallback.
+"""Loading ahead-of-time compiled models (AOTInductor), with the exported or eager model as the fallback:
+what every serving module (retrieval's ``Retriever``, the sequential ``NextItemScorer``, the ranker's
+``DLRMPredictor``) repeats.
 
 AOTInductor (``torch._inductor.aoti_compile_and_package``, PyTorch 2's deployment path after
-TorchScript) compiles a ``torch.export`` program into C++ kernels in a ``.pt2`` package. A stage
-writes the package next to its model with :func:`compile_program`, which returns the manifest entry
-that ties it to this torch / FBGEMM and this CPU; :func:`load_package` loads it only when that entry
+TorchScript) compiles a ``torch.export`` program into C++ kernels in a ``.pt2`` package.
+``python -m inference_legacy.aot_compile`` writes the package next to its model
+(inference_legacy/compiler.py), with a manifest entry that ties it to this torch / FBGEMM and this
+CPU; :func:`load_package` loads it only when that entry
 matches the file and the machine, and when it reproduces the reference model on check inputs within
 the recorded tolerance. Otherwise it logs why and returns ``None``: the caller serves its reference.
 
@@ -19,11 +22,8 @@ A package is native code built on this machine: load only packages you built or 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import platform
-import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -61,19 +61,6 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def export_program(
-    module: torch.nn.Module, example_args: tuple[torch.Tensor, ...], dynamic_shapes: dict[str, Any]
-) -> torch.export.ExportedProgram:
-    """``torch.export`` with size-oblivious symbolic shapes, so a batch of 1 takes the same graph
-    as a batch of 1000 (otherwise export specializes on 0/1 and guards out B == 1)."""
-    import torch.fx.experimental._config as fx_config
-
-    with fx_config.patch(backed_size_oblivious=True), torch.no_grad():
-        program = torch.export.export(module.eval(), example_args, dynamic_shapes=dynamic_shapes, strict=False)
-    program.example_inputs = None  # would be pickled into the archive
-    return program
 
 
 class Guarded:
@@ -128,84 +115,10 @@ def by_user_guard(schema: FeatureSchema, user_features: list[str]) -> Callable[.
     return guard
 
 
-def strip_bounds_checks(program: torch.export.ExportedProgram) -> int:
-    """Remove FBGEMM's in-place bounds checks from the graph; returns how many there were."""
-    nodes = [
-        n
-        for n in program.graph.nodes
-        if n.op == "call_function" and n.target is torch.ops.fbgemm.bounds_check_indices.default
-    ]
-    for n in nodes:
-        if n.users:
-            raise RuntimeError(f"{n.name} has users {list(n.users)}; expected an op used only for its effect")
-        program.graph.erase_node(n)
-    program.graph_module.recompile()
-    return len(nodes)
-
-
 @torch.inference_mode()
 def max_diff(a: Callable[..., torch.Tensor], b: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> float:
     out_a, out_b = a(*inputs), b(*inputs)
     return float((out_a - out_b).abs().max()) if out_a.numel() else 0.0
-
-
-def compile_program(
-    program: torch.export.ExportedProgram,
-    example_inputs: tuple[torch.Tensor, ...],
-    out: Path,
-    guard: Callable[..., None],
-    reference: Callable[..., torch.Tensor],
-    check_inputs: tuple[torch.Tensor, ...],
-    limit: float = 1e-3,
-) -> tuple[dict[str, Any], Guarded]:
-    """Compile ``program`` (its bounds checks stripped) to ``out``, written only if it matches
-    ``reference`` on ``check_inputs`` within ``limit``; returns the manifest entry :func:`load_package`
-    checks, and the compiled program as loaded for that check."""
-    import fbgemm_gpu  # noqa: F401  registers the ops the programs call
-
-    removed = strip_bounds_checks(program)
-    program.example_inputs = (example_inputs, {})
-    tmp = out.with_name(f".tmp{os.getpid()}.{out.name}")  # the compiler wants a name ending in .pt2
-    t0 = time.perf_counter()
-    try:
-        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
-        seconds = time.perf_counter() - t0
-        compiled = Guarded(torch._inductor.aoti_load_package(str(tmp)), guard)
-        with torch.inference_mode():
-            got, want = compiled(*check_inputs), reference(*check_inputs)
-        diff = float((got - want).abs().max()) if got.numel() else 0.0
-        if not diff <= limit:
-            raise RuntimeError(
-                f"the compiled program's outputs are {diff:.2e} from the exported model's on the check inputs "
-                f"(limit {limit:.0e}); {out.name} not written: serve the exported model"
-            )
-        entry = {
-            "file": out.name,
-            "bytes": tmp.stat().st_size,
-            "sha256": sha256(tmp),
-            "compiler": f"AOTInductor (torch {torch.__version__})",
-            "versions": versions(),
-            **target(),
-            "removed_ops": {"fbgemm.bounds_check_indices": removed},
-            "check_rows": len(want),
-            "max_abs_diff": diff,
-            # what a load must reproduce: the measured difference, with room for float reordering
-            "tolerance": max(diff * 2, 1e-6),
-            "compile_seconds": seconds,
-        }
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return entry, compiled
-
-
-def write_entry(manifest_path: Path, entry: dict[str, Any], key: str = "compiled") -> None:
-    """Set the manifest's ``key`` entry (a new file moved into place: never half-written)."""
-    manifest = json.loads(manifest_path.read_text())
-    manifest[key] = entry
-    new = manifest_path.with_name(f".{manifest_path.name}.tmp{os.getpid()}")
-    new.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(new, manifest_path)
 
 
 def load_package(

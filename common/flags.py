@@ -19,6 +19,14 @@ from typing import Any
 from common.checkpoint import checkpoint_interval
 from common.sharding import PIPELINE_HELP, PIPELINES, SHARDING_TYPES
 
+CHECKPOINT_HELP = (
+    "DCP checkpoints mid-epoch every N steps (200) or every interval of wall time (30s, 5min, 1h); "
+    "0 = epoch ends only (default: {default})"
+)
+RESUME_HELP = (
+    "continue from the latest checkpoint under --out, if there is one, exactly where it stopped (without it, "
+    "an --out holding checkpoints is refused)"
+)
 # (group, flag, add_argument keywords, help with {default}); the dest is the flag's field name.
 _FLAGS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
     ("training", "--epochs", {"type": int}, "passes over the training data (default: {default})"),
@@ -27,54 +35,30 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
     ("training", "--dense-lr", {"type": float}, "Adam learning rate of the MLPs (default: {default})"),
     ("training", "--seed", {"type": int}, "seed for initialization and data order (default: {default})"),
     ("training", "--limit-batches", {"type": int}, "stop each epoch after this many steps (default: all)"),
-    (
-        "training",
-        "--checkpoint-every",
-        {"type": checkpoint_interval},
-        "DCP checkpoints mid-epoch every N steps (200) or every interval of wall time (30s, 5min, 1h); "
-        "0 = epoch ends only (default: {default})",
-    ),
-    (
-        "training",
-        "--resume",
-        {"action": "store_true"},
-        "continue from the latest checkpoint under --out, if there is one, exactly where it stopped "
-        "(without it, an --out holding checkpoints is refused)",
-    ),
+    ("training", "--checkpoint-every", {"type": checkpoint_interval}, CHECKPOINT_HELP),
+    ("training", "--resume", {"action": "store_true"}, RESUME_HELP),
     (
         "training",
         "--log-every",
         {"type": int},
         "steps between log lines and metrics.jsonl entries (default: {default})",
     ),
-    (
-        "training",
-        "--tensorboard",
-        {"action": "store_true"},
-        "also write the curves as TensorBoard events under <out>/tensorboard (pip install tensorboard)",
-    ),
+    ("training", "--tensorboard", {"action": "store_true"}, "also write TensorBoard events under <out>/tensorboard"),
     ("distributed", "--device", {"choices": ["auto", "cpu", "cuda"]}, "auto: cuda if available (default: {default})"),
-    (
-        "distributed",
-        "--sharding-type",
-        {"choices": SHARDING_TYPES},
-        "how embedding tables are sharded; row-wise kinds need CUDA (default: {default})",
-    ),
+    ("distributed", "--sharding-type", {}, "how tables are sharded; row-wise kinds need CUDA (default: {default})"),
     ("distributed", "--pipeline", {"choices": PIPELINES}, PIPELINE_HELP),
     ("output", "--out", {}, "run directory (default: {default})"),
     ("output", "--n-boot", {"type": int}, "bootstrap resamples for CIs (default: {default})"),
-    (
-        "output",
-        "--no-test",
-        {"action": "store_true"},
-        "never evaluate on test (model selection runs): the final table is on validation",
-    ),
+    ("output", "--no-test", {"action": "store_true"}, "never evaluate on test (model selection runs): validation only"),
 )
 
 
-def add_trainer_args(p: argparse.ArgumentParser, defaults: Any, **help_of: str) -> dict[str, Any]:
+def add_trainer_args(
+    p: argparse.ArgumentParser, defaults: Any, sharding_types: tuple[str, ...] = SHARDING_TYPES, **help_of: str
+) -> dict[str, Any]:
     """Add the shared flags that ``defaults`` (a script's ``Config()``) has fields for, in the groups
     "training", "distributed" and "output", and return the groups for the script's own flags.
+    ``sharding_types`` are the --sharding-type choices (a sequence table's sharder offers fewer);
     ``help_of[field]`` replaces a flag's help ("{default}" is filled in)."""
     fields = {f.name for f in dataclasses.fields(defaults)}
     groups = {name: p.add_argument_group(name) for name in ("training", "distributed", "output")}
@@ -86,6 +70,8 @@ def add_trainer_args(p: argparse.ArgumentParser, defaults: Any, **help_of: str) 
         text = help_of.get(dest, text)
         if kw.get("action") != "store_true":
             kw = {**kw, "default": default}
+        if flag == "--sharding-type":
+            kw = {**kw, "choices": sharding_types}
         groups[group].add_argument(flag, help=text if flag == "--pipeline" else text.format(default=default), **kw)
     unknown = set(help_of) - {flag[2:].replace("-", "_") for _, flag, _, _ in _FLAGS}
     if unknown:

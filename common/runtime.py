@@ -138,28 +138,6 @@ def torchrun_command(module: str, args: list[str], nproc: int = 2) -> list[str]:
     ]
 
 
-def retain_freed_memory(threshold: int = 32 << 20, keep: int = 1 << 30) -> bool:
-    """Have glibc's malloc serve allocations under ``threshold`` bytes from the heap and keep up to
-    ``keep`` bytes of freed memory there, rather than map and unmap each large block (what PyTorch's
-    CPU tuning guide gets from jemalloc or tcmalloc). A serving process allocates the same few-MB
-    activations every call: with glibc's defaults they can go back to the OS after each call and
-    fault in again on the next (the batched ranker measured 1.3M page faults and 2,800 instead of
-    4,700 users/s). Returns False where there is no glibc (nothing changes). Env vars
-    ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` do the same from outside."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    return bool(
-        mallopt(m_mmap_threshold, threshold) and mallopt(m_trim_threshold, keep) and mallopt(m_top_pad, 64 << 20)
-    )
-
-
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices). Give every rank the same seed so that model
     initialization agrees; data order is derived from the seed explicitly by each loader."""

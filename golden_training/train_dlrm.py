@@ -210,7 +210,7 @@ def rank_data(ds: InteractionData, cfg: Config, rt: Runtime) -> tuple[Split, Spl
 
 def sequence_source(export_dir: str, ds: InteractionData) -> SequenceSource:
     """A sequential export (sasrec/, bert4rec/) as the ranker's candidate source, checked against ``ds``."""
-    from common.sequential import NextItemScorer
+    from bert4rec.scorer import NextItemScorer
 
     scorer = NextItemScorer(export_dir)
     check_trained_on(f"{scorer.name} export", export_dir, scorer.data_fingerprint, ds.fingerprint)

@@ -14,9 +14,8 @@ package checks out, else as before.
   (``padded_scores``), exported and compiled; checked on 64 seeded histories of every length.
 
 Each adds its package and a ``compiled`` entry to the directory's manifest (see
-``common/compiled.py`` for what the entry ties the package to). On this machine, one thread, the
-ranker over 100 candidate rows takes 0.28 ms compiled against 0.70 ms, the query tower 0.09 against
-0.20, BERT4Rec's scores 0.43 against 0.69 (the graph no longer runs node by node through Python). The
+``common/compiled.py`` for what the entry ties the package to). Compiled, the graph no longer runs
+node by node through Python (each model's speed-up: inference_legacy/README.md). The
 loaders (``DLRMPredictor``, ``Retriever``, ``NextItemScorer``) use a package only when it matches its
 entry and reproduces the exported model on check inputs; otherwise they log why and serve the
 exported model. The servers' ``--eager`` ignores packages.
@@ -25,17 +24,20 @@ exported model. The servers' ``--eager`` ignores packages.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+from torch.export import Dim
 
-from common.compiled import Guarded, by_user_guard, compile_program, id_guard, load_package, write_entry
+from common.compiled import Guarded, by_user_guard, id_guard, load_package
+from common.export import ExportError, read_manifest
 from common.features import FeatureSchema
 from inference_legacy import artifact as art
+from inference_legacy.compiler import compile_program, export_program, write_entry
 
 COMPILED = "model.aoti.pt2"
 COMPILED_BY_USER = "model_by_user.aoti.pt2"  # the per-user program (manifest key "compiled_by_user")
@@ -124,6 +126,60 @@ def load_compiled(
     )
 
 
+def compile_query_tower(export_dir: str | Path) -> dict:
+    """Export the INT8 query tower as ``Retriever`` serves it on CPU, compile it with AOTInductor to
+    ``query_tower.aoti.pt2`` (checked on the first users' queries against the eager tower) and add
+    the manifest's ``compiled`` entry. Returns that entry."""
+    export_dir = Path(export_dir)
+    from retrieval.two_tower_retrieval import COMPILED_TOWER, Retriever, TowerProgram
+
+    r = Retriever(export_dir, device="cpu", compiled=False)
+    program = TowerProgram(r.tower)
+    example = r.check_inputs(64)
+    batch = Dim("batch", min=1, max=1 << 20)
+    exported = export_program(
+        program,
+        example,
+        {"values": {0: Dim("nnz", min=0, max=1 << 30)}, "lengths": {0: len(r.tower.feature_names) * batch}},
+    )
+    schema = r.features.query_schema
+    entry, _ = compile_program(
+        exported, example, export_dir / COMPILED_TOWER, id_guard(schema), program, r.check_inputs()
+    )
+    entry["quantize"] = "int8"
+    write_entry(export_dir / "manifest.json", entry)
+    return entry
+
+
+def compile_scorer(export_dir: str | Path) -> dict:
+    """Export the sequential model's ``padded_scores`` and compile it with AOTInductor to
+    ``scorer.aoti.pt2`` (checked against the eager model on seeded histories of every length); adds
+    the manifest's ``compiled`` entry and returns it."""
+    export_dir = Path(export_dir)
+    from bert4rec.scorer import COMPILED_SCORER, NextItemScorer
+
+    scorer = NextItemScorer(export_dir, compiled=False)
+    model, inputs = scorer.model, scorer.check_inputs()
+
+    class Program(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            return self.model.padded_scores(tokens, lengths)
+
+    batch = Dim("batch", min=2, max=1 << 20)
+    program = export_program(
+        Program(), inputs, {"tokens": {0: batch, 1: Dim("width", min=2, max=model.max_len)}, "lengths": {0: batch}}
+    )
+    entry, _ = compile_program(
+        program, inputs, export_dir / COMPILED_SCORER, scorer.token_guard, model.padded_scores, inputs
+    )
+    write_entry(export_dir / "manifest.json", entry)
+    return entry
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -136,17 +192,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = {}
     for path in a.paths:
-        manifest = Path(path) / "manifest.json"
-        if not manifest.is_file():
-            raise SystemExit(f"{manifest} not found: give a ranker artifact or a retrieval export directory")
-        kind = json.loads(manifest.read_text())
+        try:  # what kind of export it is; each loader checks its files
+            kind = read_manifest(
+                path, "give a ranker artifact, a retrieval export or a sequential export", verify_files=False
+            )
+        except ExportError as err:
+            raise SystemExit(str(err)) from None
         if "query_schema" in kind:
-            from retrieval.two_tower_retrieval import compile_query_tower
-
             entry, what = compile_query_tower(path), "query tower"
         elif kind.get("model") in ("bert4rec", "sasrec"):
-            from common.sequential import compile_scorer
-
             entry, what = compile_scorer(path), f"{kind['model']} scorer"
         else:
             entry, what = compile_artifact(path), "ranker"

@@ -30,8 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.compiled import export_program, sha256, versions  # noqa: F401  (part of this module's API)
+from common.compiled import sha256, versions
+from common.export import ExportError, check_file
+from common.export import read_manifest as read_export_manifest
 from common.features import FeatureBatch, FeatureSchema
+from inference_legacy.compiler import export_program  # noqa: F401  (part of this module's API)
 
 FORMAT = "recsys-examples-artifact"
 FORMAT_VERSION = 1
@@ -42,8 +45,9 @@ HELDOUT = "heldout.jsonl"
 BY_USER = "model_by_user.pt2"
 
 
-class ArtifactError(ValueError):
-    """The artifact is incomplete, altered, from another version or unsafe; the message says which."""
+ArtifactError = (
+    ExportError  # the artifact is incomplete, altered, from another version or unsafe; the message says which
+)
 
 
 def write_artifact(
@@ -95,18 +99,11 @@ def write_artifact(
 
 
 def read_manifest(artifact: str | Path) -> dict[str, Any]:
-    """The manifest, after checking format, versions, and every file's size and checksum."""
+    """The manifest, after checking its shape, format, versions, and every file's size and checksum."""
     artifact = Path(artifact)
     path = artifact / MANIFEST
-    if not path.is_file():
-        raise ArtifactError(
-            f"{path} not found: package a model first (python -m inference_legacy.dlrm_packager) "
-            f"or point at the directory it wrote"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ArtifactError(f"{path} is not valid JSON ({err}); the artifact is damaged: package it again") from err
+    make = "package a model first (python -m inference_legacy.dlrm_packager) or point at the directory it wrote"
+    manifest = read_export_manifest(artifact, make, verify_files=False)
     _check_manifest_shape(manifest, path)
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
@@ -123,20 +120,7 @@ def read_manifest(artifact: str | Path) -> dict[str, Any]:
                 f"tied to the version that wrote them: package again here, or install that version"
             )
     for name, want in manifest.get("files", {}).items():
-        f = artifact / name
-        if not f.is_file():
-            raise ArtifactError(f"{f} is missing from the artifact")
-        size = f.stat().st_size
-        if size != want["bytes"]:
-            raise ArtifactError(
-                f"{f} is {size} bytes, the manifest says {want['bytes']}: a truncated or partial "
-                f"copy; copy the artifact again"
-            )
-        if sha256(f) != want["sha256"]:
-            raise ArtifactError(
-                f"{f} does not match the manifest's SHA-256: it was altered or comes from another "
-                f"artifact; copy the artifact again or package it again"
-            )
+        check_file(artifact / name, want, "copy the artifact again, or package it again")
     missing = {PROGRAM, SCHEMA} - set(manifest.get("files", {}))
     if missing:
         raise ArtifactError(f"{path} lists no {sorted(missing)}; the artifact is incomplete")
@@ -225,7 +209,7 @@ def load_program(artifact: str | Path, manifest: dict[str, Any], name: str = PRO
         ) from err
     module = program.module()
     # The unlifted module checks each call's input shapes against the export's symbolic ranges in a
-    # forward pre-hook (sympy arithmetic: about 0.6 ms a call, a fifth of a served request). Every
+    # forward pre-hook (sympy arithmetic, a large share of a served request's time). Every
     # input here is built from the artifact's own schema (FeatureSchema.from_records / from_columns),
     # which checks IDs, values and shapes first; the hook would only check them again, so it goes.
     for key, hook in list(module._forward_pre_hooks.items()):

@@ -13,17 +13,28 @@ From Python::
     with DLRMClient("http://127.0.0.1:8080") as c:
         c.wait_ready()
         probs = c.predict(rows)          # requests of up to 512 rows each
+
+``spawn`` starts a service (this one or ``integration.service``) on a free port and returns once it
+is ready: what the tests and the load benchmarks do.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import os
+import re
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from common.export import read_manifest
 
 
 class ServiceError(RuntimeError):
@@ -105,6 +116,50 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def spawn(args: list[str], timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """Start ``python <args> --port 0`` (a service whose main calls :func:`serve`) and return the
+    process and its URL once ``/ready`` answers 200; raises with the service's output if it dies."""
+    proc = subprocess.Popen(
+        [sys.executable, *args, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline, url, lines = time.monotonic() + timeout, None, []
+    while url is None:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"service exited with {proc.wait()}:\n" + "".join(lines[-20:]))
+        lines.append(line)
+        found = re.search(r"listening on (http://\S+?:\d+)", line)  # stderr may share the line
+        if found:
+            url = found.group(1)
+        elif time.monotonic() > deadline:
+            proc.kill()
+            raise TimeoutError("service did not start:\n" + "".join(lines[-20:]))
+    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # keep draining its output
+    host, port = url.rsplit("/", 1)[1].rsplit(":", 1)
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=5)
+            conn.request("GET", "/ready")
+            r = conn.getresponse()
+            body = r.read()
+            if r.status == 200:
+                return proc, url
+            if json.loads(body or b"{}").get("status") == "failed":
+                proc.kill()
+                raise RuntimeError(f"{url} failed its self-check: {json.loads(body)['error']}")
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"service exited with {proc.returncode}:\n" + "".join(lines[-20:]))
+        time.sleep(0.1)
+    proc.kill()
+    raise TimeoutError(f"{url} never became ready")
+
+
 def main(argv: list[str] | None = None) -> list[float] | dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8080", help="service URL (default: %(default)s)")
@@ -128,7 +183,9 @@ def main(argv: list[str] | None = None) -> list[float] | dict[str, Any]:
             raise SystemExit(f"the service refused {path}: {err}") from None
     if a.heldout:  # the artifact's rows carry the eager fp32 model's probabilities: compare
         ref = [json.loads(line)["fp32"] for line in path.read_text().splitlines() if line.strip()]
-        tol = json.loads((Path(a.heldout) / "manifest.json").read_text())["verification"]["tolerance"]
+        tol = read_manifest(a.heldout, "give --heldout an artifact directory", verify_files=False)["verification"][
+            "tolerance"
+        ]
         diff = max(abs(s - r) for s, r in zip(scores, ref))
         print(
             f"scored {len(scores)} held-out rows: max |served - eager fp32| {diff:.2e} (artifact tolerance {tol:.2e})"

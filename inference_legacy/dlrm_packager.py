@@ -35,6 +35,7 @@ from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbe
 
 from common.checkpoint import DamagedCheckpoint, UnsafeCheckpoint
 from common.data.download import file_digest
+from common.export import read_manifest
 from common.features import FeatureBatch, FeatureSchema
 from common.metrics import BinaryMetrics
 from golden_training.evaluation import eval_set, make_batch
@@ -110,27 +111,16 @@ def package(
     )
 
 
-def package_model(
+def _export_programs(
     dlrm: TorchRecDLRM,
+    served: nn.Module,
     schema: FeatureSchema,
-    cfg: Any,
-    source: dict[str, object],
-    batches: list[FeatureBatch],
-    labels_np: np.ndarray,
-    out: str | Path,
-    precision: str = "int8",
-    heldout_rows: int = 1000,
-    seed: int = 0,
-    overwrite: bool = False,
-    user_features: list[str] | None = None,
-) -> dict[str, object]:
-    """Package any fp32 ``TorchRecDLRM`` built by ``cfg`` (train_dlrm's settings, or a run's saved ones) for ``schema``,
-    verified on ``batches`` (with their ``labels_np``, for AUC). With ``user_features`` (the sparse
-    features that depend on the user alone) the artifact also holds the :class:`DLRMByUser` program."""
-    fp32 = DLRMServing(dlrm, schema.sparse_names).eval()
-    served = DLRMServing(quantize(dlrm, precision), schema.sparse_names).eval()
-    t0 = time.perf_counter()
-    example = batches[0]
+    example: FeatureBatch,
+    precision: str,
+    user_features: list[str] | None,
+):
+    """``torch.export`` of the served per-row program, and of the per-user one with ``user_features``
+    (else None); every batch dimension dynamic, 1 included."""
     batch = Dim("batch", min=1, max=1 << 20)
     program = art.export_program(
         served,
@@ -156,23 +146,22 @@ def package_model(
                 "lengths": {0: sum(n not in user_features for n in schema.sparse_names) * rows},
             },
         )
-    export_s = time.perf_counter() - t0
+    return program, by_user
 
-    fp32_bytes, served_bytes = table_bytes(fp32), table_bytes(served)
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(labels_np), size=min(heldout_rows, len(labels_np)), replace=False))
-    p_fp32 = _score(fp32, batches)
-    # The held-out file: rows as a client sends them, with the eager fp32 model's probabilities.
-    rows = []
-    for lo, b in zip(range(0, len(labels_np), 8192), batches):
-        mine = pick[(pick >= lo) & (pick < lo + len(b.dense))] - lo
-        if len(mine):
-            recs = schema.to_records(FeatureBatch(b.dense[mine], _select(b.sparse, mine)))
-            rows += [
-                {"features": r, "label": float(labels_np[lo + i]), "fp32": float(p_fp32[lo + i])}
-                for r, i in zip(recs, mine)
-            ]
-    manifest: dict[str, object] = {
+
+def _manifest(
+    schema: FeatureSchema,
+    cfg: Any,
+    source: dict[str, object],
+    precision: str,
+    user_features: list[str] | None,
+    fp32_bytes: int,
+    served_bytes: int,
+) -> dict[str, object]:
+    """What the artifact's manifest says of the model: where it came from, how its features are built,
+    its quantization, its programs' inputs and outputs, its dims and sizes (the writer adds the files
+    and the verification)."""
+    return {
         "model": "dlrm",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": {
@@ -235,6 +224,46 @@ def package_model(
         },
     }
 
+
+def package_model(
+    dlrm: TorchRecDLRM,
+    schema: FeatureSchema,
+    cfg: Any,
+    source: dict[str, object],
+    batches: list[FeatureBatch],
+    labels_np: np.ndarray,
+    out: str | Path,
+    precision: str = "int8",
+    heldout_rows: int = 1000,
+    seed: int = 0,
+    overwrite: bool = False,
+    user_features: list[str] | None = None,
+) -> dict[str, object]:
+    """Package any fp32 ``TorchRecDLRM`` built by ``cfg`` (train_dlrm's settings, or a run's saved ones) for ``schema``,
+    verified on ``batches`` (with their ``labels_np``, for AUC). With ``user_features`` (the sparse
+    features that depend on the user alone) the artifact also holds the :class:`DLRMByUser` program."""
+    fp32 = DLRMServing(dlrm, schema.sparse_names).eval()
+    served = DLRMServing(quantize(dlrm, precision), schema.sparse_names).eval()
+    t0 = time.perf_counter()
+    program, by_user = _export_programs(dlrm, served, schema, batches[0], precision, user_features)
+    export_s = time.perf_counter() - t0
+
+    fp32_bytes, served_bytes = table_bytes(fp32), table_bytes(served)
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(labels_np), size=min(heldout_rows, len(labels_np)), replace=False))
+    p_fp32 = _score(fp32, batches)
+    # The held-out file: rows as a client sends them, with the eager fp32 model's probabilities.
+    rows = []
+    for lo, b in zip(range(0, len(labels_np), 8192), batches):
+        mine = pick[(pick >= lo) & (pick < lo + len(b.dense))] - lo
+        if len(mine):
+            recs = schema.to_records(FeatureBatch(b.dense[mine], _select(b.sparse, mine)))
+            rows += [
+                {"features": r, "label": float(labels_np[lo + i]), "fp32": float(p_fp32[lo + i])}
+                for r, i in zip(recs, mine)
+            ]
+    manifest = _manifest(schema, cfg, source, precision, user_features, fp32_bytes, served_bytes)
+
     def verify(tmp: Path) -> dict[str, object]:
         """Load what was written the way the server loads it, and score every held-out row."""
         loaded = art.load_program(tmp, art.read_manifest(tmp))
@@ -284,7 +313,7 @@ def _weights_digest(export: str | None) -> str | None:
 def _export_files(export: str | None) -> dict[str, str] | None:
     if not export:
         return None
-    return json.loads((Path(export) / "manifest.json").read_text())["files"]
+    return read_manifest(export, "train the retrieval export first", verify_files=False)["files"]
 
 
 def _select(kjt: KeyedJaggedTensor, rows: np.ndarray) -> KeyedJaggedTensor:

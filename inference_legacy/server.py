@@ -17,15 +17,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import http.client
 import json
 import logging
-import os
 import queue
-import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -395,8 +390,8 @@ def _validation_thread() -> ThreadPoolExecutor:
 class JSONBody:
     """A request body of type ``model`` that big requests parse and validate off the event loop.
 
-    FastAPI validates a typed body on the event loop: a 4 MB body takes a few hundred ms, during
-    which no other request, ``/health`` included, is answered. Used as ``Depends(JSONBody(app, M))``
+    FastAPI validates a typed body on the event loop: a body of megabytes holds the loop long enough
+    that no other request, ``/health`` included, is answered. Used as ``Depends(JSONBody(app, M))``
     with ``openapi_extra=body.openapi`` on the route, bodies over ``inline_bytes`` go to one worker
     thread; smaller ones stay inline (a thread hop costs more than they do). Errors are FastAPI's: a
     422 naming the field. The OpenAPI schema documents the model as a typed body would.
@@ -422,8 +417,8 @@ class JSONBody:
         app.openapi = openapi  # type: ignore[method-assign]
 
     def parse(self, body: bytes) -> Any:
-        # pydantic's own JSON parser: json.loads would hold the GIL for a whole 4 MB body (70 ms
-        # here), stalling the event loop's thread even from a worker thread.
+        # pydantic's own JSON parser: json.loads would hold the GIL for a whole multi-megabyte body,
+        # stalling the event loop's thread even from a worker thread.
         from pydantic import ValidationError
 
         try:
@@ -556,47 +551,3 @@ def _protocol_with_header_timeout(seconds: float) -> type:
                 self.transport.close()
 
     return Protocol
-
-
-def spawn(args: list[str], timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
-    """Start ``python <args> --port 0`` (a service whose main calls :func:`serve`) and return the
-    process and its URL once ``/ready`` answers 200; raises with the service's output if it dies."""
-    proc = subprocess.Popen(
-        [sys.executable, *args, "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    deadline, url, lines = time.monotonic() + timeout, None, []
-    while url is None:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"service exited with {proc.wait()}:\n" + "".join(lines[-20:]))
-        lines.append(line)
-        found = re.search(r"listening on (http://\S+?:\d+)", line)  # stderr may share the line
-        if found:
-            url = found.group(1)
-        elif time.monotonic() > deadline:
-            proc.kill()
-            raise TimeoutError("service did not start:\n" + "".join(lines[-20:]))
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # keep draining its output
-    host, port = url.rsplit("/", 1)[1].rsplit(":", 1)
-    while time.monotonic() < deadline:
-        try:
-            conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=5)
-            conn.request("GET", "/ready")
-            r = conn.getresponse()
-            body = r.read()
-            if r.status == 200:
-                return proc, url
-            if json.loads(body or b"{}").get("status") == "failed":
-                proc.kill()
-                raise RuntimeError(f"{url} failed its self-check: {json.loads(body)['error']}")
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"service exited with {proc.returncode}:\n" + "".join(lines[-20:]))
-        time.sleep(0.1)
-    proc.kill()
-    raise TimeoutError(f"{url} never became ready")

@@ -38,7 +38,7 @@ def evaluate_seed(root: Path, stage: str, sequential: tuple[str, ...]) -> tuple[
     """Per system, per metric: the per-user values (users in index order) of one seed's run, with
     a "served" row (the system the run's pipeline serves), and that system's name."""
     from common.baselines import popularity_report
-    from integration.pipeline import create_pipeline
+    from integration.loader import create_pipeline
 
     pipeline = create_pipeline(root, sequential=[f"{m}/export" for m in sequential])
     reports = {"popularity": popularity_report(pipeline.split, stage, n_boot=10), **pipeline.evaluate(stage, n_boot=10)}

@@ -18,7 +18,7 @@ transitions (``retrieval.item_item``, seconds). Last, the served system is chose
 fitted there, and every system compared there. An interrupted run resumes from its
 checkpoints; a retrained stage retrains every stage that reads it. Then it:
 
-- builds the pipeline (``integration.pipeline.create_pipeline``, which checks the stages fit),
+- builds the pipeline (``integration.loader.create_pipeline``, which checks the stages fit),
   serving the chosen system: on ml-100k the ensemble of the four sources, in its own order
   (each source re-ranked by the ranker trained on its candidates is compared, and loses);
 - prints, for a few users, their most recent movies and their top 10 with scores;
@@ -48,7 +48,6 @@ from common.data.logs import LogError
 from common.data.movielens import DataUnavailable
 from common.metrics import RankingReport, paired_difference
 from common.runtime import write_json_atomic
-from integration.ensemble import choice_file
 
 METRICS = ("HR@10", "NDCG@10", "Recall@100")
 
@@ -162,6 +161,8 @@ def stages(
     )
     names.append("item-item")
     models = list(range(len(todo)))
+    from integration.loader import choice_file  # here: --help stays fast
+
     todo.append(
         Stage(
             "served system: ensemble fitted and systems compared on validation",
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         help="train tiny models if any are missing (a smoke run: its numbers are not the README's)",
     )
     a = p.parse_args(argv)
-    from integration.pipeline import create_pipeline  # after argparse: --help stays fast
+    from integration.loader import create_pipeline  # after argparse: --help stays fast
 
     t0 = time.perf_counter()
     try:  # fetch, verify or prepare it now: a data problem is reported before training, in one line

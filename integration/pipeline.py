@@ -1,5 +1,6 @@
 """The two-stage recommender, wired: retrieval's candidates become the ranker's input.
 
+    from integration.loader import create_pipeline
     pipeline = create_pipeline("runs")          # runs/retrieval/export + runs/serving/dlrm-int8
     pipeline.recommend([196, 186])             # raw MovieLens user IDs -> top 10 each, with titles
 
@@ -14,15 +15,15 @@ For each user, ``RecommendationPipeline``:
 5. returns the top 10.
 
 It does one user or a batch (the batch path also writes every user's top K as JSON lines).
-``create_pipeline`` loads the exported stages and checks that they fit together before serving
-anything: data fingerprints, feature keys and cardinalities, ID maps, embedding dims, the
-retrieval model the ranker's ``retrieval_score`` feature came from, and devices. Each mismatch
-is an :class:`ArtifactMismatch` that says what to fix.
+``integration.loader.create_pipeline`` loads the exported stages and checks that they fit together
+before serving anything (integration/compatibility.py: data fingerprints, feature keys and
+cardinalities, ID maps, embedding dims, the retrieval model the ranker's ``retrieval_score`` feature
+came from, and devices); each mismatch is an ``ArtifactMismatch`` that says what to fix.
 
-The feature store is built in memory from the data set the artifacts were trained on (found by
-name, checked by fingerprint): per-item and per-user tables, transition counts and each user's
-history up to the test interaction. ``add_interaction`` appends to a user's history, which
-changes their next candidates and ranking features.
+The feature store (integration/feature_store.py) is built in memory from the data set the artifacts
+were trained on (found by name, checked by fingerprint): per-item and per-user tables, transition
+counts and each user's history up to the test interaction. ``add_interaction`` appends to a user's
+history, which changes their next candidates and ranking features.
 """
 
 from __future__ import annotations
@@ -30,51 +31,25 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from candidates.sources import (
-    SEQUENCE_SOURCES,
-    EnsembleSource,
-    ItemItemSource,
-    SequenceSource,
-    TwoTowerSource,
-    union,
-)
+from candidates.sources import EnsembleSource, TwoTowerSource, union
 from common.data.dataset import InteractionData, id_key
-from common.data.download import file_digest
-from common.data.load import load_dataset
-from common.data.split import Split, split_dataset
-from common.data.tables import last_n
+from common.data.split import Split
 from common.metrics import RankingReport, evaluate_topk
-from common.runtime import retain_freed_memory
-from golden_training.ranking_data import Examples, RankingFeatures, reference_time
 from inference_legacy.dlrm_predict import DLRMPredictor
-from integration.ensemble import choice_file
-from retrieval.item_item import ItemItem
+from integration.compatibility import digest
+from integration.feature_store import FeatureStore, rank_chunk, user_chunks
 from retrieval.two_tower_retrieval import Retriever
-from retrieval.two_tower_retrieval import read_manifest as read_retrieval_manifest
 
 CANDIDATES = 100
-MAX_HISTORY = 1000  # per user in the feature store, after events (ml-100k's longest history: 737)
-# Rows per ranker call: the compiled ranker scored 256 users' 25,600 rows at once at 2,848 users/s
-# and 1,600 rows at a time at 6,902 (2 threads; 1,931 and 4,436 on one): its activations stay in cache.
-# The per-user program, its inputs built for the whole batch, batched recommend() on ml-100k (2 threads,
-# two runs each): 512 rows a call 4,655 / 4,795 users/s, 1,024 5,061 / 5,381, 1,536 5,431 / 5,500,
-# 2,048 5,389 / 5,645, 4,096 5,124 / 5,335.
-RANK_CHUNK_ROWS = 2048
-# Fewer users than this go through the per-row program. recommend() at 1 thread, median us a user in
-# three runs, per row against per user: one user a call 1,220-1,292 / 1,294-1,316; 2 users 780-800 /
-# 761-786; 4 users 552-561 / 492-496.
+# Fewer users than this a call go through the per-row program, as fast there for one user
+# (integration/README.md, "Tuning").
 BY_USER_MIN_USERS = 2
-
-
-class ArtifactMismatch(ValueError):
-    """The exported stages don't fit together; the message says which part and what to do."""
 
 
 @dataclass
@@ -98,152 +73,6 @@ class Recommendation:
                 for i, t, s in zip(self.item_ids, self.titles, self.scores)
             ],
         }
-
-
-@dataclass
-class FeatureStore:
-    """The ranker's feature tables and every user's history, in memory; histories grow online."""
-
-    features: RankingFeatures
-    histories: list[list[int]]  # dense item indices per dense user, oldest first
-    last_time: np.ndarray  # per user: time of the latest interaction ("now" for features)
-    stage: str = "test"  # histories as they stand before this split's targets
-    config: dict = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @classmethod
-    def build(
-        cls,
-        ds: InteractionData,
-        split: Split,
-        history_len: int,
-        sequence: bool,
-        trend_days: float,
-        stage: str = "test",
-        history_match: bool = False,
-    ) -> FeatureStore:
-        """Histories up to ``stage``'s targets: training plus validation for "test" (serving),
-        training only for "valid" (model selection)."""
-        indptr, hist = split.history(stage)
-        users = np.arange(ds.num_users)
-        return cls(
-            RankingFeatures.build(ds, split, history_len, sequence, trend_days, history_match),
-            [hist[indptr[u] : indptr[u + 1]].tolist() for u in users],
-            reference_time(split, stage, users).astype(np.int64),
-            stage,
-            {
-                "history_len": history_len,
-                "sequence": sequence,
-                "trend_days": trend_days,
-                "history_match": history_match,
-            },
-        )
-
-    def history(self, user: int) -> np.ndarray:
-        with self.lock:  # events append from another thread
-            return np.asarray(self.histories[user], dtype=np.int64)
-
-    def add_interaction(self, user: int, item: int, timestamp: int | None = None) -> int:
-        """Append an interaction; returns the user's history length, which stays at most
-        :data:`MAX_HISTORY` (the oldest items go first: every stage reads only the latest 50)."""
-        with self.lock:
-            self.histories[user].append(int(item))
-            del self.histories[user][:-MAX_HISTORY]
-            if timestamp is not None:
-                self.last_time[user] = max(int(self.last_time[user]), int(timestamp))
-            return len(self.histories[user])
-
-    def _examples(self, users: np.ndarray, items: np.ndarray) -> tuple[Examples, np.ndarray, np.ndarray]:
-        """One row per (user, candidate) of ``items [len(users), K]``, rows by user (``query``: each
-        row's index into ``users``; ``time``: the user's now), and each user's history bounds in
-        ``hist_items`` (start, end)."""
-        k = items.shape[1]
-        hists = [self.history(u) for u in users]
-        lens = np.array([len(h) for h in hists], dtype=np.int64)
-        ends = np.cumsum(lens)
-        rows = np.repeat(np.arange(len(users)), k)
-        ex = Examples(
-            np.repeat(users, k),
-            items.reshape(-1),
-            np.zeros(rows.size, np.float32),
-            (ends - lens)[rows],
-            ends[rows],
-            rows,
-            self.last_time[users][rows],
-            np.concatenate(hists) if len(hists) else np.zeros(0, np.int64),
-        )
-        return ex, ends - lens, ends
-
-    def ranking_inputs(
-        self, users: np.ndarray, items: np.ndarray, retrieval_scores: np.ndarray
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(dense, values, lengths) for the DLRM: one row per (user, candidate); ``items`` and
-        ``retrieval_scores`` are ``[len(users), K]``."""
-        ex, _, _ = self._examples(users, items)
-        f = self.features
-        seq = None if f.sequence is None else f.sequence.features(ex)
-        b = f.batch(ex.user, ex.item, ex.history(f.history_len), retrieval_scores.reshape(-1), None, seq, sync=False)
-        return b.dense_features, b.sparse_features.values().long(), b.sparse_features.lengths().long()
-
-    def ranking_inputs_by_user(
-        self, users: np.ndarray, items: np.ndarray, retrieval_scores: np.ndarray
-    ) -> tuple[torch.Tensor, ...]:
-        """The same rows as :meth:`ranking_inputs` for a ranker that looks each user's features up
-        once (``DLRMPredictor.by_user``): (dense, row_user, user_values, user_lengths, values, lengths)."""
-        ex, starts, ends = self._examples(users, items)
-        f = self.features
-        seq = None if f.sequence is None else f.sequence.features(ex)
-        per_row, per_user = f.batch_by_user(
-            users,
-            ex.item,
-            ex.query,
-            last_n(ex.hist_items, starts, ends, f.history_len),
-            retrieval_scores.reshape(-1),
-            seq,
-        )
-        return (
-            per_row.dense,
-            torch.from_numpy(ex.query),
-            per_user.sparse.values().long(),
-            per_user.sparse.lengths().long(),
-            per_row.sparse.values().long(),
-            per_row.sparse.lengths().long(),
-        )
-
-
-def rank_chunk(k: int) -> int:
-    """Users per ranker call when each has ``k`` candidates (:data:`RANK_CHUNK_ROWS` rows)."""
-    return max(1, RANK_CHUNK_ROWS // max(1, k))
-
-
-def user_chunks(inputs: tuple[torch.Tensor, ...], user_features: int, users_per_chunk: int):
-    """The per-user program's inputs (:meth:`FeatureStore.ranking_inputs_by_user`: rows ordered by
-    user) as chunks of ``users_per_chunk`` users each, in the same form."""
-    dense, row_user, user_values, user_lengths, values, lengths = inputs
-    n_users, n_rows = user_lengths.numel() // user_features, dense.shape[0]
-    row_features = lengths.numel() // max(1, n_rows)
-    at_row = np.searchsorted(row_user.numpy(), np.arange(0, n_users + users_per_chunk, users_per_chunk)).clip(
-        max=n_rows
-    )
-
-    def jagged(values: torch.Tensor, lengths: torch.Tensor, features: int):
-        """A slicer of examples [lo, hi) of feature-major (values, lengths); offsets computed once."""
-        lens = lengths.numpy().reshape(features, -1)
-        ends = np.cumsum(lens.reshape(-1)).reshape(features, -1)
-        starts = ends - lens
-
-        def take(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-            if hi <= lo:
-                return values[:0], lengths[:0]
-            v = torch.cat([values[int(starts[f, lo]) : int(ends[f, hi - 1])] for f in range(features)])
-            return v, torch.from_numpy(np.ascontiguousarray(lens[:, lo:hi]).reshape(-1))
-
-        return take
-
-    per_user, per_row = jagged(user_values, user_lengths, user_features), jagged(values, lengths, row_features)
-    for c, u0 in enumerate(range(0, n_users, users_per_chunk)):
-        u1, r0, r1 = min(u0 + users_per_chunk, n_users), int(at_row[c]), int(at_row[c + 1])
-        yield (dense[r0:r1], row_user[r0:r1] - u0, *per_user(u0, u1), *per_row(r0, r1))
 
 
 class RecommendationPipeline:
@@ -287,7 +116,7 @@ class RecommendationPipeline:
         self.artifacts_dir, self.model_digests = artifacts_dir, model_digests or {}
         # What the candidates depend on besides a user's history: a cache keyed by it never mixes
         # entries from other models, data or settings.
-        self.identity = identity or _digest({"data": dataset.fingerprint, "source": candidate_source})
+        self.identity = identity or digest({"data": dataset.fingerprint, "source": candidate_source})
         self.user_index = {id_key(u): n for n, u in enumerate(dataset.user_raw_ids)}
         self.item_index = {id_key(i): n for n, i in enumerate(dataset.item_raw_ids)}
         self.default_arm = next(iter(rankers))
@@ -502,283 +331,3 @@ class RecommendationPipeline:
             )
             for name, by in lists.items()
         }
-
-
-def create_pipeline(
-    artifacts_dir: str | Path = "runs",
-    retrieval: str = "retrieval/export",
-    ranking: str | dict[str, str] = "auto",
-    data_dir: str | None = None,
-    device: str = "auto",
-    dataset: InteractionData | None = None,
-    sequential: str | list[str] | None = "auto",
-    candidate_source: str = "auto",
-    served: bool = True,
-    item_item: str | None = "auto",
-    compiled: bool = True,
-) -> RecommendationPipeline:
-    """Load the exported stages from ``artifacts_dir`` and check that they fit together.
-
-    Candidate sources: the two-tower retriever, plus each sequential export in ``sequential``
-    (paths relative to ``artifacts_dir``; "auto": those of ``sasrec/export`` and
-    ``bert4rec/export`` that exist; None: none), plus the item-to-item sources EASE and transitions
-    of ``item_item`` (retrieval/item_item.py's export; "auto": ``item-item/export`` if it exists).
-
-    The served system: with ``candidate_source="auto"`` and ``ranking="auto"``, the one chosen on
-    validation for these sources by ``python -m integration.ensemble`` (``serving/served-<sources>.json``,
-    which also holds the ensemble's weights; refused if any model changed since). Without that
-    file: SASRec's candidates re-ranked by their ranker when SASRec is there, then BERT4Rec's, else
-    the two-tower's. ``candidate_source`` names one: "two-tower", "SASRec", "BERT4Rec", "union" (of
-    every source's top 100), re-ranked, "EASE" or "transitions", or "ensemble", served in its own order. ``served=False``
-    ignores the choice file (the choice itself is made that way).
-
-    Rankers: each source's own, trained on its candidates, is ``serving/dlrm-int8-<model>`` for a
-    sequential source and ``serving/dlrm-int8`` for the two-tower (a source without one falls back
-    to the two-tower's). ``ranking`` overrides the served one: an artifact or ``{arm: artifact}``
-    for A/B tests ("auto": the served source's own). The ranking artifacts run on CPU; ``device``
-    must agree ("auto" does). ``dataset`` passes a data set in memory (e.g. a synthetic one)
-    instead of loading it by name. ``compiled``: the query tower, the sequential scorers and the
-    rankers run their AOTInductor packages where they have checked-out ones (``python -m inference_legacy.aot_compile``).
-    Serving settings for the process: freed memory stays in the heap (:func:`common.runtime.retain_freed_memory`).
-    """
-    from common.sequential import NextItemScorer
-
-    retain_freed_memory()
-
-    root = Path(artifacts_dir)
-    if device not in ("auto", "cpu"):
-        raise ArtifactMismatch(
-            f"device {device!r}: the packaged rankers run on CPU (FBGEMM's CPU kernels), so the "
-            f"pipeline's stages must too; pass device='cpu' or 'auto'"
-        )
-    r_dir = root / retrieval
-    r_manifest = read_retrieval_manifest(r_dir)
-    ds = dataset if dataset is not None else load_dataset(r_manifest["dataset"], data_dir)
-    if r_manifest["data_fingerprint"] != ds.fingerprint:
-        raise ArtifactMismatch(
-            f"retrieval export {r_dir} was trained on data with fingerprint {r_manifest['data_fingerprint'][:16]} "
-            f"({r_manifest['dataset']}), not {ds.name}'s {ds.fingerprint[:16]}: serve the data set it was trained on"
-        )
-    if sequential == "auto":
-        sequential = [p for p in ("sasrec/export", "bert4rec/export") if (root / p / "manifest.json").is_file()]
-    elif isinstance(sequential, str):
-        sequential = [sequential]
-    scorers = {}
-    for path in sequential or []:
-        scorer = NextItemScorer(root / path, compiled)
-        name = SEQUENCE_SOURCES[scorer.name]
-        if scorer.data_fingerprint != ds.fingerprint:
-            raise ArtifactMismatch(
-                f"{name} export {root / path} was trained on data with fingerprint "
-                f"{scorer.data_fingerprint[:16]}, not {ds.name}'s {ds.fingerprint[:16]}: retrain it"
-            )
-        missing = [id_key(i) for i in ds.item_raw_ids if id_key(i) not in scorer.index_of]
-        if missing:
-            raise ArtifactMismatch(
-                f"{name} export {root / path} lacks {len(missing)} of {ds.name}'s items "
-                f"(e.g. {missing[:3]}); retrain it on this data"
-            )
-        scorers[name] = (path, scorer)
-    digests = {name: file_digest(root / path / "weights.pt", "sha256") for name, (path, _) in scorers.items()}
-    if item_item == "auto":
-        item_item = "item-item/export" if (root / "item-item/export/manifest.json").is_file() else None
-    item_model = None
-    if item_item:
-        item_model = ItemItem.load(root / item_item)
-        if item_model.manifest["data_fingerprint"] != ds.fingerprint or item_model.manifest["item_raw_ids"] != [
-            id_key(i) for i in ds.item_raw_ids
-        ]:
-            raise ArtifactMismatch(
-                f"item-to-item export {root / item_item} was fitted on other data (fingerprint "
-                f"{item_model.manifest['data_fingerprint'][:16]}, not {ds.name}'s {ds.fingerprint[:16]}): fit it "
-                f"again with python -m retrieval.item_item --out {(root / item_item).parent}"
-            )
-        digests.update({name: item_model.digest(name) for name in item_model.names})
-    item_sources = [ItemItemSource(name, item_model) for name in (item_model.names if item_model else [])]
-    names = ["two-tower", *scorers, *(src.name for src in item_sources)]
-    choice_path = choice_file(root, names)
-    choice = json.loads(choice_path.read_text()) if served and choice_path.is_file() else None
-    fix = (
-        f"choose again with python -m integration.ensemble --artifacts {root} "
-        f"--sequential {','.join(scorers[n][1].name for n in scorers) or 'none'}"
-        + ("" if item_sources else " --item-item none")
-    )
-    if candidate_source == "ensemble" and choice is None:
-        raise ArtifactMismatch(f"no ensemble was fitted for {names} ({choice_path} is missing): {fix}")
-    auto = candidate_source == "auto"
-    if auto:
-        candidate_source = (
-            choice["candidate_source"]
-            if choice
-            else next((n for n in ("SASRec", "BERT4Rec") if n in scorers), "two-tower")
-        )
-    if candidate_source not in [*names, "union", "ensemble"]:
-        raise ArtifactMismatch(
-            f"candidate source {candidate_source!r}: this pipeline has {names} (or 'union', 'ensemble')"
-        )
-    # re-ranked unless serving the ensemble (no ranker is trained on its candidates) or what the
-    # choice says; an explicit ranker (A/B arms) always re-ranks
-    if ranking != "auto":
-        rerank = True
-    elif auto and choice:
-        rerank = bool(choice["rerank"])
-    else:
-        rerank = candidate_source not in ("ensemble", *(src.name for src in item_sources))
-
-    def own_ranker(name: str) -> str:
-        if name in scorers:
-            path = f"serving/dlrm-int8-{scorers[name][1].name}"
-            if (root / path / "manifest.json").is_file():
-                return path
-        return "serving/dlrm-int8"
-
-    if ranking == "auto":
-        ranking = own_ranker("two-tower" if candidate_source == "union" else candidate_source)
-    arms = {"A": ranking} if isinstance(ranking, str) else dict(ranking)
-    rankers = {arm: DLRMPredictor(root / path, compiled) for arm, path in arms.items()}
-    loaded = {path: rankers[arm] for arm, path in arms.items()}
-    by_source = {}
-    for name in ["two-tower", *scorers]:  # the item-to-item sources have no ranker of their own
-        path = own_ranker(name)
-        if path not in loaded:
-            loaded[path] = DLRMPredictor(root / path, compiled)
-        by_source[name] = loaded[path]
-    for path, p in loaded.items():
-        fp = p.manifest["source"]["data_fingerprint"]
-        if fp != ds.fingerprint:
-            raise ArtifactMismatch(
-                f"ranking artifact {root / path} was trained on data with fingerprint {fp[:16]}, but {ds.name} "
-                f"here has {ds.fingerprint[:16]}: retrain it on this data, or point --data-dir at the data "
-                f"it was trained on"
-            )
-    if r_manifest["data_fingerprint"] != ds.fingerprint:
-        raise ArtifactMismatch(
-            f"retrieval export {r_dir} was trained on data with fingerprint {r_manifest['data_fingerprint'][:16]}, "
-            f"but {ds.name} here has {ds.fingerprint[:16]}: retrain it on this data, or point --data-dir at the "
-            f"data it was trained on"
-        )
-    for path, p in loaded.items():
-        used = p.manifest["source"].get("retrieval_files")
-        if used is None:
-            raise ArtifactMismatch(
-                f"ranking artifact {root / path} was trained without a retrieval export (its "
-                f"retrieval_score feature was always 0); train it with "
-                f"python -m golden_training.train_dlrm --retrieval-export {r_dir}"
-            )
-        if used != r_manifest["files"]:
-            raise ArtifactMismatch(
-                f"ranking artifact {root / path} learned its retrieval_score feature from "
-                f"another retrieval model ({p.manifest['source']['retrieval_export']}), not {r_dir}: "
-                f"serve the export it was trained with, or retrain the ranker with "
-                f"--retrieval-export {r_dir}"
-            )
-    for name, (path, _) in scorers.items():
-        p = by_source[name]
-        trained_on = p.manifest["source"].get("candidates_weights")
-        if trained_on is not None and trained_on != digests[name]:
-            raise ArtifactMismatch(
-                f"ranking artifact {root / own_ranker(name)} was trained on the candidates of another {name} "
-                f"model ({p.manifest['source']['candidates_export']}), not {root / path}: retrain it with "
-                f"python -m golden_training.train_dlrm --candidates-export {root / path}"
-            )
-    split = split_dataset(ds)
-    feats = {json.dumps(p.manifest["features"], sort_keys=True) for p in loaded.values()}
-    if len(feats) > 1:
-        raise ArtifactMismatch(
-            f"the rankers ({', '.join(str(root / x) for x in loaded)}) build their features differently "
-            f"({sorted(feats)}); they must share one feature store"
-        )
-    cfg = next(iter(rankers.values())).manifest["features"]
-    # Rankers packaged before --history-match existed had the features whenever the data had the columns.
-    store = FeatureStore.build(
-        ds,
-        split,
-        cfg["history_len"],
-        cfg["sequence_features"],
-        cfg["trend_days"],
-        history_match=cfg.get("history_match", True),
-    )
-    for path, p in loaded.items():
-        if p.schema != store.features.schema:
-            raise ArtifactMismatch(
-                f"ranking artifact {root / path} expects features "
-                f"{_describe(p.schema)}, but the feature store builds {_describe(store.features.schema)}: "
-                f"repackage the ranker with this checkout"
-            )
-        dims = {t["dim"] for t in p.manifest["dims"]["tables"].values()}
-        if dims != {p.manifest["dims"]["embedding_dim"]}:
-            raise ArtifactMismatch(
-                f"ranking artifact {root / path}: table dims {sorted(dims)} differ from its "
-                f"embedding_dim {p.manifest['dims']['embedding_dim']}; DLRM needs one dim"
-            )
-    retriever = Retriever(r_dir, device="cpu", k=CANDIDATES, compiled=compiled)
-    if not np.array_equal(retriever.user_raw_ids, ds.user_raw_ids) or not np.array_equal(
-        retriever.item_raw_ids, ds.item_raw_ids
-    ):
-        raise ArtifactMismatch(
-            f"retrieval export {r_dir} maps raw IDs to indices differently from {ds.name}: its "
-            f"features.json is from another data set; export it again"
-        )
-    item_embeddings = np.load(r_dir / "item_embeddings.npy")
-    sources: list = [TwoTowerSource(retriever, item_embeddings)]
-    sources += [SequenceSource(sc, ds.item_raw_ids) for _, sc in scorers.values()]
-    models = {
-        "sources": {"two-tower": _digest(r_manifest["files"]), **digests},
-        # the model, not how it runs: AOTInductor packages added later (the manifest's "compiled" and
-        # "compiled_by_user" entries) score like the exported programs, so the choice still stands
-        "rankers": {
-            name: _digest({k: v for k, v in p.manifest.items() if k not in ("compiled", "compiled_by_user")})
-            for name, p in by_source.items()
-        },
-    }
-    if choice is not None and choice["models"] != models:
-        changed = [
-            f"{kind[:-1]} {name}"
-            for kind in ("sources", "rankers")
-            for name in sorted(set(models[kind]) | set(choice["models"].get(kind, {})))
-            if models[kind].get(name) != choice["models"].get(kind, {}).get(name)
-        ]
-        raise ArtifactMismatch(
-            f"{choice_path} chose the served system among other models than these "
-            f"({', '.join(changed)} changed since): {fix}"
-        )
-    weights = choice["weights"] if choice else None
-    identity = _digest(
-        {
-            "data": ds.fingerprint,
-            "source": candidate_source,
-            "k": CANDIDATES,
-            "retrieval": r_manifest["files"],
-            "rerank": rerank,
-            "weights": weights,
-            **digests,
-        }
-    )
-    return RecommendationPipeline(
-        retriever,
-        rankers,
-        store,
-        ds,
-        split,
-        sources,
-        item_embeddings,
-        candidate_source,
-        identity,
-        by_source,
-        weights,
-        rerank,
-        root,
-        models,
-        item_sources,
-    )
-
-
-def _digest(obj: object) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _describe(schema) -> str:
-    return ", ".join(f"{f.name}[{f.cardinality}]" for f in schema.sparse) + " + " + ", ".join(schema.dense_names)
-
-
-__all__ = ["ArtifactMismatch", "FeatureStore", "Recommendation", "RecommendationPipeline", "create_pipeline"]

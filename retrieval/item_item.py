@@ -12,17 +12,17 @@ them with the two-tower and SASRec in the served ensemble, integration/ensemble.
 - **EASE** (Steck, "Embarrassingly Shallow Autoencoders", WWW 2019): with X the binary user x item
   matrix of the training split, ``P = inv(X^T X + lambda I)`` and ``B = -P / diag(P)`` with a zero
   diagonal; a user's scores are the sum of B's rows over the items they have seen. The inverse is
-  dense, ``items^2`` memory and ``items^3`` time: 0.5 s for ml-100k's 1,682 items, minutes at 20,000,
-  out of reach at 200,000 (320 GB), where this stage refuses (``--max-ease-items``) and the
-  transitions alone are exported.
+  dense, ``items^2`` memory and ``items^3`` time: out of reach for catalogs of hundreds of thousands
+  of items, where this stage refuses (``--max-ease-items``) and the transitions alone are exported
+  (retrieval/README.md has the cost at each size).
 - **transitions**: ``T[i, j]`` counts j following i within ``--window`` steps of a user's training
   sequence (split order: time, then the tie key), each pair weighted 1/distance, and each row
   divided by its sum. A user's scores are ``sum_k decay^k T[h_k]`` over their ``--last`` most recent
   items h_0, h_1, ... (most recent first). Sparse: at most ``window`` entries per interaction.
 
 The defaults (lambda 100; window 8, last 20, decay 0.85) are the best of ``--search``'s grid on
-validation NDCG@10 (full ranking, seen items excluded), where the transitions reach 0.110, level
-with SASRec, and EASE 0.077. Test is scored once with the defaults (``--no-test``: never).
+validation NDCG@10 (full ranking, seen items excluded; the grid's figures are in retrieval/README.md).
+Test is scored once with the defaults (``--no-test``: never).
 Writes ``<out>/export`` (``ease.npy``, ``transitions.npz``, ``manifest.json`` with the item ID map
 and the data fingerprint, which the pipeline checks) and ``<out>/results.json``.
 """
@@ -43,6 +43,7 @@ import torch
 from common.data.download import file_digest
 from common.data.load import add_dataset_args, load_dataset
 from common.data.split import Split, split_dataset
+from common.export import read_manifest
 from common.metrics import evaluate_scores
 from common.runtime import write_json_atomic, write_results
 
@@ -251,18 +252,7 @@ class ItemItem:
     @classmethod
     def load(cls, export_dir: str | Path) -> ItemItem:
         export_dir = Path(export_dir)
-        path = export_dir / "manifest.json"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{export_dir} has no manifest.json; fit it first: python -m retrieval.item_item --out {export_dir.parent}"
-            )
-        manifest = json.loads(path.read_text())
-        for name, digest in manifest["files"].items():
-            if not (export_dir / name).is_file() or file_digest(export_dir / name, "sha256") != digest:
-                raise ValueError(
-                    f"{export_dir / name} is missing or not the file the manifest records; fit again: "
-                    f"python -m retrieval.item_item --out {export_dir.parent}"
-                )
+        manifest = read_manifest(export_dir, f"fit it (again): python -m retrieval.item_item --out {export_dir.parent}")
         ease = np.load(export_dir / "ease.npy") if "ease.npy" in manifest["files"] else None
         with np.load(export_dir / "transitions.npz") as z:
             transitions = Transitions(z["indptr"], z["indices"], z["values"])

@@ -19,7 +19,6 @@ can write the top-K of every user as JSON lines:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import time
@@ -29,16 +28,17 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-from torch.export import Dim
 from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
 from torchrec.inference.modules import quantize_embeddings
 from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
-from common.compiled import compile_program, export_program, id_guard, load_package, write_entry
+from common.compiled import id_guard, load_package
 from common.data.dataset import id_key, raw_ids
 from common.data.load import load_dataset
 from common.data.split import split_dataset
 from common.data.tables import last_n
+from common.export import ExportError
+from common.export import read_manifest as read_export_manifest
 from common.features import FeatureError, FeatureSchema
 from common.metrics import evaluate_topk, top_unseen
 from common.runtime import autodetect_device, write_json_atomic
@@ -46,9 +46,7 @@ from retrieval.modules.feature_processor import TwoTowerFeatures
 from retrieval.modules.index import recall_against_exact, to_gpu_if_available
 from retrieval.modules.two_tower import EXPORT_FORMATS, SERVING_ARRAYS, Tower, TwoTowerRetrieval
 
-
-class ArtifactError(ValueError):
-    """The export is incomplete or its parts don't belong together; the message says which."""
+ArtifactError = ExportError  # the export is incomplete or its parts don't belong together; the message says which
 
 
 @dataclass
@@ -60,27 +58,13 @@ class Recommendation:
 
 
 def read_manifest(export_dir: str | Path, verify_files: bool = True) -> dict:
-    export_dir = Path(export_dir)
-    path = export_dir / "manifest.json"
-    if not path.is_file():
-        raise ArtifactError(
-            f"{path} not found: train first (python -m retrieval.two_tower_train) or point --export "
-            f"at a directory written by it"
-        )
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") not in EXPORT_FORMATS:
-        raise ArtifactError(f"{path}: format {manifest.get('format')!r}, expected one of {list(EXPORT_FORMATS)}")
-    if verify_files:
-        for name, sha in manifest["files"].items():
-            f = export_dir / name
-            if not f.is_file():
-                raise ArtifactError(f"{f} is missing from the export")
-            if hashlib.sha256(f.read_bytes()).hexdigest() != sha:
-                raise ArtifactError(
-                    f"{f} does not match the manifest's checksum: it was replaced or comes from "
-                    f"another export; re-export or restore it"
-                )
-    return manifest
+    """The export's manifest, its format and (``verify_files``) every file checked (common/export.py)."""
+    return read_export_manifest(
+        export_dir,
+        "train first (python -m retrieval.two_tower_train) or point --export at a directory written by it",
+        EXPORT_FORMATS,
+        verify_files,
+    )
 
 
 def read_serving_arrays(export_dir: str | Path, manifest: dict) -> dict:
@@ -143,29 +127,6 @@ class CompiledTower(torch.nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         return self.runner(features.values().long(), features.lengths().long())
-
-
-def compile_query_tower(export_dir: str | Path) -> dict:
-    """Export the INT8 query tower as ``Retriever`` serves it on CPU, compile it with AOTInductor to
-    ``query_tower.aoti.pt2`` (checked on the first users' queries against the eager tower) and add
-    the manifest's ``compiled`` entry. Returns that entry."""
-    export_dir = Path(export_dir)
-    r = Retriever(export_dir, device="cpu", compiled=False)
-    program = TowerProgram(r.tower)
-    example = r.check_inputs(64)
-    batch = Dim("batch", min=1, max=1 << 20)
-    exported = export_program(
-        program,
-        example,
-        {"values": {0: Dim("nnz", min=0, max=1 << 30)}, "lengths": {0: len(r.tower.feature_names) * batch}},
-    )
-    schema = r.features.query_schema
-    entry, _ = compile_program(
-        exported, example, export_dir / COMPILED_TOWER, id_guard(schema), program, r.check_inputs()
-    )
-    entry["quantize"] = "int8"
-    write_entry(export_dir / "manifest.json", entry)
-    return entry
 
 
 def embedding_table_bytes(tower: torch.nn.Module) -> int:
@@ -292,7 +253,7 @@ class Retriever:
         """The exact index's search as a matrix product, each row's seen items set to -inf, then top-k:
         the same items as FAISS's flat search followed by removing the seen ones (up to float ties), on
         torch's threads. FAISS asks for k + the user's history to have k left after removing it, keeps
-        them in a heap and leaves the removal to numpy: 35 us a user against 10 at 256 users on ml-100k."""
+        them in a heap and leaves the removal to numpy, several times slower (integration/README.md)."""
         n_items = len(self.item_vectors)
         found = min(k, n_items)
         items = np.full((len(q), k), -1, dtype=np.int64)
@@ -310,8 +271,8 @@ class Retriever:
     def search(self, q: np.ndarray, k: int, room: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The FAISS index's top ``k`` + ``room[i]`` items for each query embedding (room for a user's seen
         items), ``[B, k + max(room)]`` padded with -1 / -inf. A search costs more the more results it
-        keeps (ml-100k's flat index through FAISS: 40 us a user at k = 100 + the batch's longest history,
-        21 us grouped), so a batch is searched in groups by room rounded up to a power of two."""
+        keeps (room for the batch's longest history costs every user: integration/README.md), so a batch
+        is searched in groups by room rounded up to a power of two."""
         width = min(k + int(room.max()) if len(room) else k, self.features.num_items)
         if len(q) > 1:
             room = np.where(room > 0, np.left_shift(1, np.ceil(np.log2(np.maximum(room, 1))).astype(np.int64)), 0)

@@ -38,7 +38,6 @@ from tqdm import tqdm
 from common.baselines import popularity_report
 from common.checkpoint import (
     CheckpointSchedule,
-    checkpoint_interval,
     gathered_state_dict,
     resume_if_possible,
     run_config,
@@ -48,6 +47,7 @@ from common.data.dataset import InteractionData
 from common.data.load import add_dataset_args, load_dataset
 from common.data.split import Split, history_before_test, rank_splits
 from common.data.tables import last_n
+from common.flags import add_trainer_args
 from common.metrics import RankingReport, evaluate_scores
 from common.runtime import (
     MetricsLog,
@@ -60,7 +60,7 @@ from common.runtime import (
     write_json_atomic,
     write_results,
 )
-from common.sharding import PIPELINE_HELP, PIPELINES, SHARDING_TYPES, release_pipeline, shard_model, train_pipeline
+from common.sharding import release_pipeline, shard_model, train_pipeline
 from retrieval.modules.feature_processor import TwoTowerFeatures
 from retrieval.modules.index import INDEX_TYPES, build_index
 from retrieval.modules.two_tower import EXPORT_FORMAT, SERVING_ARRAYS, TwoTower, TwoTowerBatch
@@ -142,72 +142,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
         default=d.holdout_last,
         help=f"leave each user's last N training interactions out of training, for a ranker to learn from (default: {d.holdout_last})",
     )
-    train = p.add_argument_group("training")
-    train.add_argument(
-        "--epochs", type=int, default=d.epochs, help=f"passes over the training interactions (default: {d.epochs})"
+    groups = add_trainer_args(
+        p,
+        d,
+        batch_size="examples per rank per step; also the in-batch negatives (default: {default})",
+        out="run directory: checkpoints/, export/, results.json (default: {default})",
     )
-    train.add_argument(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help=f"examples per rank per step; also the in-batch negatives (default: {d.batch_size})",
-    )
-    train.add_argument(
-        "--sparse-lr",
-        type=float,
-        default=d.sparse_lr,
-        help=f"RowWiseAdagrad learning rate for embeddings (default: {d.sparse_lr})",
-    )
-    train.add_argument(
-        "--dense-lr", type=float, default=d.dense_lr, help=f"Adam learning rate for the MLPs (default: {d.dense_lr})"
-    )
-    train.add_argument(
-        "--seed", type=int, default=d.seed, help=f"seed for initialization and data order (default: {d.seed})"
-    )
-    train.add_argument(
-        "--limit-batches",
-        type=int,
-        default=None,
-        help="stop each epoch after this many steps (quick runs; default: all)",
-    )
-    train.add_argument(
-        "--checkpoint-every",
-        type=checkpoint_interval,
-        default=d.checkpoint_every,
-        help="DCP checkpoints mid-epoch every N steps (200) or every interval of wall time (30s, 5min, 1h); "
-        f"0 = epoch ends only (default: {d.checkpoint_every})",
-    )
-    train.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the latest checkpoint under --out, if there is one, exactly where it stopped (without it, an --out holding checkpoints is refused)",
-    )
-    train.add_argument(
-        "--log-every",
-        type=int,
-        default=d.log_every,
-        help=f"steps between log lines and metrics.jsonl entries (default: {d.log_every})",
-    )
-    train.add_argument(
-        "--tensorboard",
-        action="store_true",
-        help="also write the curves as TensorBoard events under <out>/tensorboard (pip install tensorboard)",
-    )
-    dist = p.add_argument_group("distributed")
-    dist.add_argument(
-        "--device", default=d.device, choices=["auto", "cpu", "cuda"], help="auto: cuda if available (default: auto)"
-    )
-    dist.add_argument(
-        "--sharding-type",
-        default=d.sharding_type,
-        choices=SHARDING_TYPES,
-        help="how embedding tables are sharded; row-wise kinds need CUDA (default: table_wise)",
-    )
-    dist.add_argument("--pipeline", default=d.pipeline, choices=PIPELINES, help=PIPELINE_HELP)
-    out = p.add_argument_group("evaluation and export")
-    out.add_argument(
-        "--out", default=d.out, help=f"run directory: checkpoints/, export/, results.json (default: {d.out})"
-    )
+    out = groups["output"]
     out.add_argument(
         "--eval-batch-size",
         type=int,
@@ -219,10 +160,6 @@ def parse_args(argv: list[str] | None = None) -> Config:
         default=d.index_type,
         choices=INDEX_TYPES,
         help="FAISS index for serving; auto picks by catalog size (default: auto)",
-    )
-    out.add_argument("--n-boot", type=int, default=d.n_boot, help=f"bootstrap resamples for CIs (default: {d.n_boot})")
-    out.add_argument(
-        "--no-test", action="store_true", help="never evaluate on test (model selection runs: validation only)"
     )
     a = vars(p.parse_args(argv))
     a["layer_sizes"] = tuple(a["layer_sizes"])
@@ -430,8 +367,8 @@ def export(
     index_seconds = time.perf_counter() - t0
     faiss.write_index(index, str(out_dir / "index.faiss"))
     # Serving by user ID needs each known user's history: everything before test (train + valid).
-    # The per-user and per-item arrays are .npy (memory-mappable; JSON lists of 20M histories took
-    # 631 MB and minutes to write and parse); features.json keeps the feature tables.
+    # The per-user and per-item arrays are .npy (memory-mappable; JSON lists of millions of histories
+    # were slow to write and parse); features.json keeps the feature tables.
     # Rank 0 reads every user's interactions here (and only here).
     indptr, hist = history_before_test(ds)
     (out_dir / "features.json").write_text(json.dumps({"features": features.to_dict()}))
@@ -468,6 +405,51 @@ def export(
 
 
 # ------------------------------------------------------------------------------------------
+
+
+def finish(cfg: Config, rt, model, features, ds, share: Split, split: Split, run: dict) -> dict[str, object]:
+    """The trained model on test (validation with --no-test) beside popularity and without the user
+    ID, its export, and results.json (``run``: what the training loop recorded)."""
+    out = Path(cfg.out)
+    stage = "valid" if cfg.no_test else "test"  # --no-test: the final table on validation, test never scored
+    test, item_emb = evaluate(model, features, split, stage, rt.device, cfg)
+    new_users, _ = evaluate(model, features, split, stage, rt.device, cfg, hide_user_id=True)
+    # Popularity counts every user's interactions before the stage: each rank counts its share's.
+    pop = popularity_report(split, stage, cfg.n_boot, all_reduce(share.item_counts(stage), "sum", rt.device))
+    print0(f"{stage:<22} | " + " | ".join(f"{k:>10}" for k in test.means))
+    for name, rep in (("popularity", pop), ("two-tower", test), ("two-tower, no user ID", new_users)):
+        print0(f"{name:<22} | " + " | ".join(f"{v:>10.4f}" for v in rep.means.values()))
+    export_dir = export(
+        out / "export",
+        cfg,
+        model,
+        features,
+        ds,
+        cfg.dataset,
+        item_emb,
+    )
+    results = {
+        "dataset": ds.name,
+        "data_fingerprint": ds.fingerprint,
+        "world_size": rt.world_size,
+        "device": rt.device.type,
+        "config": asdict(cfg),
+        "valid_per_epoch": run["history"],
+        **(
+            {"valid": test.to_dict(), "popularity_valid": pop.to_dict(), "valid_without_user_id": new_users.to_dict()}
+            if cfg.no_test
+            else {"test": test.to_dict(), "popularity_test": pop.to_dict(), "test_without_user_id": new_users.to_dict()}
+        ),
+        "train_seconds": run["train_seconds"],
+        "train_examples_per_s": run["train_examples_per_s"],
+        "resumed_from_step": run["resumed_from_step"],
+        "steps": run["steps"],
+        "export": str(export_dir) if export_dir else None,
+    }
+    write_results(out, results)
+    if export_dir:
+        print0(f"wrote {out / 'results.json'} and {export_dir}")
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -576,44 +558,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     train_seconds = time.perf_counter() - train_start
     log.close()
 
-    stage = "valid" if cfg.no_test else "test"  # --no-test: the final table on validation, test never scored
-    test, item_emb = evaluate(model, features, split, stage, rt.device, cfg)
-    new_users, _ = evaluate(model, features, split, stage, rt.device, cfg, hide_user_id=True)
-    # Popularity counts every user's interactions before the stage: each rank counts its share's.
-    pop = popularity_report(split, stage, cfg.n_boot, all_reduce(share.item_counts(stage), "sum", rt.device))
-    print0(f"{stage:<22} | " + " | ".join(f"{k:>10}" for k in test.means))
-    for name, rep in (("popularity", pop), ("two-tower", test), ("two-tower, no user ID", new_users)):
-        print0(f"{name:<22} | " + " | ".join(f"{v:>10.4f}" for v in rep.means.values()))
-    export_dir = export(
-        out / "export",
-        cfg,
-        model,
-        features,
-        ds,
-        cfg.dataset,
-        item_emb,
-    )
-    results = {
-        "dataset": ds.name,
-        "data_fingerprint": ds.fingerprint,
-        "world_size": rt.world_size,
-        "device": rt.device.type,
-        "config": asdict(cfg),
-        "valid_per_epoch": history,
-        **(
-            {"valid": test.to_dict(), "popularity_valid": pop.to_dict(), "valid_without_user_id": new_users.to_dict()}
-            if cfg.no_test
-            else {"test": test.to_dict(), "popularity_test": pop.to_dict(), "test_without_user_id": new_users.to_dict()}
-        ),
-        "train_seconds": train_seconds,
-        "train_examples_per_s": trained / loop_seconds if loop_seconds else None,  # loop only, this run
-        "resumed_from_step": resumed_from,
-        "steps": global_step,
-        "export": str(export_dir) if export_dir else None,
-    }
-    write_results(out, results)
-    if export_dir:
-        print0(f"wrote {out / 'results.json'} and {export_dir}")
+    run = {"history": history, "train_seconds": train_seconds, "resumed_from_step": resumed_from, "steps": global_step}
+    run["train_examples_per_s"] = trained / loop_seconds if loop_seconds else None  # loop only, this run
+    results = finish(cfg, rt, model, features, ds, share, split, run)
     shutdown()
     return results
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
-from common.sequential import FEATURE, Positions, sequences_kjt
+from bert4rec.sequences import FEATURE, Positions, sequences_kjt
 
 
 class SASRec(nn.Module):
@@ -89,7 +89,7 @@ class SASRec(nn.Module):
 
     def padded_scores(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """:meth:`last_scores` from tokens padded to ``[batch, width]``: the form torch.export and
-        AOTInductor compile (no shape depends on the data; see ``common.sequential.compile_scorer``)."""
+        AOTInductor compile (no shape depends on the data; see ``inference_legacy.aot_compile.compile_scorer``)."""
         weight = self.item_embedding.embeddings["item"].weight
         h = self.encode(F.embedding(tokens, weight))
         last = h[torch.arange(h.shape[0], device=h.device), (lengths - 1).clamp(min=0)]

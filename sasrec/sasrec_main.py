@@ -12,7 +12,7 @@ sharded by DistributedModelParallel and updated by a fused RowWiseAdagrad in bac
 transformer is data-parallel, with Adam. Training windows are the last ``--max-len`` items of each
 user's training sequence plus earlier windows every ``--window-step`` items.
 
-The loop, evaluation, checkpoints and export are BERT4Rec's (common/sequential.py): validation every
+The loop, evaluation, checkpoints and export are BERT4Rec's (bert4rec/bert4rec_main.py): validation every
 ``--eval-every`` epochs with early stopping, DCP checkpoints under <out>/checkpoints (``--resume``),
 the best model under <out>/best, test scored once with it (``--no-test``: never), results in
 <out>/results.json and the next-item scorer for the integration pipeline in <out>/export.
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.sequential import SeqConfig, check_config, parser, train_and_evaluate
+from bert4rec.bert4rec_main import SeqConfig, check_config, parser, train_and_evaluate
 from sasrec.model import shift_batch
 
 

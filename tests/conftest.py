@@ -239,7 +239,7 @@ def page_in_browser(service_args: list[str]):
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from inference_legacy.server import spawn
+    from inference_legacy.dlrm_client import spawn
 
     browser = chrome()
     proc, url = spawn(["-m", "integration.service", *service_args])

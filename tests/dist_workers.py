@@ -109,12 +109,11 @@ def ranks_of_this_process(path: str) -> None:
 
 def bert4rec_evaluate(run_dir: str) -> dict[str, dict[str, float]]:
     """Load a BERT4Rec run's best checkpoint into this world size's sharding and evaluate test."""
-    from bert4rec.bert4rec_main import Config
+    from bert4rec.bert4rec_main import Config, build, evaluate
     from common.checkpoint import latest_checkpoint, load_checkpoint
     from common.data.movielens import load_movielens
     from common.data.split import split_dataset
     from common.runtime import init_runtime
-    from common.sequential import build, evaluate
 
     rt = init_runtime("cpu")
     torch.set_num_threads(1)  # the same arithmetic in every process count

@@ -8,6 +8,9 @@ import pytest
 
 from bench import data_layer
 
+# each benchmark's quick run: the slow tier (make test, CI), not plain pytest
+pytestmark = pytest.mark.slow
+
 
 def test_data_layer_benchmark_quick(tmp_path) -> None:
     out = tmp_path / "data_layer.json"

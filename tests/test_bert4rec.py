@@ -30,7 +30,7 @@ def test_a_seeded_tiny_run_learns(tiny_run) -> None:
 
 
 def test_export_scores_awkward_histories(tiny_run, ml100k, ml100k_split) -> None:
-    from common.sequential import NextItemScorer
+    from bert4rec.scorer import NextItemScorer
 
     _, out = tiny_run
     scorer = NextItemScorer(out / "export")

@@ -12,8 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.sequential import NextItemScorer, sequences_kjt
+from bert4rec.scorer import NextItemScorer
+from bert4rec.sequences import sequences_kjt
 from inference_legacy.aot_compile import main as compile_main
+
+# sequential models trained and compiled with AOTInductor: the slow tier (make test, CI)
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(params=["bert4rec_run", "sasrec_run"])
@@ -69,7 +73,7 @@ def test_the_compiled_scorer_serves_the_same_scores_and_falls_back_with_the_reas
 def test_a_compiled_program_that_does_not_match_its_model_is_not_written(tmp_path) -> None:
     from torch.export import Dim
 
-    from common.compiled import compile_program, export_program
+    from inference_legacy.compiler import compile_program, export_program
 
     torch.manual_seed(0)
     model, x = torch.nn.Linear(4, 2).eval(), torch.randn(8, 4)

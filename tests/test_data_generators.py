@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from bench.synthetic import generate_interactions, oracle_scores, synthetic_dataset, truth_of
 from common.data.split import split_dataset
-from common.data.synthetic import generate_interactions, oracle_scores
 from common.metrics import BinaryMetrics, evaluate_scores
 from golden_training.criteo import (
     NUM_DENSE,
@@ -92,10 +92,14 @@ def test_synthetic_structure_is_learnable_and_seeded() -> None:
     assert (np.diff(d.user) >= 0).all() and (d.timestamp[1:][same_user] > d.timestamp[:-1][same_user]).all()
     counts = np.sort(np.bincount(d.item, minlength=d.num_items))[::-1]
     assert counts[:10].sum() > 5 * counts[-500:].sum() / 50  # power-law head vs tail
-    split = split_dataset(d)
+    ds = synthetic_dataset(d)  # the split reads the canonical form only
+    split = split_dataset(ds)
+    gen_user, gen_item = truth_of(ds)  # dense index -> the generator's
     pop = torch.as_tensor(split.item_counts("test"), dtype=torch.float32)
     popularity = evaluate_scores(lambda u: pop.expand(len(u), -1).clone(), split, "test", n_boot=10)
-    oracle = evaluate_scores(lambda u: torch.as_tensor(oracle_scores(d, u.numpy())), split, "test", n_boot=10)
+    oracle = evaluate_scores(
+        lambda u: torch.as_tensor(oracle_scores(d, gen_user[u.numpy()])[:, gen_item]), split, "test", n_boot=10
+    )
     assert oracle.means["HR@10"] > 5 * popularity.means["HR@10"] and oracle.means["HR@10"] > 0.15
     again = generate_interactions(num_users=2_000, num_items=1_000, interactions_per_user=20, seed=0)
     assert (again.item == d.item).all() and (again.timestamp == d.timestamp).all()

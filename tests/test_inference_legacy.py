@@ -26,10 +26,10 @@ from starlette.testclient import TestClient
 from common.compiled import Guarded
 from inference_legacy import aot_compile, dlrm_packager
 from inference_legacy import artifact as art
-from inference_legacy.dlrm_client import DLRMClient, ServiceError
+from inference_legacy.dlrm_client import DLRMClient, ServiceError, spawn
 from inference_legacy.dlrm_predict import DLRMPredictor, create_dlrm_app
 from inference_legacy.dlrm_predict import main as serve_main
-from inference_legacy.server import BadRequest, DynamicBatcher, spawn
+from inference_legacy.server import BadRequest, DynamicBatcher
 from tests.conftest import ready_client
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,6 +131,7 @@ def _heldout_inputs(predictor: DLRMPredictor) -> tuple[torch.Tensor, ...]:
     return fb.dense, fb.sparse.values().long(), fb.sparse.lengths().long()
 
 
+@pytest.mark.slow
 def test_the_compiled_package_scores_like_the_exported_program(compiled) -> None:
     """AOTInductor's package: served by default, equal to the exported program within the recorded
     tolerance on every held-out row, the fp32 self-check passed, and the ID check the compiled graph
@@ -170,6 +171,7 @@ def _one_user_many_items(p: DLRMPredictor, users: int = 4, items: int = 25) -> t
     return fb.dense, fb.sparse.values().long(), fb.sparse.lengths().long()
 
 
+@pytest.mark.slow
 def test_the_per_user_program_scores_like_the_per_row_one(compiled) -> None:
     """The per-user program (each user's features looked up once for all their candidates): packaged,
     compiled and served by default, equal to the per-row program on held-out users' candidates, and
@@ -540,6 +542,7 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error(client) -> None:
     assert len(predict_bad) >= 30 and all(400 <= s < 500 for s in predict_bad)  # invalid ones refused
 
 
+@pytest.mark.slow
 def test_load_benchmark_quick(packaged, tmp_path) -> None:
     from bench import serving_load
 
@@ -675,6 +678,7 @@ def test_a_client_that_disconnects_is_not_counted_as_a_server_error() -> None:
     assert metrics.requests.labels("/predict", "500")._value.get() == 0
 
 
+@pytest.mark.slow
 def test_slow_clients_are_cut_off_and_the_service_stays_up(packaged) -> None:
     """Issue 17.8, slowloris: a body that never finishes got no answer and held its connection for
     ever, and so did headers sent a byte at a time. Now the body gets a 408 and the connection a close."""

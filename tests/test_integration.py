@@ -18,9 +18,14 @@ import torch
 from bench.service_chaos import RedisServer, free_port
 from common.metrics import paired_difference
 from inference_legacy import dlrm_packager
-from integration.pipeline import ArtifactMismatch, create_pipeline
-from integration.service import ABRouter, MemoryCache, RedisCache, create_service, pack, unpack
+from integration.caches import MemoryCache, RedisCache, pack, unpack
+from integration.compatibility import ArtifactMismatch
+from integration.loader import create_pipeline
+from integration.service import ABRouter, create_service
 from tests.conftest import page_error_for_user, page_in_browser, ready_client
+
+# the whole chain trained and served: the slow tier (make test, CI), not plain pytest
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +98,7 @@ def test_the_per_user_ranker_orders_candidates_as_the_per_row_one(pipeline) -> N
 
 def test_user_chunks_split_the_per_user_inputs_at_user_boundaries(pipeline) -> None:
     """Each chunk holds whole users: the chunks' concatenated rows and users rebuild the batch."""
-    from integration.pipeline import user_chunks
+    from integration.feature_store import user_chunks
 
     users = np.arange(7)
     items, scores = pipeline.candidates(users)
@@ -608,8 +613,8 @@ def test_the_item_to_item_sources_join_the_ensemble_and_lift_it(with_sasrec, tmp
 
 def test_events_and_requests_are_bounded_and_strictly_typed(service, pipeline) -> None:
     """Issue 17.6: a far-future timestamp, an unbounded history, loosely typed k and bad zips are refused."""
-    from integration.pipeline import MAX_HISTORY
-    from integration.service import EVENT_CLOCK_SLACK_S
+    from integration.api import EVENT_CLOCK_SLACK_S
+    from integration.feature_store import MAX_HISTORY
 
     clock = int(pipeline.dataset.timestamp.max())
     user = pipeline.user_index[22]
@@ -743,7 +748,7 @@ def test_two_workers_serve_one_port_share_events_and_a_restart_replays_them(arti
     import http.client
     from urllib.parse import urlparse
 
-    from inference_legacy.server import spawn
+    from inference_legacy.dlrm_client import spawn
 
     log = tmp_path / "events.jsonl"
 

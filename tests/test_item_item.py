@@ -98,7 +98,9 @@ def test_export_round_trip_and_refusals(ml100k, tmp_path) -> None:
     assert small.names == ["transitions"] and small.ease is None
     # a file changed after the export: refused, with the command that fits it again
     np.save(tmp_path / "export" / "ease.npy", np.zeros((2, 2), np.float32))
-    with pytest.raises(ValueError, match=r"ease.npy is missing or not the file.*python -m retrieval.item_item"):
+    with pytest.raises(
+        ValueError, match=r"ease.npy does not match the manifest.s SHA-256.*python -m retrieval.item_item"
+    ):
         ItemItem.load(tmp_path / "export")
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         ItemItem.load(tmp_path / "nothing")

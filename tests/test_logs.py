@@ -15,11 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from bench.synthetic import generate_interactions, synthetic_dataset, truth_of, write_synthetic_log
 from common.data.dataset import MISSING, InteractionData
 from common.data.load import load_dataset
 from common.data.logs import LogError, load_log, read_log, write_log
 from common.data.split import split_dataset
-from common.data.synthetic import generate_interactions, synthetic_dataset, truth_of, write_synthetic_log
 
 SPLIT_ARRAYS = ("train_user", "train_item", "train_time", "valid_user", "valid_item", "test_user", "test_item")
 
@@ -266,7 +266,7 @@ def test_the_service_request_model_follows_the_data_sets_user_columns(tmp_path: 
 
     from common.data.movielens import load_movielens
     from common.data.tables import FeatureTables
-    from integration.service import request_model, user_record
+    from integration.api import request_model, user_record
 
     def model(ds):
         tables = FeatureTables.from_dataset(ds)
@@ -310,12 +310,14 @@ def shop_run(tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(cache=cache, root=root, trained=res["trained"], printed=printed.getvalue())
 
 
+@pytest.mark.slow
 def test_the_demo_and_the_service_on_a_log_with_text_ids(shop_run: SimpleNamespace) -> None:
     """The demo and the HTTP service on the shop log: the demo prints a user's list, and the API
     takes and returns the raw text IDs (recommend, a user's page, events, features with a history),
     refusing an integer user_id."""
-    from integration.pipeline import create_pipeline
-    from integration.service import ABRouter, MemoryCache, create_service
+    from integration.caches import MemoryCache
+    from integration.loader import create_pipeline
+    from integration.service import ABRouter, create_service
     from tests.conftest import ready_client
 
     assert len(shop_run.trained) == 3 and "user cust-0007:" in shop_run.printed
@@ -351,7 +353,7 @@ def test_the_web_page_follows_the_served_data_set(shop_run: SimpleNamespace) -> 
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    from integration.pipeline import create_pipeline
+    from integration.loader import create_pipeline
     from tests.conftest import page_error_for_user, page_in_browser
 
     expected = create_pipeline(shop_run.root, data_dir=shop_run.cache).recommend(["cust-0007"])[0]

@@ -157,7 +157,8 @@ def _sequential_arrays(ds: InteractionData, stage: str, name: str) -> dict[str, 
     """Training batches and candidates of a sequential stage (bert4rec/, sasrec/), built its way."""
     import importlib
 
-    from common import sequential
+    from bert4rec import bert4rec_main as sequential
+    from bert4rec.scorer import make_model
 
     main = importlib.import_module(f"{name}.{name}_main")
     split = split_dataset(ds)
@@ -166,7 +167,7 @@ def _sequential_arrays(ds: InteractionData, stage: str, name: str) -> dict[str, 
     order = sequential.length_buckets(windows, cfg.batch_size, np.random.default_rng([cfg.seed, 0]))
     torch.manual_seed(0)
     settings = {**dataclasses.asdict(cfg), "embedding_dim": 32, "num_layers": 1}
-    model = sequential.make_model(name, settings, ds.num_items, dropout=0.0).eval()
+    model = make_model(name, settings, ds.num_items, dropout=0.0).eval()
     rng = np.random.default_rng([cfg.seed, 0, 0])
     out = {"train.order": order}
     for k in range(len(windows) // cfg.batch_size):
@@ -194,7 +195,7 @@ def sasrec_arrays(ds: InteractionData, stage: str) -> dict[str, np.ndarray]:
 
 
 def feature_store_arrays(ds: InteractionData, stage: str) -> dict[str, np.ndarray]:
-    from integration.pipeline import FeatureStore
+    from integration.feature_store import FeatureStore
 
     split = split_dataset(ds)
     store = FeatureStore.build(ds, split, history_len=50, sequence=True, trend_days=30.0, stage=stage)
@@ -252,7 +253,7 @@ def _leak_ranker(monkeypatch) -> None:
 
 def _leak_sequential(monkeypatch) -> None:
     """Training windows cut from the history through validation (the validation target trained on)."""
-    from common import sequential
+    from bert4rec import bert4rec_main as sequential
 
     real = sequential.training_windows
 
@@ -266,7 +267,7 @@ def _leak_sequential(monkeypatch) -> None:
 
 def _leak_feature_store(monkeypatch) -> None:
     """The store's histories built one stage too late."""
-    from integration.pipeline import FeatureStore
+    from integration.feature_store import FeatureStore
 
     real = FeatureStore.build.__func__
     monkeypatch.setattr(

@@ -321,8 +321,8 @@ def test_history_match_features_are_opt_in_and_count_the_candidates_category_in_
     it (the default) the ranker has no such columns."""
     import numpy as np
 
+    from bench.synthetic import generate_interactions, synthetic_dataset
     from common.data.split import split_dataset
-    from common.data.synthetic import generate_interactions, synthetic_dataset
     from golden_training.ranking_data import RankingFeatures
 
     ds = synthetic_dataset(generate_interactions(200, 100, seed=0))

@@ -180,6 +180,7 @@ def _edit_manifest(export: Path, edit) -> None:
     (export / "manifest.json").write_text(json.dumps(m))
 
 
+@pytest.mark.slow
 def test_the_compiled_query_tower_serves_like_the_eager_one_and_falls_back_with_the_reason(
     trained, tmp_path: Path, caplog
 ) -> None:
@@ -238,7 +239,7 @@ def test_mismatched_artifacts_fail_at_load_time(trained, tmp_path: Path) -> None
 
     other_index = _copy_export(out, tmp_path / "c")
     faiss.write_index(faiss.IndexFlatIP(64), str(other_index / "index.faiss"))
-    with pytest.raises(ArtifactError, match="index.faiss does not match the manifest's checksum"):
+    with pytest.raises(ArtifactError, match="index.faiss does not match the manifest's SHA-256"):
         Retriever(other_index)
 
     # Even with a manifest that vouches for it, an index of the wrong shape is refused.
@@ -265,6 +266,7 @@ def test_mismatched_artifacts_fail_at_load_time(trained, tmp_path: Path) -> None
         Retriever(tmp_path / "nothing")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_metrics(tmp_path: Path) -> None:
     args = [
         "--epochs",

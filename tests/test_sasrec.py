@@ -12,7 +12,7 @@ import torch
 
 
 def test_the_model_is_causal_and_the_task_predicts_each_next_item() -> None:
-    from common.sequential import sequences_kjt
+    from bert4rec.sequences import sequences_kjt
     from sasrec.model import SASRec, shift_batch
 
     torch.manual_seed(0)
@@ -42,8 +42,8 @@ def test_a_seeded_tiny_run_learns(sasrec_run) -> None:
 
 
 def test_the_rank_shares_training_windows_are_the_whole_splits(ml100k, ml100k_split) -> None:
+    from bert4rec.bert4rec_main import training_windows
     from common.data.split import rank_splits
-    from common.sequential import training_windows
 
     whole = training_windows(ml100k_split, 50, 10)
     for world in (2, 3):
@@ -55,7 +55,7 @@ def test_the_rank_shares_training_windows_are_the_whole_splits(ml100k, ml100k_sp
 
 @pytest.mark.multiprocess
 def test_two_ranks_train_on_their_shares_and_evaluate_the_sample(sasrec_run, ml100k, tmp_path) -> None:
-    """torchrun with 2 ranks (the loop BERT4Rec shares, common/sequential.py), each training on its
+    """torchrun with 2 ranks (the loop BERT4Rec shares, bert4rec/bert4rec_main.py), each training on its
     share of the users, evaluating a fixed sample of 300: every training window is used once, the
     popularity figures are exactly one process's on that sample (counted over both shares), and
     SASRec beats them."""
@@ -73,7 +73,7 @@ def test_two_ranks_train_on_their_shares_and_evaluate_the_sample(sasrec_run, ml1
 
 
 def test_export_scores_awkward_histories(sasrec_run, ml100k, ml100k_split) -> None:
-    from common.sequential import NextItemScorer
+    from bert4rec.scorer import NextItemScorer
 
     _, out = sasrec_run
     scorer = NextItemScorer(out / "export")

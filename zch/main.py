@@ -38,9 +38,10 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from torchrec.models.dlrm import DLRM
 from tqdm import tqdm
 
-from common.checkpoint import CheckpointSchedule, checkpoint_interval, resume_if_possible, run_config, save_checkpoint
+from common.checkpoint import CheckpointSchedule, resume_if_possible, run_config, save_checkpoint
 from common.data.dataset import time_order
 from common.data.load import add_dataset_args, load_dataset
+from common.flags import add_trainer_args
 from common.metrics import BinaryMetrics
 from common.runtime import (
     MetricsLog,
@@ -127,52 +128,20 @@ def parse_args(argv: list[str] | None = None) -> Config:
         default=d.eviction_interval,
         help=f"ZCH admits and evicts every N training batches (default: {d.eviction_interval})",
     )
-    train = p.add_argument_group("training")
-    train.add_argument(
+    groups = add_trainer_args(
+        p,
+        d,
+        epochs="passes over the training examples, in time order (default: {default})",
+        seed="seed for initialization and the synthetic data (default: {default})",
+        checkpoint_every="DCP checkpoints every N steps (200) or every interval of wall time (30s, 5min, 1h); "
+        "0 = end of training only (default: {default})",
+        resume="continue each run from its latest checkpoint under --out",
+        tensorboard="also write the curves as TensorBoard events under each run's folder (pip install tensorboard)",
+    )
+    groups["model"] = p.add_argument_group("model")
+    groups["model"].add_argument(
         "--embedding-dim", type=int, default=d.embedding_dim, help=f"embedding dimension (default: {d.embedding_dim})"
     )
-    train.add_argument(
-        "--epochs",
-        type=int,
-        default=d.epochs,
-        help=f"passes over the training examples, in time order (default: {d.epochs})",
-    )
-    train.add_argument(
-        "--batch-size", type=int, default=d.batch_size, help=f"examples per rank per step (default: {d.batch_size})"
-    )
-    train.add_argument(
-        "--sparse-lr", type=float, default=d.sparse_lr, help=f"RowWiseAdagrad learning rate (default: {d.sparse_lr})"
-    )
-    train.add_argument("--dense-lr", type=float, default=d.dense_lr, help=f"Adam learning rate (default: {d.dense_lr})")
-    train.add_argument(
-        "--seed", type=int, default=d.seed, help=f"seed for initialization and the synthetic data (default: {d.seed})"
-    )
-    train.add_argument(
-        "--limit-batches", type=int, default=None, help="stop each epoch after this many steps (default: all)"
-    )
-    train.add_argument(
-        "--checkpoint-every",
-        type=checkpoint_interval,
-        default=d.checkpoint_every,
-        help="DCP checkpoints every N steps (200) or every interval of wall time (30s, 5min, 1h); "
-        "0 = end of training only (default: 0)",
-    )
-    train.add_argument("--resume", action="store_true", help="continue each run from its latest checkpoint under --out")
-    train.add_argument(
-        "--log-every",
-        type=int,
-        default=d.log_every,
-        help=f"steps between log lines and metrics.jsonl entries (default: {d.log_every})",
-    )
-    train.add_argument(
-        "--tensorboard",
-        action="store_true",
-        help="also write the curves as TensorBoard events under each run's folder (pip install tensorboard)",
-    )
-    train.add_argument(
-        "--device", default=d.device, choices=["auto", "cpu", "cuda"], help="auto: cuda if available (default: auto)"
-    )
-    train.add_argument("--out", default=d.out, help=f"output directory (default: {d.out})")
     a = vars(p.parse_args(argv))
     a["variants"], a["ratios"] = tuple(dict.fromkeys(a["variants"])), tuple(a["ratios"])
     if any(not 0 < r for r in a["ratios"]):

@@ -3,7 +3,7 @@
 An :class:`InteractionData` holds interactions ``(user, item, timestamp)`` (and an optional rating
 or weight), the raw IDs behind the dense indices, optional item titles, and optional user and item
 feature columns. Three adapters produce it: MovieLens (common/data/movielens.py), interaction logs
-of one's own (common/data/logs.py) and the synthetic generator (common/data/synthetic.py). The
+of one's own (common/data/logs.py) and the synthetic generator (bench/synthetic.py). The
 stages build their features from the columns a data set has (common/data/tables.py), never from
 a data set's name.
 

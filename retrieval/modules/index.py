@@ -27,8 +27,8 @@ def default_index_type(num_items: int) -> str:
 def default_params(kind: str, num_items: int, dim: int) -> dict[str, Any]:
     """Sensible parameters by catalog size: nlist ~ 4 sqrt(N); IVF-Flat and IVF-PQ probe 1/16 of
     the lists; IVF-PQ with re-ranking probes 1/20 from 1M items (more below: :func:`refine_nprobe`)
-    and re-ranks the best 4 x k of its PQ scores exactly (bench/faiss_indexes.py on 1M items: IVF-Flat recall@100 0.977 at 13x the exact
-    search's queries/s; IVF-PQ with re-ranking about 0.965 at over 20x)."""
+    and re-ranks the best 4 x k of its PQ scores exactly (each kind's recall@100 and speed against the
+    exact search: bench/faiss_indexes.py, retrieval/README.md)."""
     nlist = max(1, min(num_items // 39, int(4 * math.sqrt(num_items))))  # FAISS wants >= 39 points per list
     if kind == "flat":
         return {}
@@ -48,8 +48,7 @@ def default_params(kind: str, num_items: int, dim: int) -> dict[str, Any]:
 def refine_nprobe(nlist: int, num_items: int) -> int:
     """Lists ``ivf_pq_refine`` probes: 1/20 of them from 1M items up, more below, where a query's top
     100 spreads over more (smaller) lists: 1/20 x (1M / N)^0.6. Fitted on bench/faiss_indexes.py's
-    synthetic catalog, where it keeps recall@100 at about 0.95 or above: 0.953 at 200k items (1/20 gave
-    0.873), 0.976 at 500k, 0.966 at 1M (retrieval/README.md)."""
+    synthetic catalog to keep recall@100 near 0.95 at every size (retrieval/README.md)."""
     scale = max(1.0, (1_000_000 / max(1, num_items)) ** 0.6)
     return min(nlist, max(8, round(nlist / 20 * scale)))
 
@@ -72,7 +71,7 @@ def build_index(
         else:
             index = faiss.IndexIVFPQ(quantizer, d, p["nlist"], p["m"], p["nbits"], faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed
-        index.cp.max_points_per_centroid = 64  # k-means on a 64-per-list sample: 4x faster, same lists in practice
+        index.cp.max_points_per_centroid = 64  # k-means on a 64-per-list sample: faster, the same lists in practice
         index.train(x)
     elif kind == "ivf_pq_refine":
         index = faiss.index_factory(d, f"IVF{p['nlist']},PQ{p['m']}x4fs,RFlat", faiss.METRIC_INNER_PRODUCT)

@@ -1,0 +1,275 @@
+"""Load the exported stages and check that they fit together, then build the pipeline.
+
+    from integration.loader import create_pipeline
+    pipeline = create_pipeline("runs")          # runs/retrieval/export + runs/serving/dlrm-int8 (+ the rest there)
+
+``create_pipeline`` reads, in order: the two-tower export and the data set it names; the candidate
+sources beside it (sequential exports, the item-to-item export); the served system chosen on
+validation (``serving/served-<sources>.json``, written by ``python -m integration.ensemble``); the
+rankers (the served one, A/B arms, each source's own); the feature store the rankers read. Every
+step applies the rules of integration/compatibility.py before anything is served.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from candidates.sources import SEQUENCE_SOURCES, ItemItemSource, SequenceSource, TwoTowerSource
+from common.data.dataset import InteractionData
+from common.data.download import file_digest
+from common.data.load import load_dataset
+from common.data.split import split_dataset
+from inference_legacy.dlrm_predict import DLRMPredictor
+from integration import compatibility as rules
+from integration.compatibility import ArtifactMismatch, digest
+from integration.feature_store import FeatureStore
+from integration.pipeline import CANDIDATES, RecommendationPipeline
+from retrieval.item_item import NAMES as ITEM_ITEM
+from retrieval.item_item import ItemItem
+from retrieval.two_tower_retrieval import Retriever
+from retrieval.two_tower_retrieval import read_manifest as read_retrieval_manifest
+
+
+def choice_file(root: str | Path, sources: list[str]) -> Path:
+    """Where the served system chosen among ``sources`` (names, two-tower first) is written. The
+    item-to-item sources count as one, "item-item": one export holds them (EASE is left out of it
+    for catalogs too large for its dense inverse)."""
+    names = dict.fromkeys("item-item" if n in ITEM_ITEM else n.lower() for n in sources)
+    return Path(root) / "serving" / f"served-{'-'.join(names)}.json"
+
+
+def create_pipeline(
+    artifacts_dir: str | Path = "runs",
+    retrieval: str = "retrieval/export",
+    ranking: str | dict[str, str] = "auto",
+    data_dir: str | None = None,
+    device: str = "auto",
+    dataset: InteractionData | None = None,
+    sequential: str | list[str] | None = "auto",
+    candidate_source: str = "auto",
+    served: bool = True,
+    item_item: str | None = "auto",
+    compiled: bool = True,
+) -> RecommendationPipeline:
+    """Load the exported stages from ``artifacts_dir`` and check that they fit together.
+
+    Candidate sources: the two-tower retriever, plus each sequential export in ``sequential``
+    (paths relative to ``artifacts_dir``; "auto": those of ``sasrec/export`` and
+    ``bert4rec/export`` that exist; None: none), plus the item-to-item sources EASE and transitions
+    of ``item_item`` (retrieval/item_item.py's export; "auto": ``item-item/export`` if it exists).
+
+    The served system: with ``candidate_source="auto"`` and ``ranking="auto"``, the one chosen on
+    validation for these sources by ``python -m integration.ensemble`` (``serving/served-<sources>.json``,
+    which also holds the ensemble's weights; refused if any model changed since). Without that
+    file: SASRec's candidates re-ranked by their ranker when SASRec is there, then BERT4Rec's, else
+    the two-tower's. ``candidate_source`` names one: "two-tower", "SASRec", "BERT4Rec", "union" (of
+    every source's top 100), re-ranked, "EASE" or "transitions", or "ensemble", served in its own
+    order. ``served=False`` ignores the choice file (the choice itself is made that way).
+
+    Rankers: each source's own, trained on its candidates, is ``serving/dlrm-int8-<model>`` for a
+    sequential source and ``serving/dlrm-int8`` for the two-tower (a source without one falls back
+    to the two-tower's). ``ranking`` overrides the served one: an artifact or ``{arm: artifact}``
+    for A/B tests ("auto": the served source's own). The ranking artifacts run on CPU; ``device``
+    must agree ("auto" does). ``dataset`` passes a data set in memory (e.g. a synthetic one)
+    instead of loading it by name. ``compiled``: the query tower, the sequential scorers and the
+    rankers run their AOTInductor packages where they have checked-out ones
+    (``python -m inference_legacy.aot_compile``). Serving settings for the process: freed memory
+    stays in the heap (:func:`retain_freed_memory`).
+    """
+    retain_freed_memory()
+    rules.serving_device(device)
+    root = Path(artifacts_dir)
+    r_dir = root / retrieval
+    r_manifest = read_retrieval_manifest(r_dir)
+    ds = dataset if dataset is not None else load_dataset(r_manifest["dataset"], data_dir)
+    rules.same_data(
+        "retrieval export",
+        r_dir,
+        r_manifest["data_fingerprint"],
+        ds,
+        f"serve the data set it was trained on ({r_manifest['dataset']})",
+    )
+    scorers = _sequential_scorers(root, sequential, ds, compiled)
+    digests = {name: file_digest(root / path / "weights.pt", "sha256") for name, (path, _) in scorers.items()}
+    item_sources = _item_item_sources(root, item_item, ds)
+    digests.update({src.name: src.export.digest(src.name) for src in item_sources})
+
+    names = ["two-tower", *scorers, *(src.name for src in item_sources)]
+    choice_path = choice_file(root, names)
+    choice = json.loads(choice_path.read_text()) if served and choice_path.is_file() else None
+    fix = (
+        f"choose again with python -m integration.ensemble --artifacts {root} "
+        f"--sequential {','.join(scorers[n][1].name for n in scorers) or 'none'}"
+        + ("" if item_sources else " --item-item none")
+    )
+    if candidate_source == "ensemble" and choice is None:
+        raise ArtifactMismatch(f"no ensemble was fitted for {names} ({choice_path} is missing): {fix}")
+    auto = candidate_source == "auto"
+    if auto:
+        fallback = next((n for n in ("SASRec", "BERT4Rec") if n in scorers), "two-tower")
+        candidate_source = choice["candidate_source"] if choice else fallback
+    rules.known_source(candidate_source, names)
+    # re-ranked unless serving the ensemble or an item-to-item source (no ranker is trained on their
+    # candidates), or as the choice says; an explicit ranker (A/B arms) always re-ranks
+    if ranking != "auto":
+        rerank = True
+    elif auto and choice:
+        rerank = bool(choice["rerank"])
+    else:
+        rerank = candidate_source not in ("ensemble", *(src.name for src in item_sources))
+
+    rankers, by_source, loaded = _rankers(root, ranking, candidate_source, scorers, compiled)
+    for path, p in loaded.items():
+        fp = p.manifest["source"]["data_fingerprint"]
+        rules.same_data(
+            "ranking artifact",
+            root / path,
+            fp,
+            ds,
+            "retrain it on this data, or point --data-dir at the data it was trained on",
+        )
+    for path, p in loaded.items():
+        rules.ranker_saw_this_retrieval(root / path, p.manifest, r_dir, r_manifest["files"])
+    for name, (path, _) in scorers.items():
+        ranker = _own_ranker(root, name, scorers)
+        rules.ranker_saw_these_candidates(root / ranker, by_source[name].manifest, name, root / path, digests[name])
+
+    split = split_dataset(ds)
+    cfg = rules.one_feature_store({root / path: p.manifest for path, p in loaded.items()})
+    # Rankers packaged before --history-match existed had the features whenever the data had the columns.
+    store = FeatureStore.build(
+        ds,
+        split,
+        cfg["history_len"],
+        cfg["sequence_features"],
+        cfg["trend_days"],
+        history_match=cfg.get("history_match", True),
+    )
+    for path, p in loaded.items():
+        rules.ranker_reads_the_store(root / path, p.schema, p.manifest, store.features.schema)
+    retriever = Retriever(r_dir, device="cpu", k=CANDIDATES, compiled=compiled)
+    rules.same_id_maps(r_dir, retriever.user_raw_ids, retriever.item_raw_ids, ds)
+    item_embeddings = np.load(r_dir / "item_embeddings.npy")
+    sources: list = [TwoTowerSource(retriever, item_embeddings)]
+    sources += [SequenceSource(sc, ds.item_raw_ids) for _, sc in scorers.values()]
+
+    models = {
+        "sources": {"two-tower": digest(r_manifest["files"]), **digests},
+        # the model, not how it runs: AOTInductor packages added later (the manifest's "compiled" and
+        # "compiled_by_user" entries) score like the exported programs, so the choice still stands
+        "rankers": {
+            name: digest({k: v for k, v in p.manifest.items() if k not in ("compiled", "compiled_by_user")})
+            for name, p in by_source.items()
+        },
+    }
+    if choice is not None:
+        rules.choice_still_stands(choice_path, choice["models"], models, fix)
+    weights = choice["weights"] if choice else None
+    identity = digest(
+        {
+            "data": ds.fingerprint,
+            "source": candidate_source,
+            "k": CANDIDATES,
+            "retrieval": r_manifest["files"],
+            "rerank": rerank,
+            "weights": weights,
+            **digests,
+        }
+    )
+    return RecommendationPipeline(
+        retriever,
+        rankers,
+        store,
+        ds,
+        split,
+        sources,
+        item_embeddings,
+        candidate_source,
+        identity,
+        by_source,
+        weights,
+        rerank,
+        root,
+        models,
+        item_sources,
+    )
+
+
+def retain_freed_memory(threshold: int = 32 << 20, keep: int = 1 << 30) -> bool:
+    """Have glibc's malloc serve allocations under ``threshold`` bytes from the heap and keep up to
+    ``keep`` bytes of freed memory there, rather than map and unmap each large block (what PyTorch's
+    CPU tuning guide gets from jemalloc or tcmalloc). A serving process allocates the same few-MB
+    activations every call: with glibc's defaults they can go back to the OS after each call and
+    fault in again on the next (page faults that cost the batched ranker a large share of its
+    throughput: integration/README.md). Returns False where there is no glibc (nothing changes). Env vars
+    ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` do the same from outside."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    return bool(
+        mallopt(m_mmap_threshold, threshold) and mallopt(m_trim_threshold, keep) and mallopt(m_top_pad, 64 << 20)
+    )
+
+
+def _sequential_scorers(root: Path, sequential, ds: InteractionData, compiled: bool) -> dict[str, tuple]:
+    """{source name: (path, NextItemScorer)} of the sequential exports asked for ("auto": those there)."""
+    from bert4rec.scorer import NextItemScorer
+
+    if sequential == "auto":
+        sequential = [p for p in ("sasrec/export", "bert4rec/export") if (root / p / "manifest.json").is_file()]
+    elif isinstance(sequential, str):
+        sequential = [sequential]
+    scorers = {}
+    for path in sequential or []:
+        scorer = NextItemScorer(root / path, compiled)
+        name = SEQUENCE_SOURCES[scorer.name]
+        rules.same_data(f"{name} export", root / path, scorer.data_fingerprint, ds, "retrain it")
+        rules.same_items(f"{name} export", root / path, scorer.index_of, ds, "retrain it on this data")
+        scorers[name] = (path, scorer)
+    return scorers
+
+
+def _item_item_sources(root: Path, item_item: str | None, ds: InteractionData) -> list[ItemItemSource]:
+    """EASE and the transitions of the item-to-item export ("auto": ``item-item/export`` if there)."""
+    if item_item == "auto":
+        item_item = "item-item/export" if (root / "item-item/export/manifest.json").is_file() else None
+    if not item_item:
+        return []
+    model = ItemItem.load(root / item_item)
+    rules.item_item_fits(root / item_item, model.manifest, ds)
+    return [ItemItemSource(name, model) for name in model.names]
+
+
+def _own_ranker(root: Path, name: str, scorers: dict) -> str:
+    """The artifact of the ranker trained on source ``name``'s candidates (the two-tower's when it has none)."""
+    if name in scorers:
+        path = f"serving/dlrm-int8-{scorers[name][1].name}"
+        if (root / path / "manifest.json").is_file():
+            return path
+    return "serving/dlrm-int8"
+
+
+def _rankers(root: Path, ranking, candidate_source: str, scorers: dict, compiled: bool) -> tuple[dict, dict, dict]:
+    """The served rankers by A/B arm, each learned source's own ranker, and every artifact loaded
+    (once each) by path."""
+    if ranking == "auto":
+        ranking = _own_ranker(root, "two-tower" if candidate_source == "union" else candidate_source, scorers)
+    arms = {"A": ranking} if isinstance(ranking, str) else dict(ranking)
+    rankers = {arm: DLRMPredictor(root / path, compiled) for arm, path in arms.items()}
+    loaded = {path: rankers[arm] for arm, path in arms.items()}
+    by_source = {}
+    for name in ["two-tower", *scorers]:  # the item-to-item sources have no ranker of their own
+        path = _own_ranker(root, name, scorers)
+        if path not in loaded:
+            loaded[path] = DLRMPredictor(root / path, compiled)
+        by_source[name] = loaded[path]
+    return rankers, by_source, loaded
