@@ -84,6 +84,15 @@ class SequenceSource:
         self.name = SEQUENCE_SOURCES[scorer.name]
         self.order = np.array([scorer.index_of[id_key(i)] for i in self.raw])  # data set index -> scorer index
 
+    @classmethod
+    def load(cls, export_dir: str | Path, ds, compiled: bool = True) -> SequenceSource:
+        """A sequential export (sasrec/, bert4rec/) for data set ``ds``, checked against it."""
+        from bert4rec.scorer import NextItemScorer
+
+        scorer = NextItemScorer(export_dir, compiled)
+        check_trained_on(f"{scorer.name} export", export_dir, scorer.data_fingerprint, ds.fingerprint)
+        return cls(scorer, ds.item_raw_ids)
+
     def scores(self, users: np.ndarray | None, histories: list[np.ndarray]) -> np.ndarray:
         """Next-item scores of every item ``[B, num_items]`` (data set indices)."""
         return self.scorer.score_indices([self.order[h] for h in histories])[:, self.order]

@@ -1,22 +1,14 @@
-"""Loading ahead-of-time compiled models (AOTInductor), with the exported or eager model as the fallback:
-what every serving module (retrieval's ``Retriever``, the sequential ``NextItemScorer``, the ranker's
-``DLRMPredictor``) repeats.
+"""Loading ahead-of-time compiled models (AOTInductor), with the exported or eager model as the
+fallback: what every serving module (``Retriever``, ``NextItemScorer``, ``DLRMPredictor``) repeats.
 
-AOTInductor (``torch._inductor.aoti_compile_and_package``, PyTorch 2's deployment path after
-TorchScript) compiles a ``torch.export`` program into C++ kernels in a ``.pt2`` package.
-``python -m inference_legacy.aot_compile`` writes the package next to its model
-(inference_legacy/compiler.py), with a manifest entry that ties it to this torch / FBGEMM and this
-CPU; :func:`load_package` loads it only when that entry
-matches the file and the machine, and when it reproduces the reference model on check inputs within
-the recorded tolerance. Otherwise it logs why and returns ``None``: the caller serves its reference.
-
-One op is left out of a compiled graph: FBGEMM's ``bounds_check_indices``, which clamps
-out-of-range IDs in place and whose data-dependent sizes AOTInductor cannot trace
-(``GuardOnDataDependentSymNode``). :class:`Guarded` checks every ID against its feature's
-cardinality before each call instead (:func:`id_guard`; an out-of-range ID is an error, not a
-silent clamp).
-
-A package is native code built on this machine: load only packages you built or trust.
+``python -m inference_legacy.aot_compile`` compiles a ``torch.export`` program into C++ kernels in a
+``.pt2`` package beside its model, with a manifest entry that ties it to this torch / FBGEMM and CPU.
+:func:`load_package` loads it only when that entry matches the file and the machine and the package
+reproduces the reference model on check inputs within the recorded tolerance; otherwise it logs why
+and returns ``None``, and the caller serves its reference. FBGEMM's ``bounds_check_indices`` is left
+out of compiled graphs (AOTInductor cannot trace its data-dependent sizes): :class:`Guarded` checks
+every ID against its feature's cardinality before each call instead (:func:`id_guard`: an error, not
+a silent clamp). A package is native code built on this machine: load only packages you trust.
 """
 
 from __future__ import annotations

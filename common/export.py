@@ -1,10 +1,7 @@
-"""Reading an export directory's ``manifest.json``, the one way every stage does it.
-
-Every stage writes what it serves into a directory with a ``manifest.json`` (the two-tower's and the
-item-to-item export, the sequential models' export, the ranker's serving artifact). The manifest
-lists the directory's files with their SHA-256 (and, for the ranker's artifact, their sizes), and
-:func:`read_manifest` checks each before anything is loaded: a missing, truncated, altered or
-foreign file is an :class:`ExportError` naming the file and how to make it again.
+"""Reading an export directory's ``manifest.json``, the one way every stage does it: the two-tower's,
+the item-to-item and the sequential exports and the ranker's serving artifact list their files with
+SHA-256 (and sizes), and :func:`read_manifest` checks each before anything is loaded. A missing,
+truncated, altered or foreign file is an :class:`ExportError` naming the file and how to make it again.
 """
 
 from __future__ import annotations

@@ -6,8 +6,7 @@
     groups["distributed"].add_argument("--qcomms", ...)   # a script's own flags join the shared groups
 
 Each flag is added only where the script's ``Config`` has its field, with that field's default; a
-keyword argument rewords one flag's help for the script. The groups are "training", "distributed"
-and "output".
+keyword argument rewords one flag's help for the script.
 """
 
 from __future__ import annotations
@@ -37,12 +36,7 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
     ("training", "--limit-batches", {"type": int}, "stop each epoch after this many steps (default: all)"),
     ("training", "--checkpoint-every", {"type": checkpoint_interval}, CHECKPOINT_HELP),
     ("training", "--resume", {"action": "store_true"}, RESUME_HELP),
-    (
-        "training",
-        "--log-every",
-        {"type": int},
-        "steps between log lines and metrics.jsonl entries (default: {default})",
-    ),
+    ("training", "--log-every", {"type": int}, "steps between log lines and metrics.jsonl lines (default: {default})"),
     ("training", "--tensorboard", {"action": "store_true"}, "also write TensorBoard events under <out>/tensorboard"),
     ("distributed", "--device", {"choices": ["auto", "cpu", "cuda"]}, "auto: cuda if available (default: {default})"),
     ("distributed", "--sharding-type", {}, "how tables are sharded; row-wise kinds need CUDA (default: {default})"),

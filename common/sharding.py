@@ -133,6 +133,11 @@ def adam_for_the_rest(dmp: DistributedModelParallel, lr: float) -> KeyedOptimize
     )
 
 
+def qcomms_settings(enabled: bool, device: torch.device) -> dict[str, str] | None:
+    """What --qcomms uses on ``device`` (None without it), as results.json records it."""
+    return dict(zip(("forward", "backward"), (p.name for p in qcomms_precisions(device)))) if enabled else None
+
+
 def shard_model(
     model: nn.Module,
     ebcs: Iterable[EmbeddingBagCollection | EmbeddingCollection],
@@ -180,8 +185,8 @@ PIPELINE_HELP = (
     "TorchRec's training pipeline: sparse-dist (TrainPipelineSparseDist: the next batch's input all-to-all "
     "and device copy overlap this step's compute) or base (TrainPipelineBase: the next batch is fetched "
     "ahead); auto: sparse-dist on CUDA or with several processes, base in one CPU process, which has no "
-    "comms or copies to overlap and where sparse-dist's own per-step work costs 6-13%% at batch 32 "
-    "(bench.dlrm_throughput) (default: %(default)s)"
+    "comms or copies to overlap and where sparse-dist's own per-step work is a cost (bench.dlrm_throughput) "
+    "(default: %(default)s)"
 )
 
 

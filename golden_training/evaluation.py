@@ -21,6 +21,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from candidates.sources import PopularitySource, RetrievalScorer, SequenceSource
 from common.data.split import Split
 from common.metrics import MAX_K, BinaryMetrics, RankingReport, report_from_ranks
+from common.runtime import print0
 from golden_training.ranking_data import Examples, RankingFeatures, popularity_sampler, reference_time
 
 
@@ -140,3 +141,26 @@ def rerank_report(ev: EvalSet, lists: np.ndarray, cfg: Any) -> RankingReport:
     hit = lists == ev.targets[:, None]
     ranks = np.where(hit.any(axis=1), hit.argmax(axis=1), MAX_K)
     return report_from_ranks(ev.stage, ev.users, ranks, n_boot=cfg.n_boot)
+
+
+def print_table(results: dict, final: str, source: str, original: RankingReport, interaction: str) -> None:
+    """The run's table on ``final`` (test, or validation with --no-test): the candidates' own order,
+    each model re-ranking them, and the DLRM's paired gain (``results`` as train_dlrm.py writes them)."""
+    print0(f"{final:<30} | {'AUC':>7} | {'NE':>7} | {'NDCG@10':>8} | {'HR@10':>7}")
+    print0(
+        f"{source + ' order':<30} | {'':>7} | {'':>7} | {original.means['NDCG@10']:>8.4f} | "
+        f"{original.means['HR@10']:>7.4f}"
+    )
+    for kind, name in (("lr", "logistic regression"), ("dlrm", f"DLRM ({interaction})")):
+        if kind in results:
+            r = results[kind]
+            print0(
+                f"{name + ' re-ranked':<30} | {r[final]['auc']:>7.4f} | {r[final]['ne']:>7.4f} | "
+                f"{r[f'{final}_reranked']['NDCG@10']:>8.4f} | {r[f'{final}_reranked']['HR@10']:>7.4f}"
+            )
+    gain = results["dlrm"][f"{final}_gain_over_candidates_order"]
+    lo, hi = gain["NDCG@10_ci95"]
+    print0(
+        f"DLRM re-ranking minus {source} order, {final} NDCG@10: {gain['NDCG@10']:+.4f} "
+        f"(95% CI over users [{lo:+.4f}, {hi:+.4f}])"
+    )

@@ -13,8 +13,10 @@ prediction and for serving.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +30,22 @@ from common.features import FeatureSchema
 
 PRECISIONS = {"int8": torch.qint8, "int4": torch.quint4x2, "fp16": torch.float16, "none": None}
 INTERACTIONS = ("dot", "dcn")
+
+
+def add_model_args(p: argparse.ArgumentParser, d: Any) -> argparse._ArgumentGroup:
+    """The DLRM's flags (a "model" group), with the script's ``Config()`` defaults; check the parsed
+    config with :func:`check_model_args`."""
+    model = p.add_argument_group("model")
+    model.add_argument("--embedding-dim", type=int, default=d.embedding_dim, help="every table's dimension")
+    model.add_argument("--dense-arch", type=int, nargs="+", default=list(d.dense_arch), help="dense MLP sizes")
+    model.add_argument("--over-arch", type=int, nargs="+", default=list(d.over_arch), help="over-arch MLP sizes")
+    model.add_argument("--interaction", default=d.interaction, choices=INTERACTIONS, help="DLRM (dot) or DCNv2")
+    return model
+
+
+def check_model_args(p: argparse.ArgumentParser, cfg: Any) -> None:
+    if cfg.dense_arch[-1] != cfg.embedding_dim or cfg.over_arch[-1] != 1:
+        p.error(f"--dense-arch must end in --embedding-dim ({cfg.embedding_dim}) and --over-arch in 1")
 
 
 def dlrm(

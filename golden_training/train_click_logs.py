@@ -32,10 +32,12 @@ from common.features import FeatureSchema
 from common.flags import add_trainer_args
 from common.metrics import BinaryMetrics
 from common.runtime import Runtime, init_runtime, print0, seed_everything, shutdown, write_results
+from common.sharding import qcomms_settings
 from golden_training.criteo import CriteoArrays
 from golden_training.ctr_data import CLICK_LOGS, criteo_schema, load_ctr
 from golden_training.ctr_data import make_batch as ctr_batch
-from golden_training.train_dlrm import qcomms_settings, steps_per_epoch, train
+from golden_training.model import add_model_args, check_model_args
+from golden_training.train_dlrm import steps_per_epoch, train
 
 
 @dataclass(frozen=True)
@@ -111,11 +113,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="negative Criteo counts (int_1 has them in the real logs): set to 0 and counted, as DLRM's "
         "preprocessing does, or treated as a malformed line (default: clamp)",
     )
-    model = p.add_argument_group("model")
-    model.add_argument("--embedding-dim", type=int, default=d.embedding_dim, help="every table's dimension")
-    model.add_argument("--dense-arch", type=int, nargs="+", default=list(d.dense_arch), help="dense MLP sizes")
-    model.add_argument("--over-arch", type=int, nargs="+", default=list(d.over_arch), help="over-arch MLP sizes")
-    model.add_argument("--interaction", default=d.interaction, choices=["dot", "dcn"], help="DLRM or DCNv2")
+    add_model_args(p, d)
     groups = add_trainer_args(p, d)
     groups["training"].add_argument(
         "--limit-eval-batches",
@@ -134,8 +132,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     if a["num_embeddings_per_feature"] is not None:
         a["num_embeddings_per_feature"] = tuple(a["num_embeddings_per_feature"])
     cfg = Config(**a)
-    if cfg.dense_arch[-1] != cfg.embedding_dim or cfg.over_arch[-1] != 1:
-        p.error(f"--dense-arch must end in --embedding-dim ({cfg.embedding_dim}) and --over-arch in 1")
+    check_model_args(p, cfg)
     return cfg
 
 
@@ -186,7 +183,7 @@ def train_click_logs(cfg: Config, rt: Runtime) -> dict[str, object]:
         "data_fingerprint": data.fingerprint,
         "world_size": rt.world_size,
         "config": asdict(cfg),
-        "qcomms": qcomms_settings(cfg, rt),
+        "qcomms": qcomms_settings(cfg.qcomms, rt.device),
         "skipped_lines": data.skipped,
         "clamped_negative_counts": data.clamped,
     }
@@ -216,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     cfg = parse_args(argv)
     rt = init_runtime(cfg.device)
     seed_everything(cfg.seed)
+    if q := qcomms_settings(cfg.qcomms, rt.device):
+        print0(f"quantized communication: {q['forward']} forward, {q['backward']} backward")
     results = train_click_logs(cfg, rt)
     shutdown()
     return results

@@ -49,7 +49,7 @@ from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from tqdm import tqdm
 
-from candidates.sources import RetrievalScorer, SequenceSource, check_trained_on
+from candidates.sources import RetrievalScorer, SequenceSource
 from common.checkpoint import CheckpointSchedule, resume_if_possible, run_config, save_checkpoint
 from common.data.dataset import InteractionData
 from common.data.load import add_dataset_args, load_dataset
@@ -71,12 +71,12 @@ from common.sharding import (
     adam_for_the_rest,
     pipeline_kind,
     plan_sharding,
-    qcomms_precisions,
+    qcomms_settings,
     release_pipeline,
     table_names,
 )
-from golden_training.evaluation import eval_set, evaluate, make_batch, rerank_report
-from golden_training.model import INTERACTIONS, LogisticRegression, dlrm
+from golden_training.evaluation import eval_set, evaluate, make_batch, print_table, rerank_report
+from golden_training.model import LogisticRegression, add_model_args, check_model_args, dlrm
 from golden_training.ranking_data import RankingFeatures, train_examples
 
 
@@ -170,11 +170,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="add last_<col>_match and recent_<col>_share per single-valued item categorical (README: At scale)",
     )
     flag("--trend-days", type=float, default=d.trend_days, help="item_trend's window in days (default: %(default)s)")
-    model = p.add_argument_group("model")
-    model.add_argument("--embedding-dim", type=int, default=d.embedding_dim, help="every table's dimension")
-    model.add_argument("--dense-arch", type=int, nargs="+", default=list(d.dense_arch), help="dense MLP sizes")
-    model.add_argument("--over-arch", type=int, nargs="+", default=list(d.over_arch), help="over-arch MLP sizes")
-    model.add_argument("--interaction", default=d.interaction, choices=INTERACTIONS, help="DLRM (dot) or DCNv2")
+    add_model_args(p, d)
     groups = add_trainer_args(p, d, seed="seed for initialization, negatives and data order (default: {default})")
     groups["training"].add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the LR baseline")
     groups["distributed"].add_argument(
@@ -185,8 +181,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
     a = vars(p.parse_args(argv))
     cfg = Config(**{**a, "dense_arch": tuple(a["dense_arch"]), "over_arch": tuple(a["over_arch"])})
-    if cfg.dense_arch[-1] != cfg.embedding_dim or cfg.over_arch[-1] != 1:
-        p.error(f"--dense-arch must end in --embedding-dim ({cfg.embedding_dim}) and --over-arch in 1")
+    check_model_args(p, cfg)
     if cfg.candidates_export and not cfg.retrieval_export:
         p.error("--candidates-export needs --retrieval-export (the ranker's retrieval_score feature)")
     return cfg
@@ -206,15 +201,6 @@ def rank_data(ds: InteractionData, cfg: Config, rt: Runtime) -> tuple[Split, Spl
         ds, share, cfg.history_len, cfg.sequence_features, cfg.trend_days, cfg.history_match, across_ranks=True
     )
     return share, split, features
-
-
-def sequence_source(export_dir: str, ds: InteractionData) -> SequenceSource:
-    """A sequential export (sasrec/, bert4rec/) as the ranker's candidate source, checked against ``ds``."""
-    from bert4rec.scorer import NextItemScorer
-
-    scorer = NextItemScorer(export_dir)
-    check_trained_on(f"{scorer.name} export", export_dir, scorer.data_fingerprint, ds.fingerprint)
-    return SequenceSource(scorer, ds.item_raw_ids)
 
 
 # ------------------------------------------------------------------------------------------
@@ -382,13 +368,10 @@ def train_movielens(cfg: Config, rt: Runtime) -> dict[str, object]:
     share, split, features = rank_data(ds, cfg, rt)
     retr = RetrievalScorer(cfg.retrieval_export, ds.fingerprint, features) if cfg.retrieval_export else None
     if retr is None and cfg.hard_negatives:
-        print0(
-            "note: no --retrieval-export, so no hard negatives and no retrieval score; candidates come from popularity"
-        )
-    retr_train = (
-        RetrievalScorer(cfg.train_retrieval_export, ds.fingerprint, features) if cfg.train_retrieval_export else retr
-    )
-    source = sequence_source(cfg.candidates_export, ds) if cfg.candidates_export else None
+        print0("note: no --retrieval-export: no hard negatives, no retrieval score; popularity's candidates")
+    train_export = cfg.train_retrieval_export
+    retr_train = RetrievalScorer(train_export, ds.fingerprint, features) if train_export else retr
+    source = SequenceSource.load(cfg.candidates_export, ds) if cfg.candidates_export else None
     examples, queries = train_examples(share, features, cfg, retr_train, source, rt.is_rank0, split.eval_users, rt.rank)
     valid = eval_set(split, features, "valid", cfg, retr, source)
     # --no-test: the end-of-run table is on validation and test is never scored (model selection).
@@ -405,7 +388,7 @@ def train_movielens(cfg: Config, rt: Runtime) -> dict[str, object]:
         "data_fingerprint": ds.fingerprint,
         "world_size": rt.world_size,
         "config": asdict(cfg),
-        "qcomms": qcomms_settings(cfg, rt),
+        "qcomms": qcomms_settings(cfg.qcomms, rt.device),
         "candidate_source": test.candidate_source,
     }
     original = rerank_report(test, test.candidates, cfg)
@@ -440,38 +423,16 @@ def train_movielens(cfg: Config, rt: Runtime) -> dict[str, object]:
             f"{final}_gain_over_candidates_order": paired_difference(metrics["rerank"], original, cfg.n_boot),
             **info,
         }
-    print0(f"{final:<30} | {'AUC':>7} | {'NE':>7} | {'NDCG@10':>8} | {'HR@10':>7}")
-    print0(
-        f"{test.candidate_source + ' order':<30} | {'':>7} | {'':>7} | {original.means['NDCG@10']:>8.4f} | "
-        f"{original.means['HR@10']:>7.4f}"
-    )
-    for kind, name in (("lr", "logistic regression"), ("dlrm", f"DLRM ({cfg.interaction})")):
-        if kind in results:
-            r = results[kind]
-            print0(
-                f"{name + ' re-ranked':<30} | {r[final]['auc']:>7.4f} | {r[final]['ne']:>7.4f} | "
-                f"{r[f'{final}_reranked']['NDCG@10']:>8.4f} | {r[f'{final}_reranked']['HR@10']:>7.4f}"
-            )
-    gain = results["dlrm"][f"{final}_gain_over_candidates_order"]
-    lo, hi = gain["NDCG@10_ci95"]
-    print0(
-        f"DLRM re-ranking minus {test.candidate_source} order, {final} NDCG@10: {gain['NDCG@10']:+.4f} "
-        f"(95% CI over users [{lo:+.4f}, {hi:+.4f}])"
-    )
+    print_table(results, final, test.candidate_source, original, cfg.interaction)
     write_results(out, results)
     return results
-
-
-def qcomms_settings(cfg, rt: Runtime) -> dict[str, str] | None:
-    """The precisions of --qcomms on this device (gloo has no BF16: TorchRec falls back to FP16)."""
-    return dict(zip(("forward", "backward"), (p.name for p in qcomms_precisions(rt.device)))) if cfg.qcomms else None
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     cfg = parse_args(argv)
     rt = init_runtime(cfg.device)
     seed_everything(cfg.seed)
-    if q := qcomms_settings(cfg, rt):
+    if q := qcomms_settings(cfg.qcomms, rt.device):
         print0(f"quantized communication: {q['forward']} forward, {q['backward']} backward")
     results = train_movielens(cfg, rt)
     shutdown()

@@ -73,7 +73,8 @@ def stages(
 ) -> list[Stage]:
     """Every stage, in order: the two-tower retriever, a ranker on its candidates and its INT8
     artifact; then for each sequential model (``sasrec``, ``bert4rec``) the model, a ranker trained
-    on its candidates and that ranker's artifact; with a sequential model, the item-to-item sources
+    on its candidates and that ranker's artifact; the query tower and the sequential scorers compiled
+    (AOTInductor; not ``quick``); with a sequential model, the item-to-item sources
     (EASE and transitions, fitted in a second) and last the choice of the served system on validation
     (integration/ensemble.py), which reads every model before it.
     ``quick``: tiny runs; ``data``: the data flags (--dataset, --data-dir) for the trainers."""
@@ -130,10 +131,17 @@ def stages(
         *ranker(1, "two-tower", "ranking", "serving/dlrm-int8", [0], []),
     ]
     names = ["two-tower"]  # the sources, as the pipeline names them
+    # What is served compiled (not with --quick): the query tower and each sequential scorer, as the
+    # rankers are by their packager's --compile; the figures of bench.pipeline_latency are of these.
+    compile_after = (
+        [] if quick else [(0, root / "retrieval" / "export", "query_tower.aoti.pt2", "two-tower query tower")]
+    )
     for model in sequential:
         label = {"sasrec": "SASRec", "bert4rec": "BERT4Rec"}[model]
         names.append(label)
         export = root / model / "export"
+        if not quick:
+            compile_after.append((len(todo), export, "scorer.aoti.pt2", f"{label} scorer"))
         todo.append(
             Stage(
                 f"{label}: sequential candidates",
@@ -149,8 +157,17 @@ def stages(
             [0, len(todo) - 1],
             ["--candidates-export", str(export)],
         )
+    compiles = [  # last: compiling changes no model, so no stage reads them
+        Stage(
+            f"serving: the {what} compiled (AOTInductor)",
+            d / package,
+            ["-m", "inference_legacy.aot_compile", str(d)],
+            [at],
+        )
+        for at, d, package, what in compile_after
+    ]
     if not sequential:  # the two-tower alone: re-ranked by its ranker, which its training shows beats its order
-        return todo
+        return todo + compiles
     todo.append(
         Stage(
             "item-to-item: EASE + transitions",
@@ -179,7 +196,7 @@ def stages(
             models,
         )
     )
-    return todo
+    return todo + compiles
 
 
 def train_missing(

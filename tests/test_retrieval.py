@@ -266,6 +266,23 @@ def test_mismatched_artifacts_fail_at_load_time(trained, tmp_path: Path) -> None
         Retriever(tmp_path / "nothing")
 
 
+def test_one_seed_trains_the_same_two_tower_in_another_process(tmp_path: Path) -> None:
+    """Reproducible from its seed: a run in a subprocess (as make demo runs it) and one in this
+    process export the same item vectors to the bit and report the same metrics."""
+    args = ["--epochs", "1", "--limit-batches", "30", "--n-boot", "10", "--log-every", "1000", "--embedding-dim", "32"]
+    subprocess.run(
+        [sys.executable, "-m", "retrieval.two_tower_train", *args, "--out", str(tmp_path / "a")],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    b = train_main(args + ["--out", str(tmp_path / "b")])
+    a = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert a["test"] == b["test"] and a["valid_per_epoch"] == b["valid_per_epoch"]
+    vectors = [np.load(tmp_path / run / "export" / "item_embeddings.npy") for run in ("a", "b")]
+    assert np.array_equal(*vectors)
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_metrics(tmp_path: Path) -> None:
     args = [

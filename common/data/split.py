@@ -7,14 +7,11 @@ they appear in the data set's files, in decimal). The last interaction is test, 
 validation, the rest training. A user needs 3 interactions to get a validation target and 2 to
 get a test target; with fewer, everything stays in training.
 
-Why a hash: MovieLens timestamps are seconds, and people rate many movies in the same second.
-The real order inside a second is unknown (in the files' own line order, same-second pairs run
-from the lower to the higher item ID only 50.2% of the time). Breaking ties by item ID, the old
-rule, made the test target of every user whose last two ratings share a second (415 of 943 on
-ml-100k) the higher ID, and every same-second training transition run from lower to higher ID:
-an order-aware model could learn "next = a higher ID among the items rated together", and the
-split rewarded it. It also biased targets towards high IDs, which on MovieLens are obscure titles.
-The hash orders ties in a way unrelated to the items, fixed and reproducible by anyone's scorer.
+Why a hash: MovieLens timestamps are seconds, and people rate many movies in the same second, in an
+unknown order. Breaking ties by item ID, the old rule, made such a user's test target the higher ID
+and every same-second training transition run from lower to higher ID, which an order-aware model
+could learn and the split rewarded (README.md, "The evaluation protocol", has the figures). The hash
+orders ties in a way unrelated to the items, fixed and reproducible by anyone's scorer.
 
 The order itself is the canonical form's (:func:`common.data.dataset.time_order`): every data set is
 stored in it, and the split reads it as it is.
