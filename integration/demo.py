@@ -15,8 +15,10 @@ SASRec (``--sequential``; 7-20 minutes), a ranker trained on SASRec's candidates
 with ``--with-bert4rec`` also BERT4Rec (about 20 minutes) and its ranker; EASE and the item-to-item
 transitions (``retrieval.item_item``, seconds). Last, the served system is chosen on validation
 (``integration.ensemble``, under a minute): the sources fused by reciprocal ranks with weights
-fitted there, and every system compared there. An interrupted run resumes from its
-checkpoints; a retrained stage retrains every stage that reads it. Then it:
+fitted there, and every system compared there. Last, the query tower and the sequential scorers are
+compiled with AOTInductor (``inference_legacy.aot_compile``; the rankers were when packaged), as the
+service runs them. An interrupted run resumes from its checkpoints; a retrained stage retrains every
+stage that reads it. Then it:
 
 - builds the pipeline (``integration.loader.create_pipeline``, which checks the stages fit),
   serving the chosen system: on ml-100k the ensemble of the four sources, in its own order
@@ -68,6 +70,57 @@ class Stage:
     after: list[int] = field(default_factory=list)  # stages it reads: when one of them ran, it runs again
 
 
+def ranker_stages(
+    root: Path,
+    at: int,
+    src: str,
+    out: str,
+    serving: str,
+    after: list[int],
+    cands: list[str],
+    extra: list[str],
+    quick: bool,
+    data_dir: list[str],
+) -> list[Stage]:
+    """The ranker trained on ``src``'s candidates (stage ``at``) and its artifact (``at + 1``)."""
+    retrieval_export = str(root / "retrieval" / "export")
+    return [
+        Stage(
+            f"ranking: DLRM on {src}'s candidates",
+            root / out / "results.json",
+            [
+                "-m",
+                "golden_training.train_dlrm",
+                "--retrieval-export",
+                retrieval_export,
+                *cands,
+                "--out",
+                str(root / out),
+                "--no-baseline",
+                "--resume",
+                *extra,
+            ],
+            after,
+        ),
+        Stage(
+            f"serving: INT8 artifact of the {src} ranker",
+            root / serving / "manifest.json",
+            [
+                "-m",
+                "inference_legacy.dlrm_packager",
+                "--checkpoints",
+                str(root / out / "checkpoints" / "dlrm"),
+                "--out",
+                str(root / serving),
+                "--overwrite",
+                *([] if quick else ["--compile"]),  # the AOTInductor package (tens of seconds)
+                *data_dir,
+            ],
+            [at],
+        ),
+    ]
+
+
 def stages(
     root: Path, quick: bool = False, sequential: tuple[str, ...] = ("sasrec",), data: list[str] | None = None
 ) -> list[Stage]:
@@ -82,45 +135,6 @@ def stages(
     extra = {k: [*data, *(v if quick else [])] for k, v in QUICK.items()}
     data_dir = data[data.index("--data-dir") :][:2] if "--data-dir" in data else []
     dataset = data[data.index("--dataset") :][:2] if "--dataset" in data else []
-    retrieval_export = str(root / "retrieval" / "export")
-
-    def ranker(at: int, src: str, out: str, serving: str, after: list[int], cands: list[str]) -> list[Stage]:
-        """The ranker trained on ``src``'s candidates (stage ``at``) and its artifact (``at + 1``)."""
-        return [
-            Stage(
-                f"ranking: DLRM on {src}'s candidates",
-                root / out / "results.json",
-                [
-                    "-m",
-                    "golden_training.train_dlrm",
-                    "--retrieval-export",
-                    retrieval_export,
-                    *cands,
-                    "--out",
-                    str(root / out),
-                    "--no-baseline",
-                    "--resume",
-                    *extra["ranking"],
-                ],
-                after,
-            ),
-            Stage(
-                f"serving: INT8 artifact of the {src} ranker",
-                root / serving / "manifest.json",
-                [
-                    "-m",
-                    "inference_legacy.dlrm_packager",
-                    "--checkpoints",
-                    str(root / out / "checkpoints" / "dlrm"),
-                    "--out",
-                    str(root / serving),
-                    "--overwrite",
-                    *([] if quick else ["--compile"]),  # the AOTInductor package (tens of seconds)
-                    *data_dir,
-                ],
-                [at],
-            ),
-        ]
 
     todo = [
         Stage(
@@ -128,7 +142,9 @@ def stages(
             root / "retrieval" / "export" / "manifest.json",
             ["-m", "retrieval.two_tower_train", "--out", str(root / "retrieval"), "--resume", *extra["retrieval"]],
         ),
-        *ranker(1, "two-tower", "ranking", "serving/dlrm-int8", [0], []),
+        *ranker_stages(
+            root, 1, "two-tower", "ranking", "serving/dlrm-int8", [0], [], extra["ranking"], quick, data_dir
+        ),
     ]
     names = ["two-tower"]  # the sources, as the pipeline names them
     # What is served compiled (not with --quick): the query tower and each sequential scorer, as the
@@ -149,13 +165,17 @@ def stages(
                 ["-m", f"{model}.{model}_main", "--out", str(root / model), "--resume", *extra[model]],
             )
         )
-        todo += ranker(
+        todo += ranker_stages(
+            root,
             len(todo),
             label,
             f"ranking-{model}",
             f"serving/dlrm-int8-{model}",
             [0, len(todo) - 1],
             ["--candidates-export", str(export)],
+            extra["ranking"],
+            quick,
+            data_dir,
         )
     compiles = [  # last: compiling changes no model, so no stage reads them
         Stage(

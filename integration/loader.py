@@ -97,29 +97,10 @@ def create_pipeline(
     item_sources = _item_item_sources(root, item_item, ds)
     digests.update({src.name: src.export.digest(src.name) for src in item_sources})
 
-    names = ["two-tower", *scorers, *(src.name for src in item_sources)]
-    choice_path = choice_file(root, names)
-    choice = json.loads(choice_path.read_text()) if served and choice_path.is_file() else None
-    fix = (
-        f"choose again with python -m integration.ensemble --artifacts {root} "
-        f"--sequential {','.join(scorers[n][1].name for n in scorers) or 'none'}"
-        + ("" if item_sources else " --item-item none")
+    choice, choice_path, fix = _choice(root, served, scorers, item_sources)
+    candidate_source, rerank = _served_system(
+        candidate_source, ranking, choice, scorers, item_sources, choice_path, fix
     )
-    if candidate_source == "ensemble" and choice is None:
-        raise ArtifactMismatch(f"no ensemble was fitted for {names} ({choice_path} is missing): {fix}")
-    auto = candidate_source == "auto"
-    if auto:
-        fallback = next((n for n in ("SASRec", "BERT4Rec") if n in scorers), "two-tower")
-        candidate_source = choice["candidate_source"] if choice else fallback
-    rules.known_source(candidate_source, names)
-    # re-ranked unless serving the ensemble or an item-to-item source (no ranker is trained on their
-    # candidates), or as the choice says; an explicit ranker (A/B arms) always re-ranks
-    if ranking != "auto":
-        rerank = True
-    elif auto and choice:
-        rerank = bool(choice["rerank"])
-    else:
-        rerank = candidate_source not in ("ensemble", *(src.name for src in item_sources))
 
     rankers, by_source, loaded = _rankers(root, ranking, candidate_source, scorers, compiled)
     for path, p in loaded.items():
@@ -156,29 +137,12 @@ def create_pipeline(
     sources: list = [TwoTowerSource(retriever, item_embeddings)]
     sources += [SequenceSource(sc, ds.item_raw_ids) for _, sc in scorers.values()]
 
-    models = {
-        "sources": {"two-tower": digest(r_manifest["files"]), **digests},
-        # the model, not how it runs: AOTInductor packages added later (the manifest's "compiled" and
-        # "compiled_by_user" entries) score like the exported programs, so the choice still stands
-        "rankers": {
-            name: digest({k: v for k, v in p.manifest.items() if k not in ("compiled", "compiled_by_user")})
-            for name, p in by_source.items()
-        },
-    }
+    models = _model_digests(r_manifest, digests, by_source)
     if choice is not None:
         rules.choice_still_stands(choice_path, choice["models"], models, fix)
     weights = choice["weights"] if choice else None
-    identity = digest(
-        {
-            "data": ds.fingerprint,
-            "source": candidate_source,
-            "k": CANDIDATES,
-            "retrieval": r_manifest["files"],
-            "rerank": rerank,
-            "weights": weights,
-            **digests,
-        }
-    )
+    what = {"data": ds.fingerprint, "source": candidate_source, "k": CANDIDATES, "retrieval": r_manifest["files"]}
+    identity = digest({**what, "rerank": rerank, "weights": weights, **digests})
     return RecommendationPipeline(
         retriever,
         rankers,
@@ -196,6 +160,55 @@ def create_pipeline(
         models,
         item_sources,
     )
+
+
+def _choice(root: Path, served: bool, scorers: dict, item_sources: list) -> tuple[dict | None, Path, str]:
+    """The served system chosen on validation for these sources (None when not ``served`` or never
+    chosen), its file, and the command that chooses it again."""
+    names = ["two-tower", *scorers, *(src.name for src in item_sources)]
+    path = choice_file(root, names)
+    choice = json.loads(path.read_text()) if served and path.is_file() else None
+    fix = (
+        f"choose again with python -m integration.ensemble --artifacts {root} "
+        f"--sequential {','.join(scorers[n][1].name for n in scorers) or 'none'}"
+        + ("" if item_sources else " --item-item none")
+    )
+    return choice, path, fix
+
+
+def _served_system(
+    candidate_source: str, ranking, choice: dict | None, scorers: dict, item_sources: list, path: Path, fix: str
+) -> tuple[str, bool]:
+    """The candidate source served and whether the ranker re-orders it: as asked, else as the choice
+    says, else SASRec's (then BERT4Rec's, then the two-tower's) candidates re-ranked."""
+    names = ["two-tower", *scorers, *(src.name for src in item_sources)]
+    if candidate_source == "ensemble" and choice is None:
+        raise ArtifactMismatch(f"no ensemble was fitted for {names} ({path} is missing): {fix}")
+    auto = candidate_source == "auto"
+    if auto:
+        fallback = next((n for n in ("SASRec", "BERT4Rec") if n in scorers), "two-tower")
+        candidate_source = choice["candidate_source"] if choice else fallback
+    rules.known_source(candidate_source, names)
+    # re-ranked unless serving the ensemble or an item-to-item source (no ranker is trained on their
+    # candidates), or as the choice says; an explicit ranker (A/B arms) always re-ranks
+    if ranking != "auto":
+        return candidate_source, True
+    if auto and choice:
+        return candidate_source, bool(choice["rerank"])
+    return candidate_source, candidate_source not in ("ensemble", *(src.name for src in item_sources))
+
+
+def _model_digests(r_manifest: dict, digests: dict[str, str], by_source: dict) -> dict[str, dict[str, str]]:
+    """What the served system was chosen among: every source's and every source's ranker's digest."""
+    return {
+        "sources": {"two-tower": digest(r_manifest["files"]), **digests},
+        # the model, not how it runs: AOTInductor packages added later (the manifest's "compiled" and
+        # "compiled_by_user" entries) score like the exported programs, so the choice still stands
+        "rankers": {
+            name: digest({k: v for k, v in p.manifest.items() if k not in ("compiled", "compiled_by_user")})
+            for name, p in by_source.items()
+        },
+    }
 
 
 def retain_freed_memory(threshold: int = 32 << 20, keep: int = 1 << 30) -> bool:
