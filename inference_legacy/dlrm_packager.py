@@ -21,7 +21,6 @@ layout) and returns click probabilities ``[B]``. ``B`` is dynamic, 1 included.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -302,7 +301,7 @@ def package_model(
         }
 
     path = art.write_artifact(out, program, schema, manifest, rows, overwrite=overwrite, verify=verify, by_user=by_user)
-    manifest = json.loads((path / art.MANIFEST).read_text())
+    manifest = read_manifest(path, "package it again", verify_files=False)  # as written, with its verification
     return manifest
 
 

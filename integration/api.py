@@ -21,7 +21,7 @@ EVENT_CLOCK_SLACK_S = 86_400
 
 class UserFeatures(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    age: int = Field(ge=1, le=129, description="years", examples=[25])
+    age: int = Field(ge=1, le=129, strict=True, description="years", examples=[25])
     gender: Literal["M", "F"] = Field(examples=["F"])
     occupation: str = Field(max_length=64, description="a MovieLens occupation, e.g. 'student'")
     zip: str = Field(

@@ -376,7 +376,9 @@ def test_chaos_8_clients_60_s_redis_killed_and_hung(artifacts, tmp_path) -> None
 def test_demo_prints_recommendations_and_the_evaluation_table(artifacts, capsys) -> None:
     from integration.demo import main as demo
 
-    res = demo(["--artifacts", str(artifacts), "--sequential", "none", "--users", "196,999999", "--n-boot", "20"])
+    # --quick: the fixture's stages are quick runs, without the compiled query tower a full demo makes
+    args = ["--artifacts", str(artifacts), "--sequential", "none", "--users", "196,999999", "--n-boot", "20"]
+    res = demo([*args, "--quick"])
     out = capsys.readouterr().out
     assert res["trained"] == []  # every stage was there
     assert "user 196:" in out and "most recent:" in out and "re-ranked from 100 candidates" in out
@@ -417,7 +419,7 @@ def test_demo_trains_missing_stages_then_recommends(tmp_path, capsys) -> None:
         "7-retrieval.log",
         "8-integration.log",
     ]
-    assert demo(["--artifacts", str(tmp_path), "--users", "1", "--n-boot", "10"])["trained"] == []
+    assert demo(["--artifacts", str(tmp_path), "--quick", "--users", "1", "--n-boot", "10"])["trained"] == []
 
 
 def test_a_retrained_stage_retrains_every_stage_that_reads_it(tmp_path) -> None:
@@ -425,12 +427,29 @@ def test_a_retrained_stage_retrains_every_stage_that_reads_it(tmp_path) -> None:
 
     todo = stages(tmp_path, sequential=("sasrec", "bert4rec"))
     names = [s.name for s in todo]
-    assert len(todo) == 11 and names[3].startswith("SASRec") and names[6].startswith("BERT4Rec")
+    assert len(todo) == 14 and names[3].startswith("SASRec") and names[6].startswith("BERT4Rec")
     assert names[9].startswith("item-to-item")
     # every ranker reads the retrieval export; each sequential ranker also its source; artifacts their
-    # ranker; the choice of the served system every model
-    assert [s.after for s in todo] == [[], [0], [1], [], [0, 3], [4], [], [0, 6], [7], [], list(range(10))]
+    # ranker; the choice of the served system every model; last, each compiled package its model
+    assert [s.after for s in todo] == [
+        [],
+        [0],
+        [1],
+        [],
+        [0, 3],
+        [4],
+        [],
+        [0, 6],
+        [7],
+        [],
+        list(range(10)),
+        [0],
+        [3],
+        [6],
+    ]
     assert todo[10].output == tmp_path / "serving" / "served-two-tower-sasrec-bert4rec-item-item.json"
+    assert [s.output.name for s in todo[11:]] == ["query_tower.aoti.pt2", "scorer.aoti.pt2", "scorer.aoti.pt2"]
+    assert len(stages(tmp_path, quick=True, sequential=("sasrec", "bert4rec"))) == 11  # --quick compiles nothing
     assert "--candidates-export" in todo[4].command and str(tmp_path / "sasrec" / "export") in todo[4].command
 
 
