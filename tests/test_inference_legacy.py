@@ -269,6 +269,7 @@ def test_by_user_inputs_share_each_users_ids_and_keep_each_rows_own() -> None:
         art.by_user_inputs(schema, ["zip"], (dense, values, lengths))
 
 
+@pytest.mark.slow  # each case loads the AOTInductor-compiled artifact
 @pytest.mark.parametrize(
     "damage, reason",
     [

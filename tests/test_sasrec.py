@@ -92,6 +92,7 @@ def test_export_scores_awkward_histories(sasrec_run, ml100k, ml100k_split) -> No
     assert len(top) == 10 and not set(known) & {i for i, _ in top}
 
 
+@pytest.mark.slow  # SASRec, then a ranker trained on its candidates: a chain
 def test_a_ranker_trained_on_sasrec_candidates_re_ranks_sasrec_order(sasrec_run, sasrec_reranking_run) -> None:
     """The ranker learns the source it re-ranks: its candidates in evaluation are SASRec's top 100 in
     SASRec's order (the order's NDCG@10 is SASRec's own), and it learned (validation AUC). Whether
