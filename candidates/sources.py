@@ -159,7 +159,7 @@ class EnsembleSource:
 
     name = "ensemble"
 
-    def __init__(self, sources: list, weights: dict[str, float]) -> None:
+    def __init__(self, sources: list[CandidateSource], weights: dict[str, float]) -> None:
         names = [src.name for src in sources]
         unknown = [n for n in weights if n not in names]
         if unknown:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from candidates.sources import SEQUENCE_SOURCES, ItemItemSource, SequenceSource, TwoTowerSource
+from candidates.sources import SEQUENCE_SOURCES, CandidateSource, ItemItemSource, SequenceSource, TwoTowerSource
 from common.data.dataset import InteractionData
 from common.data.download import file_digest
 from common.data.load import load_dataset
@@ -134,7 +134,7 @@ def create_pipeline(
     retriever = Retriever(r_dir, device="cpu", k=CANDIDATES, compiled=compiled)
     rules.same_id_maps(r_dir, retriever.user_raw_ids, retriever.item_raw_ids, ds)
     item_embeddings = np.load(r_dir / "item_embeddings.npy")
-    sources: list = [TwoTowerSource(retriever, item_embeddings)]
+    sources: list[CandidateSource] = [TwoTowerSource(retriever, item_embeddings)]
     sources += [SequenceSource(sc, ds.item_raw_ids) for _, sc in scorers.values()]
 
     models = _model_digests(r_manifest, digests, by_source)

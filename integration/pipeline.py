@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from candidates.sources import EnsembleSource, TwoTowerSource, union
+from candidates.sources import CandidateSource, EnsembleSource, TwoTowerSource, union
 from common.data.dataset import InteractionData, id_key
 from common.data.split import Split
 from common.metrics import RankingReport, evaluate_topk
@@ -85,7 +85,7 @@ class RecommendationPipeline:
         store: FeatureStore,
         dataset: InteractionData,
         split: Split,
-        sources: list | None = None,
+        sources: list[CandidateSource] | None = None,
         item_embeddings: np.ndarray | None = None,
         candidate_source: str = "two-tower",
         identity: str | None = None,
@@ -94,7 +94,7 @@ class RecommendationPipeline:
         rerank: bool = True,
         artifacts_dir: Path | None = None,
         model_digests: dict[str, dict[str, str]] | None = None,
-        item_sources: list | None = None,
+        item_sources: list[CandidateSource] | None = None,
     ) -> None:
         self.retriever, self.rankers, self.store = retriever, rankers, store
         # each source's own ranker (trained on its candidates), for evaluating "<source> + ranker";
