@@ -83,6 +83,8 @@ class SequenceSource:
         self.scorer, self.raw = scorer, np.asarray(item_raw_ids)
         self.name = SEQUENCE_SOURCES[scorer.name]
         self.order = np.array([scorer.index_of[id_key(i)] for i in self.raw])  # data set index -> scorer index
+        # trained on this data set, the scorer's indices are the data set's: no reordering copy per call
+        self.same_order = bool(np.array_equal(self.order, np.arange(len(self.order))))
 
     @classmethod
     def load(cls, export_dir: str | Path, ds, compiled: bool = True) -> SequenceSource:
@@ -95,6 +97,8 @@ class SequenceSource:
 
     def scores(self, users: np.ndarray | None, histories: list[np.ndarray]) -> np.ndarray:
         """Next-item scores of every item ``[B, num_items]`` (data set indices)."""
+        if self.same_order:
+            return self.scorer.score_indices(histories)
         return self.scorer.score_indices([self.order[h] for h in histories])[:, self.order]
 
     def top_k(self, users: np.ndarray | None, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:

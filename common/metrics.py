@@ -127,7 +127,8 @@ def top_unseen(scores, histories: list[np.ndarray] | None, k: int):
     evaluation goes through it.
 
     ``scores`` ``[B, N]`` is a tensor (any device) or a NumPy array, and its seen entries are set to
-    -inf in place; the result is ``(items, scores)`` ``[B, min(k, N)]`` of the same kind. A row with
+    -inf in place (history IDs outside ``[0, N)`` are skipped); the result is ``(items, scores)``
+    ``[B, min(k, N)]`` of the same kind. A row with
     fewer than ``k`` unseen items ends in seen ones, scored -inf (callers that pad, pad those).
     ``torch.topk`` selects ``k + 1``: when the ``k``-th and ``k + 1``-th scores differ, the top ``k``
     are a set that needs no full sort, ordered here by (score, index); a row tied there is sorted in
@@ -136,11 +137,12 @@ def top_unseen(scores, histories: list[np.ndarray] | None, k: int):
     as_numpy = isinstance(scores, np.ndarray)
     s = torch.from_numpy(scores) if as_numpy else scores
     if histories is not None and len(histories):
-        lengths = torch.tensor([len(h) for h in histories], dtype=torch.int64)
-        if int(lengths.sum()):
-            rows = torch.repeat_interleave(torch.arange(len(histories)), lengths).to(s.device)
-            cols = torch.from_numpy(np.concatenate(histories).astype(np.int64)).to(s.device)
-            s[rows, cols] = -math.inf
+        lengths = np.array([len(h) for h in histories], dtype=np.int64)
+        if lengths.sum():
+            rows = np.repeat(np.arange(len(histories)), lengths)
+            cols = np.concatenate(histories).astype(np.int64)
+            ok = (cols >= 0) & (cols < s.shape[1])  # an item the scores do not cover (a newer one) is not there to drop
+            s[torch.from_numpy(rows[ok]).to(s.device), torch.from_numpy(cols[ok]).to(s.device)] = -math.inf
     k = min(k, s.shape[1])
     if k < s.shape[1]:
         vals, items = torch.topk(s, k + 1, dim=1)

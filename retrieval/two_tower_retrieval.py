@@ -262,8 +262,7 @@ class Retriever:
         step = max(1, EXACT_SCORES_PER_CALL // max(1, n_items))
         for lo in range(0, len(q), step):
             s = queries[lo : lo + step] @ self.item_vectors.T
-            part = None if hists is None else [h[(h >= 0) & (h < n_items)] for h in hists[lo : lo + step]]
-            at, top = top_unseen(s, part, found)
+            at, top = top_unseen(s, None if hists is None else hists[lo : lo + step], found)
             scores[lo : lo + len(s), :found] = top.numpy()
             items[lo : lo + len(s), :found] = np.where(np.isneginf(scores[lo : lo + len(s), :found]), -1, at.numpy())
         return items, scores
