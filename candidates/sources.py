@@ -5,10 +5,15 @@ A source proposes items for users from their histories (dense data set indices, 
     source.scores(users, histories)     # [B, num_items]: higher is better, every item scored
     source.top_k(users, histories, k)   # ([B, k] items, [B, k] scores): best first, seen items out
 
+Seen items are left out of the lists unless the source was made with ``repeats=True`` (a data set
+where coming back to an item is a valid target, common/data/split.py): then histories are only
+inputs, and a source may propose what the user had before.
+
 - :class:`TwoTowerSource`: the two-tower's query tower and FAISS index (retrieval/two_tower_retrieval.py);
 - :class:`SequenceSource`: SASRec's or BERT4Rec's next-item scores (their exports);
 - :class:`ItemItemSource`: EASE or the item-to-item transitions (retrieval/item_item.py);
 - :class:`PopularitySource`: the most interacted-with items;
+- :class:`AgainSource`: each user's own earlier items by recency-weighted frequency (repeats only);
 - :class:`EnsembleSource`: the weighted reciprocal ranks of other sources (integration/ensemble.py
   fits the weights);
 - :func:`union`: several sources' lists merged.
@@ -30,6 +35,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from common.baselines import again_scores
 from common.data.dataset import id_key
 from common.data.tables import FeatureTables, last_n
 from common.metrics import top_unseen
@@ -43,10 +49,16 @@ class CandidateSource(Protocol):
     """What the pipeline, the ensemble and the ranker's training ask of a source."""
 
     name: str
+    repeats: bool
 
     def scores(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray: ...
 
     def top_k(self, users: np.ndarray, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def excluded(histories: list[np.ndarray], repeats: bool) -> list[np.ndarray] | None:
+    """What a source leaves out of its lists: the histories, or nothing where repeats are valid."""
+    return None if repeats else histories
 
 
 def check_trained_on(what: str, export_dir: str | Path, fingerprint: str, here: str) -> None:
@@ -63,12 +75,13 @@ class TwoTowerSource:
 
     name = "two-tower"
 
-    def __init__(self, retriever, item_embeddings: np.ndarray) -> None:
+    def __init__(self, retriever, item_embeddings: np.ndarray, repeats: bool = False) -> None:
         self.retriever = retriever  # retrieval.two_tower_retrieval.Retriever
         self.item_embeddings = item_embeddings  # the candidate tower's item vectors (the FAISS index's)
+        self.repeats = repeats
 
     def top_k(self, users: np.ndarray, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.retriever.top_k_indices(users, k, exclude_seen=True, histories=histories)
+        return self.retriever.top_k_indices(users, k, exclude_seen=not self.repeats, histories=histories)
 
     def scores(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
         """The dot product of each user's query with every item ``[B, num_items]`` (exact, no index)."""
@@ -79,8 +92,8 @@ class SequenceSource:
     """Candidates from a sequential model's next-item scores over the whole catalog (seen items
     excluded): SASRec or BERT4Rec, from its export's scorer (bert4rec's NextItemScorer)."""
 
-    def __init__(self, scorer, item_raw_ids: np.ndarray) -> None:
-        self.scorer, self.raw = scorer, np.asarray(item_raw_ids)
+    def __init__(self, scorer, item_raw_ids: np.ndarray, repeats: bool = False) -> None:
+        self.scorer, self.raw, self.repeats = scorer, np.asarray(item_raw_ids), repeats
         self.name = SEQUENCE_SOURCES[scorer.name]
         self.order = np.array([scorer.index_of[id_key(i)] for i in self.raw])  # data set index -> scorer index
         # trained on this data set, the scorer's indices are the data set's: no reordering copy per call
@@ -93,7 +106,7 @@ class SequenceSource:
 
         scorer = NextItemScorer(export_dir, compiled)
         check_trained_on(f"{scorer.name} export", export_dir, scorer.data_fingerprint, ds.fingerprint)
-        return cls(scorer, ds.item_raw_ids)
+        return cls(scorer, ds.item_raw_ids, ds.repeats)
 
     def scores(self, users: np.ndarray | None, histories: list[np.ndarray]) -> np.ndarray:
         """Next-item scores of every item ``[B, num_items]`` (data set indices)."""
@@ -102,39 +115,43 @@ class SequenceSource:
         return self.scorer.score_indices([self.order[h] for h in histories])[:, self.order]
 
     def top_k(self, users: np.ndarray | None, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-        return top_unseen(self.scores(users, histories), histories, k)
+        return top_unseen(self.scores(users, histories), excluded(histories, self.repeats), k)
 
 
 class ItemItemSource:
     """One of an item-to-item export's sources (EASE or transitions; retrieval.item_item.ItemItem):
     ``scores`` of the whole catalog ``[B, num_items]`` from each user's history alone."""
 
-    def __init__(self, name: str, export) -> None:
+    def __init__(self, name: str, export, repeats: bool = False) -> None:
         if name not in export.names:
             raise ValueError(f"item-to-item source {name!r}: the export has {export.names}")
-        self.name, self.export = name, export
+        self.name, self.export, self.repeats = name, export, repeats
 
     def scores(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
         return self.export.scores(self.name, histories)
 
     def top_k(self, users: np.ndarray, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-        return top_unseen(self.scores(users, histories), histories, k)
+        return top_unseen(self.scores(users, histories), excluded(histories, self.repeats), k)
 
 
 class PopularitySource:
-    """The most interacted-with items, the same for everyone but each user's seen ones."""
+    """The most interacted-with items, the same for everyone but each user's seen ones (kept with
+    repeats)."""
 
     name = "popularity"
 
-    def __init__(self, item_counts: np.ndarray) -> None:
+    def __init__(self, item_counts: np.ndarray, repeats: bool = False) -> None:
         self.counts = np.asarray(item_counts, dtype=np.float64)
+        self.repeats = repeats
 
     def scores(self, users: np.ndarray | None, histories: list[np.ndarray]) -> np.ndarray:
         return np.tile(self.counts, (len(histories), 1))
 
     def top_k(self, users: np.ndarray | None, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
         parts = [
-            top_unseen(self.scores(None, histories[lo : lo + 1024]), histories[lo : lo + 1024], k)
+            top_unseen(
+                self.scores(None, histories[lo : lo + 1024]), excluded(histories[lo : lo + 1024], self.repeats), k
+            )
             for lo in range(0, len(histories), 1024)
         ]
         if not parts:
@@ -142,9 +159,32 @@ class PopularitySource:
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def unseen_mask(shape: tuple[int, int], histories: list[np.ndarray]) -> np.ndarray:
+class AgainSource:
+    """Each user's own earlier items, by recency-weighted frequency (common.baselines.again_scores,
+    the half-life chosen on validation): a member of every table and ensemble on a data set with
+    repeats, off elsewhere. Items the user never had score 0, after every item they had."""
+
+    name = "again"
+    repeats = True
+
+    def __init__(self, num_items: int, half_life: float) -> None:
+        self.num_items, self.half_life = int(num_items), float(half_life)
+
+    def scores(self, users: np.ndarray | None, histories: list[np.ndarray]) -> np.ndarray:
+        return again_scores(histories, self.num_items, self.half_life)
+
+    def top_k(self, users: np.ndarray | None, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+        parts = [
+            top_unseen(self.scores(None, histories[lo : lo + 256]), None, k) for lo in range(0, len(histories), 256)
+        ]
+        if not parts:
+            return np.zeros((0, min(k, self.num_items)), np.int64), np.zeros((0, min(k, self.num_items)), np.float32)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def unseen_mask(shape: tuple[int, int], histories: list[np.ndarray] | None) -> np.ndarray:
     mask = np.ones(shape, dtype=bool)
-    for r, h in enumerate(histories):
+    for r, h in enumerate(histories or []):
         mask[r, h] = False
     return mask
 
@@ -165,6 +205,7 @@ class EnsembleSource:
 
     def __init__(self, sources: list[CandidateSource], weights: dict[str, float]) -> None:
         names = [src.name for src in sources]
+        self.repeats = any(getattr(src, "repeats", False) for src in sources)  # a source without the flag: False
         unknown = [n for n in weights if n not in names]
         if unknown:
             raise ValueError(f"ensemble weights name sources {unknown} the pipeline does not have ({names})")
@@ -178,13 +219,13 @@ class EnsembleSource:
         total = None
         for src, w in self.members:
             s = src.scores(users, histories)
-            unseen = unseen_mask(s.shape, histories) if unseen is None else unseen
+            unseen = unseen_mask(s.shape, excluded(histories, self.repeats)) if unseen is None else unseen
             z = w * reciprocal_ranks(s, unseen)
             total = z if total is None else total + z
         return total
 
     def top_k(self, users: np.ndarray, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-        return top_unseen(self.scores(users, histories), histories, k)
+        return top_unseen(self.scores(users, histories), excluded(histories, self.repeats), k)
 
 
 def union(lists: list[np.ndarray], interleave: bool = False) -> np.ndarray:

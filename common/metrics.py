@@ -1,8 +1,9 @@
 """Metrics shared by every stage, implemented once.
 
 Ranking (retrieval, sequential models, the full pipeline) uses the protocol of
-:mod:`common.data.split`: full ranking over all items, the user's history excluded, one held-out
-target per user, so HR@K = Recall@K and NDCG@K = 1 / log2(rank + 2) for a hit at 0-based rank.
+:mod:`common.data.split`: full ranking over all items, the user's history excluded (kept on a
+data set with repeats, with repeat and new-item targets also reported apart), one held-out target
+per user, so HR@K = Recall@K and NDCG@K = 1 / log2(rank + 2) for a hit at 0-based rank.
 Means come with a percentile bootstrap confidence interval over users (ml-100k has only 943 test
 users, so differences under about 0.01 HR@10 are noise). In a distributed run every rank scores
 a slice of the users and the per-user results are gathered, so each user counts exactly once.
@@ -45,6 +46,7 @@ class RankingReport:
     ranks: np.ndarray  # 0-based rank of the target, MAX_K where not in top MAX_K
     means: dict[str, float] = field(default_factory=dict)
     ci95: dict[str, tuple[float, float]] = field(default_factory=dict)
+    group_users: dict[str, int] = field(default_factory=dict)  # repeats: users with a repeat / new target
 
     @property
     def num_users(self) -> int:
@@ -56,6 +58,7 @@ class RankingReport:
             "num_users": self.num_users,
             **self.means,
             **{f"{k}_ci95": list(v) for k, v in self.ci95.items()},
+            **{f"users_{g}": n for g, n in self.group_users.items()},
         }
 
     def line(self) -> str:
@@ -75,7 +78,7 @@ def per_user_metrics(ranks: np.ndarray) -> dict[str, np.ndarray]:
 def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean of ``values`` (resampling users)."""
     values = np.asarray(values, dtype=np.float64)
-    if len(values) == 0:
+    if len(values) == 0 or n_boot <= 0:  # no users, or no interval asked for
         return (math.nan, math.nan)
     rng = np.random.default_rng(seed)
     means = np.empty(n_boot)
@@ -88,7 +91,17 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: f
     return float(lo), float(hi)
 
 
-def report_from_ranks(stage: str, users: np.ndarray, ranks: np.ndarray, n_boot: int = 1000) -> RankingReport:
+# On a data set with repeats, the metrics also reported apart on repeat and on new-item targets.
+GROUP_METRICS = ("HR@10", "NDCG@10")
+
+
+def report_from_ranks(
+    stage: str, users: np.ndarray, ranks: np.ndarray, n_boot: int = 1000, repeat: np.ndarray | None = None
+) -> RankingReport:
+    """The report of per-user target ranks. ``repeat`` (bool per user, where the data set has
+    repeats: whether the target is in the user's history) adds ``"HR@10 repeat"``, ``"NDCG@10
+    new"`` and so on, each with its CI and user count, so that a system that only recommends again
+    what a user had is visible as such."""
     order = np.argsort(users, kind="stable")
     users, ranks = np.asarray(users)[order], np.asarray(ranks)[order]
     values = per_user_metrics(ranks)
@@ -96,7 +109,24 @@ def report_from_ranks(stage: str, users: np.ndarray, ranks: np.ndarray, n_boot: 
     for name, v in values.items():
         rep.means[name] = float(v.mean()) if len(v) else math.nan
         rep.ci95[name] = bootstrap_ci(v, n_boot=n_boot)
+    if repeat is not None:
+        repeat = np.asarray(repeat, dtype=bool)[order]
+        for group, rows in (("repeat", repeat), ("new", ~repeat)):
+            rep.group_users[group] = int(rows.sum())
+            for name in GROUP_METRICS:
+                v = values[name][rows]
+                rep.means[f"{name} {group}"] = float(v.mean()) if len(v) else math.nan
+                rep.ci95[f"{name} {group}"] = bootstrap_ci(v, n_boot=n_boot)
     return rep
+
+
+def _repeat_mask(split: Split, stage: str, users: np.ndarray) -> np.ndarray | None:
+    """Whether each of ``users``' ``stage`` targets is a repeat; ``None`` where the data set has none."""
+    if not split.repeats:
+        return None
+    all_users, targets = split.targets(stage)
+    target_of = dict(zip(all_users.tolist(), targets.tolist()))
+    return split.is_repeat(stage, users, np.array([target_of[u] for u in np.asarray(users).tolist()], np.int64))
 
 
 def paired_difference(a: RankingReport, b: RankingReport, n_boot: int = 1000) -> dict[str, object]:
@@ -186,7 +216,6 @@ def evaluate_scores(
     Collective in a distributed run: every rank must call it.
     """
     users_all, targets_all = split.targets(stage)
-    indptr, hist = split.history(stage)
     target_of = dict(zip(users_all.tolist(), targets_all.tolist()))
     mine = _my_users(users_all)
     ranks = np.empty(len(mine), dtype=np.int64)
@@ -200,11 +229,15 @@ def evaluate_scores(
                 f"score_fn returned shape {tuple(scores.shape)}, expected "
                 f"({len(batch)}, {split.num_items}) = (users in batch, num_items)"
             )
-        topk = top_unseen(scores, [hist[indptr[u] : indptr[u + 1]] for u in batch], k)[0]
+        topk, top_scores = top_unseen(scores, split.excluded(stage, batch), k)
         target = torch.as_tensor([target_of[u] for u in batch.tolist()], device=topk.device)
-        ranks[start : start + len(batch)] = target_ranks(topk, target).cpu().numpy()
+        rank = target_ranks(topk, target)
+        # an excluded item fills a list only where fewer than k are left (a tiny catalog): never a hit
+        excluded = top_scores.gather(1, rank.clamp(max=k - 1).view(-1, 1)).view(-1) == -math.inf
+        ranks[start : start + len(batch)] = torch.where(excluded, k, rank).cpu().numpy()
     ranks = np.where(ranks >= k, MAX_K, ranks)
-    return report_from_ranks(stage, _gather(mine), _gather(ranks), n_boot=n_boot)
+    users = _gather(mine)
+    return report_from_ranks(stage, users, _gather(ranks), n_boot, _repeat_mask(split, stage, users))
 
 
 def evaluate_topk(
@@ -213,7 +246,7 @@ def evaluate_topk(
     """Evaluation of a model that returns ranked item lists (e.g. a FAISS index).
 
     ``topk_fn(users)`` returns an int array ``[len(users), >= 100]`` of item indices, best first,
-    already excluding the user's history for ``stage`` (use :meth:`Split.history`). Collective.
+    already excluding what the protocol excludes (:meth:`Split.excluded`). Collective.
     """
     users_all, targets_all = split.targets(stage)
     target_of = dict(zip(users_all.tolist(), targets_all.tolist()))
@@ -225,7 +258,8 @@ def evaluate_topk(
         target = torch.as_tensor([target_of[u] for u in batch.tolist()])
         ranks[start : start + len(batch)] = target_ranks(topk, target).numpy()
     ranks = np.where(ranks >= MAX_K, MAX_K, ranks)
-    return report_from_ranks(stage, _gather(mine), _gather(ranks), n_boot=n_boot)
+    users = _gather(mine)
+    return report_from_ranks(stage, users, _gather(ranks), n_boot, _repeat_mask(split, stage, users))
 
 
 SAMPLED_NEGATIVES = 100
@@ -270,7 +304,9 @@ def sampled_report(
         scores = np.asarray(score_fn(batch))
         for row, u in enumerate(batch.tolist()):
             target = target_of[u]
-            banned = set(hist[indptr[u] : indptr[u + 1]].tolist()) | {target}
+            # Negatives are items the user has not had, or (with repeats, where a seen item is a fair
+            # answer) any item but the target.
+            banned = ({target} if split.repeats else set(hist[indptr[u] : indptr[u + 1]].tolist())) | {target}
             if split.num_items - len(banned) < n_negatives:
                 raise ValueError(
                     f"user {u} has seen all but {split.num_items - len(banned)} items; "
@@ -288,7 +324,8 @@ def sampled_report(
                         if len(negs) == n_negatives:
                             break
             ranks[start + row] = int((scores[row, negs] >= scores[row, target]).sum())
-    return report_from_ranks(f"{stage}/sampled-{by}", _gather(mine), _gather(ranks), n_boot=n_boot)
+    users = _gather(mine)
+    return report_from_ranks(f"{stage}/sampled-{by}", users, _gather(ranks), n_boot, _repeat_mask(split, stage, users))
 
 
 class BinaryMetrics:

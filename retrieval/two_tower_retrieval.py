@@ -151,6 +151,8 @@ class Retriever:
         self.user_index = {id_key(u): k for k, u in enumerate(self.user_raw_ids.tolist())}
         self.history_indptr = np.asarray(serving["history_indptr"], dtype=np.int64)
         self.history_items = np.asarray(serving["history_items"], dtype=np.int64)
+        # Trained on a data set with repeats: seen items stay in the lists (common/data/split.py).
+        self.repeats = bool(m.get("repeats", False))
         counts = np.asarray(serving["item_counts"], dtype=np.float64)
         self.popular = np.argsort(-counts, kind="stable")
         self.popularity = counts / max(1.0, counts.sum())
@@ -212,7 +214,7 @@ class Retriever:
         self,
         users: np.ndarray,
         k: int | None = None,
-        exclude_seen: bool = True,
+        exclude_seen: bool | None = None,
         histories: list[np.ndarray] | None = None,
         user_columns: dict[str, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -226,6 +228,8 @@ class Retriever:
         users = np.asarray(users, dtype=np.int64)
         hists = histories if histories is not None else [self.history_of(u) for u in users]
         q = self.model.embed(self._query_batch(users, hists, user_columns).sparse).cpu().numpy().astype(np.float32)
+        if exclude_seen is None:  # the protocol of the data the export was trained on
+            exclude_seen = not self.repeats
         return self.search_unseen(q, k, hists if exclude_seen else None)
 
     def search_unseen(self, q: np.ndarray, k: int, hists: list[np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -302,7 +306,7 @@ class Retriever:
         self,
         user_ids: list[int],
         k: int | None = None,
-        exclude_seen: bool = True,
+        exclude_seen: bool | None = None,
         extra_history: dict[int, list[int]] | None = None,
     ) -> list[Recommendation]:
         """Top-K raw item IDs per raw user ID. An unknown user gets the most popular items
@@ -344,7 +348,7 @@ class Retriever:
         return out  # type: ignore[return-value]
 
     def recommend_features(
-        self, records: list[dict], k: int | None = None, exclude_seen: bool = True
+        self, records: list[dict], k: int | None = None, exclude_seen: bool | None = None
     ) -> list[Recommendation]:
         """Top-K for users described by raw features:
         ``{"user_id": raw ID or None, "age": years, "gender": "M"|"F", "occupation": name,

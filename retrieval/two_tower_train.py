@@ -381,6 +381,7 @@ def export(
         "format": EXPORT_FORMAT,
         "dataset": ds_name,
         "data_fingerprint": ds.fingerprint,
+        "repeats": ds.repeats,  # the protocol's: whether search leaves a user's history out
         "query_schema": features.query_schema.to_dict(),
         "candidate_schema": features.candidate_schema.to_dict(),
         "embedding_dim": cfg.embedding_dim,

@@ -231,7 +231,7 @@ def test_skip_counts_bad_rows_instead(tmp_path: Path, capsys) -> None:
     spec = _csv_log(tmp_path, "u,i,t\n1,10,100\n,11,200\n1,12,soon\n2,10,150\n2,x,160\n", {"item_type": "int64"})
     ds, report = read_log(spec, on_bad_row="skip")
     assert report == {"rows": 5, "skipped": {"user": 1, "item": 1, "timestamp": 1}, "kept": 2}
-    assert ds.num_interactions == 2 and "skipped 3 bad interaction rows of 5" in capsys.readouterr().err
+    assert ds.num_interactions == 2 and "left out 3 interaction rows of 5" in capsys.readouterr().err
 
 
 def test_the_cache_is_keyed_by_the_inputs(tmp_path: Path) -> None:

@@ -60,7 +60,7 @@ def _kjt(prefix: str, kjt) -> dict[str, np.ndarray]:
 def _top100(scores: torch.Tensor, split: Split, stage: str) -> np.ndarray:
     indptr, hist = split.history(stage)
     scores = scores.clone()
-    for u in range(split.num_users):
+    for u in range(split.num_users if not split.repeats else 0):  # with repeats nothing is excluded
         scores[u, hist[indptr[u] : indptr[u + 1]]] = -torch.inf
     return torch.topk(scores, 100, dim=1).indices.numpy()
 
@@ -360,3 +360,97 @@ def _tiny() -> InteractionData:
         np.array([1]),
         np.array([1, 2, 3]),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Logs where people come back (``repeats``): a repeat is a valid target, histories are inputs only.
+
+
+def with_repeats(ds: InteractionData, users: int = 300, share: float = 0.3, seed: int = 0) -> InteractionData:
+    """The first ``users`` users of ``ds``, each coming back to ``share`` of their items a second
+    later, declared a log with repeats."""
+    from common.data.dataset import build_dataset
+
+    keep = ds.user < users
+    user, item, time = ds.user[keep], ds.item[keep], ds.timestamp[keep]
+    rng = np.random.default_rng(seed)
+    again = rng.random(len(user)) < share
+    later = time[again] + 1  # right after the first time (MovieLens's bursts would make most targets repeats)
+    return build_dataset(
+        "ml-100k-repeats",
+        "test",
+        ds.user_raw_ids[np.r_[user, user[again]]],
+        ds.item_raw_ids[np.r_[item, item[again]]],
+        np.r_[time, later],
+        repeats=True,
+    )
+
+
+def test_a_repeat_target_is_reachable_and_reported_apart() -> None:
+    """User 1 had item 10 before and buys it again last: with repeats the scorer that puts it first
+    hits it (without, the same list is a miss), and the report gives repeat and new targets apart."""
+    from common.data.dataset import build_dataset
+    from common.metrics import evaluate_scores
+
+    def tiny(repeats: bool) -> Split:
+        ds = build_dataset(
+            "tiny",
+            "test",
+            np.array([1, 1, 1, 1, 2, 2, 2]),
+            np.array([10, 11, 12, 10, 10, 11, 12]),  # user 1: a repeat target; user 2: a new one
+            np.array([1, 2, 3, 4, 1, 2, 3]),
+            repeats=repeats,
+        )
+        return split_dataset(ds)
+
+    def history_first(split: Split, stage: str):
+        indptr, hist = split.history(stage)
+
+        def score(users: torch.Tensor) -> torch.Tensor:
+            s = torch.zeros(len(users), split.num_items)
+            for r, u in enumerate(users.tolist()):
+                s[r, hist[indptr[u] : indptr[u + 1]]] = 1.0 + torch.arange(indptr[u + 1] - indptr[u]) / 10
+            return s
+
+        return score
+
+    rep = tiny(True)
+    assert rep.repeats and rep.excluded("test", np.array([0])) is None
+    report = evaluate_scores(history_first(rep, "test"), rep, "test", n_boot=10)
+    assert report.group_users == {"repeat": 1, "new": 1}
+    assert report.means["HR@10 repeat"] == 1.0 and report.means["HR@10 new"] == 1.0  # the new one: rank 2 of 3
+    assert report.ranks.tolist() == [2, 2]  # item 10 after 12 and 11 (the later ones): seen items listed
+    once = tiny(False)
+    report = evaluate_scores(history_first(once, "test"), once, "test", n_boot=10)
+    assert report.group_users == {} and "HR@10 repeat" not in report.means
+    assert report.ranks.tolist()[0] == 100  # seen items out: the repeat target cannot be hit
+    assert once.excluded("test", np.array([0]))[0].tolist() == [0, 1, 2]
+
+
+def test_with_repeats_has_repeat_targets_and_histories(ml100k) -> None:
+    ds = with_repeats(ml100k)
+    split = split_dataset(ds)
+    users, targets = split.targets("test")
+    repeat = split.is_repeat("test", users, targets)
+    assert ds.repeats and split.repeats and 0.1 < repeat.mean() < 0.9
+    indptr, hist = split.history("valid")
+    dup = [len(np.unique(hist[indptr[u] : indptr[u + 1]])) < indptr[u + 1] - indptr[u] for u in range(ds.num_users)]
+    assert np.mean(dup) > 0.9
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("name", ["retrieval", "bert4rec", "sasrec"])
+def test_targets_do_not_reach_training_or_serving_with_repeats(ml100k, name: str, stage: str) -> None:
+    ds = with_repeats(ml100k)
+    real = STAGE_ARRAYS[name](ds, stage)
+    moved = STAGE_ARRAYS[name](perturb(ds, STAGES[stage]), stage)
+    assert differences(real, moved) == []
+
+
+@pytest.mark.parametrize("name", ["retrieval", "bert4rec"])
+def test_the_perturbation_check_catches_a_deliberate_leak_with_repeats(ml100k, name: str, monkeypatch) -> None:
+    LEAKS[name](monkeypatch)
+    ds = with_repeats(ml100k)
+    real = STAGE_ARRAYS[name](ds, "valid")
+    moved = STAGE_ARRAYS[name](perturb(ds, STAGES["valid"]), "valid")
+    assert differences(real, moved), f"the {name} leak went unnoticed with repeats"

@@ -139,6 +139,7 @@ class InteractionData:
     item_title: list[str] | None = None  # display title of each item, None where the data set has none
     user_features: dict[str, Feature] = field(default_factory=dict)
     item_features: dict[str, Feature] = field(default_factory=dict)
+    repeats: bool = False  # coming back to an item is a valid target (common/data/split.py)
     # Known from a prepared cache (common/data/logs.py, :meth:`with_known`), so that a rank need not
     # read every interaction to get them; else computed from the arrays (the offsets once). Not init
     # fields: ``dataclasses.replace`` with other arrays starts without them.
@@ -184,7 +185,7 @@ class InteractionData:
         """
         if self.known_fingerprint is not None:
             return self.known_fingerprint
-        h = hashlib.sha256(self.name.encode())
+        h = hashlib.sha256(self.name.encode() + (b":repeats" if self.repeats else b""))
         for ids, index in ((self.user_raw_ids, self.user), (self.item_raw_ids, self.item)):
             h.update(raw_id_bytes(ids)[index].tobytes() if ids.dtype.kind in "iu" else _string_digest(ids, index))
         for arr in (np.round(self.rating * 2).astype(np.int64), self.timestamp):
@@ -209,6 +210,7 @@ class InteractionData:
             "user_features": {k: f.kind for k, f in self.user_features.items()},
             "item_features": {k: f.kind for k, f in self.item_features.items()},
             "has_titles": self.item_title is not None,
+            "repeats": self.repeats,
             "first_timestamp": int(self.timestamp.min()),
             "last_timestamp": int(self.timestamp.max()),
             "fingerprint": self.fingerprint,
@@ -254,6 +256,7 @@ def build_dataset(
     items: tuple[np.ndarray, dict[str, Feature]] | None = None,
     item_title: tuple[np.ndarray, list[str]] | None = None,
     dense: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
+    repeats: bool = False,
 ) -> InteractionData:
     """Map raw IDs to dense indices, sort the interactions, align feature tables to the indices.
 
@@ -276,6 +279,7 @@ def build_dataset(
         timestamp=np.asarray(timestamp, dtype=np.int64)[order],
         user_raw_ids=user_ids,
         item_raw_ids=item_ids,
+        repeats=repeats,
     )
     if users is not None:
         ds.user_features = align_features(user_ids, *users)

