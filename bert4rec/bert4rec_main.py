@@ -286,6 +286,7 @@ def export(out_dir: Path, name: str, cfg: SeqConfig, model: DistributedModelPara
             "num_items": ds.num_items,
             "dataset": ds.name,
             "data_fingerprint": ds.fingerprint,
+            "repeats": ds.repeats,  # the protocol's: whether a history's own items leave the lists
             "item_raw_ids": ds.item_raw_ids.tolist(),
             "user_raw_ids": ds.user_raw_ids.tolist(),
             "test": reports,

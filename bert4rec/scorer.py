@@ -134,8 +134,11 @@ class NextItemScorer:
             unknown.append([id_key(i) for i in h if id_key(i) not in self.index_of])
         return Scored(self.score_indices(known, batch_size), unknown)
 
-    def recommend(self, history: list[int], k: int = 10, exclude_seen: bool = True) -> list[tuple[int, float]]:
-        """The top ``k`` (raw item ID, score) for one history, its own items left out."""
+    def recommend(self, history: list[int], k: int = 10, exclude_seen: bool | None = None) -> list[tuple[int, float]]:
+        """The top ``k`` (raw item ID, score) for one history, its own items left out (``None``: unless
+        the export's data set has repeats, where coming back to an item is a valid answer)."""
+        if exclude_seen is None:
+            exclude_seen = not self.manifest.get("repeats", False)
         seen = [self.index_of[id_key(i)] for i in history if id_key(i) in self.index_of] if exclude_seen else []
         top, scores = top_unseen(self.score([history]).scores[:1].copy(), [np.array(seen, np.int64)], k)
         return [(int(self.item_raw_ids[i]), float(s)) for i, s in zip(top[0], scores[0])]

@@ -280,12 +280,14 @@ class RetrievalScorer:
             out.append(self.tower(self.tt.query_batch(users[sl], hist).sparse).numpy())
         return np.concatenate(out) if out else np.zeros((0, self.items.shape[1]), np.float32)
 
-    def top_k(self, queries: np.ndarray, exclude: list[np.ndarray], k: int = 100) -> np.ndarray:
+    def top_k(self, queries: np.ndarray, exclude: list[np.ndarray] | None, k: int = 100) -> np.ndarray:
         """The ``k`` best items per query, best first (ties by lower index), ``exclude``'d items left
-        out; in chunks of about 0.5 GB of scores."""
+        out (None: none); in chunks of about 0.5 GB of scores."""
         chunk = max(64, min(4096, (1 << 27) // max(1, len(self.items))))
         parts = [
-            top_unseen(queries[lo : lo + chunk] @ self.items.T, exclude[lo : lo + chunk], k)[0]
+            top_unseen(
+                queries[lo : lo + chunk] @ self.items.T, None if exclude is None else exclude[lo : lo + chunk], k
+            )[0]
             for lo in range(0, len(queries), chunk)
         ]
         return np.concatenate(parts) if parts else np.zeros((0, min(k, len(self.items))), np.int64)

@@ -39,6 +39,7 @@ class EvalSet:
     hist_start: np.ndarray  # per user: history is auc.hist_items[hist_start:hist_end]
     hist_end: np.ndarray
     time: np.ndarray  # per user: "now" (ranking_data.reference_time)
+    repeat: np.ndarray | None = None  # on a data set with repeats: whether each target is one
 
 
 def eval_set(
@@ -70,12 +71,13 @@ def eval_set(
         queries = retr.queries(users, hist, starts, ends)
     if source is not None:
         cands, name = source.top_k(users, seen, MAX_K)[0], source.name
-    elif retr is not None:
-        cands, name = retr.top_k(queries, seen), retr.name
+    elif retr is not None:  # the history left out of the candidates, unless a repeat is a valid target
+        cands, name = retr.top_k(queries, None if split.repeats else seen), retr.name
     else:
-        popularity = PopularitySource(features.item_counts)
+        popularity = PopularitySource(features.item_counts, split.repeats)
         cands, name = popularity.top_k(users, seen, MAX_K)[0], popularity.name
-    return EvalSet(stage, users, targets, auc, cands, name, queries, starts, ends, now)
+    repeat = split.is_repeat(stage, users, targets) if split.repeats else None
+    return EvalSet(stage, users, targets, auc, cands, name, queries, starts, ends, now, repeat)
 
 
 def candidate_rows(ev: EvalSet) -> Examples:
@@ -140,7 +142,7 @@ def evaluate(
 def rerank_report(ev: EvalSet, lists: np.ndarray, cfg: Any) -> RankingReport:
     hit = lists == ev.targets[:, None]
     ranks = np.where(hit.any(axis=1), hit.argmax(axis=1), MAX_K)
-    return report_from_ranks(ev.stage, ev.users, ranks, n_boot=cfg.n_boot)
+    return report_from_ranks(ev.stage, ev.users, ranks, cfg.n_boot, ev.repeat)
 
 
 def print_table(results: dict, final: str, source: str, original: RankingReport, interaction: str) -> None:

@@ -490,7 +490,8 @@ def train_examples(
             for lo in range(0, n, 4096):
                 sl = slice(lo, min(lo + 4096, n))
                 seen = [pos.hist_items[a:b] for a, b in zip(pos.hist_start[sl], pos.hist_end[sl])]
-                drop = [np.append(h, i) for h, i in zip(seen, pos.item[sl])]  # the positive is no negative
+                # the positive is no negative; nor, where each item is had once, is the history
+                drop = [np.array([i]) if split.repeats else np.append(h, i) for h, i in zip(seen, pos.item[sl])]
                 cands = (
                     retr.serving_top_k(queries[sl], drop)
                     if source is None

@@ -130,6 +130,9 @@ class Item(BaseModel):
     item_id: int | str
     title: str
     score: float
+    again: bool | None = Field(
+        default=None, description="on a data set with repeats: whether the user had this item before"
+    )
 
 
 class RecommendResponse(BaseModel):

@@ -122,7 +122,11 @@ def ranker_stages(
 
 
 def stages(
-    root: Path, quick: bool = False, sequential: tuple[str, ...] = ("sasrec",), data: list[str] | None = None
+    root: Path,
+    quick: bool = False,
+    sequential: tuple[str, ...] = ("sasrec",),
+    data: list[str] | None = None,
+    repeats: bool = False,
 ) -> list[Stage]:
     """Every stage, in order: the two-tower retriever, a ranker on its candidates and its INT8
     artifact; then for each sequential model (``sasrec``, ``bert4rec``) the model, a ranker trained
@@ -130,7 +134,8 @@ def stages(
     (AOTInductor; not ``quick``); with a sequential model, the item-to-item sources
     (EASE and transitions, fitted in a second) and last the choice of the served system on validation
     (integration/ensemble.py), which reads every model before it.
-    ``quick``: tiny runs; ``data``: the data flags (--dataset, --data-dir) for the trainers."""
+    ``quick``: tiny runs; ``data``: the data flags (--dataset, --data-dir) for the trainers; ``repeats``:
+    the data set has them, so the "again" source is among those the served system is chosen from."""
     data = data or []
     extra = {k: [*data, *(v if quick else [])] for k, v in QUICK.items()}
     data_dir = data[data.index("--data-dir") :][:2] if "--data-dir" in data else []
@@ -197,6 +202,8 @@ def stages(
         )
     )
     names.append("item-item")
+    if repeats:
+        names.append("again")
     models = list(range(len(todo)))
     from integration.loader import choice_file  # here: --help stays fast
 
@@ -220,10 +227,14 @@ def stages(
 
 
 def train_missing(
-    root: Path, quick: bool = False, sequential: tuple[str, ...] = ("sasrec",), data: list[str] | None = None
+    root: Path,
+    quick: bool = False,
+    sequential: tuple[str, ...] = ("sasrec",),
+    data: list[str] | None = None,
+    repeats: bool = False,
 ) -> list[str]:
     """Run every stage whose output is missing, and every stage that reads one that ran; returns their names."""
-    todo = stages(root, quick, sequential, data)
+    todo = stages(root, quick, sequential, data, repeats)
     ran: list[str] = []
     done: set[int] = set()
     for n, st in enumerate(todo):
@@ -252,21 +263,36 @@ def train_missing(
 def show_user(pipeline, rec, recent: int = 5) -> None:
     ds = pipeline.dataset
     hist = pipeline.store.history(pipeline.user_index[rec.user_id])[-recent:]
-    print(
-        f"\nuser {rec.user_id}: {len(pipeline.store.history(pipeline.user_index[rec.user_id]))} movies seen; "
-        f"most recent:"
-    )
+    n_hist = len(pipeline.store.history(pipeline.user_index[rec.user_id]))
+    print(f"\nuser {rec.user_id}: {n_hist} {'interactions' if ds.repeats else 'movies seen'}; most recent:")
     for i in hist[::-1]:
         print(f"    {ds.title(i)}")
     how = f"re-ranked from {rec.candidates} candidates" if rec.stage == "ranked" else pipeline.served
     print(f"  top {len(rec.item_ids)} ({rec.stage}: {how}):")
-    for n, (i, s) in enumerate(zip(rec.item_ids, rec.scores), 1):
-        print(f"    {n:2d}. {ds.title(pipeline.item_index[i])}  {s:.3f}")
+    again = rec.again or [False] * len(rec.item_ids)
+    for n, (i, s, a) in enumerate(zip(rec.item_ids, rec.scores, again), 1):
+        print(f"    {n:2d}. {ds.title(pipeline.item_index[i])}  {s:.3f}" + ("  (again)" if a else ""))
 
 
 def cell(rep: RankingReport, m: str) -> str:
     lo, hi = rep.ci95[m]
     return f"{rep.means[m]:.4f} [{lo:.3f}, {hi:.3f}]"
+
+
+def print_table(ds, stage: str, reports: dict[str, RankingReport], served: str) -> None:
+    """Every system's figures with their intervals; on a data set with repeats also on repeat and
+    new-item targets apart."""
+    first = reports["two-tower"]
+    how, metrics = "seen items excluded", METRICS
+    if ds.repeats:  # a repeat is a valid target: nothing excluded
+        groups = first.group_users
+        how = f"seen items kept; targets: {groups['repeat']} repeats, {groups['new']} new items"
+        metrics = (*METRICS, "NDCG@10 repeat", "NDCG@10 new")
+    print(f"\n{ds.name} {stage}, {first.num_users} users, full ranking, {how} (95% CI over users):")
+    print(f"{'':22s} | " + " | ".join(f"{m:>23s}" for m in metrics))
+    for name, rep in reports.items():
+        mark = "  <- served" if name == served else ""
+        print(f"{name:22s} | " + " | ".join(f"{cell(rep, m):>23s}" for m in metrics) + mark)
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -330,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     bad = [m for m in sequential if m not in ("sasrec", "bert4rec")]
     if bad:
         p.error(f"--sequential {','.join(bad)}: the sequential sources are sasrec and bert4rec (or none)")
-    trained = train_missing(root, a.quick, sequential, data)
+    trained = train_missing(root, a.quick, sequential, data, ds.repeats)
     # served: the system chosen on validation (the last stage above)
     pipeline = create_pipeline(root, data_dir=a.data_dir, sequential=[f"{m}/export" for m in sequential])
     if a.users is None:
@@ -351,14 +377,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         **pipeline.evaluate(a.stage, n_boot=a.n_boot),
     }
     final = pipeline.served
-    print(
-        f"\n{pipeline.dataset.name} {a.stage}, {reports['two-tower'].num_users} users, full ranking, seen items "
-        f"excluded (95% CI over users):"
-    )
-    print(f"{'':22s} | " + " | ".join(f"{m:>23s}" for m in METRICS))
-    for name, rep in reports.items():
-        mark = "  <- served" if name == final else ""
-        print(f"{name:22s} | " + " | ".join(f"{cell(rep, m):>23s}" for m in METRICS) + mark)
+    print_table(pipeline.dataset, a.stage, reports, final)
     gains = {}
     for other in (n for n in reports if n not in (final, "popularity")):
         gains[other] = gain = paired_difference(reports[final], reports[other], n_boot=a.n_boot)

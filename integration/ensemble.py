@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from candidates.sources import reciprocal_ranks, unseen_mask
+from candidates.sources import excluded, reciprocal_ranks, unseen_mask
 from common.runtime import write_json_atomic
 from integration.loader import choice_file, create_pipeline
 
@@ -47,28 +47,33 @@ def simplex(names: list[str], step: float = STEP) -> list[dict[str, float]]:
 
 
 def grid_ndcg(
-    sources: list, users: np.ndarray, histories: list[np.ndarray], targets: np.ndarray, step: float = STEP
+    sources: list,
+    users: np.ndarray,
+    histories: list[np.ndarray],
+    targets: np.ndarray,
+    step: float = STEP,
+    chunk: int = 256,
 ) -> tuple[list[dict[str, float]], np.ndarray]:
     """Every grid point's weights, and each user's NDCG@10 of their target under each ``[points, users]``
-    (0 beyond rank 10), by full ranking of the unseen items."""
-    scores = {
-        src.name: np.concatenate(
-            [src.scores(users[lo : lo + 256], histories[lo : lo + 256]) for lo in range(0, len(users), 256)]
-        )
-        for src in sources
-    }
-    unseen = unseen_mask(next(iter(scores.values())).shape, histories)
-    z = {name: reciprocal_ranks(s, unseen) for name, s in scores.items()}
-    del scores
-    rows = np.arange(len(users))
-    before = np.arange(unseen.shape[1])[None, :] < targets[:, None]
-    points = simplex(list(z), step)
+    (0 beyond rank 10), by full ranking of the unseen items (of every item, on a data set with
+    repeats). ``chunk`` users at a time: a large catalog's scores for every user do not fit."""
+    points = simplex([src.name for src in sources], step)
+    repeats = any(getattr(src, "repeats", False) for src in sources)
     ndcg = np.empty((len(points), len(users)))
-    for n, weights in enumerate(points):
-        s = sum(w * z[name] for name, w in weights.items())
-        t = s[rows, targets][:, None]
-        rank = ((s > t) & unseen).sum(axis=1) + ((s == t) & unseen & before).sum(axis=1)  # as a stable sort ranks
-        ndcg[n] = np.where(rank < 10, 1.0 / np.log2(rank + 2.0), 0.0)
+    for lo in range(0, len(users), chunk):
+        u, h, t = users[lo : lo + chunk], histories[lo : lo + chunk], targets[lo : lo + chunk]
+        z, unseen = {}, None
+        for src in sources:
+            s = src.scores(u, h)
+            unseen = unseen_mask(s.shape, excluded(h, repeats)) if unseen is None else unseen
+            z[src.name] = reciprocal_ranks(s, unseen)
+        rows = np.arange(len(u))
+        before = np.arange(unseen.shape[1])[None, :] < t[:, None]
+        for n, weights in enumerate(points):
+            s = sum(w * z[name] for name, w in weights.items())
+            at = s[rows, t][:, None]
+            rank = ((s > at) & unseen).sum(axis=1) + ((s == at) & unseen & before).sum(axis=1)  # a stable sort's
+            ndcg[n, lo : lo + len(u)] = np.where(rank < 10, 1.0 / np.log2(rank + 2.0), 0.0)
     return points, ndcg
 
 

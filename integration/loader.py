@@ -17,11 +17,20 @@ from pathlib import Path
 
 import numpy as np
 
-from candidates.sources import SEQUENCE_SOURCES, CandidateSource, ItemItemSource, SequenceSource, TwoTowerSource
+from candidates.sources import (
+    SEQUENCE_SOURCES,
+    AgainSource,
+    CandidateSource,
+    ItemItemSource,
+    SequenceSource,
+    TwoTowerSource,
+)
+from common.baselines import fit_half_life
 from common.data.dataset import InteractionData
 from common.data.download import file_digest
 from common.data.load import load_dataset
-from common.data.split import split_dataset
+from common.data.split import Split, split_dataset
+from common.runtime import write_json_atomic
 from inference_legacy.dlrm_predict import DLRMPredictor
 from integration import compatibility as rules
 from integration.compatibility import ArtifactMismatch, digest
@@ -94,8 +103,12 @@ def create_pipeline(
     )
     scorers = _sequential_scorers(root, sequential, ds, compiled)
     digests = {name: file_digest(root / path / "weights.pt", "sha256") for name, (path, _) in scorers.items()}
-    item_sources = _item_item_sources(root, item_item, ds)
+    item_sources: list = _item_item_sources(root, item_item, ds)
     digests.update({src.name: src.export.digest(src.name) for src in item_sources})
+    split = split_dataset(ds)
+    for again in _again_source(root, ds, split):
+        item_sources.append(again)
+        digests[again.name] = digest({"half_life": again.half_life})
 
     choice, choice_path, fix = _choice(root, served, scorers, item_sources)
     candidate_source, rerank = _served_system(
@@ -118,7 +131,6 @@ def create_pipeline(
         ranker = _own_ranker(root, name, scorers)
         rules.ranker_saw_these_candidates(root / ranker, by_source[name].manifest, name, root / path, digests[name])
 
-    split = split_dataset(ds)
     cfg = rules.one_feature_store({root / path: p.manifest for path, p in loaded.items()})
     # Rankers packaged before --history-match existed had the features whenever the data had the columns.
     store = FeatureStore.build(
@@ -134,8 +146,8 @@ def create_pipeline(
     retriever = Retriever(r_dir, device="cpu", k=CANDIDATES, compiled=compiled)
     rules.same_id_maps(r_dir, retriever.user_raw_ids, retriever.item_raw_ids, ds)
     item_embeddings = np.load(r_dir / "item_embeddings.npy")
-    sources: list[CandidateSource] = [TwoTowerSource(retriever, item_embeddings)]
-    sources += [SequenceSource(sc, ds.item_raw_ids) for _, sc in scorers.values()]
+    sources: list[CandidateSource] = [TwoTowerSource(retriever, item_embeddings, ds.repeats)]
+    sources += [SequenceSource(sc, ds.item_raw_ids, ds.repeats) for _, sc in scorers.values()]
 
     models = _model_digests(r_manifest, digests, by_source)
     if choice is not None:
@@ -259,7 +271,26 @@ def _item_item_sources(root: Path, item_item: str | None, ds: InteractionData) -
         return []
     model = ItemItem.load(root / item_item)
     rules.item_item_fits(root / item_item, model.manifest, ds)
-    return [ItemItemSource(name, model) for name in model.names]
+    return [ItemItemSource(name, model, ds.repeats) for name in model.names]
+
+
+def _again_source(root: Path, ds: InteractionData, split: Split) -> list[AgainSource]:
+    """On a data set with repeats, the "again" source (each user's own earlier items), its half-life
+    chosen on validation the first time and kept in ``<root>/again/half_life.json`` for this data."""
+    if not ds.repeats:
+        return []
+    path = root / "again" / "half_life.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if saved.get("data_fingerprint") != ds.fingerprint:
+        half_life, figures = fit_half_life(split)
+        saved = {
+            "data_fingerprint": ds.fingerprint,
+            "half_life": half_life,
+            "chosen_on": "valid NDCG@10",
+            "valid_ndcg10": {str(h): v for h, v in figures.items()},
+        }
+        write_json_atomic(path, saved)
+    return [AgainSource(ds.num_items, float(saved["half_life"]))]
 
 
 def _own_ranker(root: Path, name: str, scorers: dict) -> str:

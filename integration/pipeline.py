@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +62,8 @@ class Recommendation:
     # ensemble's); "retrieval" (no ranker for this user) or "popular" (cold start)
     stage: str = "ranked"
     candidates: int = 0  # how many candidates the ranker re-ordered (or the source returned)
+    # on a data set with repeats: whether each item is one the user had before (else empty)
+    again: list[bool] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -69,8 +71,10 @@ class Recommendation:
             "stage": self.stage,
             "candidates": self.candidates,
             "items": [
-                {"item_id": i, "title": t, "score": round(s, 6)}
-                for i, t, s in zip(self.item_ids, self.titles, self.scores)
+                {"item_id": i, "title": t, "score": round(s, 6), **({"again": a} if a is not None else {})}
+                for i, t, s, a in zip(
+                    self.item_ids, self.titles, self.scores, self.again or [None] * len(self.item_ids)
+                )
             ],
         }
 
@@ -265,7 +269,13 @@ class RecommendationPipeline:
     def recommendation(
         self, user_id: int, items: np.ndarray, scores: np.ndarray, stage: str, candidates: int
     ) -> Recommendation:
-        """A ``Recommendation`` of dense item indices, with raw IDs and titles (raw IDs without titles)."""
+        """A ``Recommendation`` of dense item indices, with raw IDs and titles (raw IDs without titles);
+        on a data set with repeats each item says whether the user had it before."""
+        again = []
+        if self.dataset.repeats:
+            user = self.user_index.get(id_key(user_id)) if user_id != -1 else None
+            had = set(self.store.history(user).tolist()) if user is not None else set()
+            again = [i in had for i in items.tolist()]
         return Recommendation(
             user_id,
             self.dataset.item_raw_ids[items].tolist(),
@@ -273,6 +283,7 @@ class RecommendationPipeline:
             [self.dataset.title(i) for i in items.tolist()],
             stage,
             candidates,
+            again,
         )
 
     # -- offline evaluation -------------------------------------------------------------------

@@ -47,7 +47,7 @@ from common.export import read_manifest
 from common.metrics import evaluate_scores
 from common.runtime import write_json_atomic, write_results
 
-NAMES = ("EASE", "transitions")  # the sources, as the pipeline names them
+NAMES = ("EASE", "neighbours", "transitions")  # the sources, as the pipeline names them
 SEARCH = {
     "ease_lambda": [10.0, 30.0, 60.0, 100.0, 300.0],
     "window": [1, 3, 8, 20],
@@ -65,6 +65,7 @@ class Config:
     eval_users: int = 0
     ease_lambda: float = 100.0
     max_ease_items: int = 20_000
+    neighbours: int = 100
     window: int = 8
     last: int = 20
     decay: float = 0.85
@@ -89,6 +90,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="above this many items EASE's dense inverse is skipped, transitions only (default: %(default)s)",
     )
     model.add_argument(
+        "--neighbours",
+        type=int,
+        default=d.neighbours,
+        help="above --max-ease-items, the neighbour model in EASE's place keeps each item's this many most "
+        "similar items (default: %(default)s)",
+    )
+    model.add_argument(
         "--window",
         type=int,
         default=d.window,
@@ -111,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     out.add_argument("--no-test", action="store_true", help="never score test")
     out.add_argument("--n-boot", type=int, default=d.n_boot, help="bootstrap resamples for CIs (default: %(default)s)")
     cfg = Config(**vars(p.parse_args(argv)))
-    for name in ("window", "last", "max_ease_items"):
+    for name in ("window", "last", "max_ease_items", "neighbours"):
         if getattr(cfg, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
     if cfg.ease_lambda <= 0:
@@ -190,26 +198,84 @@ class Transitions:
         return out.reshape(len(histories), n).astype(np.float32)
 
 
-class ItemItem:
-    """The fitted sources: from :meth:`fit`, or loaded from an export directory."""
+def fit_neighbours(split: Split, k: int, block: int = 512) -> Transitions:
+    """Each item's ``k`` most similar items by the cosine of who had them (the binary user x item
+    matrix's columns), itself left out, as a row-CSR of similarities: the sparse stand-in for EASE
+    where its dense inverse is out of reach. Counted a block of items at a time from every user's
+    distinct items (work: the sum over users of their distinct items squared)."""
+    from tqdm import tqdm
 
-    def __init__(self, cfg: dict, ease: np.ndarray | None, transitions: Transitions, manifest: dict | None = None):
+    n = split.num_items
+    pairs = np.unique(split.train_user * n + split.train_item)  # by user, then item
+    user, item = pairs // n, pairs % n
+    count = np.bincount(user, minlength=split.num_users)
+    start = np.r_[0, np.cumsum(count)[:-1]]
+    norm = np.sqrt(np.bincount(item, minlength=n).astype(np.float32))
+    by_item = np.argsort(item, kind="stable")
+    item_order = item[by_item]
+    indices, values, lengths = [], [], np.zeros(n, np.int64)
+    for a in tqdm(range(0, n, block), desc="neighbours", unit="block", disable=None, leave=False):
+        b = min(a + block, n)
+        lo, hi = np.searchsorted(item_order, [a, b])
+        rows = by_item[lo:hi]  # the (user, item) pairs of this block's items
+        c = count[user[rows]]
+        at = np.repeat(start[user[rows]] - np.cumsum(c) + c, c) + np.arange(c.sum())  # each user's items
+        co = np.bincount(np.repeat(item[rows] - a, c) * n + item[at], minlength=(b - a) * n).reshape(b - a, n)
+        co[np.arange(b - a), np.arange(a, b)] = 0
+        sim = torch.from_numpy(co.astype(np.float32) / np.maximum(norm[a:b, None] * norm[None, :], 1.0))
+        top, idx = torch.topk(sim, min(k, n), dim=1)
+        keep = (top > 0).numpy()
+        indices.append(idx.numpy()[keep])
+        values.append(top.numpy()[keep])
+        lengths[a:b] = keep.sum(axis=1)
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    cat = np.concatenate
+    return Transitions(
+        indptr,
+        cat(indices).astype(np.int64) if indices else np.zeros(0, np.int64),
+        cat(values) if values else np.zeros(0, np.float32),
+    )
+
+
+class ItemItem:
+    """The fitted sources: from :meth:`fit`, or loaded from an export directory. EASE where the
+    catalog allows its dense inverse, else the sparse neighbours; the transitions always."""
+
+    def __init__(
+        self,
+        cfg: dict,
+        ease: np.ndarray | None,
+        transitions: Transitions,
+        manifest: dict | None = None,
+        neighbours: Transitions | None = None,
+    ):
         self.cfg, self.ease, self.transitions, self.manifest = cfg, ease, transitions, manifest or {}
+        self.neighbours = neighbours
 
     @classmethod
     def fit(cls, split: Split, cfg: Config) -> ItemItem:
-        ease = fit_ease(split, cfg.ease_lambda) if split.num_items <= cfg.max_ease_items else None
-        return cls(asdict(cfg), ease, Transitions.fit(split, cfg.window))
+        small = split.num_items <= cfg.max_ease_items
+        ease = fit_ease(split, cfg.ease_lambda) if small else None
+        neighbours = None if small else fit_neighbours(split, cfg.neighbours)
+        return cls(asdict(cfg), ease, Transitions.fit(split, cfg.window), neighbours=neighbours)
 
     @property
     def names(self) -> list[str]:
-        return [n for n in NAMES if n != "EASE" or self.ease is not None]
+        fitted = {"EASE": self.ease is not None, "neighbours": self.neighbours is not None, "transitions": True}
+        return [n for n in NAMES if fitted[n]]
 
     def digest(self, name: str) -> str:
         """What one source's scores depend on: its fitted file (and for the transitions, the settings
         that score from it), so refitting one source leaves the other's digest as it was."""
         if name == "EASE":
             what = {"file": self.manifest["files"]["ease.npy"]}
+        elif name == "neighbours":
+            what = {
+                "file": self.manifest["files"]["neighbours.npz"],
+                "last": self.cfg["last"],
+                "decay": self.cfg["decay"],
+            }
         else:
             what = {
                 "file": self.manifest["files"]["transitions.npz"],
@@ -221,6 +287,8 @@ class ItemItem:
     def scores(self, name: str, histories: list[np.ndarray]) -> np.ndarray:
         if name == "transitions":
             return self.transitions.scores(histories, self.cfg["last"], self.cfg["decay"])
+        if name == "neighbours":  # scored as the transitions are: the latest items' rows, decayed
+            return self.neighbours.scores(histories, self.cfg["last"], self.cfg["decay"])
         x = np.zeros((len(histories), self.ease.shape[0]), dtype=np.float32)
         for r, h in enumerate(histories):
             x[r, h] = 1.0
@@ -232,9 +300,10 @@ class ItemItem:
         if self.ease is not None:
             np.save(out_dir / "ease.npy", self.ease)
             files["ease.npy"] = file_digest(out_dir / "ease.npy", "sha256")
-        t = self.transitions
-        np.savez(out_dir / "transitions.npz", indptr=t.indptr, indices=t.indices, values=t.values)
-        files["transitions.npz"] = file_digest(out_dir / "transitions.npz", "sha256")
+        for stem, t in (("transitions", self.transitions), ("neighbours", self.neighbours)):
+            if t is not None:
+                np.savez(out_dir / f"{stem}.npz", indptr=t.indptr, indices=t.indices, values=t.values)
+                files[f"{stem}.npz"] = file_digest(out_dir / f"{stem}.npz", "sha256")
         write_json_atomic(
             out_dir / "manifest.json",
             {
@@ -254,9 +323,12 @@ class ItemItem:
         export_dir = Path(export_dir)
         manifest = read_manifest(export_dir, f"fit it (again): python -m retrieval.item_item --out {export_dir.parent}")
         ease = np.load(export_dir / "ease.npy") if "ease.npy" in manifest["files"] else None
-        with np.load(export_dir / "transitions.npz") as z:
-            transitions = Transitions(z["indptr"], z["indices"], z["values"])
-        return cls(manifest["config"], ease, transitions, manifest)
+        graphs = {}
+        for stem in ("transitions", "neighbours"):
+            if f"{stem}.npz" in manifest["files"]:
+                with np.load(export_dir / f"{stem}.npz") as z:
+                    graphs[stem] = Transitions(z["indptr"], z["indices"], z["values"])
+        return cls(manifest["config"], ease, graphs["transitions"], manifest, graphs.get("neighbours"))
 
 
 # -- the script --------------------------------------------------------------------------------
@@ -308,7 +380,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     results["fit_seconds"] = fit_seconds = time.perf_counter() - t0
     if model.ease is None:
         print(
-            f"EASE skipped: {ds.num_items} items > --max-ease-items {cfg.max_ease_items} (a dense {ds.num_items}^2 inverse)"
+            f"EASE skipped: {ds.num_items} items > --max-ease-items {cfg.max_ease_items} (a dense {ds.num_items}^2 "
+            f"inverse); the neighbour model in its place ({len(model.neighbours.values)} item pairs, "
+            f"{cfg.neighbours} per item)"
         )
     ease = f"EASE (lambda {cfg.ease_lambda:g}), " if model.ease is not None else ""
     print(

@@ -93,9 +93,12 @@ def test_export_round_trip_and_refusals(ml100k, tmp_path) -> None:
     for name in ("EASE", "transitions"):
         np.testing.assert_array_equal(model.scores(name, hists), loaded.scores(name, hists))
     assert json.loads((tmp_path / "export" / "manifest.json").read_text())["sources"] == ["EASE", "transitions"]
-    # a large catalog: EASE is left out, the transitions stay
-    small = ItemItem.fit(split, Config(max_ease_items=1000))
-    assert small.names == ["transitions"] and small.ease is None
+    # a large catalog: EASE is left out, the sparse neighbours in its place, the transitions stay
+    small = ItemItem.fit(split, Config(max_ease_items=1000, neighbours=20))
+    assert small.names == ["neighbours", "transitions"] and small.ease is None
+    small.save(tmp_path / "small", ml100k)
+    again = ItemItem.load(tmp_path / "small")
+    np.testing.assert_array_equal(small.scores("neighbours", hists), again.scores("neighbours", hists))
     # a file changed after the export: refused, with the command that fits it again
     np.save(tmp_path / "export" / "ease.npy", np.zeros((2, 2), np.float32))
     with pytest.raises(
@@ -115,3 +118,27 @@ def test_ml100k_validation_figures_of_the_defaults(tmp_path) -> None:
     assert res["valid"]["transitions"]["NDCG@10"] == pytest.approx(0.1100, abs=5e-4)
     assert res["valid"]["EASE"]["NDCG@10"] == pytest.approx(0.0771, abs=5e-4)
     assert "test" not in res and (tmp_path / "export" / "manifest.json").is_file()
+
+
+def test_neighbours_are_the_cosine_of_who_had_what(ml100k) -> None:
+    """The sparse neighbour model equals a dense computation: binary user x item matrix, column
+    cosine, the diagonal out, each row's top k (ties aside: compared as sets of similarities)."""
+    import torch
+
+    from common.data.split import split_dataset
+    from retrieval.item_item import fit_neighbours
+
+    split = split_dataset(ml100k)
+    graph = fit_neighbours(split, 10, block=300)  # blocks that do not divide the catalog
+    x = torch.zeros(split.num_users, split.num_items)
+    x[torch.as_tensor(split.train_user), torch.as_tensor(split.train_item)] = 1.0
+    norm = x.sum(0).sqrt()
+    sim = (x.T @ x) / torch.clamp(norm[:, None] * norm[None, :], min=1.0)
+    sim.fill_diagonal_(0.0)
+    top = torch.topk(sim, 10, dim=1).values.numpy()
+    for i in (0, 1, 49, 299, 300, 1000, split.num_items - 1):
+        got = np.sort(graph.values[graph.indptr[i] : graph.indptr[i + 1]])[::-1]
+        want = top[i][top[i] > 0]
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        cols = graph.indices[graph.indptr[i] : graph.indptr[i + 1]]
+        np.testing.assert_allclose(sim[i, cols].numpy(), graph.values[graph.indptr[i] : graph.indptr[i + 1]], rtol=1e-5)
