@@ -186,6 +186,33 @@ def print0(*args: Any, sep: str = " ", end: str = "\n", file: Any = None) -> Non
         (file or sys.stdout).flush()
 
 
+class Progress:
+    """Progress of long work: a tqdm bar on a terminal; elsewhere (a log file, the demo's pipe, where a
+    bar's carriage returns never end a line) a line every ``every`` seconds: ``desc: done/total, rate``."""
+
+    def __init__(self, total: int, desc: str, unit: str = "it", every: float = 30.0, enabled: bool = True) -> None:
+        from tqdm import tqdm
+
+        self.total, self.desc, self.unit, self.every, self.done = total, desc, unit, every, 0
+        self.terminal = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False) if self.terminal else None
+        self.enabled, self.t0 = enabled, time.monotonic()
+        self.last = self.t0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and (time.monotonic() - self.last >= self.every or self.done >= self.total):
+            self.last = time.monotonic()
+            rate = self.done / max(self.last - self.t0, 1e-9)
+            print(f"{self.desc}: {self.done:,}/{self.total:,} {self.unit} ({rate:,.0f}/s)", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def write_json_atomic(path: str | Path, payload: Any) -> Path:
     """Write JSON to ``path`` via a temporary file and rename, so a crash never leaves half a file."""
     path = Path(path)

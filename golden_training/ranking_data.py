@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 from torchrec.datasets.utils import Batch
-from tqdm import tqdm
 
 from candidates.sources import RetrievalScorer, SequenceSource
 from common.data.dataset import InteractionData
@@ -39,12 +38,14 @@ from common.data.split import Split
 from common.data.tables import FeatureTables, last_n
 from common.features import DenseFeature, FeatureBatch, FeatureSchema, SparseFeature
 from common.metrics import MAX_K, top_unseen
-from common.runtime import all_gather, all_reduce
+from common.runtime import Progress, all_gather, all_reduce
 
 TRANSITION_LAGS = 3
 HISTORY_MATCH = (("last", "match"), ("recent", "share"))  # RankingFeatures.history_match, per item categorical
 RECENT_ITEMS = 10
 SEQUENCE_FEATURES = (*(f"after_last_{k}" for k in range(1, TRANSITION_LAGS + 1)), "item_trend")  # SequenceStats
+# On a data set with repeats (SequenceStats.repeat_features): the user's own past with the candidate.
+REPEAT_FEATURES = ("times_had", "since_had", "share_had", "item_repurchase")
 DAY = 86_400
 
 
@@ -56,6 +57,7 @@ class RankingFeatures(FeatureTables):
     item_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # training interactions
     sequence: SequenceStats | None = None  # None: the sequence features are zeros
     match_features: bool = False  # the history-match features (history_match) exist
+    repeat_features: bool = False  # the data set has repeats: REPEAT_FEATURES exist
 
     @classmethod
     def build(
@@ -78,6 +80,7 @@ class RankingFeatures(FeatureTables):
             item_counts=all_reduce(counts, "sum") if across_ranks else counts,
             sequence=SequenceStats.build(split, trend_days, across_ranks) if sequence else None,
             match_features=history_match,
+            repeat_features=ds.repeats and sequence,
         )
 
     @property
@@ -95,6 +98,7 @@ class RankingFeatures(FeatureTables):
             "retrieval_score",
             *SEQUENCE_FEATURES,
             *self.history_match_names,
+            *(REPEAT_FEATURES if self.repeat_features else ()),
         ]
 
     @property
@@ -238,6 +242,7 @@ class RankingFeatures(FeatureTables):
                 if self.sequence is not None and self.match_features
                 else {name: np.zeros(n, np.float32) for name in self.history_match_names}
             ),
+            **({name: sequence[name] for name in REPEAT_FEATURES} if self.repeat_features else {}),
         }
         return cols
 
@@ -326,6 +331,13 @@ class SequenceStats:
       in all users' training sequences, count / (transitions out of that item + 1).
     - ``item_trend``: log1p of the candidate's training interactions in the ``trend_days``
       before the row's time.
+    - on a data set with repeats (:data:`REPEAT_FEATURES`), from the row's whole history: ``times_had``
+      (log1p of the times the user had the candidate), ``since_had`` (1 / (1 + the user's
+      interactions since they last had it), 0 if never: recency counted in the user's own purchases,
+      which a history carries at serving too, not in days), ``share_had`` (the share of the user's
+      interactions that were it: a basket holds a product once, so about the share of their baskets),
+      and ``item_repurchase`` (of the other training users who had the candidate, the share who had
+      it again: the row's own user left out, as a training row would otherwise count its own future).
 
     Rows built from the user's own training sequence (``Examples.own``) leave that user's own
     transition out of each history item: otherwise a training positive would find its own
@@ -342,6 +354,8 @@ class SequenceStats:
     t0: int
     span: int
     trend_days: float = 30.0
+    had: np.ndarray | None = None  # [num_items] training users who had the item (repeats only)
+    had_again: np.ndarray | None = None  # [num_items] of them, those who had it twice or more
 
     @classmethod
     def build(cls, split: Split, trend_days: float = 30.0, across_ranks: bool = False) -> SequenceStats:
@@ -363,6 +377,11 @@ class SequenceStats:
         if len(parts) > 1:
             keys, at = np.unique(np.concatenate([p[0] for p in parts]), return_inverse=True)
             counts = np.bincount(at, weights=np.concatenate([p[1] for p in parts])).astype(np.int64)
+        had = had_again = None
+        if split.repeats:
+            pair, times = np.unique(u * n_items + i, return_counts=True)  # (user, item) with its count
+            had = reduce(np.bincount(pair % n_items, minlength=n_items), "sum")
+            had_again = reduce(np.bincount(pair % n_items, weights=times > 1, minlength=n_items), "sum")
         return cls(
             n_items,
             keys,
@@ -374,6 +393,8 @@ class SequenceStats:
             t0,
             span,
             trend_days,
+            had,
+            had_again,
         )
 
     def _pair_count(self, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
@@ -404,7 +425,58 @@ class SequenceStats:
             self.item_time, base + np.clip(lo_t, 0, self.span - 1)
         )
         out["item_trend"] = np.log1p(count).astype(np.float32)
+        if self.had is not None:
+            out |= self.repeat_features(ex)
         return out
+
+    def repeat_features(self, ex: Examples) -> dict[str, np.ndarray]:
+        """:data:`REPEAT_FEATURES` of the rows (see the class docstring)."""
+        times, last = _occurrences(ex.hist_items, ex.item, ex.hist_start, ex.hist_end)
+        length = ex.hist_end - ex.hist_start
+        had, again = self.had[ex.item].astype(np.float64), self.had_again[ex.item].astype(np.float64)
+        # The item's rate among the other users: the row's own user out (a training row's whole
+        # training sequence counted it; at evaluation and serving, their history does).
+        mine = times
+        if ex.own:
+            mine = _occurrences(
+                ex.hist_items, ex.item, ex.hist_start, _sequence_end(self.same_user_next, ex.hist_start)
+            )[0]
+        had, again = np.maximum(had - (mine > 0), 0), np.maximum(again - (mine > 1), 0)
+        return {
+            "times_had": np.log1p(times).astype(np.float32),
+            "since_had": np.where(times > 0, 1.0 / (ex.hist_end - last), 0.0).astype(np.float32),
+            "share_had": (times / np.maximum(length, 1)).astype(np.float32),
+            "item_repurchase": np.where(had > 0, again / np.maximum(had, 1), 0.0).astype(np.float32),
+        }
+
+
+_ORDER_CACHE: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _occurrences(
+    items: np.ndarray, item: np.ndarray, start: np.ndarray, end: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each row, how many of ``items[start:end]`` are ``item``, and the position of the last
+    (-1 where none): binary searches in ``items``' positions sorted by (item, position), sorted once
+    per array (the training split's items are searched by every training batch)."""
+    cached = _ORDER_CACHE.get(id(items))
+    if cached is None or cached[0] is not items:
+        order = np.argsort(items, kind="stable")  # by item, then position
+        cached = (items, np.asarray(items, np.int64)[order] * (len(items) + 1) + order)
+        if len(items) > 100_000:  # keep the big ones (the training split); a serving batch's are cheap to sort
+            _ORDER_CACHE.clear()
+            _ORDER_CACHE[id(items)] = cached
+    keys = cached[1]
+    base = np.asarray(item, np.int64) * (len(items) + 1)
+    lo, hi = _searchsorted(keys, base + start), _searchsorted(keys, base + end)
+    last = np.where(hi > lo, keys[np.maximum(hi - 1, 0)] - base, -1) if len(keys) else np.full(len(item), -1)
+    return hi - lo, last
+
+
+def _sequence_end(same_user_next: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """The end of the user's training sequence that begins at each ``start`` (training split rows)."""
+    ends = np.flatnonzero(~same_user_next) + 1  # one past each user's last training row
+    return ends[np.searchsorted(ends, start, side="right")]
 
 
 def _searchsorted(a: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -486,7 +558,7 @@ def train_examples(
             # Retrieval's candidates for each positive's query, as of that time, minus the history.
             rng = np.random.default_rng(rank_seed(cfg.seed, 2, rank=rank))
             picks = np.empty((n, cfg.hard_negatives), dtype=np.int64)
-            bar = tqdm(total=n, desc="hard negatives", unit="query", leave=False, disable=not show_progress or None)
+            bar = Progress(n, "hard negatives", "queries", enabled=show_progress)
             for lo in range(0, n, 4096):
                 sl = slice(lo, min(lo + 4096, n))
                 seen = [pos.hist_items[a:b] for a, b in zip(pos.hist_start[sl], pos.hist_end[sl])]

@@ -127,6 +127,7 @@ def stages(
     sequential: tuple[str, ...] = ("sasrec",),
     data: list[str] | None = None,
     repeats: bool = False,
+    ranker_last: int = 0,
 ) -> list[Stage]:
     """Every stage, in order: the two-tower retriever, a ranker on its candidates and its INT8
     artifact; then for each sequential model (``sasrec``, ``bert4rec``) the model, a ranker trained
@@ -135,9 +136,12 @@ def stages(
     (EASE and transitions, fitted in a second) and last the choice of the served system on validation
     (integration/ensemble.py), which reads every model before it.
     ``quick``: tiny runs; ``data``: the data flags (--dataset, --data-dir) for the trainers; ``repeats``:
-    the data set has them, so the "again" source is among those the served system is chosen from."""
+    the data set has them, so the "again" source is among those the served system is chosen from;
+    ``ranker_last``: the rankers train on each user's last that many interactions (0: all)."""
     data = data or []
     extra = {k: [*data, *(v if quick else [])] for k, v in QUICK.items()}
+    if ranker_last:
+        extra["ranking"] += ["--train-last", str(ranker_last)]
     data_dir = data[data.index("--data-dir") :][:2] if "--data-dir" in data else []
     dataset = data[data.index("--dataset") :][:2] if "--dataset" in data else []
 
@@ -232,9 +236,10 @@ def train_missing(
     sequential: tuple[str, ...] = ("sasrec",),
     data: list[str] | None = None,
     repeats: bool = False,
+    ranker_last: int = 0,
 ) -> list[str]:
     """Run every stage whose output is missing, and every stage that reads one that ran; returns their names."""
-    todo = stages(root, quick, sequential, data, repeats)
+    todo = stages(root, quick, sequential, data, repeats, ranker_last)
     ran: list[str] = []
     done: set[int] = set()
     for n, st in enumerate(todo):
@@ -258,6 +263,16 @@ def train_missing(
         ran.append(st.name)
         done.add(n)
     return ran
+
+
+# Above this many interactions the rankers train on each user's latest ones only, about this many
+# positives in all (each with 8 negatives): the demo's time budget on 2 cores. ml-100k is below it.
+LARGE_LOG, RANKER_POSITIVES = 500_000, 200_000
+
+
+def ranker_positives(ds) -> int:
+    """The rankers' --train-last for ``ds``: 0 (every training interaction) up to :data:`LARGE_LOG`."""
+    return 0 if ds.num_interactions <= LARGE_LOG else max(20, RANKER_POSITIVES // ds.num_users)
 
 
 def show_user(pipeline, rec, recent: int = 5) -> None:
@@ -356,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     bad = [m for m in sequential if m not in ("sasrec", "bert4rec")]
     if bad:
         p.error(f"--sequential {','.join(bad)}: the sequential sources are sasrec and bert4rec (or none)")
-    trained = train_missing(root, a.quick, sequential, data, ds.repeats)
+    trained = train_missing(root, a.quick, sequential, data, ds.repeats, ranker_positives(ds))
     # served: the system chosen on validation (the last stage above)
     pipeline = create_pipeline(root, data_dir=a.data_dir, sequential=[f"{m}/export" for m in sequential])
     if a.users is None:

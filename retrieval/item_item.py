@@ -45,7 +45,7 @@ from common.data.load import add_dataset_args, load_dataset
 from common.data.split import Split, split_dataset
 from common.export import read_manifest
 from common.metrics import evaluate_scores
-from common.runtime import write_json_atomic, write_results
+from common.runtime import Progress, write_json_atomic, write_results
 
 NAMES = ("EASE", "neighbours", "transitions")  # the sources, as the pipeline names them
 SEARCH = {
@@ -203,8 +203,6 @@ def fit_neighbours(split: Split, k: int, block: int = 512) -> Transitions:
     matrix's columns), itself left out, as a row-CSR of similarities: the sparse stand-in for EASE
     where its dense inverse is out of reach. Counted a block of items at a time from every user's
     distinct items (work: the sum over users of their distinct items squared)."""
-    from tqdm import tqdm
-
     n = split.num_items
     pairs = np.unique(split.train_user * n + split.train_item)  # by user, then item
     user, item = pairs // n, pairs % n
@@ -214,7 +212,8 @@ def fit_neighbours(split: Split, k: int, block: int = 512) -> Transitions:
     by_item = np.argsort(item, kind="stable")
     item_order = item[by_item]
     indices, values, lengths = [], [], np.zeros(n, np.int64)
-    for a in tqdm(range(0, n, block), desc="neighbours", unit="block", disable=None, leave=False):
+    bar = Progress(n, "neighbours", "items")
+    for a in range(0, n, block):
         b = min(a + block, n)
         lo, hi = np.searchsorted(item_order, [a, b])
         rows = by_item[lo:hi]  # the (user, item) pairs of this block's items
@@ -228,6 +227,8 @@ def fit_neighbours(split: Split, k: int, block: int = 512) -> Transitions:
         indices.append(idx.numpy()[keep])
         values.append(top.numpy()[keep])
         lengths[a:b] = keep.sum(axis=1)
+        bar.update(b - a)
+    bar.close()
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=indptr[1:])
     cat = np.concatenate

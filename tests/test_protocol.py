@@ -439,7 +439,7 @@ def test_with_repeats_has_repeat_targets_and_histories(ml100k) -> None:
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
-@pytest.mark.parametrize("name", ["retrieval", "bert4rec", "sasrec"])
+@pytest.mark.parametrize("name", list(STAGE_ARRAYS))
 def test_targets_do_not_reach_training_or_serving_with_repeats(ml100k, name: str, stage: str) -> None:
     ds = with_repeats(ml100k)
     real = STAGE_ARRAYS[name](ds, stage)
@@ -447,7 +447,7 @@ def test_targets_do_not_reach_training_or_serving_with_repeats(ml100k, name: str
     assert differences(real, moved) == []
 
 
-@pytest.mark.parametrize("name", ["retrieval", "bert4rec"])
+@pytest.mark.parametrize("name", ["retrieval", "ranker", "bert4rec", "feature_store"])
 def test_the_perturbation_check_catches_a_deliberate_leak_with_repeats(ml100k, name: str, monkeypatch) -> None:
     LEAKS[name](monkeypatch)
     ds = with_repeats(ml100k)

