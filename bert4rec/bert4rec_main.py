@@ -101,6 +101,7 @@ class SeqConfig:
     num_layers: int = 2
     num_heads: int = 2
     dropout: float = 0.2
+    sampled_softmax: int = 0
     epochs: int = 200
     batch_size: int = 64
     sparse_lr: float = 0.1
@@ -135,6 +136,13 @@ def parser(d: SeqConfig, doc: str) -> tuple[argparse.ArgumentParser, dict[str, a
     model.add_argument("--num-layers", type=int, default=d.num_layers, help="transformer layers (default: %(default)s)")
     model.add_argument("--num-heads", type=int, default=d.num_heads, help="attention heads (default: %(default)s)")
     model.add_argument("--dropout", type=float, default=d.dropout, help="(default: %(default)s)")
+    model.add_argument(
+        "--sampled-softmax",
+        type=int,
+        default=d.sampled_softmax,
+        help="score each position against its target and this many items drawn uniformly for the step, not "
+        "the whole catalog: for catalogs of tens of thousands of items (0: every item; default: %(default)s)",
+    )
     groups = add_trainer_args(
         p,
         d,
@@ -196,17 +204,35 @@ def length_buckets(windows: list[np.ndarray], per_step: int, rng: np.random.Gene
 
 
 class SequenceTrain(nn.Module):
-    """Cross-entropy over every item at the given positions, for DistributedModelParallel."""
+    """Cross-entropy over every item at the given positions, for DistributedModelParallel; with
+    ``sampled`` > 0 over each position's target and ``sampled`` items drawn for the step (sampled
+    softmax, Jean et al. 2015): uniformly, or in proportion to ``counts`` + 1 (the training
+    interactions) with each logit less the log of its expected draws, so that the softmax still
+    estimates the full one. A draw that is the position's target is no negative."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, sampled: int = 0, counts: np.ndarray | None = None) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.sampled = model, sampled
+        q = None if counts is None else torch.as_tensor(np.asarray(counts, np.float64) + 1.0)
+        self.register_buffer("q", None if q is None else (q / q.sum()).float(), persistent=False)
 
     def forward(
         self, seq: KeyedJaggedTensor, rows: torch.Tensor, cols: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
-        h = self.model.hidden(seq)
-        return F.cross_entropy(self.model.head(h[rows, cols]), labels)
+        if not 0 < self.sampled < self.model.num_items:
+            h = self.model.hidden(seq)
+            return F.cross_entropy(self.model.head(h[rows, cols]), labels)
+        if self.q is None:
+            negatives = torch.randint(self.model.num_items, (self.sampled,), device=labels.device)
+        else:
+            negatives = torch.multinomial(self.q, self.sampled, replacement=True)
+        h = self.model.hidden(seq, torch.cat([labels, negatives]))
+        pos, neg = self.model.sampled_logits(h[rows, cols], labels, negatives)
+        if self.q is not None:  # logQ: each candidate's expected number of draws
+            pos, neg = pos - torch.log(self.q[labels] * self.sampled), neg - torch.log(self.q[negatives] * self.sampled)
+        neg = neg.masked_fill(negatives[None, :] == labels[:, None], -torch.inf)
+        logits = torch.cat([pos[:, None], neg], dim=1)
+        return F.cross_entropy(logits, torch.zeros(len(labels), dtype=torch.int64, device=labels.device))
 
 
 # ------------------------------------------------------------------------------------------
@@ -261,13 +287,15 @@ def evaluate(
 
 
 def build(
-    name: str, cfg: SeqConfig, num_items: int, rt: Runtime
+    name: str, cfg: SeqConfig, num_items: int, rt: Runtime, counts: np.ndarray | None = None
 ) -> tuple[DistributedModelParallel, torch.optim.Optimizer]:
     """The model for training: built on the meta device (seeded), its item table sharded by
-    DistributedModelParallel with a fused RowWiseAdagrad, Adam for the rest."""
+    DistributedModelParallel with a fused RowWiseAdagrad, Adam for the rest. ``counts`` (training
+    interactions per item): the sampled softmax's draws follow them."""
     torch.manual_seed(cfg.seed)
     net = make_model(name, asdict(cfg), num_items, torch.device("meta"))
-    return shard_model(SequenceTrain(net), [net.item_embedding], rt, cfg.sharding_type, cfg.sparse_lr, cfg.dense_lr)
+    train = SequenceTrain(net, cfg.sampled_softmax, counts)
+    return shard_model(train, [net.item_embedding], rt, cfg.sharding_type, cfg.sparse_lr, cfg.dense_lr)
 
 
 def export(out_dir: Path, name: str, cfg: SeqConfig, model: DistributedModelParallel, ds, reports: dict) -> None:
@@ -361,7 +389,8 @@ def train_and_evaluate(
     share, split = rank_splits(ds, rt.rank, rt.world_size, cfg.eval_users)
     windows = training_windows(share, cfg.max_len, cfg.window_step)
     num_windows = int(all_reduce(len(windows), "sum"))
-    model, optimizer = build(name, cfg, ds.num_items, rt)
+    counts = all_reduce(share.item_counts("valid"), "sum") if cfg.sampled_softmax else None
+    model, optimizer = build(name, cfg, ds.num_items, rt, counts)
     net = model.module.model
     print0(
         f"{ds.name}: {num_windows} training windows from {split.num_users} users, {ds.num_items} items; "

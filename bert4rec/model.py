@@ -52,10 +52,11 @@ class BERT4Rec(nn.Module):
         self.final_norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_items)  # scores for real items only (not padding or [MASK])
 
-    def hidden(self, seq: KeyedJaggedTensor) -> torch.Tensor:
+    def hidden(self, seq: KeyedJaggedTensor, items: torch.Tensor | None = None) -> torch.Tensor:
         """[batch, longest sequence, dim] contextual states; positions past a sequence's end are
         padding. Padding only to the batch's longest sequence saves most of the compute on
-        MovieLens, where most histories are far shorter than ``max_len``."""
+        MovieLens, where most histories are far shorter than ``max_len``. (``items``: SASRec's
+        rows to look up; the head here is a dense layer, indexed by :meth:`sampled_logits`.)"""
         jt = self.item_embedding(seq)[FEATURE]
         lengths = jt.lengths()
         width = max(int(lengths.max()), 1) if lengths.numel() else 1
@@ -74,6 +75,13 @@ class BERT4Rec(nn.Module):
         AOTInductor compile (no shape depends on the data; see ``inference_legacy.aot_compile.compile_scorer``)."""
         h = self.encode(F.embedding(tokens, self.item_embedding.embeddings["item"].weight), lengths)
         return self.head(h[torch.arange(h.shape[0], device=h.device), (lengths - 1).clamp(min=0)])
+
+    def sampled_logits(
+        self, h: torch.Tensor, labels: torch.Tensor, negatives: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each state's score of its label ``[P]`` and of every negative ``[P, m]``."""
+        w, b = self.head.weight, self.head.bias
+        return (h * w[labels]).sum(-1) + b[labels], h @ w[negatives].T + b[negatives]
 
     def last_scores(self, seq: KeyedJaggedTensor) -> torch.Tensor:
         """[batch, num_items] scores at each sequence's last position (the appended [MASK])."""

@@ -166,6 +166,7 @@ class AgainSource:
 
     name = "again"
     repeats = True
+    in_union = True  # the pipeline's union and rankers take its candidates (integration/pipeline.py)
 
     def __init__(self, num_items: int, half_life: float) -> None:
         self.num_items, self.half_life = int(num_items), float(half_life)

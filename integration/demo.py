@@ -127,7 +127,7 @@ def stages(
     sequential: tuple[str, ...] = ("sasrec",),
     data: list[str] | None = None,
     repeats: bool = False,
-    ranker_last: int = 0,
+    budget: dict[str, list[str]] | None = None,
 ) -> list[Stage]:
     """Every stage, in order: the two-tower retriever, a ranker on its candidates and its INT8
     artifact; then for each sequential model (``sasrec``, ``bert4rec``) the model, a ranker trained
@@ -137,11 +137,9 @@ def stages(
     (integration/ensemble.py), which reads every model before it.
     ``quick``: tiny runs; ``data``: the data flags (--dataset, --data-dir) for the trainers; ``repeats``:
     the data set has them, so the "again" source is among those the served system is chosen from;
-    ``ranker_last``: the rankers train on each user's last that many interactions (0: all)."""
+    ``budget``: more flags per trainer, a large log's (:func:`budget_flags`)."""
     data = data or []
-    extra = {k: [*data, *(v if quick else [])] for k, v in QUICK.items()}
-    if ranker_last:
-        extra["ranking"] += ["--train-last", str(ranker_last)]
+    extra = {k: [*data, *(budget or {}).get(k, []), *(v if quick else [])] for k, v in QUICK.items()}
     data_dir = data[data.index("--data-dir") :][:2] if "--data-dir" in data else []
     dataset = data[data.index("--dataset") :][:2] if "--dataset" in data else []
 
@@ -236,10 +234,10 @@ def train_missing(
     sequential: tuple[str, ...] = ("sasrec",),
     data: list[str] | None = None,
     repeats: bool = False,
-    ranker_last: int = 0,
+    budget: dict[str, list[str]] | None = None,
 ) -> list[str]:
     """Run every stage whose output is missing, and every stage that reads one that ran; returns their names."""
-    todo = stages(root, quick, sequential, data, repeats, ranker_last)
+    todo = stages(root, quick, sequential, data, repeats, budget)
     ran: list[str] = []
     done: set[int] = set()
     for n, st in enumerate(todo):
@@ -265,14 +263,20 @@ def train_missing(
     return ran
 
 
-# Above this many interactions the rankers train on each user's latest ones only, about this many
-# positives in all (each with 8 negatives): the demo's time budget on 2 cores. ml-100k is below it.
+# A large log (above this many interactions; ml-100k is far below) is trained within the demo's time
+# budget on 2 cores: the rankers on each user's latest interactions, about RANKER_POSITIVES positives in
+# all (each with 8 negatives); the sequential models with a sampled softmax over the catalog, on
+# windows that do not overlap, for a few epochs (integration/README.md has what each costs).
 LARGE_LOG, RANKER_POSITIVES = 500_000, 200_000
+LARGE_SEQUENTIAL = ["--sampled-softmax", "2048", "--window-step", "50", "--epochs", "6", "--eval-every", "1"]
 
 
-def ranker_positives(ds) -> int:
-    """The rankers' --train-last for ``ds``: 0 (every training interaction) up to :data:`LARGE_LOG`."""
-    return 0 if ds.num_interactions <= LARGE_LOG else max(20, RANKER_POSITIVES // ds.num_users)
+def budget_flags(ds) -> dict[str, list[str]]:
+    """More flags per trainer for a large log (none up to :data:`LARGE_LOG` interactions)."""
+    if ds.num_interactions <= LARGE_LOG:
+        return {}
+    last = max(20, RANKER_POSITIVES // ds.num_users)
+    return {"ranking": ["--train-last", str(last)], "sasrec": LARGE_SEQUENTIAL, "bert4rec": LARGE_SEQUENTIAL}
 
 
 def show_user(pipeline, rec, recent: int = 5) -> None:
@@ -371,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     bad = [m for m in sequential if m not in ("sasrec", "bert4rec")]
     if bad:
         p.error(f"--sequential {','.join(bad)}: the sequential sources are sasrec and bert4rec (or none)")
-    trained = train_missing(root, a.quick, sequential, data, ds.repeats, ranker_positives(ds))
+    trained = train_missing(root, a.quick, sequential, data, ds.repeats, budget_flags(ds))
     # served: the system chosen on validation (the last stage above)
     pipeline = create_pipeline(root, data_dir=a.data_dir, sequential=[f"{m}/export" for m in sequential])
     if a.users is None:
@@ -398,8 +402,20 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         gains[other] = gain = paired_difference(reports[final], reports[other], n_boot=a.n_boot)
         lo, hi = gain["NDCG@10_ci95"]
         print(f"{final} minus {other}, NDCG@10: {gain['NDCG@10']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+    # Peak resident memory: of the largest stage process (the getrusage of waited children is their
+    # maximum) and of this one, which serves and evaluates.
+    import resource
+
+    peaks = {
+        who: resource.getrusage(w).ru_maxrss / 2**20
+        for who, w in (("stages", resource.RUSAGE_CHILDREN), ("demo", resource.RUSAGE_SELF))
+    }
+    print(
+        f"{time.perf_counter() - t0:.0f} s in all; peak memory {peaks['stages']:.2f} GB (largest stage), {peaks['demo']:.2f} GB (this process)"
+    )
     results = {
         "trained": trained,
+        "peak_memory_gb": peaks,
         "users": [r.to_dict() for r in pipeline.recommend(users)],
         "stage": a.stage,
         a.stage: {name: rep.to_dict() for name, rep in reports.items()},

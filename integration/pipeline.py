@@ -131,6 +131,13 @@ class RecommendationPipeline:
         return self.sources + self.item_sources
 
     @property
+    def union_sources(self) -> list:
+        """The sources the union merges and the rankers re-order: the learned ones, and a source that
+        asks to be (``in_union``: "again", so that a ranker sees a user's own past items as
+        candidates on a data set with repeats)."""
+        return self.sources + [src for src in self.item_sources if getattr(src, "in_union", False)]
+
+    @property
     def served(self) -> str:
         """The served system's name, as in :meth:`evaluate`'s rows."""
         return f"{self.candidate_source} + ranker" if self.rerank else self.candidate_source
@@ -153,7 +160,7 @@ class RecommendationPipeline:
         if source == "two-tower":  # the index's scores are the two-tower dot products
             return self.sources[0].top_k(users, hists, k)
         if source == "union":
-            items = union([src.top_k(users, hists, k)[0] for src in self.sources], interleave=not self.rerank)
+            items = union([src.top_k(users, hists, k)[0] for src in self.union_sources], interleave=not self.rerank)
             return items, self.retrieval_scores(users, hists, items)
         src = self.ensemble if source == "ensemble" else next(s for s in self.all_sources if s.name == source)
         items, scores = src.top_k(users, hists, k)
@@ -315,7 +322,7 @@ class RecommendationPipeline:
         for lo in range(0, len(users_all), batch_size):
             users = users_all[lo : lo + batch_size]
             hists = [p.store.history(u) for u in users]
-            found = {src.name: src.top_k(users, hists, CANDIDATES)[0] for src in p.sources}
+            found = {src.name: src.top_k(users, hists, CANDIDATES)[0] for src in p.union_sources}
             for name, items in found.items():
                 keep(name, users, items)
                 ranker = p.source_rankers.get(name)
@@ -329,7 +336,8 @@ class RecommendationPipeline:
                 items = union(list(found.values()))
                 keep("union + ranker", users, p.rank(users, items, p.retrieval_scores(users, hists, items))[0])
             for src in p.item_sources:
-                keep(src.name, users, src.top_k(users, hists, CANDIDATES)[0])
+                if src.name not in found:
+                    keep(src.name, users, src.top_k(users, hists, CANDIDATES)[0])
             if p.ensemble is not None:
                 keep("ensemble", users, p.ensemble.top_k(users, hists, CANDIDATES)[0])
         return {

@@ -60,16 +60,18 @@ class SASRec(nn.Module):
         """What DistributedModelParallel calls when it materializes this module's own parameters."""
         nn.init.zeros_(self.bias)
 
-    def hidden(self, seq: KeyedJaggedTensor) -> torch.Tensor:
+    def hidden(self, seq: KeyedJaggedTensor, items: torch.Tensor | None = None) -> torch.Tensor:
         """[batch, longest sequence, dim] causal states: position t has seen tokens 0..t only.
         Sequences are left-aligned, so padding comes after every real token and the causal mask
         alone keeps it out of every real position. Also looks up every item's row (one more
-        sequence in the same lookup, so one fused update per step) for ``head``."""
-        n = self.num_items
+        sequence in the same lookup, so one fused update per step) for ``head``, or only the rows
+        of ``items`` (item indices) for :meth:`sampled_logits`."""
+        catalog = self.catalog if items is None else items + 1
+        n = len(catalog)
         values, lengths = seq.values(), seq.lengths()
         both = KeyedJaggedTensor.from_lengths_sync(
             keys=[FEATURE],
-            values=torch.cat([values, self.catalog.to(values.device)]),
+            values=torch.cat([values, catalog.to(values.device)]),
             lengths=torch.cat([lengths, torch.tensor([n], dtype=lengths.dtype, device=lengths.device)]),
         )
         emb = self.item_embedding(both)[FEATURE].values()
@@ -98,6 +100,15 @@ class SASRec(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Scores of every item for output states ``h`` of the last ``hidden`` call."""
         return h @ self._items.T + self.bias
+
+    def sampled_logits(
+        self, h: torch.Tensor, labels: torch.Tensor, negatives: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each state's score of its label ``[P]`` and of every negative ``[P, m]``, after a
+        ``hidden(seq, cat([labels, negatives]))`` call (its looked-up rows, in that order)."""
+        rows = self._items
+        pos = (h * rows[: len(labels)]).sum(-1) + self.bias[labels]
+        return pos, h @ rows[len(labels) :].T + self.bias[negatives]
 
     def last_scores(self, seq: KeyedJaggedTensor) -> torch.Tensor:
         """[batch, num_items] next-item scores at each sequence's last position."""

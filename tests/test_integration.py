@@ -451,6 +451,17 @@ def test_a_retrained_stage_retrains_every_stage_that_reads_it(tmp_path) -> None:
     assert [s.output.name for s in todo[11:]] == ["query_tower.aoti.pt2", "scorer.aoti.pt2", "scorer.aoti.pt2"]
     assert len(stages(tmp_path, quick=True, sequential=("sasrec", "bert4rec"))) == 11  # --quick compiles nothing
     assert "--candidates-export" in todo[4].command and str(tmp_path / "sasrec" / "export") in todo[4].command
+    # a large log with repeats: "again" among the sources chosen from, the budget's flags per trainer
+    from types import SimpleNamespace
+
+    from integration.demo import budget_flags
+
+    assert budget_flags(SimpleNamespace(num_interactions=100_000, num_users=943)) == {}
+    budget = budget_flags(SimpleNamespace(num_interactions=1_460_438, num_users=2_469))
+    large = stages(tmp_path, sequential=("sasrec",), repeats=True, budget=budget)
+    assert large[-3].output == tmp_path / "serving" / "served-two-tower-sasrec-item-item-again.json"
+    assert large[1].command[-2:] == ["--train-last", "81"] and "--sampled-softmax" in large[3].command
+    assert "--train-last" in large[4].command and "--sampled-softmax" not in large[0].command
 
 
 def test_pipeline_benchmark_quick(artifacts, tmp_path) -> None:

@@ -101,3 +101,59 @@ def test_a_ranker_trained_on_sasrec_candidates_re_ranks_sasrec_order(sasrec_run,
     assert res["candidate_source"] == "SASRec"
     assert res["valid_candidates_order"]["NDCG@10"] == pytest.approx(sasrec_run[0]["valid"]["full"]["NDCG@10"])
     assert res["dlrm"]["valid_per_epoch"][-1]["auc"] > 0.7
+
+
+@pytest.mark.parametrize("name", ["sasrec", "bert4rec"])
+def test_the_sampled_softmax_is_the_full_one_over_the_drawn_items(name: str) -> None:
+    """--sampled-softmax N: each position's target against N uniform draws (a draw equal to the
+    target masked), the same logits the full head gives those items; 0 is the full cross-entropy."""
+    import torch.nn.functional as F
+
+    from bert4rec.bert4rec_main import SequenceTrain
+    from bert4rec.scorer import make_model
+    from bert4rec.sequences import sequences_kjt
+
+    torch.manual_seed(0)
+    settings = {"max_len": 8, "embedding_dim": 16, "num_layers": 1, "num_heads": 1, "dropout": 0.0}
+    net = make_model(name, settings, 40).eval()
+    seq = sequences_kjt([np.array([1, 2, 3, 4]), np.array([5, 6])])
+    rows, cols, labels = torch.tensor([0, 0, 1]), torch.tensor([1, 3, 1]), torch.tensor([2, 7, 30])
+    full = net.head(net.hidden(seq)[rows, cols])
+    assert torch.allclose(SequenceTrain(net)(seq, rows, cols, labels), F.cross_entropy(full, labels))
+    torch.manual_seed(1)
+    loss = SequenceTrain(net, sampled=12)(seq, rows, cols, labels)
+    torch.manual_seed(1)
+    negatives = torch.randint(40, (12,))
+    neg = full[:, negatives].masked_fill(negatives[None, :] == labels[:, None], -torch.inf)
+    want = F.cross_entropy(
+        torch.cat([full[torch.arange(3), labels][:, None], neg], 1), torch.zeros(3, dtype=torch.int64)
+    )
+    assert torch.allclose(loss, want, atol=1e-6) and loss.requires_grad
+
+
+def test_the_popularity_sampled_softmax_subtracts_log_q() -> None:
+    import torch.nn.functional as F
+
+    from bert4rec.bert4rec_main import SequenceTrain
+    from bert4rec.scorer import make_model
+    from bert4rec.sequences import sequences_kjt
+
+    torch.manual_seed(0)
+    settings = {"max_len": 8, "embedding_dim": 16, "num_layers": 1, "num_heads": 1, "dropout": 0.0}
+    net = make_model("sasrec", settings, 40).eval()
+    seq = sequences_kjt([np.array([1, 2, 3, 4]), np.array([5, 6])])
+    rows, cols, labels = torch.tensor([0, 0, 1]), torch.tensor([1, 3, 1]), torch.tensor([2, 7, 30])
+    counts = np.arange(40) % 7
+    full = net.head(net.hidden(seq)[rows, cols])
+    train = SequenceTrain(net, sampled=12, counts=counts)
+    torch.manual_seed(3)
+    loss = train(seq, rows, cols, labels)
+    torch.manual_seed(3)
+    q = torch.as_tensor((counts + 1.0) / (counts + 1.0).sum()).float()
+    negatives = torch.multinomial(q, 12, replacement=True)
+    pos = full[torch.arange(3), labels] - torch.log(q[labels] * 12)
+    neg = (full[:, negatives] - torch.log(q[negatives] * 12)).masked_fill(
+        negatives[None, :] == labels[:, None], -torch.inf
+    )
+    want = F.cross_entropy(torch.cat([pos[:, None], neg], 1), torch.zeros(3, dtype=torch.int64))
+    assert torch.allclose(loss, want, atol=1e-5)
