@@ -28,7 +28,7 @@ demo: $(STAMP)
 # cores). SEQUENTIAL=sasrec,bert4rec adds BERT4Rec as another source (about 20 more minutes a seed).
 SEQUENTIAL ?= sasrec
 compare: $(STAMP)
-	$(PY) -m integration.compare --sequential $(SEQUENTIAL)
+	$(PY) -m integration.compare --dataset $(DATASET) --sequential $(SEQUENTIAL)
 
 # Fetch and verify a data set and print its statistics.
 data: $(STAMP)

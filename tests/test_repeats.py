@@ -201,3 +201,28 @@ def test_the_rankers_repeat_features_equal_a_direct_count(ml100k) -> None:
     ev = eval_set(split, feats, "valid", cfg, None)
     rows = candidate_rows(ev)
     check(rows, feats.sequence.features(rows), rng.choice(len(rows), 300, replace=False))
+
+
+def test_compare_summarizes_repeat_and_new_columns_over_seeds() -> None:
+    from integration.compare import metrics_of, paired, summarize
+
+    rng = np.random.default_rng(0)
+    repeat = rng.random(50) < 0.4
+
+    def run(shift: float) -> dict[str, dict[str, np.ndarray]]:
+        out = {}
+        for name, level in (("popularity", 0.1), ("again", 0.3)):
+            ndcg = np.clip(rng.random(50) * level + shift, 0, 1)
+            per = {"HR@10": (ndcg > 0).astype(float), "NDCG@10": ndcg, "Recall@100": np.ones(50)}
+            out[name] = per | {"NDCG@10 repeat": ndcg[repeat], "NDCG@10 new": ndcg[~repeat]}
+        out["served"] = out["again"]
+        return out
+
+    seeds = [run(0.0), run(0.01)]
+    assert metrics_of(seeds[0])[-2:] == ("NDCG@10 repeat", "NDCG@10 new")
+    table = summarize(seeds, n_boot=50)
+    both = np.mean([s["again"]["NDCG@10"][repeat] for s in seeds], axis=0)
+    assert abs(table["again"]["NDCG@10 repeat"] - both.mean()) < 1e-12
+    assert len(table["again"]["NDCG@10 new_seeds"]) == 2
+    gain = paired(seeds, "served", "popularity", n_boot=50)
+    assert gain["NDCG@10 repeat"] > 0 and "NDCG@10 new_ci95" in gain
