@@ -96,3 +96,36 @@ def test_the_cross_fitted_estimate_scores_weights_on_users_they_were_not_fitted_
     for f in (0, 1):
         expect[fold == f] = ndcg[np.argmax(ndcg[:, fold != f].mean(axis=1)), fold == f]
     assert honest["NDCG@10"] == pytest.approx(expect.mean())
+
+
+@pytest.mark.parametrize("repeats", [False, True])
+def test_the_shortlisted_grid_equals_full_ranking(repeats: bool) -> None:
+    """grid_ndcg ranks each point over the sources' shortlists only; every NDCG@10 must equal the
+    full ranking's, over a catalog several times the shortlist, with ties and weak targets."""
+    from candidates.sources import excluded, reciprocal_ranks, unseen_mask
+    from integration import ensemble
+
+    rng = np.random.default_rng(1)
+    users, items = 120, 1500
+    truth = rng.normal(size=(users, items))
+    sources = [
+        Planted(n, np.round(truth + rng.normal(size=truth.shape) * noise, 1))
+        for n, noise in (("a", 1), ("b", 3), ("c", 8))
+    ]
+    for src in sources:
+        src.repeats = repeats
+    hists = [rng.choice(items, 30, replace=False) for _ in range(users)]
+    targets = np.where(np.arange(users) % 2, rng.integers(0, items, users), truth.argmax(axis=1))  # half far down
+    if not repeats:
+        targets = np.array([t if t not in h else (t + 1) % items for t, h in zip(targets, hists)])
+    points, got = ensemble.grid_ndcg(sources, np.arange(users), hists, targets, step=0.25, chunk=50)
+    unseen = unseen_mask((users, items), excluded(hists, repeats))
+    z = {s.name: reciprocal_ranks(s.table, unseen) for s in sources}
+    rows = np.arange(users)
+    before = np.arange(items)[None, :] < targets[:, None]
+    for n, weights in enumerate(points):
+        s = sum(w * z[name] for name, w in weights.items())
+        at = s[rows, targets][:, None]
+        rank = ((s > at) & unseen).sum(axis=1) + ((s == at) & unseen & before).sum(axis=1)
+        np.testing.assert_array_equal(got[n], np.where(rank < 10, 1.0 / np.log2(rank + 2.0), 0.0))
+    assert (got > 0).mean() > 0.05 and (got == 0).mean() > 0.3  # hits and misses both
