@@ -226,3 +226,49 @@ def test_compare_summarizes_repeat_and_new_columns_over_seeds() -> None:
     assert len(table["again"]["NDCG@10 new_seeds"]) == 2
     gain = paired(seeds, "served", "popularity", n_boot=50)
     assert gain["NDCG@10 repeat"] > 0 and "NDCG@10 new_ci95" in gain
+
+
+@pytest.mark.slow
+def test_the_demo_and_the_service_on_a_log_with_repeats(ml100k, tmp_path: Path) -> None:
+    """`make demo DATASET=<spec>` (quick) on a log that declares repeats: "again" is a source of its
+    own, in the union and re-ranked, the table has repeat and new-item columns, and the service marks
+    the items a user had before and appends an event of one again."""
+    import contextlib
+    import io
+
+    from common.data.logs import write_log
+    from integration.caches import MemoryCache
+    from integration.demo import main as demo
+    from integration.loader import create_pipeline
+    from integration.service import ABRouter, create_service
+    from tests.conftest import ready_client
+    from tests.test_protocol import with_repeats
+
+    spec = write_log(with_repeats(ml100k, users=150), tmp_path / "log")
+    assert json.loads(spec.read_text())["repeats"] is True
+    cache, root = str(tmp_path / "cache"), tmp_path / "runs"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        res = demo(["--dataset", str(spec), "--data-dir", cache, "--artifacts", str(root), "--quick", "--n-boot", "10"])
+    table = res["test"]
+    assert {"again", "again + ranker", "union + ranker", "ensemble"} <= set(table)
+    assert table["again"]["HR@10 new"] == 0 and table["again"]["users_repeat"] > 0
+    assert "seen items kept; targets:" in printed.getvalue() and "NDCG@10 repeat" in printed.getvalue()
+    assert (root / "again" / "half_life.json").is_file()
+
+    pipeline = create_pipeline(root, data_dir=cache)
+    user = pipeline.dataset.user_raw_ids[0]
+    app, batcher = create_service(pipeline, MemoryCache(ttl=60), ABRouter({"A": 1.0}))
+    with ready_client(app, batcher) as c:
+        marks = []
+        for u in pipeline.dataset.user_raw_ids[:20].tolist():
+            items = c.post("/recommend", json={"user_id": u, "k": 10}).json()["items"]
+            assert all(isinstance(x["again"], bool) for x in items)
+            had = {pipeline.dataset.item_raw_ids[i] for i in pipeline.store.history(pipeline.user_index[u])}
+            assert [x["again"] for x in items] == [x["item_id"] in had for x in items]
+            marks += [x["again"] for x in items]
+        assert any(marks)  # some lists hold items their user had before
+        view = c.get(f"/users/{user}").json()
+        seen = view["recent"][0]["item_id"]
+        ev = c.post("/events", json={"user_id": int(user), "item_id": seen, "event_id": "again-1"}).json()
+        assert ev["history_length"] == view["history_length"] + 1 and not ev["duplicate"]
