@@ -551,6 +551,17 @@ def train_examples(
     )
     sample = popularity_sampler(features.item_counts, rank_seed(cfg.seed, 1, rank=rank))
     parts = [pos] + [pos.negatives(sample(n)) for _ in range(cfg.negatives)]
+    if split.repeats and getattr(cfg, "again_negatives", 0):
+        # A user's own earlier items, drawn by position (the often-had ones most): the candidates the
+        # "again" source serves, which a ranker must order among themselves, not only tell from new
+        # ones. A draw that is the positive itself becomes a popularity negative.
+        rng = np.random.default_rng(rank_seed(cfg.seed, 4, rank=rank))
+        length = pos.hist_end - pos.hist_start
+        for _ in range(cfg.again_negatives):
+            at = pos.hist_start + (rng.random(n) * np.maximum(length, 1)).astype(np.int64)
+            drawn = np.where(length > 0, split.train_item[np.minimum(at, n_all - 1)], -1)
+            fallback = sample(n)
+            parts.append(pos.negatives(np.where((drawn < 0) | (drawn == pos.item), fallback, drawn)))
     queries = None
     if retr is not None:
         queries = retr.queries(pos.user, pos.hist_items, pos.hist_start, pos.hist_end)

@@ -95,6 +95,7 @@ class Config:
     train_users: int = 0
     negatives: int = 4
     hard_negatives: int = 4
+    again_negatives: int = 4
     sequence_features: bool = True
     history_match: bool = False
     trend_days: float = 30.0
@@ -157,6 +158,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
         type=int,
         default=d.hard_negatives,
         help="negatives per positive from the candidates; needs --retrieval-export (default: %(default)s)",
+    )
+    flag(
+        "--again-negatives",
+        type=int,
+        default=d.again_negatives,
+        help="on a data set with repeats, negatives per positive drawn from the user's own earlier interactions "
+        '(what the "again" source proposes; none elsewhere) (default: %(default)s)',
     )
     flag(
         "--no-sequence-features",

@@ -272,3 +272,24 @@ def test_the_demo_and_the_service_on_a_log_with_repeats(ml100k, tmp_path: Path) 
         seen = view["recent"][0]["item_id"]
         ev = c.post("/events", json={"user_id": int(user), "item_id": seen, "event_id": "again-1"}).json()
         assert ev["history_length"] == view["history_length"] + 1 and not ev["duplicate"]
+
+
+def test_again_negatives_come_from_the_users_own_past(ml100k) -> None:
+    from types import SimpleNamespace
+
+    from golden_training.ranking_data import RankingFeatures, train_examples
+    from tests.test_protocol import with_repeats
+
+    ds = with_repeats(ml100k, users=60)
+    split = split_dataset(ds)
+    feats = RankingFeatures.build(ds, split, history_len=50, sequence=False)
+    cfg = SimpleNamespace(train_last=0, train_users=0, seed=0, negatives=1, hard_negatives=0, again_negatives=2)
+    ex, _ = train_examples(split, feats, cfg, None)
+    n = len(ex) // 4  # positives, 1 popularity negative, 2 from the past
+    assert (ex.label[:n] == 1).all() and (ex.label[n:] == 0).all()
+    assert (ex.item[2 * n :] != np.tile(ex.item[:n], 2)).all()  # never the positive itself
+    from_past = [ex.item[r] in ex.hist_items[ex.hist_start[r] : ex.hist_end[r]] for r in range(2 * n, 4 * n)]
+    assert np.mean(from_past) > 0.9  # the rest: popularity draws where the past gave the positive
+    ml_split = split_dataset(ml100k)
+    ml_ex, _ = train_examples(ml_split, RankingFeatures.build(ml100k, ml_split, sequence=False), cfg, None)
+    assert len(ml_ex) == 2 * len(ml_split.train_user)  # MovieLens: no repeats, none drawn
