@@ -95,7 +95,7 @@ class Config:
     train_users: int = 0
     negatives: int = 4
     hard_negatives: int = 4
-    again_negatives: int = 4
+    again_negatives: int = 0
     sequence_features: bool = True
     history_match: bool = False
     trend_days: float = 30.0
