@@ -13,7 +13,7 @@ inputs, and a source may propose what the user had before.
 - :class:`SequenceSource`: SASRec's or BERT4Rec's next-item scores (their exports);
 - :class:`ItemItemSource`: EASE or the item-to-item transitions (retrieval/item_item.py);
 - :class:`PopularitySource`: the most interacted-with items;
-- :class:`AgainSource`: each user's own earlier items by recency-weighted frequency (repeats only);
+- ``candidates.again.AgainSource``: each user's own earlier items by recency-weighted frequency (repeats only);
 - :class:`EnsembleSource`: the weighted reciprocal ranks of other sources (integration/ensemble.py
   fits the weights);
 - :func:`union`: several sources' lists merged.
@@ -35,7 +35,6 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from common.baselines import again_scores
 from common.data.dataset import id_key
 from common.data.tables import FeatureTables, last_n
 from common.metrics import top_unseen
@@ -156,30 +155,6 @@ class PopularitySource:
         ]
         if not parts:
             return np.zeros((0, min(k, len(self.counts))), np.int64), np.zeros((0, min(k, len(self.counts))))
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
-class AgainSource:
-    """Each user's own earlier items, by recency-weighted frequency (common.baselines.again_scores,
-    the half-life chosen on validation): a member of every table and ensemble on a data set with
-    repeats, off elsewhere. Items the user never had score 0, after every item they had."""
-
-    name = "again"
-    repeats = True
-    in_union = True  # the pipeline's union and rankers take its candidates (integration/pipeline.py)
-
-    def __init__(self, num_items: int, half_life: float) -> None:
-        self.num_items, self.half_life = int(num_items), float(half_life)
-
-    def scores(self, users: np.ndarray | None, histories: list[np.ndarray]) -> np.ndarray:
-        return again_scores(histories, self.num_items, self.half_life)
-
-    def top_k(self, users: np.ndarray | None, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-        parts = [
-            top_unseen(self.scores(None, histories[lo : lo + 256]), None, k) for lo in range(0, len(histories), 256)
-        ]
-        if not parts:
-            return np.zeros((0, min(k, self.num_items)), np.int64), np.zeros((0, min(k, self.num_items)), np.float32)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 

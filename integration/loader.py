@@ -17,15 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from candidates.sources import (
-    SEQUENCE_SOURCES,
-    AgainSource,
-    CandidateSource,
-    ItemItemSource,
-    SequenceSource,
-    TwoTowerSource,
-)
-from common.baselines import fit_half_life
+from candidates.again import AgainSource, fit_half_life
+from candidates.sources import SEQUENCE_SOURCES, CandidateSource, ItemItemSource, SequenceSource, TwoTowerSource
 from common.data.dataset import InteractionData
 from common.data.download import file_digest
 from common.data.load import load_dataset
