@@ -23,7 +23,7 @@ ratings) that history is also what gets excluded from the ranking. On a data set
 history is still every model's input, but nothing is excluded, so earlier items may be in any list
 and hit; the tie rule and the targets are the same. Reports then also give the metrics on repeat
 targets (the target is in the user's history for the stage) and on new-item targets, apart
-(:func:`common.metrics.repeat_breakdown`).
+(:func:`common.metrics.report_from_ranks`).
 """
 
 from __future__ import annotations
