@@ -120,13 +120,13 @@ def report_from_ranks(
     return rep
 
 
-def _repeat_mask(split: Split, stage: str, users: np.ndarray) -> np.ndarray | None:
+def repeat_mask(split: Split, stage: str, users: np.ndarray) -> np.ndarray | None:
     """Whether each of ``users``' ``stage`` targets is a repeat; ``None`` where the data set has none."""
     if not split.repeats:
         return None
-    all_users, targets = split.targets(stage)
-    target_of = dict(zip(all_users.tolist(), targets.tolist()))
-    return split.is_repeat(stage, users, np.array([target_of[u] for u in np.asarray(users).tolist()], np.int64))
+    all_users, targets = split.targets(stage)  # sorted by user
+    users = np.asarray(users, dtype=np.int64)
+    return split.is_repeat(stage, users, targets[np.searchsorted(all_users, users)])
 
 
 def paired_difference(a: RankingReport, b: RankingReport, n_boot: int = 1000) -> dict[str, object]:
@@ -237,7 +237,7 @@ def evaluate_scores(
         ranks[start : start + len(batch)] = torch.where(excluded, k, rank).cpu().numpy()
     ranks = np.where(ranks >= k, MAX_K, ranks)
     users = _gather(mine)
-    return report_from_ranks(stage, users, _gather(ranks), n_boot, _repeat_mask(split, stage, users))
+    return report_from_ranks(stage, users, _gather(ranks), n_boot, repeat_mask(split, stage, users))
 
 
 def evaluate_topk(
@@ -259,7 +259,7 @@ def evaluate_topk(
         ranks[start : start + len(batch)] = target_ranks(topk, target).numpy()
     ranks = np.where(ranks >= MAX_K, MAX_K, ranks)
     users = _gather(mine)
-    return report_from_ranks(stage, users, _gather(ranks), n_boot, _repeat_mask(split, stage, users))
+    return report_from_ranks(stage, users, _gather(ranks), n_boot, repeat_mask(split, stage, users))
 
 
 SAMPLED_NEGATIVES = 100
@@ -325,7 +325,7 @@ def sampled_report(
                             break
             ranks[start + row] = int((scores[row, negs] >= scores[row, target]).sum())
     users = _gather(mine)
-    return report_from_ranks(f"{stage}/sampled-{by}", users, _gather(ranks), n_boot, _repeat_mask(split, stage, users))
+    return report_from_ranks(f"{stage}/sampled-{by}", users, _gather(ranks), n_boot, repeat_mask(split, stage, users))
 
 
 class BinaryMetrics:

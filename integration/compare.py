@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from common.data.load import dataset_ref, load_dataset
-from common.metrics import bootstrap_ci, per_user_metrics
+from common.metrics import bootstrap_ci, per_user_metrics, repeat_mask
 from common.runtime import write_json_atomic
 
 METRICS = ("HR@10", "NDCG@10", "Recall@100")
@@ -49,10 +49,7 @@ def evaluate_seed(
     pipeline = create_pipeline(root, data_dir=data_dir, sequential=[f"{m}/export" for m in sequential])
     reports = {"popularity": popularity_report(pipeline.split, stage, n_boot=10), **pipeline.evaluate(stage, n_boot=10)}
     users = reports["popularity"].users
-    repeat = None
-    if pipeline.split.repeats:
-        all_users, targets = pipeline.split.targets(stage)
-        repeat = pipeline.split.is_repeat(stage, users, targets[np.searchsorted(all_users, users)])
+    repeat = repeat_mask(pipeline.split, stage, users)
     out = {}
     for name, rep in reports.items():
         assert np.array_equal(rep.users, users)

@@ -282,7 +282,10 @@ def _again_source(root: Path, ds: InteractionData, split: Split) -> list[AgainSo
             "chosen_on": "valid NDCG@10",
             "valid_ndcg10": {str(h): v for h, v in figures.items()},
         }
-        write_json_atomic(path, saved)
+        try:
+            write_json_atomic(path, saved)
+        except OSError as err:  # read-only artifacts: serve with the half-life chosen now
+            print(f"note: could not keep again's half-life in {path} ({err}); chosen again at each start")
     return [AgainSource(ds.num_items, float(saved["half_life"]))]
 
 

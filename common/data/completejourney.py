@@ -22,6 +22,7 @@ from pathlib import Path
 
 from common.data.dataset import InteractionData
 from common.data.download import default_data_dir, extract_zip, extracted_ok, pip_download
+from common.data.logs import load_log
 from common.data.movielens import DataUnavailable
 
 NAME = "completejourney"
@@ -95,6 +96,4 @@ def spec_path(data_dir: str | Path | None = None) -> Path:
 
 def load_completejourney(data_dir: str | Path | None = None, on_bad_row: str = "error") -> InteractionData:
     """The Complete Journey in canonical form (cached after the first read, as every log is)."""
-    from common.data.logs import load_log
-
     return load_log(spec_path(data_dir), data_dir, on_bad_row)
