@@ -2,7 +2,7 @@
 
 Every validation and test target of ml-100k, with its timestamp, is replaced by another item and a
 later time. Then, for each stage that learns from order (two-tower retrieval, the DLRM ranker,
-BERT4Rec, SASRec, the pipeline's feature store), the training batches, and the features and candidates
+BERT4Rec, SASRec, the pipeline's feature store, the union ranker), the training batches, and the features and candidates
 built to predict ``valid``, must be bit-identical to those of the real data. For ``test`` only the
 test target is replaced (the validation item is legitimately part of the test-time history).
 
@@ -217,12 +217,49 @@ def feature_store_arrays(ds: InteractionData, stage: str) -> dict[str, np.ndarra
     }
 
 
+def union_ranker_arrays(ds: InteractionData, stage: str) -> dict[str, np.ndarray]:
+    """The union ranker's lists (integration/union_ranker.py), built its way from sources fitted on the
+    training split (popularity, EASE, the transitions; "again" with repeats): the validation lists it
+    trains on, with their labels when predicting test, and the lists of ``stage`` it ranks, without
+    (their labels are the targets, which only the training lists may read)."""
+    from candidates.again import AgainSource
+    from candidates.sources import ItemItemSource, PopularitySource
+    from golden_training.ranking_data import RankingFeatures
+    from integration import union_ranker
+    from retrieval.item_item import Config, ItemItem
+
+    split = split_dataset(ds)
+    features = RankingFeatures.build(ds, split, 50)
+    export = ItemItem.fit(split, Config())
+    sources = [
+        PopularitySource(split.item_counts("valid"), ds.repeats),
+        *(ItemItemSource(name, export, ds.repeats) for name in ("EASE", "transitions")),
+        *([AgainSource(split.num_items, 30)] if ds.repeats else []),
+    ]
+    cfg = union_ranker.parse_args(["--lists-per-batch", "64", "--ids"])  # with_repeats' log has no categoricals
+    out: dict[str, np.ndarray] = {}
+    for st in dict.fromkeys(("valid", stage)):
+        indptr, hist = split.history(st)
+        users = split.targets(st)[0]
+        histories = [hist[indptr[u] : indptr[u + 1]] for u in users.tolist()]
+        lists = union_ranker.stage_lists(
+            split, features, st, sources, {"EASE": 0.5, "transitions": 0.5}, histories, None, np.arange(len(users)), cfg
+        )
+        out[f"{st}.candidates"], out[f"{st}.provenance"] = lists.union.items, lists.union.features
+        for j, b in enumerate(lists.batches[:4]):
+            _ranking_batch(out, f"{st}.{j}", b)
+            if st == stage:
+                del out[f"{st}.{j}.labels"]
+    return out
+
+
 STAGE_ARRAYS = {
     "retrieval": retrieval_arrays,
     "ranker": ranker_arrays,
     "bert4rec": bert4rec_arrays,
     "sasrec": sasrec_arrays,
     "feature_store": feature_store_arrays,
+    "union_ranker": union_ranker_arrays,
 }
 
 
@@ -277,12 +314,24 @@ def _leak_feature_store(monkeypatch) -> None:
     )
 
 
+def _leak_union_ranker(monkeypatch) -> None:
+    """The union ranker's "now" for a list is its target's timestamp (item_trend counts up to it)."""
+    from integration import union_ranker
+
+    def target_time(split, stage, users):
+        tu, tt = (split.valid_user, split.valid_time) if stage == "valid" else (split.test_user, split.test_time)
+        return tt[np.searchsorted(tu, users)]
+
+    monkeypatch.setattr(union_ranker, "reference_time", target_time)
+
+
 LEAKS = {
     "retrieval": _leak_retrieval,
     "ranker": _leak_ranker,
     "bert4rec": _leak_sequential,
     "sasrec": _leak_sequential,
     "feature_store": _leak_feature_store,
+    "union_ranker": _leak_union_ranker,
 }
 
 
@@ -447,7 +496,7 @@ def test_targets_do_not_reach_training_or_serving_with_repeats(ml100k, name: str
     assert differences(real, moved) == []
 
 
-@pytest.mark.parametrize("name", ["retrieval", "ranker", "bert4rec", "feature_store"])
+@pytest.mark.parametrize("name", ["retrieval", "ranker", "bert4rec", "feature_store", "union_ranker"])
 def test_the_perturbation_check_catches_a_deliberate_leak_with_repeats(ml100k, name: str, monkeypatch) -> None:
     LEAKS[name](monkeypatch)
     ds = with_repeats(ml100k)

@@ -273,6 +273,16 @@ def test_the_demo_and_the_service_on_a_log_with_repeats(ml100k, tmp_path: Path) 
         ev = c.post("/events", json={"user_id": int(user), "item_id": seen, "event_id": "again-1"}).json()
         assert ev["history_length"] == view["history_length"] + 1 and not ev["duplicate"]
 
+    # the union ranker over every source's lists, "again" among them (the log has no categoricals: --ids)
+    from integration.union_ranker import main as union_ranker
+
+    args = ["--artifacts", str(root), "--data-dir", cache, "--folds", "2", "--epochs", "1", "--n-boot", "10", "--ids"]
+    res = union_ranker(args)
+    assert "again_rr" in res["features"] and "fused" in res["features"]
+    for stage, ranker in (("valid", "union ranker (cross-fitted)"), ("test", "union ranker")):
+        assert {"NDCG@10 repeat", "NDCG@10 new"} <= set(res[stage][ranker]) and res[stage][ranker]["users_repeat"] > 0
+        assert "NDCG@10_ci95" in res[f"{stage}_ranker_minus_ensemble"]
+
 
 def test_again_negatives_come_from_the_users_own_past(ml100k) -> None:
     from types import SimpleNamespace

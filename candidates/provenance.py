@@ -1,0 +1,92 @@
+"""Where a candidate came from: the union of every source's lists, and what each source thinks of
+each candidate in it (the union ranker's provenance features, integration/union_ranker.py).
+
+    lists = union_lists(sources, weights, users, histories, k=100)
+    lists.items      # [B, L] the union of each source's top k, in source order (-1 padding)
+    lists.features   # [B, L, F] float32, named by lists.names
+
+For each source ``s`` (a source's rank ``r`` is its 0-based place among the items it may propose,
+over the whole catalog, ties to the lower index: the protocol's order, :func:`common.metrics.top_unseen`):
+
+- ``<s>_rr``: ``1 / (RANK_OFFSET + r)``, the source's reciprocal rank as the ensemble fuses it;
+- ``<s>_in``: 1 if the candidate is in the source's top ``k`` (it proposed it), else 0;
+- ``<s>_z``: the source's score, standardised over the items it may propose for this user (its
+  scale says how sure it is, which a rank hides);
+
+and over the sources: ``fused``, the ensemble's score with ``weights`` (``sum_s w_s * <s>_rr``:
+:class:`candidates.sources.EnsembleSource`'s, exactly), and ``n_sources``, how many proposed it.
+A candidate a source did not propose still has that source's rank and score (every source scores
+the whole catalog), and its ``_in`` flag says it was not proposed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from candidates.sources import CandidateSource, excluded, reciprocal_ranks, union, unseen_mask
+
+PER_SOURCE = ("rr", "in", "z")
+
+
+@dataclass
+class UnionLists:
+    users: np.ndarray  # [B]
+    items: np.ndarray  # [B, L] int64, -1 padding at the end of a row
+    features: np.ndarray  # [B, L, F] float32, zeros on padding
+    names: list[str]  # the F feature names
+
+    def column(self, name: str) -> np.ndarray:
+        return self.features[..., self.names.index(name)]
+
+
+def feature_names(sources: list[CandidateSource]) -> list[str]:
+    return [f"{src.name}_{what}" for src in sources for what in PER_SOURCE] + ["fused", "n_sources"]
+
+
+def union_lists(
+    sources: list[CandidateSource],
+    weights: dict[str, float],
+    users: np.ndarray,
+    histories: list[np.ndarray],
+    k: int,
+) -> UnionLists:
+    """The union of ``sources``' top ``k`` for each user (as :func:`candidates.sources.union` merges
+    them, in source order) and the provenance features of every candidate; ``weights`` are the
+    ensemble's (a source not named weighs 0)."""
+    users = np.asarray(users, dtype=np.int64)
+    # The lists are each source's own top k, the very call the pipeline serves (the two-tower's through
+    # its index); the features read each source's scores of the whole catalog.
+    tops = [src.top_k(users, histories, k)[0] for src in sources]
+    # what the ensemble leaves out of every source's ranks (EnsembleSource): seen items, unless any
+    # source may propose them
+    repeats = any(getattr(src, "repeats", False) for src in sources)
+    items = union(tops)
+    safe = np.where(items >= 0, items, 0)
+    cols = []
+    fused = np.zeros(items.shape, np.float32)
+    proposed = np.zeros(items.shape, np.float32)
+    for src, top in zip(sources, tops):
+        s = np.asarray(src.scores(users, histories), dtype=np.float32)
+        unseen = unseen_mask(s.shape, excluded(histories, repeats))
+        rr = np.take_along_axis(reciprocal_ranks(s, unseen), safe, axis=1)
+        inside = (items[:, :, None] == np.where(top >= 0, top, -2)[:, None, :]).any(axis=2).astype(np.float32)
+        cols += [rr, inside, np.take_along_axis(_standardised(s, unseen), safe, axis=1)]
+        fused += weights.get(src.name, 0.0) * rr
+        proposed += inside
+    features = np.stack([*cols, fused, proposed], axis=-1).astype(np.float32)
+    features[items < 0] = 0.0
+    return UnionLists(users, items, features, feature_names(sources))
+
+
+def _standardised(s: np.ndarray, unseen: np.ndarray) -> np.ndarray:
+    """Each row's scores minus the mean over its ``unseen`` items, over their standard deviation
+    (1 where they are all equal); -inf and seen entries are left as 0 after."""
+    n = np.maximum(unseen.sum(axis=1, keepdims=True), 1)
+    x = np.where(unseen & np.isfinite(s), s, 0.0).astype(np.float64)
+    mean = x.sum(axis=1, keepdims=True) / n
+    var = (np.where(unseen, (x - mean) ** 2, 0.0)).sum(axis=1, keepdims=True) / n
+    sd = np.sqrt(var)
+    z = (x - mean) / np.where(sd > 0, sd, 1.0)
+    return np.where(unseen & np.isfinite(s), z, 0.0).astype(np.float32)

@@ -1,0 +1,99 @@
+"""The union ranker's provenance features (candidates/provenance.py) against a direct computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from candidates.provenance import union_lists
+from candidates.sources import RANK_OFFSET, EnsembleSource, excluded, union
+from common.metrics import top_unseen
+
+
+class TableSource:
+    """A source whose scores are a fixed table, one row per user."""
+
+    def __init__(self, name: str, table: np.ndarray, repeats: bool) -> None:
+        self.name, self.table, self.repeats = name, table, repeats
+
+    def scores(self, users, histories):
+        return self.table[users].copy()
+
+    def top_k(self, users, histories, k):
+        return top_unseen(self.scores(users, histories), excluded(histories, self.repeats), k)
+
+
+def fixture(repeats: bool, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    num_users, num_items = 6, 40
+    # coarse scores, so that ties occur and must be broken toward the lower index
+    sources = [
+        TableSource(name, rng.integers(0, 12, size=(num_users, num_items)).astype(np.float32), repeats)
+        for name in ("a", "b", "c")
+    ]
+    histories = [rng.choice(num_items, size=rng.integers(0, 9), replace=False) for _ in range(num_users)]
+    return sources, histories, np.arange(num_users)
+
+
+@pytest.mark.parametrize("repeats", [False, True])
+def test_provenance_features_equal_a_direct_computation(repeats: bool) -> None:
+    sources, histories, users = fixture(repeats)
+    weights = {"a": 0.5, "b": 0.3}  # "c" unweighted: it counts in n_sources, not in fused
+    k = 7
+    lists = union_lists(sources, weights, users, histories, k)
+    for r, u in enumerate(users):
+        allowed = [i for i in range(40) if repeats or i not in set(histories[r].tolist())]
+        row_items = [i for i in lists.items[r].tolist() if i >= 0]
+        expected_items = []
+        for src in sources:
+            ordered = sorted(allowed, key=lambda i: (-src.table[u, i], i))
+            expected_items += [i for i in ordered[:k] if i not in expected_items]
+        assert row_items == expected_items
+        for j, item in enumerate(row_items):
+            fused = proposed = 0.0
+            for src in sources:
+                ordered = sorted(allowed, key=lambda i: (-src.table[u, i], i))
+                rank = ordered.index(item)
+                vals = np.array([src.table[u, i] for i in allowed], dtype=np.float64)
+                sd = vals.std()
+                z = (src.table[u, item] - vals.mean()) / (sd if sd > 0 else 1.0)
+                assert lists.column(f"{src.name}_rr")[r, j] == pytest.approx(1.0 / (RANK_OFFSET + rank))
+                assert lists.column(f"{src.name}_in")[r, j] == float(rank < k)
+                assert lists.column(f"{src.name}_z")[r, j] == pytest.approx(z, abs=1e-5)
+                fused += weights.get(src.name, 0.0) / (RANK_OFFSET + rank)
+                proposed += rank < k
+            assert lists.column("fused")[r, j] == pytest.approx(fused)
+            assert lists.column("n_sources")[r, j] == proposed
+        assert not lists.features[r, len(row_items) :].any()  # padding is zeros
+
+
+def test_the_lists_are_the_pipelines_union_and_fused_is_the_ensembles_score() -> None:
+    sources, histories, users = fixture(False, seed=1)
+    weights = {"a": 0.2, "b": 0.5, "c": 0.3}
+    lists = union_lists(sources, weights, users, histories, 5)
+    assert np.array_equal(lists.items, union([src.top_k(users, histories, 5)[0] for src in sources]))
+    ensemble = EnsembleSource(sources, weights).scores(users, histories)
+    safe = np.where(lists.items >= 0, lists.items, 0)
+    np.testing.assert_allclose(
+        np.where(lists.items >= 0, np.take_along_axis(ensemble, safe, 1), 0), lists.column("fused"), rtol=1e-6
+    )
+
+
+def test_the_listwise_loss_is_each_lists_softmax_cross_entropy() -> None:
+    import torch
+
+    from integration.union_ranker import list_loss, pad_lists
+
+    sizes = np.array([3, 1, 2])
+    logits = torch.tensor([0.5, -1.0, 2.0, 0.3, 1.0, 0.0])
+    labels = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0, 0.0])  # the third list has no target: it teaches nothing
+    padded, mask = pad_lists(logits, sizes)
+    assert mask.tolist() == [[True, True, True], [True, False, False], [True, True, False]]
+    assert padded[2, :2].tolist() == [1.0, 0.0]
+    expected = -torch.log_softmax(logits[:3], 0)[1]  # the first list, target at its second row
+    assert torch.isclose(list_loss(logits, labels, sizes, "listwise"), expected)
+    labels[3] = 1.0  # now the second list (one row, its target) adds -log 1 = 0 to the mean
+    assert torch.isclose(list_loss(logits, labels, sizes, "listwise"), expected / 2)
+    assert list_loss(logits, torch.zeros(6), sizes, "listwise") is None
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    assert torch.isclose(list_loss(logits, labels, sizes, "pointwise"), bce)
