@@ -158,6 +158,7 @@ def stage_lists(
     feats = np.concatenate([np.pad(x.features, ((0, 0), (0, width - x.features.shape[1]), (0, 0))) for x in parts])
     lists = UnionLists(users, items, feats, parts[0].names)
     schema = ranker_schema(features, lists.names, cfg.ids)
+    # the rows' own features read the split's histories (the feature store keeps a user's latest 1,000)
     indptr, hist_items = split.history(stage)
     now = reference_time(split, stage, users)
     chunks = [order[lo : lo + cfg.lists_per_batch] for lo in range(0, len(order), cfg.lists_per_batch)]

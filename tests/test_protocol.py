@@ -277,15 +277,17 @@ def _leak_retrieval(monkeypatch) -> None:
     )
 
 
+def _target_time(split, stage, users):
+    """A wrong "now" for a prediction: the target's own timestamp (so item_trend counts up to it)."""
+    tu, tt = (split.valid_user, split.valid_time) if stage == "valid" else (split.test_user, split.test_time)
+    return tt[np.searchsorted(tu, users)]
+
+
 def _leak_ranker(monkeypatch) -> None:
-    """'Now' for a prediction is the target's own timestamp (so item_trend counts up to it)."""
+    """'Now' for a prediction is the target's own timestamp."""
     from golden_training import evaluation
 
-    def target_time(split, stage, users):
-        tu, tt = (split.valid_user, split.valid_time) if stage == "valid" else (split.test_user, split.test_time)
-        return tt[np.searchsorted(tu, users)]
-
-    monkeypatch.setattr(evaluation, "reference_time", target_time)
+    monkeypatch.setattr(evaluation, "reference_time", _target_time)
 
 
 def _leak_sequential(monkeypatch) -> None:
@@ -315,14 +317,10 @@ def _leak_feature_store(monkeypatch) -> None:
 
 
 def _leak_union_ranker(monkeypatch) -> None:
-    """The union ranker's "now" for a list is its target's timestamp (item_trend counts up to it)."""
+    """The union ranker's "now" for a list is its target's timestamp."""
     from integration import union_ranker
 
-    def target_time(split, stage, users):
-        tu, tt = (split.valid_user, split.valid_time) if stage == "valid" else (split.test_user, split.test_time)
-        return tt[np.searchsorted(tu, users)]
-
-    monkeypatch.setattr(union_ranker, "reference_time", target_time)
+    monkeypatch.setattr(union_ranker, "reference_time", _target_time)
 
 
 LEAKS = {
