@@ -47,7 +47,7 @@ from torchrec.datasets.utils import Batch
 from candidates.provenance import UnionLists, union_lists
 from common.data.split import Split
 from common.features import DenseFeature, FeatureSchema
-from common.metrics import MAX_K, RankingReport, paired_difference, report_from_ranks
+from common.metrics import MAX_K, RankingReport, evaluate_topk, paired_difference, report_from_ranks
 from common.runtime import Progress, seed_everything, write_results
 from golden_training.model import TorchRecDLRM
 from golden_training.ranking_data import Examples, RankingFeatures, reference_time
@@ -279,13 +279,13 @@ def report(lists: Lists, rank_of: dict, n_boot: int) -> RankingReport:
 def ensemble_report(pipeline: RecommendationPipeline, lists: Lists, n_boot: int) -> RankingReport:
     """The fusion the ranker must beat, on the same users: the ensemble's own top 100."""
     p = pipeline.at_stage(lists.stage)
-    ranks = np.full(len(lists.users), MAX_K)
-    for lo in range(0, len(lists.users), 256):
-        users = lists.users[lo : lo + 256]
-        top = p.ensemble.top_k(users, [p.store.history(u) for u in users.tolist()], MAX_K)[0]
-        hit = top == lists.targets[lo : lo + 256, None]
-        ranks[lo : lo + 256] = np.where(hit.any(axis=1), hit.argmax(axis=1), MAX_K)
-    return report_from_ranks(lists.stage, lists.users, ranks, n_boot, lists.repeat)
+    return evaluate_topk(
+        lambda users: p.ensemble.top_k(users, [p.store.history(u) for u in users.tolist()], MAX_K)[0],
+        p.split,
+        lists.stage,
+        batch_size=256,
+        n_boot=n_boot,
+    )
 
 
 def line(name: str, rep: RankingReport) -> str:
