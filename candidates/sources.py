@@ -37,7 +37,7 @@ import torch
 
 from common.data.dataset import id_key
 from common.data.tables import FeatureTables, last_n
-from common.metrics import top_unseen
+from common.metrics import stable_order, top_unseen
 
 SEQUENCE_SOURCES = {"sasrec": "SASRec", "bert4rec": "BERT4Rec"}  # export's model -> source name
 # Reciprocal rank fusion: a source's item of rank r (0: its best) adds w / (RANK_OFFSET + r).
@@ -168,7 +168,7 @@ def unseen_mask(shape: tuple[int, int], histories: list[np.ndarray] | None) -> n
 def reciprocal_ranks(scores: np.ndarray, unseen: np.ndarray, offset: float = RANK_OFFSET) -> np.ndarray:
     """``1 / (offset + rank)`` per item, its rank the 0-based position in the row's order of the unseen
     items (ties: the lower index first, as everywhere); seen items rank after every unseen one."""
-    order = np.argsort(-np.where(unseen, scores, -np.inf), axis=1, kind="stable")
+    order = stable_order(np.where(unseen, scores, -np.inf))
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.broadcast_to(np.arange(scores.shape[1]), scores.shape), axis=1)
     return 1.0 / (offset + rank)

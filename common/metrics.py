@@ -150,6 +150,24 @@ def target_ranks(topk: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return pos.to(torch.int64)
 
 
+def stable_order(scores: np.ndarray) -> np.ndarray:
+    """Each row's indices best first, ties to the lower index: ``np.argsort(-scores, axis=1,
+    kind="stable")``, the same array, about 4x faster on a large catalog. NumPy's stable sort has no
+    SIMD path; its quicksort has, but leaves equal scores in no set order, so the quicksort's order
+    is sorted again by the key (group of equal scores, index), which is unique: any sort gives the
+    stable order."""
+    scores = np.atleast_2d(scores)
+    n = scores.shape[1]
+    order = np.argsort(-scores, axis=1)
+    v = np.take_along_axis(-scores, order, axis=1)
+    key = np.zeros(scores.shape, dtype=np.int64)
+    np.cumsum(v[:, 1:] != v[:, :-1], axis=1, out=key[:, 1:])  # the group: how many distinct scores before
+    key *= n
+    key += order
+    key.sort(axis=1)
+    return key % n
+
+
 def top_unseen(scores, histories: list[np.ndarray] | None, k: int):
     """The ``k`` best-scored items of each row that are not in its ``histories`` entry, best first,
     and their scores: the protocol's ranking (seen items out, ties to the lower item index). The one

@@ -30,6 +30,7 @@ from common.metrics import (
     evaluate_scores,
     evaluate_topk,
     per_user_metrics,
+    stable_order,
 )
 
 
@@ -313,3 +314,22 @@ def test_a_rank_reads_only_its_share_and_the_evaluated_users(ml100k) -> None:
         assert np.array_equal(cols[name].read, mine | evaluated), name
     assert not cols["rating"].read.any()
     assert len(share.train_user) + len(share.valid_user) + len(share.test_user) == mine.sum()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_stable_order_is_the_stable_argsort(dtype):
+    """The fast stable order equals NumPy's stable argsort, ties (many equal scores, -0.0 and 0.0,
+    -inf) to the lower index."""
+    rng = np.random.default_rng(0)
+    rows = [
+        rng.standard_normal(5000),
+        rng.integers(0, 3, 5000),  # three values: almost everything tied
+        np.zeros(5000),
+        np.where(rng.random(5000) < 0.5, -np.inf, rng.standard_normal(5000)),
+    ]
+    scores = np.stack(rows).astype(dtype) if dtype != np.int64 else np.stack(rows[1:3]).astype(dtype)
+    if dtype == np.float64:
+        scores[0, :10] = -0.0
+        scores[0, 10:20] = 0.0
+    assert np.array_equal(stable_order(scores), np.argsort(-scores, axis=1, kind="stable"))
+    assert np.array_equal(stable_order(scores[0]), np.argsort(-scores[:1], axis=1, kind="stable"))
