@@ -57,9 +57,9 @@ def item_item_fits(path: Path, manifest: dict, ds: InteractionData) -> None:
 
 
 def known_source(candidate_source: str, names: list[str]) -> None:
-    if candidate_source not in [*names, "union", "ensemble"]:
+    if candidate_source not in [*names, "union", "ensemble", "union ranker"]:
         raise ArtifactMismatch(
-            f"candidate source {candidate_source!r}: this pipeline has {names} (or 'union', 'ensemble')"
+            f"candidate source {candidate_source!r}: this pipeline has {names} (or 'union', 'ensemble', 'union ranker')"
         )
 
 

@@ -13,21 +13,24 @@ If the artifacts are missing it trains them first, each stage a subprocess with 
 on retrieval's candidates and its INT8 serving artifact (under 2 minutes on 2 CPU cores); then
 SASRec (``--sequential``; 7-20 minutes), a ranker trained on SASRec's candidates and its artifact;
 with ``--with-bert4rec`` also BERT4Rec (about 20 minutes) and its ranker; EASE and the item-to-item
-transitions (``retrieval.item_item``, seconds). Last, the served system is chosen on validation
+transitions (``retrieval.item_item``, seconds). Then the served system is chosen on validation
 (``integration.ensemble``, under a minute): the sources fused by reciprocal ranks with weights
-fitted there, and every system compared there. Last, the query tower and the sequential scorers are
+fitted there, and every system compared there; then one DLRM is trained over the union of every
+source's lists (``integration.union_ranker``, under a minute on ml-100k) and the served system chosen
+again with it among the others (by its cross-fitted figure). Last, the query tower and the sequential scorers are
 compiled with AOTInductor (``inference_legacy.aot_compile``; the rankers were when packaged), as the
 service runs them. An interrupted run resumes from its checkpoints; a retrained stage retrains every
 stage that reads it. Then it:
 
 - builds the pipeline (``integration.loader.create_pipeline``, which checks the stages fit),
-  serving the chosen system: on ml-100k the ensemble of the four sources, in its own order
-  (each source re-ranked by the ranker trained on its candidates is compared, and loses);
+  serving the chosen system: on ml-100k the union ranker over the four sources' lists (the
+  ensemble of the four in its own order, and each source re-ranked by the ranker trained on its
+  candidates, are compared, and lose);
 - prints, for a few users, their most recent movies and their top 10 with scores;
 - prints the offline evaluation on the test split (``--stage valid``: validation, the split that
   chose the system) under the shared protocol (943 users, full ranking, seen items excluded) with
   95% bootstrap intervals: popularity, each candidate source alone and re-ranked, with two
-  sources their union alone and re-ranked and their ensemble; and the served system's paired gain
+  sources their union alone and re-ranked, their ensemble and the union ranker; and the served system's paired gain
   over each other system.
 """
 
@@ -133,8 +136,10 @@ def stages(
     artifact; then for each sequential model (``sasrec``, ``bert4rec``) the model, a ranker trained
     on its candidates and that ranker's artifact; the query tower and the sequential scorers compiled
     (AOTInductor; not ``quick``); with a sequential model, the item-to-item sources
-    (EASE and transitions, fitted in a second) and last the choice of the served system on validation
-    (integration/ensemble.py), which reads every model before it.
+    (EASE and transitions, fitted in a second), the choice of the served system on validation
+    (integration/ensemble.py), which reads every model before it, and last the union ranker over
+    every source's lists (integration/union_ranker.py), which reads the choice's ensemble weights and
+    chooses again with itself among the systems.
     ``quick``: tiny runs; ``data``: the data flags (--dataset, --data-dir) for the trainers; ``repeats``:
     the data set has them, so the "again" source is among those the served system is chosen from;
     ``budget``: more flags per trainer, a large log's (:func:`budget_flags`)."""
@@ -223,6 +228,26 @@ def stages(
                 *data_dir,
             ],
             models,
+        )
+    )
+    from integration.union_model import ARTIFACT  # here: --help stays fast
+
+    todo.append(
+        Stage(
+            "union ranker: one DLRM over every source's lists, then the served system chosen again",
+            root / ARTIFACT / "manifest.json",
+            [
+                "-m",
+                "integration.union_ranker",
+                "--artifacts",
+                str(root),
+                "--sequential",
+                ",".join(sequential) or "none",
+                "--no-test",  # the table below scores test
+                *data_dir,
+                *(["--folds", "2", "--epochs", "1", "--n-boot", "10"] if quick else []),
+            ],
+            [len(todo) - 1],
         )
     )
     return todo + compiles

@@ -17,9 +17,12 @@ flatters it, so beside it the choice reports a cross-fitted figure: weights fitt
 the validation users and scored on the other, in turn (:func:`cross_fitted`).
 
 Then every system the pipeline can be is evaluated on validation (each source alone and re-ranked
-by the ranker trained on its candidates, the union alone and re-ranked, the fitted ensemble) and
+by the ranker trained on its candidates, the union alone and re-ranked, the fitted ensemble, and the
+union ranker of integration/union_ranker.py where one was trained on these sources and weights) and
 the one with the best NDCG@10 is written to ``<artifacts>/serving/served-<sources>.json``, with the
-weights and a digest of every model it compared. ``create_pipeline`` serves that system by default;
+weights and a digest of every model it compared. Each system is compared by a figure it was not
+fitted on: the ensemble's and the union ranker's are cross-fitted (their weights and model were
+fitted on validation). ``python -m integration.union_ranker`` chooses again when it trains. ``create_pipeline`` serves that system by default;
 a retrained model no longer matches its digest and the pipeline refuses to start until this command
 chooses again. Test is never touched here.
 """
@@ -35,6 +38,8 @@ import numpy as np
 from candidates.sources import excluded, reciprocal_ranks, unseen_mask
 from common.runtime import write_json_atomic
 from integration.loader import choice_file, create_pipeline
+from integration.union_model import NAME as UNION_RANKER
+from integration.union_model import read_manifest, why_stale
 
 STEP = 0.1  # the weight grid's step
 
@@ -147,8 +152,9 @@ def cross_fitted(points: list[dict[str, float]], ndcg: np.ndarray, folds: int = 
 
 
 def choose(pipeline, step: float = STEP, n_boot: int = 100) -> dict[str, object]:
-    """Fit the ensemble on validation (with two sources or more), evaluate every system there, and
-    name the best NDCG@10."""
+    """Fit the ensemble on validation (with two sources or more), evaluate every system there (the
+    union ranker by its cross-fitted figure, where it was trained for these sources and weights),
+    and name the best NDCG@10."""
     valid = pipeline.at_stage("valid")
     users, targets = valid.split.targets("valid")
     hists = [valid.store.history(u) for u in users]
@@ -161,14 +167,8 @@ def choose(pipeline, step: float = STEP, n_boot: int = 100) -> dict[str, object]
         honest = cross_fitted(points, ndcg)
     fit_seconds = time.perf_counter() - t0
     reports = (valid.with_ensemble(weights) if weights else valid).evaluate("valid", n_boot=n_boot)
-    system = max(reports, key=lambda n: reports[n].means["NDCG@10"])
-    source, rerank = (system[: -len(" + ranker")], True) if system.endswith(" + ranker") else (system, False)
-    return {
-        "system": system,
-        "candidate_source": source,
-        "rerank": rerank,
+    choice = {
         "weights": weights,
-        "chosen_on": "valid NDCG@10",
         "models": pipeline.model_digests,
         "valid": {name: rep.means for name, rep in reports.items()},
         "grid": grid,
@@ -176,6 +176,34 @@ def choose(pipeline, step: float = STEP, n_boot: int = 100) -> dict[str, object]
         "step": step,
         "fit_seconds": fit_seconds,
         "file": str(choice_file(pipeline.artifacts_dir, [s.name for s in pipeline.all_sources])),
+    }
+    return with_union_ranker(choice, read_manifest(pipeline.artifacts_dir), pipeline.model_digests["sources"])
+
+
+def with_union_ranker(choice: dict, manifest: dict | None, models: dict[str, str]) -> dict:
+    """``choice`` with the union ranker among its systems, where ``manifest`` (integration/union_model.py)
+    fits the choice's sources (``models``, their digests) and weights, and the served system named
+    again: the best validation NDCG@10, each system's by a figure it was not fitted on. The sources and
+    their rankers never saw validation; the ensemble's weights and the union ranker's model were
+    fitted there, so theirs are cross-fitted (:func:`cross_fitted`; the union ranker's folds of lists)."""
+    valid = {name: means for name, means in choice["valid"].items() if name != UNION_RANKER}
+    out = {k: v for k, v in choice.items() if k != "union_ranker"}
+    if manifest is not None and why_stale(manifest, models, choice["weights"]) is None:
+        valid[UNION_RANKER] = manifest["valid_cross_fitted"]
+        out["union_ranker"] = {"model_sha256": manifest["model_sha256"]}
+    by = {name: means["NDCG@10"] for name, means in valid.items()}
+    if choice.get("cross_fitted") and "ensemble" in by:
+        by["ensemble"] = choice["cross_fitted"]["NDCG@10"]
+    system = max(by, key=by.get)  # max keeps the first of equals
+    source, rerank = (system[: -len(" + ranker")], True) if system.endswith(" + ranker") else (system, False)
+    return {
+        **out,
+        "valid": valid,
+        "chosen_by": by,
+        "chosen_on": "valid NDCG@10 (cross-fitted for the ensemble and the union ranker)",
+        "system": system,
+        "candidate_source": source,
+        "rerank": rerank,
     }
 
 
@@ -223,10 +251,17 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             f"{c['NDCG@10']:.4f}, {c['gain_over_best_source']:+.4f} over the best source alone ({c['best_source']})"
         )
     print(f"{pipeline.dataset.name} valid, NDCG@10 of every system:")
-    for name, means in sorted(result["valid"].items(), key=lambda kv: -kv[1]["NDCG@10"]):
-        print(f"  {name:22s} {means['NDCG@10']:.4f}" + ("  <- served" if name == result["system"] else ""))
+    print_choice(result)
     print(f"served: {result['system']} (written to {result['file']})")
     return result
+
+
+def print_choice(choice: dict) -> None:
+    """Every system's validation NDCG@10, as chosen by (cross-fitted where marked), best first."""
+    for name, ndcg in sorted(choice["chosen_by"].items(), key=lambda kv: -kv[1]):
+        fitted = name == UNION_RANKER or (name == "ensemble" and bool(choice.get("cross_fitted")))
+        fitted = " (cross-fitted)" if fitted else ""
+        print(f"  {name:22s} {ndcg:.4f}{fitted}" + ("  <- served" if name == choice["system"] else ""))
 
 
 if __name__ == "__main__":

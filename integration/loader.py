@@ -29,6 +29,9 @@ from integration import compatibility as rules
 from integration.compatibility import ArtifactMismatch, digest
 from integration.feature_store import FeatureStore
 from integration.pipeline import CANDIDATES, RecommendationPipeline
+from integration.union_model import ARTIFACT as UNION_ARTIFACT
+from integration.union_model import NAME as UNION_RANKER
+from integration.union_model import UnionRanker, read_manifest, why_stale
 from retrieval.item_item import NAMES as ITEM_ITEM
 from retrieval.item_item import ItemItem
 from retrieval.two_tower_retrieval import Retriever
@@ -69,7 +72,8 @@ def create_pipeline(
     file: SASRec's candidates re-ranked by their ranker when SASRec is there, then BERT4Rec's, else
     the two-tower's. ``candidate_source`` names one: "two-tower", "SASRec", "BERT4Rec", "union" (of
     every source's top 100), re-ranked, "EASE" or "transitions", or "ensemble", served in its own
-    order. ``served=False`` ignores the choice file (the choice itself is made that way).
+    order, or "union ranker" (integration/union_model.py: its own order is ranked; refused where its
+    artifact does not fit). ``served=False`` ignores the choice file (the choice itself is made that way).
 
     Rankers: each source's own, trained on its candidates, is ``serving/dlrm-int8-<model>`` for a
     sequential source and ``serving/dlrm-int8`` for the two-tower (a source without one falls back
@@ -146,7 +150,11 @@ def create_pipeline(
     if choice is not None:
         rules.choice_still_stands(choice_path, choice["models"], models, fix)
     weights = choice["weights"] if choice else None
+    names = [src.name for src in sources + item_sources]
+    union_ranker = _union_ranker(root, names, models["sources"], weights, store.config, candidate_source, choice, fix)
     what = {"data": ds.fingerprint, "source": candidate_source, "k": CANDIDATES, "retrieval": r_manifest["files"]}
+    if union_ranker is not None and candidate_source == UNION_RANKER:
+        what["union_ranker"] = union_ranker.manifest["model_sha256"]
     identity = digest({**what, "rerank": rerank, "weights": weights, **digests})
     return RecommendationPipeline(
         retriever,
@@ -164,7 +172,46 @@ def create_pipeline(
         root,
         models,
         item_sources,
+        union_ranker,
     )
+
+
+def _union_ranker(
+    root: Path,
+    names: list[str],
+    models: dict[str, str],
+    weights: dict[str, float] | None,
+    store_config: dict,
+    candidate_source: str,
+    choice: dict | None,
+    choose: str,
+) -> UnionRanker | None:
+    """The union ranker (integration/union_model.py) where one was trained for these sources, their
+    ensemble weights and this feature store; refused with the fix where it is served and does not fit
+    (not served: left out, and the pipeline has no "union ranker" system)."""
+    manifest = read_manifest(root)
+    served = candidate_source == UNION_RANKER
+    fix = f"retrain it with python -m integration.union_ranker --artifacts {root} (it chooses the served system again)"
+    if manifest is None:
+        if served:
+            raise ArtifactMismatch(f"the union ranker is served but {root / UNION_ARTIFACT} is missing: {fix}")
+        return None
+    stale = why_stale(manifest, models, weights)
+    if stale is None and manifest["sources"] != names:
+        stale = f"its lists came from the sources {manifest['sources']}, here {names}"
+    if stale is None and manifest["store"] != store_config:
+        stale = f"it read ranking features with other settings ({manifest['store']}, here {store_config})"
+    if stale is not None:
+        if served:
+            raise ArtifactMismatch(f"{root / UNION_ARTIFACT} does not fit this pipeline: {stale}; {fix}")
+        return None
+    chosen = (choice or {}).get("union_ranker", {}).get("model_sha256")
+    if served and choice is not None and chosen != manifest["model_sha256"]:
+        raise ArtifactMismatch(
+            f"{root / UNION_ARTIFACT} is not the union ranker the served system was chosen with (retrained since): "
+            f"{choose}"
+        )
+    return UnionRanker.load(root / UNION_ARTIFACT)
 
 
 def _choice(root: Path, served: bool, scorers: dict, item_sources: list) -> tuple[dict | None, Path, str]:
@@ -187,7 +234,7 @@ def _served_system(
     """The candidate source served and whether the ranker re-orders it: as asked, else as the choice
     says, else SASRec's (then BERT4Rec's, then the two-tower's) candidates re-ranked."""
     names = ["two-tower", *scorers, *(src.name for src in item_sources)]
-    if candidate_source == "ensemble" and choice is None:
+    if candidate_source in ("ensemble", UNION_RANKER) and choice is None:  # both read the fitted weights
         raise ArtifactMismatch(f"no ensemble was fitted for {names} ({path} is missing): {fix}")
     auto = candidate_source == "auto"
     if auto:
@@ -195,12 +242,15 @@ def _served_system(
         candidate_source = choice["candidate_source"] if choice else fallback
     rules.known_source(candidate_source, names)
     # re-ranked unless serving the ensemble or an item-to-item source (no ranker is trained on their
-    # candidates), or as the choice says; an explicit ranker (A/B arms) always re-ranks
+    # candidates) or the union ranker (its own order is ranked), or as the choice says; an explicit
+    # ranker (A/B arms) always re-ranks
+    if candidate_source == UNION_RANKER:
+        return candidate_source, False
     if ranking != "auto":
         return candidate_source, True
     if auto and choice:
         return candidate_source, bool(choice["rerank"])
-    return candidate_source, candidate_source not in ("ensemble", *(src.name for src in item_sources))
+    return candidate_source, candidate_source not in ("ensemble", UNION_RANKER, *(src.name for src in item_sources))
 
 
 def _model_digests(r_manifest: dict, digests: dict[str, str], by_source: dict) -> dict[str, dict[str, str]]:

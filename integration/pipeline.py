@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from candidates.provenance import union_lists
 from candidates.sources import CandidateSource, EnsembleSource, TwoTowerSource, union
 from common.data.dataset import InteractionData, id_key
 from common.data.split import Split
@@ -44,6 +45,8 @@ from common.metrics import RankingReport, evaluate_topk
 from inference_legacy.dlrm_predict import DLRMPredictor
 from integration.compatibility import digest
 from integration.feature_store import FeatureStore, rank_chunk, user_chunks
+from integration.union_model import NAME as UNION_RANKER
+from integration.union_model import UnionRanker, list_batch
 from retrieval.two_tower_retrieval import Retriever
 
 CANDIDATES = 100
@@ -99,6 +102,7 @@ class RecommendationPipeline:
         artifacts_dir: Path | None = None,
         model_digests: dict[str, dict[str, str]] | None = None,
         item_sources: list[CandidateSource] | None = None,
+        union_ranker: UnionRanker | None = None,
     ) -> None:
         self.retriever, self.rankers, self.store = retriever, rankers, store
         # each source's own ranker (trained on its candidates), for evaluating "<source> + ranker";
@@ -112,7 +116,10 @@ class RecommendationPipeline:
         self.item_embeddings = item_embeddings
         # the weighted fusion of the sources' scores (integration/ensemble.py), when fitted
         self.ensemble = EnsembleSource(self.all_sources, ensemble_weights) if ensemble_weights else None
+        # one DLRM over the union of every source's lists (integration/union_model.py), when trained for these
+        self.union_ranker = union_ranker
         names = [src.name for src in self.all_sources] + ["union"] + (["ensemble"] if self.ensemble else [])
+        names += [UNION_RANKER] if union_ranker is not None else []
         if candidate_source not in names:
             raise ValueError(f"candidate_source {candidate_source!r}: the pipeline has {names}")
         self.candidate_source = candidate_source
@@ -162,6 +169,8 @@ class RecommendationPipeline:
         if source == "union":
             items = union([src.top_k(users, hists, k)[0] for src in self.union_sources], interleave=not self.rerank)
             return items, self.retrieval_scores(users, hists, items)
+        if source == UNION_RANKER:
+            return self.union_ranked(users, hists, k)
         src = self.ensemble if source == "ensemble" else next(s for s in self.all_sources if s.name == source)
         items, scores = src.top_k(users, hists, k)
         return (items, self.retrieval_scores(users, hists, items)) if self.rerank else (items, scores)
@@ -175,7 +184,27 @@ class RecommendationPipeline:
     @property
     def stage(self) -> str:
         """What a known user's recommendations are (:class:`Recommendation`'s ``stage``)."""
-        return "ranked" if self.rerank else "candidates"
+        return "ranked" if self.rerank or self.candidate_source == UNION_RANKER else "candidates"
+
+    def union_ranked(
+        self, users: np.ndarray, hists: list[np.ndarray], k: int = CANDIDATES
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each user's union of every source's top 100 in the union ranker's order: the first ``k``
+        items and their logits ``[B, k]`` (-1 / -inf padding). The lists, their rows and their order
+        are the calls its training makes (integration/union_ranker.py), on the store's histories."""
+        ranker = self.union_ranker
+        users = np.asarray(users, dtype=np.int64)
+        lists = union_lists(self.all_sources, ranker.manifest["weights"], users, hists, CANDIDATES)
+        rows = np.arange(len(users))
+        two_tower = (self.retriever.query_embeddings(users, hists), self.item_embeddings)
+        batch = list_batch(
+            self.store.features, ranker.schema, lists, rows, hists, self.store.last_time[users], two_tower
+        )
+        items, scores = ranker.order(lists, rows, batch)
+        if items.shape[1] < k:
+            pad = ((0, 0), (0, k - items.shape[1]))
+            return np.pad(items, pad, constant_values=-1), np.pad(scores, pad, constant_values=-np.inf)
+        return items[:, :k], scores[:, :k]
 
     def candidate_key(self, user: int) -> str:
         """A user's candidates are a function of the models (``identity``) and the user's history,
@@ -340,6 +369,9 @@ class RecommendationPipeline:
                     keep(src.name, users, src.top_k(users, hists, CANDIDATES)[0])
             if p.ensemble is not None:
                 keep("ensemble", users, p.ensemble.top_k(users, hists, CANDIDATES)[0])
+            # not on validation: its training lists (its figure there is integration/union_ranker.py's cross-fitted one)
+            if p.union_ranker is not None and stage != "valid":
+                keep(UNION_RANKER, users, p.union_ranked(users, hists, CANDIDATES)[0])
         return {
             name: evaluate_topk(
                 lambda u, by=by: np.stack([by[x] for x in u.tolist()]),

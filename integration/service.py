@@ -469,8 +469,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--candidates",
         default="auto",
-        choices=["auto", "two-tower", "SASRec", "BERT4Rec", "union", "EASE", "transitions", "ensemble"],
-        help="what the ranker re-orders, or 'ensemble' (the sources' fused scores, served as they are); auto: the "
+        choices=["auto", "two-tower", "SASRec", "BERT4Rec", "union", "EASE", "transitions", "ensemble", "union ranker"],
+        help="what the ranker re-orders, or 'ensemble' (the sources' fused scores, served as they are), or 'union "
+        "ranker' (one DLRM over every source's lists, integration/union_ranker.py); auto: the "
         "system chosen on validation (python -m integration.ensemble), else SASRec's when "
         "<artifacts>/sasrec/export exists, then BERT4Rec's, else the two-tower's (default: %(default)s)",
     )

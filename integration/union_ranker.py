@@ -25,18 +25,25 @@ on every row, as the per-source rankers train.
 
 **The figures.** Validation is both the training set and the chooser of the served system, so the
 validation figure is cross-fitted: the users in ``--folds`` folds, each fold's lists ranked by a
-model trained on the other folds' lists. Test is ranked by a model trained on every validation list,
-once (``--no-test``: never). Beside them, the ensemble (the fusion the ranker must beat; its weights
-were fitted on all of validation, so its validation figure flatters it) and the paired difference.
-The model is TorchRec's DLRM (golden_training/model.py), unsharded in one process: the lists are a
-few hundred thousand rows. What is not done yet: serving it (the pipeline, the service, the INT8
-artifact) and sharded training under torchrun.
+model trained on the other folds' lists. Beside it, the ensemble (the fusion the ranker must beat; its
+weights were fitted on all of validation, so its validation figure flatters it) and the paired
+difference.
+
+**Served.** Then a model is trained on every validation list and saved (integration/union_model.py:
+``<artifacts>/serving/union-ranker``, with what its lists were made of), and the served system is
+chosen again with its cross-fitted figure among the others (integration/ensemble.py,
+:func:`~integration.ensemble.with_union_ranker`): where it has the best validation NDCG@10, the
+pipeline serves it (its lists built and scored by the same calls as here). Test is scored once, by
+that model (``--no-test``: never; the demo's table scores it). The model is TorchRec's DLRM
+(golden_training/model.py), unsharded in one process (the lists are a few hundred thousand rows), in
+fp32 eager when served: not yet sharded under torchrun, nor packaged INT8 or compiled.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -46,18 +53,17 @@ from torchrec.datasets.utils import Batch
 
 from candidates.provenance import UnionLists, union_lists
 from common.data.split import Split
-from common.features import DenseFeature, FeatureSchema
+from common.features import FeatureSchema
 from common.metrics import MAX_K, RankingReport, evaluate_topk, paired_difference, report_from_ranks
-from common.runtime import Progress, seed_everything, write_results
+from common.runtime import Progress, seed_everything, write_json_atomic, write_results
 from golden_training.model import TorchRecDLRM
-from golden_training.ranking_data import Examples, RankingFeatures, reference_time
-from integration.loader import create_pipeline
+from integration.ensemble import print_choice, with_union_ranker
+from integration.feature_store import FeatureStore
+from integration.loader import choice_file, create_pipeline
 from integration.pipeline import CANDIDATES, RecommendationPipeline
+from integration.union_model import ARTIFACT, ID_FEATURES, NAME, UnionRanker, list_batch, pad_lists, ranker_schema
 
 LOSSES = ("listwise", "pointwise")
-# Left out unless --ids: with one target per list and a few hundred lists, a user's and an item's own
-# embedding memorise the training lists (on ml-100k's validation: in-sample NDCG@10 0.85, held out 0.05).
-ID_FEATURES = ("user_id", "item_id", "history")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,7 +84,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--embedding-dim", type=int, default=16, help="every table's width (default: %(default)s)")
     p.add_argument("--dense-arch", type=int, nargs="+", default=[64, 16], help="ends in --embedding-dim")
     p.add_argument("--over-arch", type=int, nargs="+", default=[64, 32, 1], help="ends in 1")
-    p.add_argument("--history-len", type=int, default=50, help="items of history per row (default: %(default)s)")
     p.add_argument("--ids", action="store_true", help=f"add the ID features {', '.join(ID_FEATURES)} (default: off)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
@@ -110,11 +115,9 @@ class Lists:
     repeat: np.ndarray | None
 
 
-def pipeline_lists(
-    pipeline: RecommendationPipeline, features: RankingFeatures, stage: str, order: np.ndarray, cfg
-) -> Lists:
-    """:func:`stage_lists` of the pipeline's sources, histories as its store holds them before ``stage``'s
-    targets (as served), the two-tower's queries for the ``retrieval_score`` feature."""
+def pipeline_lists(pipeline: RecommendationPipeline, stage: str, order: np.ndarray, cfg) -> Lists:
+    """:func:`stage_lists` of the pipeline's sources and its feature store before ``stage``'s targets
+    (as served), the two-tower's queries for the ``retrieval_score`` feature."""
     p = pipeline.at_stage(stage)
     users = p.split.targets(stage)[0]
     hists = [p.store.history(u) for u in users.tolist()]
@@ -124,27 +127,27 @@ def pipeline_lists(
             for lo in range(0, len(users), 1024)
         ]
     )
-    return stage_lists(
-        p.split, features, stage, p.all_sources, p.ensemble.weights, hists, (queries, p.item_embeddings), order, cfg
-    )
+    return stage_lists(p.split, p.store, p.all_sources, p.ensemble.weights, (queries, p.item_embeddings), order, cfg)
 
 
 def stage_lists(
     split: Split,
-    features: RankingFeatures,
-    stage: str,
+    store: FeatureStore,
     sources: list,
     weights: dict[str, float],
-    histories: list[np.ndarray],
     two_tower: tuple[np.ndarray, np.ndarray] | None,
     order: np.ndarray,
     cfg,
 ) -> Lists:
-    """``stage``'s users' union lists of ``sources`` (``histories``: each target user's, before the
-    target), every row's features, in batches of ``cfg.lists_per_batch`` lists taken in ``order`` (a
-    permutation of the users). ``two_tower``: (each user's query, the item embeddings) for the
-    ``retrieval_score`` feature (0 without)."""
+    """The union lists of ``sources`` for the users with a target in the store's stage (their
+    histories and "now" as the store holds them before it: what serving reads), every row's
+    features (:func:`integration.union_model.list_batch`, serving's call), in batches of
+    ``cfg.lists_per_batch`` lists taken in ``order`` (a permutation of the users). ``two_tower``:
+    (each user's query, the item embeddings) for the ``retrieval_score`` feature (0 without)."""
+    stage = store.stage
     users, targets = split.targets(stage)
+    histories = [store.history(u) for u in users.tolist()]
+    now = store.last_time[users]
     bar = Progress(len(users), f"{stage} lists", "users")
     parts = []
     for lo in range(0, len(users), 256):
@@ -157,50 +160,11 @@ def stage_lists(
     )
     feats = np.concatenate([np.pad(x.features, ((0, 0), (0, width - x.features.shape[1]), (0, 0))) for x in parts])
     lists = UnionLists(users, items, feats, parts[0].names)
-    schema = ranker_schema(features, lists.names, cfg.ids)
-    # the rows' own features read the split's histories (the feature store keeps a user's latest 1,000)
-    indptr, hist_items = split.history(stage)
-    now = reference_time(split, stage, users)
+    schema = ranker_schema(store.features, lists.names, cfg.ids)
     chunks = [order[lo : lo + cfg.lists_per_batch] for lo in range(0, len(order), cfg.lists_per_batch)]
-    batches = []
-    for chunk in chunks:
-        valid = lists.items[chunk] >= 0
-        rows = np.repeat(chunk, valid.sum(axis=1))
-        item = lists.items[chunk][valid]
-        ex = Examples(
-            users[rows],
-            item,
-            (item == targets[rows]).astype(np.float32),
-            indptr[users[rows]],
-            indptr[users[rows] + 1],
-            rows,
-            now[rows],
-            hist_items,
-        )
-        # the two-tower's dot product (the ranker's retrieval_score feature)
-        qs = (
-            np.zeros(len(item), np.float32)
-            if two_tower is None
-            else np.einsum("nd,nd->n", two_tower[0][rows], two_tower[1][item])
-        )
-        seq = None if features.sequence is None else features.sequence.features(ex)
-        cols = features.columns(ex.user, ex.item, ex.history(cfg.history_len), qs, seq)
-        prov = lists.features[chunk][valid]
-        cols |= {name: prov[:, i] for i, name in enumerate(lists.names)}
-        wanted = set(schema.sparse_names) | set(schema.dense_names)
-        fb = schema.from_columns({k: v for k, v in cols.items() if k in wanted}, batch_size=len(item))
-        batches.append(Batch(dense_features=fb.dense, sparse_features=fb.sparse, labels=torch.from_numpy(ex.label)))
+    batches = [list_batch(store.features, schema, lists, c, histories, now, two_tower, targets) for c in chunks]
     repeat = split.is_repeat(stage, users, targets) if split.repeats else None
     return Lists(stage, schema, users, targets, lists, chunks, batches, repeat)
-
-
-def ranker_schema(features: RankingFeatures, provenance: list[str], ids: bool) -> FeatureSchema:
-    """The per-source rankers' features (without the IDs unless ``ids``) and the provenance ones."""
-    sparse = [n for n in features.schema.sparse_names if ids or n not in ID_FEATURES]
-    if not sparse:
-        raise SystemExit("error: the data set has no categorical feature for the ranker's tables: pass --ids")
-    schema = features.schema.subset(sparse)
-    return dataclasses.replace(schema, dense=schema.dense + tuple(DenseFeature(n) for n in provenance))
 
 
 def list_sizes(lists: Lists, j: int) -> np.ndarray:
@@ -210,9 +174,9 @@ def list_sizes(lists: Lists, j: int) -> np.ndarray:
 # -- the model and its training -----------------------------------------------------------------
 
 
-def train_model(lists: Lists, chunks: list[int], cfg, seed: int) -> tuple[TorchRecDLRM, torch.Tensor, torch.Tensor]:
-    """A DLRM trained on the batches ``chunks`` of ``lists``; returns it with the dense features'
-    mean and scale on those rows (every dense input is standardised by them)."""
+def train_model(lists: Lists, chunks: list[int], cfg, seed: int, manifest: dict | None = None) -> UnionRanker:
+    """A DLRM trained on the batches ``chunks`` of ``lists``, with the dense features' mean and scale
+    on those rows (every dense input is standardised by them)."""
     seed_everything(seed)
     model = TorchRecDLRM(lists.schema, cfg.embedding_dim, cfg.dense_arch, cfg.over_arch)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -230,7 +194,7 @@ def train_model(lists: Lists, chunks: list[int], cfg, seed: int) -> tuple[TorchR
             loss.backward()
             opt.step()
     model.eval()
-    return model, mean, scale
+    return UnionRanker(model, mean, scale, lists.schema, manifest or {})
 
 
 def list_loss(logits: torch.Tensor, labels: torch.Tensor, sizes: np.ndarray, loss: str) -> torch.Tensor | None:
@@ -246,27 +210,14 @@ def list_loss(logits: torch.Tensor, labels: torch.Tensor, sizes: np.ndarray, los
     return -(logp.masked_fill(~mask, 0.0) * target)[has].sum(dim=1).mean()
 
 
-def pad_lists(rows: torch.Tensor, sizes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows laid out list by list -> ``[lists, longest]`` and its mask."""
-    sizes_t = torch.as_tensor(sizes)
-    mask = torch.arange(int(sizes_t.max())) < sizes_t[:, None]
-    out = torch.zeros(mask.shape, dtype=rows.dtype)
-    out[mask] = rows
-    return out, mask
-
-
-@torch.no_grad()
-def ranked(model: TorchRecDLRM, mean: torch.Tensor, scale: torch.Tensor, lists: Lists, chunks: list[int]) -> dict:
+def ranked(ranker: UnionRanker, lists: Lists, chunks: list[int]) -> dict:
     """Each list of ``chunks`` ordered by the model: user index -> rank of its target (``MAX_K`` when
     the target is not among the first ``MAX_K``, or not in the list)."""
     out = {}
     for j in chunks:
-        b = lists.batches[j]
-        scores, mask = pad_lists(model((b.dense_features - mean) / scale, b.sparse_features), list_sizes(lists, j))
-        scores = scores.masked_fill(~mask, -torch.inf).numpy()
-        for r, u in enumerate(lists.chunks[j].tolist()):
-            order = np.argsort(-scores[r], kind="stable")[: int(mask[r].sum())]
-            hit = np.nonzero(lists.union.items[u][order] == lists.targets[u])[0]
+        items, _ = ranker.order(lists.union, lists.chunks[j], lists.batches[j])
+        for row, u in zip(items, lists.chunks[j].tolist()):
+            hit = np.nonzero(row == lists.targets[u])[0]
             out[u] = int(hit[0]) if len(hit) and hit[0] < MAX_K else MAX_K
     return out
 
@@ -298,21 +249,20 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     cfg = parse_args(argv)
     t0 = time.perf_counter()
     names = [m for m in cfg.sequential.split(",") if m and m != "none"]
+    # the ensemble as chosen (its weights are the fused feature), whatever is served: this retrains the
+    # union ranker even where the served one no longer fits the sources
     pipeline = create_pipeline(
-        cfg.artifacts, data_dir=cfg.data_dir, sequential="auto" if names == ["auto"] else [f"{m}/export" for m in names]
+        cfg.artifacts,
+        data_dir=cfg.data_dir,
+        sequential="auto" if names == ["auto"] else [f"{m}/export" for m in names],
+        candidate_source="ensemble",
     )
-    if pipeline.ensemble is None:
-        raise SystemExit(
-            f"error: {cfg.artifacts} has no fitted ensemble (the fused score is a feature, and the fusion the "
-            f"baseline): run python -m integration.ensemble --artifacts {cfg.artifacts} first"
-        )
     ds, split = pipeline.dataset, pipeline.split
     print(f"{ds.name}: sources {[s.name for s in pipeline.all_sources]}, ensemble weights {pipeline.ensemble.weights}")
-    features = RankingFeatures.build(ds, split, cfg.history_len)
     rng = np.random.default_rng(cfg.seed)
     valid_users = split.targets("valid")[0]
     order = rng.permutation(len(valid_users))
-    valid = pipeline_lists(pipeline, features, "valid", order, cfg)
+    valid = pipeline_lists(pipeline, "valid", order, cfg)
     prov = valid.union.names
     proposed = np.mean([valid.targets[u] in valid.union.items[u] for u in range(len(valid.users))])
     print(f"valid: {len(valid.users)} lists, {valid.union.items.shape[1]} candidates at most, target in {proposed:.1%}")
@@ -321,8 +271,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     fold_of = np.arange(len(valid.chunks)) % cfg.folds
     rank_of: dict[int, int] = {}
     for f in range(cfg.folds):
-        model, mean, scale = train_model(valid, np.nonzero(fold_of != f)[0].tolist(), cfg, cfg.seed + f)
-        rank_of |= ranked(model, mean, scale, valid, np.nonzero(fold_of == f)[0].tolist())
+        model = train_model(valid, np.nonzero(fold_of != f)[0].tolist(), cfg, cfg.seed + f)
+        rank_of |= ranked(model, valid, np.nonzero(fold_of == f)[0].tolist())
         print(f"fold {f + 1}/{cfg.folds} done ({time.perf_counter() - t0:.0f} s)", flush=True)
     reports = {"valid": {"union ranker (cross-fitted)": report(valid, rank_of, cfg.n_boot)}}
     reports["valid"]["ensemble (weights fitted here)"] = ensemble_report(pipeline, valid, cfg.n_boot)
@@ -330,13 +280,39 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print(f"{ds.name} valid ({cfg.loss} loss):")
     for name, rep in reports["valid"].items():
         print(line(name, rep))
+
+    # The served model: trained on every validation list, saved with what its lists were made of.
+    served = train_model(
+        valid,
+        list(range(len(valid.chunks))),
+        cfg,
+        cfg.seed,
+        {
+            "data_fingerprint": ds.fingerprint,
+            "sources": [s.name for s in pipeline.all_sources],
+            "models": pipeline.model_digests["sources"],
+            "weights": pipeline.ensemble.weights,
+            "store": pipeline.store.config,
+            "model": {"embedding_dim": cfg.embedding_dim, "dense_arch": cfg.dense_arch, "over_arch": cfg.over_arch},
+            "config": vars(cfg),
+            "valid_cross_fitted": reports["valid"]["union ranker (cross-fitted)"].means,
+        },
+    )
+    out = served.save(Path(cfg.artifacts) / ARTIFACT)
+    path = choice_file(cfg.artifacts, [s.name for s in pipeline.all_sources])
+    choice = with_union_ranker(json.loads(path.read_text()), served.manifest, pipeline.model_digests["sources"])
+    write_json_atomic(path, choice)
+    print(f"saved to {out}; the served system chosen again on validation NDCG@10:")
+    print_choice(choice)
+    print(f"served: {choice['system']} (written to {path})")
+    results["served"] = choice["system"]
+
     stages = ["valid"] if cfg.no_test else ["valid", "test"]
     if "test" in stages:
-        model, mean, scale = train_model(valid, list(range(len(valid.chunks))), cfg, cfg.seed)
         test_users = split.targets("test")[0]
-        test = pipeline_lists(pipeline, features, "test", np.arange(len(test_users)), cfg)
+        test = pipeline_lists(pipeline, "test", np.arange(len(test_users)), cfg)
         reports["test"] = {
-            "union ranker": report(test, ranked(model, mean, scale, test, list(range(len(test.chunks)))), cfg.n_boot),
+            NAME: report(test, ranked(served, test, list(range(len(test.chunks)))), cfg.n_boot),
             "ensemble": ensemble_report(pipeline, test, cfg.n_boot),
         }
         print(f"{ds.name} test:")

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from bench.service_chaos import RedisServer, free_port
+from candidates.provenance import union_lists
 from common.metrics import paired_difference
 from inference_legacy import dlrm_packager
 from integration.caches import MemoryCache, RedisCache, pack, unpack
@@ -395,10 +396,13 @@ def test_demo_trains_missing_stages_then_recommends(tmp_path, capsys) -> None:
     from integration.demo import main as demo
 
     res = demo(["--artifacts", str(tmp_path), "--quick", "--users", "1", "--n-boot", "10"])
-    assert len(res["trained"]) == 8 and "user 1:" in capsys.readouterr().out
+    assert len(res["trained"]) == 9 and "user 1:" in capsys.readouterr().out
     choice = json.loads((tmp_path / "serving" / "served-two-tower-sasrec-item-item.json").read_text())
     assert res["served"] == choice["system"]
-    assert set(choice["valid"]) >= {"ensemble", "SASRec + ranker", "union", "EASE", "transitions"}
+    assert set(choice["valid"]) >= {"ensemble", "SASRec + ranker", "union", "EASE", "transitions", "union ranker"}
+    # the union ranker is chosen by its cross-fitted figure, and scored on test in the table
+    assert choice["chosen_by"]["union ranker"] == choice["valid"]["union ranker"]["NDCG@10"]
+    assert "union ranker" in res["test"]
     for made in (
         "retrieval/export/manifest.json",
         "ranking/results.json",
@@ -407,6 +411,7 @@ def test_demo_trains_missing_stages_then_recommends(tmp_path, capsys) -> None:
         "ranking-sasrec/results.json",
         "serving/dlrm-int8-sasrec/manifest.json",
         "item-item/export/manifest.json",
+        "serving/union-ranker/manifest.json",
     ):
         assert (tmp_path / made).is_file()
     assert sorted(p.name for p in (tmp_path / "demo-logs").iterdir()) == [
@@ -418,6 +423,7 @@ def test_demo_trains_missing_stages_then_recommends(tmp_path, capsys) -> None:
         "6-inference_legacy.log",
         "7-retrieval.log",
         "8-integration.log",
+        "9-integration.log",
     ]
     assert demo(["--artifacts", str(tmp_path), "--quick", "--users", "1", "--n-boot", "10"])["trained"] == []
 
@@ -427,10 +433,11 @@ def test_a_retrained_stage_retrains_every_stage_that_reads_it(tmp_path) -> None:
 
     todo = stages(tmp_path, sequential=("sasrec", "bert4rec"))
     names = [s.name for s in todo]
-    assert len(todo) == 14 and names[3].startswith("SASRec") and names[6].startswith("BERT4Rec")
+    assert len(todo) == 15 and names[3].startswith("SASRec") and names[6].startswith("BERT4Rec")
     assert names[9].startswith("item-to-item")
     # every ranker reads the retrieval export; each sequential ranker also its source; artifacts their
-    # ranker; the choice of the served system every model; last, each compiled package its model
+    # ranker; the choice of the served system every model; the union ranker the choice (its weights);
+    # last, each compiled package its model
     assert [s.after for s in todo] == [
         [],
         [0],
@@ -443,13 +450,15 @@ def test_a_retrained_stage_retrains_every_stage_that_reads_it(tmp_path) -> None:
         [7],
         [],
         list(range(10)),
+        [10],
         [0],
         [3],
         [6],
     ]
     assert todo[10].output == tmp_path / "serving" / "served-two-tower-sasrec-bert4rec-item-item.json"
-    assert [s.output.name for s in todo[11:]] == ["query_tower.aoti.pt2", "scorer.aoti.pt2", "scorer.aoti.pt2"]
-    assert len(stages(tmp_path, quick=True, sequential=("sasrec", "bert4rec"))) == 11  # --quick compiles nothing
+    assert todo[11].output == tmp_path / "serving" / "union-ranker" / "manifest.json"
+    assert [s.output.name for s in todo[12:]] == ["query_tower.aoti.pt2", "scorer.aoti.pt2", "scorer.aoti.pt2"]
+    assert len(stages(tmp_path, quick=True, sequential=("sasrec", "bert4rec"))) == 12  # --quick compiles nothing
     assert "--candidates-export" in todo[4].command and str(tmp_path / "sasrec" / "export") in todo[4].command
     # a large log with repeats: "again" among the sources chosen from, the budget's flags per trainer
     from types import SimpleNamespace
@@ -459,7 +468,7 @@ def test_a_retrained_stage_retrains_every_stage_that_reads_it(tmp_path) -> None:
     assert budget_flags(SimpleNamespace(num_interactions=100_000, num_users=943)) == {}
     budget = budget_flags(SimpleNamespace(num_interactions=1_460_438, num_users=2_469))
     large = stages(tmp_path, sequential=("sasrec",), repeats=True, budget=budget)
-    assert large[-3].output == tmp_path / "serving" / "served-two-tower-sasrec-item-item-again.json"
+    assert large[-4].output == tmp_path / "serving" / "served-two-tower-sasrec-item-item-again.json"
     assert large[1].command[-2:] == ["--train-last", "81"] and "--sampled-softmax" in large[3].command
     assert "--train-last" in large[4].command and "--sampled-softmax" not in large[0].command
 
@@ -639,6 +648,73 @@ def test_the_item_to_item_sources_join_the_ensemble_and_lift_it(with_sasrec, tmp
     (root / "item-item" / "export" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactMismatch, match="item-to-item export .* fitted on other data"):
         create_pipeline(root)
+
+
+def test_the_union_ranker_serves_the_lists_it_was_trained_on(with_sasrec, tmp_path) -> None:
+    """Issue 39: the union ranker's training lists and rows (integration/union_ranker.py) are the ones
+    the pipeline serves for the same users and cut-off, in the same order; the choice weighs it by its
+    cross-fitted figure; the service marks it "ranked"; a union ranker that no longer fits the sources'
+    ensemble, or whose model is not the one chosen with, is refused."""
+    from integration import ensemble, union_ranker
+    from integration.union_model import ARTIFACT
+    from retrieval import item_item
+
+    root = tmp_path / "union-ranker"
+    shutil.copytree(with_sasrec, root, symlinks=True)
+    item_item.main(["--no-test", "--out", str(root / "item-item"), "--n-boot", "10"])
+    ensemble.main(["--artifacts", str(root), "--n-boot", "20"])
+    res = union_ranker.main(["--artifacts", str(root), "--folds", "2", "--epochs", "2", "--n-boot", "20"])
+    manifest = json.loads((root / ARTIFACT / "manifest.json").read_text())
+    choice = json.loads((root / "serving" / "served-two-tower-sasrec-item-item.json").read_text())
+    crossed = res["valid"]["union ranker (cross-fitted)"]["NDCG@10"]
+    assert choice["chosen_by"]["union ranker"] == manifest["valid_cross_fitted"]["NDCG@10"] == crossed
+    assert choice["chosen_by"]["ensemble"] == choice["cross_fitted"]["NDCG@10"] and res["served"] == choice["system"]
+
+    pipeline = create_pipeline(root, candidate_source="union ranker")
+    assert pipeline.served == "union ranker" and pipeline.stage == "ranked"
+    # the training path's test lists (what union_ranker.main scores test on) against the served path
+    cfg = union_ranker.parse_args(["--artifacts", str(root)])
+    users = pipeline.split.targets("test")[0]
+    lists = union_ranker.pipeline_lists(pipeline, "test", np.arange(len(users)), cfg)
+    first = lists.chunks[0]  # the first lists_per_batch users, in order
+    hists = [pipeline.store.history(u) for u in users[first].tolist()]
+    served = union_lists(pipeline.all_sources, pipeline.ensemble.weights, users[first], hists, 100)
+    np.testing.assert_array_equal(served.items, lists.union.items[first][:, : served.items.shape[1]])
+    # the same features, up to float32 rounding: a model's scores of a user vary in the last bits with the
+    # batch it is computed in (here 32 users, there 256)
+    np.testing.assert_allclose(
+        served.features, lists.union.features[first][:, : served.items.shape[1]], rtol=1e-4, atol=1e-5
+    )
+    trained, _ = pipeline.union_ranker.order(lists.union, first, lists.batches[0])
+    items, scores = pipeline.union_ranked(users[first], hists, 100)
+    np.testing.assert_array_equal(items, trained[:, :100])
+    assert np.all(np.diff(np.where(np.isfinite(scores), scores, -1e9), axis=1) <= 0)
+    ev = pipeline.evaluate("test", n_boot=20)
+    assert ev["union ranker"].means["NDCG@10"] == pytest.approx(res["test"]["union ranker"]["NDCG@10"])
+    assert "union ranker" not in pipeline.evaluate("valid", n_boot=20)  # its training lists: not a figure
+
+    (rec,) = pipeline.recommend([196])
+    user = pipeline.user_index[196]
+    top, _ = pipeline.union_ranked(np.array([user]), [pipeline.store.history(user)], 10)
+    assert rec.stage == "ranked" and rec.item_ids == pipeline.dataset.item_raw_ids[top[0]].tolist()
+    app, batcher = create_service(pipeline, MemoryCache(ttl=60), ABRouter({"A": 1.0}))
+    with ready_client(app, batcher) as c:
+        body = c.post("/recommend", json={"user_id": 196}).json()
+    assert body["stage"] == "ranked" and [x["item_id"] for x in body["items"]] == rec.item_ids
+
+    # fused with other weights than the ensemble's: refused where served, left out where not
+    (root / ARTIFACT / "manifest.json").write_text(json.dumps({**manifest, "weights": {"SASRec": 1.0}}))
+    with pytest.raises(ArtifactMismatch, match="other ensemble weights.*integration.union_ranker"):
+        create_pipeline(root, candidate_source="union ranker")
+    assert create_pipeline(root, candidate_source="ensemble").union_ranker is None
+    # a model other than the one the served system was chosen with; a model file its manifest does not name
+    (root / ARTIFACT / "manifest.json").write_text(json.dumps({**manifest, "model_sha256": "0" * 64}))
+    with pytest.raises(ArtifactMismatch, match="not the union ranker the served system was chosen with"):
+        create_pipeline(root, candidate_source="union ranker")
+    (root / ARTIFACT / "manifest.json").write_text(json.dumps(manifest))
+    (root / ARTIFACT / "model.pt").write_bytes(b"not the model")
+    with pytest.raises(ArtifactMismatch, match="model.pt has SHA-256"):
+        create_pipeline(root, candidate_source="union ranker")
 
 
 def test_events_and_requests_are_bounded_and_strictly_typed(service, pipeline) -> None:

@@ -224,12 +224,11 @@ def union_ranker_arrays(ds: InteractionData, stage: str) -> dict[str, np.ndarray
     (their labels are the targets, which only the training lists may read)."""
     from candidates.again import AgainSource
     from candidates.sources import ItemItemSource, PopularitySource
-    from golden_training.ranking_data import RankingFeatures
     from integration import union_ranker
+    from integration.feature_store import FeatureStore
     from retrieval.item_item import Config, ItemItem
 
     split = split_dataset(ds)
-    features = RankingFeatures.build(ds, split, 50)
     export = ItemItem.fit(split, Config())
     sources = [
         PopularitySource(split.item_counts("valid"), ds.repeats),
@@ -239,11 +238,10 @@ def union_ranker_arrays(ds: InteractionData, stage: str) -> dict[str, np.ndarray
     cfg = union_ranker.parse_args(["--lists-per-batch", "64", "--ids"])  # with_repeats' log has no categoricals
     out: dict[str, np.ndarray] = {}
     for st in dict.fromkeys(("valid", stage)):
-        indptr, hist = split.history(st)
+        store = FeatureStore.build(ds, split, history_len=50, sequence=True, trend_days=30.0, stage=st)
         users = split.targets(st)[0]
-        histories = [hist[indptr[u] : indptr[u + 1]] for u in users.tolist()]
         lists = union_ranker.stage_lists(
-            split, features, st, sources, {"EASE": 0.5, "transitions": 0.5}, histories, None, np.arange(len(users)), cfg
+            split, store, sources, {"EASE": 0.5, "transitions": 0.5}, None, np.arange(len(users)), cfg
         )
         out[f"{st}.candidates"], out[f"{st}.provenance"] = lists.union.items, lists.union.features
         for j, b in enumerate(lists.batches[:4]):
@@ -317,10 +315,10 @@ def _leak_feature_store(monkeypatch) -> None:
 
 
 def _leak_union_ranker(monkeypatch) -> None:
-    """The union ranker's "now" for a list is its target's timestamp."""
-    from integration import union_ranker
+    """The union ranker's "now" for a list (the store's, as serving reads it) is its target's timestamp."""
+    from integration import feature_store
 
-    monkeypatch.setattr(union_ranker, "reference_time", _target_time)
+    monkeypatch.setattr(feature_store, "reference_time", _target_time)
 
 
 LEAKS = {

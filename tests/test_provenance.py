@@ -82,7 +82,8 @@ def test_the_lists_are_the_pipelines_union_and_fused_is_the_ensembles_score() ->
 def test_the_listwise_loss_is_each_lists_softmax_cross_entropy() -> None:
     import torch
 
-    from integration.union_ranker import list_loss, pad_lists
+    from integration.union_model import pad_lists
+    from integration.union_ranker import list_loss
 
     sizes = np.array([3, 1, 2])
     logits = torch.tensor([0.5, -1.0, 2.0, 0.3, 1.0, 0.0])

@@ -1,0 +1,188 @@
+"""The union ranker as trained and as served: its rows, its artifact, its order.
+
+    ranker = UnionRanker.load(root / ARTIFACT, store.features)
+    items, scores = ranker.order(lists, rows_of_lists, histories, now, queries, item_embeddings)
+
+A list is one user's union of every source's top 100 with each candidate's provenance
+(candidates/provenance.py); its rows are the per-source rankers' features of each (user, candidate)
+(golden_training/ranking_data.py, read from the feature store's tables, with the user's history as
+the store holds it and the store's "now") plus the provenance features. :func:`list_batch` builds
+them, once, for both sides: integration/union_ranker.py trains on the validation users' lists and the
+pipeline (integration/pipeline.py) serves a request's lists through the same call, so a list is
+scored the same way in training and in serving (tests/test_provenance.py checks it).
+
+The artifact (``<artifacts>/serving/union-ranker``): ``model.pt`` (the DLRM's weights and the dense
+features' mean and scale) and ``manifest.json``, written last, which names what the lists were made
+of (every source's digest, the ensemble's weights, the feature store's settings, the data) and the
+cross-fitted validation figures the served system is chosen on. The model runs in fp32, eager: its
+tables are the categorical features' (no user or item IDs), a few thousand rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchrec.datasets.utils import Batch
+
+from candidates.provenance import UnionLists
+from common.data.download import file_digest
+from common.features import DenseFeature, FeatureSchema
+from golden_training.model import TorchRecDLRM
+from golden_training.ranking_data import Examples, RankingFeatures
+from integration.compatibility import ArtifactMismatch
+
+ARTIFACT = "serving/union-ranker"  # under the artifacts directory
+NAME = "union ranker"  # the served system's name
+# Left out unless --ids: with one target per list and a few hundred lists, a user's and an item's own
+# embedding memorise the training lists (on ml-100k's validation: in-sample NDCG@10 0.85, held out 0.05).
+ID_FEATURES = ("user_id", "item_id", "history")
+
+
+def ranker_schema(features: RankingFeatures, provenance: list[str], ids: bool) -> FeatureSchema:
+    """The per-source rankers' features (without the IDs unless ``ids``) and the provenance ones."""
+    sparse = [n for n in features.schema.sparse_names if ids or n not in ID_FEATURES]
+    if not sparse:
+        raise SystemExit("error: the data set has no categorical feature for the ranker's tables: pass --ids")
+    schema = features.schema.subset(sparse)
+    return dataclasses.replace(schema, dense=schema.dense + tuple(DenseFeature(n) for n in provenance))
+
+
+def list_batch(
+    features: RankingFeatures,
+    schema: FeatureSchema,
+    lists: UnionLists,
+    rows: np.ndarray,
+    histories: list[np.ndarray],
+    now: np.ndarray,
+    two_tower: tuple[np.ndarray, np.ndarray] | None,
+    targets: np.ndarray | None = None,
+) -> Batch:
+    """The rows of the lists ``rows`` (indices into ``lists``), list by list, each in union order:
+    ``histories[r]`` and ``now[r]`` are list ``r``'s user's history (oldest first) and time;
+    ``two_tower``: (each list's query, the item embeddings) for the ``retrieval_score`` feature (0
+    without); ``targets[r]``: list ``r``'s target, for the labels (0 without)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    valid = lists.items[rows] >= 0
+    sizes = valid.sum(axis=1)
+    of = np.repeat(rows, sizes)  # each row's list
+    item = lists.items[rows][valid]
+    hists = [histories[r] for r in rows.tolist()]
+    lengths = np.array([len(h) for h in hists], dtype=np.int64)
+    ends = np.cumsum(lengths)
+    at = np.repeat(np.arange(len(rows)), sizes)
+    ex = Examples(
+        lists.users[of],
+        item,
+        np.zeros(len(item), np.float32) if targets is None else (item == targets[of]).astype(np.float32),
+        (ends - lengths)[at],
+        ends[at],
+        of,
+        now[of],
+        np.concatenate(hists) if hists else np.zeros(0, np.int64),
+    )
+    qs = (
+        np.zeros(len(item), np.float32)
+        if two_tower is None
+        else np.einsum("nd,nd->n", two_tower[0][of], two_tower[1][item]).astype(np.float32)
+    )
+    seq = None if features.sequence is None else features.sequence.features(ex)
+    cols = features.columns(ex.user, ex.item, ex.history(features.history_len), qs, seq)
+    prov = lists.features[rows][valid]
+    cols |= {name: prov[:, i] for i, name in enumerate(lists.names)}
+    wanted = set(schema.sparse_names) | set(schema.dense_names)
+    fb = schema.from_columns({k: v for k, v in cols.items() if k in wanted}, batch_size=len(item))
+    return Batch(dense_features=fb.dense, sparse_features=fb.sparse, labels=torch.from_numpy(ex.label))
+
+
+def read_manifest(root: str | Path) -> dict | None:
+    """The union ranker's manifest under the artifacts directory ``root`` (None: never trained)."""
+    path = Path(root) / ARTIFACT / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def why_stale(manifest: dict, models: dict[str, str], weights: dict[str, float] | None) -> str | None:
+    """Why a union ranker no longer fits the pipeline (None: it fits): its lists were made of other
+    sources (by digest) or fused with other ensemble weights than ``models`` and ``weights``."""
+    if manifest["models"] != models:
+        changed = sorted(n for n in set(models) | set(manifest["models"]) if models.get(n) != manifest["models"].get(n))
+        return f"its lists came from other sources ({', '.join(changed)} changed since it was trained)"
+    if manifest["weights"] != weights:
+        return f"its lists were fused with other ensemble weights ({manifest['weights']}, now {weights})"
+    return None
+
+
+def pad_lists(rows: torch.Tensor, sizes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows laid out list by list -> ``[lists, longest]`` and its mask."""
+    sizes_t = torch.as_tensor(sizes)
+    mask = torch.arange(int(sizes_t.max()) if len(sizes) else 0) < sizes_t[:, None]
+    out = torch.zeros(mask.shape, dtype=rows.dtype)
+    out[mask] = rows
+    return out, mask
+
+
+@dataclasses.dataclass
+class UnionRanker:
+    """A trained union ranker: the DLRM, the dense features' mean and scale (inputs are
+    standardised by them), and the manifest that says what it was trained on."""
+
+    model: TorchRecDLRM
+    mean: torch.Tensor
+    scale: torch.Tensor
+    schema: FeatureSchema
+    manifest: dict
+
+    @torch.no_grad()
+    def logits(self, batch: Batch) -> torch.Tensor:
+        return self.model((batch.dense_features - self.mean) / self.scale, batch.sparse_features)
+
+    def order(self, lists: UnionLists, rows: np.ndarray, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+        """The lists ``rows`` (whose rows ``batch`` holds) ordered by the model, best first (ties to
+        the earlier place in the union): items and logits ``[len(rows), longest]``, -1 / -inf padding."""
+        sizes = (lists.items[rows] >= 0).sum(axis=1)
+        scores, mask = pad_lists(self.logits(batch), sizes)
+        scores = scores.masked_fill(~mask, -torch.inf).numpy()
+        items = np.where(mask.numpy(), lists.items[rows][:, : mask.shape[1]], -1)
+        order = np.argsort(-scores, axis=1, kind="stable")
+        return np.take_along_axis(items, order, 1), np.take_along_axis(scores, order, 1)
+
+    def save(self, directory: str | Path) -> Path:
+        """``model.pt`` then ``manifest.json`` (with the model's SHA-256), each by rename: a crash
+        leaves the previous artifact or a model without a manifest, which is never loaded."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".model.pt.tmp{os.getpid()}"
+        torch.save({"state_dict": self.model.state_dict(), "mean": self.mean, "scale": self.scale}, tmp)
+        os.replace(tmp, directory / "model.pt")
+        manifest = {
+            **self.manifest,
+            "schema": self.schema.to_dict(),
+            "model_sha256": file_digest(directory / "model.pt", "sha256"),
+        }
+        tmp = directory / f".manifest.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, directory / "manifest.json")
+        self.manifest = manifest
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> UnionRanker:
+        directory = Path(directory)
+        manifest = json.loads((directory / "manifest.json").read_text())
+        sha = file_digest(directory / "model.pt", "sha256")
+        if sha != manifest["model_sha256"]:
+            raise ArtifactMismatch(
+                f"{directory}/model.pt has SHA-256 {sha[:16]}, its manifest {manifest['model_sha256'][:16]} (a "
+                f"crash between the two writes, or a copied file): retrain with python -m integration.union_ranker"
+            )
+        schema = FeatureSchema.from_dict(manifest["schema"])
+        arch = manifest["model"]
+        model = TorchRecDLRM(schema, arch["embedding_dim"], arch["dense_arch"], arch["over_arch"])
+        state = torch.load(directory / "model.pt", weights_only=True)
+        model.load_state_dict(state["state_dict"])
+        model.eval()
+        return cls(model, state["mean"], state["scale"], schema, manifest)
