@@ -66,6 +66,7 @@ class AgainSource:
     name = "again"
     repeats = True
     in_union = True  # the pipeline's union and rankers take its candidates (integration/pipeline.py)
+    ranks_its_scores = True  # top_k is top_unseen of scores (candidates.sources.top_k_of)
 
     def __init__(self, num_items: int, half_life: float) -> None:
         self.num_items, self.half_life = int(num_items), float(half_life)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from candidates.sources import CandidateSource, excluded, reciprocal_ranks, union, unseen_mask
+from candidates.sources import CandidateSource, excluded, reciprocal_ranks, top_k_of, union, unseen_mask
 
 PER_SOURCE = ("rr", "in", "z")
 
@@ -57,8 +57,10 @@ def union_lists(
     ensemble's (a source not named weighs 0)."""
     users = np.asarray(users, dtype=np.int64)
     # The lists are each source's own top k, the very call the pipeline serves (the two-tower's through
-    # its index); the features read each source's scores of the whole catalog.
-    tops = [src.top_k(users, histories, k)[0] for src in sources]
+    # its index; the others' from the scores computed once: top_k_of); the features read each
+    # source's scores of the whole catalog.
+    raw = [src.scores(users, histories) for src in sources]
+    tops = [top_k_of(src, s, users, histories, k) for src, s in zip(sources, raw)]
     # what the ensemble leaves out of every source's ranks (EnsembleSource): seen items, unless any
     # source may propose them
     repeats = any(getattr(src, "repeats", False) for src in sources)
@@ -67,9 +69,9 @@ def union_lists(
     cols = []
     fused = np.zeros(items.shape, np.float32)
     proposed = np.zeros(items.shape, np.float32)
-    for src, top in zip(sources, tops):
-        s = np.asarray(src.scores(users, histories), dtype=np.float32)
-        unseen = unseen_mask(s.shape, excluded(histories, repeats))
+    unseen = unseen_mask((len(users), raw[0].shape[1]), excluded(histories, repeats)) if raw else None
+    for src, top, scores in zip(sources, tops, raw):
+        s = np.asarray(scores, dtype=np.float32)
         rr = np.take_along_axis(reciprocal_ranks(s, unseen), safe, axis=1)
         inside = (items[:, :, None] == np.where(top >= 0, top, -2)[:, None, :]).any(axis=2).astype(np.float32)
         cols += [rr, inside, np.take_along_axis(_standardised(s, unseen), safe, axis=1)]

@@ -91,6 +91,8 @@ class SequenceSource:
     """Candidates from a sequential model's next-item scores over the whole catalog (seen items
     excluded): SASRec or BERT4Rec, from its export's scorer (bert4rec's NextItemScorer)."""
 
+    ranks_its_scores = True  # top_k is top_unseen of scores: see top_k_of
+
     def __init__(self, scorer, item_raw_ids: np.ndarray, repeats: bool = False) -> None:
         self.scorer, self.raw, self.repeats = scorer, np.asarray(item_raw_ids), repeats
         self.name = SEQUENCE_SOURCES[scorer.name]
@@ -121,6 +123,8 @@ class ItemItemSource:
     """One of an item-to-item export's sources (EASE or transitions; retrieval.item_item.ItemItem):
     ``scores`` of the whole catalog ``[B, num_items]`` from each user's history alone."""
 
+    ranks_its_scores = True
+
     def __init__(self, name: str, export, repeats: bool = False) -> None:
         if name not in export.names:
             raise ValueError(f"item-to-item source {name!r}: the export has {export.names}")
@@ -138,6 +142,7 @@ class PopularitySource:
     repeats)."""
 
     name = "popularity"
+    ranks_its_scores = True
 
     def __init__(self, item_counts: np.ndarray, repeats: bool = False) -> None:
         self.counts = np.asarray(item_counts, dtype=np.float64)
@@ -156,6 +161,17 @@ class PopularitySource:
         if not parts:
             return np.zeros((0, min(k, len(self.counts))), np.int64), np.zeros((0, min(k, len(self.counts))))
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def top_k_of(
+    src: CandidateSource, scores: np.ndarray, users: np.ndarray, histories: list[np.ndarray], k: int
+) -> np.ndarray:
+    """``src.top_k(users, histories, k)``'s items, from ``scores`` (``src.scores(users, histories)``)
+    where a source's top k is the protocol's ranking of its scores (``ranks_its_scores``: every
+    source but the two-tower, which searches its index), so a caller that needs both scores once."""
+    if getattr(src, "ranks_its_scores", False):
+        return top_unseen(np.array(scores, copy=True), excluded(histories, src.repeats), k)[0]
+    return src.top_k(users, histories, k)[0]
 
 
 def unseen_mask(shape: tuple[int, int], histories: list[np.ndarray] | None) -> np.ndarray:

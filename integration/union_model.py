@@ -44,10 +44,10 @@ ID_FEATURES = ("user_id", "item_id", "history")
 
 
 def ranker_schema(features: RankingFeatures, provenance: list[str], ids: bool) -> FeatureSchema:
-    """The per-source rankers' features (without the IDs unless ``ids``) and the provenance ones."""
+    """The per-source rankers' features (without the IDs unless ``ids``, or unless the data set has no
+    categorical feature: the DLRM needs a table) and the provenance ones."""
     sparse = [n for n in features.schema.sparse_names if ids or n not in ID_FEATURES]
-    if not sparse:
-        raise SystemExit("error: the data set has no categorical feature for the ranker's tables: pass --ids")
+    sparse = sparse or features.schema.sparse_names
     schema = features.schema.subset(sparse)
     return dataclasses.replace(schema, dense=schema.dense + tuple(DenseFeature(n) for n in provenance))
 

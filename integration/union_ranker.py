@@ -84,7 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--embedding-dim", type=int, default=16, help="every table's width (default: %(default)s)")
     p.add_argument("--dense-arch", type=int, nargs="+", default=[64, 16], help="ends in --embedding-dim")
     p.add_argument("--over-arch", type=int, nargs="+", default=[64, 32, 1], help="ends in 1")
-    p.add_argument("--ids", action="store_true", help=f"add the ID features {', '.join(ID_FEATURES)} (default: off)")
+    p.add_argument(
+        "--ids",
+        action="store_true",
+        help=f"add the ID features {', '.join(ID_FEATURES)} (default: off, unless the data set has no categorical "
+        "feature for the DLRM's tables)",
+    )
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
     p.add_argument("--no-test", action="store_true", help="end on validation: test is never scored")
@@ -266,6 +271,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     prov = valid.union.names
     proposed = np.mean([valid.targets[u] in valid.union.items[u] for u in range(len(valid.users))])
     print(f"valid: {len(valid.users)} lists, {valid.union.items.shape[1]} candidates at most, target in {proposed:.1%}")
+    if not cfg.ids and set(ID_FEATURES) & set(valid.schema.sparse_names):
+        print(f"note: {ds.name} has no categorical feature for the DLRM's tables: it takes the IDs {ID_FEATURES}")
 
     # Cross-fitting: batch j belongs to fold j % folds (batches hold whole lists, drawn in random order).
     fold_of = np.arange(len(valid.chunks)) % cfg.folds
