@@ -197,9 +197,9 @@ class RecommendationPipeline:
         lists = union_lists(self.all_sources, ranker.manifest["weights"], users, hists, CANDIDATES)
         rows = np.arange(len(users))
         two_tower = (self.retriever.query_embeddings(users, hists), self.item_embeddings)
-        batch = list_batch(
-            self.store.features, ranker.schema, lists, rows, hists, self.store.last_time[users], two_tower
-        )
+        now = self.store.last_time[users]
+        attention = ranker.manifest["config"].get("attention", 0)
+        batch = list_batch(self.store.features, ranker.schema, lists, rows, hists, now, two_tower, None, attention)
         items, scores = ranker.order(lists, rows, batch)
         if items.shape[1] < k:
             pad = ((0, 0), (0, k - items.shape[1]))

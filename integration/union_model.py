@@ -43,13 +43,49 @@ NAME = "union ranker"  # the served system's name
 ID_FEATURES = ("user_id", "item_id", "history")
 
 
-def ranker_schema(features: RankingFeatures, provenance: list[str], ids: bool) -> FeatureSchema:
+def ranker_schema(features: RankingFeatures, provenance: list[str], ids: bool, attention: int = 0) -> FeatureSchema:
     """The per-source rankers' features (without the IDs unless ``ids``, or unless the data set has no
-    categorical feature: the DLRM needs a table) and the provenance ones."""
+    categorical feature: the DLRM needs a table), the provenance ones and, with ``attention``, the
+    target attention's (:func:`target_attention`)."""
     sparse = [n for n in features.schema.sparse_names if ids or n not in ID_FEATURES]
     sparse = sparse or features.schema.sparse_names
     schema = features.schema.subset(sparse)
-    return dataclasses.replace(schema, dense=schema.dense + tuple(DenseFeature(n) for n in provenance))
+    extra = [*provenance, *(ATTENTION_FEATURES if attention else ())]
+    return dataclasses.replace(schema, dense=schema.dense + tuple(DenseFeature(n) for n in extra))
+
+
+ATTENTION_FEATURES = ("attention_sim", "recent_max_sim", "recent_mean_sim")
+ATTENTION_TEMPERATURE = 0.1  # on cosine similarities of the two-tower's L2-normalised item vectors
+
+
+def target_attention(
+    item_vectors: np.ndarray, histories: list[np.ndarray], at: np.ndarray, items: np.ndarray, n: int
+) -> dict[str, np.ndarray]:
+    """Each candidate against its user's latest ``n`` items (``histories[at[r]]`` for row ``r``), in the
+    two-tower's item space: the softmax-weighted similarity (the candidate attends over the history,
+    DIN's target attention with the retrieval model's vectors as keys and values), the largest and the
+    mean; 0 for a user with no history."""
+    recent = [h[-n:] for h in histories]
+    lengths = np.array([len(h) for h in recent], dtype=np.int64)
+    keys = np.zeros((len(recent), n, item_vectors.shape[1]), np.float32)
+    for r, h in enumerate(recent):
+        keys[r, : len(h)] = item_vectors[h]
+    mask = np.arange(n)[None, :] < lengths[:, None]
+    sims = np.einsum("rd,rkd->rk", item_vectors[items], keys[at])
+    valid = mask[at]
+    has = valid.any(axis=1)
+    logits = np.where(valid, sims / ATTENTION_TEMPERATURE, -np.inf)
+    logits -= np.where(has, logits.max(axis=1), 0.0)[:, None]
+    w = np.where(valid, np.exp(logits), 0.0)
+    w /= np.maximum(w.sum(axis=1, keepdims=True), 1e-12)
+    count = np.maximum(valid.sum(axis=1), 1)
+    return {
+        "attention_sim": np.where(has, (w * sims).sum(axis=1), 0.0).astype(np.float32),
+        "recent_max_sim": np.where(has, np.where(valid, sims, -np.inf).max(axis=1, initial=-np.inf), 0.0).astype(
+            np.float32
+        ),
+        "recent_mean_sim": (np.where(valid, sims, 0.0).sum(axis=1) / count).astype(np.float32),
+    }
 
 
 def list_batch(
@@ -61,11 +97,13 @@ def list_batch(
     now: np.ndarray,
     two_tower: tuple[np.ndarray, np.ndarray] | None,
     targets: np.ndarray | None = None,
+    attention: int = 0,
 ) -> Batch:
     """The rows of the lists ``rows`` (indices into ``lists``), list by list, each in union order:
     ``histories[r]`` and ``now[r]`` are list ``r``'s user's history (oldest first) and time;
     ``two_tower``: (each list's query, the item embeddings) for the ``retrieval_score`` feature (0
-    without); ``targets[r]``: list ``r``'s target, for the labels (0 without)."""
+    without) and the target attention over the latest ``attention`` items (none with 0);
+    ``targets[r]``: list ``r``'s target, for the labels (0 without)."""
     rows = np.asarray(rows, dtype=np.int64)
     valid = lists.items[rows] >= 0
     sizes = valid.sum(axis=1)
@@ -94,6 +132,9 @@ def list_batch(
     cols = features.columns(ex.user, ex.item, ex.history(features.history_len), qs, seq)
     prov = lists.features[rows][valid]
     cols |= {name: prov[:, i] for i, name in enumerate(lists.names)}
+    if attention:
+        zeros = {name: np.zeros(len(item), np.float32) for name in ATTENTION_FEATURES}
+        cols |= zeros if two_tower is None else target_attention(two_tower[1], hists, at, item, attention)
     wanted = set(schema.sparse_names) | set(schema.dense_names)
     fb = schema.from_columns({k: v for k, v in cols.items() if k in wanted}, batch_size=len(item))
     return Batch(dense_features=fb.dense, sparse_features=fb.sparse, labels=torch.from_numpy(ex.label))

@@ -90,6 +90,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"add the ID features {', '.join(ID_FEATURES)} (default: off, unless the data set has no categorical "
         "feature for the DLRM's tables)",
     )
+    p.add_argument(
+        "--attention",
+        type=int,
+        default=10,
+        help="target attention over the user's latest N items in the two-tower's item space (0: none; 10 "
+        "had the best cross-fitted validation NDCG@10 of 0, 10, 20, 50 on ml-100k, within noise) "
+        "(default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
     p.add_argument("--no-test", action="store_true", help="end on validation: test is never scored")
@@ -165,9 +173,11 @@ def stage_lists(
     )
     feats = np.concatenate([np.pad(x.features, ((0, 0), (0, width - x.features.shape[1]), (0, 0))) for x in parts])
     lists = UnionLists(users, items, feats, parts[0].names)
-    schema = ranker_schema(store.features, lists.names, cfg.ids)
+    schema = ranker_schema(store.features, lists.names, cfg.ids, cfg.attention)
     chunks = [order[lo : lo + cfg.lists_per_batch] for lo in range(0, len(order), cfg.lists_per_batch)]
-    batches = [list_batch(store.features, schema, lists, c, histories, now, two_tower, targets) for c in chunks]
+    batches = [
+        list_batch(store.features, schema, lists, c, histories, now, two_tower, targets, cfg.attention) for c in chunks
+    ]
     repeat = split.is_repeat(stage, users, targets) if split.repeats else None
     return Lists(stage, schema, users, targets, lists, chunks, batches, repeat)
 

@@ -98,3 +98,28 @@ def test_the_listwise_loss_is_each_lists_softmax_cross_entropy() -> None:
     assert list_loss(logits, torch.zeros(6), sizes, "listwise") is None
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
     assert torch.isclose(list_loss(logits, labels, sizes, "pointwise"), bce)
+
+
+def test_target_attention_against_a_loop() -> None:
+    """The union ranker's target attention (integration/union_model.py) against a per-row computation:
+    softmax over the latest n items' similarities with the candidate, their weighted mean, the largest
+    and the mean; zeros for a user without history."""
+    from integration.union_model import ATTENTION_TEMPERATURE, target_attention
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((30, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    histories = [rng.integers(0, 30, 12), np.zeros(0, np.int64), rng.integers(0, 30, 3)]
+    at = np.array([0, 0, 1, 2, 2, 2])
+    items = rng.integers(0, 30, len(at))
+    got = target_attention(vectors, histories, at, items, 5)
+    for r, (u, i) in enumerate(zip(at, items)):
+        recent = histories[u][-5:]
+        if not len(recent):
+            assert got["attention_sim"][r] == got["recent_max_sim"][r] == got["recent_mean_sim"][r] == 0
+            continue
+        sims = np.array([vectors[i] @ vectors[h] for h in recent])
+        w = np.exp(sims / ATTENTION_TEMPERATURE - (sims / ATTENTION_TEMPERATURE).max())
+        assert got["attention_sim"][r] == pytest.approx((w / w.sum()) @ sims, abs=1e-5)
+        assert got["recent_max_sim"][r] == pytest.approx(sims.max(), abs=1e-5)
+        assert got["recent_mean_sim"][r] == pytest.approx(sims.mean(), abs=1e-5)
