@@ -312,6 +312,8 @@ def show_user(pipeline, rec, recent: int = 5) -> None:
     for i in hist[::-1]:
         print(f"    {ds.title(i)}")
     how = f"re-ranked from {rec.candidates} candidates" if rec.stage == "ranked" else pipeline.served
+    if pipeline.served == "union ranker":
+        how = f"the union ranker over {rec.candidates} candidates from {len(pipeline.all_sources)} sources"
     print(f"  top {len(rec.item_ids)} ({rec.stage}: {how}):")
     again = rec.again or [False] * len(rec.item_ids)
     for n, (i, s, a) in enumerate(zip(rec.item_ids, rec.scores, again), 1):

@@ -169,8 +169,8 @@ class RecommendationPipeline:
         if source == "union":
             items = union([src.top_k(users, hists, k)[0] for src in self.union_sources], interleave=not self.rerank)
             return items, self.retrieval_scores(users, hists, items)
-        if source == UNION_RANKER:
-            return self.union_ranked(users, hists, k)
+        if source == UNION_RANKER:  # its whole list, ranked (about 300 on ml-100k)
+            return self.union_ranked(users, hists)
         src = self.ensemble if source == "ensemble" else next(s for s in self.all_sources if s.name == source)
         items, scores = src.top_k(users, hists, k)
         return (items, self.retrieval_scores(users, hists, items)) if self.rerank else (items, scores)
@@ -187,11 +187,12 @@ class RecommendationPipeline:
         return "ranked" if self.rerank or self.candidate_source == UNION_RANKER else "candidates"
 
     def union_ranked(
-        self, users: np.ndarray, hists: list[np.ndarray], k: int = CANDIDATES
+        self, users: np.ndarray, hists: list[np.ndarray], k: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Each user's union of every source's top 100 in the union ranker's order: the first ``k``
-        items and their logits ``[B, k]`` (-1 / -inf padding). The lists, their rows and their order
-        are the calls its training makes (integration/union_ranker.py), on the store's histories."""
+        items (None: all) and their logits ``[B, k]`` (-1 / -inf padding). The lists, their rows and
+        their order are the calls its training makes (integration/union_ranker.py), on the store's
+        histories."""
         ranker = self.union_ranker
         users = np.asarray(users, dtype=np.int64)
         lists = union_lists(self.all_sources, ranker.manifest["weights"], users, hists, CANDIDATES)
@@ -201,6 +202,8 @@ class RecommendationPipeline:
         attention = ranker.manifest["config"].get("attention", 0)
         batch = list_batch(self.store.features, ranker.schema, lists, rows, hists, now, two_tower, None, attention)
         items, scores = ranker.order(lists, rows, batch)
+        if k is None:
+            return items, scores
         if items.shape[1] < k:
             pad = ((0, 0), (0, k - items.shape[1]))
             return np.pad(items, pad, constant_values=-1), np.pad(scores, pad, constant_values=-np.inf)
