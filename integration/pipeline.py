@@ -41,7 +41,7 @@ from candidates.provenance import union_lists
 from candidates.sources import CandidateSource, EnsembleSource, TwoTowerSource, union
 from common.data.dataset import InteractionData, id_key
 from common.data.split import Split
-from common.metrics import RankingReport, evaluate_topk
+from common.metrics import RankingReport, evaluate_topk, repeat_mask, report_from_ranks
 from inference_legacy.dlrm_predict import DLRMPredictor
 from integration.compatibility import digest
 from integration.feature_store import FeatureStore, rank_chunk, user_chunks
@@ -340,8 +340,9 @@ class RecommendationPipeline:
         excluded): each learned candidate source alone, and with its ranker on top (the one trained
         on its candidates where the pipeline has it); with several, their union (interleaved) and
         the union re-ranked by the served ranker; each item-to-item source alone; the fitted
-        ensemble (no ranker has been trained on the candidates of these two). ``stage="valid"`` for
-        model selection."""
+        ensemble (no ranker has been trained on the candidates of these two); the union ranker, on
+        validation by its cross-fitted ranks (it was trained there). ``stage="valid"`` for model
+        selection."""
         p = self.at_stage(stage)
         users_all, _ = p.split.targets(stage)
         lists: dict[str, dict[int, np.ndarray]] = {}
@@ -372,10 +373,10 @@ class RecommendationPipeline:
                     keep(src.name, users, src.top_k(users, hists, CANDIDATES)[0])
             if p.ensemble is not None:
                 keep("ensemble", users, p.ensemble.top_k(users, hists, CANDIDATES)[0])
-            # not on validation: its training lists (its figure there is integration/union_ranker.py's cross-fitted one)
+            # on validation, its training lists: its figure there is the cross-fitted one, below
             if p.union_ranker is not None and stage != "valid":
                 keep(UNION_RANKER, users, p.union_ranked(users, hists, CANDIDATES)[0])
-        return {
+        reports = {
             name: evaluate_topk(
                 lambda u, by=by: np.stack([by[x] for x in u.tolist()]),
                 p.split,
@@ -385,3 +386,11 @@ class RecommendationPipeline:
             )
             for name, by in lists.items()
         }
+        if p.union_ranker is not None and stage == "valid":
+            # each user's target ranked by a model trained on the other folds' lists (integration/union_ranker.py)
+            crossed = p.union_ranker.manifest["valid_cross_fitted_ranks"]
+            users = np.asarray(crossed["users"], dtype=np.int64)
+            reports[UNION_RANKER] = report_from_ranks(
+                "valid", users, np.asarray(crossed["ranks"]), n_boot, repeat_mask(p.split, "valid", users)
+            )
+        return reports

@@ -313,6 +313,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "model": {"embedding_dim": cfg.embedding_dim, "dense_arch": cfg.dense_arch, "over_arch": cfg.over_arch},
             "config": vars(cfg),
             "valid_cross_fitted": reports["valid"]["union ranker (cross-fitted)"].means,
+            "valid_cross_fitted_ranks": {
+                "users": valid.users.tolist(),
+                "ranks": [rank_of[u] for u in range(len(valid.users))],
+            },
         },
     )
     out = served.save(Path(cfg.artifacts) / ARTIFACT)
