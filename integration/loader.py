@@ -211,7 +211,12 @@ def _union_ranker(
             f"{root / UNION_ARTIFACT} is not the union ranker the served system was chosen with (retrained since): "
             f"{choose}"
         )
-    return UnionRanker.load(root / UNION_ARTIFACT)
+    try:
+        return UnionRanker.load(root / UNION_ARTIFACT)
+    except ArtifactMismatch:
+        if served:
+            raise
+        return None  # not served: a broken artifact must not stop the pipeline (nor its retraining)
 
 
 def _choice(root: Path, served: bool, scorers: dict, item_sources: list) -> tuple[dict | None, Path, str]:
