@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from candidates.sources import CandidateSource, excluded, reciprocal_ranks, top_k_of, union, unseen_mask
+from candidates.sources import RANK_OFFSET, CandidateSource, excluded, ranks_at, top_k_of, union, unseen_mask
 
 PER_SOURCE = ("rr", "in", "z")
 
@@ -72,7 +72,7 @@ def union_lists(
     unseen = unseen_mask((len(users), raw[0].shape[1]), excluded(histories, repeats)) if raw else None
     for src, top, scores in zip(sources, tops, raw):
         s = np.asarray(scores, dtype=np.float32)
-        rr = np.take_along_axis(reciprocal_ranks(s, unseen), safe, axis=1)
+        rr = 1.0 / (RANK_OFFSET + ranks_at(s, unseen, safe))  # reciprocal_ranks' values, at the candidates only
         inside = (items[:, :, None] == np.where(top >= 0, top, -2)[:, None, :]).any(axis=2).astype(np.float32)
         cols += [rr, inside, np.take_along_axis(_standardised(s, unseen), safe, axis=1)]
         fused += weights.get(src.name, 0.0) * rr

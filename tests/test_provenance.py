@@ -123,3 +123,22 @@ def test_target_attention_against_a_loop() -> None:
         assert got["attention_sim"][r] == pytest.approx((w / w.sum()) @ sims, abs=1e-5)
         assert got["recent_max_sim"][r] == pytest.approx(sims.max(), abs=1e-5)
         assert got["recent_mean_sim"][r] == pytest.approx(sims.mean(), abs=1e-5)
+
+
+def test_ranks_at_the_candidates_are_the_full_rankings() -> None:
+    """candidates.sources.ranks_at gives the ranks reciprocal_ranks gives, with ties (few values, a run
+    of zeros), -inf scores and seen items, with and without exclusion."""
+    from candidates.sources import RANK_OFFSET, ranks_at, reciprocal_ranks
+
+    rng = np.random.default_rng(0)
+    for trial in range(12):
+        s = rng.standard_normal((3, 2000)).astype(np.float32)
+        if trial % 3 == 0:
+            s = rng.integers(0, 4, (3, 2000)).astype(np.float32)
+        if trial % 3 == 1:
+            s[:, :1500] = 0
+        s[0, :5] = -np.inf
+        unseen = rng.random(s.shape) > 0.1 if trial % 2 else np.ones(s.shape, bool)
+        items = np.stack([rng.choice(2000, 150, replace=False) for _ in range(3)])
+        want = np.take_along_axis(reciprocal_ranks(s, unseen), items, axis=1)
+        assert np.array_equal(1.0 / (RANK_OFFSET + ranks_at(s, unseen, items)), want), trial
