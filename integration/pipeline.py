@@ -199,7 +199,7 @@ class RecommendationPipeline:
         rows = np.arange(len(users))
         two_tower = (self.retriever.query_embeddings(users, hists), self.item_embeddings)
         now = self.store.last_time[users]
-        attention = ranker.manifest["config"].get("attention", 0)
+        attention = ranker.manifest["config"]["attention"]
         batch = list_batch(self.store.features, ranker.schema, lists, rows, hists, now, two_tower, None, attention)
         items, scores = ranker.order(lists, rows, batch)
         if k is None:

@@ -1,7 +1,9 @@
 """The union ranker as trained and as served: its rows, its artifact, its order.
 
-    ranker = UnionRanker.load(root / ARTIFACT, store.features)
-    items, scores = ranker.order(lists, rows_of_lists, histories, now, queries, item_embeddings)
+    lists = union_lists(sources, weights, users, histories, k=100)   # candidates/provenance.py
+    batch = list_batch(store.features, ranker.schema, lists, rows, histories, now, (queries, item_vectors))
+    ranker = UnionRanker.load(root / ARTIFACT)
+    items, logits = ranker.order(lists, rows, batch)                  # each list, best first
 
 A list is one user's union of every source's top 100 with each candidate's provenance
 (candidates/provenance.py); its rows are the per-source rankers' features of each (user, candidate)
@@ -9,7 +11,7 @@ A list is one user's union of every source's top 100 with each candidate's prove
 the store holds it and the store's "now") plus the provenance features. :func:`list_batch` builds
 them, once, for both sides: integration/union_ranker.py trains on the validation users' lists and the
 pipeline (integration/pipeline.py) serves a request's lists through the same call, so a list is
-scored the same way in training and in serving (tests/test_provenance.py checks it).
+scored the same way in training and in serving (tests/test_integration.py checks it, list by list).
 
 The artifact (``<artifacts>/serving/union-ranker``): ``model.pt`` (the DLRM's weights and the dense
 features' mean and scale) and ``manifest.json``, written last, which names what the lists were made
