@@ -74,7 +74,7 @@ def union_lists(
         s = np.asarray(scores, dtype=np.float32)
         rr = 1.0 / (RANK_OFFSET + ranks_at(s, unseen, safe))  # reciprocal_ranks' values, at the candidates only
         inside = (items[:, :, None] == np.where(top >= 0, top, -2)[:, None, :]).any(axis=2).astype(np.float32)
-        cols += [rr, inside, np.take_along_axis(_standardised(s, unseen), safe, axis=1)]
+        cols += [rr, inside, _standardised(s, unseen, safe)]
         fused += weights.get(src.name, 0.0) * rr
         proposed += inside
     features = np.stack([*cols, fused, proposed], axis=-1).astype(np.float32)
@@ -82,13 +82,16 @@ def union_lists(
     return UnionLists(users, items, features, feature_names(sources))
 
 
-def _standardised(s: np.ndarray, unseen: np.ndarray) -> np.ndarray:
-    """Each row's scores minus the mean over its ``unseen`` items, over their standard deviation
-    (1 where they are all equal); -inf and seen entries are left as 0 after."""
+def _standardised(s: np.ndarray, unseen: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """At the items ``at`` ``[B, L]``: each row's scores minus the mean over its ``unseen`` items, over
+    their standard deviation (1 where they are all equal); 0 at -inf and seen entries. The moments
+    read the whole row; the quotient is formed at ``at`` only."""
+    ok = unseen & np.isfinite(s)
     n = np.maximum(unseen.sum(axis=1, keepdims=True), 1)
-    x = np.where(unseen & np.isfinite(s), s, 0.0).astype(np.float64)
+    every = bool(ok.all())  # (repeats, finite scores) the masks change nothing: the same sums, fewer passes
+    x = s.astype(np.float64) if every else np.where(ok, s, 0.0).astype(np.float64)
     mean = x.sum(axis=1, keepdims=True) / n
-    var = (np.where(unseen, (x - mean) ** 2, 0.0)).sum(axis=1, keepdims=True) / n
+    var = ((x - mean) ** 2 if every else np.where(unseen, (x - mean) ** 2, 0.0)).sum(axis=1, keepdims=True) / n
     sd = np.sqrt(var)
-    z = (x - mean) / np.where(sd > 0, sd, 1.0)
-    return np.where(unseen & np.isfinite(s), z, 0.0).astype(np.float32)
+    z = (np.take_along_axis(x, at, axis=1) - mean) / np.where(sd > 0, sd, 1.0)
+    return np.where(np.take_along_axis(ok, at, axis=1), z, 0.0).astype(np.float32)

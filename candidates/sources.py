@@ -74,17 +74,42 @@ class TwoTowerSource:
 
     name = "two-tower"
 
-    def __init__(self, retriever, item_embeddings: np.ndarray, repeats: bool = False) -> None:
+    def __init__(
+        self, retriever, item_embeddings: np.ndarray, repeats: bool = False, queries: np.ndarray | None = None
+    ) -> None:
         self.retriever = retriever  # retrieval.two_tower_retrieval.Retriever
         self.item_embeddings = item_embeddings  # the candidate tower's item vectors (the FAISS index's)
         self.repeats = repeats
+        self.queries = queries  # set by with_queries: these users' query embeddings, computed already
+
+    @property
+    def ranks_its_scores(self) -> bool:
+        """With an exact index, the index's top k is the top k of :meth:`scores` (the same products, up
+        to float rounding: NumPy's and torch's kernels may differ in the last bit), so a caller that has
+        the scores ranks them (:func:`top_k_of`) instead of running the query tower and the search
+        again; an approximate index proposes what it finds, which only its search says."""
+        return getattr(self.retriever, "item_vectors", None) is not None
+
+    def with_queries(self, queries: np.ndarray) -> TwoTowerSource:
+        """This source for one call's users, whose query embeddings ``[B, dim]`` are already computed
+        (the pipeline needs them for several features of a request: one query tower run, not three)."""
+        return TwoTowerSource(self.retriever, self.item_embeddings, self.repeats, queries)
 
     def top_k(self, users: np.ndarray, histories: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.queries is not None:
+            hists = None if self.repeats else histories
+            return self.retriever.search_unseen(self._queries(users), k, hists)
         return self.retriever.top_k_indices(users, k, exclude_seen=not self.repeats, histories=histories)
 
     def scores(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
         """The dot product of each user's query with every item ``[B, num_items]`` (exact, no index)."""
-        return self.retriever.query_embeddings(users, histories) @ self.item_embeddings.T
+        q = self._queries(users) if self.queries is not None else self.retriever.query_embeddings(users, histories)
+        return q @ self.item_embeddings.T
+
+    def _queries(self, users: np.ndarray) -> np.ndarray:
+        if len(self.queries) != len(users):
+            raise ValueError(f"this two-tower source holds {len(self.queries)} queries, asked for {len(users)} users")
+        return self.queries
 
 
 class SequenceSource:
@@ -168,9 +193,11 @@ def top_k_of(
 ) -> np.ndarray:
     """``src.top_k(users, histories, k)``'s items, from ``scores`` (``src.scores(users, histories)``)
     where a source's top k is the protocol's ranking of its scores (``ranks_its_scores``: every
-    source but the two-tower, which searches its index), so a caller that needs both scores once."""
+    source but a two-tower with an approximate index, which searches it), so a caller that needs both
+    scores once."""
     if getattr(src, "ranks_its_scores", False):
-        return top_unseen(np.array(scores, copy=True), excluded(histories, src.repeats), k)[0]
+        hidden = excluded(histories, src.repeats)  # top_unseen writes -inf over these in place: on a copy
+        return top_unseen(scores if hidden is None else np.array(scores, copy=True), hidden, k)[0]
     return src.top_k(users, histories, k)[0]
 
 
@@ -197,7 +224,7 @@ def ranks_at(scores: np.ndarray, unseen: np.ndarray, items: np.ndarray) -> np.nd
     occur more than once)."""
     out = np.empty(items.shape, dtype=np.int64)
     for r in range(len(items)):
-        row = np.where(unseen[r], scores[r], -np.inf)
+        row = scores[r] if unseen[r].all() else np.where(unseen[r], scores[r], -np.inf)  # nothing to hide: no copy
         ordered = np.sort(row)
         v = row[items[r]]
         above = np.searchsorted(ordered, v, side="right")

@@ -179,8 +179,9 @@ def top_unseen(scores, histories: list[np.ndarray] | None, k: int):
     ``[B, min(k, N)]`` of the same kind. A row with
     fewer than ``k`` unseen items ends in seen ones, scored -inf (callers that pad, pad those).
     ``torch.topk`` selects ``k + 1``: when the ``k``-th and ``k + 1``-th scores differ, the top ``k``
-    are a set that needs no full sort, ordered here by (score, index); a row tied there is sorted in
-    full (stable), which decides the tie as the protocol does.
+    are a set that needs no full sort, ordered here by (score, index); a row tied there takes the
+    items above the tied score, then the tied ones by index (:func:`_top_tied`), which decides the tie
+    as the protocol does.
     """
     as_numpy = isinstance(scores, np.ndarray)
     s = torch.from_numpy(scores) if as_numpy else scores
@@ -198,13 +199,26 @@ def top_unseen(scores, histories: list[np.ndarray] | None, k: int):
         items, by_index = items[:, :k].sort(dim=1)
         vals, by_score = vals[:, :k].gather(1, by_index).sort(dim=1, descending=True, stable=True)
         items = items.gather(1, by_score)
-        if bool(tied.any()):
-            rows = tied.nonzero().flatten()
-            full = torch.sort(s[rows], dim=1, descending=True, stable=True)
-            vals[rows], items[rows] = full.values[:, :k], full.indices[:, :k]
+        for r in tied.nonzero().flatten().tolist():
+            vals[r], items[r] = _top_tied(s[r], vals[r, k - 1], k)
     else:
         vals, items = torch.sort(s, dim=1, descending=True, stable=True)
     return (items.numpy(), vals.numpy()) if as_numpy else (items, vals)
+
+
+def _top_tied(row: torch.Tensor, v: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top ``k`` of a row whose ``k``-th and ``k + 1``-th scores are both ``v``: every item above
+    ``v`` by (score, index), then the items at ``v`` by index (``nonzero`` lists them in index
+    order), as a stable full sort would give them but in two passes over the row (a sparse source's
+    row, mostly one value, is tied at ``k`` for most users)."""
+    above = (row > v).nonzero().flatten()
+    above = above[torch.sort(row[above], descending=True, stable=True).indices]
+    at = (row == v).nonzero().flatten()[: k - len(above)]
+    items = torch.cat([above, at])
+    if len(items) != k:  # NaN scores compare false with everything: the full sort places them
+        full = torch.sort(row, descending=True, stable=True)
+        return full.values[:k], full.indices[:k]
+    return row[items], items
 
 
 def _gather(local: np.ndarray) -> np.ndarray:

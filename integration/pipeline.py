@@ -195,9 +195,11 @@ class RecommendationPipeline:
         histories."""
         ranker = self.union_ranker
         users = np.asarray(users, dtype=np.int64)
-        lists = union_lists(self.all_sources, ranker.manifest["weights"], users, hists, CANDIDATES)
+        queries = self.retriever.query_embeddings(users, hists)  # once: the two-tower's list, scores and features
+        sources = [s.with_queries(queries) if isinstance(s, TwoTowerSource) else s for s in self.all_sources]
+        lists = union_lists(sources, ranker.manifest["weights"], users, hists, CANDIDATES)
         rows = np.arange(len(users))
-        two_tower = (self.retriever.query_embeddings(users, hists), self.item_embeddings)
+        two_tower = (queries, self.item_embeddings)
         now = self.store.last_time[users]
         attention = ranker.manifest["config"]["attention"]
         batch = list_batch(self.store.features, ranker.schema, lists, rows, hists, now, two_tower, None, attention)

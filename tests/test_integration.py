@@ -17,6 +17,7 @@ import torch
 
 from bench.service_chaos import RedisServer, free_port
 from candidates.provenance import union_lists
+from candidates.sources import top_k_of
 from common.metrics import paired_difference
 from inference_legacy import dlrm_packager
 from integration.caches import MemoryCache, RedisCache, pack, unpack
@@ -684,6 +685,17 @@ def test_the_union_ranker_serves_the_lists_it_was_trained_on(with_sasrec, tmp_pa
     hists = [pipeline.store.history(u) for u in users[first].tolist()]
     served = union_lists(pipeline.all_sources, pipeline.ensemble.weights, users[first], hists, 100)
     np.testing.assert_array_equal(served.items, lists.union.items[first][:, : served.items.shape[1]])
+    # the two-tower's list in the union is its scores' top 100 (an exact index): the index's own search
+    # finds the same items, and its queries computed once per request give the same scores
+    tt = pipeline.sources[0]
+    assert tt.ranks_its_scores
+    tt_scores = tt.scores(users[first], hists)
+    np.testing.assert_array_equal(
+        top_k_of(tt, tt_scores, users[first], hists, 100), tt.top_k(users[first], hists, 100)[0]
+    )
+    bound = tt.with_queries(pipeline.retriever.query_embeddings(users[first], hists))
+    np.testing.assert_array_equal(bound.scores(users[first], hists), tt_scores)
+    np.testing.assert_array_equal(bound.top_k(users[first], hists, 100)[0], tt.top_k(users[first], hists, 100)[0])
     # the same features, up to float32 rounding: a model's scores of a user vary in the last bits with the
     # batch it is computed in (here 32 users, there 256)
     np.testing.assert_allclose(
