@@ -34,10 +34,18 @@ class Runtime:
     world_size: int
     device: torch.device
     backend: str
+    # processes on this host (torchrun's LOCAL_WORLD_SIZE; None: all of them): the sharding planner
+    # prices the links between hosts apart from those within one
+    local_world_size: int | None = None
 
     @property
     def is_rank0(self) -> bool:
         return self.rank == 0
+
+    @property
+    def nodes(self) -> int:
+        """How many hosts the processes span (torchrun's nodes)."""
+        return self.world_size // (self.local_world_size or self.world_size)
 
 
 def autodetect_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
@@ -80,8 +88,14 @@ def init_runtime(device: str = "auto") -> Runtime:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         else:
             dist.init_process_group(backend, rank=rank, world_size=world_size)
+    world_size = dist.get_world_size()
     return Runtime(
-        rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=dev, backend=backend
+        rank=dist.get_rank(),
+        local_rank=local_rank,
+        world_size=world_size,
+        device=dev,
+        backend=backend,
+        local_world_size=_env_int("LOCAL_WORLD_SIZE", world_size),
     )
 
 
@@ -123,19 +137,21 @@ def launch_local(fn: Callable[..., Any], nproc: int, *args: Any) -> dict[int, An
             signal.signal(sig, handler)
 
 
-def torchrun_command(module: str, args: list[str], nproc: int = 2) -> list[str]:
+def torchrun_command(
+    module: str, args: list[str], nproc: int = 2, nnodes: int = 1, endpoint: str | None = None, run_id: str = "recsys"
+) -> list[str]:
     """``torchrun --standalone --nproc_per_node=<nproc> -m <module> <args>`` with this interpreter, for
-    a subprocess (the benchmarks and tests that run a script in several processes)."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        module,
-        *args,
-    ]
+    a subprocess (the benchmarks and tests that run a script in several processes). With ``nnodes`` >
+    1, the command one node runs: every node runs it (on its own host, or here several times), and
+    they meet by c10d rendezvous at ``endpoint`` (``host:port``, on the first node) under ``run_id``;
+    ranks are given in the order the nodes join."""
+    if nnodes == 1:
+        launch = ["--standalone"]
+    elif endpoint is None:
+        raise ValueError(f"{nnodes} nodes meet at a rendezvous endpoint: give endpoint='host:port'")
+    else:
+        launch = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}"]
+    return [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc_per_node={nproc}", "-m", module, *args]
 
 
 def seed_everything(seed: int) -> None:

@@ -110,7 +110,7 @@ def plan_sharding(
             f"{sharding_type} sharding needs CUDA in TorchRec; on CPU use table_wise, column_wise or table_column_wise"
         )
     planner = EmbeddingShardingPlanner(
-        topology=topology(rt.world_size, compute_device=rt.device.type),
+        topology=topology(rt.world_size, compute_device=rt.device.type, local_world_size=rt.local_world_size),
         constraints={t: ParameterConstraints(sharding_types=[sharding_type], compute_kernels=kernels) for t in tables},
         storage_reservation=FixedPercentageStorageReservation(RESERVED_SHARE),
     )

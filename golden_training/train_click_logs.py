@@ -182,6 +182,7 @@ def train_click_logs(cfg: Config, rt: Runtime) -> dict[str, object]:
         "dataset": data.name,
         "data_fingerprint": data.fingerprint,
         "world_size": rt.world_size,
+        "nodes": rt.nodes,
         "config": asdict(cfg),
         "qcomms": qcomms_settings(cfg.qcomms, rt.device),
         "skipped_lines": data.skipped,

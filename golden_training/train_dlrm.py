@@ -395,6 +395,7 @@ def train_movielens(cfg: Config, rt: Runtime) -> dict[str, object]:
         "dataset": ds.name,
         "data_fingerprint": ds.fingerprint,
         "world_size": rt.world_size,
+        "nodes": rt.nodes,
         "config": asdict(cfg),
         "qcomms": qcomms_settings(cfg.qcomms, rt.device),
         "candidate_source": test.candidate_source,

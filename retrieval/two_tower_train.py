@@ -433,6 +433,7 @@ def finish(cfg: Config, rt, model, features, ds, share: Split, split: Split, run
         "dataset": ds.name,
         "data_fingerprint": ds.fingerprint,
         "world_size": rt.world_size,
+        "nodes": rt.nodes,
         "device": rt.device.type,
         "config": asdict(cfg),
         "valid_per_epoch": run["history"],

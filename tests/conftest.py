@@ -36,6 +36,31 @@ def torchrun(module: str, args: list[str], nproc: int = 2) -> None:
     )
 
 
+def torchrun_nodes(module: str, args: list[str], nnodes: int = 2, nproc: int = 1, timeout: float = 600) -> None:
+    """Run a script as ``nnodes`` nodes of ``nproc`` processes on this host: one torchrun per node,
+    all started at once, meeting by c10d rendezvous on a free local port (what each host of a
+    cluster runs; common.runtime.torchrun_command). A failing node raises with its stderr."""
+    from bench.service_chaos import free_port
+
+    command = torchrun_command(module, args, nproc, nnodes, f"127.0.0.1:{free_port()}", f"nodes-{os.getpid()}")
+    nodes = [
+        subprocess.Popen(command, cwd=REPO, env=TORCHRUN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for _ in range(nnodes)
+    ]
+    errors = []
+    for n, node in enumerate(nodes):
+        try:
+            _, err = node.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in nodes:
+                other.kill()
+            raise
+        if node.returncode:
+            errors.append(f"node {n} exited {node.returncode}: {err.decode()[-3000:]}")
+    if errors:
+        raise RuntimeError("\n".join(errors))
+
+
 @pytest.fixture(scope="session")
 def ml100k() -> InteractionData:
     return load_movielens("ml-100k")

@@ -479,6 +479,7 @@ def train_variant(
         "examples_per_s": global_step * per_step / seconds if seconds > 0 else float("nan"),
         "steps": global_step,
         "world_size": rt.world_size,
+        "nodes": rt.nodes,
     }
     if hasattr(remapper, "mapping_digest"):
         result["mapping_digest"] = remapper.mapping_digest()
