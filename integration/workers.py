@@ -84,8 +84,9 @@ def supervise(a: argparse.Namespace, load: Loader) -> None:
     reserve = listen_socket(a.host, a.port, reuse_port=True)  # holds the port (bound, never listening)
     port = reserve.getsockname()[1]
     url = f"http://{a.host if ':' not in a.host else f'[{a.host}]'}:{port}"
-    tmp = None if a.events_log else tempfile.mkdtemp(prefix="recsys-events-")
-    events_log = a.events_log or os.path.join(tmp, "events.jsonl")
+    shared = a.events_log or getattr(a, "state", None)  # events shared through a file named, or Redis
+    tmp = None if shared else tempfile.mkdtemp(prefix="recsys-events-")
+    events_log = a.events_log or (None if tmp is None else os.path.join(tmp, "events.jsonl"))
     ctx = multiprocessing.get_context("spawn")  # nothing of this process (threads, locks) in the workers
     # Each worker's BLAS and OpenMP pools get its share of the cores (unless the caller chose): a
     # pool per worker as wide as the machine would spin against the others' (the ensemble's
@@ -111,7 +112,7 @@ def supervise(a: argparse.Namespace, load: Loader) -> None:
             if stopping.wait(0.1):
                 return
         pids = ", ".join(str(proc.pid) for proc, _, _ in workers)
-        print(f"listening on {url} ({a.workers} workers: {pids}; events journal {events_log})", flush=True)
+        print(f"listening on {url} ({a.workers} workers: {pids}; events {events_log or shared})", flush=True)
         while not stopping.wait(0.5):
             for k, (proc, _, started) in enumerate(workers):
                 if proc.is_alive():

@@ -375,6 +375,29 @@ def test_chaos_8_clients_60_s_redis_killed_and_hung(artifacts, tmp_path) -> None
     assert res["ready"]["non_200"] == 0 and res["ready"]["degraded_polls"] > 0
 
 
+@pytest.mark.slow
+def test_two_replicas_share_events_through_redis_through_an_outage(artifacts, tmp_path) -> None:
+    """Issue 41: two service processes on two ports with --state on one Redis (persisting every
+    write); 8 clients for 60 s, each on one replica with its retries sent to the other; Redis killed
+    for 10 s and restarted, then hung for 3 s. Every event applied once, in both replicas' histories
+    where its answer said; no watched item served by either; no 5xx on /recommend; events refused
+    with 503 while Redis is down (sent again until acknowledged), /ready saying degraded."""
+    from bench import service_chaos
+
+    res = service_chaos.main(
+        ["--artifacts", str(artifacts), "--replicas", "2", "--out", str(tmp_path / "replicas.json")]
+    )
+    assert res["server_errors"] == 0 and res["failed_requests"] == 0, res["all"]
+    assert res["seen_items_served"] == 0, res["seen_examples"]
+    assert res["events_acknowledged"] >= 1000 and res["events_not_exactly_once"] == 0
+    assert res["unexpected_duplicates"] == 0 and res["retries"]["sent"] > 0
+    assert res["retries"]["sent"] == res["retries"]["duplicate"] == res["retries"]["same_length"]
+    assert set(res["events_by_status"]) == {"200", "503"} and res["events_refused"] > 0
+    assert res["replicas_disagree"] == 0 and res["acknowledged_lost"] == 0 and res["acknowledged_checked"] > 500
+    assert res["outage"]["statuses"].get("200", 0) > 100  # recommendations served while Redis is down
+    assert res["ready"]["non_200"] == 0 and res["ready"]["events_degraded_polls"] > 0
+
+
 def test_demo_prints_recommendations_and_the_evaluation_table(artifacts, capsys) -> None:
     from integration.demo import main as demo
 

@@ -127,3 +127,52 @@ def test_service_refuses_bad_worker_and_log_flags_before_loading(tmp_path, capsy
         with pytest.raises(SystemExit):
             main(["--artifacts", str(tmp_path / "no-artifacts-here"), *flags])
         assert message in capsys.readouterr().err
+
+
+def test_replicas_share_events_through_redis_and_refuse_them_while_it_is_down(tmp_path) -> None:
+    """RedisJournal (``--state``) on a real redis-server that persists every write: two replicas see
+    each other's events in one order, a retry through the other replica is recognised, a reused ID
+    is a conflict; with Redis down an event raises StateUnavailable (nothing recorded) and catch-up
+    serves what the replica has, ``degraded``; restarted, Redis still holds every acknowledged event,
+    which a new replica replays; another data set's events live apart."""
+    import time
+
+    from bench.service_chaos import RedisServer
+    from integration.journal import RETRY_S, RedisJournal, StateUnavailable
+
+    server = RedisServer(tmp_path, persistent=True).start()
+    try:
+        a, b = Histories(), Histories()
+        ja = RedisJournal(a, server.url, "ml-100k", lambda u: len(a.users.get(u, [])))
+        jb = RedisJournal(b, server.url, "ml-100k", lambda u: len(b.users.get(u, [])))
+        assert ja.persistent is True and ja.status() == {
+            "store": "redis",
+            "state": "ok",
+            "failures": 0,
+            "persistent": True,
+        }
+        assert ja.record(1, 50, None, "e1") == (1, False)
+        assert jb.record(1, 60, 881250949, "e2") == (2, False)  # b applied a's event first
+        assert ja.catch_up() == 1 and jb.catch_up() == 0
+        assert a.calls == b.calls == [(1, 50, None), (1, 60, 881250949)]
+        assert jb.record(1, 50, None, "e1") == (1, True) and ja.record(1, 60, 881250949, "e2") == (2, True)
+        with pytest.raises(EventConflict, match="event_id 'e1' was already used for user 1, item 50"):
+            jb.record(2, 50, None, "e1")
+        assert ja.record("cust-7", "sku-1", None, None) == (1, False) and jb.catch_up() == 1
+        assert len(a.calls) == len(b.calls) == 3
+
+        server.stop()
+        with pytest.raises(StateUnavailable, match="not recorded: send it again with the same event_id"):
+            ja.record(1, 70, None, "e3")
+        assert ja.catch_up() == 0 and ja.status()["state"] == "degraded" and len(a.calls) == 3
+        server.start()  # the same directory: its append-only file read back
+        time.sleep(RETRY_S)
+        assert ja.catch_up() == 0 and ja.status()["state"] == "ok"
+        assert jb.record(1, 70, None, "e3") == (3, False) and ja.catch_up() == 1
+        c = Histories()
+        jc = RedisJournal(c, server.url, "ml-100k", lambda u: len(c.users.get(u, [])))
+        assert jc.replayed == 4 and c.calls == a.calls == b.calls
+        other = RedisJournal(Histories(), server.url, "ml-1m", len)  # another data set: its own stream
+        assert other.replayed == 0 and other.catch_up() == 0
+    finally:
+        server.stop()
