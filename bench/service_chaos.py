@@ -12,6 +12,13 @@ just recommended, with a unique ``event_id`` (one event in ten is sent twice, as
 Redis is killed at the start of ``--outage`` and started again, empty, on the same port at its end;
 during ``--hang`` it is paused (SIGSTOP), a Redis that accepts connections and never answers.
 
+``--replicas 2`` runs two service processes on two ports with ``--state`` on a second Redis, which
+persists every write (appendonly, fsync always) and goes down on the same timeline (restarted, it
+reads its log back); each client talks to one replica and sends its retries to the other, and an
+event refused with 503 is sent again until acknowledged. At the end each replica's histories of the
+shared users are read back (``/users/{id}``): the replicas must agree, and every acknowledged event
+must sit in them where its answer said.
+
 Checked and reported (``bench/results/service_chaos.json``):
 
 - responses by status: no 5xx;
@@ -225,7 +232,7 @@ class Log:
             watched = {item for t, item in self.acks.get(user, []) if t < sent}
             bad = watched.intersection(items)
             if bad:
-                self.seen_served.append({"user_id": user, "items": sorted(bad)})
+                self.seen_served.append({"user_id": user, "items": sorted(bad), "sent": sent})
 
 
 def watch_ready(host: str, port: int, start: float, stop_at: float, out: list) -> None:
@@ -307,9 +314,14 @@ def main(argv: list[str] | None = None) -> dict:
     raw_users = read_serving_arrays(export, read_manifest(export, verify_files=False))["user_raw_ids"].tolist()
     users = random.Random(a.seed).sample(raw_users, min(a.users, len(raw_users)))
 
-    redis = RedisServer(tempfile.mkdtemp(prefix="redis-chaos-"), persistent=a.state).start()
+    redis = RedisServer(tempfile.mkdtemp(prefix="redis-chaos-")).start()
     command = ["-m", "integration.service", "--artifacts", a.artifacts, "--redis-url", redis.url]
-    replicas = [spawn(command + (["--state", redis.url] if a.state else [])) for _ in range(a.replicas)]
+    # the events' Redis apart from the cache's, as a deployment would keep them: it persists every write
+    # (the cache's need not); both go down on the same timeline
+    stores = [redis] + (
+        [RedisServer(tempfile.mkdtemp(prefix="redis-state-"), persistent=True).start()] if a.state else []
+    )
+    replicas = [spawn(command + (["--state", stores[1].url] if a.state else [])) for _ in range(a.replicas)]
     host = replicas[0][1].rsplit("/", 1)[1].rsplit(":", 1)[0]
     ports = [int(url.rsplit(":", 1)[1]) for _, url in replicas]
     log, ready, final = Log(), [], {}
@@ -325,7 +337,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
         for at, what in timeline:
             time.sleep(max(0.0, start + at - time.monotonic()))
-            {"kill": redis.stop, "restart": redis.start, "pause": redis.pause, "resume": redis.resume}[what]()
+            for server in stores:
+                {"kill": server.stop, "restart": server.start, "pause": server.pause, "resume": server.resume}[what]()
             print(f"{time.monotonic() - start:6.1f} s  redis {what}", flush=True)
         for t in [*clients, watcher]:
             t.join(timeout=a.duration + 30)
@@ -334,7 +347,8 @@ def main(argv: list[str] | None = None) -> dict:
         for proc, _ in replicas:
             proc.terminate()
             proc.wait(timeout=30)
-        redis.stop()
+        for server in stores:
+            server.stop()
 
     def phase(lo: float, hi: float) -> dict:
         return _summary([r for r in log.requests if lo <= r[1] - start < hi], hi - lo)
@@ -354,7 +368,11 @@ def main(argv: list[str] | None = None) -> dict:
         "failed_requests": sum(1 for r in log.requests if r[3] == 0),
         "connection_errors": log.counts.get("connection_errors", 0),
         "seen_items_served": len(log.seen_served),
-        "seen_examples": log.seen_served[:5],
+        "seen_examples": [{**x, "sent": round(x["sent"] - start, 2)} for x in log.seen_served[:5]],
+        # when the events' store is down, a replica cannot learn what another acknowledged before
+        "seen_items_served_outside_faults": sum(
+            not any(lo <= x["sent"] - start < hi + 1.0 for lo, hi in (a.outage, a.hang)) for x in log.seen_served
+        ),
         "events_acknowledged": sum(len(v) for v in log.lengths.values()),
         "events_not_exactly_once": sum(sum(g != 1 for g in v) for v in gaps.values()),
         "unexpected_duplicates": log.counts.get("unexpected_duplicates", 0),

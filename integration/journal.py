@@ -202,7 +202,7 @@ class RedisJournal(_Applied):
         url: str,
         dataset: str,
         length: Callable[[Any], int],
-        timeout: float = 0.5,
+        timeout: float = 1.0,
     ) -> None:
         import redis
 

@@ -4,6 +4,7 @@
     python -m integration.service --redis-url redis://127.0.0.1:6379/0
     python -m integration.service --arm A=serving/dlrm-int8:0.9 --arm B=serving/dlrm-fp16:0.1
     python -m integration.service --workers 2 --events-log runs/events.jsonl   # a process per core
+    python -m integration.service --state redis://10.0.0.5:6379/1 --port 8001  # a replica; events in Redis
 
 Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``):
 
@@ -29,6 +30,9 @@ one. Concurrent requests are batched (``inference_legacy.server.DynamicBatcher``
 with its own models and candidate cache (share one with ``--redis-url``); events reach every worker
 through one journal file (``integration.journal``), so an acknowledged event is in the next answer
 of whichever worker takes it. ``--events-log PATH`` keeps that journal and replays it at start.
+``--state redis://host:port/db`` keeps the events in Redis instead, shared by any number of service
+processes on any number of hosts (replicas behind a load balancer); while that Redis is down, events
+are refused with 503 and recommendations are served from each process's last state.
 """
 
 from __future__ import annotations
@@ -115,7 +119,7 @@ def create_service(
     client_timeout: float = BODY_TIMEOUT_S,
     events_log: str | Path | None = None,
     state: str | None = None,
-    state_timeout: float = 0.5,
+    state_timeout: float = 1.0,
 ) -> tuple[FastAPI, DynamicBatcher]:
     """The FastAPI app over a ``RecommendationPipeline`` (see ``integration.pipeline``); events go
     through an :class:`~integration.journal.EventJournal` on ``events_log`` (in memory when None), or
@@ -433,7 +437,7 @@ def load_service(a: argparse.Namespace, events_log: str | None) -> tuple[FastAPI
             client_timeout=a.client_timeout,
             events_log=events_log,
             state=a.state,
-            state_timeout=a.redis_timeout,
+            state_timeout=a.state_timeout,
         )
     except (ValueError, ConnectionError) as err:  # an events log or store of another data set; Redis down
         raise SystemExit(f"cannot serve: {err}") from None
@@ -535,6 +539,13 @@ def main(argv: list[str] | None = None) -> None:
         "of hosts apply the same events in one order; while Redis is down events get 503 and recommendations "
         "are served from each process's last state. Run that Redis with --appendonly yes --appendfsync always "
         "(default: the events journal)",
+    )
+    p.add_argument(
+        "--state-timeout",
+        type=float,
+        default=1.0,
+        help="seconds a call to the --state Redis may take before it counts as down; longer than the cache's: "
+        "a replica that misses another's event for a slow answer may serve its item again (default: %(default)s)",
     )
     a = p.parse_args(argv)
     if a.state and a.events_log:

@@ -7,7 +7,8 @@ cluster (and for the test that submits to it, tests/test_cluster.py).
 
 It runs Debian's daemons (``apt-get install slurm-wlm slurmdbd munge mariadb-server``), each from a
 configuration this script writes under the directory and nothing under /etc: munged (authentication,
-its own key and socket), MariaDB (slurmdbd's store: TorchX reads a job's state with ``sacct``, which
+with its own key, at munge's default socket, which Slurm 22.05 insists on; a munged already running
+there, the system's, is used instead and left running), MariaDB (slurmdbd's store: TorchX reads a job's state with ``sacct``, which
 needs accounting), slurmdbd, slurmctld and one slurmd whose node is this host, with its CPUs and
 memory. Everything runs as the calling user, on ports chosen free at start; ``stop`` ends every
 daemon it started (their PID files are in the directory). Standard library only: it runs before any
@@ -68,6 +69,17 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Comple
     return subprocess.run(cmd, env=env, capture_output=True, text=True)
 
 
+def _munge_answers(socket_path: Path) -> bool:
+    """Whether a munged at ``socket_path`` encodes and decodes a credential."""
+    if not socket_path.exists() or shutil.which("munge") is None:
+        return False
+    cred = _run(["munge", "-n", f"--socket={socket_path}"])
+    if cred.returncode:
+        return False
+    out = subprocess.run(["unmunge", f"--socket={socket_path}"], input=cred.stdout, capture_output=True, text=True)
+    return out.returncode == 0
+
+
 def write_config(root: Path, ports: dict[str, int]) -> dict[str, Path]:
     """Every daemon's configuration under ``root``; returns the paths the daemons are started with."""
     user, host = getpass.getuser(), socket.gethostname().split(".")[0]
@@ -82,7 +94,7 @@ def write_config(root: Path, ports: dict[str, int]) -> dict[str, Path]:
         key.write_bytes(secrets.token_bytes(1024))
         key.chmod(0o400)
     # Slurm 22.05 reaches munged at its default socket for slurmdbd's connections whatever AuthInfo
-    # says: munged listens there, with this cluster's key
+    # says: munged listens there (this cluster's, with its own key, or the system's when it runs)
     socket_path = MUNGE_SOCKET
     auth = "AuthType=auth/munge\n"
     run, log = paths["run"], paths["log"]
@@ -128,24 +140,25 @@ def start(root: Path) -> dict[str, str]:
     run, log, user = p["run"], p["log"], getpass.getuser()
     env = {**os.environ, "SLURM_CONF": str(p["conf"])}
 
-    if p["socket"].exists():
-        raise SystemExit(
-            f"a munged already listens at {p['socket']} (the system's, or another cluster's): stop it first "
-            "(its key is not this cluster's)"
-        )
-    try:
-        p["socket"].parent.mkdir(parents=True, exist_ok=True)
-    except PermissionError:
-        raise SystemExit(
-            f"cannot create {p['socket'].parent}: make it yours (sudo mkdir -p {p['socket'].parent} && "
-            f"sudo chown $(id -u) {p['socket'].parent}), as .ci/run does"
-        ) from None
-    subprocess.run(
-        [_tool("munged"), "--force", f"--socket={p['socket']}", f"--key-file={p['key']}",
-         f"--pid-file={run}/munged.pid", f"--log-file={log}/munged.log", f"--seed-file={p['munge']}/seed"],
-        check=True,
-    )  # fmt: skip
-    _wait("munged", p["socket"].exists, log / "munged.log")
+    if _munge_answers(p["socket"]):
+        # a munged already serves this host (the system's, started when the package was installed): every
+        # daemon here is on this host, so its key is as good as ours; it is left running at stop
+        print(f"using the munged already listening at {p['socket']}", file=sys.stderr)
+    else:
+        p["socket"].unlink(missing_ok=True)  # a stale socket of a munged that is gone
+        try:
+            p["socket"].parent.mkdir(parents=True, exist_ok=True)
+        except PermissionError:
+            raise SystemExit(
+                f"cannot create {p['socket'].parent}: make it yours (sudo mkdir -p {p['socket'].parent} && "
+                f"sudo chown $(id -u) {p['socket'].parent}), as .ci/run does"
+            ) from None
+        subprocess.run(
+            [_tool("munged"), "--force", f"--socket={p['socket']}", f"--key-file={p['key']}",
+             f"--pid-file={run}/munged.pid", f"--log-file={log}/munged.log", f"--seed-file={p['munge']}/seed"],
+            check=True,
+        )  # fmt: skip
+        _wait("munged", lambda: _munge_answers(p["socket"]), log / "munged.log")
 
     mysql = p["mysql"]
     if not (mysql / "mysql").exists():
