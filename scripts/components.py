@@ -9,7 +9,8 @@ training script, with the project's image (the Dockerfile at the repository root
 on hosts, as Slurm and ``local_cwd`` do, ignore it and run in the submitting directory's environment)
 and one thread per process. ``--j NODESxPROCS``: nodes and processes per node. Arguments after ``--``
 go to the script (``python -m retrieval.two_tower_train --help``). README.md, "Scale up", has the
-commands and what was run where.
+commands and what was run where. Each component is written out, signature and docstring: TorchX
+reads them from this file's source (its linter parses it), so they cannot be generated.
 """
 
 # TorchX reads the signatures, and its file linter knows typing.Optional / Dict only (not "X | None",

@@ -23,10 +23,9 @@ class Histories:
         return len(self.users[user])
 
 
-def test_two_workers_see_each_others_events_and_retries(tmp_path) -> None:
-    path = tmp_path / "events.jsonl"
-    a, b = Histories(), Histories()
-    ja, jb = EventJournal(a, path, "ml-100k"), EventJournal(b, path, "ml-100k")
+def _share_events(ja, jb, a: Histories, b: Histories) -> None:
+    """Two journals over one store (``ja`` applying to ``a``, ``jb`` to ``b``): each applies the other's
+    events in one order, a retry through the other is recognised, a reused ID is a conflict."""
     assert ja.record(1, 50, None, "e1") == (1, False)
     assert jb.record(1, 60, 881250949, "e2") == (2, False)  # b applied a's event first
     assert ja.catch_up() == 1 and jb.catch_up() == 0
@@ -39,6 +38,12 @@ def test_two_workers_see_each_others_events_and_retries(tmp_path) -> None:
     # string IDs survive the file as strings
     assert ja.record("cust-7", "sku-1", None, None) == (1, False)
     assert jb.catch_up() == 1 and b.users["cust-7"] == ["sku-1"]
+
+
+def test_two_workers_see_each_others_events_and_retries(tmp_path) -> None:
+    path = tmp_path / "events.jsonl"
+    a, b = Histories(), Histories()
+    _share_events(EventJournal(a, path, "ml-100k"), EventJournal(b, path, "ml-100k"), a, b)
 
 
 def test_a_restart_replays_the_log(tmp_path) -> None:
@@ -151,14 +156,7 @@ def test_replicas_share_events_through_redis_and_refuse_them_while_it_is_down(tm
             "failures": 0,
             "persistent": True,
         }
-        assert ja.record(1, 50, None, "e1") == (1, False)
-        assert jb.record(1, 60, 881250949, "e2") == (2, False)  # b applied a's event first
-        assert ja.catch_up() == 1 and jb.catch_up() == 0
-        assert a.calls == b.calls == [(1, 50, None), (1, 60, 881250949)]
-        assert jb.record(1, 50, None, "e1") == (1, True) and ja.record(1, 60, 881250949, "e2") == (2, True)
-        with pytest.raises(EventConflict, match="event_id 'e1' was already used for user 1, item 50"):
-            jb.record(2, 50, None, "e1")
-        assert ja.record("cust-7", "sku-1", None, None) == (1, False) and jb.catch_up() == 1
+        _share_events(ja, jb, a, b)
         assert len(a.calls) == len(b.calls) == 3
 
         server.stop()
