@@ -64,3 +64,19 @@ def test_the_ranker_on_two_nodes_equals_one_node_of_two_processes(tmp_path: Path
     assert sa.keys() == sb.keys()
     for name in sa:
         assert torch.equal(sa[name], sb[name]), name
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    "module, args",
+    [
+        ("sasrec.sasrec_main", ["--window-step", "200"]),
+        ("bert4rec.bert4rec_main", ["--window-step", "50"]),
+    ],
+)
+def test_the_sequential_models_on_two_nodes_equal_one_node_of_two_processes(module, args, tmp_path: Path) -> None:
+    tiny = ["--epochs", "1", "--eval-every", "1", "--n-boot", "10", "--eval-users", "200", *args]
+    one, two = _both(module, tiny, tmp_path)
+    a, b = (json.loads((r / "results.json").read_text()) for r in (one, two))
+    assert (a["world_size"], a["nodes"], b["world_size"], b["nodes"]) == (2, 1, 2, 2)
+    assert a["test"] == b["test"] and a["valid"] == b["valid"] and a["test"]["full"]["num_users"] == 200
