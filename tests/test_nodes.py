@@ -80,3 +80,36 @@ def test_the_sequential_models_on_two_nodes_equal_one_node_of_two_processes(modu
     a, b = (json.loads((r / "results.json").read_text()) for r in (one, two))
     assert (a["world_size"], a["nodes"], b["world_size"], b["nodes"]) == (2, 1, 2, 2)
     assert a["test"] == b["test"] and a["valid"] == b["valid"] and a["test"]["full"]["num_users"] == 200
+
+
+def _without_timings(x):
+    if isinstance(x, dict):
+        return {
+            k: _without_timings(v) for k, v in x.items() if "per_s" not in k and "seconds" not in k and k != "nodes"
+        }
+    if isinstance(x, list):
+        return [_without_timings(v) for v in x]
+    return x
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    "module, args, figures",
+    [
+        (
+            "golden_training.train_click_logs",
+            ["--dataset", "random", "--random-rows", "40000", "--num-embeddings", "1000", "--no-baseline"]
+            + ["--log-every", "1000", "--checkpoint-every", "0"],
+            "dlrm",
+        ),
+        (
+            "zch.main",
+            ["--variants", "zch_lru", "--ratios", "0.25", "--epochs", "1", "--limit-batches", "40"],
+            "results",
+        ),
+    ],
+)
+def test_the_click_log_ranker_and_zch_on_two_nodes_equal_one_node(module, args, figures, tmp_path: Path) -> None:
+    one, two = _both(module, args, tmp_path)
+    a, b = (json.loads((r / "results.json").read_text()) for r in (one, two))
+    assert a[figures] and _without_timings(a[figures]) == _without_timings(b[figures])
