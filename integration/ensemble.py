@@ -37,7 +37,7 @@ import numpy as np
 
 from candidates.sources import excluded, reciprocal_ranks, unseen_mask
 from common.runtime import write_json_atomic
-from integration.loader import choice_file, create_pipeline
+from integration.loader import choice_file, create_pipeline, sequential_exports
 from integration.union_model import NAME as UNION_RANKER
 from integration.union_model import read_manifest, why_stale
 
@@ -231,8 +231,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     a = p.parse_args(argv)
     if not 0 < a.step <= 1 or abs(round(1 / a.step) * a.step - 1) > 1e-9:
         p.error(f"--step {a.step}: must divide 1 (0.1, 0.05, 0.25, ...)")
-    names = [m for m in a.sequential.split(",") if m and m != "none"]
-    sequential = "auto" if names == ["auto"] else [f"{m}/export" for m in names]
+    try:
+        sequential = sequential_exports(a.sequential)
+    except ValueError as err:
+        p.error(str(err))
     pipeline = create_pipeline(
         a.artifacts,
         data_dir=a.data_dir,

@@ -38,6 +38,23 @@ from retrieval.two_tower_retrieval import Retriever
 from retrieval.two_tower_retrieval import read_manifest as read_retrieval_manifest
 
 
+def sequential_exports(spec: str) -> str | list[str]:
+    """``--sequential`` as the scripts take it (``sasrec``, ``bert4rec``, ``both``, a comma list of
+    them, ``none`` or ``auto``) -> ``create_pipeline``'s ``sequential``: "auto", or export paths under
+    the artifacts directory. An unknown name is refused, naming the choices."""
+    names = [m.strip() for m in spec.split(",") if m.strip() and m.strip() != "none"]
+    if names == ["auto"]:
+        return "auto"
+    names = [n for m in names for n in (list(SEQUENCE_SOURCES) if m == "both" else [m])]
+    unknown = [m for m in names if m not in SEQUENCE_SOURCES]
+    if unknown:
+        raise ValueError(
+            f"--sequential {spec}: {', '.join(unknown)} is not a sequential source; give "
+            f"{', '.join(SEQUENCE_SOURCES)}, both, none or auto"
+        )
+    return [f"{m}/export" for m in dict.fromkeys(names)]
+
+
 def choice_file(root: str | Path, sources: list[str]) -> Path:
     """Where the served system chosen among ``sources`` (names, two-tower first) is written. The
     item-to-item sources count as one, "item-item": one export holds them (EASE is left out of it

@@ -59,7 +59,7 @@ from common.runtime import Progress, seed_everything, write_json_atomic, write_r
 from golden_training.model import TorchRecDLRM
 from integration.ensemble import print_choice, with_union_ranker
 from integration.feature_store import FeatureStore
-from integration.loader import choice_file, create_pipeline
+from integration.loader import choice_file, create_pipeline, sequential_exports
 from integration.pipeline import CANDIDATES, RecommendationPipeline
 from integration.union_model import ARTIFACT, ID_FEATURES, NAME, UnionRanker, list_batch, pad_lists, ranker_schema
 
@@ -70,7 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", default="runs", help="run directory holding the stages (default: %(default)s)")
     p.add_argument(
-        "--sequential", default="auto", help="sequential sources: sasrec, bert4rec, both, none, or auto (default: auto)"
+        "--sequential",
+        default="auto",
+        help="sequential sources: sasrec, bert4rec, both (sasrec,bert4rec), none, or auto: those whose export is there (default: auto)",
     )
     p.add_argument(
         "--data-dir", default=None, help="data cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)"
@@ -107,6 +109,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--dense-arch must end in --embedding-dim ({a.embedding_dim}) and --over-arch in 1")
     if a.folds < 2:
         p.error(f"--folds {a.folds}: cross-fitting needs at least 2")
+    try:
+        sequential_exports(a.sequential)
+    except ValueError as err:
+        p.error(str(err))
     return a
 
 
@@ -263,13 +269,12 @@ def line(name: str, rep: RankingReport) -> str:
 def main(argv: list[str] | None = None) -> dict[str, object]:
     cfg = parse_args(argv)
     t0 = time.perf_counter()
-    names = [m for m in cfg.sequential.split(",") if m and m != "none"]
     # the ensemble as chosen (its weights are the fused feature), whatever is served: this retrains the
     # union ranker even where the served one no longer fits the sources
     pipeline = create_pipeline(
         cfg.artifacts,
         data_dir=cfg.data_dir,
-        sequential="auto" if names == ["auto"] else [f"{m}/export" for m in names],
+        sequential=sequential_exports(cfg.sequential),
         candidate_source="ensemble",
     )
     ds, split = pipeline.dataset, pipeline.split

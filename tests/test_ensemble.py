@@ -129,3 +129,15 @@ def test_the_shortlisted_grid_equals_full_ranking(repeats: bool) -> None:
         rank = ((s > at) & unseen).sum(axis=1) + ((s == at) & unseen & before).sum(axis=1)
         np.testing.assert_array_equal(got[n], np.where(rank < 10, 1.0 / np.log2(rank + 2.0), 0.0))
     assert (got > 0).mean() > 0.05 and (got == 0).mean() > 0.3  # hits and misses both
+
+
+def test_sequential_flag_names_the_exports_and_refuses_unknown_sources() -> None:
+    """``--sequential`` of integration.ensemble and integration.union_ranker: "both" is both models
+    (it used to be read as a directory named "both"), a misspelt one is refused naming the choices."""
+    from integration.loader import sequential_exports
+
+    assert sequential_exports("auto") == "auto" and sequential_exports("none") == []
+    assert sequential_exports("both") == sequential_exports("sasrec,bert4rec") == ["sasrec/export", "bert4rec/export"]
+    assert sequential_exports("bert4rec") == ["bert4rec/export"]
+    with pytest.raises(ValueError, match="sasrek is not a sequential source; give sasrec, bert4rec, both"):
+        sequential_exports("sasrek")
