@@ -250,7 +250,7 @@ class RedisJournal(_Applied):
         event = json.dumps({"user_id": user_id, "item_id": item_id, "timestamp": timestamp, "event_id": event_id})
         with self._lock:
             try:
-                self._read_new()
+                # no catch-up first: reading after the append applies every earlier entry, then this one
                 appended, value = self._record(keys=[self.ids, self.stream], args=[event_id or "", event])
                 if appended:
                     _, n = self._read_new(want=value.decode())
