@@ -489,15 +489,13 @@ def replicas_load(a: argparse.Namespace, bodies: list[bytes], duration: float) -
         redis = RedisServer(tmp, persistent=True).start()
         command = ["-m", "integration.service", "--artifacts", a.artifacts, "--cache-ttl", "0"]
         command += ["--candidates", a.candidates, "--state", redis.url] + (["--eager"] if a.eager else [])
-        procs, saved = (
-            [],
-            {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
-        )
         # each replica's BLAS and OpenMP pools get its share of the cores, as --workers gives each worker
-        os.environ.update({v: str(max(1, (os.cpu_count() or 1) // a.workers)) for v in saved})
+        share = str(max(1, (os.cpu_count() or 1) // a.workers))
+        threads = {v: share for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+        procs = []
         try:
             for _ in range(a.workers):
-                procs.append(spawn(command))
+                procs.append(spawn(command, env=threads))
             urls = [url for _, url in procs]
             run_load(urls, "/recommend", bodies, a.clients, min(duration, 2.0))  # warm-up, not reported
             return {**run_load(urls, "/recommend", bodies, a.clients, duration), "replicas": a.workers}
@@ -506,11 +504,6 @@ def replicas_load(a: argparse.Namespace, bodies: list[bytes], duration: float) -
                 proc.terminate()
                 proc.wait(timeout=30)
             redis.stop()
-            for v, value in saved.items():
-                if value is None:
-                    os.environ.pop(v, None)
-                else:
-                    os.environ[v] = value
 
 
 if __name__ == "__main__":

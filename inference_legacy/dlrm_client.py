@@ -116,15 +116,16 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def spawn(args: list[str], timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
-    """Start ``python <args> --port 0`` (a service whose main calls :func:`serve`) and return the
-    process and its URL once ``/ready`` answers 200; raises with the service's output if it dies."""
+def spawn(args: list[str], timeout: float = 120.0, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start ``python <args> --port 0`` (a service whose main calls :func:`serve`; ``env``: variables set
+    over this process's) and return the process and its URL once ``/ready`` answers 200; raises with
+    the service's output if it dies."""
     proc = subprocess.Popen(
         [sys.executable, *args, "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
     )
     deadline, url, lines = time.monotonic() + timeout, None, []
     while url is None:

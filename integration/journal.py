@@ -62,6 +62,15 @@ class _Applied:
     _apply: Callable[[Any, Any, int | None], int]
     recent: OrderedDict[str, tuple[tuple[Any, Any, int | None], int]]
 
+    @staticmethod
+    def _encode(what: tuple[Any, Any, int | None], event_id: str | None) -> str:
+        """An event as both journals store it: one JSON object."""
+        return json.dumps({"user_id": what[0], "item_id": what[1], "timestamp": what[2], "event_id": event_id})
+
+    def _replayed(self, rec: dict[str, Any]) -> int:
+        """Apply a stored event (:meth:`_encode`'s object)."""
+        return self._applied((rec["user_id"], rec["item_id"], rec["timestamp"]), rec["event_id"])
+
     def _applied(self, what: tuple[Any, Any, int | None], event_id: str | None) -> int:
         n = self._apply(*what)
         if event_id is not None:
@@ -106,9 +115,7 @@ class EventJournal(_Applied):
                     )
                 return n, True
             if self._fd is not None:
-                line = json.dumps(
-                    {"user_id": user_id, "item_id": item_id, "timestamp": timestamp, "event_id": event_id}
-                )
+                line = self._encode(what, event_id)
                 data = (line + "\n").encode()
                 os.write(self._fd, data)  # O_APPEND: at the end, whole, while the lock is held
                 self._offset += len(data)
@@ -155,7 +162,7 @@ class EventJournal(_Applied):
                     )
                 continue
             try:
-                self._applied((rec["user_id"], rec["item_id"], rec["timestamp"]), rec["event_id"])
+                self._replayed(rec)
             except (KeyError, TypeError, ValueError) as err:
                 raise ValueError(f"{self.path} line {self._line}: cannot apply {raw[:200].decode()}: {err!r}") from None
             applied += 1
@@ -247,7 +254,7 @@ class RedisJournal(_Applied):
         """:meth:`EventJournal.record`; raises :class:`StateUnavailable` when Redis does not answer
         (the event may have reached the stream: a retry with its ``event_id`` is then a duplicate)."""
         what = (user_id, item_id, timestamp)
-        event = json.dumps({"user_id": user_id, "item_id": item_id, "timestamp": timestamp, "event_id": event_id})
+        event = self._encode(what, event_id)
         with self._lock:
             try:
                 # no catch-up first: reading after the append applies every earlier entry, then this one
@@ -292,7 +299,7 @@ class RedisJournal(_Applied):
 
     def status(self) -> dict[str, Any]:
         out = {"store": "redis", "state": "degraded" if self.error else "ok", "failures": self.failures}
-        return out | ({"error": self.error} if self.error else {}) | ({"persistent": self.persistent})
+        return out | ({"error": self.error} if self.error else {}) | {"persistent": self.persistent}
 
     def _up(self) -> None:
         if self.error:
@@ -318,8 +325,7 @@ class RedisJournal(_Applied):
             found = self.client.xread({self.stream: self.last_id}, count=READ_BATCH)
             entries = found[0][1] if found else []
             for entry_id, fields in entries:
-                rec = json.loads(fields[b"e"])
-                n = self._applied((rec["user_id"], rec["item_id"], rec["timestamp"]), rec["event_id"])
+                n = self._replayed(json.loads(fields[b"e"]))
                 self.last_id = entry_id.decode()
                 if want is not None and self.last_id == want:
                     length = n

@@ -8,6 +8,7 @@ import functools
 import http.server
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,6 +22,13 @@ from common.runtime import torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def venv_env(**extra: str) -> dict[str, str]:
+    """This environment with the virtualenv's bin first on PATH: torchx's ``dist.ddp`` and schedulers run
+    ``torchrun`` and ``python`` from PATH, as a cluster's image would hold them; ``extra`` set over it."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, **extra}
 
 
 def torchrun(module: str, args: list[str], nproc: int = 2) -> None:

@@ -5,7 +5,6 @@ quantized-communication launches."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +14,8 @@ import pytest
 
 from golden_training.criteo import NUM_DENSE, NUM_SPARSE, generate_criteo_tsv
 from golden_training.train_click_logs import main as train_click_logs
+from tests.conftest import REPO, venv_env
 
-REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--no-baseline", "--log-every", "1000", "--checkpoint-every", "0"]
 RANDOM = ["--dataset", "random", "--random-rows", "40000", "--num-embeddings", "1000", *QUICK]
 
@@ -110,11 +109,6 @@ def test_random_data_has_a_learnable_signal(tmp_path) -> None:
         Ranker(tmp_path / "checkpoints" / "dlrm")
 
 
-def _env() -> dict[str, str]:
-    # torchx's dist.ddp calls `torchrun`: the venv's bin must be on PATH.
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-
 @pytest.mark.multiprocess
 def test_torchx_ddp_launch_with_quantized_comms(tmp_path) -> None:
     """`torchx run -s local_cwd dist.ddp -j 1x2 --script golden_training/train_click_logs.py` as the
@@ -137,7 +131,7 @@ def test_torchx_ddp_launch_with_quantized_comms(tmp_path) -> None:
             "--out",
             str(tmp_path / name),
         ]
-        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, cwd=REPO, env=venv_env(), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = json.loads((tmp_path / name / "results.json").read_text())
     fp32, q = runs["fp32"], runs["qcomms"]

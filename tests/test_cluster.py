@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, venv_env
 
 COMPONENT = str(REPO / "scripts" / "components.py")
 TINY = ["--epochs", "1", "--limit-batches", "40", "--batch-size", "256", "--n-boot", "20", "--log-every", "10"]
@@ -32,16 +32,6 @@ def _slurm_missing() -> list[str]:
         return slurm_local.missing_tools()
     finally:
         sys.path.pop(0)
-
-
-def _env(**extra: str) -> dict[str, str]:
-    # the jobs run "torchrun" and "python" from PATH: this virtualenv's, as a cluster's image would hold them
-    return {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "OMP_NUM_THREADS": "1",
-        **extra,
-    }
 
 
 def _torchx(args: list[str], cwd: Path, env: dict[str, str]) -> str:
@@ -69,7 +59,7 @@ def slurm(tmp_path_factory):
     if started.returncode:
         subprocess.run([sys.executable, script, "stop", str(root)], capture_output=True)
         pytest.fail(f"the Slurm cluster did not start:\n{started.stdout}\n{started.stderr[-3000:]}")
-    env = _env(SLURM_CONF=str(root / "slurm.conf"))
+    env = venv_env(SLURM_CONF=str(root / "slurm.conf"), OMP_NUM_THREADS="1")
     yield env
     subprocess.run([sys.executable, script, "stop", str(root)], capture_output=True)
 
@@ -110,7 +100,7 @@ def test_a_training_job_goes_through_slurm_and_equals_a_local_run(slurm, tmp_pat
     # the same component through TorchX's local scheduler: the same figures
     _torchx(
         ["run", "--wait", "-s", "local_cwd", f"{COMPONENT}:two_tower", "--", *TINY, "--out", str(tmp_path / "local")],
-        tmp_path, _env(),
+        tmp_path, venv_env(OMP_NUM_THREADS="1"),
     )  # fmt: skip
     a, b = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("slurm", "local"))
     assert a["world_size"] == b["world_size"] == 2 and a["steps"] == b["steps"] > 0
@@ -128,7 +118,7 @@ def test_the_kubernetes_job_is_rendered_with_image_command_resources_and_replica
     out = _torchx(
         ["run", "-s", "kubernetes", "--dryrun", "--workspace", "", "-cfg", "queue=default", f"{COMPONENT}:ranker",
          "--j", "2x4", "--cpu", "16", "--memMB", "64000", "--gpu", "4", "--", "--epochs", "3"],
-        tmp_path, _env(),
+        tmp_path, venv_env(OMP_NUM_THREADS="1"),
     )  # fmt: skip
     job = yaml.safe_load(out.split("=== SCHEDULER REQUEST ===", 1)[1])
     assert job["kind"] == "Job" and job["apiVersion"].startswith("batch.volcano.sh/")
