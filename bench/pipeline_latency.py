@@ -132,33 +132,39 @@ def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[
     each user's 100 candidates; each as the pipeline runs it (its AOTInductor package where one was
     loaded). For one user at a time (the
     median of each, summed; torch on one thread) and for batches of ``batch_size`` users (users/s;
-    torch on every core, set by the caller). None for sources without one model (the ensemble, union,
-    item-to-item): their limit is not measured."""
+    torch on every core, set by the caller). Served, the union ranker's: every source's scoring of the
+    catalog, and its DLRM over the union lists' rows. None for the ensemble, the union and item-to-item
+    sources served alone: their limit is not measured."""
     from bert4rec.sequences import padded_tokens, sequences_kjt
     from candidates.sources import SequenceSource
     from integration.feature_store import rank_chunk
-    from integration.pipeline import CANDIDATES
+    from integration.pipeline import CANDIDATES, UNION_RANKER
 
     dense = np.array([pipeline.user_index[u] for u in users])
     hists = [pipeline.store.history(u) for u in dense]
+    union_ranked = pipeline.candidate_source == UNION_RANKER
     source = next((s for s in pipeline.sources if s.name == pipeline.candidate_source), None)
-    if source is None:
+    if source is None and not union_ranked:
         return None
     batches = [slice(lo, lo + batch_size) for lo in range(0, len(dense), batch_size)]
     r = pipeline.retriever
     parts: dict[str, tuple] = {}  # stage -> (function, one-user inputs, batch inputs)
-    if isinstance(source, SequenceSource):
+
+    def sequence_forward(source: SequenceSource) -> tuple:
         model, compiled = source.scorer.model, source.scorer.compiled
 
         def seqs(sl: slice):
             tokens = model.query_sequences([source.order[h] for h in hists[sl]])
             return (padded_tokens(tokens),) if compiled else (sequences_kjt(tokens),)
 
-        parts[f"{source.name} forward"] = (
+        return (
             (lambda x: compiled(*x[0])) if compiled else (lambda x: model.last_scores(x[0])),
             [seqs(slice(i, i + 1)) for i in range(len(dense))],
             [seqs(sl) for sl in batches],
         )
+
+    if isinstance(source, SequenceSource):
+        parts[f"{source.name} forward"] = sequence_forward(source)
     if pipeline.rerank or not isinstance(source, SequenceSource):  # the ranker's retrieval_score needs the query
 
         def kjt(sl: slice):
@@ -166,7 +172,29 @@ def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[
 
         one, many = [kjt(slice(i, i + 1)) for i in range(len(dense))], [kjt(sl) for sl in batches]
         parts["query tower"] = (r.model.embed, one, many)
-    if not isinstance(source, SequenceSource):
+    if union_ranked:
+        # every source scores the whole catalog (what the lists and the provenance features read): the
+        # two-tower's product with the queries above, each sequential model's forward, the item-to-item
+        # and "again" sources' scores; then the union ranker over the lists' rows, built beforehand
+        queries = [(r.model.embed(x).numpy(), slice(i, i + 1)) for i, x in enumerate(one)]
+        queries_b = [(r.model.embed(x).numpy(), sl) for x, sl in zip(many, batches)]
+        for src in pipeline.all_sources:
+            if isinstance(src, SequenceSource):
+                parts[f"{src.name} forward"] = sequence_forward(src)
+            elif src.name == "two-tower":
+                parts["two-tower scores"] = (lambda x: x[0] @ pipeline.item_embeddings.T, queries, queries_b)
+            else:
+                parts[f"{src.name} scores"] = (
+                    lambda x, src=src: src.scores(dense[x], hists[x]),
+                    [slice(i, i + 1) for i in range(len(dense))],
+                    batches,
+                )
+        ranker = pipeline.union_ranker
+        one_b = [pipeline.union_batch(dense[i : i + 1], hists[i : i + 1])[2] for i in range(len(dense))]
+        many_b = [pipeline.union_batch(dense[sl], hists[sl])[2] for sl in batches]
+        rows = np.mean([len(b.labels) for b in one_b])
+        parts[f"union ranker forward, {rows:.0f} rows ({ranker.runtime})"] = (ranker.logits, one_b, many_b)
+    elif not isinstance(source, SequenceSource):
         # as top_k_indices searches: each user's seen items left out (masked in an exact index's scores,
         # or filtered from a search with room for them)
         parts["ANN search"] = (
@@ -375,6 +403,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             **{f"{src.name} scorer": src.scorer.runtime for src in pipeline.sources if hasattr(src, "scorer")},
             **{f"ranker {arm}": r.runtime for arm, r in pipeline.rankers.items()},
             **{f"ranker {arm}, per-user program": r.by_user_runtime for arm, r in pipeline.rankers.items()},
+            **({"union ranker": pipeline.union_ranker.runtime} if pipeline.union_ranker is not None else {}),
         },
     }
     results["single_user"] = s = single_user(pipeline, users, repeats)

@@ -73,7 +73,9 @@ def union_lists(
     for src, top, scores in zip(sources, tops, raw):
         s = np.asarray(scores, dtype=np.float32)
         rr = 1.0 / (RANK_OFFSET + ranks_at(s, unseen, safe))  # reciprocal_ranks' values, at the candidates only
-        inside = (items[:, :, None] == np.where(top >= 0, top, -2)[:, None, :]).any(axis=2).astype(np.float32)
+        member = np.zeros(s.shape, dtype=bool)  # the source's list as a mask over the catalog
+        member[np.nonzero(top >= 0)[0], top[top >= 0]] = True
+        inside = (np.take_along_axis(member, safe, axis=1) & (items >= 0)).astype(np.float32)
         cols += [rr, inside, _standardised(s, unseen, safe)]
         fused += weights.get(src.name, 0.0) * rr
         proposed += inside

@@ -18,8 +18,8 @@ transitions (``retrieval.item_item``, seconds). Then the served system is chosen
 fitted there, and every system compared there; then one DLRM is trained over the union of every
 source's lists (``integration.union_ranker``, under a minute on ml-100k) and the served system chosen
 again with it among the others (by its cross-fitted figure). Last, the query tower and the sequential scorers are
-compiled with AOTInductor (``inference_legacy.aot_compile``; the rankers were when packaged), as the
-service runs them. An interrupted run resumes from its checkpoints; a retrained stage retrains every
+compiled with AOTInductor (``inference_legacy.aot_compile``; the rankers were when packaged), and the
+union ranker (``integration.union_model``), as the service runs them. An interrupted run resumes from its checkpoints; a retrained stage retrains every
 stage that reads it. Then it:
 
 - builds the pipeline (``integration.loader.create_pipeline``, which checks the stages fit),
@@ -230,7 +230,7 @@ def stages(
             models,
         )
     )
-    from integration.union_model import ARTIFACT  # here: --help stays fast
+    from integration.union_model import ARTIFACT, COMPILED  # here: --help stays fast
 
     todo.append(
         Stage(
@@ -250,6 +250,23 @@ def stages(
             [len(todo) - 1],
         )
     )
+    if not quick:  # retraining it removes its package, so this runs again after
+        compiles.append(
+            Stage(
+                "serving: the union ranker compiled (AOTInductor)",
+                root / ARTIFACT / COMPILED,
+                [
+                    "-m",
+                    "integration.union_model",
+                    "--artifacts",
+                    str(root),
+                    "--sequential",
+                    ",".join(sequential) or "none",
+                    *data_dir,
+                ],
+                [len(todo) - 1],
+            )
+        )
     return todo + compiles
 
 

@@ -99,7 +99,8 @@ def create_pipeline(
     must agree ("auto" does). ``dataset`` passes a data set in memory (e.g. a synthetic one)
     instead of loading it by name. ``compiled``: the query tower, the sequential scorers and the
     rankers run their AOTInductor packages where they have checked-out ones
-    (``python -m inference_legacy.aot_compile``). Serving settings for the process: freed memory
+    (``python -m inference_legacy.aot_compile``), and so does the union ranker
+    (``python -m integration.union_model``). Serving settings for the process: freed memory
     stays in the heap (:func:`retain_freed_memory`).
     """
     retain_freed_memory()
@@ -168,7 +169,9 @@ def create_pipeline(
         rules.choice_still_stands(choice_path, choice["models"], models, fix)
     weights = choice["weights"] if choice else None
     names = [src.name for src in sources + item_sources]
-    union_ranker = _union_ranker(root, names, models["sources"], weights, store.config, candidate_source, choice, fix)
+    union_ranker = _union_ranker(
+        root, names, models["sources"], weights, store.config, candidate_source, choice, fix, compiled
+    )
     what = {"data": ds.fingerprint, "source": candidate_source, "k": CANDIDATES, "retrieval": r_manifest["files"]}
     if union_ranker is not None and candidate_source == UNION_RANKER:
         what["union_ranker"] = union_ranker.manifest["model_sha256"]
@@ -202,10 +205,12 @@ def _union_ranker(
     candidate_source: str,
     choice: dict | None,
     choose: str,
+    compiled: bool = True,
 ) -> UnionRanker | None:
     """The union ranker (integration/union_model.py) where one was trained for these sources, their
     ensemble weights and this feature store; refused with the fix where it is served and does not fit
-    (not served: left out, and the pipeline has no "union ranker" system)."""
+    (not served: left out, and the pipeline has no "union ranker" system). ``compiled``: its
+    AOTInductor package where it has one that checks out."""
     manifest = read_manifest(root)
     served = candidate_source == UNION_RANKER
     fix = f"retrain it with python -m integration.union_ranker --artifacts {root} (it chooses the served system again)"
@@ -229,7 +234,7 @@ def _union_ranker(
             f"{choose}"
         )
     try:
-        return UnionRanker.load(root / UNION_ARTIFACT)
+        return UnionRanker.load(root / UNION_ARTIFACT, compiled)
     except ArtifactMismatch:
         if served:
             raise

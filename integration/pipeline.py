@@ -36,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchrec.datasets.utils import Batch
 
-from candidates.provenance import union_lists
+from candidates.provenance import UnionLists, union_lists
 from candidates.sources import CandidateSource, EnsembleSource, TwoTowerSource, union
 from common.data.dataset import InteractionData, id_key
 from common.data.split import Split
@@ -193,6 +194,17 @@ class RecommendationPipeline:
         items (None: all) and their logits ``[B, k]`` (-1 / -inf padding). The lists, their rows and
         their order are the calls its training makes (integration/union_ranker.py), on the store's
         histories."""
+        lists, rows, batch = self.union_batch(users, hists)
+        items, scores = self.union_ranker.order(lists, rows, batch)
+        if k is None:
+            return items, scores
+        if items.shape[1] < k:
+            pad = ((0, 0), (0, k - items.shape[1]))
+            return np.pad(items, pad, constant_values=-1), np.pad(scores, pad, constant_values=-np.inf)
+        return items[:, :k], scores[:, :k]
+
+    def union_batch(self, users: np.ndarray, hists: list[np.ndarray]) -> tuple[UnionLists, np.ndarray, Batch]:
+        """The users' union lists and the union ranker's rows of them (list by list)."""
         ranker = self.union_ranker
         users = np.asarray(users, dtype=np.int64)
         queries = self.retriever.query_embeddings(users, hists)  # once: the two-tower's list, scores and features
@@ -202,14 +214,11 @@ class RecommendationPipeline:
         two_tower = (queries, self.item_embeddings)
         now = self.store.last_time[users]
         attention = ranker.manifest["config"]["attention"]
-        batch = list_batch(self.store.features, ranker.schema, lists, rows, hists, now, two_tower, None, attention)
-        items, scores = ranker.order(lists, rows, batch)
-        if k is None:
-            return items, scores
-        if items.shape[1] < k:
-            pad = ((0, 0), (0, k - items.shape[1]))
-            return np.pad(items, pad, constant_values=-1), np.pad(scores, pad, constant_values=-np.inf)
-        return items[:, :k], scores[:, :k]
+        return (
+            lists,
+            rows,
+            list_batch(self.store.features, ranker.schema, lists, rows, hists, now, two_tower, None, attention),
+        )
 
     def candidate_key(self, user: int) -> str:
         """A user's candidates are a function of the models (``identity``) and the user's history,

@@ -458,7 +458,7 @@ def test_a_retrained_stage_retrains_every_stage_that_reads_it(tmp_path) -> None:
 
     todo = stages(tmp_path, sequential=("sasrec", "bert4rec"))
     names = [s.name for s in todo]
-    assert len(todo) == 15 and names[3].startswith("SASRec") and names[6].startswith("BERT4Rec")
+    assert len(todo) == 16 and names[3].startswith("SASRec") and names[6].startswith("BERT4Rec")
     assert names[9].startswith("item-to-item")
     # every ranker reads the retrieval export; each sequential ranker also its source; artifacts their
     # ranker; the choice of the served system every model; the union ranker the choice (its weights);
@@ -479,10 +479,17 @@ def test_a_retrained_stage_retrains_every_stage_that_reads_it(tmp_path) -> None:
         [0],
         [3],
         [6],
+        [11],
     ]
     assert todo[10].output == tmp_path / "serving" / "served-two-tower-sasrec-bert4rec-item-item.json"
     assert todo[11].output == tmp_path / "serving" / "union-ranker" / "manifest.json"
-    assert [s.output.name for s in todo[12:]] == ["query_tower.aoti.pt2", "scorer.aoti.pt2", "scorer.aoti.pt2"]
+    assert [s.output.name for s in todo[12:]] == [
+        "query_tower.aoti.pt2",
+        "scorer.aoti.pt2",
+        "scorer.aoti.pt2",
+        "model.aoti.pt2",
+    ]
+    assert todo[15].output.parent == todo[11].output.parent and "integration.union_model" in todo[15].command
     assert len(stages(tmp_path, quick=True, sequential=("sasrec", "bert4rec"))) == 12  # --quick compiles nothing
     assert "--candidates-export" in todo[4].command and str(tmp_path / "sasrec" / "export") in todo[4].command
     # a large log with repeats: "again" among the sources chosen from, the budget's flags per trainer
@@ -493,7 +500,7 @@ def test_a_retrained_stage_retrains_every_stage_that_reads_it(tmp_path) -> None:
     assert budget_flags(SimpleNamespace(num_interactions=100_000, num_users=943)) == {}
     budget = budget_flags(SimpleNamespace(num_interactions=1_460_438, num_users=2_469))
     large = stages(tmp_path, sequential=("sasrec",), repeats=True, budget=budget)
-    assert large[-4].output == tmp_path / "serving" / "served-two-tower-sasrec-item-item-again.json"
+    assert large[-5].output == tmp_path / "serving" / "served-two-tower-sasrec-item-item-again.json"
     assert large[1].command[-2:] == ["--train-last", "81"] and "--sampled-softmax" in large[3].command
     assert "--train-last" in large[4].command and "--sampled-softmax" not in large[0].command
 
@@ -742,6 +749,26 @@ def test_the_union_ranker_serves_the_lists_it_was_trained_on(with_sasrec, tmp_pa
     with ready_client(app, batcher) as c:
         body = c.post("/recommend", json={"user_id": 196}).json()
     assert body["stage"] == "ranked" and [x["item_id"] for x in body["items"]] == rec.item_ids
+
+    # compiled with AOTInductor (the demo's last stage): served compiled, the same order and logits as eager
+    from integration import union_model
+
+    assert pipeline.union_ranker.runtime == "eager"
+    union_model.main(["--artifacts", str(root), "--users", "16"])
+    compiled = create_pipeline(root, candidate_source="union ranker")
+    assert compiled.union_ranker.runtime == "AOTInductor"
+    c_items, c_scores = compiled.union_ranked(users[first], hists, 100)
+    np.testing.assert_array_equal(c_items, items)
+    np.testing.assert_allclose(c_scores, scores, rtol=1e-5, atol=1e-5)
+    assert create_pipeline(root, candidate_source="union ranker", compiled=False).union_ranker.runtime == "eager"
+    package = root / ARTIFACT / union_model.COMPILED
+    package.write_bytes(package.read_bytes()[:-1] + b"x")  # altered: served eager, and it says why
+    assert create_pipeline(root, candidate_source="union ranker").union_ranker.runtime == "eager"
+    (tmp_path / "resaved").mkdir()  # saved over an older one, a model never keeps the other model's package
+    shutil.copy(package, tmp_path / "resaved" / union_model.COMPILED)
+    compiled.union_ranker.save(tmp_path / "resaved")
+    assert not (tmp_path / "resaved" / union_model.COMPILED).exists()
+    assert "compiled" not in json.loads((tmp_path / "resaved" / "manifest.json").read_text())
 
     # fused with other weights than the ensemble's: refused where served, left out where not
     (root / ARTIFACT / "manifest.json").write_text(json.dumps({**manifest, "weights": {"SASRec": 1.0}}))
