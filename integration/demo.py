@@ -241,6 +241,7 @@ def stages(
                 "integration.union_ranker",
                 "--artifacts",
                 str(root),
+                "--resume",  # a killed demo continues from its checkpoints (a finished run leaves none)
                 "--sequential",
                 ",".join(sequential) or "none",
                 "--no-test",  # the table below scores test
