@@ -126,10 +126,11 @@ def plan_sharding(
     return planner.collective_plan(model, sharders, torch.distributed.GroupMember.WORLD), sharders
 
 
-def adam_for_the_rest(dmp: DistributedModelParallel, lr: float) -> KeyedOptimizerWrapper:
+def adam_for_the_rest(dmp: DistributedModelParallel, lr: float, weight_decay: float = 0.0) -> KeyedOptimizerWrapper:
     """Adam over every parameter no optimizer in backward updates: the dense layers."""
     return KeyedOptimizerWrapper(
-        dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda params: torch.optim.Adam(params, lr=lr)
+        dict(in_backward_optimizer_filter(dmp.named_parameters())),
+        lambda params: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay),
     )
 
 

@@ -43,9 +43,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from candidates.provenance import UnionLists
 from common.compiled import Guarded, id_guard, load_package
 from common.data.download import file_digest
-from common.features import DenseFeature, FeatureSchema
+from common.features import DenseFeature, FeatureBatch, FeatureSchema
 from golden_training.model import TorchRecDLRM
 from golden_training.ranking_data import Examples, RankingFeatures
+from inference_legacy import artifact as art
 from integration.compatibility import ArtifactMismatch
 
 ARTIFACT = "serving/union-ranker"  # under the artifacts directory
@@ -204,7 +205,8 @@ class UnionProgram(nn.Module):
 
 
 def program_inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return batch.dense_features, batch.sparse_features.values().long(), batch.sparse_features.lengths().long()
+    """A training batch as the program's inputs, as the per-source rankers' programs take theirs."""
+    return art.program_inputs(FeatureBatch(batch.dense_features, batch.sparse_features))
 
 
 @dataclasses.dataclass

@@ -69,8 +69,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from candidates.provenance import UnionLists, union_lists
@@ -90,7 +89,7 @@ from common.runtime import (
     write_json_atomic,
     write_results,
 )
-from common.sharding import CUDA_ONLY, SHARDING_TYPES, local_shards, plan_sharding, table_names
+from common.sharding import CUDA_ONLY, SHARDING_TYPES, adam_for_the_rest, local_shards, plan_sharding, table_names
 from golden_training.model import TorchRecDLRM
 from integration.ensemble import print_choice, with_union_ranker
 from integration.feature_store import FeatureStore
@@ -336,11 +335,7 @@ def sharded(model: TorchRecDLRM, cfg: Config, rt: Runtime) -> tuple[DistributedM
     with torch.no_grad():
         for key, offsets, shard in local_shards(dmp.state_dict()):
             shard.copy_(weights[key][tuple(slice(o, o + n) for o, n in zip(offsets, shard.shape))])
-    dense = KeyedOptimizerWrapper(
-        dict(in_backward_optimizer_filter(dmp.named_parameters())),
-        lambda params: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
-    )
-    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense])
+    return dmp, CombinedOptimizer([dmp.fused_optimizer, adam_for_the_rest(dmp, cfg.lr, cfg.weight_decay)])
 
 
 def train_model(
