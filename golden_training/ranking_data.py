@@ -46,6 +46,8 @@ RECENT_ITEMS = 10
 SEQUENCE_FEATURES = (*(f"after_last_{k}" for k in range(1, TRANSITION_LAGS + 1)), "item_trend")  # SequenceStats
 # On a data set with repeats (SequenceStats.repeat_features): the user's own past with the candidate.
 REPEAT_FEATURES = ("times_had", "since_had", "share_had", "item_repurchase")
+# With the history's timestamps too (Examples.hist_times; the union ranker's rows): when they had it, in days.
+TIMING_FEATURES = ("days_since_had", "days_between_had", "due_had")
 DAY = 86_400
 
 
@@ -243,6 +245,8 @@ class RankingFeatures(FeatureTables):
                 else {name: np.zeros(n, np.float32) for name in self.history_match_names}
             ),
             **({name: sequence[name] for name in REPEAT_FEATURES} if self.repeat_features else {}),
+            # the union ranker's, where its rows carried their histories' timestamps
+            **{name: sequence[name] for name in TIMING_FEATURES if sequence is not None and name in sequence},
         }
         return cols
 
@@ -253,7 +257,9 @@ class Examples:
     (the last ``history_len`` of it), ``query`` indexes its retrieval query embedding, and
     ``time`` is the row's "now": the time of the user's last interaction before it. ``own``
     marks rows whose history is the user's own training sequence (``hist_items`` is the
-    training split's items), whose transitions ``SequenceStats`` must leave out."""
+    training split's items), whose transitions ``SequenceStats`` must leave out. ``hist_times``:
+    each of ``hist_items``' timestamps, where the caller has them (the union ranker's rows: then the
+    :data:`TIMING_FEATURES` exist on a data set with repeats)."""
 
     user: np.ndarray
     item: np.ndarray
@@ -264,6 +270,7 @@ class Examples:
     time: np.ndarray
     hist_items: np.ndarray
     own: bool = False
+    hist_times: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.user)
@@ -279,6 +286,7 @@ class Examples:
             self.time[rows],
             self.hist_items,
             self.own,
+            self.hist_times,
         )
 
     def history(self, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -338,6 +346,14 @@ class SequenceStats:
       interactions that were it: a basket holds a product once, so about the share of their baskets),
       and ``item_repurchase`` (of the other training users who had the candidate, the share who had
       it again: the row's own user left out, as a training row would otherwise count its own future).
+    - on a data set with repeats, where the rows carry their history's timestamps
+      (``Examples.hist_times``), :data:`TIMING_FEATURES`, in days: ``days_since_had`` (1 / (1 + days
+      from the last time the user had the candidate to the row's "now"), 0 if never),
+      ``days_between_had`` (1 / (1 + the mean days between the user's purchases of it), 0 if fewer
+      than two) and ``due_had`` (log((days since + 1) / (mean days between + 1)), clipped to [-5, 5],
+      0 if fewer than two: above 0 once a household's usual interval for the product has passed).
+      Households buy groceries on cycles; counted in purchases, a week holds 10 lines for one
+      household and 200 for another.
 
     Rows built from the user's own training sequence (``Examples.own``) leave that user's own
     transition out of each history item: otherwise a training positive would find its own
@@ -431,7 +447,7 @@ class SequenceStats:
 
     def repeat_features(self, ex: Examples) -> dict[str, np.ndarray]:
         """:data:`REPEAT_FEATURES` of the rows (see the class docstring)."""
-        times, last = _occurrences(ex.hist_items, ex.item, ex.hist_start, ex.hist_end)
+        times, last, first = _occurrences(ex.hist_items, ex.item, ex.hist_start, ex.hist_end)
         length = ex.hist_end - ex.hist_start
         had, again = self.had[ex.item].astype(np.float64), self.had_again[ex.item].astype(np.float64)
         # The item's rate among the other users: the row's own user out (a training row's whole
@@ -442,12 +458,33 @@ class SequenceStats:
                 ex.hist_items, ex.item, ex.hist_start, _sequence_end(self.same_user_next, ex.hist_start)
             )[0]
         had, again = np.maximum(had - (mine > 0), 0), np.maximum(again - (mine > 1), 0)
-        return {
+        out = {
             "times_had": np.log1p(times).astype(np.float32),
             "since_had": np.where(times > 0, 1.0 / (ex.hist_end - last), 0.0).astype(np.float32),
             "share_had": (times / np.maximum(length, 1)).astype(np.float32),
             "item_repurchase": np.where(had > 0, again / np.maximum(had, 1), 0.0).astype(np.float32),
         }
+        if ex.hist_times is not None:
+            out |= timing_features(ex.hist_times, ex.time, times, last, first)
+        return out
+
+
+def timing_features(
+    hist_times: np.ndarray, now: np.ndarray, times: np.ndarray, last: np.ndarray, first: np.ndarray
+) -> dict[str, np.ndarray]:
+    """:data:`TIMING_FEATURES` (:class:`SequenceStats`) of rows whose user had the candidate ``times``
+    times in their history, first and last at positions ``first`` and ``last`` of ``hist_times``
+    (-1 where never), at time ``now``."""
+    t = hist_times if len(hist_times) else np.zeros(1, np.int64)
+    t_last, t_first = t[np.maximum(last, 0)], t[np.maximum(first, 0)]
+    since = np.maximum(now - t_last, 0) / DAY
+    between = (t_last - t_first) / DAY / np.maximum(times - 1, 1)
+    again = times > 1
+    return {
+        "days_since_had": np.where(times > 0, 1.0 / (1.0 + since), 0.0).astype(np.float32),
+        "days_between_had": np.where(again, 1.0 / (1.0 + between), 0.0).astype(np.float32),
+        "due_had": np.where(again, np.clip(np.log((since + 1.0) / (between + 1.0)), -5.0, 5.0), 0.0).astype(np.float32),
+    }
 
 
 _ORDER_CACHE: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -455,9 +492,9 @@ _ORDER_CACHE: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
 def _occurrences(
     items: np.ndarray, item: np.ndarray, start: np.ndarray, end: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """For each row, how many of ``items[start:end]`` are ``item``, and the position of the last
-    (-1 where none): binary searches in ``items``' positions sorted by (item, position), sorted once
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each row, how many of ``items[start:end]`` are ``item``, and the positions of the last and
+    the first (-1 where none): binary searches in ``items``' positions sorted by (item, position), sorted once
     per array (the training split's items are searched by every training batch)."""
     cached = _ORDER_CACHE.get(id(items))
     if cached is None or cached[0] is not items:
@@ -469,8 +506,11 @@ def _occurrences(
     keys = cached[1]
     base = np.asarray(item, np.int64) * (len(items) + 1)
     lo, hi = _searchsorted(keys, base + start), _searchsorted(keys, base + end)
-    last = np.where(hi > lo, keys[np.maximum(hi - 1, 0)] - base, -1) if len(keys) else np.full(len(item), -1)
-    return hi - lo, last
+    if not len(keys):
+        return hi - lo, np.full(len(item), -1), np.full(len(item), -1)
+    last = np.where(hi > lo, keys[np.maximum(hi - 1, 0)] - base, -1)
+    first = np.where(hi > lo, keys[np.minimum(lo, len(keys) - 1)] - base, -1)
+    return hi - lo, last, first
 
 
 def _sequence_end(same_user_next: np.ndarray, start: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ class FeatureStore:
     features: RankingFeatures
     histories: list[list[int]]  # dense item indices per dense user, oldest first
     last_time: np.ndarray  # per user: time of the latest interaction ("now" for features)
+    times: list[list[int]]  # each history item's timestamp (the union ranker's days since and between)
     stage: str = "test"  # histories as they stand before this split's targets
     config: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -48,12 +49,13 @@ class FeatureStore:
     ) -> FeatureStore:
         """Histories up to ``stage``'s targets: training plus validation for "test" (serving),
         training only for "valid" (model selection)."""
-        indptr, hist = split.history(stage)
+        indptr, hist, times = split.timed_history(stage)
         users = np.arange(ds.num_users)
         return cls(
             RankingFeatures.build(ds, split, history_len, sequence, trend_days, history_match),
             [hist[indptr[u] : indptr[u + 1]].tolist() for u in users],
             reference_time(split, stage, users).astype(np.int64),
+            [times[indptr[u] : indptr[u + 1]].tolist() for u in users],
             stage,
             {
                 "history_len": history_len,
@@ -67,14 +69,22 @@ class FeatureStore:
         with self.lock:  # events append from another thread
             return np.asarray(self.histories[user], dtype=np.int64)
 
-    def add_interaction(self, user: int, item: int, timestamp: int | None = None) -> int:
-        """Append an interaction; returns the user's history length, which stays at most
-        :data:`MAX_HISTORY` (the oldest items go first: every stage reads only the latest 50)."""
+    def timed_history(self, user: int) -> tuple[np.ndarray, np.ndarray]:
+        """The user's history and each item's timestamp, read together."""
         with self.lock:
-            self.histories[user].append(int(item))
-            del self.histories[user][:-MAX_HISTORY]
+            return np.asarray(self.histories[user], dtype=np.int64), np.asarray(self.times[user], dtype=np.int64)
+
+    def add_interaction(self, user: int, item: int, timestamp: int | None = None) -> int:
+        """Append an interaction at ``timestamp`` (None: the user's latest time); returns the user's
+        history length, which stays at most :data:`MAX_HISTORY` (the oldest items go first: every
+        stage reads only the latest 50, the union ranker's days since a purchase the latest 1,000)."""
+        with self.lock:
             if timestamp is not None:
                 self.last_time[user] = max(int(self.last_time[user]), int(timestamp))
+            self.histories[user].append(int(item))
+            self.times[user].append(int(self.last_time[user] if timestamp is None else timestamp))
+            del self.histories[user][:-MAX_HISTORY]
+            del self.times[user][:-MAX_HISTORY]
             return len(self.histories[user])
 
     def _examples(self, users: np.ndarray, items: np.ndarray) -> tuple[Examples, np.ndarray, np.ndarray]:

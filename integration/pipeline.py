@@ -47,7 +47,7 @@ from inference_legacy.dlrm_predict import DLRMPredictor
 from integration.compatibility import digest
 from integration.feature_store import FeatureStore, rank_chunk, user_chunks
 from integration.union_model import NAME as UNION_RANKER
-from integration.union_model import UnionRanker, list_batch
+from integration.union_model import TIMING_FEATURES, UnionRanker, list_batch
 from retrieval.two_tower_retrieval import Retriever
 
 CANDIDATES = 100
@@ -171,7 +171,8 @@ class RecommendationPipeline:
             items = union([src.top_k(users, hists, k)[0] for src in self.union_sources], interleave=not self.rerank)
             return items, self.retrieval_scores(users, hists, items)
         if source == UNION_RANKER:  # its whole list, ranked (about 300 on ml-100k)
-            return self.union_ranked(users, hists)
+            hists, times = zip(*(self.store.timed_history(u) for u in users))  # read together: events append
+            return self.union_ranked(users, list(hists), times=list(times))
         src = self.ensemble if source == "ensemble" else next(s for s in self.all_sources if s.name == source)
         items, scores = src.top_k(users, hists, k)
         return (items, self.retrieval_scores(users, hists, items)) if self.rerank else (items, scores)
@@ -188,13 +189,13 @@ class RecommendationPipeline:
         return "ranked" if self.rerank or self.candidate_source == UNION_RANKER else "candidates"
 
     def union_ranked(
-        self, users: np.ndarray, hists: list[np.ndarray], k: int | None = None
+        self, users: np.ndarray, hists: list[np.ndarray], k: int | None = None, times: list[np.ndarray] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Each user's union of every source's top 100 in the union ranker's order: the first ``k``
         items (None: all) and their logits ``[B, k]`` (-1 / -inf padding). The lists, their rows and
         their order are the calls its training makes (integration/union_ranker.py), on the store's
-        histories."""
-        lists, rows, batch = self.union_batch(users, hists)
+        histories (``times``: their timestamps, :meth:`union_batch`)."""
+        lists, rows, batch = self.union_batch(users, hists, times)
         items, scores = self.union_ranker.order(lists, rows, batch)
         if k is None:
             return items, scores
@@ -203,8 +204,11 @@ class RecommendationPipeline:
             return np.pad(items, pad, constant_values=-1), np.pad(scores, pad, constant_values=-np.inf)
         return items[:, :k], scores[:, :k]
 
-    def union_batch(self, users: np.ndarray, hists: list[np.ndarray]) -> tuple[UnionLists, np.ndarray, Batch]:
-        """The users' union lists and the union ranker's rows of them (list by list)."""
+    def union_batch(
+        self, users: np.ndarray, hists: list[np.ndarray], times: list[np.ndarray] | None = None
+    ) -> tuple[UnionLists, np.ndarray, Batch]:
+        """The users' union lists and the union ranker's rows of them (list by list). ``times``: each
+        history's timestamps (None: the store's, which must then be ``hists``: no event in between)."""
         ranker = self.union_ranker
         users = np.asarray(users, dtype=np.int64)
         queries = self.retriever.query_embeddings(users, hists)  # once: the two-tower's list, scores and features
@@ -214,10 +218,12 @@ class RecommendationPipeline:
         two_tower = (queries, self.item_embeddings)
         now = self.store.last_time[users]
         attention = ranker.manifest["config"]["attention"]
+        if times is None and TIMING_FEATURES[0] in ranker.schema.dense_names:
+            times = [self.store.timed_history(u)[1] for u in users.tolist()]
         return (
             lists,
             rows,
-            list_batch(self.store.features, ranker.schema, lists, rows, hists, now, two_tower, None, attention),
+            list_batch(self.store.features, ranker.schema, lists, rows, hists, now, two_tower, None, attention, times),
         )
 
     def candidate_key(self, user: int) -> str:

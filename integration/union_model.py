@@ -1,14 +1,16 @@
 """The union ranker as trained and as served: its rows, its artifact, its order.
 
     lists = union_lists(sources, weights, users, histories, k=100)   # candidates/provenance.py
-    batch = list_batch(store.features, ranker.schema, lists, rows, histories, now, (queries, item_vectors))
+    batch = list_batch(store.features, ranker.schema, lists, rows, histories, now, (queries, item_vectors),
+                       history_times=times)                           # times: the store's timed_history
     ranker = UnionRanker.load(root / ARTIFACT)
     items, logits = ranker.order(lists, rows, batch)                  # each list, best first
 
 A list is one user's union of every source's top 100 with each candidate's provenance
 (candidates/provenance.py); its rows are the per-source rankers' features of each (user, candidate)
 (golden_training/ranking_data.py, read from the feature store's tables, with the user's history as
-the store holds it and the store's "now") plus the provenance features. :func:`list_batch` builds
+the store holds it and the store's "now"; on a log with repeats, the days since and between the user's
+purchases of the candidate from the history's timestamps) plus the provenance features. :func:`list_batch` builds
 them, once, for both sides: integration/union_ranker.py trains on the validation users' lists and the
 pipeline (integration/pipeline.py) serves a request's lists through the same call, so a list is
 scored the same way in training and in serving (tests/test_integration.py checks it, list by list).
@@ -45,7 +47,7 @@ from common.compiled import Guarded, id_guard, load_package
 from common.data.download import file_digest
 from common.features import DenseFeature, FeatureBatch, FeatureSchema
 from golden_training.model import TorchRecDLRM
-from golden_training.ranking_data import Examples, RankingFeatures
+from golden_training.ranking_data import TIMING_FEATURES, Examples, RankingFeatures
 from inference_legacy import artifact as art
 from integration.compatibility import ArtifactMismatch
 
@@ -60,12 +62,17 @@ ID_FEATURES = ("user_id", "item_id", "history")
 
 def ranker_schema(features: RankingFeatures, provenance: list[str], ids: bool, attention: int = 0) -> FeatureSchema:
     """The per-source rankers' features (without the IDs unless ``ids``, or unless the data set has no
-    categorical feature: the DLRM needs a table), the provenance ones and, with ``attention``, the
-    target attention's (:func:`target_attention`)."""
+    categorical feature: the DLRM needs a table), the provenance ones, with ``attention`` the target
+    attention's (:func:`target_attention`) and, on a data set with repeats, the days since and between
+    the user's purchases of the candidate (golden_training/ranking_data.py, ``TIMING_FEATURES``)."""
     sparse = [n for n in features.schema.sparse_names if ids or n not in ID_FEATURES]
     sparse = sparse or features.schema.sparse_names
     schema = features.schema.subset(sparse)
-    extra = [*provenance, *(ATTENTION_FEATURES if attention else ())]
+    extra = [
+        *provenance,
+        *(ATTENTION_FEATURES if attention else ()),
+        *(TIMING_FEATURES if features.repeat_features else ()),
+    ]
     return dataclasses.replace(schema, dense=schema.dense + tuple(DenseFeature(n) for n in extra))
 
 
@@ -120,9 +127,11 @@ def list_batch(
     two_tower: tuple[np.ndarray, np.ndarray] | None,
     targets: np.ndarray | None = None,
     attention: int = 0,
+    history_times: list[np.ndarray] | None = None,
 ) -> Batch:
     """The rows of the lists ``rows`` (indices into ``lists``), list by list, each in union order:
-    ``histories[r]`` and ``now[r]`` are list ``r``'s user's history (oldest first) and time;
+    ``histories[r]`` and ``now[r]`` are list ``r``'s user's history (oldest first) and time,
+    ``history_times[r]`` its timestamps (needed where ``schema`` has the timing features);
     ``two_tower``: (each list's query, the item embeddings) for the ``retrieval_score`` feature (0
     without) and the target attention over the latest ``attention`` items (none with 0);
     ``targets[r]``: list ``r``'s target, for the labels (0 without)."""
@@ -135,6 +144,13 @@ def list_batch(
     lengths = np.array([len(h) for h in hists], dtype=np.int64)
     ends = np.cumsum(lengths)
     at = np.repeat(np.arange(len(rows)), sizes)
+    times = None
+    if TIMING_FEATURES[0] in schema.dense_names:
+        if history_times is None:
+            raise ValueError(f"the schema has {', '.join(TIMING_FEATURES)}: pass each history's timestamps")
+        times = np.concatenate([history_times[r] for r in rows.tolist()]) if hists else np.zeros(0, np.int64)
+        if len(times) != int(lengths.sum()):
+            raise ValueError(f"{len(times)} history timestamps for {int(lengths.sum())} history items")
     ex = Examples(
         lists.users[of],
         item,
@@ -144,6 +160,7 @@ def list_batch(
         of,
         now[of],
         np.concatenate(hists) if hists else np.zeros(0, np.int64),
+        hist_times=times,
     )
     qs = (
         np.zeros(len(item), np.float32)

@@ -257,7 +257,7 @@ def stage_lists(
     stage = store.stage
     rank, world_size = share
     users, targets = split.targets(stage)
-    histories = [store.history(u) for u in users.tolist()]
+    histories, times = zip(*(store.timed_history(u) for u in users.tolist())) if len(users) else ((), ())
     now = store.last_time[users]
     bar = Progress(len(users), f"{stage} lists", "users", enabled=rank == 0)
     parts = []
@@ -274,7 +274,7 @@ def stage_lists(
     schema = ranker_schema(store.features, lists.names, cfg.ids, cfg.attention)
 
     def rows(c: np.ndarray) -> Batch:
-        return list_batch(store.features, schema, lists, c, histories, now, two_tower, targets, cfg.attention)
+        return list_batch(store.features, schema, lists, c, histories, now, two_tower, targets, cfg.attention, times)
 
     chunks = [order[lo : lo + cfg.lists_per_batch] for lo in range(0, len(order), cfg.lists_per_batch)]
     batches = [rows(c) for c in chunks]

@@ -138,7 +138,8 @@ def ranker_arrays(ds: InteractionData, stage: str) -> dict[str, np.ndarray]:
         "sequence.item_time": seq.item_time,
         "train.queries": queries,
     }
-    out |= {f"train.{f.name}": getattr(examples, f.name) for f in dataclasses.fields(examples) if f.name != "own"}
+    fields = {f.name: getattr(examples, f.name) for f in dataclasses.fields(examples) if f.name != "own"}
+    out |= {f"train.{name}": value for name, value in fields.items() if value is not None}
     perm = np.random.default_rng([cfg.seed, 10, 0]).permutation(len(examples))
     for k in range(20):  # the first 20 batches the trainer feeds, built the trainer's way
         rows = perm[k * cfg.batch_size : (k + 1) * cfg.batch_size]
@@ -209,6 +210,7 @@ def feature_store_arrays(ds: InteractionData, stage: str) -> dict[str, np.ndarra
     return {
         f"{stage}.histories": np.concatenate([store.history(u) for u in users]),
         f"{stage}.history_lengths": np.array([len(h) for h in store.histories]),
+        f"{stage}.history_times": np.concatenate([store.timed_history(u)[1] for u in users]),
         f"{stage}.now": store.last_time,
         f"{stage}.candidates": items,
         f"{stage}.dense": dense.numpy(),

@@ -203,6 +203,74 @@ def test_the_rankers_repeat_features_equal_a_direct_count(ml100k) -> None:
     check(rows, feats.sequence.features(rows), rng.choice(len(rows), 300, replace=False))
 
 
+def test_the_union_rankers_days_features_equal_a_direct_computation(ml100k) -> None:
+    """days_since_had, days_between_had and due_had in the union ranker's validation rows, built its
+    way (the feature store's histories with their timestamps, integration.union_ranker.stage_lists),
+    against a loop over each row's history; an event appends its timestamp, or the user's "now"."""
+    from candidates.again import AgainSource
+    from candidates.sources import PopularitySource
+    from common.data.dataset import build_dataset
+    from golden_training.ranking_data import DAY, TIMING_FEATURES
+    from integration import union_ranker
+    from integration.feature_store import FeatureStore
+
+    keep = ml100k.user < 60  # each user coming back to a third of their items 1 to 60 days later
+    user, item, time = ml100k.user[keep], ml100k.item[keep], ml100k.timestamp[keep]
+    rng = np.random.default_rng(0)
+    again = rng.random(len(user)) < 0.3
+    later = time[again] + rng.integers(1, 60 * DAY, again.sum())
+    ds = build_dataset(
+        "days",
+        "test",
+        ml100k.user_raw_ids[np.r_[user, user[again]]],
+        ml100k.item_raw_ids[np.r_[item, item[again]]],
+        np.r_[time, later],
+        repeats=True,
+    )
+    split = split_dataset(ds)
+    store = FeatureStore.build(ds, split, history_len=50, sequence=True, trend_days=30.0, stage="valid")
+    for u in range(ds.num_users):
+        items, times = store.timed_history(u)
+        mine = split.train_user == u
+        assert np.array_equal(items, split.train_item[mine]) and np.array_equal(times, split.train_time[mine])
+    sources = [PopularitySource(split.item_counts("valid"), True), AgainSource(split.num_items, 30)]
+    cfg = union_ranker.parse_args(["--ids"])
+    users = split.targets("valid")[0]
+    lists = union_ranker.stage_lists(split, store, sources, {"again": 1.0}, None, np.arange(len(users)), cfg)
+    assert set(TIMING_FEATURES) <= set(lists.schema.dense_names)
+    checked = 0
+    for chunk, batch in zip(lists.chunks, lists.batches):
+        dense = batch.dense_features.numpy()
+        at = {name: lists.schema.dense_names.index(name) for name in TIMING_FEATURES}
+        r = 0
+        for c in chunk.tolist():
+            hist, when = store.timed_history(int(users[c]))
+            now = store.last_time[users[c]]
+            for cand in lists.union.items[c][lists.union.items[c] >= 0].tolist():
+                had = [t for i, t in zip(hist.tolist(), when.tolist()) if i == cand]
+                since = (now - had[-1]) / DAY if had else None
+                between = (had[-1] - had[0]) / DAY / (len(had) - 1) if len(had) > 1 else None
+                want = {
+                    "days_since_had": 1 / (1 + since) if had else 0.0,
+                    "days_between_had": 1 / (1 + between) if between is not None else 0.0,
+                    "due_had": float(np.clip(np.log((since + 1) / (between + 1)), -5, 5))
+                    if between is not None
+                    else 0.0,
+                }
+                for name, value in want.items():
+                    assert abs(dense[r, at[name]] - value) < 1e-5, (name, c, cand, dense[r, at[name]], value)
+                checked += len(had) > 1
+                r += 1
+        assert r == len(dense)
+    assert checked > 100  # rows with a purchase cycle
+    u = int(users[0])
+    n = len(store.history(u))
+    store.add_interaction(u, 3, timestamp=int(store.last_time[u]) + DAY)
+    store.add_interaction(u, 4)  # no timestamp: the user's latest
+    items, times = store.timed_history(u)
+    assert len(items) == len(times) == n + 2 and times[-1] == times[-2] == store.last_time[u]
+
+
 def test_compare_summarizes_repeat_and_new_columns_over_seeds() -> None:
     from integration.compare import metrics_of, paired, summarize
 
@@ -282,6 +350,20 @@ def test_the_demo_and_the_service_on_a_log_with_repeats(ml100k, tmp_path: Path) 
     for stage, ranker in (("valid", "union ranker (cross-fitted)"), ("test", "union ranker")):
         assert {"NDCG@10 repeat", "NDCG@10 new"} <= set(res[stage][ranker]) and res[stage][ranker]["users_repeat"] > 0
         assert "NDCG@10_ci95" in res[f"{stage}_ranker_minus_ensemble"]
+
+    # served, its rows count days from the store's timestamps: an event now is a purchase 0 days ago
+    from golden_training.ranking_data import DAY, TIMING_FEATURES
+
+    pipeline = create_pipeline(root, data_dir=cache)
+    schema = pipeline.union_ranker.schema
+    assert set(TIMING_FEATURES) <= set(schema.dense_names)
+    u = pipeline.user_index[user]
+    item = int(pipeline.store.history(u)[-1])
+    pipeline.add_interaction(user, pipeline.dataset.item_raw_ids[item], int(pipeline.store.last_time[u]) + 3 * DAY)
+    lists, _, batch = pipeline.union_batch(np.array([u]), [pipeline.store.history(u)])
+    row = int(np.flatnonzero(lists.items[0][lists.items[0] >= 0] == item)[0])
+    assert batch.dense_features[row, schema.dense_names.index("days_since_had")] == 1.0
+    assert pipeline.union_ranked(np.array([u]), [pipeline.store.history(u)], 10)[0].shape == (1, 10)
 
 
 def test_again_negatives_come_from_the_users_own_past(ml100k) -> None:

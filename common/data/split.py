@@ -74,17 +74,23 @@ class Split:
     def history(self, stage: str) -> tuple[np.ndarray, np.ndarray]:
         """The interactions a model may see when predicting ``stage``'s targets, as CSR
         ``(indptr [num_users + 1], items)`` in split order: training, plus validation for test."""
+        indptr, item, _ = self.timed_history(stage)
+        return indptr, item
+
+    def timed_history(self, stage: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`history` with each interaction's timestamp: ``(indptr, items, times)``."""
         _check_stage(stage)
-        user, item = self.train_user, self.train_item
+        user, item, time = self.train_user, self.train_item, self.train_time
         if stage == "test":
             # The validation item comes after every training item of its user in split order.
             user = np.concatenate([user, self.valid_user])
-            item = np.concatenate([item, self.valid_item])
             order = np.argsort(user, kind="stable")
-            user, item = user[order], item[order]
+            user = user[order]
+            item = np.concatenate([item, self.valid_item])[order]
+            time = np.concatenate([time, self.valid_time])[order]
         indptr = np.zeros(self.num_users + 1, dtype=np.int64)
         np.cumsum(np.bincount(user, minlength=self.num_users), out=indptr[1:])
-        return indptr, item
+        return indptr, item, time
 
     def excluded(self, stage: str, users: np.ndarray) -> list[np.ndarray] | None:
         """The items to leave out of each of ``users``' lists for ``stage``: their history, or
