@@ -47,7 +47,7 @@ SEQUENCE_FEATURES = (*(f"after_last_{k}" for k in range(1, TRANSITION_LAGS + 1))
 # On a data set with repeats (SequenceStats.repeat_features): the user's own past with the candidate.
 REPEAT_FEATURES = ("times_had", "since_had", "share_had", "item_repurchase")
 # With the history's timestamps too (Examples.hist_times; the union ranker's rows): when they had it, in days.
-TIMING_FEATURES = ("days_since_had", "days_between_had", "due_had")
+TIMING_FEATURES = ("days_since_had", "days_between_had", "due_had", "item_gap", "due_item")
 DAY = 86_400
 
 
@@ -351,9 +351,12 @@ class SequenceStats:
       from the last time the user had the candidate to the row's "now"), 0 if never),
       ``days_between_had`` (1 / (1 + the mean days between the user's purchases of it), 0 if fewer
       than two) and ``due_had`` (log((days since + 1) / (mean days between + 1)), clipped to [-5, 5],
-      0 if fewer than two: above 0 once a household's usual interval for the product has passed).
-      Households buy groceries on cycles; counted in purchases, a week holds 10 lines for one
-      household and 200 for another.
+      0 if fewer than two: above 0 once a household's usual interval for the product has passed),
+      ``item_gap`` (1 / (1 + the mean days between a training user's purchases of the candidate,
+      over all users), 0 if nobody bought it twice) and ``due_item`` (log((days since + 1) /
+      (item_gap's days + 1)), clipped, 0 if never had: how due it is by everyone's cycle, which a
+      household that bought it once has no cycle of its own for). Households buy groceries on
+      cycles; counted in purchases, a week holds 10 lines for one household and 200 for another.
 
     Rows built from the user's own training sequence (``Examples.own``) leave that user's own
     transition out of each history item: otherwise a training positive would find its own
@@ -372,6 +375,7 @@ class SequenceStats:
     trend_days: float = 30.0
     had: np.ndarray | None = None  # [num_items] training users who had the item (repeats only)
     had_again: np.ndarray | None = None  # [num_items] of them, those who had it twice or more
+    item_gap: np.ndarray | None = None  # [num_items] mean days between a user's purchases of it (0: never again)
 
     @classmethod
     def build(cls, split: Split, trend_days: float = 30.0, across_ranks: bool = False) -> SequenceStats:
@@ -393,11 +397,17 @@ class SequenceStats:
         if len(parts) > 1:
             keys, at = np.unique(np.concatenate([p[0] for p in parts]), return_inverse=True)
             counts = np.bincount(at, weights=np.concatenate([p[1] for p in parts])).astype(np.int64)
-        had = had_again = None
+        had = had_again = gap = None
         if split.repeats:
             pair, times = np.unique(u * n_items + i, return_counts=True)  # (user, item) with its count
             had = reduce(np.bincount(pair % n_items, minlength=n_items), "sum")
             had_again = reduce(np.bincount(pair % n_items, weights=times > 1, minlength=n_items), "sum")
+            by = np.lexsort((t, i, u))
+            bought = i[by][1:]
+            again = (u[by][1:] == u[by][:-1]) & (bought == i[by][:-1])  # the same user's same item again
+            days = np.diff(t[by])[again] / DAY
+            n_gaps = reduce(np.bincount(bought[again], minlength=n_items), "sum")
+            gap = reduce(np.bincount(bought[again], weights=days, minlength=n_items), "sum") / np.maximum(n_gaps, 1)
         return cls(
             n_items,
             keys,
@@ -411,6 +421,7 @@ class SequenceStats:
             trend_days,
             had,
             had_again,
+            gap,
         )
 
     def _pair_count(self, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
@@ -465,12 +476,17 @@ class SequenceStats:
             "item_repurchase": np.where(had > 0, again / np.maximum(had, 1), 0.0).astype(np.float32),
         }
         if ex.hist_times is not None:
-            out |= timing_features(ex.hist_times, ex.time, times, last, first)
+            out |= timing_features(ex.hist_times, ex.time, times, last, first, self.item_gap[ex.item])
         return out
 
 
 def timing_features(
-    hist_times: np.ndarray, now: np.ndarray, times: np.ndarray, last: np.ndarray, first: np.ndarray
+    hist_times: np.ndarray,
+    now: np.ndarray,
+    times: np.ndarray,
+    last: np.ndarray,
+    first: np.ndarray,
+    item_gap: np.ndarray,
 ) -> dict[str, np.ndarray]:
     """:data:`TIMING_FEATURES` (:class:`SequenceStats`) of rows whose user had the candidate ``times``
     times in their history, first and last at positions ``first`` and ``last`` of ``hist_times``
@@ -484,6 +500,10 @@ def timing_features(
         "days_since_had": np.where(times > 0, 1.0 / (1.0 + since), 0.0).astype(np.float32),
         "days_between_had": np.where(again, 1.0 / (1.0 + between), 0.0).astype(np.float32),
         "due_had": np.where(again, np.clip(np.log((since + 1.0) / (between + 1.0)), -5.0, 5.0), 0.0).astype(np.float32),
+        "item_gap": np.where(item_gap > 0, 1.0 / (1.0 + item_gap), 0.0).astype(np.float32),
+        "due_item": np.where(
+            (times > 0) & (item_gap > 0), np.clip(np.log((since + 1.0) / (item_gap + 1.0)), -5.0, 5.0), 0.0
+        ).astype(np.float32),
     }
 
 

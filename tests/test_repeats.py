@@ -204,9 +204,9 @@ def test_the_rankers_repeat_features_equal_a_direct_count(ml100k) -> None:
 
 
 def test_the_union_rankers_days_features_equal_a_direct_computation(ml100k) -> None:
-    """days_since_had, days_between_had and due_had in the union ranker's validation rows, built its
-    way (the feature store's histories with their timestamps, integration.union_ranker.stage_lists),
-    against a loop over each row's history; an event appends its timestamp, or the user's "now"."""
+    """The timing features of the union ranker's validation rows, built its way (the feature store's
+    histories with their timestamps, integration.union_ranker.stage_lists), against loops over each
+    row's history and over the training split; an event appends its timestamp, or the user's "now"."""
     from candidates.again import AgainSource
     from candidates.sources import PopularitySource
     from common.data.dataset import build_dataset
@@ -233,6 +233,12 @@ def test_the_union_rankers_days_features_equal_a_direct_computation(ml100k) -> N
         items, times = store.timed_history(u)
         mine = split.train_user == u
         assert np.array_equal(items, split.train_item[mine]) and np.array_equal(times, split.train_time[mine])
+    gaps: dict[int, list[float]] = {}  # each item's days between a training user's purchases of it
+    for u in range(ds.num_users):
+        mine = split.train_user == u
+        for i in np.unique(split.train_item[mine]).tolist():
+            when = np.sort(split.train_time[mine][split.train_item[mine] == i])
+            gaps.setdefault(i, []).extend((np.diff(when) / DAY).tolist())
     sources = [PopularitySource(split.item_counts("valid"), True), AgainSource(split.num_items, 30)]
     cfg = union_ranker.parse_args(["--ids"])
     users = split.targets("valid")[0]
@@ -250,12 +256,15 @@ def test_the_union_rankers_days_features_equal_a_direct_computation(ml100k) -> N
                 had = [t for i, t in zip(hist.tolist(), when.tolist()) if i == cand]
                 since = (now - had[-1]) / DAY if had else None
                 between = (had[-1] - had[0]) / DAY / (len(had) - 1) if len(had) > 1 else None
+                gap = float(np.mean(gaps[cand])) if gaps.get(cand) else 0.0
                 want = {
                     "days_since_had": 1 / (1 + since) if had else 0.0,
                     "days_between_had": 1 / (1 + between) if between is not None else 0.0,
                     "due_had": float(np.clip(np.log((since + 1) / (between + 1)), -5, 5))
                     if between is not None
                     else 0.0,
+                    "item_gap": 1 / (1 + gap) if gap > 0 else 0.0,
+                    "due_item": float(np.clip(np.log((since + 1) / (gap + 1)), -5, 5)) if had and gap > 0 else 0.0,
                 }
                 for name, value in want.items():
                     assert abs(dense[r, at[name]] - value) < 1e-5, (name, c, cand, dense[r, at[name]], value)
