@@ -77,6 +77,18 @@ def ranker_schema(features: RankingFeatures, provenance: list[str], ids: bool, a
 
 
 ATTENTION_FEATURES = ("attention_sim", "recent_max_sim", "recent_mean_sim")
+# On a log with repeats, added to the logit of a product new to the user (integration/union_ranker.py
+# chooses it on validation): the manifest's key.
+NEW_ITEM_BONUS = "new_item_bonus"
+
+
+def new_items(schema: FeatureSchema, batch: Batch) -> np.ndarray:
+    """1.0 at the rows whose product the user never had (their ``times_had`` feature is 0), else 0."""
+    if "times_had" not in schema.dense_names:
+        raise ValueError("a new-item bonus needs the times_had feature: a data set with repeats")
+    return (batch.dense_features[:, schema.dense_names.index("times_had")] == 0).numpy().astype(np.float32)
+
+
 ATTENTION_TEMPERATURE = 0.1  # on cosine similarities of the two-tower's L2-normalised item vectors
 
 
@@ -252,11 +264,19 @@ class UnionRanker:
     def as_program(self) -> UnionProgram:
         return UnionProgram(self.model, self.mean, self.scale, self.schema.sparse_names).eval()
 
-    def order(self, lists: UnionLists, rows: np.ndarray, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+    def order(
+        self, lists: UnionLists, rows: np.ndarray, batch: Batch, new_item_bonus: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The lists ``rows`` (whose rows ``batch`` holds) ordered by the model, best first (ties to
-        the earlier place in the union): items and logits ``[len(rows), longest]``, -1 / -inf padding."""
+        the earlier place in the union): items and scores ``[len(rows), longest]``, -1 / -inf padding.
+        The scores are the logits plus ``new_item_bonus`` (None: the manifest's, 0 without) at the
+        products the user never had (``times_had`` 0; on a log with repeats: :func:`new_items`)."""
         sizes = (lists.items[rows] >= 0).sum(axis=1)
-        scores, mask = pad_lists(self.logits(batch), sizes)
+        logits = self.logits(batch)
+        bonus = self.manifest.get(NEW_ITEM_BONUS, 0.0) if new_item_bonus is None else new_item_bonus
+        if bonus:
+            logits = logits + bonus * torch.from_numpy(new_items(self.schema, batch))
+        scores, mask = pad_lists(logits, sizes)
         scores = scores.masked_fill(~mask, -torch.inf).numpy()
         items = np.where(mask.numpy(), lists.items[rows][:, : mask.shape[1]], -1)
         order = np.argsort(-scores, axis=1, kind="stable")

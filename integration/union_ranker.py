@@ -32,6 +32,13 @@ model trained on the other folds' lists. Beside it, the ensemble (the fusion the
 weights were fitted on all of validation, so its validation figure flatters it) and the paired
 difference.
 
+**New items.** On a log with repeats a household's own past dominates the top of its lists, as it
+should, and products new to it rarely reach the top 10. The order adds a bonus to the logit of each
+product the household never had (``--new-item-bonus``; by default chosen on the cross-fitted
+validation ranks: of ``BONUS_GRID``, the best NDCG@10 among the bonuses whose NDCG@10 on new-item
+targets is at least popularity's, :func:`choose_bonus`), saved in the manifest and applied wherever
+the model orders a list.
+
 **Served.** Then a model is trained on every validation list and saved (integration/union_model.py:
 ``<artifacts>/serving/union-ranker``, with what its lists were made of and the world size it was
 trained with), and the served system is chosen again with its cross-fitted figure among the others
@@ -73,6 +80,7 @@ from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from candidates.provenance import UnionLists, union_lists
+from common.baselines import popularity_report
 from common.checkpoint import gathered_state_dict, resume_if_possible, run_config, save_checkpoint
 from common.data.split import Split
 from common.features import FeatureSchema
@@ -95,9 +103,20 @@ from integration.ensemble import print_choice, with_union_ranker
 from integration.feature_store import FeatureStore
 from integration.loader import choice_file, create_pipeline, sequential_exports
 from integration.pipeline import CANDIDATES, RecommendationPipeline
-from integration.union_model import ARTIFACT, ID_FEATURES, NAME, UnionRanker, list_batch, pad_lists, ranker_schema
+from integration.union_model import (
+    ARTIFACT,
+    ID_FEATURES,
+    NAME,
+    NEW_ITEM_BONUS,
+    UnionRanker,
+    list_batch,
+    pad_lists,
+    ranker_schema,
+)
 
 LOSSES = ("listwise", "pointwise")
+# The new-item bonuses tried on validation (a log with repeats), in logits: integration/README.md.
+BONUS_GRID = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
 # What gloo can shard (row-wise kinds need CUDA), and data_parallel: the tables replicated on every rank.
 CPU_SHARDING_TYPES = (*(t for t in SHARDING_TYPES if t not in CUDA_ONLY), "data_parallel")
 
@@ -118,6 +137,7 @@ class Config:
     over_arch: tuple[int, ...] = (64, 32, 1)
     ids: bool = False
     attention: int = 10
+    new_item_bonus: float | None = None
     seed: int = 0
     sharding_type: str = "table_wise"
     sparse_lr: float = 0.05
@@ -161,6 +181,14 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="target attention over the user's latest N items in the two-tower's item space (0: none; 10 "
         "had the best cross-fitted validation NDCG@10 of 0, 10, 20, 50 on ml-100k, within noise) "
         "(default: %(default)s)",
+    )
+    model.add_argument(
+        "--new-item-bonus",
+        type=float,
+        default=d.new_item_bonus,
+        help="on a log with repeats, added to the logit of each product new to the user (default: chosen on "
+        "validation: of BONUS_GRID, the best cross-fitted NDCG@10 among those whose new-item NDCG@10 is at least "
+        "popularity's; ignored without repeats, where every candidate is new)",
     )
     groups = add_trainer_args(
         p,
@@ -412,16 +440,26 @@ def rank_part(loss: torch.Tensor | None, logits: torch.Tensor, here: int, total:
     return loss * (here * world_size / total)
 
 
-def ranked(ranker: UnionRanker, lists: Lists, chunks: list[int]) -> dict:
-    """Each list of ``chunks`` ordered by the model: user index -> rank of its target (``MAX_K`` when
-    the target is not among the first ``MAX_K``, or not in the list)."""
+def ranked(ranker: UnionRanker, lists: Lists, chunks: list[int], new_item_bonus: float | None = None) -> dict:
+    """Each list of ``chunks`` ordered by the model (with ``new_item_bonus``; None: the ranker's
+    manifest's): user index -> rank of its target (``MAX_K`` when the target is not among the first
+    ``MAX_K``, or not in the list)."""
     out = {}
     for j in chunks:
-        items, _ = ranker.order(lists.union, lists.chunks[j], lists.batches[j])
+        items, _ = ranker.order(lists.union, lists.chunks[j], lists.batches[j], new_item_bonus)
         for row, u in zip(items, lists.chunks[j].tolist()):
             hit = np.nonzero(row == lists.targets[u])[0]
             out[u] = int(hit[0]) if len(hit) and hit[0] < MAX_K else MAX_K
     return out
+
+
+def choose_bonus(reports: dict[float, RankingReport], popularity_new: float) -> float:
+    """Of the bonuses ``reports`` (cross-fitted validation reports, one per bonus), the one with the best
+    NDCG@10 among those whose NDCG@10 on new-item targets is at least ``popularity_new`` (the smaller
+    on a tie); 0 where none is. A shop wants "again" first, but no worse than popularity at what
+    people have not bought yet."""
+    fit = [b for b, rep in reports.items() if rep.means["NDCG@10 new"] >= popularity_new]
+    return max(sorted(fit), key=lambda b: reports[b].means["NDCG@10"]) if fit else 0.0
 
 
 def report(lists: Lists, rank_of: dict, n_boot: int) -> RankingReport:
@@ -496,15 +534,21 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     # Cross-fitting: batch j belongs to fold j % folds (batches hold whole lists, drawn in random order).
     fold_of = np.arange(len(valid.chunks)) % cfg.folds
-    rank_of: dict[int, int] = {}
+    # Each held-out fold ranked with every bonus to choose from (a log with repeats), or with none.
+    bonuses = (0.0,) if not split.repeats else BONUS_GRID if cfg.new_item_bonus is None else (cfg.new_item_bonus,)
+    rank_of: dict[float, dict[int, int]] = {b: {} for b in bonuses}
     for f in range(cfg.folds):
         train = np.nonzero(fold_of != f)[0].tolist()
         model = train_model(valid, train, cfg, cfg.seed + f, rt, out / "checkpoints" / f"fold-{f + 1}", settings)
         if model is not None:
-            rank_of |= ranked(model, valid, np.nonzero(fold_of == f)[0].tolist())
+            for b in bonuses:
+                rank_of[b] |= ranked(model, valid, np.nonzero(fold_of == f)[0].tolist(), b)
         print0(f"fold {f + 1}/{cfg.folds} done ({time.perf_counter() - t0:.0f} s)")
-    # the ensemble on the same users (collective), and the served model: trained on every validation list
+    # the ensemble and popularity on the same users (collective), and the served model: trained on every
+    # validation list
     ensemble = {"valid": ensemble_report(pipeline, "valid", cfg.n_boot)}
+    if split.repeats:
+        ensemble["popularity"] = popularity_report(split, "valid", cfg.n_boot)
     everything = list(range(len(valid.chunks)))
     served = train_model(valid, everything, cfg, cfg.seed, rt, out / "checkpoints" / "served", settings)
     if not cfg.no_test:
@@ -525,15 +569,24 @@ def report_and_serve(
     rt: Runtime,
     pipeline: RecommendationPipeline,
     valid: Lists,
-    rank_of: dict[int, int],
+    rank_of: dict[float, dict[int, int]],
     served: UnionRanker,
     ensemble: dict[str, RankingReport],
 ) -> dict[str, object]:
-    """Rank 0: the cross-fitted figures beside the ensemble's; the served model saved with what its
-    lists were made of; the served system chosen again; test scored once (unless ``cfg.no_test``);
-    the paired differences. Returns the results."""
+    """Rank 0: the new-item bonus chosen (a log with repeats); the cross-fitted figures beside the
+    ensemble's; the served model saved with what its lists were made of; the served system chosen
+    again; test scored once (unless ``cfg.no_test``); the paired differences. Returns the results."""
     ds = pipeline.dataset
-    reports = {"valid": {"union ranker (cross-fitted)": report(valid, rank_of, cfg.n_boot)}}
+    by_bonus = {b: report(valid, ranks, cfg.n_boot) for b, ranks in rank_of.items()}
+    bonus = 0.0
+    if "popularity" in ensemble:
+        popular_new = ensemble["popularity"].means["NDCG@10 new"]
+        bonus = choose_bonus(by_bonus, popular_new) if cfg.new_item_bonus is None else cfg.new_item_bonus
+        print(f"new-item bonus (cross-fitted validation; popularity's NDCG@10 on new items {popular_new:.4f}):")
+        for b, rep in by_bonus.items():
+            mark = "  <- chosen" if b == bonus else ""
+            print(f"  {b:5.3f}: NDCG@10 {rep.means['NDCG@10']:.4f}, on new items {rep.means['NDCG@10 new']:.4f}{mark}")
+    reports = {"valid": {"union ranker (cross-fitted)": by_bonus[bonus]}}
     reports["valid"]["ensemble (weights fitted here)"] = ensemble["valid"]
     print(f"{ds.name} valid ({cfg.loss} loss):")
     for name, rep in reports["valid"].items():
@@ -550,8 +603,9 @@ def report_and_serve(
         "valid_cross_fitted": reports["valid"]["union ranker (cross-fitted)"].means,
         "valid_cross_fitted_ranks": {
             "users": valid.users.tolist(),
-            "ranks": [rank_of[u] for u in range(len(valid.users))],
+            "ranks": [rank_of[bonus][u] for u in range(len(valid.users))],
         },
+        NEW_ITEM_BONUS: bonus,
     }
     out = served.save(Path(cfg.artifacts) / ARTIFACT)
     path = choice_file(cfg.artifacts, [s.name for s in pipeline.all_sources])
@@ -566,6 +620,8 @@ def report_and_serve(
         "world_size": rt.world_size,
         "features": valid.union.names,
         "served": choice["system"],
+        NEW_ITEM_BONUS: bonus,
+        "new_item_bonus_valid": {str(b): rep.means for b, rep in by_bonus.items()},
     }
 
     if not cfg.no_test:

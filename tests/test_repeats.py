@@ -374,6 +374,43 @@ def test_the_demo_and_the_service_on_a_log_with_repeats(ml100k, tmp_path: Path) 
     assert batch.dense_features[row, schema.dense_names.index("days_since_had")] == 1.0
     assert pipeline.union_ranked(np.array([u]), [pipeline.store.history(u)], 10)[0].shape == (1, 10)
 
+    # the new-item bonus chosen on validation is in the manifest and the order: the logits plus the
+    # bonus at the products the household never had
+    from integration.union_model import NEW_ITEM_BONUS
+
+    ranker = pipeline.union_ranker
+    assert (
+        ranker.manifest[NEW_ITEM_BONUS] == res[NEW_ITEM_BONUS]
+        and str(res[NEW_ITEM_BONUS]) in res["new_item_bonus_valid"]
+    )
+    had = set(pipeline.store.history(u).tolist())
+    cands = lists.items[0][lists.items[0] >= 0]
+    logits = ranker.logits(batch).numpy()
+    for bonus in (0.0, 0.5, 3.0):
+        want = logits + bonus * np.array([i not in had for i in cands.tolist()], np.float32)
+        items, scores = ranker.order(lists, np.array([0]), batch, bonus)
+        assert np.array_equal(items[0], cands[np.argsort(-want, kind="stable")])
+        assert np.allclose(scores[0], np.sort(want)[::-1])
+    assert np.array_equal(
+        ranker.order(lists, np.array([0]), batch)[0], ranker.order(lists, np.array([0]), batch, res[NEW_ITEM_BONUS])[0]
+    )
+
+
+def test_the_new_item_bonus_is_the_best_that_keeps_up_with_popularity_on_new_items() -> None:
+    from types import SimpleNamespace
+
+    from integration.union_ranker import choose_bonus
+
+    def rep(ndcg: float, new: float) -> SimpleNamespace:
+        return SimpleNamespace(means={"NDCG@10": ndcg, "NDCG@10 new": new})
+
+    reports = {0.0: rep(0.086, 0.004), 0.25: rep(0.085, 0.006), 0.5: rep(0.0855, 0.009), 1.0: rep(0.07, 0.012)}
+    assert choose_bonus(reports, 0.005) == 0.5  # the best overall of those at least popularity's on new items
+    assert choose_bonus(reports, 0.010) == 1.0
+    assert choose_bonus(reports, 0.003) == 0.0  # no bonus needed
+    assert choose_bonus(reports, 0.02) == 0.0  # none keeps up: no bonus
+    assert choose_bonus({0.0: rep(0.08, 0.01), 0.5: rep(0.08, 0.01)}, 0.0) == 0.0  # a tie: the smaller
+
 
 def test_again_negatives_come_from_the_users_own_past(ml100k) -> None:
     from types import SimpleNamespace
