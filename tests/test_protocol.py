@@ -413,16 +413,19 @@ def _tiny() -> InteractionData:
 # Logs where people come back (``repeats``): a repeat is a valid target, histories are inputs only.
 
 
-def with_repeats(ds: InteractionData, users: int = 300, share: float = 0.3, seed: int = 0) -> InteractionData:
+def with_repeats(
+    ds: InteractionData, users: int = 300, share: float = 0.3, seed: int = 0, delay: int = 1
+) -> InteractionData:
     """The first ``users`` users of ``ds``, each coming back to ``share`` of their items a second
-    later, declared a log with repeats."""
+    later (``delay`` > 1: 1 to ``delay`` - 1 seconds later, drawn), declared a log with repeats."""
     from common.data.dataset import build_dataset
 
     keep = ds.user < users
     user, item, time = ds.user[keep], ds.item[keep], ds.timestamp[keep]
     rng = np.random.default_rng(seed)
     again = rng.random(len(user)) < share
-    later = time[again] + 1  # right after the first time (MovieLens's bursts would make most targets repeats)
+    # right after the first time by default (MovieLens's bursts would make most targets repeats)
+    later = time[again] + (rng.integers(1, delay, again.sum()) if delay > 1 else 1)
     return build_dataset(
         "ml-100k-repeats",
         "test",

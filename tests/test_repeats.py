@@ -209,24 +209,12 @@ def test_the_union_rankers_days_features_equal_a_direct_computation(ml100k) -> N
     row's history and over the training split; an event appends its timestamp, or the user's "now"."""
     from candidates.again import AgainSource
     from candidates.sources import PopularitySource
-    from common.data.dataset import build_dataset
     from golden_training.ranking_data import DAY, TIMING_FEATURES
     from integration import union_ranker
     from integration.feature_store import FeatureStore
+    from tests.test_protocol import with_repeats
 
-    keep = ml100k.user < 60  # each user coming back to a third of their items 1 to 60 days later
-    user, item, time = ml100k.user[keep], ml100k.item[keep], ml100k.timestamp[keep]
-    rng = np.random.default_rng(0)
-    again = rng.random(len(user)) < 0.3
-    later = time[again] + rng.integers(1, 60 * DAY, again.sum())
-    ds = build_dataset(
-        "days",
-        "test",
-        ml100k.user_raw_ids[np.r_[user, user[again]]],
-        ml100k.item_raw_ids[np.r_[item, item[again]]],
-        np.r_[time, later],
-        repeats=True,
-    )
+    ds = with_repeats(ml100k, users=60, delay=60 * DAY)  # coming back to a third of their items within 60 days
     split = split_dataset(ds)
     store = FeatureStore.build(ds, split, history_len=50, sequence=True, trend_days=30.0, stage="valid")
     for u in range(ds.num_users):
