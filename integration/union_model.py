@@ -47,7 +47,8 @@ from common.compiled import Guarded, id_guard, load_package
 from common.data.download import file_digest
 from common.features import DenseFeature, FeatureBatch, FeatureSchema
 from golden_training.model import TorchRecDLRM
-from golden_training.ranking_data import TIMING_FEATURES, Examples, RankingFeatures
+from golden_training.ranking_data import Examples, RankingFeatures
+from golden_training.sequence_stats import TIMING_FEATURES
 from inference_legacy import artifact as art
 from integration.compatibility import ArtifactMismatch
 

@@ -189,7 +189,8 @@ def test_sequence_features_leave_the_rows_own_transition_out() -> None:
     import numpy as np
 
     from common.data.split import leave_last_out
-    from golden_training.ranking_data import Examples, SequenceStats, reference_time
+    from golden_training.ranking_data import Examples, reference_time
+    from golden_training.sequence_stats import SequenceStats
 
     # user 0: 0 -> 1 -> 2 -> 3 -> 4; user 1: 0 -> 1 -> 3 -> 5 -> 6 (times in days)
     user = np.array([0] * 5 + [1] * 5)

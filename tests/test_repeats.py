@@ -163,7 +163,8 @@ def test_the_rankers_repeat_features_equal_a_direct_count(ml100k) -> None:
     from types import SimpleNamespace
 
     from golden_training.evaluation import candidate_rows, eval_set
-    from golden_training.ranking_data import REPEAT_FEATURES, RankingFeatures, train_examples
+    from golden_training.ranking_data import RankingFeatures, train_examples
+    from golden_training.sequence_stats import REPEAT_FEATURES
     from tests.test_protocol import with_repeats
 
     ds = with_repeats(ml100k, users=80)
@@ -209,7 +210,7 @@ def test_the_union_rankers_days_features_equal_a_direct_computation(ml100k) -> N
     row's history and over the training split; an event appends its timestamp, or the user's "now"."""
     from candidates.again import AgainSource
     from candidates.sources import PopularitySource
-    from golden_training.ranking_data import DAY, TIMING_FEATURES
+    from golden_training.sequence_stats import DAY, TIMING_FEATURES
     from integration import union_ranker
     from integration.feature_store import FeatureStore
     from tests.test_protocol import with_repeats
@@ -349,7 +350,7 @@ def test_the_demo_and_the_service_on_a_log_with_repeats(ml100k, tmp_path: Path) 
         assert "NDCG@10_ci95" in res[f"{stage}_ranker_minus_ensemble"]
 
     # served, its rows count days from the store's timestamps: an event now is a purchase 0 days ago
-    from golden_training.ranking_data import DAY, TIMING_FEATURES
+    from golden_training.sequence_stats import DAY, TIMING_FEATURES
 
     pipeline = create_pipeline(root, data_dir=cache)
     schema = pipeline.union_ranker.schema
