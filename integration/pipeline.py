@@ -47,7 +47,7 @@ from inference_legacy.dlrm_predict import DLRMPredictor
 from integration.compatibility import digest
 from integration.feature_store import FeatureStore, rank_chunk, user_chunks
 from integration.union_model import NAME as UNION_RANKER
-from integration.union_model import TIMING_FEATURES, UnionRanker, list_batch
+from integration.union_model import UnionRanker, list_batch
 from retrieval.two_tower_retrieval import Retriever
 
 CANDIDATES = 100
@@ -163,16 +163,18 @@ class RecommendationPipeline:
         ``candidate_source``, or the union of every source's top ``k``. The scores are the two-tower
         dot products (the ranker's ``retrieval_score`` feature) when the candidates are re-ranked,
         else the source's own."""
-        hists = [self.store.history(u) for u in users]
         source = self.candidate_source
+        if source == UNION_RANKER and self.union_ranker.reads_times:
+            hists, times = zip(*(self.store.timed_history(u) for u in users))  # read together: events append
+            return self.union_ranked(users, list(hists), times=list(times))
+        hists = [self.store.history(u) for u in users]
         if source == "two-tower":  # the index's scores are the two-tower dot products
             return self.sources[0].top_k(users, hists, k)
         if source == "union":
             items = union([src.top_k(users, hists, k)[0] for src in self.union_sources], interleave=not self.rerank)
             return items, self.retrieval_scores(users, hists, items)
         if source == UNION_RANKER:  # its whole list, ranked (about 300 on ml-100k)
-            hists, times = zip(*(self.store.timed_history(u) for u in users))  # read together: events append
-            return self.union_ranked(users, list(hists), times=list(times))
+            return self.union_ranked(users, hists)
         src = self.ensemble if source == "ensemble" else next(s for s in self.all_sources if s.name == source)
         items, scores = src.top_k(users, hists, k)
         return (items, self.retrieval_scores(users, hists, items)) if self.rerank else (items, scores)
@@ -218,7 +220,7 @@ class RecommendationPipeline:
         two_tower = (queries, self.item_embeddings)
         now = self.store.last_time[users]
         attention = ranker.manifest["config"]["attention"]
-        if times is None and TIMING_FEATURES[0] in ranker.schema.dense_names:
+        if times is None and ranker.reads_times:
             times = [self.store.timed_history(u)[1] for u in users.tolist()]
         return (
             lists,

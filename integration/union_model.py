@@ -46,6 +46,7 @@ from candidates.provenance import UnionLists
 from common.compiled import Guarded, id_guard, load_package
 from common.data.download import file_digest
 from common.features import DenseFeature, FeatureBatch, FeatureSchema
+from common.metrics import RankingReport
 from golden_training.model import TorchRecDLRM
 from golden_training.ranking_data import Examples, RankingFeatures
 from golden_training.sequence_stats import TIMING_FEATURES
@@ -81,6 +82,17 @@ ATTENTION_FEATURES = ("attention_sim", "recent_max_sim", "recent_mean_sim")
 # On a log with repeats, added to the logit of a product new to the user (integration/union_ranker.py
 # chooses it on validation): the manifest's key.
 NEW_ITEM_BONUS = "new_item_bonus"
+# The bonuses tried on validation (a log with repeats), in logits: integration/README.md.
+BONUS_GRID = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
+
+
+def choose_bonus(reports: dict[float, RankingReport], popularity_new: float) -> float:
+    """Of the bonuses ``reports`` (cross-fitted validation reports, one per bonus), the one with the best
+    NDCG@10 among those whose NDCG@10 on new-item targets is at least ``popularity_new`` (the smaller
+    on a tie); 0 where none is. A shop wants "again" first, but no worse than popularity at what
+    people have not bought yet."""
+    fit = [b for b, rep in reports.items() if rep.means["NDCG@10 new"] >= popularity_new]
+    return max(sorted(fit), key=lambda b: reports[b].means["NDCG@10"]) if fit else 0.0
 
 
 def new_items(schema: FeatureSchema, batch: Batch) -> np.ndarray:
@@ -257,6 +269,11 @@ class UnionRanker:
         if self.program is not None:
             return self.program(*program_inputs(batch))
         return self.model((batch.dense_features - self.mean) / self.scale, batch.sparse_features)
+
+    @property
+    def reads_times(self) -> bool:
+        """Its rows need each history's timestamps (the timing features: a log with repeats)."""
+        return TIMING_FEATURES[0] in self.schema.dense_names
 
     @property
     def runtime(self) -> str:

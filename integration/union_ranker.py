@@ -36,7 +36,7 @@ difference.
 should, and products new to it rarely reach the top 10. The order adds a bonus to the logit of each
 product the household never had (``--new-item-bonus``; by default chosen on the cross-fitted
 validation ranks: of ``BONUS_GRID``, the best NDCG@10 among the bonuses whose NDCG@10 on new-item
-targets is at least popularity's, :func:`choose_bonus`), saved in the manifest and applied wherever
+targets is at least popularity's, integration/union_model.py's ``choose_bonus``), saved in the manifest and applied wherever
 the model orders a list.
 
 **Served.** Then a model is trained on every validation list and saved (integration/union_model.py:
@@ -53,7 +53,8 @@ run removes them (the artifact is ``model.pt``: a rerun starts afresh).
 trains unsharded, Adam on every parameter: the README's figures. Under torchrun every rank builds
 the lists (below, ``main``), each global batch of ``--lists-per-batch`` lists is split between the
 ranks (whole lists: the loss is a softmax over one list), the tables are sharded by TorchRec's
-planner (``--sharding-type``) and the dense layers kept in step by DistributedModelParallel's DDP;
+planner (``--sharding-type``; integration/union_sharding.py) and the dense layers kept in step by
+DistributedModelParallel's DDP;
 rank 0 gathers each model into plain tensors and alone ranks, prints and writes, so the artifact
 loads in one process unchanged. Served in fp32, compiled with AOTInductor
 (``python -m integration.union_model``, integration/union_model.py); not INT8 (its tables hold a few
@@ -64,7 +65,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import shutil
 import time
@@ -73,11 +73,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torchrec.datasets.utils import Batch
-from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from torchrec.optim.keyed import CombinedOptimizer
-from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from candidates.provenance import UnionLists, union_lists
 from common.baselines import popularity_report
@@ -97,7 +92,7 @@ from common.runtime import (
     write_json_atomic,
     write_results,
 )
-from common.sharding import CUDA_ONLY, SHARDING_TYPES, adam_for_the_rest, local_shards, plan_sharding, table_names
+from common.sharding import CUDA_ONLY, SHARDING_TYPES
 from golden_training.model import TorchRecDLRM
 from integration.ensemble import print_choice, with_union_ranker
 from integration.feature_store import FeatureStore
@@ -105,18 +100,19 @@ from integration.loader import choice_file, create_pipeline, sequential_exports
 from integration.pipeline import CANDIDATES, RecommendationPipeline
 from integration.union_model import (
     ARTIFACT,
+    BONUS_GRID,
     ID_FEATURES,
     NAME,
     NEW_ITEM_BONUS,
     UnionRanker,
+    choose_bonus,
     list_batch,
     pad_lists,
     ranker_schema,
 )
+from integration.union_sharding import lists_digest, rank_part, sharded
 
 LOSSES = ("listwise", "pointwise")
-# The new-item bonuses tried on validation (a log with repeats), in logits: integration/README.md.
-BONUS_GRID = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
 # What gloo can shard (row-wise kinds need CUDA), and data_parallel: the tables replicated on every rank.
 CPU_SHARDING_TYPES = (*(t for t in SHARDING_TYPES if t not in CUDA_ONLY), "data_parallel")
 
@@ -328,42 +324,7 @@ def loss_terms(lists: Lists, rows: np.ndarray, loss: str) -> int:
     return int((items == lists.targets[rows][:, None]).any(axis=1).sum())
 
 
-def lists_digest(lists: Lists) -> str:
-    """A SHA-256 of the lists, their provenance and every row's features: equal on every rank, or the
-    ranks would train on different data."""
-    h = hashlib.sha256()
-    for a in (lists.union.items, lists.union.features, lists.targets):
-        h.update(np.ascontiguousarray(a).tobytes())
-    for b in lists.batches:
-        h.update(b.dense_features.numpy().tobytes())
-        h.update(b.sparse_features.values().numpy().tobytes())
-        h.update(b.sparse_features.lengths().numpy().tobytes())
-    return h.hexdigest()
-
-
 # -- the model and its training -----------------------------------------------------------------
-
-
-def sharded(model: TorchRecDLRM, cfg: Config, rt: Runtime) -> tuple[DistributedModelParallel, CombinedOptimizer]:
-    """``model`` (built as one process builds it) across the ranks: its tables placed by TorchRec's
-    planner (``cfg.sharding_type``), its dense layers wrapped in DDP, each rank's shards cut from
-    its weights, so both paths start from the same model; Adam with weight decay on what no
-    optimizer in the backward updates."""
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    ebc = model.model.sparse_arch.embedding_bag_collection
-    kernels = None
-    if cfg.sharding_type == "data_parallel":
-        # the tables as plain parameters (TorchRec's dense kernel) that DDP averages and Adam updates
-        kernels = [EmbeddingComputeKernel.DENSE.value]
-    else:
-        # FBGEMM's CPU kernels fuse Adagrad and SGD into the backward, not Adam
-        apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": cfg.sparse_lr})
-    plan, sharders = plan_sharding(model, table_names([ebc]), rt, cfg.sharding_type, kernels=kernels)
-    dmp = DistributedModelParallel(model, device=rt.device, plan=plan, sharders=sharders)
-    with torch.no_grad():
-        for key, offsets, shard in local_shards(dmp.state_dict()):
-            shard.copy_(weights[key][tuple(slice(o, o + n) for o, n in zip(offsets, shard.shape))])
-    return dmp, CombinedOptimizer([dmp.fused_optimizer, adam_for_the_rest(dmp, cfg.lr, cfg.weight_decay)])
 
 
 def train_model(
@@ -381,7 +342,7 @@ def train_model(
         # accumulate in another order than nn.EmbeddingBag, and fuse no Adam on CPU.
         net, opt = model, torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
-        net, opt = sharded(model, cfg, rt)
+        net, opt = sharded(model, rt, cfg.sharding_type, cfg.sparse_lr, cfg.lr, cfg.weight_decay)
     dense = torch.cat([lists.batches[j].dense_features for j in chunks])
     mean, scale = dense.mean(dim=0), dense.std(dim=0).clamp_min(1e-6)
     state = {"model": net, "optimizer": opt}
@@ -429,17 +390,6 @@ def list_loss(logits: torch.Tensor, labels: torch.Tensor, sizes: np.ndarray, los
     return -(logp.masked_fill(~mask, 0.0) * target)[has].sum(dim=1).mean()
 
 
-def rank_part(loss: torch.Tensor | None, logits: torch.Tensor, here: int, total: int, world_size: int) -> torch.Tensor:
-    """This rank's part of a batch's loss: its mean over its ``here`` terms weighted by ``here /
-    total`` (the batch's terms on every rank), times the world size, since DDP and TorchRec's
-    all-to-all (torchrec/distributed/comm_ops.py, ``GRADIENT_DIVISION``) average the ranks' gradients:
-    the average is the whole batch's loss gradient. A rank whose lists hold no target gets a zero
-    loss: every rank joins every step's backward."""
-    if loss is None:
-        return logits.sum() * 0.0
-    return loss * (here * world_size / total)
-
-
 def ranked(ranker: UnionRanker, lists: Lists, chunks: list[int], new_item_bonus: float | None = None) -> dict:
     """Each list of ``chunks`` ordered by the model (with ``new_item_bonus``; None: the ranker's
     manifest's): user index -> rank of its target (``MAX_K`` when the target is not among the first
@@ -451,15 +401,6 @@ def ranked(ranker: UnionRanker, lists: Lists, chunks: list[int], new_item_bonus:
             hit = np.nonzero(row == lists.targets[u])[0]
             out[u] = int(hit[0]) if len(hit) and hit[0] < MAX_K else MAX_K
     return out
-
-
-def choose_bonus(reports: dict[float, RankingReport], popularity_new: float) -> float:
-    """Of the bonuses ``reports`` (cross-fitted validation reports, one per bonus), the one with the best
-    NDCG@10 among those whose NDCG@10 on new-item targets is at least ``popularity_new`` (the smaller
-    on a tie); 0 where none is. A shop wants "again" first, but no worse than popularity at what
-    people have not bought yet."""
-    fit = [b for b, rep in reports.items() if rep.means["NDCG@10 new"] >= popularity_new]
-    return max(sorted(fit), key=lambda b: reports[b].means["NDCG@10"]) if fit else 0.0
 
 
 def report(lists: Lists, rank_of: dict, n_boot: int) -> RankingReport:

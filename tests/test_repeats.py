@@ -388,7 +388,7 @@ def test_the_demo_and_the_service_on_a_log_with_repeats(ml100k, tmp_path: Path) 
 def test_the_new_item_bonus_is_the_best_that_keeps_up_with_popularity_on_new_items() -> None:
     from types import SimpleNamespace
 
-    from integration.union_ranker import choose_bonus
+    from integration.union_model import choose_bonus
 
     def rep(ndcg: float, new: float) -> SimpleNamespace:
         return SimpleNamespace(means={"NDCG@10": ndcg, "NDCG@10 new": new})
