@@ -27,7 +27,7 @@ SEQUENCE_FEATURES = (*(f"after_last_{k}" for k in range(1, TRANSITION_LAGS + 1))
 # On a data set with repeats (SequenceStats.repeat_features): the user's own past with the candidate.
 REPEAT_FEATURES = ("times_had", "since_had", "share_had", "item_repurchase")
 # With the history's timestamps too (Examples.hist_times; the union ranker's rows): when they had it, in days.
-TIMING_FEATURES = ("days_since_had", "days_between_had", "due_had", "item_gap", "due_item")
+TIMING_FEATURES = ("days_since_had", "days_between_had", "due_had", "item_gap", "due_item", "basket_share")
 DAY = 86_400
 
 
@@ -43,7 +43,7 @@ class SequenceStats:
       (log1p of the times the user had the candidate), ``since_had`` (1 / (1 + the user's
       interactions since they last had it), 0 if never: recency counted in the user's own purchases,
       which a history carries at serving too, not in days), ``share_had`` (the share of the user's
-      interactions that were it: a basket holds a product once, so about the share of their baskets),
+      interactions that were it),
       and ``item_repurchase`` (of the other training users who had the candidate, the share who had
       it again: the row's own user left out, as a training row would otherwise count its own future).
     - on a data set with repeats, where the rows carry their history's timestamps
@@ -55,8 +55,11 @@ class SequenceStats:
       ``item_gap`` (1 / (1 + the mean days between a training user's purchases of the candidate,
       over all users), 0 if nobody bought it twice) and ``due_item`` (log((days since + 1) /
       (item_gap's days + 1)), clipped, 0 if never had: how due it is by everyone's cycle, which a
-      household that bought it once has no cycle of its own for). Households buy groceries on
-      cycles; counted in purchases, a week holds 10 lines for one household and 200 for another.
+      household that bought it once has no cycle of its own for), and ``basket_share`` (the times the
+      user had the candidate over their baskets, at most 1: a basket is a run of history lines with one
+      timestamp, as all lines of a purchase log's basket share theirs, and holds a product once, so
+      this is the share of their baskets that held it). Households buy groceries on cycles; counted in
+      purchases, a week holds 10 lines for one household and 200 for another.
 
     Rows built from the user's own training sequence (``Examples.own``) leave that user's own
     transition out of each history item: otherwise a training positive would find its own
@@ -177,6 +180,7 @@ class SequenceStats:
         }
         if ex.hist_times is not None:
             out |= timing_features(ex.hist_times, ex.time, times, last, first, self.item_gap[ex.item])
+            out["basket_share"] = basket_share(ex.hist_times, ex.hist_start, ex.hist_end, times)
         return out
 
 
@@ -205,6 +209,16 @@ def timing_features(
             (times > 0) & (item_gap > 0), np.clip(np.log((since + 1.0) / (item_gap + 1.0)), -5.0, 5.0), 0.0
         ).astype(np.float32),
     }
+
+
+def basket_share(hist_times: np.ndarray, start: np.ndarray, end: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """``times`` over the baskets of each row's history ``hist_times[start:end]`` (runs of one
+    timestamp), at most 1; 0 for an empty history. A count of the positions where the timestamp
+    changes, prefix-summed once: no pass over each history."""
+    changes = np.concatenate([[0], np.cumsum(hist_times[1:] != hist_times[:-1])]) if len(hist_times) else np.zeros(1)
+    last = np.maximum(end - 1, 0)
+    baskets = np.where(end > start, 1 + changes[last] - changes[np.minimum(start, last)], 0)
+    return np.minimum(times / np.maximum(baskets, 1), 1.0).astype(np.float32)
 
 
 _ORDER_CACHE: dict[int, tuple[np.ndarray, np.ndarray]] = {}

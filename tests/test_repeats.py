@@ -254,6 +254,8 @@ def test_the_union_rankers_days_features_equal_a_direct_computation(ml100k) -> N
                     else 0.0,
                     "item_gap": 1 / (1 + gap) if gap > 0 else 0.0,
                     "due_item": float(np.clip(np.log((since + 1) / (gap + 1)), -5, 5)) if had and gap > 0 else 0.0,
+                    # a basket: the lines of one timestamp
+                    "basket_share": min(len(had) / len(set(when.tolist())), 1.0) if len(when) else 0.0,
                 }
                 for name, value in want.items():
                     assert abs(dense[r, at[name]] - value) < 1e-5, (name, c, cand, dense[r, at[name]], value)
