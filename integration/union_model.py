@@ -24,8 +24,17 @@ the model with the standardisation as one AOTInductor program (:class:`UnionProg
 it was checked on (``check_inputs.pt``) and the manifest's ``compiled`` entry; :meth:`UnionRanker.load`
 serves it where it matches this environment and reproduces the eager model on those rows (on the
 ml-100k and Complete Journey artifacts: the same logits to the bit), else the eager model, and saving a
-retrained model removes the old package. The model stays fp32: its tables are the categorical
-features' (no user or item IDs), a few thousand rows, so INT8 tables would save kilobytes.
+retrained model removes the old package.
+
+INT8 (``--precision int8``): the package is compiled from the model with its embedding tables
+quantized by TorchRec's inference quantization (FBGEMM's INT8 rows, as the per-source rankers'
+artifacts, golden_training/model.py's ``quantize``); ``model.pt`` stays fp32, the manifest's ``compiled``
+entry records the precision, the tables' bytes both ways, the largest logit difference from the fp32
+model on the check rows, and, over every test user's list, both models' NDCG@10 and how many lists
+keep the same top 10. It is the package's choice, not the model's: served where the package loads,
+fp32 eager where it does not (the runtime says which). Without ``--ids`` the tables are the
+categorical features' (a few thousand rows) and INT8 saves little; with ``--ids`` they hold a row per
+user and per item.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ from common.compiled import Guarded, id_guard, load_package
 from common.data.download import file_digest
 from common.features import DenseFeature, FeatureBatch, FeatureSchema
 from common.metrics import RankingReport
-from golden_training.model import TorchRecDLRM
+from golden_training.model import PRECISIONS, TorchRecDLRM, quantize
 from golden_training.ranking_data import Examples, RankingFeatures
 from golden_training.sequence_stats import TIMING_FEATURES
 from inference_legacy import artifact as art
@@ -263,6 +272,7 @@ class UnionRanker:
     schema: FeatureSchema
     manifest: dict
     program: Guarded | None = None
+    precision: str = "none"  # the program's tables (quantize's precision); the eager model is fp32
 
     @torch.no_grad()
     def logits(self, batch: Batch) -> torch.Tensor:
@@ -277,10 +287,14 @@ class UnionRanker:
 
     @property
     def runtime(self) -> str:
-        return "AOTInductor" if self.program is not None else "eager"
+        if self.program is None:
+            return "eager"
+        return "AOTInductor" if self.precision == "none" else f"AOTInductor, {self.precision} tables"
 
-    def as_program(self) -> UnionProgram:
-        return UnionProgram(self.model, self.mean, self.scale, self.schema.sparse_names).eval()
+    def as_program(self, precision: str = "none") -> UnionProgram:
+        """The model as :class:`UnionProgram`, its tables quantized to ``precision`` (a copy)."""
+        model = self.model if precision == "none" else quantize(self.model, precision)
+        return UnionProgram(model, self.mean, self.scale, self.schema.sparse_names).eval()
 
     def order(
         self, lists: UnionLists, rows: np.ndarray, batch: Batch, new_item_bonus: float | None = None
@@ -342,29 +356,36 @@ class UnionRanker:
         model.eval()
         ranker = cls(model, state["mean"], state["scale"], schema, manifest)
         if compiled and manifest.get("compiled"):
+            precision = manifest["compiled"].get("precision", "none")
             ranker.program, _ = load_package(
                 directory,
                 manifest["compiled"],
                 id_guard(schema),
-                ranker.as_program(),
+                ranker.as_program(precision),
                 lambda: torch.load(directory / CHECK_INPUTS, weights_only=True),
                 f"python -m integration.union_model --artifacts {directory.parent.parent}",
             )
+            ranker.precision = precision if ranker.program is not None else "none"
         return ranker
 
 
-def compile_artifact(directory: str | Path, batch: Batch) -> dict:
+def compile_artifact(directory: str | Path, batch: Batch, precision: str = "none") -> tuple[dict, UnionRanker]:
     """Export the artifact's :class:`UnionProgram` (every row dimension dynamic, one row included),
-    compile it with AOTInductor, check it against the eager model on ``batch`` (real list rows) and
-    add ``model.aoti.pt2``, those rows (``check_inputs.pt``, which every load checks it on again) and
-    the manifest's ``compiled`` entry (inference_legacy/compiler.py). Returns the entry."""
+    its tables quantized to ``precision``, compile it with AOTInductor, check it against the eager
+    (quantized) model on ``batch`` (real list rows) and add ``model.aoti.pt2``, those rows
+    (``check_inputs.pt``, which every load checks it on again) and the manifest's ``compiled`` entry
+    (inference_legacy/compiler.py; with the precision, the tables' bytes and the largest logit
+    difference from the fp32 model). Returns the entry and the ranker serving the package."""
     from torch.export import Dim
 
     from inference_legacy.compiler import compile_program, export_program, write_entry
+    from inference_legacy.dlrm_packager import table_bytes
 
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
     directory = Path(directory)
     ranker = UnionRanker.load(directory, compiled=False)
-    program, inputs = ranker.as_program(), program_inputs(batch)
+    program, inputs = ranker.as_program(precision), program_inputs(batch)
     rows = Dim("rows", min=1, max=1 << 24)
     exported = export_program(
         program,
@@ -378,10 +399,43 @@ def compile_artifact(directory: str | Path, batch: Batch) -> dict:
     tmp = directory / f".{CHECK_INPUTS}.tmp{os.getpid()}"
     torch.save(inputs, tmp)
     os.replace(tmp, directory / CHECK_INPUTS)
-    entry, _ = compile_program(exported, inputs, directory / COMPILED, id_guard(ranker.schema), program, inputs)
-    entry["model_sha256"] = ranker.manifest["model_sha256"]
+    entry, compiled = compile_program(exported, inputs, directory / COMPILED, id_guard(ranker.schema), program, inputs)
+    with torch.inference_mode():
+        fp32 = ranker.as_program()(*inputs)
+        entry["fp32_max_abs_diff"] = float((compiled(*inputs) - fp32).abs().max()) if fp32.numel() else 0.0
+    entry |= {
+        "precision": precision,
+        "table_bytes": table_bytes(program),
+        "fp32_table_bytes": table_bytes(ranker.model),
+        "model_sha256": ranker.manifest["model_sha256"],
+    }
     write_entry(directory / "manifest.json", entry)
-    return entry
+    served = dataclasses.replace(ranker, program=compiled, precision=precision)
+    return entry, served
+
+
+def agreement_on_test(pipeline, served: UnionRanker, batch_size: int = 256) -> dict:
+    """Every test user's list ordered by the pipeline's (fp32, eager) union ranker and by ``served``:
+    both NDCG@10 (the target's place; 0 where it is not in the top 10) and the share of lists with the
+    same top 10."""
+    p = pipeline.at_stage("test")
+    users, targets = p.split.targets("test")
+    gains = np.zeros((2, len(users)))
+    same = 0
+    for lo in range(0, len(users), batch_size):
+        chunk = users[lo : lo + batch_size]
+        lists, rows, batch = p.union_batch(chunk, [p.store.history(u) for u in chunk.tolist()])
+        tops = [ranker.order(lists, rows, batch)[0][:, :10] for ranker in (pipeline.union_ranker, served)]
+        same += int((tops[0] == tops[1]).all(axis=1).sum())
+        for m, top in enumerate(tops):
+            at, place = np.nonzero(top == targets[lo : lo + batch_size, None])
+            gains[m, lo + at] = 1.0 / np.log2(place + 2)
+    return {
+        "test_users": len(users),
+        "ndcg10_fp32": float(gains[0].mean()),
+        "ndcg10": float(gains[1].mean()),
+        "same_top10": same / max(len(users), 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -394,6 +448,13 @@ def main(argv: list[str] | None = None) -> dict:
         "--data-dir", default=None, help="data cache (default: $RECSYS_DATA_DIR or ~/.cache/recsys-examples)"
     )
     p.add_argument("--users", type=int, default=64, help="validation users whose lists check the package (default: 64)")
+    p.add_argument(
+        "--precision",
+        default="none",
+        choices=list(PRECISIONS),
+        help="the package's embedding tables: none (fp32, the model's own numbers) or quantized; a quantized "
+        "package is also compared with the fp32 model on every test user's list (default: %(default)s)",
+    )
     a = p.parse_args(argv)
     from integration.loader import create_pipeline, sequential_exports  # the loader imports this module
 
@@ -408,11 +469,25 @@ def main(argv: list[str] | None = None) -> dict:
     p_valid = pipeline.at_stage("valid")
     users = p_valid.split.targets("valid")[0][: a.users]
     _, _, batch = p_valid.union_batch(users, [p_valid.store.history(u) for u in users.tolist()])
-    entry = compile_artifact(Path(a.artifacts) / ARTIFACT, batch)
+    directory = Path(a.artifacts) / ARTIFACT
+    entry, served = compile_artifact(directory, batch, a.precision)
     print(
-        f"compiled {Path(a.artifacts) / ARTIFACT / COMPILED} in {entry['compile_seconds']:.0f} s, checked on "
-        f"{entry['check_rows']} rows of {len(users)} validation users' lists: max |logit difference| {entry['max_abs_diff']:.2e}"
+        f"compiled {directory / COMPILED} ({a.precision if a.precision != 'none' else 'fp32'} tables, "
+        f"{entry['table_bytes']:,} bytes against {entry['fp32_table_bytes']:,} in fp32) in "
+        f"{entry['compile_seconds']:.0f} s, checked on {entry['check_rows']} rows of {len(users)} validation users' "
+        f"lists: max |logit difference| {entry['max_abs_diff']:.2e} from the model it compiles, "
+        f"{entry['fp32_max_abs_diff']:.2e} from fp32"
     )
+    if a.precision != "none":
+        from inference_legacy.compiler import write_entry
+
+        entry["test"] = agreement_on_test(pipeline, served)
+        write_entry(directory / "manifest.json", entry)
+        t = entry["test"]
+        print(
+            f"test, {t['test_users']} users: NDCG@10 {t['ndcg10']:.4f} ({a.precision}) against {t['ndcg10_fp32']:.4f} "
+            f"(fp32); the same top 10 in {t['same_top10']:.1%} of the lists"
+        )
     return entry
 
 

@@ -761,6 +761,21 @@ def test_the_union_ranker_serves_the_lists_it_was_trained_on(with_sasrec, tmp_pa
     np.testing.assert_array_equal(c_items, items)
     np.testing.assert_allclose(c_scores, scores, rtol=1e-5, atol=1e-5)
     assert create_pipeline(root, candidate_source="union ranker", compiled=False).union_ranker.runtime == "eager"
+    # INT8 tables: the package's, the model stays fp32; both orders compared on every test user's list
+    entry = union_model.main(["--artifacts", str(root), "--users", "16", "--precision", "int8"])
+    assert entry["precision"] == "int8" and entry["table_bytes"] < entry["fp32_table_bytes"]
+    assert 0 < entry["fp32_max_abs_diff"] < 0.05 and entry["max_abs_diff"] <= entry["tolerance"]
+    quantized = create_pipeline(root, candidate_source="union ranker")
+    assert quantized.union_ranker.runtime == "AOTInductor, int8 tables"
+    q_items, q_scores = quantized.union_ranked(users[first], hists, 100)
+    np.testing.assert_allclose(q_scores, scores, atol=0.05)
+    assert np.mean((q_items[:, :10] == items[:, :10]).all(axis=1)) >= 0.9
+    agreement = json.loads((root / ARTIFACT / "manifest.json").read_text())["compiled"]["test"]
+    assert agreement["test_users"] == len(pipeline.split.targets("test")[0]) and agreement["same_top10"] >= 0.9
+    # its fp32 figure is the pipeline's own evaluation, computed another way
+    assert agreement["ndcg10_fp32"] == pytest.approx(ev["union ranker"].means["NDCG@10"])
+    assert abs(agreement["ndcg10"] - agreement["ndcg10_fp32"]) < 0.01
+    assert create_pipeline(root, candidate_source="union ranker", compiled=False).union_ranker.runtime == "eager"
     package = root / ARTIFACT / union_model.COMPILED
     package.write_bytes(package.read_bytes()[:-1] + b"x")  # altered: served eager, and it says why
     assert create_pipeline(root, candidate_source="union ranker").union_ranker.runtime == "eager"
