@@ -26,7 +26,8 @@ TRANSITION_LAGS = 3
 SEQUENCE_FEATURES = (*(f"after_last_{k}" for k in range(1, TRANSITION_LAGS + 1)), "item_trend")  # SequenceStats
 # On a data set with repeats (SequenceStats.repeat_features): the user's own past with the candidate.
 REPEAT_FEATURES = ("times_had", "since_had", "share_had", "item_repurchase")
-# With the history's timestamps too (Examples.hist_times; the union ranker's rows): when they had it, in days.
+# With the history's timestamps too (Examples.hist_times; the union ranker's rows): when they had it, in days,
+# and the share of their baskets (the lines of one timestamp) that held it.
 TIMING_FEATURES = ("days_since_had", "days_between_had", "due_had", "item_gap", "due_item", "basket_share")
 DAY = 86_400
 
@@ -47,7 +48,7 @@ class SequenceStats:
       and ``item_repurchase`` (of the other training users who had the candidate, the share who had
       it again: the row's own user left out, as a training row would otherwise count its own future).
     - on a data set with repeats, where the rows carry their history's timestamps
-      (``Examples.hist_times``), :data:`TIMING_FEATURES`, in days: ``days_since_had`` (1 / (1 + days
+      (``Examples.hist_times``), :data:`TIMING_FEATURES`, in days and baskets: ``days_since_had`` (1 / (1 + days
       from the last time the user had the candidate to the row's "now"), 0 if never),
       ``days_between_had`` (1 / (1 + the mean days between the user's purchases of it), 0 if fewer
       than two) and ``due_had`` (log((days since + 1) / (mean days between + 1)), clipped to [-5, 5],

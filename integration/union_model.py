@@ -10,9 +10,10 @@ A list is one user's union of every source's top 100 with each candidate's prove
 (candidates/provenance.py); its rows are the per-source rankers' features of each (user, candidate)
 (golden_training/ranking_data.py, read from the feature store's tables, with the user's history as
 the store holds it and the store's "now"; on a log with repeats, the days since and between the user's
-purchases of the candidate from the history's timestamps) plus the provenance features. :func:`list_batch` builds
-them, once, for both sides: integration/union_ranker.py trains on the validation users' lists and the
-pipeline (integration/pipeline.py) serves a request's lists through the same call, so a list is
+purchases of the candidate and the share of their baskets that held it, from the history's timestamps)
+plus the provenance features. :func:`list_batch` builds them, once, for both sides:
+integration/union_ranker.py trains on the validation users' lists and the pipeline
+(integration/pipeline.py) serves a request's lists through the same call, so a list is
 scored the same way in training and in serving (tests/test_integration.py checks it, list by list).
 
 The artifact (``<artifacts>/serving/union-ranker``): ``model.pt`` (the DLRM's weights and the dense
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -62,6 +64,7 @@ from golden_training.sequence_stats import TIMING_FEATURES
 from inference_legacy import artifact as art
 from integration.compatibility import ArtifactMismatch
 
+log = logging.getLogger(__name__)
 ARTIFACT = "serving/union-ranker"  # under the artifacts directory
 COMPILED = "model.aoti.pt2"  # the AOTInductor package of UnionProgram (compile_artifact)
 CHECK_INPUTS = "check_inputs.pt"  # real list rows the package is checked on, at compile time and each load
@@ -75,7 +78,8 @@ def ranker_schema(features: RankingFeatures, provenance: list[str], ids: bool, a
     """The per-source rankers' features (without the IDs unless ``ids``, or unless the data set has no
     categorical feature: the DLRM needs a table), the provenance ones, with ``attention`` the target
     attention's (:func:`target_attention`) and, on a data set with repeats, the days since and between
-    the user's purchases of the candidate (golden_training/ranking_data.py, ``TIMING_FEATURES``)."""
+    the user's purchases of the candidate and the share of their baskets that held it
+    (golden_training/sequence_stats.py, ``TIMING_FEATURES``)."""
     sparse = [n for n in features.schema.sparse_names if ids or n not in ID_FEATURES]
     sparse = sparse or features.schema.sparse_names
     schema = features.schema.subset(sparse)
@@ -293,6 +297,8 @@ class UnionRanker:
 
     def as_program(self, precision: str = "none") -> UnionProgram:
         """The model as :class:`UnionProgram`, its tables quantized to ``precision`` (a copy)."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
         model = self.model if precision == "none" else quantize(self.model, precision)
         return UnionProgram(model, self.mean, self.scale, self.schema.sparse_names).eval()
 
@@ -357,11 +363,22 @@ class UnionRanker:
         ranker = cls(model, state["mean"], state["scale"], schema, manifest)
         if compiled and manifest.get("compiled"):
             precision = manifest["compiled"].get("precision", "none")
+            try:  # the reference the package is checked against: a quantization that fails here serves eager
+                reference = ranker.as_program(precision)
+            except Exception as err:
+                log.warning(
+                    "%s: serving the eager model: no %s reference (%s: %s)",
+                    directory,
+                    precision,
+                    type(err).__name__,
+                    err,
+                )
+                return ranker
             ranker.program, _ = load_package(
                 directory,
                 manifest["compiled"],
                 id_guard(schema),
-                ranker.as_program(precision),
+                reference,
                 lambda: torch.load(directory / CHECK_INPUTS, weights_only=True),
                 f"python -m integration.union_model --artifacts {directory.parent.parent}",
             )
@@ -381,11 +398,12 @@ def compile_artifact(directory: str | Path, batch: Batch, precision: str = "none
     from inference_legacy.compiler import compile_program, export_program, write_entry
     from inference_legacy.dlrm_packager import table_bytes
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
     directory = Path(directory)
     ranker = UnionRanker.load(directory, compiled=False)
     program, inputs = ranker.as_program(precision), program_inputs(batch)
+    with torch.inference_mode():  # everything the entry needs but the package, before the package is written
+        fp32 = ranker.as_program()(*inputs)
+    sizes = {"table_bytes": table_bytes(program), "fp32_table_bytes": table_bytes(ranker.model)}
     rows = Dim("rows", min=1, max=1 << 24)
     exported = export_program(
         program,
@@ -401,14 +419,8 @@ def compile_artifact(directory: str | Path, batch: Batch, precision: str = "none
     os.replace(tmp, directory / CHECK_INPUTS)
     entry, compiled = compile_program(exported, inputs, directory / COMPILED, id_guard(ranker.schema), program, inputs)
     with torch.inference_mode():
-        fp32 = ranker.as_program()(*inputs)
         entry["fp32_max_abs_diff"] = float((compiled(*inputs) - fp32).abs().max()) if fp32.numel() else 0.0
-    entry |= {
-        "precision": precision,
-        "table_bytes": table_bytes(program),
-        "fp32_table_bytes": table_bytes(ranker.model),
-        "model_sha256": ranker.manifest["model_sha256"],
-    }
+    entry |= {"precision": precision, **sizes, "model_sha256": ranker.manifest["model_sha256"]}
     write_entry(directory / "manifest.json", entry)
     served = dataclasses.replace(ranker, program=compiled, precision=precision)
     return entry, served
@@ -451,9 +463,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--precision",
         default="none",
-        choices=list(PRECISIONS),
-        help="the package's embedding tables: none (fp32, the model's own numbers) or quantized; a quantized "
-        "package is also compared with the fp32 model on every test user's list (default: %(default)s)",
+        choices=["none", "int8"],
+        help="the package's embedding tables: none (fp32, the model's own numbers) or int8; an int8 package is "
+        "also compared with the fp32 model on every test user's list (default: %(default)s)",
     )
     a = p.parse_args(argv)
     from integration.loader import create_pipeline, sequential_exports  # the loader imports this module
