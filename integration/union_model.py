@@ -57,7 +57,7 @@ from candidates.provenance import UnionLists
 from common.compiled import Guarded, id_guard, load_package
 from common.data.download import file_digest
 from common.features import DenseFeature, FeatureBatch, FeatureSchema
-from common.metrics import RankingReport
+from common.metrics import RankingReport, per_user_metrics, target_ranks
 from golden_training.model import PRECISIONS, TorchRecDLRM, quantize
 from golden_training.ranking_data import Examples, RankingFeatures
 from golden_training.sequence_stats import TIMING_FEATURES
@@ -432,7 +432,7 @@ def agreement_on_test(pipeline, served: UnionRanker, batch_size: int = 256) -> d
     same top 10."""
     p = pipeline.at_stage("test")
     users, targets = p.split.targets("test")
-    gains = np.zeros((2, len(users)))
+    ranks: list[list[np.ndarray]] = [[], []]
     same = 0
     for lo in range(0, len(users), batch_size):
         chunk = users[lo : lo + batch_size]
@@ -440,12 +440,14 @@ def agreement_on_test(pipeline, served: UnionRanker, batch_size: int = 256) -> d
         tops = [ranker.order(lists, rows, batch)[0][:, :10] for ranker in (pipeline.union_ranker, served)]
         same += int((tops[0] == tops[1]).all(axis=1).sum())
         for m, top in enumerate(tops):
-            at, place = np.nonzero(top == targets[lo : lo + batch_size, None])
-            gains[m, lo + at] = 1.0 / np.log2(place + 2)
+            ranks[m].append(
+                target_ranks(torch.from_numpy(top), torch.from_numpy(targets[lo : lo + batch_size])).numpy()
+            )
+    ndcg = [float(per_user_metrics(np.concatenate(r))["NDCG@10"].mean()) if r else 0.0 for r in ranks]
     return {
         "test_users": len(users),
-        "ndcg10_fp32": float(gains[0].mean()),
-        "ndcg10": float(gains[1].mean()),
+        "ndcg10_fp32": ndcg[0],
+        "ndcg10": ndcg[1],
         "same_top10": same / max(len(users), 1),
     }
 
