@@ -43,6 +43,7 @@ def make_model(
 
 
 COMPILED_SCORER = "scorer.aoti.pt2"
+COMPILED_ONE = "scorer_one.aoti.pt2"  # the same scores for one history: no padding row (aot_compile)
 
 
 @dataclass
@@ -80,17 +81,19 @@ class NextItemScorer:
             torch.load(export_dir / "weights.pt", map_location="cpu", weights_only=True), strict=True
         )
         self.model.eval()
-        self.export_dir, self.compiled, self.runtime = export_dir, None, "eager"
+        self.export_dir, self.compiled, self.compiled_one, self.runtime = export_dir, None, None, "eager"
         if compiled:
+            how = f"python -m inference_legacy.aot_compile {export_dir}"
+            entry = self.manifest.get("compiled")
             self.compiled, why = load_package(
-                export_dir,
-                self.manifest.get("compiled"),
-                self.token_guard,
-                self.model.padded_scores,
-                self.check_inputs,
-                f"python -m inference_legacy.aot_compile {export_dir}",
+                export_dir, entry, self.token_guard, self.model.padded_scores, self.check_inputs, how
             )
             self.runtime = "AOTInductor" if self.compiled else f"eager: {why}"
+            one = self.manifest.get("compiled_one")  # none in an export compiled before it: the batch program serves
+            if self.compiled is not None and one:
+                self.compiled_one, _ = load_package(
+                    export_dir, one, self.token_guard, self.model.padded_scores, self.check_one, how
+                )
 
     def token_guard(self, tokens: torch.Tensor, lengths: torch.Tensor) -> None:
         """What the compiled program leaves unchecked: tokens within the table, lengths within the width."""
@@ -105,6 +108,11 @@ class NextItemScorer:
         lengths = np.linspace(0, self.model.max_len + 5, n).astype(int)
         return padded_tokens(self.model.query_sequences([rng.integers(0, self.model.num_items, k) for k in lengths]))
 
+    def check_one(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One seeded history of the longest width (the one-sequence program's check input)."""
+        rng = np.random.default_rng(0)
+        return padded_tokens(self.model.query_sequences([rng.integers(0, self.model.num_items, self.model.max_len)]), 1)
+
     @property
     def data_fingerprint(self) -> str:
         return self.manifest["data_fingerprint"]
@@ -117,6 +125,8 @@ class NextItemScorer:
         def scores(part: list[np.ndarray]) -> torch.Tensor:
             if self.compiled is None:
                 return self.model.last_scores(sequences_kjt(part))
+            if len(part) == 1 and self.compiled_one is not None:
+                return self.compiled_one(*padded_tokens(part, 1))
             return self.compiled(*padded_tokens(part))[: len(part)]  # less the padding row of a lone sequence
 
         parts = [scores(seqs[lo : lo + batch_size]).numpy() for lo in range(0, len(seqs), batch_size)]

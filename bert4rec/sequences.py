@@ -24,12 +24,13 @@ def sequences_kjt(seqs: list[np.ndarray]) -> KeyedJaggedTensor:
     )
 
 
-def padded_tokens(seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+def padded_tokens(seqs: list[np.ndarray], min_rows: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Token sequences as ``[batch, width]`` (0 after each sequence) and their lengths, for a model's
-    ``padded_scores``. At least 2 x 2: the exported program's shapes start there (export
-    specializes sizes of 1), so one sequence gets a padding row, scored and dropped."""
+    ``padded_scores``. At least ``min_rows`` x 2: the batch program's shapes start at 2 x 2 (export
+    specializes sizes of 1), so one sequence gets a padding row, scored and dropped; the one-sequence
+    program (``min_rows=1``) takes a single row."""
     width = max([2, *(len(s) for s in seqs)])
-    tokens = np.zeros((max(2, len(seqs)), width), dtype=np.int64)
+    tokens = np.zeros((max(min_rows, len(seqs)), width), dtype=np.int64)
     lengths = np.ones(len(tokens), dtype=np.int64)
     for i, s in enumerate(seqs):
         tokens[i, : len(s)], lengths[i] = s, len(s)

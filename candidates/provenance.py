@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from candidates.sources import RANK_OFFSET, CandidateSource, excluded, ranks_at, top_k_of, union, unseen_mask
+from candidates.sources import RANK_OFFSET, CandidateSource, excluded, top_k_of, union, unseen_mask
+from common.metrics import RowOrder
 
 PER_SOURCE = ("rr", "in", "z")
 
@@ -60,19 +61,40 @@ def union_lists(
     # its index; the others' from the scores computed once: top_k_of); the features read each
     # source's scores of the whole catalog.
     raw = [src.scores(users, histories) for src in sources]
-    tops = [top_k_of(src, s, users, histories, k) for src, s in zip(sources, raw)]
     # what the ensemble leaves out of every source's ranks (EnsembleSource): seen items, unless any
     # source may propose them
     repeats = any(getattr(src, "repeats", False) for src in sources)
-    items = union(tops)
+    unseen = unseen_mask((len(users), raw[0].shape[1]), excluded(histories, repeats)) if raw else None
+    scores = [np.asarray(r, dtype=np.float32) for r in raw]
+    # A source whose top k is top_unseen of its own float32 scores, hiding what the ensemble hides, has
+    # its list at the head of the order its ranks count in: one sort of each row gives both (RowOrder).
+    shared = [
+        getattr(src, "ranks_its_scores", False) and s is r and bool(getattr(src, "repeats", False)) == repeats
+        for src, s, r in zip(sources, scores, raw)
+    ]
+    tops = [
+        np.empty((len(users), min(k, s.shape[1])), np.int64) if share else top_k_of(src, r, users, histories, k)
+        for src, s, r, share in zip(sources, scores, raw, shared)
+    ]
+    rows, ranks = [], []
+    for b in range(len(users)):  # a row at a time: one row's sorted scores in memory, not the batch's
+        orders = [RowOrder(s[b] if unseen[b].all() else np.where(unseen[b], s[b], -np.inf)) for s in scores]
+        for top, order, share in zip(tops, orders, shared):
+            if share:
+                top[b] = order.top(top.shape[1])
+        rows.append(union([top[b : b + 1] for top in tops])[0])
+        ranks.append([order.ranks(rows[-1]) for order in orders])
+    items = np.full((len(users), max((len(r) for r in rows), default=0)), -1, dtype=np.int64)
+    at = np.zeros((len(sources), *items.shape), dtype=np.int64)  # each source's rank of each candidate
+    for b, row in enumerate(rows):
+        items[b, : len(row)] = row
+        at[:, b, : len(row)] = ranks[b]
     safe = np.where(items >= 0, items, 0)
     cols = []
     fused = np.zeros(items.shape, np.float32)
     proposed = np.zeros(items.shape, np.float32)
-    unseen = unseen_mask((len(users), raw[0].shape[1]), excluded(histories, repeats)) if raw else None
-    for src, top, scores in zip(sources, tops, raw):
-        s = np.asarray(scores, dtype=np.float32)
-        rr = 1.0 / (RANK_OFFSET + ranks_at(s, unseen, safe))  # reciprocal_ranks' values, at the candidates only
+    for src, top, s, rank in zip(sources, tops, scores, at):
+        rr = 1.0 / (RANK_OFFSET + rank)  # reciprocal_ranks' values, at the candidates only
         member = np.zeros(s.shape, dtype=bool)  # the source's list as a mask over the catalog
         member[np.nonzero(top >= 0)[0], top[top >= 0]] = True
         inside = (np.take_along_axis(member, safe, axis=1) & (items >= 0)).astype(np.float32)

@@ -217,24 +217,6 @@ def reciprocal_ranks(scores: np.ndarray, unseen: np.ndarray, offset: float = RAN
     return 1.0 / (offset + rank)
 
 
-def ranks_at(scores: np.ndarray, unseen: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """The ranks :func:`reciprocal_ranks` gives ``items`` ``[B, L]`` (valid indices), the same integers,
-    without ranking the whole row: each row's scores (seen ones -inf) sorted once, an item's rank the
-    count of scores above its own, plus the equal ones at a lower index (found only for values that
-    occur more than once)."""
-    out = np.empty(items.shape, dtype=np.int64)
-    for r in range(len(items)):
-        row = scores[r] if unseen[r].all() else np.where(unseen[r], scores[r], -np.inf)  # nothing to hide: no copy
-        ordered = np.sort(row)
-        v = row[items[r]]
-        above = np.searchsorted(ordered, v, side="right")
-        out[r] = len(row) - above
-        for tied in np.unique(v[above - np.searchsorted(ordered, v, side="left") > 1]):
-            at = v == tied
-            out[r, at] += np.searchsorted(np.flatnonzero(row == tied), items[r, at])
-    return out
-
-
 class EnsembleSource:
     """Candidates by the weighted sum of the member sources' reciprocal ranks."""
 

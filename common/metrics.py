@@ -221,6 +221,54 @@ def _top_tied(row: torch.Tensor, v: torch.Tensor, k: int) -> tuple[torch.Tensor,
     return row[items], items
 
 
+class RowOrder:
+    """One row of scores in the protocol's order, from a single sort of its values: its top ``k``
+    (:func:`top_unseen`'s items) and the 0-based rank of any item in it (ties to the lower index), for
+    a caller that needs both (the union ranker's provenance features: each source's list, then every
+    candidate's place in that source's order) without ranking the whole row. ``row`` is one 1-D
+    NumPy row with whatever the caller hides already -inf; it is not copied."""
+
+    def __init__(self, row: np.ndarray) -> None:
+        self.row = row
+        self.ordered = np.sort(row)  # ascending; NumPy's SIMD sort of values, not an argsort
+
+    def top(self, k: int) -> np.ndarray:
+        """The ``k`` best items, best first: the items above the ``k``-th best score by (score,
+        index), then the items at that score by index, as :func:`_top_tied` decides a tie."""
+        row, n = self.row, len(self.row)
+        k = min(k, n)
+        if k == 0 or np.isnan(self.ordered[-1]):  # NaN sorts last: let top_unseen place it
+            return top_unseen(np.array(row[None], copy=True), None, k)[0][0]
+        v = self.ordered[n - k]
+        above = np.flatnonzero(row > v)
+        above = above[np.argsort(-row[above], kind="stable")]  # flatnonzero's index order breaks ties
+        return np.concatenate([above, np.flatnonzero(row == v)[: k - len(above)]])
+
+    def ranks(self, items: np.ndarray) -> np.ndarray:
+        """Each of ``items``' (valid indices) rank: the count of scores above its own, plus the equal
+        scores at a lower index, found only for values that occur more than once."""
+        row, ordered = self.row, self.ordered
+        v = row[items]
+        above = np.searchsorted(ordered, v, side="right")
+        out = len(row) - above
+        equal = above - np.searchsorted(ordered, v, side="left")  # how many items share the item's score
+        n = len(row)
+        common = equal > n // 2  # at most one score holds most of the row (a sparse source's zeros)
+        keep = np.ones(n, dtype=bool)
+        if common.any():  # count the other items below the item instead
+            others = row != v[common][0]
+            out[common] += items[common] - np.searchsorted(np.flatnonzero(others), items[common])
+            keep = others
+        few = (equal > 1) & ~common
+        if few.any():  # the other tied scores: one pass for the items between the least and the greatest of them
+            span = np.flatnonzero((row >= v[few].min()) & (row <= v[few].max()) & keep)  # in index order
+            inside = row[span]
+            for tied in np.unique(v[few]).tolist():
+                at = v == tied
+                out[at] += np.searchsorted(span[inside == tied], items[at])
+        return out
+
+
 def _gather(local: np.ndarray) -> np.ndarray:
     parts = all_gather(local)
     return local if len(parts) == 1 else np.concatenate(parts)

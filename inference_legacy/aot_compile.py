@@ -3,7 +3,7 @@ package checks out, else as before.
 
     python -m inference_legacy.aot_compile runs/serving/dlrm-int8      # the ranker: model.aoti.pt2
     python -m inference_legacy.aot_compile runs/retrieval/export       # the query tower: query_tower.aoti.pt2
-    python -m inference_legacy.aot_compile runs/bert4rec/export        # BERT4Rec's scorer: scorer.aoti.pt2
+    python -m inference_legacy.aot_compile runs/bert4rec/export        # BERT4Rec's scorer: scorer.aoti.pt2 (+ _one)
 
 - A ranker artifact (``inference_legacy.dlrm_packager``): its ``torch.export`` program compiled;
   checked on the artifact's held-out rows against the exported program and against the fp32
@@ -11,7 +11,8 @@ package checks out, else as before.
 - A retrieval export (``retrieval.two_tower_train``): the INT8 query tower as ``Retriever`` loads it,
   exported and compiled; checked on the first 256 users' queries against the eager tower.
 - A BERT4Rec or SASRec export: the model's next-item scores over the catalog from padded tokens
-  (``padded_scores``), exported and compiled; checked on 64 seeded histories of every length.
+  (``padded_scores``), exported and compiled; checked on 64 seeded histories of every length; and a
+  program for one history alone (``scorer_one.aoti.pt2``), checked on the longest.
 
 Each adds its package and a ``compiled`` entry to the directory's manifest (see
 ``common/compiled.py`` for what the entry ties the package to). Compiled, the graph no longer runs
@@ -154,9 +155,12 @@ def compile_query_tower(export_dir: str | Path) -> dict:
 def compile_scorer(export_dir: str | Path) -> dict:
     """Export the sequential model's ``padded_scores`` and compile it with AOTInductor to
     ``scorer.aoti.pt2`` (checked against the eager model on seeded histories of every length); adds
-    the manifest's ``compiled`` entry and returns it."""
+    the manifest's ``compiled`` entry and returns it. Also the one-sequence program,
+    ``scorer_one.aoti.pt2`` (the manifest's ``compiled_one``, returned as the entry's ``one``): the
+    batch program's shapes start at two rows, so a lone user's request (the service's) would pay
+    for a padding row as long as its own sequence; this one takes one row of any width."""
     export_dir = Path(export_dir)
-    from bert4rec.scorer import COMPILED_SCORER, NextItemScorer
+    from bert4rec.scorer import COMPILED_ONE, COMPILED_SCORER, NextItemScorer
 
     scorer = NextItemScorer(export_dir, compiled=False)
     model, inputs = scorer.model, scorer.check_inputs()
@@ -169,14 +173,18 @@ def compile_scorer(export_dir: str | Path) -> dict:
         def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
             return self.model.padded_scores(tokens, lengths)
 
-    batch = Dim("batch", min=2, max=1 << 20)
-    program = export_program(
-        Program(), inputs, {"tokens": {0: batch, 1: Dim("width", min=2, max=model.max_len)}, "lengths": {0: batch}}
-    )
+    batch, width = Dim("batch", min=2, max=1 << 20), Dim("width", min=2, max=model.max_len)
+    program = export_program(Program(), inputs, {"tokens": {0: batch, 1: width}, "lengths": {0: batch}})
     entry, _ = compile_program(
         program, inputs, export_dir / COMPILED_SCORER, scorer.token_guard, model.padded_scores, inputs
     )
     write_entry(export_dir / "manifest.json", entry)
+    one = scorer.check_one()
+    program = export_program(Program(), one, {"tokens": {1: width}, "lengths": None})  # one row, any width
+    entry["one"], _ = compile_program(
+        program, one, export_dir / COMPILED_ONE, scorer.token_guard, model.padded_scores, one
+    )
+    write_entry(export_dir / "manifest.json", entry["one"], key="compiled_one")
     return entry
 
 
@@ -207,6 +215,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         extra = (
             f", max |compiled - fp32| {entry['max_abs_diff_vs_fp32']:.1e}" if "max_abs_diff_vs_fp32" in entry else ""
         )
+        if "one" in entry:
+            extra += (
+                f"; the one-sequence program to {entry['one']['file']} "
+                f"(max |compiled - exported| {entry['one']['max_abs_diff']:.1e})"
+            )
         if "by_user" in entry:
             extra += (
                 f"; the per-user program to {entry['by_user']['file']} "

@@ -46,8 +46,10 @@ def test_the_compiled_scorer_serves_the_same_scores_and_falls_back_with_the_reas
     entry = compile_main([str(export)])[str(export)]
     assert entry["file"] == "scorer.aoti.pt2" and entry["check_rows"] == 64
     assert entry["max_abs_diff"] <= entry["tolerance"] <= 1e-4
+    assert entry["one"]["file"] == "scorer_one.aoti.pt2" and entry["one"]["check_rows"] == 1
     compiled, eager = NextItemScorer(export), NextItemScorer(export, compiled=False)
     assert compiled.runtime == "AOTInductor" and eager.runtime == "eager"
+    assert compiled.compiled_one is not None and eager.compiled_one is None
     indptr, hist = ml100k_split.history("test")
     histories = [hist[indptr[u] : indptr[u + 1]] for u in range(300)]
     histories[0] = histories[0][:0]  # an empty history: [MASK] / [BOS] alone
@@ -56,7 +58,13 @@ def test_the_compiled_scorer_serves_the_same_scores_and_falls_back_with_the_reas
     assert np.abs(got - want).max() <= entry["tolerance"] + 1e-4
     top = lambda s: np.argsort(-s, axis=1, kind="stable")[:, :10]  # noqa: E731
     assert (top(got) == top(want)).mean() > 0.99  # only near-ties may swap
-    assert compiled.score_indices(histories[5:6]).shape == (1, compiled.model.num_items)  # one user: padded to 2
+    # one user alone: the one-sequence program, at any width (an empty history, one item, longer than max_len)
+    for h in (histories[0], histories[5][:1], histories[5][:7], np.resize(histories[5], compiled.model.max_len + 9)):
+        one = compiled.score_indices([h])
+        assert one.shape == (1, compiled.model.num_items)
+        assert np.abs(one - eager.score_indices([h])).max() <= entry["one"]["tolerance"] + 1e-4
+        pair = compiled.score_indices([h, h])  # the batch program
+        assert np.abs(one[0] - pair[0]).max() <= 1e-4
     with pytest.raises(ValueError, match="tokens must lie in"):
         compiled.compiled(torch.full((2, 3), 10**6), torch.tensor([3, 3]))
 
@@ -65,7 +73,9 @@ def test_the_compiled_scorer_serves_the_same_scores_and_falls_back_with_the_reas
     m["compiled"]["machine"] = "riscv64"
     (export / "manifest.json").write_text(json.dumps(m))
     foreign = NextItemScorer(export)
-    assert foreign.compiled is None and "compiled for machine riscv64" in foreign.runtime
+    assert (
+        foreign.compiled is None and foreign.compiled_one is None and "compiled for machine riscv64" in foreign.runtime
+    )
     assert any("compiled for machine riscv64" in r.getMessage() for r in caplog.records)
     assert np.array_equal(foreign.score_indices(histories), want)
 

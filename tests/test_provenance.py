@@ -125,10 +125,12 @@ def test_target_attention_against_a_loop() -> None:
         assert got["recent_mean_sim"][r] == pytest.approx(sims.mean(), abs=1e-5)
 
 
-def test_ranks_at_the_candidates_are_the_full_rankings() -> None:
-    """candidates.sources.ranks_at gives the ranks reciprocal_ranks gives, with ties (few values, a run
-    of zeros), -inf scores and seen items, with and without exclusion."""
-    from candidates.sources import RANK_OFFSET, ranks_at, reciprocal_ranks
+def test_one_sort_of_a_row_gives_the_protocols_top_k_and_every_rank() -> None:
+    """common.metrics.RowOrder: its ranks are the ranks reciprocal_ranks gives and its top k is
+    top_unseen's, with ties (few values, a run of zeros over most of the row), -inf scores and seen
+    items, with and without exclusion, k below, at and above the row's unseen items."""
+    from candidates.sources import RANK_OFFSET, reciprocal_ranks
+    from common.metrics import RowOrder, top_unseen
 
     rng = np.random.default_rng(0)
     for trial in range(12):
@@ -141,4 +143,10 @@ def test_ranks_at_the_candidates_are_the_full_rankings() -> None:
         unseen = rng.random(s.shape) > 0.1 if trial % 2 else np.ones(s.shape, bool)
         items = np.stack([rng.choice(2000, 150, replace=False) for _ in range(3)])
         want = np.take_along_axis(reciprocal_ranks(s, unseen), items, axis=1)
-        assert np.array_equal(1.0 / (RANK_OFFSET + ranks_at(s, unseen, items)), want), trial
+        hidden = [np.flatnonzero(~u) for u in unseen]
+        for r in range(3):
+            order = RowOrder(np.where(unseen[r], s[r], -np.inf))
+            assert np.array_equal(1.0 / (RANK_OFFSET + order.ranks(items[r])), want[r]), trial
+            for k in (1, 100, 1999, 2000, 2500):
+                expected = top_unseen(s[r : r + 1].copy(), hidden[r : r + 1], k)[0][0]
+                assert np.array_equal(order.top(k), expected), (trial, r, k)
