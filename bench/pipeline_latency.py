@@ -151,14 +151,19 @@ def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[
     parts: dict[str, tuple] = {}  # stage -> (function, one-user inputs, batch inputs)
 
     def sequence_forward(source: SequenceSource) -> tuple:
-        model, compiled = source.scorer.model, source.scorer.compiled
+        scorer = source.scorer
+        model, compiled = scorer.model, scorer.compiled
+        one = scorer.compiled_one or compiled  # a lone user's program, as score_indices serves one user
 
         def seqs(sl: slice):
             tokens = model.query_sequences([source.order[h] for h in hists[sl]])
-            return (padded_tokens(tokens),) if compiled else (sequences_kjt(tokens),)
+            if not compiled:
+                return (sequences_kjt(tokens), None)
+            lone = sl.stop - sl.start == 1 and scorer.compiled_one is not None
+            return (padded_tokens(tokens, 1), one) if lone else (padded_tokens(tokens), compiled)
 
         return (
-            (lambda x: compiled(*x[0])) if compiled else (lambda x: model.last_scores(x[0])),
+            (lambda x: x[1](*x[0])) if compiled else (lambda x: model.last_scores(x[0])),
             [seqs(slice(i, i + 1)) for i in range(len(dense))],
             [seqs(sl) for sl in batches],
         )
