@@ -237,7 +237,9 @@ class RowOrder:
         index), then the items at that score by index, as :func:`_top_tied` decides a tie."""
         row, n = self.row, len(self.row)
         k = min(k, n)
-        if k == 0 or np.isnan(self.ordered[-1]):  # NaN sorts last: let top_unseen place it
+        if k == 0:
+            return np.zeros(0, dtype=np.int64)
+        if np.isnan(self.ordered[-1]):  # NaN sorts last: let top_unseen place it
             return top_unseen(np.array(row[None], copy=True), None, k)[0][0]
         v = self.ordered[n - k]
         above = np.flatnonzero(row > v)

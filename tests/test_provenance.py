@@ -147,6 +147,7 @@ def test_one_sort_of_a_row_gives_the_protocols_top_k_and_every_rank() -> None:
         for r in range(3):
             order = RowOrder(np.where(unseen[r], s[r], -np.inf))
             assert np.array_equal(1.0 / (RANK_OFFSET + order.ranks(items[r])), want[r]), trial
+            assert order.top(0).shape == (0,)
             for k in (1, 100, 1999, 2000, 2500):
                 expected = top_unseen(s[r : r + 1].copy(), hidden[r : r + 1], k)[0][0]
                 assert np.array_equal(order.top(k), expected), (trial, r, k)
