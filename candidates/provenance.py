@@ -78,7 +78,8 @@ def union_lists(
     ]
     rows, ranks = [], []
     for b in range(len(users)):  # a row at a time: one row's sorted scores in memory, not the batch's
-        orders = [RowOrder(s[b] if unseen[b].all() else np.where(unseen[b], s[b], -np.inf)) for s in scores]
+        hide = not unseen[b].all()  # nothing to hide (a log with repeats): the rows themselves, no copies
+        orders = [RowOrder(np.where(unseen[b], s[b], -np.inf) if hide else s[b]) for s in scores]
         for top, order, share in zip(tops, orders, shared):
             if share:
                 top[b] = order.top(top.shape[1])
