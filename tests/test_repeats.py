@@ -422,3 +422,16 @@ def test_again_negatives_come_from_the_users_own_past(ml100k) -> None:
     ml_split = split_dataset(ml100k)
     ml_ex, _ = train_examples(ml_split, RankingFeatures.build(ml100k, ml_split, sequence=False), cfg, None)
     assert len(ml_ex) == 2 * len(ml_split.train_user)  # MovieLens: no repeats, none drawn
+
+
+def test_the_sequence_features_binary_search_is_numpys() -> None:
+    """golden_training.sequence_stats._searchsorted (a few keys: searched in ascending order and put
+    back; many: torch's) gives np.searchsorted's indices, keys below, between, equal to and above the
+    array's values, duplicates in both, an empty array and no keys."""
+    from golden_training.sequence_stats import _searchsorted
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        a = np.sort(rng.integers(0, 60, rng.integers(0, 50)))
+        v = rng.integers(-5, 65, 1500 if trial % 10 == 0 else rng.integers(0, 40))
+        assert np.array_equal(_searchsorted(a, v), np.searchsorted(a, v)), trial
