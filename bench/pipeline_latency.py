@@ -152,15 +152,15 @@ def compute_limit(pipeline, users: list, batch_size: int, repeats: int) -> dict[
 
     def sequence_forward(source: SequenceSource) -> tuple:
         scorer = source.scorer
-        model, compiled = scorer.model, scorer.compiled
-        one = scorer.compiled_one or compiled  # a lone user's program, as score_indices serves one user
+        model, compiled, one = scorer.model, scorer.compiled, scorer.compiled_one
 
         def seqs(sl: slice):
             tokens = model.query_sequences([source.order[h] for h in hists[sl]])
             if not compiled:
                 return (sequences_kjt(tokens), None)
-            lone = sl.stop - sl.start == 1 and scorer.compiled_one is not None
-            return (padded_tokens(tokens, 1), one) if lone else (padded_tokens(tokens), compiled)
+            if sl.stop - sl.start == 1 and one is not None:  # a lone user's program, as score_indices serves one
+                return (padded_tokens(tokens, 1), one)
+            return (padded_tokens(tokens), compiled)
 
         return (
             (lambda x: x[1](*x[0])) if compiled else (lambda x: model.last_scores(x[0])),

@@ -250,20 +250,19 @@ class RowOrder:
         """Each of ``items``' (valid indices) rank: the count of scores above its own, plus the equal
         scores at a lower index, found only for values that occur more than once."""
         row, ordered = self.row, self.ordered
-        v = row[items]
+        n, v = len(row), row[items]
         above = np.searchsorted(ordered, v, side="right")
-        out = len(row) - above
+        out = n - above
         equal = above - np.searchsorted(ordered, v, side="left")  # how many items share the item's score
-        n = len(row)
         common = equal > n // 2  # at most one score holds most of the row (a sparse source's zeros)
-        keep = np.ones(n, dtype=bool)
+        others = None
         if common.any():  # count the other items below the item instead
             others = row != v[common][0]
             out[common] += items[common] - np.searchsorted(np.flatnonzero(others), items[common])
-            keep = others
         few = (equal > 1) & ~common
         if few.any():  # the other tied scores: one pass for the items between the least and the greatest of them
-            span = np.flatnonzero((row >= v[few].min()) & (row <= v[few].max()) & keep)  # in index order
+            between = (row >= v[few].min()) & (row <= v[few].max())
+            span = np.flatnonzero(between if others is None else between & others)  # in index order
             inside = row[span]
             for tied in np.unique(v[few]).tolist():
                 at = v == tied
