@@ -15,6 +15,7 @@ TorchRec's own metric functions.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -152,20 +153,48 @@ def target_ranks(topk: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def stable_order(scores: np.ndarray) -> np.ndarray:
     """Each row's indices best first, ties to the lower index: ``np.argsort(-scores, axis=1,
-    kind="stable")``, the same array, about 4x faster on a large catalog. NumPy's stable sort has no
-    SIMD path; its quicksort has, but leaves equal scores in no set order, so the quicksort's order
-    is sorted again by the key (group of equal scores, index), which is unique: any sort gives the
-    stable order."""
+    kind="stable")``, the same array, 2-4x faster. NumPy's stable sort has no SIMD path; its
+    quicksort has, but leaves equal scores in no set order. So the sort is given keys that are
+    unique: for float32, one 64-bit key per item, the score's bits made to order descending in the
+    high half and the index in the low half (:func:`_float32_keys`); for other types, the
+    quicksort's order sorted again by (group of equal scores, index)."""
     scores = np.atleast_2d(scores)
     n = scores.shape[1]
+    if scores.dtype == np.float32 and n < 2**32:
+        keys = _float32_keys(scores)
+        keys.sort(axis=1)
+        return (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
     order = np.argsort(-scores, axis=1)
     v = np.take_along_axis(-scores, order, axis=1)
     key = np.zeros(scores.shape, dtype=np.int64)
-    np.cumsum(v[:, 1:] != v[:, :-1], axis=1, out=key[:, 1:])  # the group: how many distinct scores before
+    differ = v[:, 1:] != v[:, :-1]
+    if v.dtype.kind == "f":
+        differ &= ~(np.isnan(v[:, 1:]) & np.isnan(v[:, :-1]))  # NaN, sorted last, is one group
+    np.cumsum(differ, axis=1, out=key[:, 1:])  # the group: how many distinct scores before
     key *= n
     key += order
     key.sort(axis=1)
     return key % n
+
+
+def _float32_keys(scores: np.ndarray) -> np.ndarray:
+    """``[B, N]`` uint64 keys whose ascending order is the scores' descending order, ties (-0.0 and 0.0
+    among them) by index, NaN last: the high 32 bits the score's bits, flipped so that they order
+    descending (a positive float's bits order as its value, so all but the sign bit are flipped; a
+    negative's order against its value, so they stay), the low 32 bits the index."""
+    rows, n = scores.shape
+    s = scores + np.float32(0.0)  # -0.0 becomes 0.0: equal scores, equal bits
+    keys = np.empty((rows, n), dtype=np.uint64)
+    halves = keys.view(np.uint32).reshape(rows, n, 2)
+    lo, hi = (0, 1) if sys.byteorder == "little" else (1, 0)
+    halves[..., lo] = np.arange(n, dtype=np.uint32)
+    flip = s.view(np.int32) >> 31  # 0 for a positive score, -1 for a negative
+    np.invert(flip, out=flip)
+    np.bitwise_xor(s.view(np.uint32), flip.view(np.uint32) >> np.uint32(1), out=halves[..., hi])
+    nan = np.isnan(s)
+    if nan.any():
+        halves[..., hi][nan] = np.uint32(0xFFFFFFFF)
+    return keys
 
 
 def top_unseen(scores, histories: list[np.ndarray] | None, k: int):

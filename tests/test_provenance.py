@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import candidates.provenance
 from candidates.provenance import union_lists
 from candidates.sources import RANK_OFFSET, EnsembleSource, excluded, union
 from common.metrics import top_unseen
@@ -13,8 +14,9 @@ from common.metrics import top_unseen
 class TableSource:
     """A source whose scores are a fixed table, one row per user."""
 
-    def __init__(self, name: str, table: np.ndarray, repeats: bool) -> None:
+    def __init__(self, name: str, table: np.ndarray, repeats: bool, ranks_its_scores: bool = False) -> None:
         self.name, self.table, self.repeats = name, table, repeats
+        self.ranks_its_scores = ranks_its_scores  # union_lists may take its list from its own order
 
     def scores(self, users, histories):
         return self.table[users].copy()
@@ -23,12 +25,12 @@ class TableSource:
         return top_unseen(self.scores(users, histories), excluded(histories, self.repeats), k)
 
 
-def fixture(repeats: bool, seed: int = 0):
+def fixture(repeats: bool, seed: int = 0, shared: bool = False):
     rng = np.random.default_rng(seed)
     num_users, num_items = 6, 40
     # coarse scores, so that ties occur and must be broken toward the lower index
     sources = [
-        TableSource(name, rng.integers(0, 12, size=(num_users, num_items)).astype(np.float32), repeats)
+        TableSource(name, rng.integers(0, 12, size=(num_users, num_items)).astype(np.float32), repeats, shared)
         for name in ("a", "b", "c")
     ]
     histories = [rng.choice(num_items, size=rng.integers(0, 9), replace=False) for _ in range(num_users)]
@@ -36,8 +38,13 @@ def fixture(repeats: bool, seed: int = 0):
 
 
 @pytest.mark.parametrize("repeats", [False, True])
-def test_provenance_features_equal_a_direct_computation(repeats: bool) -> None:
-    sources, histories, users = fixture(repeats)
+@pytest.mark.parametrize("shared", [False, True], ids=["own-top-k", "top-k-from-the-order"])
+@pytest.mark.parametrize("path", ["batch", "row"])
+def test_provenance_features_equal_a_direct_computation(repeats: bool, shared: bool, path: str, monkeypatch) -> None:
+    """Both ways to the ranks (a small catalog's batch order, a large one's row by row), with each
+    source's list from its own top_k or from the order the ranks come from."""
+    monkeypatch.setattr(candidates.provenance, "BATCH_ORDER_MAX_ITEMS", 40 if path == "batch" else 39)
+    sources, histories, users = fixture(repeats, shared=shared)
     weights = {"a": 0.5, "b": 0.3}  # "c" unweighted: it counts in n_sources, not in fused
     k = 7
     lists = union_lists(sources, weights, users, histories, k)

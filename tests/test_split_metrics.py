@@ -319,7 +319,7 @@ def test_a_rank_reads_only_its_share_and_the_evaluated_users(ml100k) -> None:
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
 def test_stable_order_is_the_stable_argsort(dtype):
     """The fast stable order equals NumPy's stable argsort, ties (many equal scores, -0.0 and 0.0,
-    -inf) to the lower index."""
+    -inf) to the lower index, NaN last; float32 through its 64-bit keys, the others re-sorted."""
     rng = np.random.default_rng(0)
     rows = [
         rng.standard_normal(5000),
@@ -328,8 +328,10 @@ def test_stable_order_is_the_stable_argsort(dtype):
         np.where(rng.random(5000) < 0.5, -np.inf, rng.standard_normal(5000)),
     ]
     scores = np.stack(rows).astype(dtype) if dtype != np.int64 else np.stack(rows[1:3]).astype(dtype)
-    if dtype == np.float64:
+    if dtype != np.int64:
         scores[0, :10] = -0.0
         scores[0, 10:20] = 0.0
+        scores[0, 20:24] = [np.inf, -np.inf, np.nan, 1e-45]  # 1e-45: the least float32 above 0
+        scores[0, 30:34] = [-1e-45, np.nan, np.finfo(dtype).max, -np.finfo(dtype).max]
     assert np.array_equal(stable_order(scores), np.argsort(-scores, axis=1, kind="stable"))
     assert np.array_equal(stable_order(scores[0]), np.argsort(-scores[:1], axis=1, kind="stable"))
