@@ -25,12 +25,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from candidates.sources import RANK_OFFSET, CandidateSource, excluded, top_k_of, union, unseen_mask
-from common.metrics import RowOrder, stable_order
+from candidates.sources import (
+    RANK_OFFSET,
+    CandidateSource,
+    excluded,
+    order_and_ranks,
+    top_k_of,
+    union,
+    unseen_mask,
+)
+from common.metrics import RowOrder
 
 PER_SOURCE = ("rr", "in", "z")
 # Up to this many items, each source's rows are ordered for the whole batch at once (one sort of 64-bit
-# keys, :func:`common.metrics.stable_order`); above it, a row at a time by value (RowOrder), which
+# keys, :func:`candidates.sources.order_and_ranks`); above it, a row at a time by value (RowOrder), which
 # sorts half the bytes and ranks only the candidates: measured equal at about 4,096 items
 # (integration/README.md, "The union ranker, served").
 BATCH_ORDER_MAX_ITEMS = 4096
@@ -109,14 +117,11 @@ def _batch_ranks(
     """The union of the lists (filling the ``shared`` sources' ``tops``) and each source's rank of each
     candidate ``[S, B, L]``, from one stable order of each source's rows for the whole batch: the
     protocol's order itself, so its head is the source's top k and an item's place in it its rank."""
-    hide = not unseen.all()
     ranks = []
     for s, top, share in zip(scores, tops, shared):
-        order = stable_order(np.where(unseen, s, -np.inf) if hide else s)
+        order, rank = order_and_ranks(s, unseen)
         if share:
             top[:] = order[:, : top.shape[1]]
-        rank = np.empty_like(order)
-        np.put_along_axis(rank, order, np.broadcast_to(np.arange(order.shape[1]), order.shape), axis=1)
         ranks.append(rank)
     items = union(tops)
     safe = np.where(items >= 0, items, 0)

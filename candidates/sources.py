@@ -208,13 +208,19 @@ def unseen_mask(shape: tuple[int, int], histories: list[np.ndarray] | None) -> n
     return mask
 
 
-def reciprocal_ranks(scores: np.ndarray, unseen: np.ndarray, offset: float = RANK_OFFSET) -> np.ndarray:
-    """``1 / (offset + rank)`` per item, its rank the 0-based position in the row's order of the unseen
-    items (ties: the lower index first, as everywhere); seen items rank after every unseen one."""
-    order = stable_order(np.where(unseen, scores, -np.inf))
+def order_and_ranks(scores: np.ndarray, unseen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's items in the protocol's order of the unseen ones (ties: the lower index first, as
+    everywhere; seen items after every unseen one), and each item's 0-based place in it, ``[B, N]``
+    both."""
+    order = stable_order(scores if unseen.all() else np.where(unseen, scores, -np.inf))
     rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.broadcast_to(np.arange(scores.shape[1]), scores.shape), axis=1)
-    return 1.0 / (offset + rank)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(order.shape[1]), order.shape), axis=1)
+    return order, rank
+
+
+def reciprocal_ranks(scores: np.ndarray, unseen: np.ndarray, offset: float = RANK_OFFSET) -> np.ndarray:
+    """``1 / (offset + rank)`` per item, its rank the place in :func:`order_and_ranks`' order."""
+    return 1.0 / (offset + order_and_ranks(scores, unseen)[1])
 
 
 class EnsembleSource:
